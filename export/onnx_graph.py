@@ -1,0 +1,111 @@
+"""A small ONNX graph builder: named nodes, numpy initializers, one dtype for activations.
+
+Graphs are written op by op (not traced) so the exported form is exactly what we choose: standard
+opset-21 ops that TensorRT's parser takes, int4 weights as DequantizeLinear(block_size) -> MatMul
+(reference/onnx-trt-int4.md §7).
+"""
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 21
+# ORT 1.31 reads IR <= 13 and onnx 1.23 writes 14 by default (onnx-trt-int4.md §3.2); ModelOpt uses 10.
+IR_VERSION = 10
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
+               "bool": TensorProto.BOOL}
+# Weights stored outside the .onnx file once a graph is this large (protobuf caps files at 2 GiB).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+class Graph:
+    def __init__(self, name: str, dtype: str):
+        self.name, self.dtype = name, dtype
+        self.np_dtype = np.dtype(dtype)
+        self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
+        self._count = 0
+        self._consts = {}
+
+    def _fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def input(self, name: str, dtype: str, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, ONNX_DTYPES[dtype], shape))
+        return name
+
+    def output(self, value: str, name: str, dtype: str, shape: list) -> None:
+        self.op("Identity", [value], out=name)
+        self.outputs.append(helper.make_tensor_value_info(name, ONNX_DTYPES[dtype], shape))
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def weight(self, name: str, array) -> str:
+        """An initializer in the graph's activation dtype."""
+        return self.init(name, np.asarray(array, dtype=self.np_dtype))
+
+    def const(self, values, dtype="int64") -> str:
+        """A small shared constant (shapes, axes, scalars)."""
+        arr = np.asarray(values, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(self._fresh("const"), arr)
+        return self._consts[key]
+
+    def scalar(self, value: float) -> str:
+        return self.const(value, self.dtype)
+
+    def op(self, op_type: str, inputs: list, out=None, n_out: int = 1, domain: str = "", **attrs):
+        outs = [out] if isinstance(out, str) else out or [self._fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self._fresh(op_type), domain=domain or None,
+                                           **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def to_float32(self, x: str) -> str:
+        return x if self.dtype == "float32" else self.op("Cast", [x], to=TensorProto.FLOAT)
+
+    def from_float32(self, x: str) -> str:
+        return x if self.dtype == "float32" else self.op("Cast", [x], to=ONNX_DTYPES[self.dtype])
+
+    def reshape(self, x: str, shape: list) -> str:
+        return self.op("Reshape", [x, self.const(shape)])
+
+    def linear(self, x: str, name: str, weight: np.ndarray, bias=None, quant=None) -> str:
+        """x @ W.T (+ b). `weight` is [N, K] (nn.Linear); `quant` = (codes int8 [N,K], scales [N,K/G], G)
+        stores it as symmetric int4 DequantizeLinear(block_size=G) -> MatMul instead."""
+        if quant is None:
+            w = self.weight(name + ".weight", np.asarray(weight).T)                 # (K, N)
+        else:
+            codes, scales, group = quant
+            q = name + ".qweight"
+            self.inits.append(_int4(q, np.asarray(codes).T))                        # (K, N) int4
+            s = self.weight(name + ".scales", np.asarray(scales).T)                 # (K/G, N)
+            w = self.op("DequantizeLinear", [q, s], axis=0, block_size=group)
+        y = self.op("MatMul", [x, w])
+        return y if bias is None else self.op("Add", [y, self.weight(name + ".bias", bias)])
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="vila_edge")
+        model.ir_version = IR_VERSION
+        return model
+
+
+def _int4(name: str, codes: np.ndarray) -> onnx.TensorProto:
+    """An INT4 initializer from int8 codes in [-8, 7] (packed two per byte by onnx)."""
+    if codes.min() < -8 or codes.max() > 7:
+        raise ValueError("int4 codes must lie in [-8, 7]")
+    return helper.make_tensor(name, TensorProto.INT4, codes.shape, codes.astype(np.int8).ravel().tolist())
+
+
+def save(model: onnx.ModelProto, path: str) -> None:
+    """Write a model, moving weights to `<file>.data` beside it when the graph is large."""
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_BYTES:
+        import os
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(path) + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, path)

@@ -1,0 +1,118 @@
+"""llm.onnx: a Llama/Qwen2 decoder on input embeddings with a paged KV cache (docs/contracts.md).
+
+Per step the graph gathers the sequence's past K/V from the block pool (Gather over the block
+table), attends over [past ; new] with a mask built from `past_len`, and returns the new K/V rows
+for the runtime to write into the pool. Only standard ops, so TensorRT 10.3's parser takes it
+(onnx-trt-int4.md §5.3 option A). Precision follows transformers' eager Llama: RMSNorm variance
+and softmax in fp32, everything else in the graph dtype.
+"""
+import numpy as np
+
+from export.checkpoint import LLMSpec
+from export.onnx_graph import Graph
+
+# Additive mask value for excluded keys: finite, so a fully masked row could never produce NaN.
+MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+def _rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+    xf = g.to_float32(x)
+    var = g.op("ReduceMean", [g.op("Mul", [xf, xf]), g.const([-1])], keepdims=1)
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(eps, "float32")])])])
+    return g.op("Mul", [g.weight(name, weight), g.from_float32(g.op("Mul", [xf, inv]))])
+
+
+def _rope_tables(g: Graph, spec: LLMSpec, position_ids: str) -> tuple:
+    """cos, sin [T, 1, D] in the graph dtype, computed in fp32 as HF's rotary embedding does."""
+    d = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    pos = g.op("Cast", [g.reshape(position_ids, [-1, 1])], to=1)              # (T, 1) fp32
+    freqs = g.op("Mul", [pos, g.const(inv_freq[None, :], "float32")])         # (T, D/2)
+    emb = g.reshape(g.op("Concat", [freqs, freqs], axis=-1), [-1, 1, d])      # (T, 1, D)
+    return g.from_float32(g.op("Cos", [emb])), g.from_float32(g.op("Sin", [emb]))
+
+
+def _rotate(g: Graph, x: str, cos: str, sin: str, d: int) -> str:
+    """x * cos + rotate_half(x) * sin, x: [T, heads, D]."""
+    x1 = g.op("Slice", [x, g.const([0]), g.const([d // 2]), g.const([-1])])
+    x2 = g.op("Slice", [x, g.const([d // 2]), g.const([d]), g.const([-1])])
+    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+
+
+def _mask(g: Graph, past_len: str, n_past_rows: str, n_new: str) -> str:
+    """Additive fp32 mask [T, P + T]: past rows valid below past_len, new rows causal."""
+    past_idx = g.op("Range", [g.const(0), n_past_rows, g.const(1)])                      # (P,)
+    past_ok = g.op("Less", [past_idx, past_len])                                          # (P,)
+    new_idx = g.op("Range", [g.const(0), n_new, g.const(1)])                              # (T,)
+    causal = g.op("LessOrEqual", [g.reshape(new_idx, [1, -1]), g.reshape(new_idx, [-1, 1])])  # (T, T)
+    shape = g.op("Concat", [g.reshape(n_new, [1]), g.reshape(n_past_rows, [1])], axis=0)
+    past_ok = g.op("Expand", [g.reshape(past_ok, [1, -1]), shape])                        # (T, P)
+    ok = g.op("Concat", [past_ok, causal], axis=1)                                        # (T, P+T)
+    return g.op("Where", [ok, g.const(0.0, "float32"), g.const(MASK_VALUE, "float32")])
+
+
+def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, rope: tuple, mask: str, io: dict, quant):
+    hq, hkv, d = spec.heads, spec.kv_heads, spec.head_dim
+    rep = hq // hkv
+    p = f"model.layers.{l}.self_attn."
+    proj = lambda name, heads: g.reshape(
+        g.linear(h, p + name, w[p + name + ".weight"], w.get(p + name + ".bias"), quant.get(p + name)), [-1, heads, d])
+    q = _rotate(g, proj("q_proj", hq), *rope, d)                                  # (T, Hq, D)
+    k = _rotate(g, proj("k_proj", hkv), *rope, d)                                 # (T, Hkv, D)
+    v = proj("v_proj", hkv)                                                       # (T, Hkv, D)
+    g.output(k, f"k_new_{l}", g.dtype, ["T", hkv, d])
+    g.output(v, f"v_new_{l}", g.dtype, ["T", hkv, d])
+    past_k = g.reshape(g.op("Gather", [io[f"k_pool_{l}"], io["block_table"]], axis=0), [-1, hkv, d])  # (P, Hkv, D)
+    past_v = g.reshape(g.op("Gather", [io[f"v_pool_{l}"], io["block_table"]], axis=0), [-1, hkv, d])
+    keys = g.op("Transpose", [g.op("Concat", [past_k, k], axis=0)], perm=[1, 2, 0])        # (Hkv, D, S)
+    vals = g.op("Transpose", [g.op("Concat", [past_v, v], axis=0)], perm=[1, 0, 2])        # (Hkv, S, D)
+    q = g.reshape(g.op("Transpose", [q], perm=[1, 0, 2]), [hkv, -1, d])          # (Hkv, rep*T, D): head = kv*rep + r
+    scores = g.op("Mul", [g.op("MatMul", [q, keys]), g.scalar(d ** -0.5)])        # (Hkv, rep*T, S)
+    probs = g.from_float32(g.op("Softmax", [g.op("Add", [g.to_float32(scores), mask])], axis=-1))
+    ctx = g.op("MatMul", [probs, vals])                                           # (Hkv, rep*T, D)
+    ctx = g.reshape(g.op("Transpose", [g.reshape(ctx, [hq, -1, d])], perm=[1, 0, 2]), [1, -1, hq * d])
+    return g.linear(ctx, p + "o_proj", w[p + "o_proj.weight"], None, quant.get(p + "o_proj"))
+
+
+def _mlp(g: Graph, h: str, w: dict, l: int, quant) -> str:
+    p = f"model.layers.{l}.mlp."
+    lin = lambda x, n: g.linear(x, p + n, w[p + n + ".weight"], None, quant.get(p + n))
+    gate = lin(h, "gate_proj")
+    act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])                            # SiLU
+    return lin(g.op("Mul", [act, lin(h, "up_proj")]), "down_proj")
+
+
+def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = None) -> Graph:
+    """`weights`: HF state dict as numpy fp32; `quant`: linear name -> (codes, scales, group)."""
+    quant = quant or {}
+    g = Graph("vila_edge_llm", dtype)
+    hkv, d = spec.kv_heads, spec.head_dim
+    io = {"inputs_embeds": g.input("inputs_embeds", dtype, [1, "T", spec.hidden]),
+          "position_ids": g.input("position_ids", "int64", [1, "T"]),
+          "past_len": g.input("past_len", "int64", []),
+          "block_table": g.input("block_table", "int64", ["NBseq"])}
+    for l in range(spec.layers):
+        for kv in "kv":
+            io[f"{kv}_pool_{l}"] = g.input(f"{kv}_pool_{l}", dtype, ["NB", "BS", hkv, d])
+    x = io["inputs_embeds"]
+    n_new = g.op("Gather", [g.op("Shape", [x]), g.const(1)], axis=0)                     # scalar T
+    pool_shape = g.op("Shape", [io["k_pool_0"]])
+    rows_per_block = g.op("Gather", [pool_shape, g.const(1)], axis=0)
+    n_blocks = g.op("Gather", [g.op("Shape", [io["block_table"]]), g.const(0)], axis=0)
+    mask = _mask(g, io["past_len"], g.op("Mul", [n_blocks, rows_per_block]), n_new)       # (T, S)
+    mask = g.op("Tile", [mask, g.const([spec.heads // hkv, 1])])                          # (rep*T, S): row r*T + t
+    rope = _rope_tables(g, spec, io["position_ids"])
+    for l in range(spec.layers):
+        p = f"model.layers.{l}."
+        h = _rms_norm(g, x, weights[p + "input_layernorm.weight"], spec.rms_eps, p + "input_layernorm.weight")
+        x = g.op("Add", [x, _attention(g, spec, h, weights, l, rope, mask, io, quant)])
+        h = _rms_norm(g, x, weights[p + "post_attention_layernorm.weight"], spec.rms_eps,
+                      p + "post_attention_layernorm.weight")
+        x = g.op("Add", [x, _mlp(g, h, weights, l, quant)])
+    last = g.op("Slice", [x, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])])  # (1, 1, C)
+    h = _rms_norm(g, last, weights["model.norm.weight"], spec.rms_eps, "model.norm.weight")
+    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    logits = g.linear(h, "lm_head", head, None, quant.get("lm_head"))                # (1, 1, V)
+    g.output(g.to_float32(g.reshape(logits, [1, -1])), "logits", "float32", [1, head.shape[0]])
+    return g

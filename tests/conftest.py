@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random-weight checkpoints in the real VILA layout, and their engines.
+
+Built once per test session under pytest's temp dir; every family and projector type the runtime
+supports has one.
+"""
+import os
+
+import pytest
+
+from export.build import ExportOptions, export_engine
+from export.fixtures import write_fixture
+
+# name: (fixture kind, projector, shape, extra write options)
+CHECKPOINTS = {
+    "vila1.5-3b-downsample": ("vila1.5", "mlp_downsample", "tiny", {}),
+    "vila1.5-3b-linear": ("vila1.5", "linear", "tiny", {}),
+    "vila1.5-3b-mlp2x": ("vila1.5", "mlp2x_gelu", "tiny", {"dtype": "float16"}),
+    "vila1.5-8b-llama3": ("vila1.5-llama3", "mlp_downsample", "tiny", {"dtype": "float32"}),
+    "nvila-lite-3x3": ("nvila-lite", "mlp_downsample_3x3_fix", "tiny-448", {"shard": True}),
+}
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vila_edge")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(workdir):
+    """checkpoint(name) -> path, written on first use."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            kind, proj, shape, extra = CHECKPOINTS[name]
+            made[name] = write_fixture(str(workdir / "ckpt" / name), kind, proj, shape, seed=len(made), **extra)
+        return made[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def engine(workdir, checkpoint):
+    """engine(name, dtype="fp32", **export options) -> engine dir, exported on first use."""
+    made = {}
+
+    def get(name, dtype="fp32", **opts):
+        key = (name, dtype, tuple(sorted(opts.items())))
+        if key not in made:
+            out = str(workdir / "engines" / f"{name}-{dtype}-{len(made)}")
+            export_engine(checkpoint(name), out, ExportOptions(dtype=dtype, progress=False, **opts))
+            made[key] = out
+        return made[key]
+    return get
+
+
+def data(name: str) -> str:
+    return os.path.join(os.path.dirname(__file__), "data", name)

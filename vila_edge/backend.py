@@ -1,0 +1,36 @@
+"""The one small interface every inference backend implements: load a graph, run it on arrays.
+
+ONNX Runtime (CPU here, any ORT execution provider elsewhere) is the backend today; TensorRT and
+the CUDA kernels plug in behind the same `run(feeds) -> outputs` call.
+"""
+import os
+
+import numpy as np
+
+from vila_edge.errors import EngineError
+
+
+class OrtSession:
+    def __init__(self, path: str, threads: int | None = None, providers=("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(path, opts, providers=list(providers))
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise EngineError(f"{path}: ONNX Runtime cannot load this graph ({e}); rebuild the engine") from e
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.name = os.path.basename(path)
+
+    def run(self, feeds: dict) -> dict:
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+    def input_dtype(self, name: str) -> np.dtype:
+        for i in self.session.get_inputs():
+            if i.name == name:
+                return np.dtype({"tensor(float)": "float32", "tensor(float16)": "float16",
+                                 "tensor(int64)": "int64"}[i.type])
+        raise KeyError(name)

@@ -1,0 +1,107 @@
+"""vila-edge command line: chat with an engine, export a checkpoint, write fixtures, evaluate.
+
+    vila-edge chat ENGINE_DIR --image photo.jpg "What is on the table?"
+    vila-edge export CHECKPOINT OUT [--dtype fp16] [--quant none]
+    vila-edge fixture OUT --kind nvila-lite
+"""
+import argparse
+import sys
+
+from vila_edge.errors import VilaEdgeError
+
+
+def _chat(args) -> int:
+    from vila_edge.llm import KVConfig
+    from vila_edge.pipeline import Pipeline
+
+    pipe = Pipeline(args.engine, threads=args.threads, kv=KVConfig(block_size=args.block_size))
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    conv = pipe.conversation(args.system)
+    prompt = args.prompt
+    images = args.image or None
+    while True:
+        for piece in conv.stream(images, prompt, video=args.video, **gen):
+            print(piece, end="", flush=True)
+        print()
+        if args.stats:
+            print(conv.last_stats, file=sys.stderr)
+        if not args.interactive:
+            conv.close()
+            return 0
+        try:
+            prompt = input("> ")
+        except EOFError:
+            conv.close()
+            return 0
+        images, args.video = None, None
+
+
+def _export(args) -> int:
+    from export.build import ExportOptions, export_engine
+
+    manifest = export_engine(args.checkpoint, args.out, ExportOptions(
+        dtype=args.dtype, quant=args.quant, group_size=args.group_size, target=args.target,
+        template=args.template, token_order=args.token_order, progress=not args.quiet))
+    print(f"{args.out}: {manifest.family} engine, {manifest.dtype}, quant {manifest.quant.get('method')}")
+    return 0
+
+
+def _fixture(args) -> int:
+    from export.fixtures import main
+    return main([args.out, "--kind", args.kind, "--shape", args.shape] +
+                (["--projector", args.projector] if args.projector else [])) or 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vila-edge", description="VILA vision-language models on the edge")
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("chat", help="chat about images with an engine directory")
+    c.add_argument("engine")
+    c.add_argument("prompt")
+    c.add_argument("--image", action="append", help="an image path (repeat for several images)")
+    c.add_argument("--video", help="a video file, GIF or folder of frames")
+    c.add_argument("--system", default=None)
+    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--block-size", type=int, default=16)
+    c.add_argument("--interactive", "-i", action="store_true", help="keep asking follow-up questions")
+    c.add_argument("--stats", action="store_true", help="print timing and cache statistics to stderr")
+    c.set_defaults(func=_chat)
+    e = sub.add_parser("export", help="checkpoint -> engine directory (needs the export extras: torch)")
+    e.add_argument("checkpoint")
+    e.add_argument("out")
+    e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    e.add_argument("--quant", choices=["none", "rtn", "awq"], default="none")
+    e.add_argument("--group-size", type=int, default=128)
+    e.add_argument("--target", default="cpu")
+    e.add_argument("--template", default=None, help="override the chat template")
+    e.add_argument("--token-order", choices=["row", "column"], default=None,
+                   help="override the mlp_downsample token order (default from the checkpoint era)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_export)
+    f = sub.add_parser("fixture", help="write a random-weight checkpoint in the real VILA layout")
+    f.add_argument("out")
+    f.add_argument("--kind", default="vila1.5")
+    f.add_argument("--shape", default="tiny")
+    f.add_argument("--projector", default=None)
+    f.set_defaults(func=_fixture)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VilaEdgeError as e:
+        print(f"vila-edge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Errors raised at vila_edge's boundaries. Each names the input, the field and what was expected."""
+
+
+class VilaEdgeError(Exception):
+    """Base class: every error a user can cause derives from this."""
+
+
+class CheckpointError(VilaEdgeError):
+    """A checkpoint directory has the wrong layout or an inconsistent config."""
+
+
+class EngineError(VilaEdgeError):
+    """An engine directory is missing files, corrupt, or built by another version."""
+
+
+class ImageError(VilaEdgeError):
+    """An image or video could not be read, or is outside the accepted limits."""
+
+
+class PromptError(VilaEdgeError):
+    """A prompt does not fit the model: too long, or its images do not match its placeholders."""
+
+
+class KVCacheFull(VilaEdgeError):
+    """The KV pool has no room for a request (see the message for the numbers)."""

@@ -1,0 +1,46 @@
+"""Model families: how each VILA generation splices media, tiles images and orders projector tokens.
+
+The runtime reads a family by name from the manifest; export picks it from the checkpoint config.
+Facts from ../shared/reference/vila-formats.md (§0 traps, §4.3 splicing, §5 preprocessing).
+"""
+from dataclasses import dataclass
+
+SENTINEL = "sentinel"        # VILA1.5: <image> -> IMAGE_TOKEN_INDEX (-200) -> features, nothing else
+MEDIA_TOKEN = "media_token"  # NVILA: <image> is a real token -> features + embed("\n") per image/tile
+
+RESIZE = "resize"    # squash to the tower's square input (VILA1.5 image_aspect_ratio "resize")
+PAD = "pad"          # expand2square with the mean colour, then resize
+DYNAMIC = "dynamic"  # InternVL-style tiles + thumbnail (NVILA-Lite)
+
+COLUMN_MAJOR = "column"  # VILA1.5-era DownSampleBlock (one permute): t = j * S2 + i
+ROW_MAJOR = "row"        # NVILA-era DownSampleBlock (two permutes): t = i * S2 + j
+
+# VILA1.5's IMAGE_TOKEN_INDEX (llava/constants.py at 1c88211): never a real vocabulary id.
+IMAGE_TOKEN_INDEX = -200
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    splice: str             # SENTINEL or MEDIA_TOKEN
+    image_modes: tuple      # accepted image_aspect_ratio values
+    token_order: str        # default order of mlp_downsample tokens for this era
+    media_end_text: str     # text embedded after each image's features ("" or "\n")
+    # Text an image becomes when the user passes a list of parts: VILA1.5's run_vila writes
+    # "<image>\n"; NVILA's extract_media writes "<image>" (§4.3).
+    part_text: str
+    # With DYNAMIC tiling the prompt's <image> becomes this text once per tile (§5.3).
+    tile_text: str
+
+
+FAMILIES = {
+    "vila1.5": Family("vila1.5", SENTINEL, (RESIZE, PAD), COLUMN_MAJOR, "", "<image>\n", "<image>"),
+    "nvila-lite": Family("nvila-lite", MEDIA_TOKEN, (DYNAMIC, RESIZE), ROW_MAJOR, "\n", "<image>",
+                         "<image>\n"),
+}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise KeyError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]

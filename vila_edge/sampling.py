@@ -1,0 +1,67 @@
+"""Next-token choice from logits: greedy, temperature, top-k, top-p, repetition penalty, seed.
+
+Semantics follow transformers' logits processors (RepetitionPenaltyLogitsProcessor, TopK, TopP),
+applied in that order after masking ids outside the original vocabulary.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0        # 0 = greedy
+    top_k: int = 0                  # 0 = off
+    top_p: float = 1.0              # 1 = off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple = field(default_factory=tuple)   # stop strings, besides the model's stop tokens
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class Sampler:
+    def __init__(self, cfg: GenerationConfig, vocab_size: int, never_sample: list):
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.never = np.asarray([i for i in never_sample if i < vocab_size], np.int64)
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def __call__(self, logits: np.ndarray, history: np.ndarray) -> int:
+        """logits [V'] float32 (V' >= vocab_size); history: ids generated or prompted so far."""
+        x = np.array(logits[: self.vocab_size], dtype=np.float32)
+        x[self.never] = -np.inf
+        cfg = self.cfg
+        if cfg.repetition_penalty != 1.0 and len(history):
+            seen = np.unique(history[(history >= 0) & (history < self.vocab_size)])
+            x[seen] = np.where(x[seen] > 0, x[seen] / cfg.repetition_penalty, x[seen] * cfg.repetition_penalty)
+        if cfg.temperature == 0:
+            return int(np.argmax(x))
+        x = x / cfg.temperature
+        if cfg.top_k:
+            kth = np.partition(x, -min(cfg.top_k, len(x)))[-min(cfg.top_k, len(x))]
+            x[x < kth] = -np.inf
+        probs = np.exp(x - x.max())
+        probs /= probs.sum()
+        if cfg.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cum = np.cumsum(probs[order])
+            # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+            cut = np.searchsorted(cum, cfg.top_p) + 1
+            keep = np.zeros_like(probs, dtype=bool)
+            keep[order[:cut]] = True
+            probs = np.where(keep, probs, 0.0)
+            probs /= probs.sum()
+        return int(self.rng.choice(len(probs), p=probs))
