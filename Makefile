@@ -12,7 +12,7 @@ QUANT    ?= none
 IMAGE    ?= tests/data/robot_scene.png
 PROMPT   ?= What is in the image?
 
-.PHONY: help setup demo chat fixture engines test test-gpu kernels clean
+.PHONY: help setup demo chat fixture engines test test-gpu kernels bench-kernels clean
 
 help:  ## list every command
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,12 @@ test: setup  ## run the test suite (CPU; GPU tests skip without a GPU)
 
 test-gpu: setup  ## run only the GPU tests (needs an NVIDIA GPU and cuda-python)
 	$(BIN)/python -m pytest -q -m gpu tests
+
+kernels: setup  ## compile the CUDA kernels for sm_87 (Orin) and sm_90; prints registers and spills
+	$(BIN)/python kernels/build.py
+
+bench-kernels: kernels  ## kernel GB/s against the device's measured memcpy peak (needs a GPU)
+	$(BIN)/python benchmarks/bench_kernels.py
 
 clean:  ## remove build outputs (engines, fixtures, compiled kernels)
 	rm -rf build engines/*/ 

@@ -14,7 +14,8 @@ def _chat(args) -> int:
     from vila_edge.llm import KVConfig
     from vila_edge.pipeline import Pipeline
 
-    pipe = Pipeline(args.engine, threads=args.threads, kv=KVConfig(block_size=args.block_size))
+    pipe = Pipeline(args.engine, threads=args.threads, max_context=args.max_context,
+                    kv=KVConfig(block_size=args.block_size, budget=args.kv_budget))
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     conv = pipe.conversation(args.system)
@@ -70,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--block-size", type=int, default=16)
+    c.add_argument("--max-context", type=int, default=None, help="context length in tokens (default 4096)")
+    c.add_argument("--kv-budget", default=None,
+                   help="KV pool size: bytes ('512MiB') or a device (orin-nano, orin-nx, agx-orin-32gb, agx-orin-64gb)")
     c.add_argument("--interactive", "-i", action="store_true", help="keep asking follow-up questions")
     c.add_argument("--stats", action="store_true", help="print timing and cache statistics to stderr")
     c.set_defaults(func=_chat)

@@ -10,6 +10,7 @@ import numpy as np
 
 from vila_edge.backend import OrtSession
 from vila_edge.kv_blocks import BlockManager
+from vila_edge.kv_budget import plan_num_blocks
 from vila_edge.kv_cache import KVLayout, KVPool
 from vila_edge.manifest import LLMInfo
 
@@ -18,24 +19,30 @@ from vila_edge.manifest import LLMInfo
 PREFILL_CHUNK = 512
 
 
+# Without a budget the pool holds this many full contexts (a few concurrent conversations).
+DEFAULT_CONTEXTS = 4
+
+
 @dataclass(frozen=True)
 class KVConfig:
     block_size: int = 16
-    num_blocks: int = 0          # 0: sized from budget_bytes
-    budget_bytes: int = 0        # 0: room for `max_context` tokens of 4 sequences
+    # Bytes (int or "512MiB"), or a device preset ("orin-nano", "orin-nx", "agx-orin-32gb",
+    # "agx-orin-64gb": DRAM minus the engine's weights minus a reserve, see kv_budget.py).
+    # None: room for DEFAULT_CONTEXTS full contexts.
+    budget: "int | str | None" = None
     wait_s: float = 0.0          # how long a request waits for a full pool before KVCacheFull
 
 
 class LLMEngine:
-    def __init__(self, session: OrtSession, info: LLMInfo, dtype: str, kv: KVConfig, max_context: int):
+    def __init__(self, session: OrtSession, info: LLMInfo, dtype: str, kv: KVConfig, max_context: int,
+                 weights_bytes: int):
         self.session, self.info, self.dtype = session, info, np.dtype(dtype)
         self.max_context = max_context
         layout = KVLayout(info.layers, info.kv_heads, info.head_dim, kv.block_size, self.dtype.name)
-        n = kv.num_blocks or (kv.budget_bytes // layout.bytes_per_block if kv.budget_bytes
-                              else 4 * -(-max_context // kv.block_size))
-        if n * kv.block_size < max_context:
-            raise ValueError(f"KV budget buys {n} blocks of {kv.block_size} tokens = {n * kv.block_size} tokens, "
-                             f"less than one context of {max_context}; raise the budget or lower max_context")
+        if kv.budget is None:
+            n = DEFAULT_CONTEXTS * -(-max_context // kv.block_size)
+        else:
+            n = plan_num_blocks(layout, kv.budget, weights_bytes, max_context)
         self.pool = KVPool(layout, n)
         self.blocks = BlockManager(n, kv.block_size, kv.wait_s)
         self._pool_feeds = {}
@@ -71,7 +78,12 @@ class LLMEngine:
         """Append positions to a live sequence (a decode step) and run them."""
         start = self.blocks.num_tokens(seq_id)
         slots = self.blocks.append(seq_id, keys.tolist())
-        return self._run_chunks(seq_id, embeds, start, self.blocks.block_table(seq_id), slots)
+        try:
+            return self._run_chunks(seq_id, embeds, start, self.blocks.block_table(seq_id), slots)
+        except BaseException:
+            # Reserved-but-uncomputed positions would poison the sequence: drop it whole.
+            self.blocks.free(seq_id)
+            raise
 
     def _run_chunks(self, seq_id, embeds: np.ndarray, start: int, table: list, slots: np.ndarray) -> np.ndarray:
         """embeds [T, C] of positions start..start+T-1, in chunks of PREFILL_CHUNK."""

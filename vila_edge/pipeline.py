@@ -44,8 +44,9 @@ class Pipeline:
         self.vision = VisionEncoder(OrtSession(os.path.join(engine_dir, m.files["vision"]), threads), pixels, m.dtype)
         self.embeddings = np.load(os.path.join(engine_dir, m.files["embeddings"]), mmap_mode="r")   # (V, C)
         self.max_context = min(max_context or DEFAULT_CONTEXT, m.llm.max_positions)
+        weights = sum(os.path.getsize(os.path.join(engine_dir, f)) for f in m.files.values())
         self.llm = LLMEngine(OrtSession(os.path.join(engine_dir, m.files["llm"]), threads), m.llm, m.dtype,
-                             kv or KVConfig(), self.max_context)
+                             kv or KVConfig(), self.max_context, weights)
         self.splicer = Splicer(self.tokenizer, self.family, m.tokens, v.tokens_per_image, v.image_mode)
         self._seq_ids = itertools.count()
         self._ids_lock = threading.Lock()
@@ -178,8 +179,11 @@ class Conversation:
                 yield text[shown:safe]
                 shown = safe
             if step + 1 < budget:
-                emb = pipe.embeddings[[nxt]]
-                logits = pipe.llm.extend(self.seq, emb, np.asarray([nxt], np.int64))
+                try:
+                    logits = pipe.llm.extend(self.seq, pipe.embeddings[[nxt]], np.asarray([nxt], np.int64))
+                except BaseException:
+                    self.seq = None   # the engine dropped the sequence
+                    raise
         if len(text) > shown:
             yield text[shown:]
         t_end = time.perf_counter()

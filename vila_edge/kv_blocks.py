@@ -1,0 +1,321 @@
+"""Paged KV bookkeeping: which pool blocks each sequence holds, and prefix reuse between them.
+
+Plain Python over integers (nano-vllm's block_manager.py is the model), one lock for all state.
+Every block is in exactly one of three places:
+  free     no hash, ref 0: taken first;
+  cached   hash registered, ref 0, in LRU order: still reusable by a prefix hit, evicted (hash
+           dropped) only when a block is needed and none is free;
+  in use   ref > 0: held by that many block tables (a hashed block may be shared by several).
+A full block's hash chains the previous block's hash with its BS keys (docs/contracts.md). A hash
+is registered only at `commit`, once the block's KV rows are really in the pool, so a sequence that
+is freed before its forward pass ran (error, cancel) can never hand out garbage to a later hit.
+A sequence's last, partial block is always its own (hits and forks share full blocks only), so
+the slots it is given never alias KV another sequence reads.
+"""
+import hashlib
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from vila_edge.errors import KVCacheFull
+
+ROOT_HASH = 0  # the "previous hash" of a sequence's first block
+
+
+def block_hash(prev_hash: int, keys: Sequence[int]) -> int:
+    """Stable 64-bit hash of one full block: blake2b over (prev hash, keys as little-endian int64).
+
+    Not Python's hash(): it is salted per process for str/bytes and its tuple hash is built for
+    dict spread, not collision resistance, and a collision here silently serves another prompt's
+    KV. blake2b is in the standard library and costs a few microseconds per block.
+    """
+    h = hashlib.blake2b(prev_hash.to_bytes(8, "little"), digest_size=8)
+    h.update(np.asarray(keys, dtype="<i8").tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def chain_hashes(keys: Sequence[int], block_size: int, prev_hash: int = ROOT_HASH,
+                 start: int = 0) -> list:
+    """Hashes of the full blocks of keys[start:], chained from prev_hash (start % BS == 0)."""
+    out = []
+    for lo in range(start, len(keys) - block_size + 1, block_size):
+        prev_hash = block_hash(prev_hash, keys[lo:lo + block_size])
+        out.append(prev_hash)
+    return out
+
+
+@dataclass(frozen=True)
+class AllocResult:
+    block_table: list        # pool block ids, in position order (a copy)
+    num_cached_tokens: int   # leading positions whose KV is already in the pool: a multiple of
+                             # BS, < len(keys) so the forward pass always yields logits
+    slots: np.ndarray        # int64 [len(keys) - num_cached_tokens]: where the new rows go
+
+
+@dataclass(frozen=True)
+class KVStats:
+    num_blocks: int
+    free: int        # no hash, unreferenced
+    cached: int      # hashed, unreferenced (LRU, evictable)
+    used: int        # referenced by at least one sequence
+    hits: int        # blocks reused by allocate
+    misses: int      # blocks allocate had to give fresh
+    evictions: int   # cached blocks whose hash was dropped to make room
+
+
+@dataclass
+class _Seq:
+    keys: list           # one key per reserved position
+    block_table: list    # ceil(len(keys) / BS) block ids
+    hashes: list         # chain hash of each full block, in order
+    num_computed: int    # positions whose KV is in the pool (committed)
+
+
+@dataclass
+class _Counters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+class BlockManager:
+    """Block tables, ref counts and prefix reuse over a pool of `num_blocks` blocks of `block_size`.
+
+    wait_s: how long allocate/append/fork wait for another sequence to free blocks before raising
+    KVCacheFull; 0 raises at once, math.inf waits for ever (only sound when other threads free).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, wait_s: float = 0.0):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"BlockManager needs num_blocks >= 1 and block_size >= 1, "
+                             f"got {num_blocks} and {block_size}")
+        if wait_s < 0:
+            raise ValueError(f"BlockManager wait_s must be >= 0 seconds, got {wait_s}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.wait_s = wait_s
+        self._ref = [0] * num_blocks
+        self._hash = [None] * num_blocks          # registered hash of each block, or None
+        self._hash_to_block = {}
+        self._free = deque(range(num_blocks))
+        self._lru = OrderedDict()                 # cached block ids, least recently freed first
+        self._seqs = {}
+        self._counters = _Counters()
+        self._cond = threading.Condition()
+
+    # -- queries -----------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can take now: free ones plus evictable cached ones."""
+        with self._cond:
+            return len(self._free) + len(self._lru)
+
+    def can_allocate(self, n_tokens: int) -> bool:
+        """Whether a new sequence of n_tokens fits now, counting no prefix hits."""
+        return self._blocks_for(n_tokens) <= self.num_free_blocks
+
+    def block_table(self, seq_id: Hashable) -> list:
+        with self._cond:
+            return list(self._seq(seq_id).block_table)
+
+    def num_tokens(self, seq_id: Hashable) -> int:
+        with self._cond:
+            return len(self._seq(seq_id).keys)
+
+    def slots(self, seq_id: Hashable, start: int, count: int) -> np.ndarray:
+        """int64 [count]: slot ids (block * BS + row) of positions start..start+count-1."""
+        with self._cond:
+            seq = self._seq(seq_id)
+            if start < 0 or count < 0 or start + count > len(seq.keys):
+                raise ValueError(f"slots({seq_id!r}, {start}, {count}): sequence has only "
+                                 f"{len(seq.keys)} reserved positions")
+            return self._slots(seq.block_table, start, count)
+
+    def stats(self) -> KVStats:
+        with self._cond:
+            c = self._counters
+            return KVStats(self.num_blocks, len(self._free), len(self._lru),
+                           self.num_blocks - len(self._free) - len(self._lru),
+                           c.hits, c.misses, c.evictions)
+
+    # -- state changes: each checks everything first, then mutates, so a failure changes nothing
+
+    def allocate(self, seq_id: Hashable, keys: Sequence[int]) -> AllocResult:
+        """Reserve positions 0..len(keys)-1 for a new sequence, reusing cached full blocks."""
+        keys = _checked_keys(keys)
+        if not keys:
+            raise ValueError(f"allocate({seq_id!r}): a sequence needs at least one key")
+        hashes = chain_hashes(keys, self.block_size)  # outside the lock: pure
+        max_hits = (len(keys) - 1) // self.block_size
+        with self._cond:
+            total = self._blocks_for(len(keys))
+            deadline = time.monotonic() + self.wait_s
+            while True:
+                if seq_id in self._seqs:
+                    raise ValueError(f"allocate: sequence {seq_id!r} already exists")
+                hits = self._lookup(hashes[:max_hits])
+                revived = sum(1 for b in hits if self._ref[b] == 0)
+                if total - len(hits) <= len(self._free) + len(self._lru) - revived:
+                    break
+                self._wait_or_raise(seq_id, total - len(hits), total, "allocate", deadline)
+            for b in hits:
+                if self._ref[b] == 0:
+                    del self._lru[b]
+                self._ref[b] += 1
+            table = hits + [self._take_block() for _ in range(total - len(hits))]
+            self._counters.hits += len(hits)
+            self._counters.misses += total - len(hits)
+            cached = len(hits) * self.block_size
+            self._seqs[seq_id] = _Seq(keys, table, hashes, cached)
+            return AllocResult(list(table), cached, self._slots(table, cached, len(keys) - cached))
+
+    def append(self, seq_id: Hashable, keys: Sequence[int]) -> np.ndarray:
+        """Reserve len(keys) more positions (decode steps, a next turn); returns their slots."""
+        keys = _checked_keys(keys)
+        with self._cond:
+            deadline = time.monotonic() + self.wait_s
+            while True:  # re-read the sequence after a wait: another thread may have freed it
+                seq = self._seq(seq_id)
+                n_old, n_new = len(seq.keys), len(seq.keys) + len(keys)
+                need = self._blocks_for(n_new) - len(seq.block_table)
+                if need <= len(self._free) + len(self._lru):
+                    break
+                self._wait_or_raise(seq_id, need, self._blocks_for(n_new), "append", deadline)
+            all_keys = seq.keys + keys
+            prev = seq.hashes[-1] if seq.hashes else ROOT_HASH
+            seq.hashes += chain_hashes(all_keys, self.block_size, prev,
+                                       len(seq.hashes) * self.block_size)
+            seq.block_table += [self._take_block() for _ in range(need)]
+            seq.keys = all_keys
+            return self._slots(seq.block_table, n_old, n_new - n_old)
+
+    def commit(self, seq_id: Hashable, num_tokens: int | None = None) -> None:
+        """Positions 0..num_tokens-1 (default: all reserved) now have their KV in the pool.
+
+        Full blocks that became computed get their hash registered, so later allocations (other
+        requests, this conversation's next turn) can reuse them. A block whose hash is already
+        registered elsewhere (two requests computed the same prefix) stays unhashed.
+        """
+        with self._cond:
+            seq = self._seq(seq_id)
+            n = len(seq.keys) if num_tokens is None else num_tokens
+            if not seq.num_computed <= n <= len(seq.keys):
+                raise ValueError(f"commit({seq_id!r}, {n}): must lie between the {seq.num_computed} "
+                                 f"computed and {len(seq.keys)} reserved positions")
+            for i in range(seq.num_computed // self.block_size, n // self.block_size):
+                b, h = seq.block_table[i], seq.hashes[i]
+                if self._hash[b] is None and h not in self._hash_to_block:
+                    self._hash[b] = h
+                    self._hash_to_block[h] = b
+            seq.num_computed = n
+
+    def fork(self, parent: Hashable, child: Hashable) -> list:
+        """Start `child` as a copy of a fully committed `parent`; returns [(src, dst)] block copies.
+
+        Full blocks are shared (ref + 1). A partial last block is not shared: the child gets a new
+        block, and the caller must copy src into dst (KVPool.copy_block) before the child's next
+        forward pass. The list is empty when the parent ends on a block boundary.
+        """
+        with self._cond:
+            deadline = time.monotonic() + self.wait_s
+            while True:  # re-checked after a wait: another thread may have changed either
+                seq = self._seq(parent)
+                if child in self._seqs:
+                    raise ValueError(f"fork: sequence {child!r} already exists")
+                if seq.num_computed != len(seq.keys):
+                    raise ValueError(f"fork({parent!r}): commit the parent first ("
+                                     f"{seq.num_computed} of {len(seq.keys)} positions computed)")
+                n_full = len(seq.keys) // self.block_size
+                partial = len(seq.block_table) - n_full
+                if partial <= len(self._free) + len(self._lru):
+                    break
+                self._wait_or_raise(child, partial, len(seq.block_table), "fork", deadline)
+            shared = seq.block_table[:n_full]
+            for b in shared:
+                self._ref[b] += 1
+            table = shared + [self._take_block() for _ in range(partial)]
+            self._seqs[child] = _Seq(list(seq.keys), table, list(seq.hashes), seq.num_computed)
+            return [(seq.block_table[-1], table[-1])] if partial else []
+
+    def free(self, seq_id: Hashable) -> None:
+        """Drop a sequence: hashed blocks it held last go to the cached LRU, the rest to free."""
+        with self._cond:
+            seq = self._seqs.pop(seq_id, None)
+            if seq is None:
+                raise KeyError(f"free: unknown sequence {seq_id!r}")
+            # Tail first, so a prefix's later blocks are evicted before its earlier ones: a chain
+            # is only reachable from its start, and the start is what other prompts share.
+            for b in reversed(seq.block_table):
+                self._ref[b] -= 1
+                if self._ref[b] == 0:
+                    if self._hash[b] is None:
+                        self._free.append(b)
+                    else:
+                        self._lru[b] = None
+            self._cond.notify_all()
+
+    # -- internals (called with the lock held) -----------------------------------------------
+
+    def _seq(self, seq_id):
+        if seq_id not in self._seqs:
+            raise KeyError(f"unknown sequence {seq_id!r}")
+        return self._seqs[seq_id]
+
+    def _blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    def _lookup(self, hashes: list) -> list:
+        """Blocks of the longest registered prefix of `hashes`."""
+        hits = []
+        for h in hashes:
+            b = self._hash_to_block.get(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def _take_block(self) -> int:
+        """A block with ref 1 for the caller: a free one, else the least recently cached one."""
+        if self._free:
+            b = self._free.popleft()
+        else:
+            b, _ = self._lru.popitem(last=False)
+            del self._hash_to_block[self._hash[b]]
+            self._hash[b] = None
+            self._counters.evictions += 1
+        self._ref[b] = 1
+        return b
+
+    def _slots(self, table: list, start: int, count: int) -> np.ndarray:
+        pos = np.arange(start, start + count)
+        return np.asarray(table, dtype=np.int64)[pos // self.block_size] * self.block_size \
+            + pos % self.block_size
+
+    def _wait_or_raise(self, seq_id, need: int, total: int, op: str, deadline: float) -> None:
+        """Wait for a free() if this manager waits and the request could ever fit; else raise."""
+        remaining = deadline - time.monotonic()
+        if total <= self.num_blocks and remaining > 0:
+            self._cond.wait(None if math.isinf(remaining) else remaining)
+            return
+        raise KVCacheFull(
+            f"KV cache full: {op} for sequence {seq_id!r} needs {need} more blocks of "
+            f"{self.block_size} tokens, {len(self._free) + len(self._lru)} are free or evictable "
+            f"of {self.num_blocks} in the pool ({len(self._seqs)} sequences hold the rest)"
+            + (f" and even an empty pool is too small ({total} blocks)" if total > self.num_blocks
+               else f" after waiting {self.wait_s} s" if self.wait_s > 0 else "")
+            + "; raise the KV budget (a larger target or byte count) or free finished sequences")
+
+
+def _checked_keys(keys: Sequence[int]) -> list:
+    """Keys are token ids or 63-bit image keys; they must be ints that fit int64 for hashing."""
+    out = list(keys)
+    for k in out:
+        if not isinstance(k, (int, np.integer)) or not -2**63 <= k < 2**63:
+            raise ValueError(f"KV block keys must be int64 integers, got {k!r}")
+    return [int(k) for k in out]
