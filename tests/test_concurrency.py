@@ -54,7 +54,7 @@ def test_full_pool_raises_and_leaves_others_intact(engine):
 
 def test_budget_string_and_bad_budget(engine):
     eng = engine("vila1.5-3b-downsample")
-    pipe = Pipeline(eng, kv=KVConfig(budget="1MiB"))
+    pipe = Pipeline(eng, max_context=1024, kv=KVConfig(budget="1MiB"))
     assert pipe.llm.blocks.num_blocks == (1 << 20) // (2 * 2 * 16 * 2 * 16 * 4)
     assert pipe.llm.pool.nbytes <= 1 << 20
     with pytest.raises(ValueError, match="budget"):
