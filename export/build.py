@@ -40,6 +40,10 @@ class ExportOptions:
     template: str | None = None
     token_order: str | None = None
     progress: bool = True
+    calib_dir: str | None = None           # AWQ calibration images (+ prompts.txt); default: synthetic scenes
+    # Quality floor of a 4-bit export on held-out text; None: report only, never stop.
+    max_ppl_increase_pct: float | None = 25.0
+    min_top1_agreement: float = 0.80
 
 
 def _tokenizer(spec: CheckpointSpec, out_dir: str):
@@ -101,10 +105,20 @@ def _np(tensors: dict) -> dict:
     return {k: v.float().numpy() for k, v in tensors.items()}
 
 
-def _quantize(spec, llm_weights, opts, progress):
+def _quantize(spec, llm_weights, opts):
     if opts.quant == "none":
         return llm_weights, {}, {"method": "none"}
-    raise CheckpointError(f"--quant {opts.quant}: 4-bit export is not available yet (only 'none')")
+    from export.llm_quant import METHODS, QuantOptions, quantize_llm
+    from export.quality import QualityFloor
+    if opts.quant not in METHODS:
+        raise ValueError(f"quant {opts.quant!r} unknown; expected one of {METHODS}")
+    floor = (None if opts.max_ppl_increase_pct is None
+             else QualityFloor(opts.max_ppl_increase_pct, opts.min_top1_agreement))
+    qopts = QuantOptions(method=opts.quant, group_size=opts.group_size, calib_dir=opts.calib_dir, floor=floor)
+    jinja = _chat_template(spec, _tokenizer_config(spec))
+    weights, quant, report = quantize_llm(spec, qopts, jinja, opts.progress)
+    return weights, quant, {"method": opts.quant, "group_size": opts.group_size, "bits": 4, "symmetric": True,
+                            "report": report}
 
 
 def _steps(progress: bool, total: int):
@@ -132,7 +146,7 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         save(vision.model(), os.path.join(tmp, FILES["vision"]))
         bar.set_postfix_str("llm weights"); bar.update()
         llm_weights = _np(load_weights(spec.path("llm")))
-        llm_weights, quant, quant_info = _quantize(spec, llm_weights, opts, opts.progress)
+        llm_weights, quant, quant_info = _quantize(spec, llm_weights, opts)
         bar.set_postfix_str("llm graph"); bar.update()
         save(build_llm(spec.llm, llm_weights, dtype, quant).model(), os.path.join(tmp, FILES["llm"]))
         bar.set_postfix_str("embeddings"); bar.update()
@@ -143,7 +157,7 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         bar.set_postfix_str("verify"); bar.update()
         _verify(tmp)
         with open(os.path.join(tmp, FILES["report"]), "w") as f:
-            json.dump({"quant": quant_info}, f, indent=2)
+            json.dump({"quant": quant_info, "engine_bytes": _dir_bytes(tmp)}, f, indent=2)
         _replace(tmp, out)
         bar.set_postfix_str("done"); bar.update()
     except BaseException:
@@ -186,6 +200,10 @@ def _write_metadata(spec, tmp, dtype, quant_info, llm_weights, opts) -> Manifest
                "special_tokens": list(special)})
     manifest.write(tmp)
     return manifest
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
 
 def _verify(engine_dir: str) -> None:

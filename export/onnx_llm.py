@@ -57,7 +57,7 @@ def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, rope: tuple, ma
     rep = hq // hkv
     p = f"model.layers.{l}.self_attn."
     proj = lambda name, heads: g.reshape(
-        g.linear(h, p + name, w[p + name + ".weight"], w.get(p + name + ".bias"), quant.get(p + name)), [-1, heads, d])
+        g.linear(h, p + name, w.get(p + name + ".weight"), w.get(p + name + ".bias"), quant.get(p + name)), [-1, heads, d])
     q = _rotate(g, proj("q_proj", hq), *rope, d)                                  # (T, Hq, D)
     k = _rotate(g, proj("k_proj", hkv), *rope, d)                                 # (T, Hkv, D)
     v = proj("v_proj", hkv)                                                       # (T, Hkv, D)
@@ -72,12 +72,12 @@ def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, rope: tuple, ma
     probs = g.from_float32(g.op("Softmax", [g.op("Add", [g.to_float32(scores), mask])], axis=-1))
     ctx = g.op("MatMul", [probs, vals])                                           # (Hkv, rep*T, D)
     ctx = g.reshape(g.op("Transpose", [g.reshape(ctx, [hq, -1, d])], perm=[1, 0, 2]), [1, -1, hq * d])
-    return g.linear(ctx, p + "o_proj", w[p + "o_proj.weight"], None, quant.get(p + "o_proj"))
+    return g.linear(ctx, p + "o_proj", w.get(p + "o_proj.weight"), None, quant.get(p + "o_proj"))
 
 
 def _mlp(g: Graph, h: str, w: dict, l: int, quant) -> str:
     p = f"model.layers.{l}.mlp."
-    lin = lambda x, n: g.linear(x, p + n, w[p + n + ".weight"], None, quant.get(p + n))
+    lin = lambda x, n: g.linear(x, p + n, w.get(p + n + ".weight"), None, quant.get(p + n))
     gate = lin(h, "gate_proj")
     act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])                            # SiLU
     return lin(g.op("Mul", [act, lin(h, "up_proj")]), "down_proj")

@@ -43,7 +43,9 @@ def _export(args) -> int:
 
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
         dtype=args.dtype, quant=args.quant, group_size=args.group_size, target=args.target,
-        template=args.template, token_order=args.token_order, progress=not args.quiet))
+        template=args.template, token_order=args.token_order, progress=not args.quiet, calib_dir=args.calib_dir,
+        max_ppl_increase_pct=None if args.no_quality_floor else args.max_ppl_increase,
+        min_top1_agreement=args.min_top1))
     print(f"{args.out}: {manifest.family} engine, {manifest.dtype}, quant {manifest.quant.get('method')}")
     return 0
 
@@ -87,6 +89,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--template", default=None, help="override the chat template")
     e.add_argument("--token-order", choices=["row", "column"], default=None,
                    help="override the mlp_downsample token order (default from the checkpoint era)")
+    e.add_argument("--calib-dir", default=None, help="AWQ calibration images (+ prompts.txt, one per line)")
+    e.add_argument("--max-ppl-increase", type=float, default=25.0,
+                   help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text)")
+    e.add_argument("--min-top1", type=float, default=0.80, help="... or top-1 agreement falls below this")
+    e.add_argument("--no-quality-floor", action="store_true", help="write the quality report but never stop")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_export)
     f = sub.add_parser("fixture", help="write a random-weight checkpoint in the real VILA layout")

@@ -29,7 +29,7 @@ DEFAULT_CONTEXT = 4096
 
 class Pipeline:
     def __init__(self, engine_dir: str, *, threads: int | None = None, max_context: int | None = None,
-                 kv: KVConfig | None = None):
+                 kv: KVConfig | None = None, int4_accuracy_level: int = 4):
         m = self.manifest = Manifest.load(engine_dir)
         self.engine_dir = engine_dir
         self.family = get_family(m.family)
@@ -45,7 +45,8 @@ class Pipeline:
         self.embeddings = np.load(os.path.join(engine_dir, m.files["embeddings"]), mmap_mode="r")   # (V, C)
         self.max_context = min(max_context or DEFAULT_CONTEXT, m.llm.max_positions)
         weights = sum(os.path.getsize(os.path.join(engine_dir, f)) for f in m.files.values())
-        self.llm = LLMEngine(OrtSession(os.path.join(engine_dir, m.files["llm"]), threads), m.llm, m.dtype,
+        llm = OrtSession(os.path.join(engine_dir, m.files["llm"]), threads, int4_accuracy_level=int4_accuracy_level)
+        self.llm = LLMEngine(llm, m.llm, m.dtype,
                              kv or KVConfig(), self.max_context, weights)
         self.splicer = Splicer(self.tokenizer, self.family, m.tokens, v.tokens_per_image, v.image_mode)
         self._seq_ids = itertools.count()

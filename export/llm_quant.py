@@ -1,0 +1,128 @@
+"""Export stage: the checkpoint's LLM -> symmetric int4 linears (RTN or AWQ) + a quality report.
+
+AWQ is calibrated on multimodal samples run through the vision tower, projector and splicer (the
+activations the LLM will see), plus real English text; quality is measured on held-out text the
+calibration never saw (export/calib_text.py).
+"""
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from export.awq import awq_quantize, text_calibration_embeds
+from export.calib_text import split_texts
+from export.checkpoint import CheckpointSpec
+from export.quality import QualityFloor, compare, float_size_bytes, forward_windows, quantized_size_bytes
+from export.quantize import apply_quantized, rtn_quantize
+from export.reference import ReferenceVLM, hf_pixels
+from vila_edge.families import DYNAMIC
+from vila_edge.preprocess import dynamic_tiles
+from vila_edge.templates import get_template
+
+METHODS = ("none", "rtn", "awq")
+DEFAULT_PROMPTS = ("Describe the image in detail.", "What objects are in the picture and where are they?",
+                   "How many shapes are there, and what colours are they?", "What should the robot pick up next?")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass
+class QuantOptions:
+    method: str = "awq"
+    group_size: int = 128
+    calib_dir: str | None = None     # images + optional prompts.txt (one prompt per line)
+    n_images: int = 8
+    n_text: int = 8                  # text calibration blocks of text_seqlen tokens
+    text_seqlen: int = 256
+    eval_tokens: int = 4096          # held-out text tokens for the quality report
+    floor: QualityFloor | None = QualityFloor(max_ppl_increase_pct=25.0, min_top1_agreement=0.80)
+
+
+def default_images(n: int, size: int = 256) -> list:
+    """Deterministic synthetic scenes (coloured shapes on plain backgrounds) for calibration."""
+    rng = np.random.default_rng(1234)
+    images = []
+    for _ in range(n):
+        img = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(150, 256, 3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(1, 5))):
+            x, y = (int(v) for v in rng.integers(0, size - 60, 2))
+            box, colour = (x, y, x + int(rng.integers(20, 60)), y + int(rng.integers(20, 60))), \
+                tuple(int(c) for c in rng.integers(0, 200, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+        images.append(img)
+    return images
+
+
+def _calib_inputs(opts: QuantOptions) -> tuple:
+    if not opts.calib_dir:
+        return default_images(opts.n_images), list(DEFAULT_PROMPTS)
+    names = sorted(n for n in os.listdir(opts.calib_dir) if n.lower().endswith(IMAGE_EXTS))
+    if not names:
+        raise FileNotFoundError(f"{opts.calib_dir}: no calibration images ({', '.join(IMAGE_EXTS)})")
+    images = [Image.open(os.path.join(opts.calib_dir, n)).convert("RGB") for n in names]
+    prompts_file = os.path.join(opts.calib_dir, "prompts.txt")
+    prompts = list(DEFAULT_PROMPTS)
+    if os.path.isfile(prompts_file):
+        with open(prompts_file, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()] or prompts
+    return images, prompts
+
+
+@torch.no_grad()
+def multimodal_embeds(ref: ReferenceVLM, template, images: list, prompts: list) -> list:
+    """One spliced [1, T, C] prompt embedding per image, through the reference's vision path."""
+    spec, out = ref.spec, []
+    for i, img in enumerate(images):
+        tiles = (dynamic_tiles(img, spec.vision.image_size, spec.min_tiles, spec.max_tiles)
+                 if spec.image_mode == DYNAMIC else [img])
+        feats = list(ref.encode_images(np.concatenate([hf_pixels(spec, t) for t in tiles])))
+        text = template.render([("user", "<image>\n" + prompts[i % len(prompts)])])
+        if spec.image_mode == DYNAMIC:
+            text = text.replace("<image>", "<image>\n" * len(tiles), 1)
+        out.append(ref.embed(ref.tokenize(text), feats))
+    return out
+
+
+def _eval_ids(ref: ReferenceVLM, n_tokens: int) -> torch.Tensor:
+    ids = [i for t in split_texts("eval") for i in ref.tokenizer(t, add_special_tokens=False)["input_ids"]]
+    return torch.tensor(ids[:n_tokens])
+
+
+def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str | None, progress: bool) -> tuple:
+    """-> (float weights {name: np fp32}, {linear: (codes, scales, G)}, report dict)."""
+    ref = ReferenceVLM(spec, torch.float32)
+    model = ref.llm
+    if opts.method == "rtn":
+        qllm = rtn_quantize(model, opts.group_size, auto_group=True)
+    else:
+        template = get_template(spec.template, template_source)
+        images, prompts = _calib_inputs(opts)
+        calib = multimodal_embeds(ref, template, images[: opts.n_images], prompts)
+        if opts.n_text:
+            calib += text_calibration_embeds(model, ref.tokenizer, split_texts("calib"), opts.text_seqlen, opts.n_text)
+        qllm = awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True)
+    report = _quality(ref, qllm, opts)
+    weights = {k: v.float().numpy() for k, v in qllm.state_dict.items()}
+    quant = {name: (q.codes.numpy(), q.scales.float().numpy(), q.group) for name, q in qllm.linears.items()}
+    return weights, quant, report
+
+
+def _quality(ref: ReferenceVLM, qllm, opts: QuantOptions) -> dict:
+    window = min(256, ref.spec.llm.max_positions)
+    ids = _eval_ids(ref, opts.eval_tokens)
+    quantized = apply_quantized(ref.llm, qllm)
+    fp = forward_windows(ref.llm, ids, window, window // 2)
+    q = forward_windows(quantized, ids, window, window // 2)
+    report = compare(qllm.method, q, fp, quantized_size_bytes(qllm), float_size_bytes(ref.llm), window, window // 2)
+    result = asdict(report)
+    result["groups"] = sorted({w.group for w in qllm.linears.values()})
+    result["quantized_linears"] = len(qllm.linears)
+    if opts.floor is not None:
+        result["floor"] = asdict(opts.floor)
+        opts.floor.check(report)     # raises QualityError: the export stops, nothing is written
+    if not math.isfinite(report.ppl):
+        raise ValueError(f"{qllm.method}: perplexity is not finite")
+    return result

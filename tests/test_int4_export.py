@@ -1,0 +1,77 @@
+"""4-bit engines: ORT runs every quantized linear as one MatMulNBits, and the int4 engine computes
+what the quantized torch reference computes."""
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import data
+from export.checkpoint import read_checkpoint
+from export.quantize import apply_quantized, rtn_quantize
+from export.reference import ReferenceVLM
+from test_equivalence import _images, _reference_inputs
+from vila_edge import Pipeline
+from vila_edge.backend import OrtSession
+
+LINEARS_PER_LAYER = 7   # q, k, v, o, gate, up, down
+
+
+@pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
+def test_matmulnbits_per_quantized_linear(name, engine, tmp_path):
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None)
+    layers = Pipeline(eng).manifest.llm.layers
+    optimized = str(tmp_path / "llm.opt.onnx")
+    OrtSession(os.path.join(eng, "llm.onnx"), optimized_path=optimized)
+    ops = [n.op_type for n in onnx.load(optimized, load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == LINEARS_PER_LAYER * layers
+    assert "DequantizeLinear" not in ops                   # no per-run dequantisation left
+    source = onnx.load(os.path.join(eng, "llm.onnx"))
+    int4 = [t for t in source.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == LINEARS_PER_LAYER * layers
+
+
+@pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
+def test_int4_engine_matches_quantized_reference(name, checkpoint, engine):
+    """Greedy tokens equal, first-step logits within 1e-4 (activations kept float: accuracy level 0)."""
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None)
+    spec = read_checkpoint(checkpoint(name))
+    ref = ReferenceVLM(spec, torch.float32)
+    manifest = json.load(open(os.path.join(eng, "manifest.json")))
+    ref.llm = apply_quantized(ref.llm, rtn_quantize(ref.llm, manifest["quant"]["group_size"], auto_group=True))
+    pipe = Pipeline(eng, int4_accuracy_level=0)
+    images = _images()
+    prompt = "<image>\nCompare it with <image>\nWhat changed?"
+    conv = pipe.conversation()
+    conv.send(images, prompt, max_new_tokens=12)
+    embeds = _reference_inputs(spec, ref, prompt, images, pipe)
+    stops = set(pipe.manifest.tokens.stop_ids)
+    assert conv.last_ids == [i for i in ref.generate(embeds, 12, stops) if i not in stops]
+    logits, _ = pipe.llm.prefill("probe", embeds[0].numpy(), np.arange(embeds.shape[1]))
+    np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
+
+
+def test_int4_report_and_sizes(engine):
+    eng = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None)
+    report = json.load(open(os.path.join(eng, "export_report.json")))
+    q = report["quant"]
+    assert q["method"] == "rtn" and q["bits"] == 4 and q["symmetric"]
+    r = q["report"]
+    assert r["quantized_linears"] == 2 * LINEARS_PER_LAYER
+    assert r["size_bytes"] < r["size_ref_bytes"]
+    assert 0.0 <= r["top1_agreement"] <= 1.0 and r["n_eval_tokens"] > 0
+    assert report["engine_bytes"] > 0
+    # default accuracy level 4 (int8 activations) still answers
+    assert isinstance(Pipeline(eng).chat(data("robot_scene.png"), "What is this?", max_new_tokens=4), str)
+
+
+def test_quality_floor_stops_the_export(checkpoint, tmp_path):
+    from export.build import ExportOptions, export_engine
+    from export.quality import QualityError
+    out = tmp_path / "eng"
+    with pytest.raises(QualityError, match="perplexity"):
+        export_engine(checkpoint("vila1.5-3b-downsample"), str(out),
+                      ExportOptions(quant="rtn", group_size=64, max_ppl_increase_pct=-1.0, progress=False))
+    assert not out.exists()

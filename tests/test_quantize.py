@@ -1,0 +1,148 @@
+"""Symmetric int4 quantizer, AWQ scale folding and AWQ vs RTN on tiny random decoders (CPU, seconds)."""
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from export.awq import awq_quantize, awq_transform
+from export.quality import QualityError, QualityFloor, QualityReport, windows
+from export.quantize import (QuantConfigError, apply_quantized, decoder_linears, dequantize,
+                             quantize_symmetric, resolve_group, rtn_quantize)
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=128, max_position_embeddings=256)
+GROUP = 32  # divides both K=64 (attention, gate/up) and K=128 (down_proj)
+OUTLIER_CHANNELS = [5, 20, 47]
+OUTLIER_GAIN = 30.0  # LLM activations carry a few channels ~10-100x the rest (AWQ paper §3)
+
+
+def tiny_model(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":  # MHA: v_proj -> o_proj scale group is searched
+        cfg = LlamaConfig(**TINY, num_key_value_heads=4)
+        model = LlamaForCausalLM(cfg)
+    else:  # GQA with q/k/v biases: v_proj -> o_proj is skipped
+        cfg = Qwen2Config(**TINY, num_key_value_heads=2)
+        model = Qwen2ForCausalLM(cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    return model.eval()
+
+
+def outlier_embeds(seed: int, n: int, t: int = 64) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        e = torch.randn(1, t, TINY["hidden_size"], generator=g)  # [1, T, C]
+        e[..., OUTLIER_CHANNELS] *= OUTLIER_GAIN
+        out.append(e)
+    return out
+
+
+def test_quantize_hand_computed():
+    w = torch.tensor([[3.5, -1.0, 0.25, -0.875],
+                      [0.0, 0.0, -14.0, 6.5]])
+    codes, scales = quantize_symmetric(w, group=2)
+    # Groups: absmax 3.5 -> s 0.5; 0.875 -> 0.125; all zero -> the 1e-5 floor; 14 -> 2 (6.5/2 = 3.25 -> 3).
+    zero_scale = torch.tensor(1e-5 / 7, dtype=torch.float16).item()
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float32
+    assert codes.tolist() == [[7, -2, 2, -7], [0, 0, -7, 3]]
+    torch.testing.assert_close(scales, torch.tensor([[0.5, 0.125], [zero_scale, 2.0]]), rtol=0, atol=0)
+    assert dequantize(codes, scales).tolist() == [[3.5, -1.0, 0.25, -0.875], [0.0, 0.0, -14.0, 6.0]]
+
+
+def test_codes_in_range_and_error_within_half_step():
+    torch.manual_seed(1)
+    w = torch.randn(64, 256) * torch.logspace(-4, 2, 256)  # magnitudes over six decades across groups
+    codes, scales = quantize_symmetric(w, group=32)
+    assert codes.shape == (64, 256) and scales.shape == (64, 8)
+    assert codes.min() >= -8 and codes.max() <= 7
+    err = (dequantize(codes, scales) - w).abs()
+    bound = scales.repeat_interleave(32, dim=1) / 2  # [N, K]: s of each element's group
+    assert (err <= bound * (1 + 1e-6)).all()
+
+
+def test_group_size_resolution():
+    assert resolve_group("x", 1536, 128, auto_group=False) == 128
+    with pytest.raises(QuantConfigError, match=r"model.layers.0.self_attn.q_proj.*K=576.*G=128"):
+        resolve_group("model.layers.0.self_attn.q_proj", 576, 128, auto_group=False)
+    assert resolve_group("q", 576, 128, auto_group=True) == 64  # SmolLM2: 576 = 9 * 64
+    assert resolve_group("q", 1536, 128, auto_group=True) == 128
+    with pytest.raises(QuantConfigError, match="K=24"):
+        resolve_group("q", 24, 128, auto_group=True)  # only 8 divides 24, below the floor of 16
+
+
+def test_rtn_and_apply_quantized():
+    model = tiny_model("llama")
+    qllm = rtn_quantize(model, GROUP)
+    assert set(qllm.linears) == set(decoder_linears(model)) and len(qllm.linears) == 14
+    assert "lm_head.weight" in qllm.state_dict and "model.embed_tokens.weight" in qllm.state_dict
+    assert not any(f"{n}.weight" in qllm.state_dict for n in qllm.linears)
+    ref = apply_quantized(model, qllm)
+    for name, lin in decoder_linears(ref).items():
+        codes, scales = qllm.linears[name]
+        assert qllm.linears[name].group == GROUP
+        assert torch.equal(lin.weight, dequantize(codes, scales))
+    assert torch.equal(ref.lm_head.weight, model.lm_head.weight)
+    with pytest.raises(QuantConfigError, match="K=64"):
+        rtn_quantize(model, 48)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_awq_scale_folding_is_exact(kind):
+    model = tiny_model(kind)
+    calib = outlier_embeds(seed=2, n=2)
+    folded = awq_transform(copy.deepcopy(model), calib, GROUP, clip=False, progress=False)
+    norm0, norm1 = model.model.layers[0].input_layernorm.weight, folded.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(norm0, norm1)  # the search chose s != 1, so the check below is not vacuous
+    with torch.no_grad():
+        for e in outlier_embeds(seed=3, n=2):
+            torch.testing.assert_close(folded(inputs_embeds=e).logits, model(inputs_embeds=e).logits,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def _logit_error(model, qllm, embeds) -> float:
+    qmodel = apply_quantized(model, qllm)
+    with torch.no_grad():
+        return sum((qmodel(inputs_embeds=e).logits - model(inputs_embeds=e).logits).pow(2).mean().item()
+                   for e in embeds)
+
+
+def test_awq_beats_rtn_with_activation_outliers():
+    model = tiny_model("llama")
+    awq = awq_quantize(model, outlier_embeds(seed=4, n=4), GROUP, progress=False)
+    rtn = rtn_quantize(model, GROUP)
+    held_out = outlier_embeds(seed=5, n=4)
+    err_awq, err_rtn = _logit_error(model, awq, held_out), _logit_error(model, rtn, held_out)
+    assert err_awq < err_rtn, (err_awq, err_rtn)
+
+
+def test_sliding_windows_score_each_target_once():
+    for n, window, stride in [(10, 4, 2), (10, 4, 3), (9, 16, 8), (2, 4, 2), (4, 4, 1)]:
+        spans = windows(n, window, stride)
+        targets = [t for begin, end, first in spans for t in range(first, end)]
+        assert targets == list(range(1, n))
+        assert all(end - begin <= window and begin < first for begin, end, first in spans)
+
+
+def test_quality_floor():
+    report = QualityReport(label="awq", ppl=11.0, ppl_ref=10.0, ppl_increase_pct=10.0, top1_agreement=0.9,
+                           layer_rel_err=[0.01], size_bytes=1, size_ref_bytes=4, n_eval_tokens=100,
+                           window=8, stride=4)
+    QualityFloor(max_ppl_increase_pct=10.0, min_top1_agreement=0.9).check(report)
+    with pytest.raises(QualityError, match=r"awq: perplexity 11.0000 is 10.00 % .*top-1 agreement 0.9000"):
+        QualityFloor(max_ppl_increase_pct=5.0, min_top1_agreement=0.95).check(report)
+    assert '"ppl_increase_pct": 10.0' in report.to_json()
+
+
+def test_calibration_and_eval_text_are_disjoint():
+    from pydoc_data.topics import topics
+
+    from export.calib_text import split_of, split_texts
+    calib, evals = split_texts("calib"), split_texts("eval")
+    assert len(calib) + len(evals) == len(topics) and min(len(calib), len(evals)) > len(topics) // 4
+    assert (split_of("assert"), split_of("if")) == ("calib", "eval")  # sha256 of the key: stable across runs
+    assert sum(map(len, calib)) > 100_000 and sum(map(len, evals)) > 100_000
