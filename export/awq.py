@@ -45,7 +45,7 @@ class _ScaleGroup:
     prev: nn.Module           # RMSNorm or Linear whose output channels get divided by s
     names: list[str]          # linears (names inside the layer) whose input channels get multiplied by s
     feat: str                 # linear whose cached input is x
-    inspect: Callable[[list[Tensor]], Tensor]  # x per sample -> output compared in the loss
+    inspect: Callable[[Tensor], Tensor]  # x [sum T, K] -> the output compared in the loss
 
 
 def _capture_first_inputs(model: nn.Module, calib_embeds: list[Tensor]) -> list[_Sample]:
@@ -88,9 +88,11 @@ def _run_layer(layer: nn.Module, samples: list[_Sample]) -> tuple[dict[str, list
 def _scale_groups(layer: nn.Module, samples: list[_Sample]) -> list[_ScaleGroup]:
     attn, mlp = layer.self_attn, layer.mlp
 
-    def run_attn(xs):
-        return torch.cat([attn(hidden_states=x.unsqueeze(0), **s.kwargs)[0].squeeze(0)  # [T, C]
-                          for x, s in zip(xs, samples)])
+    lengths = [s.hidden.shape[1] for s in samples]
+
+    def run_attn(x):  # attention mixes tokens, so it runs per calibration sequence
+        return torch.cat([attn(hidden_states=xi.unsqueeze(0), **s.kwargs)[0].squeeze(0)  # [T, C]
+                          for xi, s in zip(torch.split(x, lengths), samples)])
 
     groups = [_ScaleGroup(layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                           "self_attn.q_proj", run_attn)]
@@ -98,18 +100,18 @@ def _scale_groups(layer: nn.Module, samples: list[_Sample]) -> list[_ScaleGroup]
     # (llm-awq PR #67 checks the same shape equality).
     if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
         groups.append(_ScaleGroup(attn.v_proj, ["self_attn.o_proj"], "self_attn.o_proj",
-                                  lambda xs: attn.o_proj(torch.cat(xs))))
+                                  attn.o_proj))
     groups.append(_ScaleGroup(layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"],
-                              "mlp.gate_proj", lambda xs: mlp(torch.cat(xs))))
+                              "mlp.gate_proj", mlp))
     groups.append(_ScaleGroup(mlp.up_proj, ["mlp.down_proj"], "mlp.down_proj",
-                              lambda xs: mlp.down_proj(torch.cat(xs))))
+                              mlp.down_proj))
     return groups
 
 
-def _search_scale(group: _ScaleGroup, lins: list[nn.Linear], gsizes: list[int], xs: list[Tensor]) -> Tensor:
+def _search_scale(group: _ScaleGroup, lins: list[nn.Linear], gsizes: list[int], x: Tensor) -> Tensor:
     """Best s [K] over s = mean|x| ** ratio, ratio in {0, 1/20, ..., 19/20}; ratio 0 is plain RTN."""
-    x_mean_abs = torch.cat(xs).abs().mean(0)  # [K]
-    org_out = group.inspect(xs)
+    x_mean_abs = x.abs().mean(0)  # [K]
+    org_out = group.inspect(x)
     originals = [lin.weight.data.clone() for lin in lins]
     best_loss, best_s = float("inf"), None
     for i in range(N_GRID):
@@ -117,7 +119,7 @@ def _search_scale(group: _ScaleGroup, lins: list[nn.Linear], gsizes: list[int], 
         s = s / (s.max() * s.min()).sqrt()
         for lin, w, g in zip(lins, originals, gsizes):
             lin.weight.data = pseudo_quantize(w * s, g) / s
-        loss = (org_out - group.inspect(xs)).float().pow(2).mean().item()
+        loss = (org_out - group.inspect(x)).float().pow(2).mean().item()
         if loss < best_loss:
             best_loss, best_s = loss, s
     for lin, w in zip(lins, originals):
@@ -168,6 +170,29 @@ def _clip(lin: nn.Linear, max_val: Tensor) -> None:
     lin.weight.data = torch.clamp(wg, -max_val.unsqueeze(-1), max_val.unsqueeze(-1)).reshape(n, k)
 
 
+def _awq_layer(layer: nn.Module, prefix: str, samples: list[_Sample], gsize: dict[str, int], clip: bool) -> None:
+    """Search, fold and clip one decoder layer; advance `samples` to the next layer's inputs."""
+    feats, outs = _run_layer(layer, samples)
+    mods = dict(layer.named_modules())
+    groups = _scale_groups(layer, samples)
+    # As llm-awq's auto_scale_block: search every group on the unmodified layer, then fold all.
+    scales = [_search_scale(g, [mods[n] for n in g.names], [gsize[prefix + n] for n in g.names],
+                            torch.cat(feats[g.feat]))
+              for g in groups]
+    for g, s in zip(groups, scales):
+        _fold_scale(g.prev, [mods[n] for n in g.names], s)
+        for n in g.names:
+            feats[n] = [x / s for x in feats[n]]
+    if clip:
+        for name, lin in mods.items():
+            if isinstance(lin, nn.Linear) and not name.endswith(CLIP_SKIP):
+                _clip(lin, _search_clip(lin.weight.data, torch.cat(feats[name]), gsize[prefix + name]))
+    # llm-awq (pre_quant.run_awq) computes the next layer's input with this layer before any scale
+    # or clip is applied: the float outputs, not those of the scaled+clipped or quantized layer.
+    for s, out in zip(samples, outs):
+        s.hidden = out
+
+
 @torch.no_grad()
 def awq_transform(model: nn.Module, calib_embeds: list[Tensor], group: int = DEFAULT_GROUP,
                   auto_group: bool = False, clip: bool = True, progress: bool = True) -> nn.Module:
@@ -181,26 +206,8 @@ def awq_transform(model: nn.Module, calib_embeds: list[Tensor], group: int = DEF
     gsize = {name: resolve_group(name, lin.in_features, group, auto_group)
              for name, lin in decoder_linears(model).items()}
     samples = _capture_first_inputs(model, calib_embeds)
-    for li, layer in enumerate(tqdm(model.model.layers, desc="AWQ layers", disable=not progress)):
-        prefix = f"model.layers.{li}."
-        feats, outs = _run_layer(layer, samples)
-        mods = dict(layer.named_modules())
-        groups = _scale_groups(layer, samples)
-        # As llm-awq's auto_scale_block: search every group on the unmodified layer, then fold all.
-        scales = [_search_scale(g, [mods[n] for n in g.names], [gsize[prefix + n] for n in g.names], feats[g.feat])
-                  for g in groups]
-        for g, s in zip(groups, scales):
-            _fold_scale(g.prev, [mods[n] for n in g.names], s)
-            for n in g.names:
-                feats[n] = [x / s for x in feats[n]]
-        if clip:
-            for name, lin in layer.named_modules():
-                if isinstance(lin, nn.Linear) and not name.endswith(CLIP_SKIP):
-                    _clip(lin, _search_clip(lin.weight.data, torch.cat(feats[name]), gsize[prefix + name]))
-        # llm-awq (pre_quant.run_awq) computes the next layer's input with this layer before any scale
-        # or clip is applied: the float outputs, not those of the scaled+clipped or quantized layer.
-        for s, out in zip(samples, outs):
-            s.hidden = out
+    for i, layer in enumerate(tqdm(model.model.layers, desc="AWQ layers", disable=not progress)):
+        _awq_layer(layer, f"model.layers.{i}.", samples, gsize, clip)
     return model
 
 
