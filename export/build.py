@@ -101,13 +101,17 @@ def _token_info(spec: CheckpointSpec, tok, tok_cfg: dict, template) -> TokenInfo
                      image_token_id=image_id, never_sample=sorted(ids(MEDIA_TOKENS)))
 
 
-def _np(tensors: dict) -> dict:
-    return {k: v.float().numpy() for k, v in tensors.items()}
+def _np(tensors: dict, dtype: str) -> dict:
+    """Torch tensors -> numpy in the graph dtype, one at a time: a 3B checkpoint never holds a
+    second full fp32 copy (the ONNX initializers are the only other copy)."""
+    import torch
+
+    target = getattr(torch, dtype)
+    return {k: tensors.pop(k).to(target).numpy() for k in list(tensors)}
 
 
-def _quantize(spec, llm_weights, opts):
-    if opts.quant == "none":
-        return llm_weights, {}, {"method": "none"}
+def _quantize(spec, opts):
+    """-> (float weights as numpy fp32, {linear: (codes, scales, G)}, quant info for the manifest)."""
     from export.llm_quant import METHODS, QuantOptions, quantize_llm
     from export.quality import QualityFloor
     if opts.quant not in METHODS:
@@ -141,12 +145,14 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         bar.set_postfix_str("vision"); bar.update()
-        vision = build_vision(spec.vision, spec.projector, _np(load_vision_weights(spec)),
-                              _np(load_weights(spec.path("mm_projector"))), dtype)
+        vision = build_vision(spec.vision, spec.projector, _np(load_vision_weights(spec), dtype),
+                              _np(load_weights(spec.path("mm_projector")), dtype), dtype)
         save(vision.model(), os.path.join(tmp, FILES["vision"]))
         bar.set_postfix_str("llm weights"); bar.update()
-        llm_weights = _np(load_weights(spec.path("llm")))
-        llm_weights, quant, quant_info = _quantize(spec, llm_weights, opts)
+        if opts.quant == "none":
+            llm_weights, quant, quant_info = _np(load_weights(spec.path("llm")), dtype), {}, {"method": "none"}
+        else:
+            llm_weights, quant, quant_info = _quantize(spec, opts)
         bar.set_postfix_str("llm graph"); bar.update()
         save(build_llm(spec.llm, llm_weights, dtype, quant).model(), os.path.join(tmp, FILES["llm"]))
         bar.set_postfix_str("embeddings"); bar.update()
