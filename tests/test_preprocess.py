@@ -87,3 +87,18 @@ def test_video_chat_uses_num_video_frames(engine):
     assert len(conv.tiles) == n
     assert conv.last_stats["prompt_tokens"] > n * pipe.manifest.vision.tokens_per_image
     conv.close()
+
+
+def test_parts_list_equals_placeholder_prompt(engine):
+    """[image, text] parts become the family's part text ("<image>\\n" for VILA1.5), and a prompt
+    without placeholders gets one per image in front, as VILA's run_vila does."""
+    pipe = Pipeline(engine("vila1.5-3b-downsample"))
+    img = data("robot_scene.png")
+    runs = []
+    for args in (([img, "What is this?"], None), (img, "<image>\nWhat is this?"), (img, "What is this?")):
+        conv = pipe.conversation()
+        conv.send(*args, max_new_tokens=5)
+        runs.append((conv.messages[0], conv.last_ids))
+        conv.close()
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0][0] == ("user", "<image>\nWhat is this?")

@@ -25,6 +25,14 @@ from vila_edge.templates import get_template
 from vila_edge.vision import VisionEncoder
 
 DEFAULT_CONTEXT = 4096
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def _is_image_part(part) -> bool:
+    """In a parts list a string is text, unless it names an existing image file."""
+    if not isinstance(part, str):
+        return True
+    return part.lower().endswith(IMAGE_EXTS) and os.path.isfile(part)
 
 
 class Pipeline:
@@ -76,11 +84,11 @@ class Pipeline:
         if prompt is None and isinstance(images, (list, tuple)) and any(isinstance(p, str) for p in images):
             text, sources = "", []
             for part in images:
-                if isinstance(part, str):
-                    text += part
-                else:
+                if _is_image_part(part):
                     text += self.family.part_text
                     sources.append(part)
+                else:
+                    text += part
         else:
             if prompt is None:
                 raise PromptError("no prompt: pass a prompt string, or a list of text and image parts")
