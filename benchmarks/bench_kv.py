@@ -16,7 +16,6 @@
 Writes kv.json and kv.md under benchmarks/results/<name>/.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vila_edge.bench import BLOCK_SIZE, fill_context, kv_config, machine_info, random_images  # noqa: E402
+from vila_edge.bench import save_report, BLOCK_SIZE, fill_context, kv_config, machine_info, random_images  # noqa: E402
 from vila_edge.kv_cache import KVLayout, KVPool  # noqa: E402
 from vila_edge.llm import LLMEngine  # noqa: E402
 from vila_edge.manifest import Manifest  # noqa: E402
@@ -177,13 +176,9 @@ def main(argv=None) -> int:
     r["decode"] = bench_paged_vs_contiguous(args.engine, threads, args.context, args.decode_steps, args.repeats,
                                             args.seed)
     r["machine"]["loadavg_end"] = list(os.getloadavg())
-    out = os.path.join(args.out, name)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "kv.json"), "w") as f:
-        json.dump(r, f, indent=2)
-    with open(os.path.join(out, "kv.md"), "w") as f:
-        f.write(markdown(r))
-    sys.stdout.write(markdown(r))
+    text = markdown(r)
+    save_report(r, os.path.join(args.out, name), "kv", text)
+    sys.stdout.write(text)
     return 0
 
 

@@ -16,7 +16,6 @@ vila_edge / peer: for tokens/s > 1 means vila_edge is faster, for seconds < 1 do
 Writes peers.json and peers.md under benchmarks/results/<name>/.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vila_edge.bench import PROMPT, bench_decode, bench_ttft, kv_config, machine_info, random_images  # noqa: E402
+from vila_edge.bench import save_report, PROMPT, bench_decode, bench_ttft, kv_config, machine_info, random_images  # noqa: E402
 from vila_edge.manifest import Manifest  # noqa: E402
 from vila_edge.pipeline import Pipeline  # noqa: E402
 
@@ -177,13 +176,9 @@ def main(argv=None) -> int:
         r["llama_cpp"] = llama_cpp_rows(gguf, *run, args.seed)
         r["ratio_llama_cpp"] = ratios(r["vila_edge_int4"], r["llama_cpp"])
     r["machine"]["loadavg_end"] = list(os.getloadavg())
-    out = os.path.join(args.out, name)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "peers.json"), "w") as f:
-        json.dump(r, f, indent=2)
-    with open(os.path.join(out, "peers.md"), "w") as f:
-        f.write(markdown(r))
-    sys.stdout.write(markdown(r))
+    text = markdown(r)
+    save_report(r, os.path.join(args.out, name), "peers", text)
+    sys.stdout.write(text)
     return 0
 
 

@@ -285,14 +285,20 @@ def plot(r: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_results(r: dict, out_dir: str) -> dict:
+def save_report(r: dict, out_dir: str, stem: str, md: str) -> dict:
+    """Write <stem>.json and <stem>.md under out_dir (created if needed); returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f) for k, f in
-             (("json", "bench.json"), ("md", "bench.md"), ("png", "decode_vs_context.png"))}
+    paths = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md")}
     with open(paths["json"], "w") as f:
         json.dump(r, f, indent=2)
     with open(paths["md"], "w") as f:
-        f.write(markdown(r))
+        f.write(md)
+    return paths
+
+
+def write_results(r: dict, out_dir: str) -> dict:
+    paths = save_report(r, out_dir, "bench", markdown(r))
+    paths["png"] = os.path.join(out_dir, "decode_vs_context.png")
     plot(r, paths["png"])
     return paths
 
