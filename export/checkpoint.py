@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from vila_edge.errors import CheckpointError
-from vila_edge.families import COLUMN_MAJOR, DYNAMIC, FAMILIES, PAD, RESIZE, ROW_MAJOR
+from vila_edge.families import COLUMN_MAJOR, DYNAMIC, PAD, RESIZE, ROW_MAJOR
 
 SUBDIRS = ("llm", "vision_tower", "mm_projector")
 LLM_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}

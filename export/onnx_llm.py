@@ -54,7 +54,6 @@ def _mask(g: Graph, past_len: str, n_past_rows: str, n_new: str) -> str:
 
 def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, rope: tuple, mask: str, io: dict, quant):
     hq, hkv, d = spec.heads, spec.kv_heads, spec.head_dim
-    rep = hq // hkv
     p = f"model.layers.{l}.self_attn."
     proj = lambda name, heads: g.reshape(
         g.linear(h, p + name, w.get(p + name + ".weight"), w.get(p + name + ".bias"), quant.get(p + name)), [-1, heads, d])

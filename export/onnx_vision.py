@@ -6,7 +6,6 @@ projector in fp16).
 """
 import math
 
-import numpy as np
 
 from export.checkpoint import ProjectorSpec, VisionSpec
 from export.onnx_graph import Graph

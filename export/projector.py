@@ -2,7 +2,6 @@
 
 The module list mirrors VILA's `nn.Sequential` indices so `layers.<i>.*` keys load unchanged.
 """
-import torch
 from torch import nn
 
 from vila_edge.families import COLUMN_MAJOR

@@ -63,8 +63,8 @@ class QualityFloor:
             problems.append(f"top-1 agreement {report.top1_agreement:.4f} < floor {self.min_top1_agreement}")
         if problems:
             raise QualityError(f"{report.label}: " + "; ".join(problems) + ". Nothing was written; to accept this "
-                               f"quality pass --max-ppl-increase / --min-top1 (or --no-quality-floor), or try "
-                               f"--quant awq or a smaller --group-size")
+                               "quality pass --max-ppl-increase / --min-top1 (or --no-quality-floor), or try "
+                               "--quant awq or a smaller --group-size")
 
 
 def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
