@@ -79,7 +79,7 @@ class Graph:
         else:
             codes, scales, group = quant
             q = name + ".qweight"
-            self.inits.append(_int4(q, np.asarray(codes).T))                        # (K, N) int4
+            self.inits.append(int4_tensor(q, np.asarray(codes).T))                        # (K, N) int4
             s = self.weight(name + ".scales", np.asarray(scales).T)                 # (K/G, N)
             w = self.op("DequantizeLinear", [q, s], axis=0, block_size=group)
         y = self.op("MatMul", [x, w])
@@ -93,11 +93,22 @@ class Graph:
         return model
 
 
-def _int4(name: str, codes: np.ndarray) -> onnx.TensorProto:
-    """An INT4 initializer from int8 codes in [-8, 7] (packed two per byte by onnx)."""
+def pack_int4(codes: np.ndarray) -> bytes:
+    """int8 codes in [-8, 7], any shape -> the ONNX INT4 byte stream: elements in row-major order, two
+    per byte, the even-indexed element in the low nibble; an odd count pads the last high nibble with 0
+    (onnx.helper.make_tensor's packing, done on arrays: a 3B model's codes never become Python ints)."""
+    flat = np.ascontiguousarray(codes, dtype=np.int8).reshape(-1)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int8)])
+    nibbles = flat.view(np.uint8) & 0x0F                                     # two's complement low 4 bits
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+
+
+def int4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
+    """An INT4 initializer from int8 codes in [-8, 7]."""
     if codes.min() < -8 or codes.max() > 7:
         raise ValueError("int4 codes must lie in [-8, 7]")
-    return helper.make_tensor(name, TensorProto.INT4, codes.shape, codes.astype(np.int8).ravel().tolist())
+    return helper.make_tensor(name, TensorProto.INT4, codes.shape, pack_int4(codes), raw=True)
 
 
 def save(model: onnx.ModelProto, path: str) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from conftest import data
 from export.checkpoint import read_checkpoint
+from export.onnx_graph import int4_tensor, pack_int4
 from export.quantize import apply_quantized, rtn_quantize
 from export.reference import ReferenceVLM
 from test_equivalence import _images, _reference_inputs
@@ -31,6 +32,19 @@ def test_matmulnbits_per_quantized_linear(name, engine, tmp_path):
     source = onnx.load(os.path.join(eng, "llm.onnx"))
     int4 = [t for t in source.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     assert len(int4) == LINEARS_PER_LAYER * layers
+
+
+def test_int4_packing_matches_onnx():
+    """Two codes per byte, low nibble first, odd count padded: byte for byte what onnx itself packs."""
+    codes = np.random.default_rng(0).integers(-8, 8, (5, 7)).astype(np.int8)     # 35 codes: odd
+    ours = int4_tensor("w", codes)
+    theirs = onnx.helper.make_tensor("w", onnx.TensorProto.INT4, codes.shape, codes.ravel().tolist())
+    theirs_raw = onnx.helper.make_tensor("w", onnx.TensorProto.INT4, codes.shape, codes, raw=True)
+    assert ours.raw_data == pack_int4(codes) == theirs_raw.raw_data and len(ours.raw_data) == 18
+    assert bytes(theirs.int32_data) == ours.raw_data       # the list path stores the same bytes, one per int32
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(ours), codes)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(ours), onnx.numpy_helper.to_array(theirs))
+    assert pack_int4(np.array([1, -1, -8], np.int8)) == bytes([0xF1, 0x08])
 
 
 @pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
