@@ -9,6 +9,7 @@ OUT      ?= engines/$(notdir $(CHECKPOINT))-$(DTYPE)
 TARGET   ?= cpu
 DTYPE    ?= fp32
 QUANT    ?= none
+LM_HEAD_BITS ?=
 IMAGE    ?= tests/data/robot_scene.png
 PROMPT   ?= What is in the image?
 
@@ -34,8 +35,8 @@ setup: $(VENV)/.installed  ## create .venv and install vila_edge with its export
 fixture: setup  ## write a random-weight checkpoint: make fixture CHECKPOINT=build/fixtures/x KIND=nvila-lite
 	$(BIN)/vila-edge fixture $(CHECKPOINT) --kind $(or $(KIND),vila1.5)
 
-engines: setup  ## checkpoint -> engine dir: make engines CHECKPOINT=dir OUT=engines/name TARGET=cpu DTYPE=fp32|fp16 QUANT=none
-	$(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --target $(TARGET) --dtype $(DTYPE) --quant $(QUANT)
+engines: setup  ## checkpoint -> engine dir: make engines CHECKPOINT=dir OUT=engines/name TARGET=cpu DTYPE=fp32|fp16 QUANT=none|rtn|awq LM_HEAD_BITS=8|4|0
+	$(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --target $(TARGET) --dtype $(DTYPE) --quant $(QUANT) $(if $(LM_HEAD_BITS),--lm-head-bits $(LM_HEAD_BITS))
 
 demo: setup  ## chat about the bundled image with the default model
 	@test -d $(CHECKPOINT) || $(BIN)/vila-edge fixture $(CHECKPOINT) --kind vila1.5

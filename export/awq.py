@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from export.quantize import (DEFAULT_GROUP, QuantConfigError, QuantizedLLM, apply_quantized,
-                             decoder_linears, pseudo_quantize, quantize_linears, resolve_group,
-                             rtn_quantize)
+from export.quantize import (DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, QuantConfigError, QuantizedLLM,
+                             apply_quantized, decoder_linears, pseudo_quantize, quantize_linears,
+                             resolve_group, rtn_quantize)
 
 __all__ = ["awq_quantize", "awq_transform", "text_calibration_embeds", "rtn_quantize", "apply_quantized"]
 
@@ -212,10 +212,12 @@ def awq_transform(model: nn.Module, calib_embeds: list[Tensor], group: int = DEF
 
 
 def awq_quantize(model: nn.Module, calib_embeds: list[Tensor], group: int = DEFAULT_GROUP,
-                 progress: bool = True, auto_group: bool = False) -> QuantizedLLM:
-    """AWQ scale + clip search on a copy of `model`, then symmetric int4 of every decoder linear."""
+                 progress: bool = True, auto_group: bool = False,
+                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS) -> QuantizedLLM:
+    """AWQ scale + clip search on a copy of `model`, then symmetric int4 of every decoder linear and
+    round-to-nearest of lm_head (llm-awq searches only inside the decoder blocks)."""
     folded = awq_transform(copy.deepcopy(model), calib_embeds, group, auto_group, clip=True, progress=progress)
-    return quantize_linears(folded, group, auto_group, method="awq")
+    return quantize_linears(folded, group, auto_group, method="awq", lm_head_bits=lm_head_bits)
 
 
 @torch.no_grad()

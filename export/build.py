@@ -1,6 +1,6 @@
 """checkpoint -> engine directory: vision.onnx, llm.onnx, embeddings, tokenizer, template, manifest.
 
-    vila-edge export CHECKPOINT OUT [--dtype fp32|fp16] [--quant none|rtn|awq] [--target cpu]
+    vila-edge export CHECKPOINT OUT [--dtype fp32|fp16] [--quant none|rtn|awq] [--lm-head-bits 8|4|0] [--target cpu]
 
 The directory is built under a temporary name beside OUT and renamed into place only when every
 file is written and both graphs load in ONNX Runtime, so an interrupted export never leaves a
@@ -16,7 +16,7 @@ import numpy as np
 
 from export.checkpoint import CheckpointSpec, load_vision_weights, load_weights, read_checkpoint
 from export.onnx_graph import OPSET, save
-from export.onnx_llm import build_llm
+from export.onnx_llm import build_llm, lm_head_rows
 from export.onnx_vision import build_vision, tokens_per_image
 from vila_edge.errors import CheckpointError
 from vila_edge.families import MEDIA_TOKEN, get_family
@@ -36,6 +36,7 @@ class ExportOptions:
     dtype: str = "fp32"
     quant: str = "none"
     group_size: int = 128
+    lm_head_bits: int | None = None        # quant rtn/awq: 8 (default), 4 or 0 (float); quant none: float
     target: str = "cpu"
     template: str | None = None
     token_order: str | None = None
@@ -118,11 +119,30 @@ def _quantize(spec, opts):
         raise ValueError(f"quant {opts.quant!r} unknown; expected one of {METHODS}")
     floor = (None if opts.max_ppl_increase_pct is None
              else QualityFloor(opts.max_ppl_increase_pct, opts.min_top1_agreement))
-    qopts = QuantOptions(method=opts.quant, group_size=opts.group_size, calib_dir=opts.calib_dir, floor=floor)
+    qopts = QuantOptions(method=opts.quant, group_size=opts.group_size, lm_head_bits=_lm_head_bits(opts),
+                         calib_dir=opts.calib_dir, floor=floor)
     jinja = _chat_template(spec, _tokenizer_config(spec))
     weights, quant, report = quantize_llm(spec, qopts, jinja, opts.progress)
     return weights, quant, {"method": opts.quant, "group_size": opts.group_size, "bits": 4, "symmetric": True,
-                            "report": report}
+                            "lm_head_bits": qopts.lm_head_bits, "report": report}
+
+
+def _lm_head_bits(opts) -> int:
+    from export.quantize import DEFAULT_LM_HEAD_BITS, LM_HEAD_BITS
+    if opts.lm_head_bits is None:
+        return DEFAULT_LM_HEAD_BITS if opts.quant != "none" else 0
+    if opts.lm_head_bits not in LM_HEAD_BITS:
+        raise ValueError(f"lm_head_bits {opts.lm_head_bits!r} unknown; expected one of {LM_HEAD_BITS}")
+    if opts.lm_head_bits and opts.quant == "none":
+        raise ValueError(f"lm_head_bits {opts.lm_head_bits} needs quant rtn or awq (quant none keeps every "
+                         f"weight float)")
+    return opts.lm_head_bits
+
+
+def _embed_dtype(opts, dtype: str) -> str:
+    """fp16 rows for fp16 and quantized engines (the runtime casts gathered rows to the graph's input
+    dtype); fp32 engines keep fp32 so they stay equal to the fp32 reference."""
+    return "float16" if opts.quant != "none" or dtype == "float16" else dtype
 
 
 def _steps(progress: bool, total: int):
@@ -138,6 +158,7 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         raise ValueError(f"target {opts.target!r}: only {TARGETS} engines can be built (TensorRT engines for "
                          f"Orin are not implemented yet)")
     dtype = DTYPES[opts.dtype]
+    _lm_head_bits(opts)
     bar = _steps(opts.progress, 7)
     spec = read_checkpoint(checkpoint, opts.template, opts.token_order)
     parent = os.path.dirname(os.path.abspath(out))
@@ -157,13 +178,14 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         save(build_llm(spec.llm, llm_weights, dtype, quant).model(), os.path.join(tmp, FILES["llm"]))
         bar.set_postfix_str("embeddings"); bar.update()
         embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
-        np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(dtype))
+        np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(_embed_dtype(opts, dtype)))
         bar.set_postfix_str("tokenizer"); bar.update()
-        manifest = _write_metadata(spec, tmp, dtype, quant_info, llm_weights, opts)
+        manifest = _write_metadata(spec, tmp, dtype, quant_info, lm_head_rows(llm_weights, quant), opts)
         bar.set_postfix_str("verify"); bar.update()
         _verify(tmp)
         with open(os.path.join(tmp, FILES["report"]), "w") as f:
-            json.dump({"quant": quant_info, "engine_bytes": _dir_bytes(tmp)}, f, indent=2)
+            json.dump({"quant": quant_info, "engine_bytes": _dir_bytes(tmp), "file_bytes": _file_bytes(tmp),
+                       "embeddings_dtype": _embed_dtype(opts, dtype)}, f, indent=2)
         _replace(tmp, out)
         bar.set_postfix_str("done"); bar.update()
     except BaseException:
@@ -174,7 +196,7 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
     return manifest
 
 
-def _write_metadata(spec, tmp, dtype, quant_info, llm_weights, opts) -> Manifest:
+def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts) -> Manifest:
     import onnx
     import onnxruntime
 
@@ -191,13 +213,12 @@ def _write_metadata(spec, tmp, dtype, quant_info, llm_weights, opts) -> Manifest
         files["chat_template"] = "chat_template.jinja"
     special = (_special(tok_cfg, "bos_token") or "", _special(tok_cfg, "eos_token") or "")
     template = get_template(spec.template, jinja, special)
-    head = llm_weights.get("lm_head.weight", llm_weights["model.embed_tokens.weight"])
     llm, vis, proj = spec.llm, spec.vision, spec.projector
     manifest = Manifest(
         format_version=FORMAT_VERSION, exporter_version=__version__, family=spec.family, template=spec.template,
         dtype=dtype, quant=quant_info, num_video_frames=spec.num_video_frames,
         llm=LLMInfo(llm.hidden, llm.layers, llm.heads, llm.kv_heads, llm.head_dim, llm.vocab_size,
-                    int(head.shape[0]), llm.max_positions),
+                    int(logits_size), llm.max_positions),
         vision=VisionInfo(vis.image_size, tokens_per_image(vis, proj), vis.mean, vis.std, spec.image_mode,
                           spec.min_tiles, spec.max_tiles, proj.token_order),
         tokens=_token_info(spec, tok, tok_cfg, template), files=files,
@@ -208,8 +229,12 @@ def _write_metadata(spec, tmp, dtype, quant_info, llm_weights, opts) -> Manifest
     return manifest
 
 
+def _file_bytes(path: str) -> dict:
+    return {f: os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path))}
+
+
 def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    return sum(_file_bytes(path).values())
 
 
 def _verify(engine_dir: str) -> None:

@@ -16,7 +16,7 @@ from export.awq import awq_quantize, text_calibration_embeds
 from export.calib_text import split_texts
 from export.checkpoint import CheckpointSpec
 from export.quality import QualityFloor, compare, float_size_bytes, forward_windows, quantized_size_bytes
-from export.quantize import apply_quantized, rtn_quantize
+from export.quantize import DEFAULT_LM_HEAD_BITS, apply_quantized, rtn_quantize
 from export.reference import ReferenceVLM, hf_pixels
 from vila_edge.families import DYNAMIC
 from vila_edge.preprocess import dynamic_tiles
@@ -32,6 +32,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 class QuantOptions:
     method: str = "awq"
     group_size: int = 128
+    lm_head_bits: int = DEFAULT_LM_HEAD_BITS   # 8 / 4: quantized like the linears (groups along K); 0: float
     calib_dir: str | None = None     # images + optional prompts.txt (one prompt per line)
     n_images: int = 8
     n_text: int = 8                  # text calibration blocks of text_seqlen tokens
@@ -92,21 +93,22 @@ def _eval_ids(ref: ReferenceVLM, n_tokens: int) -> torch.Tensor:
 
 
 def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str | None, progress: bool) -> tuple:
-    """-> (float weights {name: np fp32}, {linear: (codes, scales, G)}, report dict)."""
+    """-> (float weights {name: np fp32}, {linear: (codes, scales, G, bits)}, report dict)."""
     ref = ReferenceVLM(spec, torch.float32)
     model = ref.llm
     if opts.method == "rtn":
-        qllm = rtn_quantize(model, opts.group_size, auto_group=True)
+        qllm = rtn_quantize(model, opts.group_size, auto_group=True, lm_head_bits=opts.lm_head_bits)
     else:
         template = get_template(spec.template, template_source)
         images, prompts = _calib_inputs(opts)
         calib = multimodal_embeds(ref, template, images[: opts.n_images], prompts)
         if opts.n_text:
             calib += text_calibration_embeds(model, ref.tokenizer, split_texts("calib"), opts.text_seqlen, opts.n_text)
-        qllm = awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True)
+        qllm = awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True,
+                            lm_head_bits=opts.lm_head_bits)
     report = _quality(ref, qllm, opts)
     weights = {k: v.float().numpy() for k, v in qllm.state_dict.items()}
-    quant = {name: (q.codes.numpy(), q.scales.float().numpy(), q.group) for name, q in qllm.linears.items()}
+    quant = {name: (q.codes.numpy(), q.scales.float().numpy(), q.group, q.bits) for name, q in qllm.linears.items()}
     return weights, quant, report
 
 
@@ -120,6 +122,7 @@ def _quality(ref: ReferenceVLM, qllm, opts: QuantOptions) -> dict:
     result = asdict(report)
     result["groups"] = sorted({w.group for w in qllm.linears.values()})
     result["quantized_linears"] = len(qllm.linears)
+    result["lm_head_bits"] = qllm.lm_head_bits
     if opts.floor is not None:
         result["floor"] = asdict(opts.floor)
         opts.floor.check(report)     # raises QualityError: the export stops, nothing is written

@@ -72,14 +72,14 @@ class Graph:
         return self.op("Reshape", [x, self.const(shape)])
 
     def linear(self, x: str, name: str, weight: np.ndarray, bias=None, quant=None) -> str:
-        """x @ W.T (+ b). `weight` is [N, K] (nn.Linear); `quant` = (codes int8 [N,K], scales [N,K/G], G)
-        stores it as symmetric int4 DequantizeLinear(block_size=G) -> MatMul instead."""
+        """x @ W.T (+ b). `weight` is [N, K] (nn.Linear); `quant` = (codes int8 [N,K], scales [N,K/G], G,
+        bits) stores it as symmetric int4/int8 DequantizeLinear(block_size=G) -> MatMul instead."""
         if quant is None:
             w = self.weight(name + ".weight", np.asarray(weight).T)                 # (K, N)
         else:
-            codes, scales, group = quant
+            codes, scales, group, bits = quant
             q = name + ".qweight"
-            self.inits.append(int4_tensor(q, np.asarray(codes).T))                        # (K, N) int4
+            self.inits.append(QUANT_TENSORS[bits](q, np.asarray(codes).T))          # (K, N) int4 / int8
             s = self.weight(name + ".scales", np.asarray(scales).T)                 # (K/G, N)
             w = self.op("DequantizeLinear", [q, s], axis=0, block_size=group)
         y = self.op("MatMul", [x, w])
@@ -109,6 +109,16 @@ def int4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
     if codes.min() < -8 or codes.max() > 7:
         raise ValueError("int4 codes must lie in [-8, 7]")
     return helper.make_tensor(name, TensorProto.INT4, codes.shape, pack_int4(codes), raw=True)
+
+
+def int8_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
+    """An INT8 initializer from codes in [-127, 127] (symmetric int8, export/quantize.py)."""
+    if codes.min() < -127 or codes.max() > 127:
+        raise ValueError("symmetric int8 codes must lie in [-127, 127]")
+    return numpy_helper.from_array(np.ascontiguousarray(codes, dtype=np.int8), name)
+
+
+QUANT_TENSORS = {4: int4_tensor, 8: int8_tensor}
 
 
 def save(model: onnx.ModelProto, path: str) -> None:

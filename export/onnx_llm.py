@@ -10,6 +10,7 @@ import numpy as np
 
 from export.checkpoint import LLMSpec
 from export.onnx_graph import Graph
+from export.quantize import LM_HEAD
 
 # Additive mask value for excluded keys: finite, so a fully masked row could never produce NaN.
 MASK_VALUE = float(np.finfo(np.float32).min)
@@ -82,8 +83,16 @@ def _mlp(g: Graph, h: str, w: dict, l: int, quant) -> str:
     return lin(g.op("Mul", [act, lin(h, "up_proj")]), "down_proj")
 
 
+def lm_head_rows(weights: dict, quant: dict) -> int:
+    """Rows of the vocab projection (the logits size): lm_head's own, else the tied embedding table's."""
+    if LM_HEAD in quant:
+        return quant[LM_HEAD][0].shape[0]
+    return weights.get("lm_head.weight", weights["model.embed_tokens.weight"]).shape[0]
+
+
 def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = None) -> Graph:
-    """`weights`: HF state dict as numpy fp32; `quant`: linear name -> (codes, scales, group)."""
+    """`weights`: HF state dict as numpy fp32; `quant`: linear name -> (codes, scales, group, bits),
+    "lm_head" included when the vocab projection is quantized (its float weight is then absent)."""
     quant = quant or {}
     g = Graph("vila_edge_llm", dtype)
     hkv, d = spec.kv_heads, spec.head_dim
@@ -111,7 +120,7 @@ def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = Non
         x = g.op("Add", [x, _mlp(g, h, weights, l, quant)])
     last = g.op("Slice", [x, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])])  # (1, 1, C)
     h = _rms_norm(g, last, weights["model.norm.weight"], spec.rms_eps, "model.norm.weight")
-    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    logits = g.linear(h, "lm_head", head, None, quant.get("lm_head"))                # (1, 1, V)
-    g.output(g.to_float32(g.reshape(logits, [1, -1])), "logits", "float32", [1, head.shape[0]])
+    head = None if LM_HEAD in quant else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    logits = g.linear(h, LM_HEAD, head, None, quant.get(LM_HEAD))                   # (1, 1, V)
+    g.output(g.to_float32(g.reshape(logits, [1, -1])), "logits", "float32", [1, lm_head_rows(weights, quant)])
     return g

@@ -4,7 +4,8 @@ Perplexity uses sliding windows of `window` tokens advancing by `stride`: each t
 once, with at least window - stride tokens of context after the first window. Top-1 agreement
 compares the argmax next-token prediction at every scored position. Per-layer relative error is
 ||h - h_ref|| / ||h_ref|| of each decoder layer's output on the first window. Sizes count the
-deployed form: int4 codes at 4 bits, scales and every other tensor at fp16, tied tensors once.
+deployed form: codes at their bits (int4 linears, int8/int4 lm_head), scales and every other tensor
+at fp16, tied tensors once.
 """
 import json
 import math
@@ -17,7 +18,6 @@ from export.quantize import QuantizedLLM
 from vila_edge.errors import VilaEdgeError
 
 FP16_BYTES = 2
-INT4_BITS = 4
 
 
 class QualityError(VilaEdgeError):
@@ -129,5 +129,5 @@ def float_size_bytes(model: nn.Module) -> int:
 
 def quantized_size_bytes(qllm: QuantizedLLM) -> int:
     floats = sum(t.numel() * FP16_BYTES for t in _unique(qllm.state_dict))
-    int4 = sum(q.codes.numel() * INT4_BITS // 8 + q.scales.numel() * FP16_BYTES for q in qllm.linears.values())
-    return floats + int4
+    codes = sum(q.codes.numel() * q.bits // 8 + q.scales.numel() * FP16_BYTES for q in qllm.linears.values())
+    return floats + codes

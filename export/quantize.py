@@ -1,9 +1,11 @@
-"""Symmetric group-wise int4 weights (docs/contracts.md "Int4 weights") and round-to-nearest (RTN).
+"""Symmetric group-wise int4/int8 weights (docs/contracts.md "Int4 weights") and round-to-nearest (RTN).
 
 W[N, K] is cut into groups of G consecutive input channels per output row. Each group gets
-s = absmax / 7 and codes q = clamp(round(w / s), -8, 7), so W ~= codes * scales[:, k // G].
-RTN is this quantizer applied to every decoder linear with no search; AWQ (export/awq.py) rescales
-and clips the float weights first and then calls the same `quantize_linears`.
+s = absmax / qmax and codes q = clamp(round(w / s), qmin, qmax) (int4: s = absmax / 7, q in [-8, 7];
+int8: s = absmax / 127, q in [-127, 127]), so W ~= codes * scales[:, k // G].
+RTN is this quantizer applied to every decoder linear (int4) and to lm_head (int8 by default) with no
+search; AWQ (export/awq.py) rescales and clips the float weights first and then calls the same
+`quantize_linears`.
 """
 import copy
 from dataclasses import dataclass
@@ -15,6 +17,14 @@ from torch import Tensor, nn
 from vila_edge.errors import VilaEdgeError
 
 INT4_MIN, INT4_MAX = -8, 7
+# Symmetric int8 leaves -128 out, so the code range is symmetric about zero (absmax maps to +-127).
+INT8_MIN, INT8_MAX = -127, 127
+CODE_RANGE = {4: (INT4_MIN, INT4_MAX), 8: (INT8_MIN, INT8_MAX)}
+LM_HEAD = "lm_head"
+# lm_head bits of a quantized export: int8 keeps the vocab projection (the most error-sensitive layer)
+# close to float at half its fp16 size, and ORT runs it as MatMulNBits(bits=8) instead of an fp32 MatMul.
+DEFAULT_LM_HEAD_BITS = 8
+LM_HEAD_BITS = (8, 4, 0)   # 0: float
 DEFAULT_GROUP = 128  # llm-awq --q_group_size 128, ModelOpt INT4_AWQ_CFG block_sizes {-1: 128}
 MIN_AUTO_GROUP = 16
 # llm-awq's pseudo_quantize_tensor clamps the group range at 1e-5 so all-zero groups get a finite scale.
@@ -22,6 +32,9 @@ MIN_ABSMAX = 1e-5
 # ONNX and the CUDA kernels store fp16 scales (contracts.md); rounding here makes the torch reference
 # dequantize to exactly the weights the engines see.
 SCALE_STORAGE_DTYPE = torch.float16
+# Quantized engines store the embedding table in fp16 (contracts.md); the reference rounds it the same way.
+EMBED_STORAGE_DTYPE = torch.float16
+EMBED_KEY = "model.embed_tokens.weight"
 
 
 class QuantConfigError(VilaEdgeError):
@@ -29,8 +42,9 @@ class QuantConfigError(VilaEdgeError):
 
 
 class QuantizedWeight(NamedTuple):
-    codes: Tensor   # int8 [N, K], values in [-8, 7]
+    codes: Tensor   # int8 [N, K], values in CODE_RANGE[bits]
     scales: Tensor  # float32 [N, K // G]
+    bits: int = 4
 
     @property
     def group(self) -> int:
@@ -39,12 +53,14 @@ class QuantizedWeight(NamedTuple):
 
 @dataclass
 class QuantizedLLM:
-    """A decoder LLM with int4 linears. `state_dict` holds every float tensor of the model (folded
-    norms, embeddings, lm_head, biases) except the weights of the linears in `linears`."""
+    """A decoder LLM with int4 linears (and an int8/int4 lm_head unless lm_head_bits is 0).
+    `state_dict` holds every float tensor of the model (folded norms, the fp16-rounded embeddings,
+    biases, a float lm_head) except the weights of the linears in `linears`."""
     state_dict: dict[str, Tensor]
-    linears: dict[str, QuantizedWeight]  # "model.layers.0.self_attn.q_proj" -> (codes, scales)
+    linears: dict[str, QuantizedWeight]  # "model.layers.0.self_attn.q_proj" / "lm_head" -> (codes, scales, bits)
     method: str                          # "rtn" | "awq"
     group: int                           # requested G; a linear's own G is linears[name].group
+    lm_head_bits: int = DEFAULT_LM_HEAD_BITS
 
 
 def resolve_group(name: str, k: int, group: int, auto_group: bool) -> int:
@@ -63,15 +79,18 @@ def resolve_group(name: str, k: int, group: int, auto_group: bool) -> int:
     raise QuantConfigError(f"{name}: no power-of-two group size in [{MIN_AUTO_GROUP}, {group}] divides K={k}")
 
 
-def quantize_symmetric(w: Tensor, group: int) -> tuple[Tensor, Tensor]:
-    """w [N, K] -> (codes int8 [N, K] in [-8, 7], scales float32 [N, K // group])."""
+def quantize_symmetric(w: Tensor, group: int, bits: int = 4) -> tuple[Tensor, Tensor]:
+    """w [N, K] -> (codes int8 [N, K] in CODE_RANGE[bits], scales float32 [N, K // group])."""
     n, k = w.shape
     if k % group:
         raise QuantConfigError(f"K={k} is not a multiple of group size G={group}")
+    if bits not in CODE_RANGE:
+        raise QuantConfigError(f"bits={bits} unsupported; expected one of {sorted(CODE_RANGE)}")
+    qmin, qmax = CODE_RANGE[bits]
     wg = w.detach().float().reshape(n, k // group, group)  # (N, K/G, G)
     absmax = wg.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_ABSMAX)  # (N, K/G, 1)
-    scales = (absmax / INT4_MAX).to(SCALE_STORAGE_DTYPE).float()
-    codes = torch.clamp(torch.round(wg / scales), INT4_MIN, INT4_MAX).to(torch.int8)
+    scales = (absmax / qmax).to(SCALE_STORAGE_DTYPE).float()
+    codes = torch.clamp(torch.round(wg / scales), qmin, qmax).to(torch.int8)
     return codes.reshape(n, k), scales.reshape(n, k // group)
 
 
@@ -89,36 +108,51 @@ def pseudo_quantize(w: Tensor, group: int) -> Tensor:
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The linears that get int4 weights: every nn.Linear inside the decoder layers. Embeddings and
-    lm_head stay fp16, as in llm-awq (it quantizes only the decoder blocks) and ModelOpt
-    (nodes_to_exclude=['/lm_head']): the vocab projection is the most error-sensitive layer and
-    SmolLM2/VILA tie it to the embedding table that must stay float anyway."""
+    """The linears that get int4 weights: every nn.Linear inside the decoder layers. lm_head is
+    quantized on its own (`lm_head_bits`), int8 by default where llm-awq and ModelOpt
+    (nodes_to_exclude=['/lm_head']) keep it fp16: the vocab projection is the most error-sensitive
+    layer, and int8 group-wise keeps it close to float (the quality report measures it)."""
     return {f"model.layers.{i}.{name}": m
             for i, layer in enumerate(model.model.layers)
             for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
+def quantized_targets(model: nn.Module, lm_head_bits: int) -> dict[str, tuple[nn.Linear, int]]:
+    """name -> (linear, bits): the decoder linears at 4 bits, plus lm_head unless lm_head_bits is 0."""
+    if lm_head_bits not in LM_HEAD_BITS:
+        raise QuantConfigError(f"lm_head_bits={lm_head_bits} unsupported; expected one of {LM_HEAD_BITS}")
+    targets = {name: (lin, 4) for name, lin in decoder_linears(model).items()}
+    if lm_head_bits:
+        targets[LM_HEAD] = (model.lm_head, lm_head_bits)
+    return targets
+
+
 def quantize_linears(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: bool = False,
-                     method: str = "rtn") -> QuantizedLLM:
-    """Quantize the decoder linears of `model` as they are now (model is not modified)."""
+                     method: str = "rtn", lm_head_bits: int = DEFAULT_LM_HEAD_BITS) -> QuantizedLLM:
+    """Quantize the decoder linears (and lm_head) of `model` as they are now (model is not modified).
+    A tied lm_head is quantized from the float embedding table; the table itself stays float, rounded
+    to EMBED_STORAGE_DTYPE."""
     linears = {}
-    for name, lin in decoder_linears(model).items():
+    for name, (lin, bits) in quantized_targets(model, lm_head_bits).items():
         g = resolve_group(name, lin.in_features, group, auto_group)
-        linears[name] = QuantizedWeight(*quantize_symmetric(lin.weight, g))
+        linears[name] = QuantizedWeight(*quantize_symmetric(lin.weight, g, bits), bits)
     skip = {f"{name}.weight" for name in linears}
     state, copies = {}, {}
     for key, t in model.state_dict().items():
         if key in skip:
             continue
-        if t.data_ptr() not in copies:  # one copy per storage: tied embeddings / lm_head stay tied
+        if t.data_ptr() not in copies:  # one copy per storage: tied embeddings / float lm_head stay tied
             copies[t.data_ptr()] = t.detach().clone()
         state[key] = copies[t.data_ptr()]
-    return QuantizedLLM(state, linears, method, group)
+    with torch.no_grad():               # in place: a float lm_head tied to the table is rounded with it
+        state[EMBED_KEY].copy_(state[EMBED_KEY].to(EMBED_STORAGE_DTYPE))
+    return QuantizedLLM(state, linears, method, group, lm_head_bits)
 
 
-def rtn_quantize(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: bool = False) -> QuantizedLLM:
+def rtn_quantize(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: bool = False,
+                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS) -> QuantizedLLM:
     """Round-to-nearest baseline: the symmetric quantizer with no scale or clip search."""
-    return quantize_linears(model, group, auto_group, method="rtn")
+    return quantize_linears(model, group, auto_group, method="rtn", lm_head_bits=lm_head_bits)
 
 
 def apply_quantized(model: nn.Module, qllm: QuantizedLLM) -> nn.Module:
@@ -130,9 +164,10 @@ def apply_quantized(model: nn.Module, qllm: QuantizedLLM) -> nn.Module:
     if unexpected or set(missing) - expected_missing:
         raise KeyError(f"QuantizedLLM does not match the model: missing {sorted(set(missing) - expected_missing)[:5]}, "
                        f"unexpected {unexpected[:5]}")
-    targets = decoder_linears(out)
+    targets = quantized_targets(out, qllm.lm_head_bits)
     with torch.no_grad():
         for name, qw in qllm.linears.items():
-            lin = targets[name]
-            lin.weight.copy_(dequantize(qw.codes, qw.scales).to(lin.weight.dtype))
+            lin = targets[name][0]
+            # A new Parameter, not copy_: a tied lm_head would otherwise overwrite the embedding table.
+            lin.weight = nn.Parameter(dequantize(qw.codes, qw.scales).to(lin.weight.dtype), requires_grad=False)
     return out.eval()

@@ -67,6 +67,7 @@ def test_first_step_logits_fp32(name, checkpoint, engine):
     spec = read_checkpoint(checkpoint(name))
     ref = ReferenceVLM(spec, torch.float32)
     pipe = Pipeline(engine(name))
+    assert pipe.embeddings.dtype == np.float32           # fp32 engines keep the reference's table
     images = _images()[:1]
     embeds = _reference_inputs(spec, ref, "<image>\nWhat is this?", images, pipe)
     logits, _ = pipe.llm.prefill("probe", embeds[0].numpy(), np.arange(embeds.shape[1]))

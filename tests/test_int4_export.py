@@ -1,5 +1,5 @@
-"""4-bit engines: ORT runs every quantized linear as one MatMulNBits, and the int4 engine computes
-what the quantized torch reference computes."""
+"""4-bit engines: ORT runs every quantized linear as one MatMulNBits, and the int4 engine (int8
+lm_head by default) computes what the quantized torch reference computes."""
 import json
 import os
 
@@ -20,18 +20,26 @@ from vila_edge.backend import OrtSession
 LINEARS_PER_LAYER = 7   # q, k, v, o, gate, up, down
 
 
+def _optimized_ops(eng, tmp_path) -> list:
+    optimized = str(tmp_path / "llm.opt.onnx")
+    OrtSession(os.path.join(eng, "llm.onnx"), optimized_path=optimized)
+    return list(onnx.load(optimized, load_external_data=False).graph.node)
+
+
 @pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
 def test_matmulnbits_per_quantized_linear(name, engine, tmp_path):
     eng = engine(name, quant="rtn", max_ppl_increase_pct=None)
     layers = Pipeline(eng).manifest.llm.layers
-    optimized = str(tmp_path / "llm.opt.onnx")
-    OrtSession(os.path.join(eng, "llm.onnx"), optimized_path=optimized)
-    ops = [n.op_type for n in onnx.load(optimized, load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == LINEARS_PER_LAYER * layers
+    nodes = _optimized_ops(eng, tmp_path)
+    ops = [n.op_type for n in nodes]
+    bits = [next((a.i for a in n.attribute if a.name == "bits"), 4) for n in nodes if n.op_type == "MatMulNBits"]
+    assert bits.count(4) == LINEARS_PER_LAYER * layers and bits.count(8) == 1     # + the int8 lm_head
     assert "DequantizeLinear" not in ops                   # no per-run dequantisation left
     source = onnx.load(os.path.join(eng, "llm.onnx"))
     int4 = [t for t in source.graph.initializer if t.data_type == onnx.TensorProto.INT4]
-    assert len(int4) == LINEARS_PER_LAYER * layers
+    int8 = [t.name for t in source.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int4) == LINEARS_PER_LAYER * layers and int8 == ["lm_head.qweight"]
+    assert not any(n.domain for n in source.graph.node)    # standard ops only (TensorRT parses the file)
 
 
 def test_int4_packing_matches_onnx():
@@ -54,7 +62,9 @@ def test_int4_engine_matches_quantized_reference(name, checkpoint, engine):
     spec = read_checkpoint(checkpoint(name))
     ref = ReferenceVLM(spec, torch.float32)
     manifest = json.load(open(os.path.join(eng, "manifest.json")))
-    ref.llm = apply_quantized(ref.llm, rtn_quantize(ref.llm, manifest["quant"]["group_size"], auto_group=True))
+    assert manifest["quant"]["lm_head_bits"] == 8
+    ref.llm = apply_quantized(ref.llm, rtn_quantize(ref.llm, manifest["quant"]["group_size"], auto_group=True,
+                                                    lm_head_bits=8))
     pipe = Pipeline(eng, int4_accuracy_level=0)
     images = _images()
     prompt = "<image>\nCompare it with <image>\nWhat changed?"
@@ -67,13 +77,36 @@ def test_int4_engine_matches_quantized_reference(name, checkpoint, engine):
     np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("lm_head_bits", [4, 0])
+def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
+    """--lm-head-bits 4 runs lm_head as a 4-bit MatMulNBits, 0 keeps it a float MatMul; both compute
+    what the quantized reference with the same lm_head computes."""
+    name = "vila1.5-3b-downsample"
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, lm_head_bits=lm_head_bits)
+    layers = Pipeline(eng).manifest.llm.layers
+    nodes = _optimized_ops(eng, tmp_path)
+    n_nbits = sum(n.op_type == "MatMulNBits" for n in nodes)
+    assert n_nbits == LINEARS_PER_LAYER * layers + (1 if lm_head_bits else 0)
+    spec = read_checkpoint(checkpoint(name))
+    ref = ReferenceVLM(spec, torch.float32)
+    group = json.load(open(os.path.join(eng, "manifest.json")))["quant"]["group_size"]
+    ref.llm = apply_quantized(ref.llm, rtn_quantize(ref.llm, group, auto_group=True, lm_head_bits=lm_head_bits))
+    pipe = Pipeline(eng, int4_accuracy_level=0)
+    embeds = _reference_inputs(spec, ref, "<image>\nWhat is this?", _images()[:1], pipe)
+    logits, _ = pipe.llm.prefill("probe", embeds[0].numpy(), np.arange(embeds.shape[1]))
+    np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
+
+
 def test_int4_report_and_sizes(engine):
     eng = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None)
     report = json.load(open(os.path.join(eng, "export_report.json")))
     q = report["quant"]
-    assert q["method"] == "rtn" and q["bits"] == 4 and q["symmetric"]
+    assert q["method"] == "rtn" and q["bits"] == 4 and q["symmetric"] and q["lm_head_bits"] == 8
     r = q["report"]
-    assert r["quantized_linears"] == 2 * LINEARS_PER_LAYER
+    assert r["quantized_linears"] == 2 * LINEARS_PER_LAYER + 1 and r["lm_head_bits"] == 8
+    embed = np.load(os.path.join(eng, "embed_tokens.npy"), mmap_mode="r")
+    assert embed.dtype == np.float16 and report["embeddings_dtype"] == "float16"
+    assert report["file_bytes"]["embed_tokens.npy"] < embed.size * 2 + 4096
     assert r["size_bytes"] < r["size_ref_bytes"]
     assert 0.0 <= r["top1_agreement"] <= 1.0 and r["n_eval_tokens"] > 0
     assert report["engine_bytes"] > 0

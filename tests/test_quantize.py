@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from export.awq import awq_quantize, awq_transform
 from export.quality import QualityError, QualityFloor, QualityReport, windows
-from export.quantize import (QuantConfigError, apply_quantized, decoder_linears, dequantize,
+from export.quantize import (LM_HEAD, QuantConfigError, apply_quantized, decoder_linears, dequantize,
                              quantize_symmetric, resolve_group, rtn_quantize)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -75,20 +75,62 @@ def test_group_size_resolution():
         resolve_group("q", 24, 128, auto_group=True)  # only 8 divides 24, below the floor of 16
 
 
+def test_int8_codes_symmetric_and_error_within_half_step():
+    torch.manual_seed(2)
+    w = torch.randn(32, 128) * torch.logspace(-3, 1, 128)
+    codes, scales = quantize_symmetric(w, group=64, bits=8)
+    assert codes.min() >= -127 and codes.max() <= 127 and codes.abs().max() == 127
+    err = (dequantize(codes, scales) - w).abs()
+    assert (err <= scales.repeat_interleave(64, dim=1) / 2 * (1 + 1e-6)).all()
+    assert torch.equal(scales, scales.half().float())          # fp16-representable, as stored
+
+
 def test_rtn_and_apply_quantized():
     model = tiny_model("llama")
     qllm = rtn_quantize(model, GROUP)
-    assert set(qllm.linears) == set(decoder_linears(model)) and len(qllm.linears) == 14
-    assert "lm_head.weight" in qllm.state_dict and "model.embed_tokens.weight" in qllm.state_dict
+    assert set(qllm.linears) == set(decoder_linears(model)) | {LM_HEAD} and len(qllm.linears) == 15
+    assert qllm.lm_head_bits == 8 and qllm.linears[LM_HEAD].bits == 8
+    assert all(q.bits == 4 for name, q in qllm.linears.items() if name != LM_HEAD)
+    assert "model.embed_tokens.weight" in qllm.state_dict
     assert not any(f"{n}.weight" in qllm.state_dict for n in qllm.linears)
     ref = apply_quantized(model, qllm)
     for name, lin in decoder_linears(ref).items():
-        codes, scales = qllm.linears[name]
+        codes, scales, bits = qllm.linears[name]
         assert qllm.linears[name].group == GROUP
         assert torch.equal(lin.weight, dequantize(codes, scales))
-    assert torch.equal(ref.lm_head.weight, model.lm_head.weight)
+    head = qllm.linears[LM_HEAD]
+    assert torch.equal(head.codes, quantize_symmetric(model.lm_head.weight, GROUP, bits=8)[0])
+    assert torch.equal(ref.lm_head.weight, dequantize(head.codes, head.scales))
+    # the engines store the embedding table in fp16: the reference reads the same rows
+    assert torch.equal(ref.model.embed_tokens.weight, model.model.embed_tokens.weight.half().float())
     with pytest.raises(QuantConfigError, match="K=64"):
         rtn_quantize(model, 48)
+    with pytest.raises(QuantConfigError, match="lm_head_bits=3"):
+        rtn_quantize(model, GROUP, lm_head_bits=3)
+
+
+def test_float_lm_head_keeps_its_weight():
+    model = tiny_model("llama")
+    qllm = rtn_quantize(model, GROUP, lm_head_bits=0)
+    assert LM_HEAD not in qllm.linears and qllm.lm_head_bits == 0
+    assert torch.equal(apply_quantized(model, qllm).lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tied_lm_head_gets_its_own_quantized_copy(bits):
+    """SmolLM2 and VILA tie lm_head to the embedding table: the table must stay float (fp16)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY, num_key_value_heads=4, tie_word_embeddings=True)).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    table = model.model.embed_tokens.weight.detach().clone()
+    qllm = rtn_quantize(model, GROUP, lm_head_bits=bits)
+    head = qllm.linears[LM_HEAD]
+    assert head.bits == bits and torch.equal(head.codes, quantize_symmetric(table, GROUP, bits)[0])
+    ref = apply_quantized(model, qllm)
+    assert ref.lm_head.weight is not ref.model.embed_tokens.weight
+    assert torch.equal(ref.model.embed_tokens.weight, table.half().float())
+    assert torch.equal(ref.lm_head.weight, dequantize(head.codes, head.scales))
+    assert torch.equal(model.model.embed_tokens.weight, table)            # the float model is untouched
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -1,7 +1,7 @@
 """vila-edge command line: chat with an engine, export a checkpoint, write fixtures, evaluate.
 
     vila-edge chat ENGINE_DIR --image photo.jpg "What is on the table?"
-    vila-edge export CHECKPOINT OUT [--dtype fp16] [--quant none]
+    vila-edge export CHECKPOINT OUT [--dtype fp16] [--quant none|rtn|awq] [--lm-head-bits 8|4|0]
     vila-edge fixture OUT --kind nvila-lite
 """
 import argparse
@@ -42,8 +42,9 @@ def _export(args) -> int:
     from export.build import ExportOptions, export_engine
 
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
-        dtype=args.dtype, quant=args.quant, group_size=args.group_size, target=args.target,
-        template=args.template, token_order=args.token_order, progress=not args.quiet, calib_dir=args.calib_dir,
+        dtype=args.dtype, quant=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
+        target=args.target, template=args.template, token_order=args.token_order, progress=not args.quiet,
+        calib_dir=args.calib_dir,
         max_ppl_increase_pct=None if args.no_quality_floor else args.max_ppl_increase,
         min_top1_agreement=args.min_top1))
     print(f"{args.out}: {manifest.family} engine, {manifest.dtype}, quant {manifest.quant.get('method')}")
@@ -85,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     e.add_argument("--quant", choices=["none", "rtn", "awq"], default="none")
     e.add_argument("--group-size", type=int, default=128)
+    e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
+                   help="lm_head with --quant rtn/awq: symmetric int8 (default), int4, or 0 = float")
     e.add_argument("--target", default="cpu")
     e.add_argument("--template", default=None, help="override the chat template")
     e.add_argument("--token-order", choices=["row", "column"], default=None,

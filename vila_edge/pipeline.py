@@ -50,10 +50,12 @@ class Pipeline:
         v = m.vision
         pixels = PixelSpec(v.image_size, tuple(v.mean), tuple(v.std), v.image_mode, v.min_tiles, v.max_tiles)
         self.vision = VisionEncoder(OrtSession(os.path.join(engine_dir, m.files["vision"]), threads), pixels, m.dtype)
-        self.embeddings = np.load(os.path.join(engine_dir, m.files["embeddings"]), mmap_mode="r")   # (V, C)
+        # (V, C); fp16 in quantized and fp16 engines, rows are cast to the graph's input dtype when gathered.
+        self.embeddings = np.load(os.path.join(engine_dir, m.files["embeddings"]), mmap_mode="r")
         self.max_context = min(max_context or DEFAULT_CONTEXT, m.llm.max_positions)
         weights = sum(os.path.getsize(os.path.join(engine_dir, f)) for f in m.files.values())
         llm = OrtSession(os.path.join(engine_dir, m.files["llm"]), threads, int4_accuracy_level=int4_accuracy_level)
+        self.embeds_dtype = llm.input_dtype("inputs_embeds")
         self.llm = LLMEngine(llm, m.llm, m.dtype,
                              kv or KVConfig(), self.max_context, weights)
         self.splicer = Splicer(self.tokenizer, self.family, m.tokens, v.tokens_per_image, v.image_mode)
@@ -109,11 +111,15 @@ class Pipeline:
         if len(bad):
             raise PromptError(f"prompt contains token ids {sorted(set(bad.tolist()))[:5]} that are not text "
                               f"(outside the {len(self.embeddings)}-row embedding table); remove stray media tokens")
-        out = np.empty((len(ids), self.embeddings.shape[1]), self.embeddings.dtype)
+        out = np.empty((len(ids), self.embeddings.shape[1]), self.embeds_dtype)
         out[text] = self.embeddings[ids[text]]
         for start, k in spans:
             out[start: start + len(tiles[k])] = tiles[k]
         return out
+
+    def token_embeds(self, ids: list) -> np.ndarray:
+        """[T, C] table rows of text ids, in the LLM graph's input dtype."""
+        return self.embeddings[ids].astype(self.embeds_dtype)
 
 
 class Conversation:
@@ -189,7 +195,7 @@ class Conversation:
                 shown = safe
             if step + 1 < budget:
                 try:
-                    logits = pipe.llm.extend(self.seq, pipe.embeddings[[nxt]], np.asarray([nxt], np.int64))
+                    logits = pipe.llm.extend(self.seq, pipe.token_embeds([nxt]), np.asarray([nxt], np.int64))
                 except BaseException:
                     self.seq = None   # the engine dropped the sequence
                     raise
