@@ -17,10 +17,14 @@ MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 def _rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+    """weight * x / sqrt(mean(x^2) + eps), statistics in fp32, written as Pow -> ReduceMean(last axis)
+    -> Add -> Sqrt -> Div -> Mul(1-D weight): the pattern ORT's SimplifiedLayerNormFusion turns into one
+    SimplifiedLayerNormalization (fp32 on CPU; onnxruntime/core/optimizer/layer_norm_fusion.cc), while
+    the file keeps standard ops for TensorRT."""
     xf = g.to_float32(x)
-    var = g.op("ReduceMean", [g.op("Mul", [xf, xf]), g.const([-1])], keepdims=1)
-    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(eps, "float32")])])])
-    return g.op("Mul", [g.weight(name, weight), g.from_float32(g.op("Mul", [xf, inv]))])
+    var = g.op("ReduceMean", [g.op("Pow", [xf, g.const(2.0, "float32")]), g.const([-1])], keepdims=1)
+    normed = g.op("Div", [xf, g.op("Sqrt", [g.op("Add", [var, g.const(eps, "float32")])])])
+    return g.op("Mul", [g.from_float32(normed), g.weight(name, weight)])
 
 
 def _rope_tables(g: Graph, spec: LLMSpec, position_ids: str) -> tuple:

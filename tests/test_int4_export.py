@@ -18,6 +18,9 @@ from vila_edge import Pipeline
 from vila_edge.backend import OrtSession
 
 LINEARS_PER_LAYER = 7   # q, k, v, o, gate, up, down
+# input and post-attention RMSNorm. ORT 1.31's CPU fusions give SimplifiedLayerNormalization; they
+# never form SkipSimplifiedLayerNormalization (its SkipLayerNormFusion matches LayerNormalization only).
+NORMS_PER_LAYER = 2
 
 
 def _optimized_ops(eng, tmp_path) -> list:
@@ -35,11 +38,20 @@ def test_matmulnbits_per_quantized_linear(name, engine, tmp_path):
     bits = [next((a.i for a in n.attribute if a.name == "bits"), 4) for n in nodes if n.op_type == "MatMulNBits"]
     assert bits.count(4) == LINEARS_PER_LAYER * layers and bits.count(8) == 1     # + the int8 lm_head
     assert "DequantizeLinear" not in ops                   # no per-run dequantisation left
+    assert ops.count("SimplifiedLayerNormalization") == NORMS_PER_LAYER * layers + 1   # + the final norm
     source = onnx.load(os.path.join(eng, "llm.onnx"))
     int4 = [t for t in source.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     int8 = [t.name for t in source.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(int4) == LINEARS_PER_LAYER * layers and int8 == ["lm_head.qweight"]
     assert not any(n.domain for n in source.graph.node)    # standard ops only (TensorRT parses the file)
+
+
+def test_fp32_graph_fuses_norms(engine, tmp_path):
+    eng = engine("vila1.5-3b-downsample")
+    layers = Pipeline(eng).manifest.llm.layers
+    ops = [n.op_type for n in _optimized_ops(eng, tmp_path)]
+    assert ops.count("SimplifiedLayerNormalization") == NORMS_PER_LAYER * layers + 1
+    assert not {"ReduceMean", "Sqrt", "Div", "Pow"} & set(ops)
 
 
 def test_int4_packing_matches_onnx():
