@@ -57,14 +57,40 @@ def _mask(g: Graph, past_len: str, n_past_rows: str, n_new: str) -> str:
     return g.op("Where", [ok, g.const(0.0, "float32"), g.const(MASK_VALUE, "float32")])
 
 
+def _concat_linears(w: dict, quant: dict, names: list) -> tuple:
+    """(weight, bias, quant) of one linear computing the linears `names` (same input) side by side:
+    rows concatenated along N. int4 codes and scales concatenate exactly since groups run along K."""
+    qs = [quant.get(n) for n in names]
+    if any(q is not None for q in qs):
+        if any(q is None for q in qs) or len({q[2:] for q in qs}) != 1:
+            raise ValueError(f"{names}: fused linears need the same quantization (group size, bits)")
+        fused_q = (np.concatenate([q[0] for q in qs]), np.concatenate([q[1] for q in qs])) + qs[0][2:]
+        weight = None
+    else:
+        fused_q, weight = None, np.concatenate([w[n + ".weight"] for n in names])
+    biases = [w.get(n + ".bias") for n in names]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        raise ValueError(f"{names}: fused linears need a bias on all or none of them")
+    bias = None if biases[0] is None else np.concatenate(biases)
+    return weight, bias, fused_q
+
+
+def _fused_linear(g: Graph, x: str, w: dict, quant: dict, prefix: str, names: list, sizes: list) -> list:
+    """The linears prefix+names on the same x as one MatMul (one MatMulNBits in ORT) and a Split of its
+    output along N into `sizes`."""
+    full = [prefix + n for n in names]
+    weight, bias, q = _concat_linears(w, quant, full)
+    y = g.linear(x, prefix + "_".join(n.removesuffix("_proj") for n in names) + "_proj", weight, bias, q)
+    return g.op("Split", [y, g.const(sizes)], axis=-1, n_out=len(sizes))
+
+
 def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, rope: tuple, mask: str, io: dict, quant):
     hq, hkv, d = spec.heads, spec.kv_heads, spec.head_dim
     p = f"model.layers.{l}.self_attn."
-    proj = lambda name, heads: g.reshape(
-        g.linear(h, p + name, w.get(p + name + ".weight"), w.get(p + name + ".bias"), quant.get(p + name)), [-1, heads, d])
-    q = _rotate(g, proj("q_proj", hq), *rope, d)                                  # (T, Hq, D)
-    k = _rotate(g, proj("k_proj", hkv), *rope, d)                                 # (T, Hkv, D)
-    v = proj("v_proj", hkv)                                                       # (T, Hkv, D)
+    q, k, v = (g.reshape(y, [-1, heads, d]) for y, heads in zip(                  # (T, heads, D)
+        _fused_linear(g, h, w, quant, p, ["q_proj", "k_proj", "v_proj"], [hq * d, hkv * d, hkv * d]), (hq, hkv, hkv)))
+    q = _rotate(g, q, *rope, d)                                                   # (T, Hq, D)
+    k = _rotate(g, k, *rope, d)                                                   # (T, Hkv, D)
     g.output(k, f"k_new_{l}", g.dtype, ["T", hkv, d])
     g.output(v, f"v_new_{l}", g.dtype, ["T", hkv, d])
     past_k = g.reshape(g.op("Gather", [io[f"k_pool_{l}"], io["block_table"]], axis=0), [-1, hkv, d])  # (P, Hkv, D)
@@ -79,12 +105,12 @@ def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, rope: tuple, ma
     return g.linear(ctx, p + "o_proj", w.get(p + "o_proj.weight"), None, quant.get(p + "o_proj"))
 
 
-def _mlp(g: Graph, h: str, w: dict, l: int, quant) -> str:
+def _mlp(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, quant) -> str:
     p = f"model.layers.{l}.mlp."
-    lin = lambda x, n: g.linear(x, p + n, w.get(p + n + ".weight"), None, quant.get(p + n))
-    gate = lin(h, "gate_proj")
+    gate, up = _fused_linear(g, h, w, quant, p, ["gate_proj", "up_proj"], [spec.intermediate] * 2)
     act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])                            # SiLU
-    return lin(g.op("Mul", [act, lin(h, "up_proj")]), "down_proj")
+    return g.linear(g.op("Mul", [act, up]), p + "down_proj", w.get(p + "down_proj.weight"), None,
+                    quant.get(p + "down_proj"))
 
 
 def lm_head_rows(weights: dict, quant: dict) -> int:
@@ -121,7 +147,7 @@ def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = Non
         x = g.op("Add", [x, _attention(g, spec, h, weights, l, rope, mask, io, quant)])
         h = _rms_norm(g, x, weights[p + "post_attention_layernorm.weight"], spec.rms_eps,
                       p + "post_attention_layernorm.weight")
-        x = g.op("Add", [x, _mlp(g, h, weights, l, quant)])
+        x = g.op("Add", [x, _mlp(g, spec, h, weights, l, quant)])
     last = g.op("Slice", [x, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])])  # (1, 1, C)
     h = _rms_norm(g, last, weights["model.norm.weight"], spec.rms_eps, "model.norm.weight")
     head = None if LM_HEAD in quant else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])

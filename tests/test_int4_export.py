@@ -18,6 +18,7 @@ from vila_edge import Pipeline
 from vila_edge.backend import OrtSession
 
 LINEARS_PER_LAYER = 7   # q, k, v, o, gate, up, down
+MATMULS_PER_LAYER = 4   # in the graph: qkv (fused), o, gate_up (fused), down
 # input and post-attention RMSNorm. ORT 1.31's CPU fusions give SimplifiedLayerNormalization; they
 # never form SkipSimplifiedLayerNormalization (its SkipLayerNormFusion matches LayerNormalization only).
 NORMS_PER_LAYER = 2
@@ -30,19 +31,19 @@ def _optimized_ops(eng, tmp_path) -> list:
 
 
 @pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
-def test_matmulnbits_per_quantized_linear(name, engine, tmp_path):
+def test_matmulnbits_per_fused_linear(name, engine, tmp_path):
     eng = engine(name, quant="rtn", max_ppl_increase_pct=None)
     layers = Pipeline(eng).manifest.llm.layers
     nodes = _optimized_ops(eng, tmp_path)
     ops = [n.op_type for n in nodes]
     bits = [next((a.i for a in n.attribute if a.name == "bits"), 4) for n in nodes if n.op_type == "MatMulNBits"]
-    assert bits.count(4) == LINEARS_PER_LAYER * layers and bits.count(8) == 1     # + the int8 lm_head
+    assert bits.count(4) == MATMULS_PER_LAYER * layers and bits.count(8) == 1     # + the int8 lm_head
     assert "DequantizeLinear" not in ops                   # no per-run dequantisation left
     assert ops.count("SimplifiedLayerNormalization") == NORMS_PER_LAYER * layers + 1   # + the final norm
     source = onnx.load(os.path.join(eng, "llm.onnx"))
     int4 = [t for t in source.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     int8 = [t.name for t in source.graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert len(int4) == LINEARS_PER_LAYER * layers and int8 == ["lm_head.qweight"]
+    assert len(int4) == MATMULS_PER_LAYER * layers and int8 == ["lm_head.qweight"]
     assert not any(n.domain for n in source.graph.node)    # standard ops only (TensorRT parses the file)
 
 
@@ -98,7 +99,7 @@ def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
     layers = Pipeline(eng).manifest.llm.layers
     nodes = _optimized_ops(eng, tmp_path)
     n_nbits = sum(n.op_type == "MatMulNBits" for n in nodes)
-    assert n_nbits == LINEARS_PER_LAYER * layers + (1 if lm_head_bits else 0)
+    assert n_nbits == MATMULS_PER_LAYER * layers + (1 if lm_head_bits else 0)
     spec = read_checkpoint(checkpoint(name))
     ref = ReferenceVLM(spec, torch.float32)
     group = json.load(open(os.path.join(eng, "manifest.json")))["quant"]["group_size"]
