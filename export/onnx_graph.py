@@ -34,7 +34,9 @@ class Graph:
         return name
 
     def output(self, value: str, name: str, dtype: str, shape: list) -> None:
-        self.op("Identity", [value], out=name)
+        """Expose `value` as graph output `name` (through an Identity unless value already is `name`)."""
+        if value != name:
+            self.op("Identity", [value], out=name)
         self.outputs.append(helper.make_tensor_value_info(name, ONNX_DTYPES[dtype], shape))
 
     def init(self, name: str, array: np.ndarray) -> str:
@@ -57,7 +59,8 @@ class Graph:
         return self.const(value, self.dtype)
 
     def op(self, op_type: str, inputs: list, out=None, n_out: int = 1, domain: str = "", **attrs):
-        outs = [out] if isinstance(out, str) else out or [self._fresh(op_type.lower()) for _ in range(n_out)]
+        """Add a node; `out`: its output name, or a list of names where None asks for a fresh one."""
+        outs = [out] if isinstance(out, str) else [o or self._fresh(op_type.lower()) for o in out or [None] * n_out]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self._fresh(op_type), domain=domain or None,
                                            **attrs))
         return outs[0] if len(outs) == 1 else outs

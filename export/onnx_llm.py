@@ -6,6 +6,8 @@ for the runtime to write into the pool. Only standard ops, so TensorRT 10.3's pa
 (onnx-trt-int4.md §5.3 option A). Precision follows transformers' eager Llama: RMSNorm variance
 and softmax in fp32, everything else in the graph dtype.
 """
+from typing import NamedTuple
+
 import numpy as np
 
 from export.checkpoint import LLMSpec
@@ -14,6 +16,13 @@ from export.quantize import LM_HEAD
 
 # Additive mask value for excluded keys: finite, so a fully masked row could never produce NaN.
 MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+class _Shared(NamedTuple):
+    """Values computed once per forward pass, before the layer loop, and read by every layer."""
+    cos: str         # (T, 1, D) graph dtype
+    signed_sin: str  # (T, 1, D) graph dtype, rotate_half's sign folded in
+    mask: str        # (rep*T, P+T) fp32 additive; row r*T + t
 
 
 def _rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, name: str) -> str:
@@ -28,21 +37,23 @@ def _rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, name: str) -> st
 
 
 def _rope_tables(g: Graph, spec: LLMSpec, position_ids: str) -> tuple:
-    """cos, sin [T, 1, D] in the graph dtype, computed in fp32 as HF's rotary embedding does."""
+    """cos and signed sin [T, 1, D] in the graph dtype, computed in fp32 as HF's rotary embedding does,
+    once per step for every layer. sin carries rotate_half's sign: rotate_half(x) * sin = [-x2, x1] *
+    [s, s] = [x2, x1] * [-s, s], exactly (a sign flip rounds nothing)."""
     d = spec.head_dim
     inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
     pos = g.op("Cast", [g.reshape(position_ids, [-1, 1])], to=1)              # (T, 1) fp32
     freqs = g.op("Mul", [pos, g.const(inv_freq[None, :], "float32")])         # (T, D/2)
     emb = g.reshape(g.op("Concat", [freqs, freqs], axis=-1), [-1, 1, d])      # (T, 1, D)
-    return g.from_float32(g.op("Cos", [emb])), g.from_float32(g.op("Sin", [emb]))
+    sign = np.concatenate([-np.ones(d // 2), np.ones(d // 2)])                 # (D,)
+    sin = g.op("Mul", [g.op("Sin", [emb]), g.const(sign, "float32")])
+    return g.from_float32(g.op("Cos", [emb])), g.from_float32(sin)
 
 
-def _rotate(g: Graph, x: str, cos: str, sin: str, d: int) -> str:
-    """x * cos + rotate_half(x) * sin, x: [T, heads, D]."""
-    x1 = g.op("Slice", [x, g.const([0]), g.const([d // 2]), g.const([-1])])
-    x2 = g.op("Slice", [x, g.const([d // 2]), g.const([d]), g.const([-1])])
-    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
-    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+def _rotate(g: Graph, x: str, cos: str, signed_sin: str, d: int) -> str:
+    """x * cos + rotate_half(x) * sin, x: [T, heads, D]: the halves swapped by one Gather, the sign in sin."""
+    swapped = g.op("Gather", [x, g.const(np.roll(np.arange(d), d // 2))], axis=-1)   # [x2, x1]
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [swapped, signed_sin])])
 
 
 def _mask(g: Graph, past_len: str, n_past_rows: str, n_new: str) -> str:
@@ -75,31 +86,28 @@ def _concat_linears(w: dict, quant: dict, names: list) -> tuple:
     return weight, bias, fused_q
 
 
-def _fused_linear(g: Graph, x: str, w: dict, quant: dict, prefix: str, names: list, sizes: list) -> list:
-    """The linears prefix+names on the same x as one MatMul (one MatMulNBits in ORT) and a Split of its
-    output along N into `sizes`."""
-    full = [prefix + n for n in names]
-    weight, bias, q = _concat_linears(w, quant, full)
-    y = g.linear(x, prefix + "_".join(n.removesuffix("_proj") for n in names) + "_proj", weight, bias, q)
-    return g.op("Split", [y, g.const(sizes)], axis=-1, n_out=len(sizes))
+def _fused_linear(g: Graph, x: str, w: dict, quant: dict, prefix: str, names: list) -> str:
+    """The linears prefix+names on the same x as one MatMul (one MatMulNBits in ORT); output [..., sum N]."""
+    weight, bias, q = _concat_linears(w, quant, [prefix + n for n in names])
+    return g.linear(x, prefix + "_".join(n.removesuffix("_proj") for n in names) + "_proj", weight, bias, q)
 
 
-def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, rope: tuple, mask: str, io: dict, quant):
+def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, shared: _Shared, io: dict, quant):
     hq, hkv, d = spec.heads, spec.kv_heads, spec.head_dim
     p = f"model.layers.{l}.self_attn."
-    q, k, v = (g.reshape(y, [-1, heads, d]) for y, heads in zip(                  # (T, heads, D)
-        _fused_linear(g, h, w, quant, p, ["q_proj", "k_proj", "v_proj"], [hq * d, hkv * d, hkv * d]), (hq, hkv, hkv)))
-    q = _rotate(g, q, *rope, d)                                                   # (T, Hq, D)
-    k = _rotate(g, k, *rope, d)                                                   # (T, Hkv, D)
-    g.output(k, f"k_new_{l}", g.dtype, ["T", hkv, d])
-    g.output(v, f"v_new_{l}", g.dtype, ["T", hkv, d])
+    qkv = g.reshape(_fused_linear(g, h, w, quant, p, ["q_proj", "k_proj", "v_proj"]), [-1, hq + 2 * hkv, d])
+    qk, v = g.op("Split", [qkv, g.const([hq + hkv, hkv])], axis=1, out=[None, f"v_new_{l}"])  # (T, Hq+Hkv | Hkv, D)
+    q, k = g.op("Split", [_rotate(g, qk, shared.cos, shared.signed_sin, d), g.const([hq, hkv])], axis=1,
+                out=[None, f"k_new_{l}"])                                  # RoPE on q and k at once: (T, Hq | Hkv, D)
+    g.output(k, k, g.dtype, ["T", hkv, d])
+    g.output(v, v, g.dtype, ["T", hkv, d])
     past_k = g.reshape(g.op("Gather", [io[f"k_pool_{l}"], io["block_table"]], axis=0), [-1, hkv, d])  # (P, Hkv, D)
     past_v = g.reshape(g.op("Gather", [io[f"v_pool_{l}"], io["block_table"]], axis=0), [-1, hkv, d])
     keys = g.op("Transpose", [g.op("Concat", [past_k, k], axis=0)], perm=[1, 2, 0])        # (Hkv, D, S)
     vals = g.op("Transpose", [g.op("Concat", [past_v, v], axis=0)], perm=[1, 0, 2])        # (Hkv, S, D)
     q = g.reshape(g.op("Transpose", [q], perm=[1, 0, 2]), [hkv, -1, d])          # (Hkv, rep*T, D): head = kv*rep + r
     scores = g.op("Mul", [g.op("MatMul", [q, keys]), g.scalar(d ** -0.5)])        # (Hkv, rep*T, S)
-    probs = g.from_float32(g.op("Softmax", [g.op("Add", [g.to_float32(scores), mask])], axis=-1))
+    probs = g.from_float32(g.op("Softmax", [g.op("Add", [g.to_float32(scores), shared.mask])], axis=-1))
     ctx = g.op("MatMul", [probs, vals])                                           # (Hkv, rep*T, D)
     ctx = g.reshape(g.op("Transpose", [g.reshape(ctx, [hq, -1, d])], perm=[1, 0, 2]), [1, -1, hq * d])
     return g.linear(ctx, p + "o_proj", w.get(p + "o_proj.weight"), None, quant.get(p + "o_proj"))
@@ -107,7 +115,8 @@ def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, rope: tuple, ma
 
 def _mlp(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, quant) -> str:
     p = f"model.layers.{l}.mlp."
-    gate, up = _fused_linear(g, h, w, quant, p, ["gate_proj", "up_proj"], [spec.intermediate] * 2)
+    gate, up = g.op("Split", [_fused_linear(g, h, w, quant, p, ["gate_proj", "up_proj"]),
+                              g.const([spec.intermediate] * 2)], axis=-1, n_out=2)     # (1, T, I) each
     act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])                            # SiLU
     return g.linear(g.op("Mul", [act, up]), p + "down_proj", w.get(p + "down_proj.weight"), None,
                     quant.get(p + "down_proj"))
@@ -138,13 +147,14 @@ def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = Non
     pool_shape = g.op("Shape", [io["k_pool_0"]])
     rows_per_block = g.op("Gather", [pool_shape, g.const(1)], axis=0)
     n_blocks = g.op("Gather", [g.op("Shape", [io["block_table"]]), g.const(0)], axis=0)
-    mask = _mask(g, io["past_len"], g.op("Mul", [n_blocks, rows_per_block]), n_new)       # (T, S)
+    n_past = g.op("Mul", [n_blocks, rows_per_block])                                       # scalar P
+    mask = _mask(g, io["past_len"], n_past, n_new)                                        # (T, S)
     mask = g.op("Tile", [mask, g.const([spec.heads // hkv, 1])])                          # (rep*T, S): row r*T + t
-    rope = _rope_tables(g, spec, io["position_ids"])
+    shared = _Shared(*_rope_tables(g, spec, io["position_ids"]), mask)
     for l in range(spec.layers):
         p = f"model.layers.{l}."
         h = _rms_norm(g, x, weights[p + "input_layernorm.weight"], spec.rms_eps, p + "input_layernorm.weight")
-        x = g.op("Add", [x, _attention(g, spec, h, weights, l, rope, mask, io, quant)])
+        x = g.op("Add", [x, _attention(g, spec, h, weights, l, shared, io, quant)])
         h = _rms_norm(g, x, weights[p + "post_attention_layernorm.weight"], spec.rms_eps,
                       p + "post_attention_layernorm.weight")
         x = g.op("Add", [x, _mlp(g, spec, h, weights, l, quant)])

@@ -52,7 +52,9 @@ def test_fp32_graph_fuses_norms(engine, tmp_path):
     layers = Pipeline(eng).manifest.llm.layers
     ops = [n.op_type for n in _optimized_ops(eng, tmp_path)]
     assert ops.count("SimplifiedLayerNormalization") == NORMS_PER_LAYER * layers + 1
-    assert not {"ReduceMean", "Sqrt", "Div", "Pow"} & set(ops)
+    assert not {"ReduceMean", "Sqrt", "Div", "Pow", "Neg"} & set(ops)
+    assert ops.count("Identity") <= 1                     # k_new/v_new come straight from their Splits
+    assert ops.count("Gather") == 3 * layers + 3          # per layer: K pool, V pool, RoPE's half swap
 
 
 def test_int4_packing_matches_onnx():
