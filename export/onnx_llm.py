@@ -23,6 +23,7 @@ class _Shared(NamedTuple):
     cos: str         # (T, 1, D) graph dtype
     signed_sin: str  # (T, 1, D) graph dtype, rotate_half's sign folded in
     mask: str        # (rep*T, P+T) fp32 additive; row r*T + t
+    n_past: str      # [P] int64: pool rows gathered per layer (the key axis is [P pool rows ; T new rows])
 
 
 def _rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, name: str) -> str:
@@ -103,12 +104,19 @@ def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, shared: _Shared
     g.output(v, v, g.dtype, ["T", hkv, d])
     past_k = g.reshape(g.op("Gather", [io[f"k_pool_{l}"], io["block_table"]], axis=0), [-1, hkv, d])  # (P, Hkv, D)
     past_v = g.reshape(g.op("Gather", [io[f"v_pool_{l}"], io["block_table"]], axis=0), [-1, hkv, d])
-    keys = g.op("Transpose", [g.op("Concat", [past_k, k], axis=0)], perm=[1, 2, 0])        # (Hkv, D, S)
-    vals = g.op("Transpose", [g.op("Concat", [past_v, v], axis=0)], perm=[1, 0, 2])        # (Hkv, S, D)
     q = g.reshape(g.op("Transpose", [q], perm=[1, 0, 2]), [hkv, -1, d])          # (Hkv, rep*T, D): head = kv*rep + r
-    scores = g.op("Mul", [g.op("MatMul", [q, keys]), g.scalar(d ** -0.5)])        # (Hkv, rep*T, S)
+    # Pool rows and new rows are attended by two MatMuls, not one over their Concat: no per-layer copy
+    # of the whole past (it grows with the context). ORT folds the Transposes and the scale into
+    # FusedMatMul.
+    keys = lambda x: g.op("Transpose", [x], perm=[1, 2, 0])                       # (S', Hkv, D) -> (Hkv, D, S')
+    vals = lambda x: g.op("Transpose", [x], perm=[1, 0, 2])                       # (S', Hkv, D) -> (Hkv, S', D)
+    scaled = lambda x: g.op("Mul", [g.op("MatMul", [q, keys(x)]), g.scalar(d ** -0.5)])
+    scores = g.op("Concat", [scaled(past_k), scaled(k)], axis=-1)                 # (Hkv, rep*T, P+T)
     probs = g.from_float32(g.op("Softmax", [g.op("Add", [g.to_float32(scores), shared.mask])], axis=-1))
-    ctx = g.op("MatMul", [probs, vals])                                           # (Hkv, rep*T, D)
+    end = g.const([np.iinfo(np.int64).max])
+    probs_past = g.op("Slice", [probs, g.const([0]), shared.n_past, g.const([-1])])  # (Hkv, rep*T, P)
+    probs_new = g.op("Slice", [probs, shared.n_past, end, g.const([-1])])            # (Hkv, rep*T, T)
+    ctx = g.op("Add", [g.op("MatMul", [probs_past, vals(past_v)]), g.op("MatMul", [probs_new, vals(v)])])
     ctx = g.reshape(g.op("Transpose", [g.reshape(ctx, [hq, -1, d])], perm=[1, 0, 2]), [1, -1, hq * d])
     return g.linear(ctx, p + "o_proj", w.get(p + "o_proj.weight"), None, quant.get(p + "o_proj"))
 
@@ -150,7 +158,7 @@ def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = Non
     n_past = g.op("Mul", [n_blocks, rows_per_block])                                       # scalar P
     mask = _mask(g, io["past_len"], n_past, n_new)                                        # (T, S)
     mask = g.op("Tile", [mask, g.const([spec.heads // hkv, 1])])                          # (rep*T, S): row r*T + t
-    shared = _Shared(*_rope_tables(g, spec, io["position_ids"]), mask)
+    shared = _Shared(*_rope_tables(g, spec, io["position_ids"]), mask, g.reshape(n_past, [1]))
     for l in range(spec.layers):
         p = f"model.layers.{l}."
         h = _rms_norm(g, x, weights[p + "input_layernorm.weight"], spec.rms_eps, p + "input_layernorm.weight")
