@@ -183,8 +183,9 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         manifest = _write_metadata(spec, tmp, dtype, quant_info, lm_head_rows(llm_weights, quant), opts)
         bar.set_postfix_str("verify"); bar.update()
         _verify(tmp)
+        sizes = _file_bytes(tmp)          # every file but the report itself
         with open(os.path.join(tmp, FILES["report"]), "w") as f:
-            json.dump({"quant": quant_info, "engine_bytes": _dir_bytes(tmp), "file_bytes": _file_bytes(tmp),
+            json.dump({"quant": quant_info, "engine_bytes": sum(sizes.values()), "file_bytes": sizes,
                        "embeddings_dtype": _embed_dtype(opts, dtype)}, f, indent=2)
         _replace(tmp, out)
         bar.set_postfix_str("done"); bar.update()
@@ -231,10 +232,6 @@ def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts) -> Man
 
 def _file_bytes(path: str) -> dict:
     return {f: os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path))}
-
-
-def _dir_bytes(path: str) -> int:
-    return sum(_file_bytes(path).values())
 
 
 def _verify(engine_dir: str) -> None:
