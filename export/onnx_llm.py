@@ -16,6 +16,8 @@ from export.quantize import LM_HEAD
 
 # Additive mask value for excluded keys: finite, so a fully masked row could never produce NaN.
 MASK_VALUE = float(np.finfo(np.float32).min)
+# A Slice end past any axis: "to the end" (ONNX clamps it to the axis length).
+SLICE_END = np.iinfo(np.int64).max
 
 
 class _Shared(NamedTuple):
@@ -113,9 +115,8 @@ def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, shared: _Shared
     scaled = lambda x: g.op("Mul", [g.op("MatMul", [q, keys(x)]), g.scalar(d ** -0.5)])
     scores = g.op("Concat", [scaled(past_k), scaled(k)], axis=-1)                 # (Hkv, rep*T, P+T)
     probs = g.from_float32(g.op("Softmax", [g.op("Add", [g.to_float32(scores), shared.mask])], axis=-1))
-    end = g.const([np.iinfo(np.int64).max])
-    probs_past = g.op("Slice", [probs, g.const([0]), shared.n_past, g.const([-1])])  # (Hkv, rep*T, P)
-    probs_new = g.op("Slice", [probs, shared.n_past, end, g.const([-1])])            # (Hkv, rep*T, T)
+    probs_past = g.op("Slice", [probs, g.const([0]), shared.n_past, g.const([-1])])            # (Hkv, rep*T, P)
+    probs_new = g.op("Slice", [probs, shared.n_past, g.const([SLICE_END]), g.const([-1])])     # (Hkv, rep*T, T)
     ctx = g.op("Add", [g.op("MatMul", [probs_past, vals(past_v)]), g.op("MatMul", [probs_new, vals(v)])])
     ctx = g.reshape(g.op("Transpose", [g.reshape(ctx, [hq, -1, d])], perm=[1, 0, 2]), [1, -1, hq * d])
     return g.linear(ctx, p + "o_proj", w.get(p + "o_proj.weight"), None, quant.get(p + "o_proj"))
@@ -166,7 +167,7 @@ def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = Non
         h = _rms_norm(g, x, weights[p + "post_attention_layernorm.weight"], spec.rms_eps,
                       p + "post_attention_layernorm.weight")
         x = g.op("Add", [x, _mlp(g, spec, h, weights, l, quant)])
-    last = g.op("Slice", [x, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])])  # (1, 1, C)
+    last = g.op("Slice", [x, g.const([-1]), g.const([SLICE_END]), g.const([1])])       # (1, 1, C)
     h = _rms_norm(g, last, weights["model.norm.weight"], spec.rms_eps, "model.norm.weight")
     head = None if LM_HEAD in quant else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
     logits = g.linear(h, LM_HEAD, head, None, quant.get(LM_HEAD))                   # (1, 1, V)

@@ -21,6 +21,7 @@ GROUP = 64  # SmolLM2's K are 576 = 9 * 64 and 1536 = 24 * 64; 128 does not divi
 # 20 ratios, ~200 GFLOP per layer) near a minute on 2 cores and already beat RTN by a wide margin.
 CALIB_SAMPLES, CALIB_SEQLEN = 4, 256
 EVAL_TOKENS, WINDOW, STRIDE = 2048, 512, 448
+MAX_SIZE_RATIO = 0.55   # deployed bytes over fp16 bytes
 
 
 @pytest.fixture(scope="module")
@@ -47,4 +48,5 @@ def test_awq_perplexity_increase_below_rtn(smollm2):
     assert rtn.n_eval_tokens == EVAL_TOKENS - 1
     assert 0 < awq.ppl_increase_pct < rtn.ppl_increase_pct, (awq.ppl_increase_pct, rtn.ppl_increase_pct)
     assert awq.top1_agreement > rtn.top1_agreement
-    assert awq.size_bytes == rtn.size_bytes < awq.size_ref_bytes / 2
+    # int4 decoder + its own int8 lm_head; the tied embedding table stays fp16 (contracts.md): 0.53 of fp16
+    assert awq.size_bytes == rtn.size_bytes < MAX_SIZE_RATIO * awq.size_ref_bytes
