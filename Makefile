@@ -4,14 +4,16 @@ VENV     ?= .venv
 BIN      := $(VENV)/bin
 # Export and tests use torch on the CPU; pinning it keeps pip from pulling the CUDA build.
 TORCH    ?= torch==2.13.0
-CHECKPOINT ?= build/fixtures/vila1.5-3b-tiny
+# The bundled default model: VILA1.5's architecture trained on shape scenes (export/train_tiny.py).
+CHECKPOINT ?= models/vila-tiny-shapes
+FIXTURE  ?= build/fixtures/vila1.5-3b-tiny
 OUT      ?= engines/$(notdir $(CHECKPOINT))-$(DTYPE)
 TARGET   ?= cpu
 DTYPE    ?= fp32
 QUANT    ?= none
 LM_HEAD_BITS ?=
-IMAGE    ?= tests/data/robot_scene.png
-PROMPT   ?= What is in the image?
+IMAGE    ?= models/vila-tiny-shapes/examples/color.png
+PROMPT   ?= What color is the square?
 
 .PHONY: help setup demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-kv train-tiny evaluate clean
 
@@ -32,14 +34,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed  ## create .venv and install vila_edge with its export and test extras
 
-fixture: setup  ## write a random-weight checkpoint: make fixture CHECKPOINT=build/fixtures/x KIND=nvila-lite
-	$(BIN)/vila-edge fixture $(CHECKPOINT) --kind $(or $(KIND),vila1.5)
+fixture: setup  ## write a random-weight checkpoint: make fixture FIXTURE=build/fixtures/x KIND=nvila-lite SHAPE=tiny|vila1.5-3b
+	$(BIN)/vila-edge fixture $(FIXTURE) --kind $(or $(KIND),vila1.5) --shape $(or $(SHAPE),tiny)
 
 engines: setup  ## checkpoint -> engine dir: make engines CHECKPOINT=dir OUT=engines/name TARGET=cpu DTYPE=fp32|fp16 QUANT=none|rtn|awq LM_HEAD_BITS=8|4|0
 	$(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --target $(TARGET) --dtype $(DTYPE) --quant $(QUANT) $(if $(LM_HEAD_BITS),--lm-head-bits $(LM_HEAD_BITS))
 
-demo: setup  ## chat about the bundled image with the default model
-	@test -d $(CHECKPOINT) || $(BIN)/vila-edge fixture $(CHECKPOINT) --kind vila1.5
+demo: setup  ## chat about a bundled example image with the bundled model (expected answer: green)
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
 	$(BIN)/vila-edge chat $(OUT) --image $(IMAGE) "$(PROMPT)" --max-new-tokens 32 --stats
 

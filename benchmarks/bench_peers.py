@@ -36,7 +36,11 @@ def _pipe(engine, threads, max_context):
 def vila_edge_rows(engine, threads, contexts, steps, runs, images: bool, seed) -> dict:
     rng = np.random.default_rng(seed)
     pipe = _pipe(engine, threads, max(contexts) + 2 * (runs + 1) * steps)
-    out = {"engine": os.path.abspath(engine)}
+    m = pipe.manifest
+    method = (m.quant or {}).get("method", "none")
+    head_bits = (m.quant or {}).get("lm_head_bits") or 0
+    out = {"engine": os.path.abspath(engine), "kind": m.dtype if method == "none" else
+           f"int4 ({method}, lm_head {f'int{head_bits}' if head_bits else 'float'})"}
     if images:
         out["ttft_1_image"] = bench_ttft(pipe, rng, 1, runs, 1)
     out["decode"] = [bench_decode(pipe.llm, rng, pipe.manifest.llm.hidden, c, steps, runs, 1, synthetic=False)
@@ -126,10 +130,12 @@ def markdown(r: dict) -> str:
              f"{r['machine']['loadavg_start'][0]:.1f} at start, {r['machine']['loadavg_end'][0]:.1f} at end.",
              f"**Note:** {r['note']}" if r["note"] else "", "",
              "| comparison | measure | vila_edge | peer | vila_edge / peer |", "|---|---|---|---|---|"]
-    for key, label in (("hf", "fp32 engine vs transformers eager fp32"), ("llama_cpp", "int4 engine vs llama.cpp Q4_1")):
+    for key in ("hf", "llama_cpp"):
         if key not in r:
             continue
         ours, peer, ratio = r[f"vila_edge_{'fp32' if key == 'hf' else 'int4'}"], r[key], r[f"ratio_{key}"]
+        label = (f"{ours.get('kind', 'fp32')} engine vs transformers eager fp32" if key == "hf" else
+                 f"{ours.get('kind', 'int4')} engine vs llama.cpp {os.path.basename(peer['gguf'])}")
         if "ttft_1_image_s" in ratio:
             lines.append(f"| {label} | TTFT, 1 image ({ours['ttft_1_image']['prompt_tokens']} tokens) "
                          f"| {ours['ttft_1_image']['median_s'] * 1e3:.0f} ms | {peer['ttft_1_image']['median_s'] * 1e3:.0f} ms "

@@ -24,6 +24,12 @@ SHAPES = {
     "vila1.5-3b": ((2560, 32, 20, 20, 6912), (384, 14, 1152, 27, 16, 4304)),
     "nvila-lite-2b": ((1536, 28, 12, 2, 8960), (448, 14, 1152, 27, 16, 4304)),
 }
+# Rows of embed_tokens/lm_head at the real shapes (vila-formats.md §1.2: VILA1.5-3B's Llama has
+# 32000); the fixture tokenizer keeps its few hundred tokens, the rest are rows no text reaches, as
+# in a checkpoint whose embeddings were resized. NVILA-Lite-2B keeps the tokenizer's size: its
+# media ids must stay >= the LLM vocabulary (151648 there, §4.1), which a padded table would cover.
+LLM_ROWS = {"vila1.5-3b": 32000}
+MARKER = "FIXTURE"        # file in every fixture's root: what may be overwritten
 QWEN2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
                   "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
                   "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -132,8 +138,12 @@ def _sub_cfg(model, name: str, arch: str) -> dict:
 
 def write_fixture(out: str, kind: str = "vila1.5", projector: str | None = None, shape: str = "tiny",
                   dtype: str = "bfloat16", seed: int = 0, shard: bool = False, vocab: int = 400) -> str:
-    """Write a checkpoint to `out` atomically (a temp dir renamed into place)."""
+    """Write a checkpoint to `out` atomically (a temp dir renamed into place). An existing `out`
+    is replaced only if it is itself a fixture (holds MARKER): never a real checkpoint."""
     import torch
+
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, MARKER)):
+        raise FileExistsError(f"{out}: exists and is not a fixture written by vila-edge; choose another path")
 
     arch, template, aspect, tf_version, default_proj = KINDS[kind]
     projector = projector or default_proj
@@ -146,7 +156,7 @@ def write_fixture(out: str, kind: str = "vila1.5", projector: str | None = None,
         llm_dir, vt_dir, mp_dir = (os.path.join(tmp, d) for d in ("llm", "vision_tower", "mm_projector"))
         llm_vocab, ids = build_tokenizer(kind, vocab, llm_dir)
         torch_dtype = getattr(torch, dtype)
-        llm = _llm(arch, llm_shape, llm_vocab, ids).to(torch_dtype)
+        llm = _llm(arch, llm_shape, max(llm_vocab, LLM_ROWS.get(shape, 0)), ids).to(torch_dtype)
         llm.save_pretrained(llm_dir, max_shard_size="200KB" if shard else "5GB")
         tower, proc = _vision(vis_shape)
         _save_tower(tower.to(torch_dtype), vt_dir)
@@ -175,6 +185,8 @@ def write_fixture(out: str, kind: str = "vila1.5", projector: str | None = None,
             top["conv_mode"] = template
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(top, f, indent=2, default=str)
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            f.write(f"random weights: kind {kind}, shape {shape}, seed {seed}\n")
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -4,7 +4,7 @@ A scene is a background and up to nine objects, one per cell of a 3x3 grid. Ever
 drawn from its own `random.Random(seed, index)`, so item i of a set is the same whatever the set
 size, and a slice of the held-out set equals the start of the full one.
 
-    python -m export.scenes OUT_DIR --seed 7 -n 8     # write PNGs + questions.json to look at
+    python -m export.scenes OUT_DIR --seed 7 -n 8     # PNGs + questions.json (+ prompts.txt: a --calib-dir)
 
 Samples carry raw user messages with "<image>\\n" placeholders (VILA1.5's convention,
 vila-formats.md §4.3); the chat template is applied by whoever runs the model.
@@ -176,11 +176,14 @@ def sample_rng(seed: int, index: int) -> random.Random:
     return random.Random(seed * 1_000_003 + index)
 
 
-def make_sample(seed: int, index: int, categories=CATEGORIES, multi_turn: float = 0.0) -> Sample:
+def make_sample(seed: int, index: int, categories=CATEGORIES, multi_turn: float = 0.0,
+                extra_rounds: int = 0) -> Sample:
     """Item `index` of the set `seed`: categories cycle so any prefix of a set is balanced.
 
     With probability `multi_turn` a single-image sample gets a second question about its image,
     asked in a second round (training only: "... ASSISTANT: a1</s>USER: q2 ASSISTANT:").
+    `extra_rounds` more rounds (training only) ask `any_question`s about the same image: one
+    forward pass then carries several supervised answers instead of one.
     """
     rng = sample_rng(seed, index)
     cat = categories[index % len(categories)]
@@ -189,7 +192,28 @@ def make_sample(seed: int, index: int, categories=CATEGORIES, multi_turn: float 
         s.turns[0] = ("<image>\n" + s.turns[0][0], s.turns[0][1])
         if rng.random() < multi_turn:
             s.turns.append(second_question(rng, s.scenes[0]))
+        for _ in range(extra_rounds):
+            s.turns.append(any_question(rng, s.scenes[0]))
     return s
+
+
+def any_question(rng, scene: Scene) -> tuple:
+    """A random question of any single-image category that has one right answer for `scene`."""
+    options = []
+    for o in scene.objects:
+        if scene.count(o.shape) == 1:
+            options.append((f"What color is the {o.shape}?", o.color))
+            if o.cell in WHERE_CELLS:
+                options.append((f"Where is the {o.shape}?", WHERE_CELLS[o.cell]))
+        if sum(p.color == o.color for p in scene.objects) == 1:
+            options.append((f"What shape is the {o.color} object?", o.shape))
+    for shape in SHAPES:
+        if 1 <= scene.count(shape) <= MAX_COUNT:
+            options.append((f"How many {shape}s are there?", str(scene.count(shape))))
+    shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+    present = any(o.shape == shape and o.color == color for o in scene.objects)
+    options.append((f"Is there {article(color)} {color} {shape}?", "yes" if present else "no"))
+    return rng.choice(options)
 
 
 def second_question(rng, scene: Scene) -> tuple:
@@ -255,16 +279,20 @@ def main(argv=None):
     ap.add_argument("-n", type=int, default=8)
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    rows = []
+    rows, prompts = [], []
     for i in range(args.n):
         s = make_sample(args.seed, i)
         names = []
         for k, sc in enumerate(s.scenes):
             names.append(f"{i:04d}_{k}.png")
             render(sc).save(os.path.join(args.out, names[-1]))
+            prompts.append(s.turns[0][0].rsplit("\n", 1)[-1])
         rows.append({"category": s.category, "images": names, "turns": s.turns})
     with open(os.path.join(args.out, "questions.json"), "w") as f:
         json.dump(rows, f, indent=1)
+    # One question per image, in file-name order: the folder is a `vila-edge export --calib-dir`.
+    with open(os.path.join(args.out, "prompts.txt"), "w") as f:
+        f.write("\n".join(prompts) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.attention_targets import attention_terms
 from export.projector import build_projector
 from vila_edge.families import COLUMN_MAJOR, IMAGE_TOKEN_INDEX
 
@@ -82,7 +83,11 @@ def build_tokenizer(corpus: list, vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    # Punctuation is its own piece, as in Llama's SentencePiece vocabulary: "triangle?" is
+    # "▁triangle" + "?", the same word piece as in "a red triangle".
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        pre_tokenizers.Punctuation(behavior="isolated")])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     # Every printable ASCII character and "\n" is in the alphabet, so no text maps to <unk>.
     alphabet = [chr(c) for c in range(33, 127)] + ["\n", "▁"]
@@ -115,6 +120,9 @@ class TinyVila(nn.Module):
         self.tower = SiglipVisionModel(vision_cfg)
         self.projector = build_projector(PROJECTOR_TYPE, vision_cfg.hidden_size, llm_cfg.hidden_size, COLUMN_MAJOR)
         self.llm = LlamaForCausalLM(llm_cfg)
+        # Eager attention: training supervises attention probabilities (export/attention_targets.py),
+        # which SDPA does not return. Not saved: the exported graph has its own attention.
+        self.llm.config._attn_implementation = "eager"
 
     @property
     def image_size(self) -> int:
@@ -164,17 +172,26 @@ class TinyVila(nn.Module):
     def loss(self, ids_batch, labels_batch, pixels, groups: int = 2) -> torch.Tensor:
         """Mean next-token loss over labelled tokens. The batch runs as `groups` sub-batches of
         similar length (few-shot prompts are twice as long as single-image ones): less padding."""
+        return self.loss_features(ids_batch, labels_batch, self.bucketed_features(pixels), groups)
+
+    def bucketed_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """image_features with the batch padded to a multiple of SHAPE_BUCKET (see there)."""
         n = len(pixels)
-        if n:
-            pad = -n % SHAPE_BUCKET
-            pixels = torch.cat([pixels, pixels.new_zeros(pad, *pixels.shape[1:])])
-            feats = self.image_features(pixels)[:n]
-        else:
-            feats = torch.zeros(0, 0, self.llm.config.hidden_size)
+        if not n:
+            return torch.zeros(0, 0, self.llm.config.hidden_size)
+        pad = -n % SHAPE_BUCKET
+        return self.image_features(torch.cat([pixels, pixels.new_zeros(pad, *pixels.shape[1:])]))[:n]
+
+    def loss_features(self, ids_batch, labels_batch, feats: torch.Tensor, groups: int = 2,
+                      attention: tuple | None = None) -> torch.Tensor:
+        """`loss` with the image tokens given: [N_images, T_img, H], in placeholder order.
+
+        attention: (targets per row from attention_targets.conversation_targets, weight): adds
+        weight * the mean attention cross-entropy of the supervised heads."""
         n_img = [sum(i == IMAGE_TOKEN_INDEX for i in ids) for ids in ids_batch]
         first = [sum(n_img[:b]) for b in range(len(ids_batch))]
         order = sorted(range(len(ids_batch)), key=lambda b: len(ids_batch[b]) + n_img[b] * feats.shape[1])
-        total, count = 0.0, 0
+        total, count, att_sum, att_n = 0.0, 0, 0.0, 0
         size = -(-len(order) // groups)
         for g in range(0, len(order), size):
             members = order[g:g + size]
@@ -182,11 +199,16 @@ class TinyVila(nn.Module):
             embeds, mask = self.embed([ids_batch[b] for b in members], f, SHAPE_BUCKET)
             labels = self.spliced_labels([ids_batch[b] for b in members], [labels_batch[b] for b in members],
                                          feats.shape[1], embeds.shape[1])
-            logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits.float()
+            out = self.llm(inputs_embeds=embeds, attention_mask=mask, output_attentions=attention is not None)
+            logits = out.logits.float()
             total = total + nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
                                                         ignore_index=-100, reduction="sum")
             count += int((labels[:, 1:] != -100).sum())
-        return total / max(1, count)
+            if attention is not None:
+                s, n = attention_terms(out.attentions, [attention[0][b] for b in members])
+                att_sum, att_n = att_sum + s, att_n + n
+        loss = total / max(1, count)
+        return loss + attention[1] * att_sum / max(1, att_n) if attention is not None else loss
 
     @torch.no_grad()
     def generate(self, images: list, user_message: str, max_new_tokens: int = 16) -> str:
@@ -213,7 +235,8 @@ class TinyVila(nn.Module):
         parent = os.path.dirname(os.path.abspath(root))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-        keep = {n: os.path.join(root, n) for n in ("examples",) if os.path.isdir(os.path.join(root, n))}
+        # Written by hand or by train_tiny.write_examples, not by save: carried over to the new copy.
+        keep = {n: os.path.join(root, n) for n in ("examples", "README.md") if os.path.exists(os.path.join(root, n))}
         llm = _bf16_copy(self.llm)
         llm.save_pretrained(os.path.join(tmp, "llm"), safe_serialization=True)
         save_tokenizer(self.tokenizer, os.path.join(tmp, "llm"))
@@ -232,7 +255,7 @@ class TinyVila(nn.Module):
         save_file(state, os.path.join(tmp, "mm_projector", "model.safetensors"), metadata={"format": "pt"})
         _write_json(os.path.join(tmp, "config.json"), top_config(llm.config, tower.config))
         for name, src in keep.items():
-            shutil.copytree(src, os.path.join(tmp, name))
+            (shutil.copytree if os.path.isdir(src) else shutil.copyfile)(src, os.path.join(tmp, name))
         for d, _, files in os.walk(tmp):                  # mkdtemp makes 0700; publish as 0755/0644
             os.chmod(d, 0o755)
             for f in files:

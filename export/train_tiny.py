@@ -1,37 +1,47 @@
-"""Train vila-tiny-shapes: VILA1.5's recipe in miniature, on CPU, deterministic.
+"""Train vila-tiny-shapes: VILA1.5's recipe in miniature, on CPU, seeded and deterministic.
 
-    nice -n 5 python -m export.train_tiny --out models/vila-tiny-shapes      # ~12-17 min on 2 cores
-    # the bundled checkpoint then had two continued stage-3 runs (--resume, see the help):
-    python -m export.train_tiny --resume A --out B --sft-steps 500 --bs 16
-    python -m export.train_tiny --resume B --train-tower --out C --sft-steps 600 --bs 16
-    python -m export.train_tiny --resume C --train-tower --out D --sft-steps 1600 --bs 16 --lr 1e-3 --max-minutes 8
+    python -m export.train_tiny --out models/vila-tiny-shapes --eval-n 300     # 18.5 min on 2 cores
+    python -m export.train_tiny --resume A --out B --sft-steps 200            # more stage-3 steps
 
-Stages (VILA1.5 trains 1-3 from a pretrained SigLIP and a pretrained LLM; both are random here,
-so stage 0 stands in for their pretraining):
-  0  vision: the SigLIP tower learns, on the features VILA uses (hidden_states[-2]), each grid
-     cell's shape/colour and the per-shape counts from scene labels (its last layer, post-LN and
-     pooling head stay at their random init: VILA never reads them); the LLM learns the
-     vocabulary and the chat format as plain text (captions and conversations, images removed).
-  1  alignment: only the projector trains, on image -> caption, tower and LLM frozen.
-  2  interleaved pretraining: projector + LLM on image/caption sequences of 1-2 images.
-  3  instruction tuning: projector + LLM (tower frozen, for CPU time) on the QA mixture: single-image
-     questions, 20% of them two-round, two-image comparisons and interleaved few-shot prompts.
-Loss is on answer (caption) tokens only in stages 1-3.
+VILA1.5 trains stages 1-3 from a pretrained SigLIP and a pretrained LLM; both are random here, so
+stage 0 stands in for their pretraining, with teachers that read the generated scene's labels
+(export/tiny_teachers.py, export/attention_targets.py; all dropped after training):
+  0a vision     the tower learns each grid cell's shape/colour/position and per-shape counts, on
+                the features VILA reads (hidden_states[-2])
+  0b text       the LLM learns the vocabulary and the chat format as plain text
+  0c symbolic   the LLM learns the questions on image tokens written from the labels
+  1  align      only the projector trains, toward those symbolic tokens, tower and LLM frozen
+  2  interleave projector + LLM on image/caption sequences of 1-2 images
+  3  sft        projector + LLM on the question mixture (tower frozen, for CPU time)
+The question stages (0c, 1, 3) add attention supervision of four heads to the answers' loss;
+each stage ends with a probe on unseen scenes, printed to the log.
 """
 import argparse
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from export import scenes
+from export.attention_targets import conversation_targets
 from export.tiny_model import (SELECT_LAYER, TinyVila, build_tokenizer, encode_conversation, render_prompt,
                                tokenize_prompt)
+from export.tiny_teachers import SymbolicScenes, VisionHeads, stacked_labels, token_cells
+from vila_edge.families import IMAGE_TOKEN_INDEX
 
 TRAIN_SEED = 1            # held-out sets use other seeds (export/evaluate.py)
 TOKENIZER_SEED = 2
+PROBE_SEED = TRAIN_SEED + 500     # unseen scenes for the stage-end probes (the held-out set is EVAL_SEED)
+QK_INIT_STD = 0.08
+# Peak learning rates. The LLM's 1e-3: at 2e-3 the loss of a colour-only run spiked and stayed at
+# chance for 300 steps, at 1e-3 the same run reached 0.95 (measured, AdamW, batch 20).
+LLM_LR = 1e-3
+VISION_LR = 2e-3
+PROJECTOR_LR = 2e-3
+MULTI_TURN = 0.2          # share of single-image conversations with a second_question round
 VOCAB_SIZE = 512          # BPE target; the trainer stops earlier once every word is one piece
 
 
@@ -42,7 +52,9 @@ def model_configs(vocab: int):
                       num_key_value_heads=2, intermediate_size=688, rope_theta=10000.0, rms_norm_eps=1e-5,
                       tie_word_embeddings=False, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
                       pad_token_id=0, hidden_act="silu")
-    vis = SiglipVisionConfig(image_size=64, patch_size=8, hidden_size=128, num_hidden_layers=4,
+    # 96 px in 16 px patches: a 6x6 patch grid that mlp_downsample's 2x2 merge turns into 3x3 image
+    # tokens, one per scene cell (scenes.GRID), so each token sees exactly one whole object.
+    vis = SiglipVisionConfig(image_size=96, patch_size=16, hidden_size=128, num_hidden_layers=4,
                              num_attention_heads=4, intermediate_size=512, hidden_act="gelu_pytorch_tanh",
                              layer_norm_eps=1e-6, num_channels=3)
     return llm, vis
@@ -55,47 +67,6 @@ def tokenizer_corpus(n: int) -> list:
         texts += render_prompt(s.turns).split("<image>")
         texts += [scenes.describe(sc) for sc in s.scenes]
     return texts
-
-
-# ---- stage 0: vision labels -------------------------------------------------------------------
-N_CELLS = scenes.GRID * scenes.GRID
-SHAPE_IDS = {s: i + 1 for i, s in enumerate(scenes.SHAPES)}          # 0 = empty cell
-COLOR_IDS = {c: i + 1 for i, c in enumerate(scenes.COLORS)}
-COUNT_CLASSES = scenes.GRID * scenes.GRID + 1
-
-
-def vision_labels(scene) -> tuple:
-    shape = torch.zeros(N_CELLS, dtype=torch.long)
-    color = torch.zeros(N_CELLS, dtype=torch.long)
-    for o in scene.objects:
-        k = o.cell[0] * scenes.GRID + o.cell[1]
-        shape[k], color[k] = SHAPE_IDS[o.shape], COLOR_IDS[o.color]
-    counts = torch.tensor([scene.count(s) for s in scenes.SHAPES])
-    return shape, color, counts
-
-
-class VisionHeads(nn.Module):
-    """Stage-0 probes on the features VILA reads (hidden_states[-2]): the patches of each grid cell
-    are averaged and one shared linear head names the cell's shape and colour, so every patch
-    token learns to describe its own neighbourhood; per-shape counts come from the mean patch."""
-
-    def __init__(self, c: int, image_size: int, patch: int):
-        super().__init__()
-        self.shape = nn.Linear(c, len(scenes.SHAPES) + 1)
-        self.color = nn.Linear(c, len(scenes.COLORS) + 1)
-        self.count = nn.Linear(c, len(scenes.SHAPES) * COUNT_CLASSES)
-        g = image_size // patch
-        centre = (torch.arange(g) + 0.5) * patch * scenes.GRID // image_size    # cell index of each patch row/col
-        cell = (centre[:, None] * scenes.GRID + centre[None, :]).flatten()      # (g*g,) row-major patches
-        pool = nn.functional.one_hot(cell.long(), N_CELLS).T.float()            # (cells, patches)
-        self.register_buffer("pool", pool / pool.sum(1, keepdim=True), persistent=False)
-
-    def loss(self, tokens, shape, color, counts):
-        ce = nn.functional.cross_entropy
-        cells = self.pool @ tokens.float()                                      # (B, cells, C)
-        return (ce(self.shape(cells).flatten(0, 1), shape.flatten())
-                + ce(self.color(cells).flatten(0, 1), color.flatten())
-                + ce(self.count(tokens.float().mean(1)).view(-1, COUNT_CLASSES), counts.flatten()))
 
 
 # ---- batches ----------------------------------------------------------------------------------
@@ -111,7 +82,7 @@ class Stream:
 
 
 def caption_batch(model, stream, bs, max_images):
-    """Stage 1/2: BOS + ("<image>\\n" + caption) * k + </s>; loss on the captions."""
+    """Stage 2: BOS + ("<image>\\n" + caption) * k + </s>; loss on the captions."""
     tok = model.tokenizer
     ids_b, lab_b, imgs = [], [], []
     for _ in range(bs):
@@ -119,7 +90,7 @@ def caption_batch(model, stream, bs, max_images):
         ids, labels = [tok.bos_token_id], [-100]
         for sc in chosen:
             text = tok("\n" + scenes.describe(sc)).input_ids[1:]     # chunk tokenization, BOS dropped
-            ids += [-200] + text
+            ids += [IMAGE_TOKEN_INDEX] + text
             labels += [-100] + text
             imgs.append(scenes.render(sc))
         ids.append(tok.eos_token_id)
@@ -129,15 +100,26 @@ def caption_batch(model, stream, bs, max_images):
     return ids_b, lab_b, model.pixels(imgs)
 
 
-def sft_batch(model, stream, bs, multi_turn):
-    ids_b, lab_b, imgs = [], [], []
+@dataclass
+class QABatch:
+    """Question-answer conversations: ids and labels per row, their scenes in placeholder order,
+    and the attention targets of each row (export/attention_targets.py)."""
+    ids: list
+    labels: list
+    scenes: list
+    targets: list
+
+
+def qa_batch(model, stream, bs, rounds, cells: list) -> QABatch:
+    ids_b, lab_b, scs, tgt = [], [], [], []
     for _ in range(bs):
-        s = stream.next(multi_turn=multi_turn)
+        s = stream.next(multi_turn=MULTI_TURN, extra_rounds=rounds)
         ids, labels = encode_conversation(model.tokenizer, s.turns)
         ids_b.append(ids)
         lab_b.append(labels)
-        imgs += [scenes.render(sc) for sc in s.scenes]
-    return ids_b, lab_b, model.pixels(imgs)
+        scs += s.scenes
+        tgt.append(conversation_targets(model.tokenizer, ids, labels, s, cells))
+    return QABatch(ids_b, lab_b, scs, tgt)
 
 
 def text_batch(model, stream, bs):
@@ -167,9 +149,9 @@ def run_stage(name, params, steps, lr, make_batch, loss_fn, log_every=10, deadli
         f = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * max(f, 0.05)
-        # bf16 autocast: the CPU's avx512_bf16 matmuls are ~4x fp32; master weights stay fp32.
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = loss_fn(*make_batch())
+        # fp32 throughout: bf16 autocast ran a step 20x slower on a CPU without avx512_bf16 (an
+        # AVX2-only EPYC: 11 s against 0.6 s).
+        loss = loss_fn(*make_batch())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -190,17 +172,38 @@ def freeze(*mods, on=False):
             p.requires_grad_(on)
 
 
+def qa_stage_loss(model, feats_fn, weight: float):
+    """A stage's loss on a QABatch: answers' next-token loss + weight * attention supervision,
+    with the image tokens from feats_fn(batch)."""
+    def loss(batch: QABatch):
+        return model.loss_features(batch.ids, batch.labels, feats_fn(batch), attention=(batch.targets, weight))
+    return loss
+
+
+def pixel_tokens(model):
+    """scenes -> image tokens through the tower and projector, from the rendered scenes."""
+    return lambda scene_list: model.bucketed_features(model.pixels([scenes.render(sc) for sc in scene_list]))
+
+
+def pixel_features(model):
+    tokens = pixel_tokens(model)
+    return lambda batch: tokens(batch.scenes)
+
+
 def continue_sft(args) -> TinyVila:
     """More stage-3 steps from a saved checkpoint (bf16 weights, upcast), on fresh samples."""
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     model = TinyVila.load(args.resume).train()
     freeze(model.tower, on=args.train_tower)
+    cells = token_cells(model).tolist()
     stream = Stream(10_000_000 * (2 if args.train_tower else 1))
     groups = [{"params": list(model.projector.parameters()) + list(model.llm.parameters()), "lr": args.lr}]
     if args.train_tower:
         groups.append({"params": list(model.tower.parameters()), "lr": args.lr / 3})
-    run_stage("3 sft (continued)", groups, args.sft_steps, args.lr, lambda: sft_batch(model, stream, args.bs, 0.2), model.loss,
+    run_stage("3 sft (continued)", groups, args.sft_steps, args.lr,
+              lambda: (qa_batch(model, stream, args.bs, args.rounds, cells),),
+              qa_stage_loss(model, pixel_features(model), args.attention),
               deadline=args.start + 60 * args.max_minutes if args.max_minutes else None)
     return model.eval()
 
@@ -211,45 +214,95 @@ def train(args) -> TinyVila:
     tok = build_tokenizer(tokenizer_corpus(2000), VOCAB_SIZE)
     llm_cfg, vis_cfg = model_configs(len(tok))
     model = TinyVila(llm_cfg, vis_cfg, tok)
+    # Larger query/key init than the 0.02 of every other weight: with 0.02 the attention logits
+    # start near zero and attention stays uniform over the ~50 prompt positions.
+    for layer in model.llm.model.layers:
+        nn.init.normal_(layer.self_attn.q_proj.weight, std=QK_INIT_STD)
+        nn.init.normal_(layer.self_attn.k_proj.weight, std=QK_INIT_STD)
     print(f"vocab {len(tok)}; params: tower {_n(model.tower)}, projector {_n(model.projector)}, "
           f"llm {_n(model.llm)}", flush=True)
-    s = args.scale
+    s, lr = args.scale, args.lr
     stream = Stream(0)
+    cells = token_cells(model)
 
     # Stage 0a: vision tower pretraining on scene labels.
     heads = VisionHeads(vis_cfg.hidden_size, vis_cfg.image_size, vis_cfg.patch_size)
 
     def vision_batch():
-        batch = [stream.next() for _ in range(args.vision_bs)]
-        scs = [sc for b in batch for sc in b.scenes][: args.vision_bs]
-        labels = [vision_labels(sc) for sc in scs]
-        return (model.pixels([scenes.render(sc) for sc in scs]),
-                *(torch.stack([lab[k] for lab in labels]) for k in range(3)))
+        scs = [sc for _ in range(args.vision_bs) for sc in stream.next().scenes][: args.vision_bs]
+        return (model.pixels([scenes.render(sc) for sc in scs]), *stacked_labels(scs))
 
     def vision_loss(pixels, shape, color, counts):
         out = model.tower(pixel_values=pixels, output_hidden_states=True)
         return heads.loss(out.hidden_states[SELECT_LAYER], shape, color, counts)
 
     model.train()
-    run_stage("0a vision", list(model.tower.parameters()) + list(heads.parameters()), int(200 * s), 2e-3,
-              vision_batch, vision_loss)
-    # Stage 0b: LLM text pretraining.
-    run_stage("0b text", list(model.llm.parameters()), int(20 * s), 2e-3,
+    run_stage("0a vision", list(model.tower.parameters()) + list(heads.parameters()), int(args.vision_steps * s),
+              VISION_LR, vision_batch, vision_loss)
+    probe = [sc for i in range(64) for sc in scenes.make_sample(PROBE_SEED, i).scenes][:128]
+    model.eval()
+    with torch.no_grad():
+        feats = model.tower(pixel_values=model.pixels([scenes.render(sc) for sc in probe]),
+                            output_hidden_states=True).hidden_states[SELECT_LAYER]
+    acc = heads.accuracy(feats, *stacked_labels(probe))
+    print("[stage 0a vision] probe accuracy on unseen scenes: " +
+          " ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
+    model.train()
+    # Stage 0b: LLM text pretraining (vocabulary and chat format).
+    run_stage("0b text", list(model.llm.parameters()), int(20 * s), lr,
               lambda: text_batch(model, stream, args.bs), model.loss)
-    # Stage 1: projector alignment.
-    freeze(model.tower, model.llm)
-    run_stage("1 align", list(model.projector.parameters()), int(25 * s), 2e-3,
-              lambda: caption_batch(model, stream, args.bs, 1), model.loss)
+    # Stage 0c: the LLM learns the questions on symbolic image tokens.
+    sym = SymbolicScenes(llm_cfg.hidden_size, cells)
+    qa = lambda: (qa_batch(model, stream, args.bs, args.rounds, cells.tolist()),)   # noqa: E731
+    run_stage("0c symbolic", list(model.llm.parameters()) + list(sym.parameters()), int(args.symbolic_steps * s),
+              lr, qa, qa_stage_loss(model, lambda batch: sym(batch.scenes), args.attention))
+    print(f"[stage 0c symbolic] answers on unseen symbolic scenes: {answer_probe(model, sym)}", flush=True)
+    # Stage 1: projector alignment, tower and LLM frozen: the answers' loss (and attention targets)
+    # plus the distance of each image token to its symbolic target.
+    freeze(model.tower, model.llm, sym)
+
+    def align_loss(batch: QABatch):
+        feats = pixel_features(model)(batch)
+        with torch.no_grad():
+            target = sym(batch.scenes).float()
+        mse = ((feats.float() - target) ** 2).mean() / (target ** 2).mean()
+        return (model.loss_features(batch.ids, batch.labels, feats, attention=(batch.targets, args.attention))
+                + args.align_mse * mse)
+
+    run_stage("1 align", list(model.projector.parameters()), int(args.align_steps * s), PROJECTOR_LR, qa, align_loss)
+    print(f"[stage 1 align] answers on unseen rendered scenes: {answer_probe(model, pixel_tokens(model))}", flush=True)
     # Stage 2: interleaved image-text pretraining.
     freeze(model.llm, on=True)
     run_stage("2 interleave", list(model.projector.parameters()) + list(model.llm.parameters()), int(25 * s),
-              1e-3, lambda: caption_batch(model, stream, args.bs, 2), model.loss)
+              lr, lambda: caption_batch(model, stream, args.bs, 2), model.loss)
     # Stage 3: instruction tuning. The tower stays frozen (VILA1.5 unfreezes it here, but its
     # backward would double the step time on a 2-core CPU).
-    run_stage("3 sft", list(model.projector.parameters()) + list(model.llm.parameters()), int(args.sft_steps * s), 2e-3,
-              lambda: sft_batch(model, stream, args.bs, 0.2), model.loss,
+    run_stage("3 sft", list(model.projector.parameters()) + list(model.llm.parameters()), int(args.sft_steps * s), lr,
+              qa, qa_stage_loss(model, pixel_features(model), args.attention),
               deadline=args.start + 60 * args.max_minutes if args.max_minutes else None)
+    print(f"[stage 3 sft] answers on unseen rendered scenes: {answer_probe(model, pixel_tokens(model))}", flush=True)
     return model.eval()
+
+
+@torch.no_grad()
+def answer_probe(model, image_tokens, n: int = 96) -> str:
+    """First-answer-token accuracy (teacher forced) on n unseen single-round questions, with the
+    image tokens from image_tokens(scenes): a quick read of what a stage taught."""
+    was_training = model.training
+    model.eval()
+    per = {}
+    for i in range(n):
+        s = scenes.make_sample(PROBE_SEED, i)
+        ids, labels = encode_conversation(model.tokenizer, s.turns)
+        feats = image_tokens(s.scenes)
+        embeds, _ = model.embed([ids], feats)
+        spliced = model.spliced_labels([ids], [labels], feats.shape[1], embeds.shape[1])[0]
+        first = int((spliced != -100).nonzero()[0])
+        logits = model.llm(inputs_embeds=embeds[:, :first]).logits[0, -1]
+        per.setdefault(s.category, []).append(int(logits.argmax()) == int(spliced[first]))
+    model.train(was_training)
+    total = sum(sum(v) for v in per.values()) / n
+    return f"{total:.3f} (" + " ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in per.items()) + ")"
 
 
 def _n(m) -> str:
@@ -287,13 +340,21 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bs", type=int, default=20)
     ap.add_argument("--vision-bs", type=int, default=48)
-    ap.add_argument("--sft-steps", type=int, default=480)
+    ap.add_argument("--vision-steps", type=int, default=700)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="extra question rounds per single-image training conversation (more answers per pass)")
+    ap.add_argument("--symbolic-steps", type=int, default=700)
+    ap.add_argument("--align-steps", type=int, default=150)
+    ap.add_argument("--align-mse", type=float, default=1.0, help="weight of the stage-1 distance to symbolic tokens")
+    ap.add_argument("--sft-steps", type=int, default=450)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (short dev runs)")
     ap.add_argument("--eval-n", type=int, default=0, help="held-out items scored after saving (0: none)")
     ap.add_argument("--max-minutes", type=float, default=0,
                     help="stop instruction tuning early past this wall time (a busy machine); 0: never")
     ap.add_argument("--resume", help="a saved checkpoint: run only --sft-steps more stage-3 steps from it")
-    ap.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate of --resume")
+    ap.add_argument("--lr", type=float, default=LLM_LR, help="peak learning rate of the LLM stages")
+    ap.add_argument("--attention", type=float, default=1.0,
+                    help="weight of the attention supervision in the question stages (export/attention_targets.py)")
     ap.add_argument("--train-tower", action="store_true", help="with --resume: unfreeze the tower (lr / 3)")
     args = ap.parse_args(argv)
     args.start = time.time()

@@ -114,3 +114,16 @@ def test_cli_reports_errors_without_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "vila-edge: error:" in r.stderr and "manifest.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fixture_never_overwrites_a_real_checkpoint(tmp_path, checkpoint):
+    from export.fixtures import MARKER, write_fixture
+
+    real = _copy(checkpoint("vila1.5-3b-downsample"), tmp_path, "real")
+    os.remove(real / MARKER)                     # as a checkpoint from anywhere but the fixture writer
+    before = sorted(os.listdir(real))
+    with pytest.raises(FileExistsError, match="not a fixture"):
+        write_fixture(str(real))
+    assert sorted(os.listdir(real)) == before
+    again = write_fixture(str(tmp_path / "fixture"))
+    assert write_fixture(again, seed=1) == again and os.path.isfile(os.path.join(again, MARKER))

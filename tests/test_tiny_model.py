@@ -1,7 +1,8 @@
 """vila-tiny-shapes: the scene generator, the bundled checkpoint's layout, and its accuracy.
 
 The checkpoint is trained by export/train_tiny.py and committed; these tests check what a VILA1.5
-loader relies on (vila-formats.md §1-§4) and that the model still answers held-out questions.
+loader relies on (vila-formats.md §1-§4), that the model answers held-out questions, and that its
+fp16 and int4 engines answer as it does.
 """
 import json
 import os
@@ -17,11 +18,14 @@ from export.tiny_model import (IMAGE_TOKEN_INDEX, TinyVila, answer_ids, encode_c
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "models", "vila-tiny-shapes")
 MAX_BYTES = 25 * 2 ** 20
-SLICE_ITEMS = 30
-# Issue 5 asks for >= 0.8 here (>= 0.9 on the full set). The bundled checkpoint does not reach that
-# yet; this floor is its measured slice accuracy (11/30) less one item for fp32 differences
-# between CPUs. Chance level is ~0.29.
-SLICE_FLOOR = 0.33
+# The first SLICE_ITEMS held-out items (balanced: categories cycle). The bundled checkpoint answers
+# 37 of these 40 (0.925; 0.923 on the 300-item set, 0.910 on 1000); the floor leaves two items for
+# fp32 differences between CPUs. Chance is ~0.29.
+SLICE_ITEMS = 40
+SLICE_FLOOR = 35 / 40
+# int4 (AWQ, calibrated on scenes) may lose at most this many slice items against fp16; issue 5's
+# bar is 2 points on the full set (measured: 0.898 against 0.910 on 1000 items).
+INT4_SLICE_LOSS = 1
 
 
 def _png_bytes(img):
@@ -57,6 +61,35 @@ def test_scene_answers_match_the_scene():
         elif s.category == "color":
             shape = q.split("the ")[1][:-1]
             assert [o.color for o in sc.objects if o.shape == shape] == [a]
+
+
+def test_extra_round_answers_match_the_scene():
+    seen = set()
+    for i in range(120):
+        s = scenes.make_sample(13, i, categories=scenes.SINGLE, extra_rounds=3)
+        assert len(s.turns) == 4 and s.turns[0][0].startswith("<image>\n")
+        sc = s.scenes[0]
+        for q, a in s.turns[1:]:
+            assert "<image>" not in q
+            words = q[:-1].split()
+            if q.startswith("What color is the "):
+                seen.add("color")
+                assert [o.color for o in sc.objects if o.shape == words[-1]] == [a]
+            elif q.startswith("Where is the "):
+                seen.add("where")
+                cells = [o.cell for o in sc.objects if o.shape == words[-1]]
+                assert len(cells) == 1 and scenes.WHERE_CELLS[cells[0]] == a
+            elif q.startswith("What shape is the "):
+                seen.add("shape")
+                assert [o.shape for o in sc.objects if o.color == words[-2]] == [a]
+            elif q.startswith("How many "):
+                seen.add("count")
+                assert str(sc.count(words[2][:-1])) == a
+            else:
+                seen.add("exists")
+                color, shape = words[-2:]
+                assert (a == "yes") == any((o.color, o.shape) == (color, shape) for o in sc.objects)
+    assert seen == set(scenes.SINGLE)
 
 
 def _config():
@@ -161,7 +194,28 @@ def test_projector_uses_vila15_column_major_order(model):
             assert torch.equal(merged[j * S2 + i], want)
 
 
-def test_heldout_slice_accuracy():
+@pytest.fixture(scope="module")
+def torch_slice():
     torch.set_num_threads(2)
-    report = evaluate(torch_backend(ROOT), n=SLICE_ITEMS)
-    assert report["overall"] >= SLICE_FLOOR, report
+    return evaluate(torch_backend(ROOT), n=SLICE_ITEMS, keep_items=True)
+
+
+def test_heldout_slice_accuracy(torch_slice):
+    assert torch_slice["overall"] >= SLICE_FLOOR, torch_slice
+
+
+def test_engines_answer_the_slice_like_the_checkpoint(torch_slice, tmp_path):
+    """fp16 engine: the same answer as the torch model on every item; int4: at most
+    INT4_SLICE_LOSS fewer right."""
+    from export.build import ExportOptions, export_engine
+    from export.evaluate import pipeline_backend
+
+    calib = tmp_path / "calib"
+    scenes.main([str(calib), "--seed", "7", "-n", "16"])
+    fp16, int4 = str(tmp_path / "fp16"), str(tmp_path / "int4")
+    export_engine(ROOT, fp16, ExportOptions(dtype="fp16", progress=False))
+    export_engine(ROOT, int4, ExportOptions(quant="awq", calib_dir=str(calib), progress=False))
+    got16 = evaluate(pipeline_backend(fp16, threads=2), n=SLICE_ITEMS, keep_items=True)
+    assert [it["answer"] for it in got16["items"]] == [it["answer"] for it in torch_slice["items"]]
+    got4 = evaluate(pipeline_backend(int4, threads=2), n=SLICE_ITEMS)
+    assert got4["correct"] >= got16["correct"] - INT4_SLICE_LOSS, got4
