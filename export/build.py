@@ -42,6 +42,7 @@ class ExportOptions:
     token_order: str | None = None
     progress: bool = True
     calib_dir: str | None = None           # AWQ calibration images (+ prompts.txt); default: synthetic scenes
+    eval_tokens: int = 4096                # held-out text tokens of the 4-bit quality report (two passes)
     # Quality floor of a 4-bit export on held-out text; None: report only, never stop.
     max_ppl_increase_pct: float | None = 25.0
     min_top1_agreement: float = 0.80
@@ -120,7 +121,7 @@ def _quantize(spec, opts):
     floor = (None if opts.max_ppl_increase_pct is None
              else QualityFloor(opts.max_ppl_increase_pct, opts.min_top1_agreement))
     qopts = QuantOptions(method=opts.quant, group_size=opts.group_size, lm_head_bits=_lm_head_bits(opts),
-                         calib_dir=opts.calib_dir, floor=floor)
+                         calib_dir=opts.calib_dir, eval_tokens=opts.eval_tokens, floor=floor)
     jinja = _chat_template(spec, _tokenizer_config(spec))
     weights, quant, report = quantize_llm(spec, qopts, jinja, opts.progress)
     return weights, quant, {"method": opts.quant, "group_size": opts.group_size, "bits": 4, "symmetric": True,
@@ -187,7 +188,7 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         with open(os.path.join(tmp, FILES["report"]), "w") as f:
             json.dump({"quant": quant_info, "engine_bytes": sum(sizes.values()), "file_bytes": sizes,
                        "embeddings_dtype": _embed_dtype(opts, dtype)}, f, indent=2)
-        _replace(tmp, out)
+        publish(tmp, out)
         bar.set_postfix_str("done"); bar.update()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -242,7 +243,14 @@ def _verify(engine_dir: str) -> None:
         ort.InferenceSession(os.path.join(engine_dir, name), providers=["CPUExecutionProvider"])
 
 
-def _replace(tmp: str, out: str) -> None:
+def publish(tmp: str, out: str) -> None:
+    """Rename the finished temp dir `tmp` to `out`, replacing an older `out` only once the new one
+    is complete. mkdtemp makes 0700 and files may come 0600: published as 0755 / 0644 like any
+    other directory, so other users (a robot's service account) can read the engine."""
+    for d, _, files in os.walk(tmp):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
     old = None
     if os.path.exists(out):
         old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(out)))

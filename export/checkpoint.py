@@ -171,8 +171,10 @@ def read_vision(cfg: dict, top: dict, preproc: dict, where: str) -> VisionSpec:
         raise CheckpointError(f"config.json: mm_vision_select_layer {select} out of range for {layers} layers")
     image_size = _need(cfg, "image_size", where, int)
     patch = _need(cfg, "patch_size", where, int)
-    if image_size % patch:
-        raise CheckpointError(f"{where}: image_size {image_size} is not a multiple of patch_size {patch}")
+    if patch <= 0 or image_size < patch:
+        raise CheckpointError(f"{where}: image_size {image_size} and patch_size {patch}: no patch fits")
+    # image_size need not be a multiple: SigLIP-so400m-patch14-384 (every VILA1.5) has 384 = 27 * 14
+    # + 6, and its patch conv (stride 14, no padding) keeps 27 x 27 patches, dropping 6 pixels (§2).
     size = preproc.get("size") or {}
     proc_size = size.get("height", size.get("shortest_edge", image_size))
     if proc_size != image_size:

@@ -19,7 +19,8 @@ KINDS = {
 }
 SHAPES = {
     # name: llm (hidden, layers, heads, kv_heads, intermediate), vision (size, patch, hidden, layers, heads, inter)
-    "tiny": ((64, 2, 4, 2, 128), (98, 14, 32, 3, 2, 64)),
+    # 104 = 7 * 14 + 6: like SigLIP-so400m's 384 = 27 * 14 + 6, the patch conv drops the last 6 pixels.
+    "tiny": ((64, 2, 4, 2, 128), (104, 14, 32, 3, 2, 64)),
     "tiny-448": ((64, 2, 4, 2, 128), (112, 14, 32, 3, 2, 64)),
     "vila1.5-3b": ((2560, 32, 20, 20, 6912), (384, 14, 1152, 27, 16, 4304)),
     "nvila-lite-2b": ((1536, 28, 12, 2, 8960), (448, 14, 1152, 27, 16, 4304)),

@@ -113,12 +113,16 @@ def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str 
 
 
 def _quality(ref: ReferenceVLM, qllm, opts: QuantOptions) -> dict:
+    """The quality report of qllm against ref.llm on held-out text; leaves ref.llm quantized."""
     window = min(256, ref.spec.llm.max_positions)
     ids = _eval_ids(ref, opts.eval_tokens)
-    quantized = apply_quantized(ref.llm, qllm)
     fp = forward_windows(ref.llm, ids, window, window // 2)
+    float_bytes = float_size_bytes(ref.llm)
+    # In place: ref.llm is not needed as float after this, and a copy of a 3B model in fp32 (12 GB)
+    # would double the export's peak memory.
+    quantized = apply_quantized(ref.llm, qllm, in_place=True)
     q = forward_windows(quantized, ids, window, window // 2)
-    report = compare(qllm.method, q, fp, quantized_size_bytes(qllm), float_size_bytes(ref.llm), window, window // 2)
+    report = compare(qllm.method, q, fp, quantized_size_bytes(qllm), float_bytes, window, window // 2)
     result = asdict(report)
     result["groups"] = sorted({w.group for w in qllm.linears.values()})
     result["quantized_linears"] = len(qllm.linears)

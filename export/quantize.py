@@ -155,10 +155,11 @@ def rtn_quantize(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: bool 
     return quantize_linears(model, group, auto_group, method="rtn", lm_head_bits=lm_head_bits)
 
 
-def apply_quantized(model: nn.Module, qllm: QuantizedLLM) -> nn.Module:
+def apply_quantized(model: nn.Module, qllm: QuantizedLLM, in_place: bool = False) -> nn.Module:
     """A copy of `model` carrying qllm's float tensors, whose quantized linears hold the dequantized
-    weights: the quantized torch reference that the int4 engines are compared against."""
-    out = copy.deepcopy(model)
+    weights: the quantized torch reference that the int4 engines are compared against. in_place:
+    `model` itself becomes that reference (no second copy of a multi-GB model)."""
+    out = model if in_place else copy.deepcopy(model)
     missing, unexpected = out.load_state_dict(qllm.state_dict, strict=False)
     expected_missing = {f"{name}.weight" for name in qllm.linears}
     if unexpected or set(missing) - expected_missing:

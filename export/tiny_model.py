@@ -232,6 +232,8 @@ class TinyVila(nn.Module):
         from safetensors.torch import save_file
         from transformers import SiglipImageProcessorPil
 
+        from export.build import publish
+
         parent = os.path.dirname(os.path.abspath(root))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
@@ -256,15 +258,7 @@ class TinyVila(nn.Module):
         _write_json(os.path.join(tmp, "config.json"), top_config(llm.config, tower.config))
         for name, src in keep.items():
             (shutil.copytree if os.path.isdir(src) else shutil.copyfile)(src, os.path.join(tmp, name))
-        for d, _, files in os.walk(tmp):                  # mkdtemp makes 0700; publish as 0755/0644
-            os.chmod(d, 0o755)
-            for f in files:
-                os.chmod(os.path.join(d, f), 0o644)
-        old = root + ".old"
-        if os.path.isdir(root):
-            os.replace(root, old)
-        os.replace(tmp, root)
-        shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, root)
 
     @classmethod
     def load(cls, root: str, dtype=torch.float32) -> "TinyVila":

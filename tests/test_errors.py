@@ -109,6 +109,15 @@ def test_interrupted_export_leaves_nothing(tmp_path, checkpoint, monkeypatch):
     assert os.listdir(tmp_path / "engines") == []
 
 
+def test_export_publishes_a_readable_directory(engine):
+    import stat
+
+    eng = engine("vila1.5-3b-downsample")
+    assert stat.S_IMODE(os.stat(eng).st_mode) == 0o755
+    modes = {f: stat.S_IMODE(os.stat(os.path.join(eng, f)).st_mode) for f in os.listdir(eng)}
+    assert modes and set(modes.values()) == {0o644}, modes
+
+
 def test_cli_reports_errors_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vila_edge.cli", "chat", str(tmp_path), "hi"],
                        capture_output=True, text=True)

@@ -188,3 +188,13 @@ def test_calibration_and_eval_text_are_disjoint():
     assert len(calib) + len(evals) == len(topics) and min(len(calib), len(evals)) > len(topics) // 4
     assert (split_of("assert"), split_of("if")) == ("calib", "eval")  # sha256 of the key: stable across runs
     assert sum(map(len, calib)) > 100_000 and sum(map(len, evals)) > 100_000
+
+
+def test_apply_quantized_in_place_is_the_same_reference():
+    model = tiny_model("llama")
+    qllm = rtn_quantize(model, 32)
+    copy_ = apply_quantized(model, qllm)
+    same = apply_quantized(model, qllm, in_place=True)
+    assert same is model and copy_ is not model
+    for (k, a), (_, b) in zip(copy_.state_dict().items(), same.state_dict().items()):
+        assert torch.equal(a, b), k
