@@ -6,10 +6,10 @@
     caches (vision features by pixel digest, KV blocks by prefix hash), and with the vision cache
     cleared so only the prefix cache helps. Goal: repeat <= 15% of first.
 (2) Decode speed at a 2k context, paged (block 16) against a contiguous baseline: the same llm.onnx
-    and runtime with block_size = the whole context, so each sequence is one block and the graph's
-    Gather over the block table is a single contiguous slice. Same graph, same ops, same weights
-    (one ORT session): the difference is the cost of paging granularity alone, not of the gather
-    copy itself, which both pay (a graph without it would be a second export). The contiguous
+    and runtime with block_size = the whole context, so each sequence is one block. Same graph, same
+    ops, same weights (one ORT session): the difference is the cost of paging granularity alone. In
+    a fresh pool the paged sequence's blocks are consecutive, so both pass the past as a view of the
+    pool; a fragmented pool adds one gathered copy of the past per step (vila_edge/llm.py). The contiguous
     block is rounded to the whole context, so it attends over up to (rounds x steps) more masked
     rows than the paged one, which favours paged by at most that fraction. Goal: paged <= 10% slower.
 (3) KV pool memory against the requested budget (KVPool.nbytes, and the RSS it really commits).

@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vila_edge.bench import save_report, PROMPT, bench_decode, bench_ttft, kv_config, machine_info, random_images  # noqa: E402
 from vila_edge.manifest import Manifest  # noqa: E402
-from vila_edge.pipeline import Pipeline  # noqa: E402
+from vila_edge.families import get_family  # noqa: E402
+from vila_edge.pipeline import Pipeline, engine_template  # noqa: E402
 
 
 def _pipe(engine, threads, max_context):
@@ -62,13 +63,15 @@ def hf_rows(checkpoint, engine, threads, contexts, steps, runs, seed) -> dict:
     rng = np.random.default_rng(seed)
     spec = read_checkpoint(checkpoint)
     ref = ReferenceVLM(spec, torch.float32)
-    pipe = _pipe(engine, 1, 1024)                       # for the template only: same prompt text
+    # The engine's template and image marker, not the engine: at 3B its ORT session (13 GB) and the
+    # fp32 torch model (14 GB) do not fit in one 24 GB machine.
+    m = Manifest.load(engine)
+    template, text = engine_template(engine, m), get_family(m.family).part_text + PROMPT
     out = {"checkpoint": os.path.abspath(checkpoint), "torch": torch.__version__, "attention": "eager"}
     times = []
     for i in range(runs + 1):
         image = Image.fromarray(random_images(rng, 1, spec.vision.image_size)[0])
-        text, _ = pipe.user_message(image, PROMPT, None)
-        rendered = pipe.template.render([("user", text)], f"Session {rng.integers(1 << 62)}.")
+        rendered = template.render([("user", text)], f"Session {rng.integers(1 << 62)}.")
         t = time.perf_counter()
         with torch.no_grad():
             feats = ref.encode_images(hf_pixels(spec, image))

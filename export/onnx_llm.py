@@ -1,8 +1,9 @@
 """llm.onnx: a Llama/Qwen2 decoder on input embeddings with a paged KV cache (docs/contracts.md).
 
-Per step the graph gathers the sequence's past K/V from the block pool (Gather over the block
-table), attends over [past ; new] with a mask built from `past_len`, and returns the new K/V rows
-for the runtime to write into the pool. Only standard ops, so TensorRT 10.3's parser takes it
+Per step the graph takes the sequence's past K/V rows (`past_k_l`, `past_v_l` [P, Hkv, D]: zero-copy
+views of the paged pool when the sequence's blocks are consecutive, vila_edge/llm.py), attends over
+[past ; new] with a mask built from `past_len`, and returns the new K/V rows for the runtime to write
+into the pool. Only standard ops, so TensorRT 10.3's parser takes it
 (onnx-trt-int4.md §5.3 option A). Precision follows transformers' eager Llama: RMSNorm variance
 and softmax in fp32, everything else in the graph dtype.
 """
@@ -25,7 +26,7 @@ class _Shared(NamedTuple):
     cos: str         # (T, 1, D) graph dtype
     signed_sin: str  # (T, 1, D) graph dtype, rotate_half's sign folded in
     mask: str        # (rep*T, P+T) fp32 additive; row r*T + t
-    n_past: str      # [P] int64: pool rows gathered per layer (the key axis is [P pool rows ; T new rows])
+    n_past: str      # [P] int64: past rows given per layer (the key axis is [P past rows ; T new rows])
 
 
 def _rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, name: str) -> str:
@@ -104,8 +105,7 @@ def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, shared: _Shared
                 out=[None, f"k_new_{l}"])                                  # RoPE on q and k at once: (T, Hq | Hkv, D)
     g.output(k, k, g.dtype, ["T", hkv, d])
     g.output(v, v, g.dtype, ["T", hkv, d])
-    past_k = g.reshape(g.op("Gather", [io[f"k_pool_{l}"], io["block_table"]], axis=0), [-1, hkv, d])  # (P, Hkv, D)
-    past_v = g.reshape(g.op("Gather", [io[f"v_pool_{l}"], io["block_table"]], axis=0), [-1, hkv, d])
+    past_k, past_v = io[f"past_k_{l}"], io[f"past_v_{l}"]                       # (P, Hkv, D)
     q = g.reshape(g.op("Transpose", [q], perm=[1, 0, 2]), [hkv, -1, d])          # (Hkv, rep*T, D): head = kv*rep + r
     # Pool rows and new rows are attended by two MatMuls, not one over their Concat: no per-layer copy
     # of the whole past (it grows with the context). ORT folds the Transposes and the scale into
@@ -146,17 +146,13 @@ def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = Non
     hkv, d = spec.kv_heads, spec.head_dim
     io = {"inputs_embeds": g.input("inputs_embeds", dtype, [1, "T", spec.hidden]),
           "position_ids": g.input("position_ids", "int64", [1, "T"]),
-          "past_len": g.input("past_len", "int64", []),
-          "block_table": g.input("block_table", "int64", ["NBseq"])}
+          "past_len": g.input("past_len", "int64", [])}
     for l in range(spec.layers):
         for kv in "kv":
-            io[f"{kv}_pool_{l}"] = g.input(f"{kv}_pool_{l}", dtype, ["NB", "BS", hkv, d])
+            io[f"past_{kv}_{l}"] = g.input(f"past_{kv}_{l}", dtype, ["P", hkv, d])
     x = io["inputs_embeds"]
     n_new = g.op("Gather", [g.op("Shape", [x]), g.const(1)], axis=0)                     # scalar T
-    pool_shape = g.op("Shape", [io["k_pool_0"]])
-    rows_per_block = g.op("Gather", [pool_shape, g.const(1)], axis=0)
-    n_blocks = g.op("Gather", [g.op("Shape", [io["block_table"]]), g.const(0)], axis=0)
-    n_past = g.op("Mul", [n_blocks, rows_per_block])                                       # scalar P
+    n_past = g.op("Gather", [g.op("Shape", [io["past_k_0"]]), g.const(0)], axis=0)         # scalar P
     mask = _mask(g, io["past_len"], n_past, n_new)                                        # (T, S)
     mask = g.op("Tile", [mask, g.const([spec.heads // hkv, 1])])                          # (rep*T, S): row r*T + t
     shared = _Shared(*_rope_tables(g, spec, io["position_ids"]), mask, g.reshape(n_past, [1]))

@@ -114,3 +114,34 @@ def test_multi_turn_reuses_kv_and_matches_cold_prefill(engine):
     assert cold.last_ids == conv.last_ids
     conv.close()
     cold.close()
+
+
+def test_scattered_blocks_give_the_same_logits_as_consecutive(engine):
+    """The runtime passes a sequence's past as a view of the pool when its blocks are consecutive and
+    as a gathered copy when they are not (a pool fragmented by other sequences): the same numbers
+    reach the graph, so prefill and every decode step give identical logits."""
+    eng = engine("vila1.5-3b-downsample")
+    rng = np.random.default_rng(3)
+    hidden = Pipeline(eng).manifest.llm.hidden
+    embeds = rng.standard_normal((40, hidden)).astype(np.float32)
+
+    def run(pipe):
+        logits = [pipe.llm.prefill("s", embeds[:37], np.arange(37))[0]]
+        for t in range(37, 40):                        # crosses from block 2 into block 3 (BS 16)
+            logits.append(pipe.llm.extend("s", embeds[t: t + 1], np.array([t])))
+        table = pipe.llm.blocks.block_table("s")
+        pipe.llm.release("s")
+        return logits, table
+
+    consecutive, table = run(Pipeline(eng))
+    assert table == list(range(table[0], table[0] + 3))
+    pipe = Pipeline(eng)
+    blocks = pipe.llm.blocks
+    for i in range(blocks.num_blocks):                 # one unhashed block each, then every other one freed
+        blocks.allocate(("filler", i), [100 + i])
+    for i in range(0, blocks.num_blocks, 2):
+        blocks.free(("filler", i))
+    scattered, table = run(pipe)
+    assert table == [0, 2, 4]
+    for a, b in zip(consecutive, scattered):
+        np.testing.assert_array_equal(a, b)

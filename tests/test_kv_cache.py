@@ -274,18 +274,30 @@ def test_uncommitted_blocks_are_never_reused():
     assert bm.stats().cached == 0
 
 
-def test_eviction_is_lru_and_tail_first():
+def test_eviction_keeps_tables_consecutive_then_lru_and_tail_first():
     bm = BlockManager(4, 2)
     for sid, keys in (("a", [1, 2, 3]), ("b", [5, 6, 7])):
         bm.allocate(sid, keys)
         bm.commit(sid)
         bm.free(sid)              # full block cached, partial block free
-    assert bm.stats().cached == 2
-    bm.allocate("c", [9, 9, 9, 9, 9, 9])  # 3 blocks: both free ones, then evicts a's (oldest)
+    assert bm.stats().cached == 2 and bm._lru == {0: None, 1: None}   # a's block 0, then b's block 1
+    # 3 blocks: the only runs are [0, 1, 2] (evicts a's and b's) and [1, 2, 3] (evicts b's only):
+    # the fewest evictions win over LRU order, so the table is consecutive.
+    assert bm.allocate("c", [9, 9, 9, 9, 9, 9]).block_table == [1, 2, 3]
     assert bm.stats().evictions == 1
     bm.free("c")
-    assert bm.allocate("a2", [1, 2, 3]).num_cached_tokens == 0
-    assert bm.allocate("b2", [5, 6, 7]).num_cached_tokens == 2
+    assert bm.allocate("a2", [1, 2, 3]).num_cached_tokens == 2
+    assert bm.allocate("b2", [5, 6, 7]).num_cached_tokens == 0
+
+    bm = BlockManager(4, 2)      # equal evictions: the least recently cached goes, as plain LRU
+    for sid, keys in (("a", [1, 2]), ("b", [5, 6])):
+        bm.allocate(sid, keys)
+        bm.commit(sid)
+        bm.free(sid)
+    assert bm._lru == {0: None, 1: None}
+    bm.allocate("hold", [9, 9, 9, 9])                              # the free run [2, 3]
+    assert bm.allocate("c", [8]).block_table == [0] and bm.stats().evictions == 1
+    assert bm._lru == {1: None}                                    # b's block is still cached
 
     bm = BlockManager(3, 2)
     bm.allocate("long", [1, 2, 3, 4, 5, 6])
@@ -476,3 +488,21 @@ def test_pool_write_gather_round_trip():
         pool.write(k[:, :3], v[:, :3], res.slots[:2])
     with pytest.raises(ValueError, match="slots"):
         pool.write(k[:, :1], v[:, :1], [20])
+
+
+def test_tables_stay_consecutive_through_growth_and_turns():
+    """Decode growth takes the block after the table's last one, and a next turn's new blocks
+    follow its prefix hits: the runtime can then pass the past as a view of the pool."""
+    bm = BlockManager(16, 4)
+    assert bm.allocate("t1", list(range(10))).block_table == [0, 1, 2]
+    bm.commit("t1")
+    bm.append("t1", [50, 51, 52])                    # 13 tokens: grows into block 3
+    bm.commit("t1")
+    assert bm.block_table("t1") == [0, 1, 2, 3]
+    bm.free("t1")                                    # 0..2 cached, 3 (partial) free
+    turn2 = bm.allocate("t2", list(range(10)) + [50, 51, 52] + [60] * 8)
+    assert turn2.num_cached_tokens == 12 and turn2.block_table == [0, 1, 2, 3, 4, 5]
+    bm.commit("t2")
+    bm.free("t2")                                    # 0..4 cached, 5 (partial) free
+    held = bm.allocate("held", [1] * 8)              # a new prompt: the free run 5, 6 evicts nothing
+    assert held.block_table == [5, 6] and bm.stats().evictions == 0

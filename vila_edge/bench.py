@@ -167,7 +167,7 @@ def bench_decode(llm, rng, hidden: int, ctx: int, steps: int, runs: int, warmup:
 
 
 def add_bandwidth(row: dict, weight_bytes: int, kv_bytes_per_token: int, host_gbs: float) -> dict:
-    """Bytes per step = weights + KV of the context (reads; the gather's copy and writes not counted)."""
+    """Bytes per step = weights + KV of the context (reads; writes and a fragmented pool's gathered copy not counted)."""
     step_bytes = weight_bytes + kv_bytes_per_token * row["context"]
     row.update(bytes_per_step=step_bytes, achieved_gbs=step_bytes / row["step_s"] / 1e9)
     row["pct_of_host_copy"] = 100 * row["achieved_gbs"] / host_gbs

@@ -4,8 +4,15 @@ Plain Python over integers (nano-vllm's block_manager.py is the model), one lock
 Every block is in exactly one of three places:
   free     no hash, ref 0: taken first;
   cached   hash registered, ref 0, in LRU order: still reusable by a prefix hit, evicted (hash
-           dropped) only when a block is needed and none is free;
+           dropped) when a block is needed and none is free, or when it lies where a sequence's
+           run of consecutive blocks continues (below);
   in use   ref > 0: held by that many block tables (a hashed block may be shared by several).
+New blocks are placed so a sequence's table stays consecutive where the pool allows: the CPU
+runtime then hands the graph its past as a view of the pool, where scattered blocks cost a copy
+per step (vila_edge/llm.py). A sequence grows into the block after its last one when that block is
+unreferenced (evicting it if cached); otherwise, and for a new sequence, its blocks go to the run of
+unreferenced blocks that evicts the fewest cached blocks (the least recently cached among equals;
+a run of free blocks evicts none), else anywhere: free blocks first, then LRU evictions.
 A full block's hash chains the previous block's hash with its BS keys (docs/contracts.md). A hash
 is registered only at `commit`, once the block's KV rows are really in the pool, so a sequence that
 is freed before its forward pass ran (error, cancel) can never hand out garbage to a later hit.
@@ -16,7 +23,7 @@ import hashlib
 import math
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -102,7 +109,7 @@ class BlockManager:
         self._ref = [0] * num_blocks
         self._hash = [None] * num_blocks          # registered hash of each block, or None
         self._hash_to_block = {}
-        self._free = deque(range(num_blocks))
+        self._free = dict.fromkeys(range(num_blocks))   # insertion-ordered set: taken oldest first
         self._lru = OrderedDict()                 # cached block ids, least recently freed first
         self._seqs = {}
         self._counters = _Counters()
@@ -168,7 +175,7 @@ class BlockManager:
                 if self._ref[b] == 0:
                     del self._lru[b]
                 self._ref[b] += 1
-            table = hits + [self._take_block() for _ in range(total - len(hits))]
+            table = hits + self._take_run(total - len(hits), hits[-1] if hits else None)
             self._counters.hits += len(hits)
             self._counters.misses += total - len(hits)
             cached = len(hits) * self.block_size
@@ -191,7 +198,7 @@ class BlockManager:
             prev = seq.hashes[-1] if seq.hashes else ROOT_HASH
             seq.hashes += chain_hashes(all_keys, self.block_size, prev,
                                        len(seq.hashes) * self.block_size)
-            seq.block_table += [self._take_block() for _ in range(need)]
+            seq.block_table += self._take_run(need, seq.block_table[-1])
             seq.keys = all_keys
             return self._slots(seq.block_table, n_old, n_new - n_old)
 
@@ -255,7 +262,7 @@ class BlockManager:
                 self._ref[b] -= 1
                 if self._ref[b] == 0:
                     if self._hash[b] is None:
-                        self._free.append(b)
+                        self._free[b] = None
                     else:
                         self._lru[b] = None
             self._cond.notify_all()
@@ -280,17 +287,37 @@ class BlockManager:
             hits.append(b)
         return hits
 
-    def _take_block(self) -> int:
-        """A block with ref 1 for the caller: a free one, else the least recently cached one."""
-        if self._free:
-            b = self._free.popleft()
+    def _take_block(self, b: int | None = None) -> int:
+        """Block b (unreferenced), or else a free one, else the least recently cached one, with
+        ref 1 for the caller."""
+        if b is None:
+            b = next(iter(self._free)) if self._free else next(iter(self._lru))
+        if b in self._free:
+            del self._free[b]
         else:
-            b, _ = self._lru.popitem(last=False)
+            del self._lru[b]
             del self._hash_to_block[self._hash[b]]
             self._hash[b] = None
             self._counters.evictions += 1
         self._ref[b] = 1
         return b
+
+    def _take_run(self, need: int, after: int | None) -> list:
+        """`need` blocks for the end of a table whose last block is `after` (None: a new table),
+        consecutive where possible (module docstring). The caller has checked that they exist."""
+        if need == 0:
+            return []
+        unused = np.asarray(self._ref) == 0
+        if after is not None and after + need < self.num_blocks and unused[after + 1: after + 1 + need].all():
+            start = after + 1
+        else:
+            # Eviction cost of a block: 0 if free, else 1 + its LRU rank (0 = least recently cached).
+            cost = np.zeros(self.num_blocks, np.int64)
+            cost[list(self._lru)] = 1 + np.arange(len(self._lru))
+            start = _cheapest_run(unused, cost, need)
+        if start is None:
+            return [self._take_block() for _ in range(need)]
+        return [self._take_block(b) for b in range(start, start + need)]
 
     def _slots(self, table: list, start: int, count: int) -> np.ndarray:
         pos = np.arange(start, start + count)
@@ -310,6 +337,20 @@ class BlockManager:
             + (f" and even an empty pool is too small ({total} blocks)" if total > self.num_blocks
                else f" after waiting {self.wait_s} s" if self.wait_s > 0 else "")
             + "; raise the KV budget (a larger target or byte count) or free finished sequences")
+
+
+def _cheapest_run(unused: np.ndarray, cost: np.ndarray, n: int) -> int | None:
+    """Start of the run of n unused blocks that evicts the fewest cached blocks, the least recently
+    cached ones among equals (cost: 0 free, 1 + LRU rank cached); None if no run is long enough."""
+    if n > len(unused):
+        return None
+    windows = lambda x: (lambda c: c[n:] - c[:-n])(np.concatenate([[0], np.cumsum(x)]))
+    ok = windows(unused) == n
+    if not ok.any():
+        return None
+    # Lexicographic (evictions, rank sum): the rank sum of one window is below len(unused)**2.
+    score = windows(cost > 0) * len(unused) ** 2 + windows(cost)
+    return int(np.argmin(np.where(ok, score, np.iinfo(np.int64).max)))
 
 
 def _checked_keys(keys: Sequence[int]) -> list:

@@ -1,9 +1,12 @@
 """The LLM engine: runs llm.onnx over sequences whose KV lives in the paged pool.
 
-Each forward pass takes the embeddings of the positions not yet in the pool, the sequence's block
-table and how many positions are already there (`past_len`); the graph gathers the past from the
-pool and returns the new rows, which are written at the slots the BlockManager reserved.
+Each forward pass takes the embeddings of the positions not yet in the pool, how many positions are
+already there (`past_len`) and, per layer, the past K/V rows: the pool blocks of the sequence's
+block table, passed as zero-copy views of the pool when those blocks are consecutive (a sequence
+allocated in one piece, the common case) and gathered into one copy otherwise. The graph returns
+the new rows, which are written at the slots the BlockManager reserved.
 """
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,19 +48,39 @@ class LLMEngine:
             n = plan_num_blocks(layout, kv.budget, weights_bytes, max_context)
         self.pool = KVPool(layout, n)
         self.blocks = BlockManager(n, kv.block_size, kv.wait_s)
-        self._pool_feeds = {}
-        for layer in range(info.layers):
-            k, v = self.pool.layer(layer)
-            self._pool_feeds[f"k_pool_{layer}"] = k
-            self._pool_feeds[f"v_pool_{layer}"] = v
+        self._names = [(f"past_k_{l}", f"past_v_{l}") for l in range(info.layers)]
+        self._max_blocks = -(-max_context // kv.block_size)
+        self._local = threading.local()
+
+    def _past(self, table: list, past_len: int) -> dict:
+        """Per layer past K and V [P, Hkv, D]: the first max(1, ceil(past_len / BS)) blocks of the
+        table (at least one block: the graph's past is never empty; rows from past_len on are masked)."""
+        n = max(1, -(-past_len // self.pool.layout.block_size))
+        first = table[0]
+        if list(table[:n]) == list(range(first, first + n)):
+            blocks = self.pool.data[:, :, first: first + n]         # a view: no copy
+        else:
+            # Scattered blocks: one copy into this thread's staging buffer (reused, grown by doubling:
+            # a fresh array per step would page-fault hundreds of MB each step at 3B shapes).
+            stage = getattr(self._local, "stage", None)
+            if stage is None or stage.shape[2] < n:
+                cap = min(max(n, 2 * (0 if stage is None else stage.shape[2])), self._max_blocks)
+                stage = self._local.stage = np.empty(self.pool.data.shape[:2] + (cap,) + self.pool.data.shape[3:],
+                                                     self.pool.data.dtype)
+            blocks, ids = stage[:, :, :n], np.asarray(table[:n])
+            for layer, kv in np.ndindex(blocks.shape[:2]):       # contiguous out: no buffering in take
+                np.take(self.pool.data[layer, kv], ids, axis=0, out=blocks[layer, kv], mode="clip")
+        L, _, _, BS, H, D = blocks.shape
+        rows = blocks.reshape(L, 2, n * BS, H, D)                    # merges contiguous axes: still a view
+        return {name: rows[l, kv] for l, pair in enumerate(self._names) for kv, name in enumerate(pair)}
 
     def _forward(self, embeds: np.ndarray, start: int, table: list, slots: np.ndarray) -> np.ndarray:
         """Positions start..start+T-1 given embeds [T, C]; writes their KV; returns logits [V']."""
         t = len(embeds)
-        feeds = dict(self._pool_feeds)
+        feeds = self._past(table, start)
         feeds.update(inputs_embeds=embeds[None].astype(self.dtype, copy=False),
                      position_ids=np.arange(start, start + t, dtype=np.int64)[None],
-                     past_len=np.array(start, np.int64), block_table=np.asarray(table, np.int64))
+                     past_len=np.array(start, np.int64))
         out = self.session.run(feeds)
         layers = range(self.info.layers)
         self.pool.write([out[f"k_new_{l}"] for l in layers], [out[f"v_new_{l}"] for l in layers], slots)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from vila_edge.errors import EngineError
 from vila_edge.version import __version__
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: llm.onnx takes past_k_l/past_v_l rows, not the pool and a block table
 MANIFEST = "manifest.json"
 REBUILD = "rebuild it: make engines CHECKPOINT=<checkpoint dir> OUT={out} (or: vila-edge export <checkpoint> {out})"
 

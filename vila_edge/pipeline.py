@@ -35,6 +35,15 @@ def _is_image_part(part) -> bool:
     return part.lower().endswith(IMAGE_EXTS) and os.path.isfile(part)
 
 
+def engine_template(engine_dir: str, m: Manifest):
+    """The chat template an engine was exported with (its jinja file where it has one)."""
+    jinja = None
+    if "chat_template" in m.files:
+        with open(os.path.join(engine_dir, m.files["chat_template"]), encoding="utf-8") as f:
+            jinja = f.read()
+    return get_template(m.template, jinja, tuple(m.build.get("special_tokens", ("", ""))))
+
+
 class Pipeline:
     def __init__(self, engine_dir: str, *, threads: int | None = None, max_context: int | None = None,
                  kv: KVConfig | None = None, int4_accuracy_level: int = 4):
@@ -42,11 +51,7 @@ class Pipeline:
         self.engine_dir = engine_dir
         self.family = get_family(m.family)
         self.tokenizer = Tokenizer.from_file(os.path.join(engine_dir, m.files["tokenizer"]))
-        jinja = None
-        if "chat_template" in m.files:
-            with open(os.path.join(engine_dir, m.files["chat_template"]), encoding="utf-8") as f:
-                jinja = f.read()
-        self.template = get_template(m.template, jinja, tuple(m.build.get("special_tokens", ("", ""))))
+        self.template = engine_template(engine_dir, m)
         v = m.vision
         pixels = PixelSpec(v.image_size, tuple(v.mean), tuple(v.std), v.image_mode, v.min_tiles, v.max_tiles)
         self.vision = VisionEncoder(OrtSession(os.path.join(engine_dir, m.files["vision"]), threads), pixels, m.dtype)
