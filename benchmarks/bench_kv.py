@@ -80,7 +80,7 @@ def bench_paged_vs_contiguous(engine, threads, ctx, steps, runs, seed) -> dict:
     embeds = rng.standard_normal((1, m.llm.hidden), dtype=np.float32)
     times = {name: [] for name in engines}
     for name, llm in engines.items():
-        fill_context(llm, rng, name, ctx, m.llm.hidden, synthetic=True)
+        fill_context(llm, rng, name, ctx, m.llm.hidden, synthetic=True, grow=(runs + 1) * steps)
     for r in range(runs + 1):                        # round 0 is the warm-up
         for name, llm in engines.items():
             for _ in range(steps):

@@ -506,3 +506,20 @@ def test_tables_stay_consecutive_through_growth_and_turns():
     bm.free("t2")                                    # 0..4 cached, 5 (partial) free
     held = bm.allocate("held", [1] * 8)              # a new prompt: the free run 5, 6 evicts nothing
     assert held.block_table == [5, 6] and bm.stats().evictions == 0
+
+
+def test_a_generation_budget_places_the_table_where_it_can_grow():
+    """With `grow`, a new table goes where that many positions still fit after it, so decode
+    extends it in place; without room anywhere it is placed as without `grow`."""
+    bm = BlockManager(10, 4)
+    for i in range(10):
+        bm.allocate(("f", i), [i])
+    for i in (0, 1, 2, 5, 6, 7, 8, 9):                 # free: 0-2 (3 blocks) and 5-9 (5 blocks)
+        bm.free(("f", i))
+    assert bm.allocate("plain", [1] * 8).block_table == [0, 1]   # first cheapest run
+    bm.free("plain")
+    seq = bm.allocate("s", [1] * 8, grow=12)           # 2 blocks + room for 3: only 5-9 has it
+    assert seq.block_table == [5, 6]
+    bm.append("s", list(range(12)))
+    assert bm.block_table("s") == [5, 6, 7, 8, 9]
+    assert bm.allocate("t", [1] * 8, grow=100).block_table == [0, 1]   # no room anywhere: as plain

@@ -134,21 +134,21 @@ def bench_prefill(llm, rng, hidden: int, tokens: int, runs: int, warmup: int) ->
     return {"tokens": tokens, "median_s": _median(times), "tok_s": tokens / _median(times), "runs": len(times)}
 
 
-def fill_context(llm, rng, seq, n: int, hidden: int, synthetic: bool) -> None:
+def fill_context(llm, rng, seq, n: int, hidden: int, synthetic: bool, grow: int = 0) -> None:
     """Put n positions in the pool: a real prefill on random embeddings, or (synthetic) reserve and
     commit the blocks without computing them. Decode reads the same bytes either way, whatever
     their values; synthetic fill is for shapes whose prefill would take minutes on this host."""
     if not synthetic:
-        llm.prefill(seq, rng.standard_normal((n, hidden), dtype=np.float32), _keys(rng, n))
+        llm.prefill(seq, rng.standard_normal((n, hidden), dtype=np.float32), _keys(rng, n), grow)
         return
-    llm.blocks.allocate(seq, _keys(rng, n).tolist())
+    llm.blocks.allocate(seq, _keys(rng, n).tolist(), grow)
     llm.blocks.commit(seq, n)
 
 
 def bench_decode(llm, rng, hidden: int, ctx: int, steps: int, runs: int, warmup: int, synthetic: bool) -> dict:
     """Median seconds per decode step (LLMEngine.extend of one position) at context ctx."""
     seq = ("decode", ctx)
-    fill_context(llm, rng, seq, ctx, hidden, synthetic)
+    fill_context(llm, rng, seq, ctx, hidden, synthetic, grow=warmup + runs * steps)
     step_embeds = rng.standard_normal((1, 1, hidden), dtype=np.float32)
     try:
         times, cpu = [], 0.0

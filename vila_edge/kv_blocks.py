@@ -153,8 +153,11 @@ class BlockManager:
 
     # -- state changes: each checks everything first, then mutates, so a failure changes nothing
 
-    def allocate(self, seq_id: Hashable, keys: Sequence[int]) -> AllocResult:
-        """Reserve positions 0..len(keys)-1 for a new sequence, reusing cached full blocks."""
+    def allocate(self, seq_id: Hashable, keys: Sequence[int], grow: int = 0) -> AllocResult:
+        """Reserve positions 0..len(keys)-1 for a new sequence, reusing cached full blocks. `grow`:
+        positions the sequence expects to append (a generation budget); its blocks are placed,
+        where the pool allows, with that much unreferenced room after them, so that decode grows
+        the table in place. Nothing is reserved: the room stays available to others."""
         keys = _checked_keys(keys)
         if not keys:
             raise ValueError(f"allocate({seq_id!r}): a sequence needs at least one key")
@@ -175,7 +178,8 @@ class BlockManager:
                 if self._ref[b] == 0:
                     del self._lru[b]
                 self._ref[b] += 1
-            table = hits + self._take_run(total - len(hits), hits[-1] if hits else None)
+            room = self._blocks_for(len(keys) + max(0, grow)) - total
+            table = hits + self._take_run(total - len(hits), hits[-1] if hits else None, room)
             self._counters.hits += len(hits)
             self._counters.misses += total - len(hits)
             cached = len(hits) * self.block_size
@@ -302,19 +306,26 @@ class BlockManager:
         self._ref[b] = 1
         return b
 
-    def _take_run(self, need: int, after: int | None) -> list:
+    def _take_run(self, need: int, after: int | None, room: int = 0) -> list:
         """`need` blocks for the end of a table whose last block is `after` (None: a new table),
-        consecutive where possible (module docstring). The caller has checked that they exist."""
+        consecutive where possible, preferably followed by `room` unreferenced blocks to grow into
+        (module docstring). The caller has checked that `need` blocks exist."""
         if need == 0:
             return []
         unused = np.asarray(self._ref) == 0
-        if after is not None and after + need < self.num_blocks and unused[after + 1: after + 1 + need].all():
-            start = after + 1
-        else:
+        start = None
+        for n in (need + room, need) if room else (need,):
+            if after is not None and after + n < self.num_blocks and unused[after + 1: after + 1 + n].all():
+                start = after + 1
+                break
+        if start is None:
             # Eviction cost of a block: 0 if free, else 1 + its LRU rank (0 = least recently cached).
             cost = np.zeros(self.num_blocks, np.int64)
             cost[list(self._lru)] = 1 + np.arange(len(self._lru))
-            start = _cheapest_run(unused, cost, need)
+            for n in (need + room, need) if room else (need,):
+                start = _cheapest_run(unused, cost, n)
+                if start is not None:
+                    break
         if start is None:
             return [self._take_block() for _ in range(need)]
         return [self._take_block(b) for b in range(start, start + need)]

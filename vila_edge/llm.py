@@ -86,9 +86,10 @@ class LLMEngine:
         self.pool.write([out[f"k_new_{l}"] for l in layers], [out[f"v_new_{l}"] for l in layers], slots)
         return out["logits"][0]
 
-    def prefill(self, seq_id, embeds: np.ndarray, keys: np.ndarray) -> tuple:
-        """Start a sequence; reuses cached prefix blocks. Returns (logits, cached token count)."""
-        alloc = self.blocks.allocate(seq_id, keys.tolist())
+    def prefill(self, seq_id, embeds: np.ndarray, keys: np.ndarray, grow: int = 0) -> tuple:
+        """Start a sequence; reuses cached prefix blocks. `grow`: positions decode will append
+        (placement hint, BlockManager.allocate). Returns (logits, cached token count)."""
+        alloc = self.blocks.allocate(seq_id, keys.tolist(), grow)
         cached = alloc.num_cached_tokens
         try:
             logits = self._run_chunks(seq_id, embeds[cached:], cached, alloc.block_table, alloc.slots)

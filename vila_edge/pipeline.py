@@ -161,7 +161,8 @@ class Conversation:
                               f"{pipe.manifest.vision.tokens_per_image} tokens included); the engine's context "
                               f"holds {pipe.max_context}: shorten the prompt or use fewer images")
         seq = pipe.new_seq_id()
-        logits, cached = pipe.llm.prefill(seq, pipe.embed(sp.ids, sp.spans, tiles), sp.keys)
+        grow = min(cfg.max_new_tokens, pipe.max_context - len(sp.ids))
+        logits, cached = pipe.llm.prefill(seq, pipe.embed(sp.ids, sp.spans, tiles), sp.keys, grow)
         if self.seq is not None:
             pipe.llm.release(self.seq)
         self.seq = seq
