@@ -313,8 +313,9 @@ class BlockManager:
         if need == 0:
             return []
         unused = np.asarray(self._ref) == 0
+        sizes = (need + room, need) if room else (need,)
         start = None
-        for n in (need + room, need) if room else (need,):
+        for n in sizes:
             if after is not None and after + n < self.num_blocks and unused[after + 1: after + 1 + n].all():
                 start = after + 1
                 break
@@ -322,7 +323,7 @@ class BlockManager:
             # Eviction cost of a block: 0 if free, else 1 + its LRU rank (0 = least recently cached).
             cost = np.zeros(self.num_blocks, np.int64)
             cost[list(self._lru)] = 1 + np.arange(len(self._lru))
-            for n in (need + room, need) if room else (need,):
+            for n in sizes:
                 start = _cheapest_run(unused, cost, n)
                 if start is not None:
                     break
