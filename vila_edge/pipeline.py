@@ -161,23 +161,22 @@ class Conversation:
                               f"{pipe.manifest.vision.tokens_per_image} tokens included); the engine's context "
                               f"holds {pipe.max_context}: shorten the prompt or use fewer images")
         seq = pipe.new_seq_id()
-        grow = min(cfg.max_new_tokens, pipe.max_context - len(sp.ids))
-        logits, cached = pipe.llm.prefill(seq, pipe.embed(sp.ids, sp.spans, tiles), sp.keys, grow)
+        budget = min(cfg.max_new_tokens, pipe.max_context - len(sp.ids))    # new tokens at most
+        logits, cached = pipe.llm.prefill(seq, pipe.embed(sp.ids, sp.spans, tiles), sp.keys, budget)
         if self.seq is not None:
             pipe.llm.release(self.seq)
         self.seq = seq
         self.tiles, self.digests, self.tiles_per_image = tiles, digests, counts
-        reply = yield from self._generate(logits, sp, cfg, t0)
+        reply = yield from self._generate(logits, sp, cfg, budget, t0)
         self.messages = messages + [("assistant", reply.strip())]
         self.last_stats.update(prompt_tokens=len(sp.ids), cached_tokens=cached, vision_s=t_vision)
 
-    def _generate(self, logits, sp, cfg: GenerationConfig, t0: float):
+    def _generate(self, logits, sp, cfg: GenerationConfig, budget: int, t0: float):
         pipe = self.pipe
         tokens = pipe.manifest.tokens
         sampler = Sampler(cfg, pipe.manifest.llm.vocab_size, tokens.never_sample)
         stops = set(tokens.stop_ids)
         history, out_ids, shown, text = list(sp.ids[sp.ids >= 0]), [], 0, ""
-        budget = min(cfg.max_new_tokens, pipe.max_context - len(sp.ids))
         hold = max((len(s) for s in cfg.stop), default=1) - 1
         t_first, reason = None, "length"
         for step in range(budget):
