@@ -15,6 +15,9 @@ Same weights, same thread count, one system after the other, each in a fresh pro
       by benchmarks/hf_to_gguf.py from the checkpoint's llm/.
 Contexts are built from random embeddings (random token ids for llama.cpp). Ratios are
 vila_edge / peer: for tokens/s > 1 means vila_edge is faster, for seconds < 1 does.
+Then the roofline (benchmarks/roofline.py): this host's ceilings measured at the same thread count,
+the FLOPs of the one-image prompt and the bytes of one decode step for each system, what each
+system achieves against them, and the best ratio the ceilings allow.
 Writes peers.json and peers.md under benchmarks/results/<name>/.
 """
 import argparse
@@ -26,7 +29,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vila_edge.bench import save_report, PROMPT, bench_decode, bench_ttft, kv_config, machine_info, random_images  # noqa: E402
+from benchmarks import roofline as rl  # noqa: E402
+from vila_edge.bench import (save_report, PROMPT, bench_decode, bench_ttft, kv_config, llm_weight_bytes,  # noqa: E402
+                             machine_info, random_images)
+from export.checkpoint import read_checkpoint  # noqa: E402
 from vila_edge.manifest import Manifest  # noqa: E402
 from vila_edge.families import get_family  # noqa: E402
 from vila_edge.pipeline import Pipeline, engine_template  # noqa: E402
@@ -140,6 +146,72 @@ def ratios(ours: dict, peer: dict) -> dict:
     return out
 
 
+def roofline(r: dict, spec, engine_int4: str | None, ceil: dict) -> dict:
+    """Achieved FLOP/s of each time to first token and GB/s of each decode step, against `ceil`
+    (rl.ceilings), and the best ratios those ceilings allow on this host."""
+    out = {"ceilings": ceil, "ttft": [], "decode": []}
+    tokens = r["vila_edge_fp32"].get("ttft_1_image", {}).get("prompt_tokens")
+    flops = rl.prompt_flops(spec, tokens) if tokens else None
+    if flops:
+        out["prompt_flops"] = flops
+        for key, ceiling in (("vila_edge_fp32", "ort_fp32_gemm_gflops"), ("vila_edge_int4", "ort_fp32_gemm_gflops"),
+                             ("hf", "torch_fp32_gemm_gflops")):
+            if "ttft_1_image" in r.get(key, {}):
+                gflops = flops / r[key]["ttft_1_image"]["median_s"] / 1e9
+                out["ttft"].append({"system": key, "gflops": gflops, "ceiling": ceiling,
+                                    "pct_of_ceiling": 100 * gflops / ceil[ceiling]})
+        # Every matmul at the int8 GEMM peak: a lower bound on any CPU time to first token here.
+        out["ttft_int8_bound_s"] = flops / (ceil["ort_int8_gemm_gops"] * 1e9)
+        if "hf" in r:
+            out["ttft_best_ratio_vs_hf"] = out["ttft_int8_bound_s"] / r["hf"]["ttft_1_image"]["median_s"]
+    if engine_int4 and "llama_cpp" in r:
+        m = Manifest.load(engine_int4)
+        ours_w, ours_kv = llm_weight_bytes(engine_int4, m), rl.kv_bytes_per_token(spec.llm, np.dtype(m.dtype).itemsize)
+        peer_w, peer_kv = rl.gguf_step_bytes(r["llama_cpp"]["gguf"]), rl.kv_bytes_per_token(spec.llm, 2)  # f16 KV
+        for o, p in zip(r["vila_edge_int4"]["decode"], r["llama_cpp"]["decode"]):
+            ctx = o["context"]
+            ours_b, peer_b = ours_w + ours_kv * ctx, peer_w + peer_kv * ctx
+            row = {"context": ctx, "vila_edge_bytes": ours_b, "vila_edge_gbs": ours_b / o["step_s"] / 1e9,
+                   "llama_cpp_bytes": peer_b, "llama_cpp_gbs": peer_b / p["step_s"] / 1e9}
+            if "int4_gemv_gbs" in ceil:
+                # Weights at the int4 GEMV kernel's rate, KV at the read ceiling: vila_edge's best step here.
+                best_s = ours_w / (ceil["int4_gemv_gbs"] * 1e9) + ours_kv * ctx / (ceil["read_gbs"] * 1e9)
+                row.update(vila_edge_bound_tok_s=1 / best_s, best_ratio_vs_llama_cpp=p["step_s"] / best_s)
+            out["decode"].append(row)
+    return out
+
+
+def roofline_markdown(rf: dict) -> list:
+    c = rf["ceilings"]
+    lines = ["", f"## Roofline (this host, {c['threads']} threads)", "", "| ceiling | measured |", "|---|---|",
+             f"| streaming read (numpy, {c['threads']} threads) | {c['read_gbs']:.1f} GB/s |",
+             f"| fp32 GEMM {'x'.join(map(str, rl.GEMM_SHAPE))}, ONNX Runtime (MLAS) | {c['ort_fp32_gemm_gflops']:.0f} GFLOP/s |",
+             f"| fp32 GEMM, same shape, torch | {c['torch_fp32_gemm_gflops']:.0f} GFLOP/s |",
+             f"| int8 GEMM (u8 x s8), same shape, ONNX Runtime | {c['ort_int8_gemm_gops']:.0f} GOP/s |"]
+    if "int4_gemv_gbs" in c:
+        lines.append(f"| int4 GEMV {'x'.join(map(str, rl.GEMV_SHAPE))}, group {c['int4_group']}, ORT MatMulNBits "
+                     f"accuracy 4 | {c['int4_gemv_gbs']:.1f} GB/s |")
+    if rf["ttft"]:
+        lines += ["", f"Time to first token, 1 image: {rf['prompt_flops'] / 1e9:.0f} GFLOP of matmuls "
+                      "(vision tower, projector, prefill).", "",
+                  "| system | achieved GFLOP/s | % of its fp32 GEMM ceiling |", "|---|---|---|"]
+        lines += [f"| {t['system']} | {t['gflops']:.0f} | {t['pct_of_ceiling']:.0f}% |" for t in rf["ttft"]]
+        if "ttft_best_ratio_vs_hf" in rf:
+            lines.append(f"\nWith every matmul at the int8 GEMM peak the prompt would take {rf['ttft_int8_bound_s']:.2f} s: "
+                         f"at best {1 / rf['ttft_best_ratio_vs_hf']:.1f}x faster than transformers eager on this host.")
+    if rf["decode"]:
+        lines += ["", "Decode, bytes read per step (weights + KV: fp32 for vila_edge, f16 for llama.cpp):", "",
+                  "| context | vila_edge MB/step | vila_edge GB/s | llama.cpp MB/step | llama.cpp GB/s "
+                  "| vila_edge bound tok/s | best ratio vs llama.cpp |", "|---|---|---|---|---|---|---|"]
+        for d in rf["decode"]:
+            bound = (f"{d['vila_edge_bound_tok_s']:.1f} | {d['best_ratio_vs_llama_cpp']:.2f}"
+                     if "vila_edge_bound_tok_s" in d else "n/a | n/a")
+            lines.append(f"| {d['context']} | {d['vila_edge_bytes'] / 1e6:.0f} | {d['vila_edge_gbs']:.1f} "
+                         f"| {d['llama_cpp_bytes'] / 1e6:.0f} | {d['llama_cpp_gbs']:.1f} | {bound} |")
+        lines.append("\nBound: the int4 weights at the int4 GEMV ceiling plus the KV at the read ceiling.")
+    return lines
+
+
 def markdown(r: dict) -> str:
     lines = [f"# vila_edge against peers: {r['name']}", "",
              f"Machine: {r['machine']['cpu']}, {r['machine']['threads_used']} threads for every system; load average "
@@ -165,6 +237,8 @@ def markdown(r: dict) -> str:
                      f"({ours['prompt_tokens']} tokens) | {ours['median_s'] * 1e3:.0f} ms | {peer['median_s'] * 1e3:.0f} ms "
                      f"| {r['ratio_int4_hf']['ttft_1_image_s']:.2f} |")
     lines += ["", "Ratios: tokens/s > 1 means vila_edge is faster; seconds < 1 means vila_edge is faster."]
+    if "roofline" in r:
+        lines += roofline_markdown(r["roofline"])
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +279,9 @@ def main(argv=None) -> int:
         if "hf" in r:
             r["ratio_int4_hf"] = {"ttft_1_image_s": r["vila_edge_int4"]["ttft_1_image"]["median_s"]
                                   / r["hf"]["ttft_1_image"]["median_s"]}
+    group = Manifest.load(args.engine_int4).quant.get("group_size") if args.engine_int4 else None
+    r["roofline"] = roofline(r, read_checkpoint(args.checkpoint), args.engine_int4 if "llama_cpp" in r else None,
+                             isolated(rl.ceilings, threads, group))
     r["machine"]["loadavg_end"] = list(os.getloadavg())
     text = markdown(r)
     save_report(r, os.path.join(args.out, name), "peers", text)

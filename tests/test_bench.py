@@ -17,14 +17,15 @@ def test_bench_writes_json_markdown_and_plot(engine, tmp_path):
     out = tmp_path / "tiny"
     result = json.loads((out / "bench.json").read_text())
     assert {"machine", "vision", "ttft", "prefill", "decode", "memory", "host_copy_gbs",
-            "llm_weight_bytes", "kv_bytes_per_token"} <= result.keys()
+            "host_read_gbs", "llm_weight_bytes", "kv_bytes_per_token"} <= result.keys()
     assert {"cpu", "threads_used", "ram_bytes", "onnxruntime"} <= result["machine"].keys()
     assert {"p50_s", "p90_s"} <= result["vision"].keys()
     assert [t["images"] for t in result["ttft"]] == [1]
     assert [d["context"] for d in result["decode"]] == [32, 64]
     for d in result["decode"]:
-        assert {"tok_s", "achieved_gbs", "pct_of_host_copy", "orin_ceiling_tok_s"} <= d.keys()
+        assert {"tok_s", "achieved_gbs", "pct_of_host_copy", "pct_of_host_read", "orin_ceiling_tok_s"} <= d.keys()
         assert d["bytes_per_step"] == result["llm_weight_bytes"] + result["kv_bytes_per_token"] * d["context"]
+        assert d["pct_of_host_read"] == 100 * d["achieved_gbs"] / result["host_read_gbs"]
     assert result["memory"]["peak_rss_bytes"] > 0 and result["memory"]["device_bytes"] is None
     assert "| context | tok/s |" in (out / "bench.md").read_text()
     assert (out / "decode_vs_context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
