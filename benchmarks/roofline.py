@@ -10,23 +10,13 @@ A ratio against a peer only means something next to the ceiling both run under. 
     and the bytes one decode step reads (weights + KV of the context) for vila_edge and llama.cpp.
 Achieved = work / measured time. Bounds = work / ceiling.
 """
-import time
-
 import numpy as np
+
+from vila_edge.bench import best_seconds, host_read_gbs
 
 GEMM_SHAPE = (1024, 2560, 2560)           # M, K, N: a 3B-class prefill matmul
 GEMV_SHAPE = (2560, 6912)                 # K, N: a 3B-class MLP projection, one row
 GEMV_COPIES = 16                          # distinct weights, 16 x 9 MB: more than the last-level cache
-
-
-def _best_s(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def _session(nodes, inputs, outputs, inits, threads, domains=("",)):
@@ -55,7 +45,7 @@ def ort_gemm_ops(threads: int, int8: bool) -> float:
                             "MatMul", TensorProto.FLOAT, TensorProto.FLOAT)
     sess = _session([helper.make_node(op, ["x", "w"], ["y"])], [helper.make_tensor_value_info("x", xt, [m, k])],
                     [helper.make_tensor_value_info("y", yt, [m, n])], [numpy_helper.from_array(w, "w")], threads)
-    return 2 * m * k * n / _best_s(lambda: sess.run(None, {"x": x})) / 1e9
+    return 2 * m * k * n / best_seconds(lambda: sess.run(None, {"x": x})) / 1e9
 
 
 def torch_gemm_gflops(threads: int) -> float:
@@ -64,7 +54,7 @@ def torch_gemm_gflops(threads: int) -> float:
     torch.set_num_threads(threads)
     m, k, n = GEMM_SHAPE
     a, b = torch.ones(m, k), torch.randn(k, n, generator=torch.Generator().manual_seed(0))
-    return 2 * m * k * n / _best_s(lambda: a @ b) / 1e9
+    return 2 * m * k * n / best_seconds(lambda: a @ b) / 1e9
 
 
 def int4_gemv_gbs(threads: int, group: int) -> float:
@@ -85,12 +75,10 @@ def int4_gemv_gbs(threads: int, group: int) -> float:
                     domains=("", "com.microsoft"))
     x = rng.standard_normal((1, k), dtype=np.float32)
     nbytes = GEMV_COPIES * (n * k // 2 + n * (k // group) * 4)
-    return nbytes / _best_s(lambda: sess.run(None, {"x": x}), repeats=10) / 1e9
+    return nbytes / best_seconds(lambda: sess.run(None, {"x": x}), repeats=10) / 1e9
 
 
 def ceilings(threads: int, group: int | None) -> dict:
-    from vila_edge.bench import host_read_gbs
-
     out = {"threads": threads, "read_gbs": host_read_gbs(threads),
            "ort_fp32_gemm_gflops": ort_gemm_ops(threads, int8=False),
            "ort_int8_gemm_gops": ort_gemm_ops(threads, int8=True),

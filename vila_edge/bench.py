@@ -58,16 +58,22 @@ def machine_info(threads: int) -> dict:
             "loadavg_start": list(os.getloadavg())}
 
 
+def best_seconds(fn, repeats: int = 5) -> float:
+    """Fastest of `repeats` timed calls of fn(), after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def host_copy_gbs(nbytes: int = COPY_BYTES, repeats: int = 5) -> float:
     """Measured host memcpy bandwidth, GB/s counting bytes read + bytes written (STREAM 'copy')."""
     src = np.ones(nbytes // 8, np.float64)
     dst = np.zeros_like(src)            # both touched: no page faults inside the timed copies
-    times = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - t)
-    return 2 * nbytes / min(times[1:]) / 1e9
+    return 2 * nbytes / best_seconds(lambda: np.copyto(dst, src), repeats) / 1e9
 
 
 def host_read_gbs(threads: int, nbytes: int = COPY_BYTES, repeats: int = 5) -> float:
@@ -79,12 +85,7 @@ def host_read_gbs(threads: int, nbytes: int = COPY_BYTES, repeats: int = 5) -> f
     data = np.ones(nbytes // 8, np.int64)
     parts = np.array_split(data, threads)
     with ThreadPoolExecutor(threads) as pool:
-        times = []
-        for _ in range(repeats + 1):
-            t = time.perf_counter()
-            list(pool.map(np.add.reduce, parts))
-            times.append(time.perf_counter() - t)
-    return nbytes / min(times[1:]) / 1e9
+        return nbytes / best_seconds(lambda: list(pool.map(np.add.reduce, parts)), repeats) / 1e9
 
 
 def llm_weight_bytes(engine_dir: str, manifest: Manifest) -> int:
