@@ -166,8 +166,8 @@ def roofline(r: dict, spec, engine_int4: str | None, ceil: dict) -> dict:
             out["ttft_best_ratio_vs_hf"] = out["ttft_int8_bound_s"] / r["hf"]["ttft_1_image"]["median_s"]
     if engine_int4 and "llama_cpp" in r:
         m = Manifest.load(engine_int4)
-        ours_w, ours_kv = llm_weight_bytes(engine_int4, m), rl.kv_bytes_per_token(spec.llm, np.dtype(m.dtype).itemsize)
-        peer_w, peer_kv = rl.gguf_step_bytes(r["llama_cpp"]["gguf"]), rl.kv_bytes_per_token(spec.llm, 2)  # f16 KV
+        ours_w, ours_kv = llm_weight_bytes(engine_int4, m), rl.kv_bytes_per_token(spec.llm, m.dtype)
+        peer_w, peer_kv = rl.gguf_step_bytes(r["llama_cpp"]["gguf"]), rl.kv_bytes_per_token(spec.llm, "float16")  # llama.cpp KV
         for o, p in zip(r["vila_edge_int4"]["decode"], r["llama_cpp"]["decode"]):
             ctx = o["context"]
             ours_b, peer_b = ours_w + ours_kv * ctx, peer_w + peer_kv * ctx

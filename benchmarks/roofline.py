@@ -12,7 +12,9 @@ Achieved = work / measured time. Bounds = work / ceiling.
 """
 import numpy as np
 
+from export.onnx_graph import IR_VERSION, OPSET
 from vila_edge.bench import best_seconds, host_read_gbs
+from vila_edge.kv_cache import KVLayout
 
 GEMM_SHAPE = (1024, 2560, 2560)           # M, K, N: a 3B-class prefill matmul
 GEMV_SHAPE = (2560, 6912)                 # K, N: a 3B-class MLP projection, one row
@@ -24,8 +26,8 @@ def _session(nodes, inputs, outputs, inits, threads, domains=("",)):
     from onnx import helper
 
     graph = helper.make_graph(nodes, "ceiling", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, 21 if d == "" else 1) for d in domains])
-    model.ir_version = 10
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, OPSET if d == "" else 1) for d in domains])
+    model.ir_version = IR_VERSION
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -139,5 +141,6 @@ def gguf_step_bytes(path: str) -> int:
     return sum(tensors.values())
 
 
-def kv_bytes_per_token(llm, itemsize: int) -> int:
-    return llm.layers * 2 * llm.kv_heads * llm.head_dim * itemsize
+def kv_bytes_per_token(llm, dtype: str) -> int:
+    """KV bytes of one position of `llm` (an LLMSpec) in a cache of `dtype`."""
+    return KVLayout(llm.layers, llm.kv_heads, llm.head_dim, 1, dtype).bytes_per_token

@@ -6,9 +6,8 @@ Measures vision encode latency (p50/p90 per image, feature cache bypassed), pref
 first token with 1 and 4 images, decode tokens/s at several context lengths, peak host memory, and
 the memory bandwidth decode achieves: bytes read per step (LLM weights + the KV of the context) /
 step time, against the host's measured streaming-read and copy bandwidths and the Orin datasheet
-ceilings. Fixed seed,
-warm-up, repeated runs, medians. Writes bench.json, bench.md and decode_vs_context.png under
-benchmarks/results/<name>/. No torch; matplotlib (the `bench` extra) only for the plot.
+ceilings. Fixed seed, warm-up, repeated runs, medians. Writes bench.json, bench.md and
+decode_vs_context.png under benchmarks/results/<name>/. No torch; matplotlib (the `bench` extra) only for the plot.
 """
 import argparse
 import json
@@ -185,14 +184,12 @@ def bench_decode(llm, rng, hidden: int, ctx: int, steps: int, runs: int, warmup:
             "cpu_s_per_step": cpu / len(times), "fill": "synthetic" if synthetic else "prefill"}
 
 
-def add_bandwidth(row: dict, weight_bytes: int, kv_bytes_per_token: int, host_gbs: float,
-                  read_gbs: float | None = None) -> dict:
+def add_bandwidth(row: dict, weight_bytes: int, kv_bytes_per_token: int, host_gbs: float, read_gbs: float) -> dict:
     """Bytes per step = weights + KV of the context (reads; writes and a fragmented pool's gathered copy not counted)."""
     step_bytes = weight_bytes + kv_bytes_per_token * row["context"]
     row.update(bytes_per_step=step_bytes, achieved_gbs=step_bytes / row["step_s"] / 1e9)
     row["pct_of_host_copy"] = 100 * row["achieved_gbs"] / host_gbs
-    if read_gbs:
-        row["pct_of_host_read"] = 100 * row["achieved_gbs"] / read_gbs
+    row["pct_of_host_read"] = 100 * row["achieved_gbs"] / read_gbs
     row["orin_ceiling_tok_s"] = {k: bw * 1e9 / step_bytes for k, bw in ORIN_BANDWIDTH_GBS.items()}
     return row
 
