@@ -21,11 +21,11 @@ from export.onnx_vision import build_vision, tokens_per_image
 from vila_edge.errors import CheckpointError
 from vila_edge.families import MEDIA_TOKEN, get_family
 from vila_edge.manifest import FORMAT_VERSION, LLMInfo, Manifest, TokenInfo, VisionInfo
+from vila_edge.targets import TARGETS
 from vila_edge.templates import get_template
 from vila_edge.version import __version__
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
-TARGETS = ("cpu",)
 MEDIA_TOKENS = ("<image>", "<vila/video>", "<vila/sentinel>")
 FILES = {"vision": "vision.onnx", "llm": "llm.onnx", "embeddings": "embed_tokens.npy",
          "tokenizer": "tokenizer.json", "report": "export_report.json"}

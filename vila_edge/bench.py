@@ -101,6 +101,14 @@ def peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(l.split()[1] for l in f if l.startswith("VmRSS"))) * 1024
+    except (OSError, StopIteration):
+        return 0
+
+
 def random_images(rng, n: int, size: int) -> list:
     """Distinct noise images (HWC uint8): every one misses the vision cache and the prefix cache."""
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
@@ -212,6 +220,7 @@ def run(args) -> dict:
     per_image = m.vision.tokens_per_image * (1 if m.vision.image_mode != "dynamic" else m.vision.max_tiles + 1)
     need = max(max(args.contexts, default=0) + decode_tokens + 1, max(args.images, default=0) * per_image + 256)
     max_context = min(need, m.llm.max_positions)
+    rss_before_load = current_rss_bytes()
     t = time.perf_counter()
     pipe = Pipeline(args.engine, threads=threads, max_context=max_context, kv=kv_config(m, max_context))
     load_s = time.perf_counter() - t
@@ -220,7 +229,6 @@ def run(args) -> dict:
            "model": {"family": m.family, "dtype": m.dtype, "quant": m.quant.get("method"),
                      "llm_layers": m.llm.layers, "llm_hidden": m.llm.hidden, "kv_heads": m.llm.kv_heads},
            "load_s": load_s, "rss_after_load_bytes": peak_rss_bytes()}
-    out["host_copy_gbs"], out["host_read_gbs"] = host_copy_gbs(), host_read_gbs(threads)
     out["vision"] = bench_vision(pipe, rng, args.repeats * 2, args.warmup)
     out["ttft"] = [bench_ttft(pipe, rng, n, args.repeats, args.warmup) for n in args.images
                    if n * out["vision"]["tokens_per_image"] + 128 < max_context]
@@ -229,17 +237,22 @@ def run(args) -> dict:
     out["prefill"] = bench_prefill(pipe.llm, rng, hidden, prefill_tokens, args.repeats, args.warmup)
     weights = llm_weight_bytes(args.engine, m)
     out["llm_weight_bytes"], out["kv_bytes_per_token"] = weights, layout.bytes_per_token
-    out["decode"] = []
+    rows = []
     for ctx in args.contexts:
         if ctx + decode_tokens >= max_context:
             continue
         synthetic = args.fill == "synthetic" or (
             args.fill == "auto" and ctx / out["prefill"]["tok_s"] > args.max_fill_s)
-        row = bench_decode(pipe.llm, rng, hidden, ctx, args.decode_steps, args.repeats, args.warmup, synthetic)
-        out["decode"].append(add_bandwidth(row, weights, layout.bytes_per_token, out["host_copy_gbs"],
-                                           out["host_read_gbs"]))
-    out["memory"] = {"peak_rss_bytes": peak_rss_bytes(), "kv_pool_bytes": pipe.llm.pool.nbytes,
+        rows.append(bench_decode(pipe.llm, rng, hidden, ctx, args.decode_steps, args.repeats, args.warmup, synthetic))
+    # Memory is read before the host bandwidth probes, whose buffers (COPY_BYTES each) would
+    # otherwise be the process's peak; engine_peak_bytes leaves out the interpreter and libraries.
+    peak = peak_rss_bytes()
+    out["memory"] = {"peak_rss_bytes": peak, "rss_before_load_bytes": rss_before_load,
+                     "engine_peak_bytes": peak - rss_before_load, "kv_pool_bytes": pipe.llm.pool.nbytes,
                      "device_bytes": None, "device_note": "n/a: CPU execution provider"}
+    out["host_copy_gbs"], out["host_read_gbs"] = host_copy_gbs(), host_read_gbs(threads)
+    out["decode"] = [add_bandwidth(row, weights, layout.bytes_per_token, out["host_copy_gbs"], out["host_read_gbs"])
+                     for row in rows]
     out["machine"]["loadavg_end"] = list(os.getloadavg())
     return out
 
@@ -262,8 +275,9 @@ def markdown(r: dict) -> str:
     for t in r["ttft"]:
         lines.append(f"| time to first token, {t['images']} image(s), {t['prompt_tokens']} prompt tokens "
                      f"| {t['median_s'] * 1e3:.1f} ms |")
-    lines += [f"| host RSS after load / peak | {r['rss_after_load_bytes'] / mib:.0f} / "
+    lines += [f"| host RSS after load / peak (before the bandwidth probes) | {r['rss_after_load_bytes'] / mib:.0f} / "
               f"{r['memory']['peak_rss_bytes'] / mib:.0f} MiB |",
+              f"| engine peak (peak RSS - RSS before load) | {r['memory']['engine_peak_bytes'] / mib:.0f} MiB |",
               f"| KV pool | {r['memory']['kv_pool_bytes'] / mib:.0f} MiB |",
               "| device memory | n/a (CPU) |",
               f"| LLM weights read per step | {r['llm_weight_bytes'] / mib:.1f} MiB |",
@@ -331,20 +345,21 @@ def _ints(text: str) -> list:
 
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The bench flags, on `ap` (the `vila-edge bench` subparser, or this module's own parser)."""
-    ap.add_argument("engine")
+    ap.add_argument("engine", help="engine directory to measure")
     ap.add_argument("--name", default=None, help="results folder name (default: the engine folder's name)")
-    ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    ap.add_argument("--out", default=os.path.join("benchmarks", "results"), help="results root (default benchmarks/results)")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all CPUs)")
-    ap.add_argument("--contexts", type=_ints, default=[128, 512, 1024, 2048])
+    ap.add_argument("--contexts", type=_ints, default=[128, 512, 1024, 2048],
+                    help="comma-separated context lengths for decode tokens/s (default 128,512,1024,2048)")
     ap.add_argument("--images", type=_ints, default=[1, 4], help="image counts for time to first token")
-    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--prefill-tokens", type=int, default=512, help="prompt tokens of the prefill measure")
     ap.add_argument("--decode-steps", type=int, default=16, help="decode steps per run")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per measure (medians reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before each measure")
     ap.add_argument("--fill", choices=["auto", "prefill", "synthetic"], default="auto",
                     help="how decode contexts are built; auto: synthetic when prefill would exceed --max-fill-s")
-    ap.add_argument("--max-fill-s", type=float, default=20.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-fill-s", type=float, default=20.0, help="longest real prefill allowed to fill a context")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random images and tokens")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. 'shared machine')")
     return ap
 

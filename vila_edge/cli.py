@@ -1,44 +1,163 @@
-"""vila-edge command line: chat with an engine, export a checkpoint, write fixtures, evaluate.
+"""vila-edge command line. Every user error is one line on stderr and exit status 2.
 
-    vila-edge chat ENGINE_DIR --image photo.jpg "What is on the table?"
+    vila-edge chat bundled "What color is the square?" --image models/vila-tiny-shapes/examples/color.png
+    vila-edge chat ENGINE_OR_CHECKPOINT "What is on the table?" --image photo.jpg -i
     vila-edge export CHECKPOINT OUT [--dtype fp16] [--quant none|rtn|awq] [--lm-head-bits 8|4|0]
     vila-edge fixture OUT --kind nvila-lite
+    vila-edge bench ENGINE_DIR
+
+Each subcommand is one `add_<name>(sub)` function that registers its parser and its handler, so
+new ones (plan, serve) are added beside the others without touching them.
 """
 import argparse
+import dataclasses
 import sys
 
 from vila_edge.errors import VilaEdgeError
+from vila_edge.version import __version__
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block) with exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"vila-edge: error: {' '.join(str(message).split())}\n")
+
+
+def _defaults(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def _number(kind, low=None, high=None, low_open=False):
+    """An argparse type: `kind` within [low, high] ((low, high] when low_open); argparse names the flag."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value != value or (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and value > high):
+            span = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, " \
+                   f"{high if high is not None else 'inf'}{']' if high is not None else ')'}"
+            raise argparse.ArgumentTypeError(f"must be in {span}, got {text}")
+        return value
+    return parse
+
+
+# ---------------------------------------------------------------------------------------------- chat
+
+def add_chat(sub) -> None:
+    from vila_edge.llm import KVConfig
+    from vila_edge.pipeline import DEFAULT_CONTEXT
+    from vila_edge.sampling import GenerationConfig
+    g, kv = _defaults(GenerationConfig), _defaults(KVConfig)
+    c = sub.add_parser("chat", help="ask about images or a video with an engine, a checkpoint or the bundled model",
+                       description="Ask about images or a video. In --interactive mode: /image PATH and /video "
+                                   "PATH add media to the next question, /clear starts over, /quit (or exit, "
+                                   "Ctrl-D) leaves; blank lines are ignored.")
+    c.add_argument("model", help="engine directory, checkpoint directory (exported once into the cache), "
+                                 "or 'bundled' for the bundled vila-tiny-shapes model")
+    c.add_argument("prompt", nargs="?", help="the question (optional with --interactive)")
+    c.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file (repeat for several images)")
+    c.add_argument("--video", metavar="PATH", help="a video file (needs the [video] extra), GIF or folder of frames")
+    c.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
+    c.add_argument("--max-new-tokens", type=_number(int, 1), default=g["max_new_tokens"],
+                   help=f"most tokens to generate, >= 1 (default {g['max_new_tokens']})")
+    c.add_argument("--temperature", type=_number(float, 0), default=g["temperature"],
+                   help=f"sampling temperature, >= 0; 0 = greedy (default {g['temperature']})")
+    c.add_argument("--top-k", type=_number(int, 0), default=g["top_k"],
+                   help=f"sample among the k likeliest tokens, >= 0; 0 = off (default {g['top_k']})")
+    c.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=g["top_p"],
+                   help=f"nucleus sampling mass, in (0, 1]; 1 = off (default {g['top_p']})")
+    c.add_argument("--repetition-penalty", type=_number(float, 0, low_open=True),
+                   default=g["repetition_penalty"], help=f"> 0; 1 = off (default {g['repetition_penalty']})")
+    c.add_argument("--seed", type=int, default=g["seed"], help="sampling seed (default: random)")
+    c.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the answer contains TEXT (repeatable; the model's stop tokens always apply)")
+    c.add_argument("--threads", type=_number(int, 1), default=None,
+                   help="ONNX Runtime threads (default: all CPUs)")
+    c.add_argument("--block-size", type=_number(int, 1), default=kv["block_size"],
+                   help=f"KV cache block size in tokens (default {kv['block_size']})")
+    c.add_argument("--max-context", type=_number(int, 1), default=None,
+                   help=f"context length in tokens (default {DEFAULT_CONTEXT}, capped by the model)")
+    from vila_edge.kv_budget import ALIASES, TARGETS
+    c.add_argument("--kv-budget", type=_kv_budget, default=kv["budget"], metavar="SIZE",
+                   help=f"KV pool size: bytes ('512MiB', '2GB') or a device (choices: "
+                        f"{', '.join(sorted([*TARGETS, *ALIASES]))}); default: room for a few full contexts")
+    c.add_argument("--interactive", "-i", action="store_true", help="keep asking follow-up questions")
+    c.add_argument("--stats", action="store_true", help="print each turn's statistics to stderr as one JSON line")
+    c.add_argument("--json", action="store_true",
+                   help="print each turn as one JSON object {answer, stats} on stdout instead of streaming text")
+    c.set_defaults(func=_chat)
+
+
+def _kv_budget(text: str) -> str:
+    from vila_edge.kv_budget import parse_budget
+    try:
+        parse_budget(text)
+    except VilaEdgeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _chat(args) -> int:
-    from vila_edge.llm import KVConfig
-    from vila_edge.pipeline import Pipeline
+    from vila_edge.chat_session import ChatSession
+    if args.prompt is None and not args.interactive:
+        raise_usage("chat needs a prompt (or --interactive)")
+    return ChatSession(args).run()
 
-    pipe = Pipeline(args.engine, threads=args.threads, max_context=args.max_context,
-                    kv=KVConfig(block_size=args.block_size, budget=args.kv_budget))
-    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    conv = pipe.conversation(args.system)
-    prompt = args.prompt
-    images = args.image or None
-    while True:
-        for piece in conv.stream(images, prompt, video=args.video, **gen):
-            print(piece, end="", flush=True)
-        print()
-        if args.stats:
-            print(conv.last_stats, file=sys.stderr)
-        if not args.interactive:
-            conv.close()
-            return 0
-        try:
-            prompt = input("> ")
-        except EOFError:
-            conv.close()
-            return 0
-        images, args.video = None, None
+
+def raise_usage(message: str):
+    from vila_edge.errors import UsageError
+    raise UsageError(message)
+
+
+# -------------------------------------------------------------------------------------------- export
+
+def _target(text: str) -> str:
+    from vila_edge.targets import TARGETS, UNSUPPORTED
+    if text in TARGETS:
+        return text
+    if text in UNSUPPORTED:
+        raise argparse.ArgumentTypeError(f"{text}: {UNSUPPORTED[text]}")
+    raise argparse.ArgumentTypeError(f"{text!r} unknown; choices: {', '.join(TARGETS)}")
+
+
+def add_export(sub) -> None:
+    from vila_edge.targets import TARGETS
+    e = sub.add_parser("export", help="checkpoint -> engine directory (needs the [export] extra: torch)")
+    e.add_argument("checkpoint", help="VILA checkpoint directory (config.json, llm/, vision_tower/, mm_projector/)")
+    e.add_argument("out", help="engine directory to write (replaced only when the new one is complete)")
+    e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="activation and weight dtype")
+    e.add_argument("--quant", choices=["none", "rtn", "awq"], default="none",
+                   help="4-bit LLM weights: none, round-to-nearest, or AWQ (calibrated)")
+    e.add_argument("--group-size", type=_number(int, 1), default=128,
+                   help="int4 quantization group size (default 128)")
+    e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
+                   help="lm_head with --quant rtn/awq: symmetric int8 (default), int4, or 0 = float")
+    e.add_argument("--target", type=_target, default="cpu",
+                   help=f"engine target (choices: {', '.join(TARGETS)}; orin TensorRT engines are not built yet)")
+    e.add_argument("--template", default=None, help="override the chat template (e.g. vicuna_v1, llama_3, auto)")
+    e.add_argument("--token-order", choices=["row", "column"], default=None,
+                   help="override the mlp_downsample token order (default from the checkpoint era)")
+    e.add_argument("--calib-dir", default=None, help="AWQ calibration images (+ prompts.txt, one per line)")
+    e.add_argument("--max-ppl-increase", type=_number(float, 0), default=25.0,
+                   help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text)")
+    e.add_argument("--min-top1", type=_number(float, 0, 1), default=0.80,
+                   help="... or top-1 agreement falls below this")
+    e.add_argument("--no-quality-floor", action="store_true", help="write the quality report but never stop")
+    e.add_argument("--eval-tokens", type=_number(int, 1), default=4096,
+                   help="held-out text tokens of the 4-bit quality report (a float and a quantized pass over "
+                        "them; on a CPU a 3B model takes ~10 min per 4096)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_export)
 
 
 def _export(args) -> int:
+    from vila_edge.extras import require_extra
+    require_extra("export", "vila-edge export")
     from export.build import ExportOptions, export_engine
 
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
@@ -51,68 +170,50 @@ def _export(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ fixture, bench
+
+def add_fixture(sub) -> None:
+    f = sub.add_parser("fixture", help="write a random-weight checkpoint in the real VILA layout ([export] extra)")
+    f.add_argument("out", help="checkpoint directory to write")
+    f.add_argument("--kind", choices=["vila1.5", "vila1.5-llama3", "nvila-lite"], default="vila1.5",
+                   help="model family and LLM")
+    f.add_argument("--shape", default="tiny", help="size preset (e.g. tiny, tiny-448, vila1.5-3b)")
+    f.add_argument("--projector", default=None, help="projector type (default: the kind's usual one)")
+    f.set_defaults(func=_fixture)
+
+
 def _fixture(args) -> int:
+    from vila_edge.extras import require_extra
+    require_extra("export", "vila-edge fixture")
     from export.fixtures import main
     return main([args.out, "--kind", args.kind, "--shape", args.shape] +
                 (["--projector", args.projector] if args.projector else [])) or 0
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vila-edge", description="VILA vision-language models on the edge")
-    sub = ap.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("chat", help="chat about images with an engine directory")
-    c.add_argument("engine")
-    c.add_argument("prompt")
-    c.add_argument("--image", action="append", help="an image path (repeat for several images)")
-    c.add_argument("--video", help="a video file, GIF or folder of frames")
-    c.add_argument("--system", default=None)
-    c.add_argument("--max-new-tokens", type=int, default=128)
-    c.add_argument("--temperature", type=float, default=0.0)
-    c.add_argument("--top-k", type=int, default=0)
-    c.add_argument("--top-p", type=float, default=1.0)
-    c.add_argument("--repetition-penalty", type=float, default=1.0)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--threads", type=int, default=None)
-    c.add_argument("--block-size", type=int, default=16)
-    c.add_argument("--max-context", type=int, default=None, help="context length in tokens (default 4096)")
-    c.add_argument("--kv-budget", default=None,
-                   help="KV pool size: bytes ('512MiB') or a device (orin-nano, orin-nx, agx-orin-32gb, agx-orin-64gb)")
-    c.add_argument("--interactive", "-i", action="store_true", help="keep asking follow-up questions")
-    c.add_argument("--stats", action="store_true", help="print timing and cache statistics to stderr")
-    c.set_defaults(func=_chat)
-    e = sub.add_parser("export", help="checkpoint -> engine directory (needs the export extras: torch)")
-    e.add_argument("checkpoint")
-    e.add_argument("out")
-    e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
-    e.add_argument("--quant", choices=["none", "rtn", "awq"], default="none")
-    e.add_argument("--group-size", type=int, default=128)
-    e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
-                   help="lm_head with --quant rtn/awq: symmetric int8 (default), int4, or 0 = float")
-    e.add_argument("--target", default="cpu")
-    e.add_argument("--template", default=None, help="override the chat template")
-    e.add_argument("--token-order", choices=["row", "column"], default=None,
-                   help="override the mlp_downsample token order (default from the checkpoint era)")
-    e.add_argument("--calib-dir", default=None, help="AWQ calibration images (+ prompts.txt, one per line)")
-    e.add_argument("--max-ppl-increase", type=float, default=25.0,
-                   help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text)")
-    e.add_argument("--min-top1", type=float, default=0.80, help="... or top-1 agreement falls below this")
-    e.add_argument("--no-quality-floor", action="store_true", help="write the quality report but never stop")
-    e.add_argument("--eval-tokens", type=int, default=4096,
-                   help="held-out text tokens of the 4-bit quality report (a float and a quantized pass over "
-                        "them; on a CPU a 3B model takes ~10 min per 4096)")
-    e.add_argument("--quiet", action="store_true")
-    e.set_defaults(func=_export)
-    f = sub.add_parser("fixture", help="write a random-weight checkpoint in the real VILA layout")
-    f.add_argument("out")
-    f.add_argument("--kind", default="vila1.5")
-    f.add_argument("--shape", default="tiny")
-    f.add_argument("--projector", default=None)
-    f.set_defaults(func=_fixture)
+def add_bench(sub) -> None:
     from vila_edge import bench
-    b = sub.add_parser("bench", help="measure an engine: latency, tokens/s, memory, decode GB/s",
+    b = sub.add_parser("bench", help="measure an engine: latency, tokens/s, memory, decode GB/s ([bench] extra)",
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(b)
-    b.set_defaults(func=bench.run_cli)
+    b.set_defaults(func=_bench)
+
+
+def _bench(args) -> int:
+    from vila_edge import bench
+    from vila_edge.extras import require_extra
+    require_extra("bench", "vila-edge bench")
+    return bench.run_cli(args)
+
+
+SUBCOMMANDS = [add_chat, add_export, add_fixture, add_bench]
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = Parser(prog="vila-edge", description="VILA vision-language models on the edge")
+    ap.add_argument("--version", action="version", version=f"vila-edge {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
     return ap
 
 
@@ -121,8 +222,11 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except VilaEdgeError as e:
-        print(f"vila-edge: error: {e}", file=sys.stderr)
+        print(f"vila-edge: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("vila-edge: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -23,3 +23,11 @@ class PromptError(VilaEdgeError):
 
 class KVCacheFull(VilaEdgeError):
     """The KV pool has no room for a request (see the message for the numbers)."""
+
+
+class MissingExtraError(VilaEdgeError):
+    """An optional feature needs an extra that is not installed (the message names the pip command)."""
+
+
+class UsageError(VilaEdgeError, ValueError):
+    """A command-line or API option has a value outside its accepted range."""

@@ -1,8 +1,8 @@
 """Pipeline: the user-facing entry. images + prompt -> preprocess -> vision -> splice -> LLM -> text.
 
-    pipe = Pipeline("engines/vila-tiny")
+    pipe = Pipeline()                                   # the bundled model; or an engine or checkpoint dir
     pipe.chat("photo.jpg", "What is on the table?")
-    pipe.chat(["Compare", img_a, "with", img_b, "- what moved?"])
+    pipe.chat(["Compare ", Image(img_a), " with ", Image(img_b), " - what moved?"])   # vila_edge.parts
     conv = pipe.conversation(); conv.send(frame, "Where is the cup?"); conv.send(None, "And now?")
 """
 import itertools
@@ -14,25 +14,20 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from vila_edge.backend import OrtSession
+from vila_edge.cache import resolve_engine
 from vila_edge.errors import PromptError
 from vila_edge.families import get_family
 from vila_edge.llm import KVConfig, LLMEngine
 from vila_edge.manifest import Manifest
-from vila_edge.preprocess import PixelSpec, load_video
+from vila_edge.parts import image_list, join_parts
+from vila_edge.preprocess import PixelSpec
 from vila_edge.sampling import GenerationConfig, Sampler
+from vila_edge.sources import sample_frames
 from vila_edge.splice import IMAGE_POSITION, PLACEHOLDER, Splicer
 from vila_edge.templates import get_template
 from vila_edge.vision import VisionEncoder
 
 DEFAULT_CONTEXT = 4096
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
-def _is_image_part(part) -> bool:
-    """In a parts list a string is text, unless it names an existing image file."""
-    if not isinstance(part, str):
-        return True
-    return part.lower().endswith(IMAGE_EXTS) and os.path.isfile(part)
 
 
 def engine_template(engine_dir: str, m: Manifest):
@@ -45,8 +40,12 @@ def engine_template(engine_dir: str, m: Manifest):
 
 
 class Pipeline:
-    def __init__(self, engine_dir: str, *, threads: int | None = None, max_context: int | None = None,
-                 kv: KVConfig | None = None, int4_accuracy_level: int = 4):
+    def __init__(self, model: str | os.PathLike | None = None, *, threads: int | None = None,
+                 max_context: int | None = None, kv: KVConfig | None = None, int4_accuracy_level: int = 4,
+                 export_options: dict | None = None, progress: bool = True):
+        """`model`: None (the bundled model), an engine directory, or a checkpoint directory, exported
+        once (with `export_options`, e.g. {"dtype": "fp16"}) into a cache (vila_edge/cache.py)."""
+        engine_dir = resolve_engine(model, export_options, progress)
         m = self.manifest = Manifest.load(engine_dir)
         self.engine_dir = engine_dir
         self.family = get_family(m.family)
@@ -82,29 +81,31 @@ class Pipeline:
     def conversation(self, system: str | None = None) -> "Conversation":
         return Conversation(self, system)
 
+    def watch(self, source, prompt: str, *, every_s: float = 1.0, window: int = 8, interval_s: float = 0.0, **gen):
+        """Yield a WatchAnswer every `every_s` seconds of a Camera, a video file/URL/device or an
+        iterable of frames, about its last `window` frames (vila_edge/watch.py)."""
+        from vila_edge.watch import watch
+        return watch(self, source, prompt, every_s, window, interval_s, **gen)
+
     def new_seq_id(self) -> int:
         with self._ids_lock:
             return next(self._seq_ids)
 
     def user_message(self, images, prompt, video) -> tuple:
-        """(text with one <image> per image, [image sources]) from the accepted input forms."""
-        if prompt is None and isinstance(images, (list, tuple)) and any(isinstance(p, str) for p in images):
-            text, sources = "", []
-            for part in images:
-                if _is_image_part(part):
-                    text += self.family.part_text
-                    sources.append(part)
-                else:
-                    text += part
+        """(text with one <image> per image, [image sources]) from the accepted input forms: images +
+        prompt, or a parts list with no prompt (typed as vila_edge/parts.py says); `video` any
+        source sources.sample_frames takes (file, folder, frame list or iterator, Camera)."""
+        if prompt is None and isinstance(images, (list, tuple)):
+            text, sources = join_parts(images, self.family.part_text)
         else:
             if prompt is None:
                 raise PromptError("no prompt: pass a prompt string, or a list of text and image parts")
-            sources = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+            sources = image_list(images)
             text = prompt
             if sources and PLACEHOLDER not in text:
                 text = self.family.part_text * len(sources) + text
         if video is not None:
-            frames = load_video(video, self.manifest.num_video_frames)
+            frames = sample_frames(video, self.manifest.num_video_frames)
             text = self.family.part_text * len(frames) + text    # frames come first, as VILA's video prompts
             sources = frames + sources
         return text, sources
@@ -178,10 +179,11 @@ class Conversation:
         stops = set(tokens.stop_ids)
         history, out_ids, shown, text = list(sp.ids[sp.ids >= 0]), [], 0, ""
         hold = max((len(s) for s in cfg.stop), default=1) - 1
-        t_first, reason = None, "length"
+        t_first, t_last, sampled, reason = None, None, 0, "length"
         for step in range(budget):
             nxt = sampler(logits, np.asarray(history, np.int64))
-            t_first = t_first or time.perf_counter()
+            t_last, sampled = time.perf_counter(), sampled + 1
+            t_first = t_first or t_last
             if nxt in stops:
                 reason = "stop"
                 break
@@ -208,10 +210,12 @@ class Conversation:
             yield text[shown:]
         t_end = time.perf_counter()
         self.last_ids = out_ids
+        # Decode speed: tokens sampled after the first (a final stop token included, since computing
+        # it took a decode step) per second between the first and the last; None when no decode
+        # step ran (max_new_tokens=1).
         self.last_stats = {"finish_reason": reason, "new_tokens": len(out_ids),
                            "ttft_s": (t_first or t_end) - t0,
-                           "decode_tok_s": (len(out_ids) - 1) / (t_end - t_first) if t_first and len(out_ids) > 1
-                           and t_end > t_first else 0.0}
+                           "decode_tok_s": (sampled - 1) / (t_last - t_first) if sampled > 1 else None}
         return text
 
     def close(self) -> None:

@@ -1,0 +1,144 @@
+"""Which engine a `Pipeline(model)` runs: the bundled one, an engine directory, or a checkpoint
+exported once into a cache.
+
+    Pipeline()                      -> the bundled engine (vila_edge/bundled/, shipped as package data)
+    Pipeline("engines/x")           -> that engine directory (it has a manifest.json)
+    Pipeline("models/ckpt")         -> exported on first use into $XDG_CACHE_HOME/vila_edge/engines/<key>
+                                       (~/.cache/vila_edge/... without XDG_CACHE_HOME); later calls reuse it
+
+The cache key hashes the checkpoint's content (every file's relative path and bytes), the export
+options and the exporter's version and engine format, so an edited checkpoint, other options or a
+new vila_edge each get their own engine. Hashing a multi-GB checkpoint takes seconds, so digests
+are remembered per (path, size, mtime) in hashes.json next to the engines.
+"""
+import hashlib
+import json
+import os
+
+from vila_edge.errors import CheckpointError, EngineError
+from vila_edge.extras import require_extra
+from vila_edge.manifest import FORMAT_VERSION, MANIFEST
+from vila_edge.version import __version__
+
+BUNDLED_NAME = "vila-tiny-shapes"
+BUNDLED_ENGINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled", BUNDLED_NAME)
+# The bundled engine's checkpoint in a source checkout (not installed with the package).
+BUNDLED_CHECKPOINT = os.path.join(os.path.dirname(BUNDLED_ENGINE), "..", "..", "models", BUNDLED_NAME)
+BUNDLED_EXPORT = {"dtype": "fp16"}      # answers equal the fp32 engine's (tests/test_first_hour.py)
+CHUNK = 1 << 20
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vila_edge")
+
+
+def is_checkpoint(path: str) -> bool:
+    """A VILA checkpoint in NVIDIA's layout: config.json beside an llm/ folder."""
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "llm"))
+
+
+def resolve_engine(model: str | os.PathLike | None = None, export_options: dict | None = None,
+                   progress: bool = True) -> str:
+    """The engine directory to load for `model` (see the module docstring), exporting if needed."""
+    if model is None:
+        return bundled_engine(progress)
+    path = os.fspath(model)
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        if export_options:
+            raise EngineError(f"{path}: export options were given but this is an engine directory, already "
+                              f"exported; pass its checkpoint directory instead")
+        return path
+    if is_checkpoint(path):
+        return cached_export(path, export_options or {}, progress)
+    if not os.path.exists(path):
+        raise EngineError(f"{path}: no such engine or checkpoint directory")
+    raise EngineError(f"{path}: neither an engine directory (no {MANIFEST}) nor a VILA checkpoint "
+                      f"(config.json + llm/, vision_tower/, mm_projector/)")
+
+
+def bundled_engine(progress: bool = True) -> str:
+    """The shipped engine; in a source checkout whose shipped engine a newer engine format has made
+    stale, the bundled checkpoint exported into the cache instead (needs the export extra)."""
+    from vila_edge.manifest import Manifest
+    try:
+        Manifest.load(BUNDLED_ENGINE)
+        return BUNDLED_ENGINE
+    except EngineError as stale:
+        if not is_checkpoint(BUNDLED_CHECKPOINT):
+            raise EngineError(f"the bundled engine cannot be loaded ({stale}); reinstall vila-edge") from stale
+        return cached_export(os.path.normpath(BUNDLED_CHECKPOINT), dict(BUNDLED_EXPORT), progress)
+
+
+def cache_key(checkpoint: str, export_options: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"options": export_options, "exporter": __version__, "format": FORMAT_VERSION},
+                        sort_keys=True).encode())
+    h.update(checkpoint_digest(checkpoint).encode())
+    return h.hexdigest()[:24]
+
+
+def cached_export(checkpoint: str, export_options: dict, progress: bool = True) -> str:
+    """Export `checkpoint` into the cache unless an engine for its content + options is there."""
+    out = os.path.join(cache_dir(), "engines", cache_key(checkpoint, export_options))
+    if os.path.isfile(os.path.join(out, MANIFEST)):
+        return out
+    require_extra("export", f"{checkpoint}: exporting a checkpoint")
+    from export.build import ExportOptions, export_engine
+    try:
+        opts = ExportOptions(progress=progress, **export_options)
+    except TypeError as e:
+        raise CheckpointError(f"export options {sorted(export_options)}: {e}") from e
+    if progress:
+        print(f"vila_edge: exporting {checkpoint} -> {out} (once; later runs reuse it)", flush=True)
+    export_engine(checkpoint, out, opts)
+    return out
+
+
+def _files(root: str) -> list:
+    """(relative path, size, mtime_ns) of every file under root, sorted; hidden files skipped."""
+    out = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        for n in sorted(names):
+            if not n.startswith("."):
+                st = os.stat(os.path.join(d, n))
+                out.append((os.path.relpath(os.path.join(d, n), root), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def checkpoint_digest(root: str) -> str:
+    """sha256 over every file's relative path and bytes; remembered per file list + stat."""
+    files = _files(root)
+    memo_path = os.path.join(cache_dir(), "hashes.json")
+    stamp = hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    memo = _read_memo(memo_path)
+    key = os.path.abspath(root)
+    if memo.get(key, {}).get("stamp") == stamp:
+        return memo[key]["digest"]
+    h = hashlib.sha256()
+    for rel, _, _ in files:
+        h.update(rel.encode() + b"\0")
+        with open(os.path.join(root, rel), "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+    memo[key] = {"stamp": stamp, "digest": h.hexdigest()}
+    _write_memo(memo_path, memo)
+    return memo[key]["digest"]
+
+
+def _read_memo(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            memo = json.load(f)
+        return memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        return {}      # a missing or damaged memo only costs a re-hash
+
+
+def _write_memo(path: str, memo: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(memo, f)
+    os.replace(tmp, path)
