@@ -2,6 +2,8 @@
 PYTHON   ?= python3
 VENV     ?= .venv
 BIN      := $(VENV)/bin
+# `make demo` needs only the runtime (numpy, pillow, tokenizers, onnxruntime, jinja2): no torch.
+RUNTIME_VENV ?= .venv-runtime
 # Export and tests use torch on the CPU; pinning it keeps pip from pulling the CUDA build.
 TORCH    ?= torch==2.13.0
 # The bundled default model: VILA1.5's architecture trained on shape scenes (export/train_tiny.py).
@@ -15,7 +17,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean
+.PHONY: help setup runtime bundled-engine demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean
 
 help:  ## list every command
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,9 +42,19 @@ fixture: setup  ## write a random-weight checkpoint: make fixture FIXTURE=build/
 engines: setup  ## checkpoint -> engine dir: make engines CHECKPOINT=dir OUT=engines/name TARGET=cpu DTYPE=fp32|fp16 QUANT=none|rtn|awq LM_HEAD_BITS=8|4|0
 	$(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --target $(TARGET) --dtype $(DTYPE) --quant $(QUANT) $(if $(LM_HEAD_BITS),--lm-head-bits $(LM_HEAD_BITS))
 
-demo: setup  ## chat about a bundled example image with the bundled model (expected answer: green)
-	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
-	$(BIN)/vila-edge chat $(OUT) --image $(IMAGE) "$(PROMPT)" --max-new-tokens 32 --stats
+$(RUNTIME_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/python -m pip install -q --upgrade pip
+	$(RUNTIME_VENV)/bin/python -m pip install -q -e .
+	touch $@
+
+runtime: $(RUNTIME_VENV)/.installed  ## create .venv-runtime with the runtime only (pip install -e ., no torch)
+
+demo: runtime  ## ask the bundled model about a bundled example image, runtime only (expected answer: green)
+	$(RUNTIME_VENV)/bin/vila-edge chat bundled --image $(IMAGE) "$(PROMPT)" --max-new-tokens 32 --stats
+
+bundled-engine: setup  ## regenerate the engine shipped in vila_edge/bundled/ (after an engine format or exporter change)
+	$(BIN)/python -m export.bundle
 
 chat: setup  ## chat with an engine: make chat OUT=engines/name IMAGE=x.png PROMPT="..."
 	$(BIN)/vila-edge chat $(OUT) --image $(IMAGE) "$(PROMPT)" -i

@@ -24,6 +24,21 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"vila-edge: error: {' '.join(str(message).split())}\n")
 
 
+class IntermixedParser(Parser):
+    """Positionals and options in any order (`chat MODEL --image x.png "prompt"`): plain argparse
+    binds the optional PROMPT as absent when it first sees MODEL alone."""
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside:
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def _defaults(cls) -> dict:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
@@ -90,6 +105,7 @@ def add_chat(sub) -> None:
     c.add_argument("--stats", action="store_true", help="print each turn's statistics to stderr as one JSON line")
     c.add_argument("--json", action="store_true",
                    help="print each turn as one JSON object {answer, stats} on stdout instead of streaming text")
+    c.__class__ = IntermixedParser     # add_parser builds every subparser with the parent's class
     c.set_defaults(func=_chat)
 
 

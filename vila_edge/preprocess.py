@@ -133,37 +133,7 @@ def frame_indices(total: int, wanted: int) -> np.ndarray:
 
 
 def load_video(src, num_frames: int) -> list:
-    """A list of frames (images/arrays/paths), a directory of images, an animated GIF, or a video
-    file (needs the optional `av` package) -> `num_frames` PIL images."""
-    if isinstance(src, (list, tuple)):
-        frames = list(src)
-        return [load_image(frames[i]) for i in frame_indices(len(frames), num_frames)]
-    path = os.fspath(src)
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
-        return load_video([os.path.join(path, n) for n in names], num_frames)
-    if not os.path.isfile(path):
-        raise ImageError(f"{path}: video not found")
-    if path.lower().endswith(".gif"):
-        with Image.open(path) as gif:
-            total = getattr(gif, "n_frames", 1)
-            frames = []
-            for i in frame_indices(total, num_frames):
-                gif.seek(int(i))
-                frames.append(gif.convert("RGB"))
-            return frames
-    return _decode_video(path, num_frames)
-
-
-def _decode_video(path: str, num_frames: int) -> list:
-    try:
-        import av
-    except ImportError as e:
-        raise ImageError(f"{path}: decoding video files needs PyAV (pip install 'vila-edge[video]'); "
-                         f"or pass a list of frames") from e
-    try:
-        with av.open(path) as container:
-            frames = [f.to_image() for f in container.decode(video=0)]
-    except av.error.FFmpegError as e:
-        raise ImageError(f"{path}: cannot decode video ({e})") from e
-    return [frames[i].convert("RGB") for i in frame_indices(len(frames), num_frames)]
+    """`num_frames` evenly spaced frames of a video source: see sources.sample_frames (lazy video
+    files, folders, GIFs, frame lists and iterators, cameras)."""
+    from vila_edge.sources import sample_frames     # sources imports this module
+    return sample_frames(src, num_frames)
