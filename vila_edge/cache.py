@@ -14,6 +14,7 @@ are remembered per (path, size, mtime) in hashes.json next to the engines.
 import hashlib
 import json
 import os
+import sys
 
 from vila_edge.errors import CheckpointError, EngineError
 from vila_edge.extras import require_extra
@@ -26,6 +27,7 @@ BUNDLED_ENGINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundl
 BUNDLED_CHECKPOINT = os.path.join(os.path.dirname(BUNDLED_ENGINE), "..", "..", "models", BUNDLED_NAME)
 BUNDLED_EXPORT = {"dtype": "fp16"}      # answers equal the fp32 engine's (tests/test_first_hour.py)
 CHUNK = 1 << 20
+HASH_BAR_BYTES = 256 << 20     # below this hashing takes well under a second: no bar
 
 
 def cache_dir() -> str:
@@ -70,17 +72,17 @@ def bundled_engine(progress: bool = True) -> str:
         return cached_export(os.path.normpath(BUNDLED_CHECKPOINT), dict(BUNDLED_EXPORT), progress)
 
 
-def cache_key(checkpoint: str, export_options: dict) -> str:
+def cache_key(checkpoint: str, export_options: dict, progress: bool = False) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"options": export_options, "exporter": __version__, "format": FORMAT_VERSION},
                         sort_keys=True).encode())
-    h.update(checkpoint_digest(checkpoint).encode())
+    h.update(checkpoint_digest(checkpoint, progress).encode())
     return h.hexdigest()[:24]
 
 
 def cached_export(checkpoint: str, export_options: dict, progress: bool = True) -> str:
     """Export `checkpoint` into the cache unless an engine for its content + options is there."""
-    out = os.path.join(cache_dir(), "engines", cache_key(checkpoint, export_options))
+    out = os.path.join(cache_dir(), "engines", cache_key(checkpoint, export_options, progress))
     if os.path.isfile(os.path.join(out, MANIFEST)):
         return out
     require_extra("export", f"{checkpoint}: exporting a checkpoint")
@@ -90,7 +92,7 @@ def cached_export(checkpoint: str, export_options: dict, progress: bool = True) 
     except TypeError as e:
         raise CheckpointError(f"export options {sorted(export_options)}: {e}") from e
     if progress:
-        print(f"vila_edge: exporting {checkpoint} -> {out} (once; later runs reuse it)", flush=True)
+        print(f"vila_edge: exporting {checkpoint} -> {out} (once; later runs reuse it)", file=sys.stderr, flush=True)
     export_engine(checkpoint, out, opts)
     return out
 
@@ -107,7 +109,7 @@ def _files(root: str) -> list:
     return out
 
 
-def checkpoint_digest(root: str) -> str:
+def checkpoint_digest(root: str, progress: bool = True) -> str:
     """sha256 over every file's relative path and bytes; remembered per file list + stat."""
     files = _files(root)
     memo_path = os.path.join(cache_dir(), "hashes.json")
@@ -117,14 +119,38 @@ def checkpoint_digest(root: str) -> str:
     if memo.get(key, {}).get("stamp") == stamp:
         return memo[key]["digest"]
     h = hashlib.sha256()
-    for rel, _, _ in files:
-        h.update(rel.encode() + b"\0")
-        with open(os.path.join(root, rel), "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
+    with _bar(sum(size for _, size, _ in files), progress, f"hashing {os.path.basename(key)}") as bar:
+        for rel, _, _ in files:
+            h.update(rel.encode() + b"\0")
+            with open(os.path.join(root, rel), "rb") as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+                    bar.update(len(chunk))
     memo[key] = {"stamp": stamp, "digest": h.hexdigest()}
     _write_memo(memo_path, memo)
     return memo[key]["digest"]
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        pass
+
+
+def _bar(total: int, progress: bool, desc: str):
+    """A tqdm byte bar for checkpoints worth waiting for (tqdm comes with the export extra)."""
+    if not progress or total < HASH_BAR_BYTES:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc)
 
 
 def _read_memo(path: str) -> dict:
