@@ -112,6 +112,7 @@ def test_version_and_help_on_every_flag():
     r = run("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"vila-edge {cli.__version__}"
     ap = cli.parser()
+    assert all(a.help for a in ap._actions), "a top-level flag has no help"
     subs = next(a for a in ap._actions if a.dest == "command").choices
     for name, sub in subs.items():
         for action in sub._actions:

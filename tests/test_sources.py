@@ -170,3 +170,7 @@ def test_missing_sources():
         sample_frames("nope.mp4", 8)
     with pytest.raises(ImageError, match="nope.mp4: video source not found"):
         Camera("nope.mp4")
+    with pytest.raises(ImageError, match="/dev/video99: no such camera device"):
+        Camera(99)
+    with pytest.raises(ImageError, match="live source"):
+        sample_frames("rtsp://192.0.2.1/stream", 8)

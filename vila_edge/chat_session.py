@@ -20,7 +20,7 @@ HELP = __doc__.split("\n\n")[1]
 
 
 def _check_file(path: str, what: str) -> str:
-    if not os.path.exists(path):
+    if "://" not in path and not os.path.exists(path):
         raise ImageError(f"{path}: {what} not found")
     return path
 

@@ -227,7 +227,8 @@ SUBCOMMANDS = [add_chat, add_export, add_fixture, add_bench]
 def parser() -> argparse.ArgumentParser:
     ap = Parser(prog="vila-edge", description="VILA vision-language models on the edge")
     ap.add_argument("--version", action="version", version=f"vila-edge {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                            help="what to do; `vila-edge COMMAND --help` documents its flags")
     for add in SUBCOMMANDS:
         add(sub)
     return ap

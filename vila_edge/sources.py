@@ -51,6 +51,9 @@ def sample_frames(src, n: int) -> list:
 
 
 def _sample_path(path: str, n: int) -> list:
+    if path.startswith(RTSP + ("/dev/video",)):
+        raise ImageError(f"{path} is a live source with no end to sample to: open it as Camera({path!r}) and "
+                         f"pass the camera (its window is the video) or use pipe.watch")
     if os.path.isdir(path):
         names = sorted(x for x in os.listdir(path) if x.lower().endswith(FRAME_EXTS))
         return sample_frames([os.path.join(path, x) for x in names], n)
@@ -119,6 +122,8 @@ def open_args(source) -> tuple:
         source = f"/dev/video{source}"
     source = os.fspath(source)
     if source.startswith("/dev/video"):
+        if not os.path.exists(source):
+            raise ImageError(f"{source}: no such camera device (ls /dev/video* lists the cameras V4L2 sees)")
         return source, {"format": "v4l2"}
     if source.startswith(RTSP):
         return source, {"options": {"rtsp_transport": "tcp"}}
