@@ -215,7 +215,8 @@ class Conversation:
         # step ran (max_new_tokens=1).
         self.last_stats = {"finish_reason": reason, "new_tokens": len(out_ids),
                            "ttft_s": (t_first or t_end) - t0,
-                           "decode_tok_s": (sampled - 1) / (t_last - t_first) if sampled > 1 else None}
+                           "decode_tok_s": (sampled - 1) / (t_last - t_first) if sampled > 1 and t_last > t_first
+                           else None}
         return text
 
     def close(self) -> None:
