@@ -72,7 +72,7 @@ def test_plain_strings_without_an_image_extension_are_text(pipe):
 
 
 @pytest.mark.parametrize("family,expected", [
-    # NVlabs/VILA@1c88211:llava/eval/run_vila.py: "<image>\n" per image (VILA1.5).
+    # NVlabs/VILA@54c9706:llava/eval/run_vila.py: "<image>\n" per image (VILA1.5).
     ("vila1.5", "Before:<image>\nAfter:<image>\nWhat moved?"),
     # NVlabs/VILA@33b4f1a:llava/utils/media.py extract_media: text += part; image -> "<image>"
     # (the "\n" after each image is embedded by the encoder, not written in the text).

@@ -14,8 +14,9 @@ Which part is which:
 Parts are joined as VILA's own builders join them: text parts verbatim, with no separator added
 (NVlabs/VILA@33b4f1a55cc0fc6b8be138d5097cf7ad8ec487fc:llava/utils/media.py `extract_media`:
 `text += part`), and each image becomes the family's `part_text` -- "<image>\\n" for VILA1.5
-(NVlabs/VILA@1c88211d779fc46e58640637034a6d68d0a43f08:llava/eval/run_vila.py prepends
-"<image>\\n" per image), "<image>" for NVILA, whose encoder embeds "\\n" after each image's features.
+(NVlabs/VILA@54c970676ce96a5f7df372b5d25b2b98057716c2:llava/eval/run_vila.py `eval_model`:
+`(DEFAULT_IMAGE_TOKEN + "\\n") * len(images) + qs`), "<image>" for NVILA, whose encoder embeds
+"\\n" after each image's features.
 """
 import os
 import pathlib
