@@ -142,6 +142,7 @@ def test_camera_keeps_the_last_frames(tmp_path):
     path = write_video(tmp_path / "cam.mp4", [(1, np.full((32, 32, 3), 2 * i, np.uint8)) for i in range(60)],
                        fps=30, size=(32, 32))
     with Camera(path, window=3, realtime=False) as cam:
+        assert cam.latest().shape == (32, 32, 3)
         while cam.wait_newer(None if not cam.frames() else cam.frames()[-1][0], timeout=10):
             pass
         window = cam.frames()

@@ -214,6 +214,12 @@ class Camera:
                 raise self._error
             return self.window.snapshot()
 
+    def latest(self, timeout: float | None = 10.0):
+        """The newest frame (HWC uint8 RGB), waiting up to `timeout` s for the first one."""
+        if not self.wait_newer(None, timeout):
+            raise ImageError(f"{self.url}: no frame arrived within {timeout} s")
+        return self.frames()[-1][1]
+
     def wait_newer(self, t: float | None, timeout: float | None = None) -> bool:
         """Block until a frame newer than `t` is in the window; False once the source has ended."""
         with self._new:
