@@ -11,6 +11,7 @@ new ones (plan, serve) are added beside the others without touching them.
 """
 import argparse
 import dataclasses
+import os
 import sys
 
 from vila_edge.errors import VilaEdgeError
@@ -175,6 +176,12 @@ def _export(args) -> int:
     from vila_edge.extras import require_extra
     require_extra("export", "vila-edge export")
     from export.build import ExportOptions, export_engine
+    from export.checkpoint import read_checkpoint
+    if args.lm_head_bits and args.quant == "none":
+        raise_usage(f"--lm-head-bits {args.lm_head_bits} needs --quant rtn or awq (--quant none keeps every weight float)")
+    if args.calib_dir is not None and not os.path.isdir(args.calib_dir):
+        raise_usage(f"--calib-dir {args.calib_dir}: no such directory")
+    read_checkpoint(args.checkpoint, args.template, args.token_order)    # its errors before any progress bar
 
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
         dtype=args.dtype, quant=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
@@ -189,11 +196,15 @@ def _export(args) -> int:
 # ------------------------------------------------------------------------------------ fixture, bench
 
 def add_fixture(sub) -> None:
+    try:
+        from export.fixtures import KINDS, SHAPES
+        kinds, shapes = sorted(KINDS), sorted(SHAPES)
+    except ImportError:           # a runtime-only install: _fixture names the extra to install
+        kinds = shapes = None
     f = sub.add_parser("fixture", help="write a random-weight checkpoint in the real VILA layout ([export] extra)")
     f.add_argument("out", help="checkpoint directory to write")
-    f.add_argument("--kind", choices=["vila1.5", "vila1.5-llama3", "nvila-lite"], default="vila1.5",
-                   help="model family and LLM")
-    f.add_argument("--shape", default="tiny", help="size preset (e.g. tiny, tiny-448, vila1.5-3b)")
+    f.add_argument("--kind", choices=kinds, default="vila1.5", help="model family and LLM")
+    f.add_argument("--shape", choices=shapes, default="tiny", help="size preset")
     f.add_argument("--projector", default=None, help="projector type (default: the kind's usual one)")
     f.set_defaults(func=_fixture)
 
