@@ -173,5 +173,7 @@ def test_missing_sources():
         Camera("nope.mp4")
     with pytest.raises(ImageError, match="/dev/video99: no such camera device"):
         Camera(99)
+    with pytest.raises(ImageError, match="/dev/video99: no such camera device"):
+        next(Pipeline.watch(None, 99, "What?"))          # a device index is opened as a Camera
     with pytest.raises(ImageError, match="live source"):
         sample_frames("rtsp://192.0.2.1/stream", 8)

@@ -2,9 +2,10 @@
 
 A Camera is polled on the wall clock: every `every_s` seconds its current window (the last N
 frames) is asked about, so answers always concern the newest frames however long the model takes.
-Any other source (a file, URL or device opened here, or an iterable of frames) is read in step
+Any other source (a video file or URL, or an iterable of frames) is read in step
 with the answers on its own timeline: a question at source time 0, every_s, 2*every_s, ... about
 the frames in the window at that moment -- so a recorded clip gives the same answers on any host.
+A device index, /dev/video* or RTSP URL is opened as a Camera(source, window, interval_s).
 One frame in the window is asked about as an image, several as a video (sampled to the engine's
 num_video_frames).
 """
@@ -12,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from vila_edge.errors import UsageError
-from vila_edge.sources import Camera, FrameWindow, video_frames
+from vila_edge.sources import RTSP, Camera, FrameWindow, video_frames
 
 
 @dataclass
@@ -33,6 +34,11 @@ def _ask(pipe, window: list, prompt: str, gen: dict) -> WatchAnswer:
         return WatchAnswer(text, window[-1][0], len(frames), dict(conv.last_stats))
 
 
+def _is_live(source) -> bool:
+    """A device or stream: read on a thread so answers never fall behind it."""
+    return isinstance(source, int) or (isinstance(source, str) and source.startswith(RTSP + ("/dev/video",)))
+
+
 def _timed(frames):
     """(t, frame) pairs: as given, or stamped with arrival time for plain frames."""
     t0 = time.monotonic()
@@ -44,8 +50,11 @@ def watch(pipe, source, prompt: str, every_s: float = 1.0, window: int = 8, inte
     """Yield a WatchAnswer every `every_s` seconds of the source (see the module docstring)."""
     if not every_s > 0:
         raise UsageError(f"every_s must be > 0, got {every_s}")
-    if isinstance(source, Camera):
+    if isinstance(source, Camera):          # its own window and interval apply
         yield from _watch_camera(pipe, source, prompt, every_s, gen)
+        return
+    if _is_live(source):
+        yield from _watch_camera(pipe, Camera(source, window, interval_s), prompt, every_s, gen)
         return
     frames = _timed(source) if hasattr(source, "__iter__") and not isinstance(source, str) else video_frames(source)
     win, due = FrameWindow(window, interval_s), None
