@@ -67,7 +67,13 @@ class Pipeline:
         self._ids_lock = threading.Lock()
 
     def chat(self, images=None, prompt: str | None = None, *, system: str | None = None, video=None, **gen) -> str:
-        """One question, one answer. `gen`: GenerationConfig fields (max_new_tokens, temperature, ...)."""
+        """One question, one answer.
+
+        `images` beside a `prompt`: one image (a path, PIL image, HWC uint8 array or Image(...)) or a
+        list/iterable of them. With no prompt, a parts list: Text(...) is always text, Image(...),
+        pathlib.Path, PIL images and arrays are images, a plain str ending in an image extension is
+        an image path that must exist, any other str is text (vila_edge/parts.py). `video`: a file,
+        URL, folder, GIF, list or iterator of frames, or a Camera. `gen`: GenerationConfig fields."""
         return "".join(self.stream(images, prompt, system=system, video=video, **gen))
 
     def stream(self, images=None, prompt: str | None = None, *, system: str | None = None, video=None, **gen):
