@@ -93,16 +93,17 @@ def _without(module: str, tmp_path) -> dict:
     return env
 
 
-def test_missing_extras_name_the_pip_command(tmp_path, monkeypatch):
+def test_missing_extras_name_the_pip_command(tmp_path, monkeypatch, capsys):
     from vila_edge import extras
-    from vila_edge.errors import MissingExtraError
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))      # no engine cached from elsewhere
     monkeypatch.setattr(extras, "EXTRAS", {**extras.EXTRAS, "export": ("no_such_module_torch",),
                                            "bench": ("no_such_module_mpl",)})
     for argv, extra in ((["export", "models/vila-tiny-shapes", str(tmp_path / "e")], "export"),
                         (["fixture", str(tmp_path / "f")], "export"),
+                        (["chat", "models/vila-tiny-shapes", "What?"], "export"),     # a checkpoint to export
                         (["bench", "vila_edge/bundled/vila-tiny-shapes"], "bench")):
-        with pytest.raises(MissingExtraError, match=rf"pip install 'vila-edge\[{extra}\]'"):
-            cli.parser().parse_args(argv).func(cli.parser().parse_args(argv))
+        assert_user_error(run_here(capsys, *argv), f"pip install 'vila-edge[{extra}]'")
     assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
 
 
