@@ -153,3 +153,15 @@ def test_bench_memory_is_the_engines(tmp_path):
     mem = json.loads((tmp_path / "b" / "bench.json").read_text())["memory"]
     assert mem["engine_peak_bytes"] == mem["peak_rss_bytes"] - mem["rss_before_load_bytes"]
     assert 0 < mem["engine_peak_bytes"] < COPY_BYTES, mem      # the 7.7 MB engine: ~65 MiB with ORT's arenas
+
+
+def test_two_processes_export_a_new_checkpoint_once(own_cache):
+    code = ("import sys; from vila_edge import Pipeline; "
+            "print(Pipeline(sys.argv[1], export_options={'dtype': 'fp16'}).engine_dir)")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", code, own_cache], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0][0] == outs[1][0]
+    assert sum(err.count("vila_edge: exporting") for _, err in outs) == 1, outs

@@ -11,6 +11,7 @@ options and the exporter's version and engine format, so an edited checkpoint, o
 new vila_edge each get their own engine. Hashing a multi-GB checkpoint takes seconds, so digests
 are remembered per (path, size, mtime) in hashes.json next to the engines.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -91,10 +92,32 @@ def cached_export(checkpoint: str, export_options: dict, progress: bool = True) 
         opts = ExportOptions(progress=progress, **export_options)
     except TypeError as e:
         raise CheckpointError(f"export options {sorted(export_options)}: {e}") from e
-    if progress:
-        print(f"vila_edge: exporting {checkpoint} -> {out} (once; later runs reuse it)", file=sys.stderr, flush=True)
-    export_engine(checkpoint, out, opts)
+    # Two processes starting on the same new checkpoint (two robot nodes) export it once: the
+    # second waits for the first's engine instead of doubling an export's memory.
+    with _exclusive(out + ".lock"):
+        if not os.path.isfile(os.path.join(out, MANIFEST)):
+            if progress:
+                print(f"vila_edge: exporting {checkpoint} -> {out} (once; later runs reuse it)", file=sys.stderr,
+                      flush=True)
+            export_engine(checkpoint, out, opts)
     return out
+
+
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """An advisory lock file (POSIX flock; where there is none, no lock)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _files(root: str) -> list:
