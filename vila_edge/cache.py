@@ -46,7 +46,7 @@ def resolve_engine(model: str | os.PathLike | None = None, export_options: dict 
     """The engine directory to load for `model` (see the module docstring), exporting if needed."""
     if model is None:
         return bundled_engine(progress)
-    path = os.fspath(model)
+    path = os.path.expanduser(os.fspath(model))
     if os.path.isfile(os.path.join(path, MANIFEST)):
         if export_options:
             raise EngineError(f"{path}: export options were given but this is an engine directory, already "
