@@ -40,6 +40,7 @@ def sample_frames(src, n: int) -> list:
     of images, an animated GIF, a video file/URL (lazy: seeks), a Camera (its current window), or
     any iterable of frames (kept at a doubling stride, at most 2n frames held at once)."""
     if isinstance(src, Camera):
+        src.latest()                                   # waits for a first frame
         src = [f for _, f in src.frames()]
     if isinstance(src, (list, tuple)):
         return [load_image(src[i]) for i in frame_indices(len(src), n)]
@@ -69,13 +70,15 @@ def _sample_path(path: str, n: int) -> list:
     return _seek_sample(path, n)
 
 
-def _stride_sample(frames, n: int) -> list:
+def _stride_sample(frames, n: int, convert=None) -> list:
     """Evenly spaced frames of an iterator of unknown length: keep every `stride`-th frame and
-    double the stride (dropping every other kept frame) whenever 2n are held."""
+    double the stride (dropping every other kept frame) whenever 2n are held. Only kept frames
+    are converted (`convert`, default load_image; (t, frame) pairs give their frame)."""
+    convert = convert or (lambda f: load_image(f[1] if isinstance(f, tuple) else f))
     kept, stride = [], 1
     for i, frame in enumerate(frames):
         if i % stride == 0:
-            kept.append(load_image(frame[1] if isinstance(frame, tuple) else frame))
+            kept.append(convert(frame))
             if len(kept) == 2 * n:
                 kept, stride = kept[::2], stride * 2
     return [kept[i] for i in frame_indices(len(kept), n)]
@@ -90,7 +93,7 @@ def _seek_sample(path: str, n: int) -> list:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             if not stream.frames or not rate:
-                return _stride_sample((f.to_image() for f in container.decode(stream)), n)
+                return _stride_sample(container.decode(stream), n, lambda f: f.to_image())
             step = 1 / (Fraction(rate) * stream.time_base)         # stream time units per frame
             start = stream.start_time or 0
             out = []
