@@ -164,3 +164,9 @@ def test_interactive_commands_never_reach_the_model():
     assert abs(turns[2]["stats"]["prompt_tokens"] - turns[0]["stats"]["prompt_tokens"]) <= 2
     assert "nope.png: image file not found" in r.stderr and "unknown command /bogus" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_building_the_parser_imports_no_torch():
+    code = "import sys, vila_edge.cli as c; c.parser(); print(sorted({'torch', 'transformers', 'av'} & set(sys.modules)))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.stdout.strip() == "[]", r.stderr

@@ -178,3 +178,25 @@ def test_missing_sources():
         next(Pipeline.watch(None, 99, "What?"))          # a device index is opened as a Camera
     with pytest.raises(ImageError, match="live source"):
         sample_frames("rtsp://192.0.2.1/stream", 8)
+
+
+def test_video_url(tmp_path, pipe):
+    """A clip over HTTP (as from a robot's media server): sampled by seeking, and watched."""
+    import functools
+    import http.server
+    import threading
+    write_video(tmp_path / "clip.mp4", [(30, square(GREEN, (96, 96))), (30, square(RED, (96, 96)))],
+                fps=30, size=(96, 96))
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/clip.mp4"
+        frames = sample_frames(url, 4)
+        assert [f.getpixel((48, 48))[1] > 100 for f in frames] == [True, True, False, False]
+        assert [a.text for a in pipe.watch(url, "What color is the square?", every_s=1.0, window=1)] == ["green", "red"]
+    finally:
+        server.shutdown()
