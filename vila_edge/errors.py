@@ -23,3 +23,15 @@ class PromptError(VilaEdgeError):
 
 class KVCacheFull(VilaEdgeError):
     """The KV pool has no room for a request (see the message for the numbers)."""
+
+
+class GrammarError(VilaEdgeError, ValueError):
+    """A structured-output constraint (json_schema, choices, regex) cannot be compiled or followed."""
+
+
+class IncompleteOutput(GrammarError):
+    """Generation reached max_new_tokens before the structured answer was complete."""
+
+    def __init__(self, message: str, text: str):
+        super().__init__(message)
+        self.text = text       # the partial answer

@@ -14,7 +14,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from vila_edge.backend import OrtSession
-from vila_edge.errors import PromptError
+from vila_edge.constrain import Grammars
+from vila_edge.errors import IncompleteOutput, PromptError
 from vila_edge.families import get_family
 from vila_edge.llm import KVConfig, LLMEngine
 from vila_edge.manifest import Manifest
@@ -64,6 +65,8 @@ class Pipeline:
         self.llm = LLMEngine(llm, m.llm, m.dtype,
                              kv or KVConfig(), self.max_context, weights)
         self.splicer = Splicer(self.tokenizer, self.family, m.tokens, v.tokens_per_image, v.image_mode)
+        self.grammars = Grammars(os.path.join(engine_dir, m.files["tokenizer"]), m.llm.vocab_size,
+                                 m.tokens.stop_ids, m.tokens.never_sample)
         self._seq_ids = itertools.count()
         self._ids_lock = threading.Lock()
 
@@ -145,6 +148,7 @@ class Conversation:
     def stream(self, images=None, prompt: str | None = None, *, video=None, **gen):
         pipe, t0 = self.pipe, time.perf_counter()
         cfg = GenerationConfig(**gen)
+        constraint = pipe.grammars.constraint(cfg)     # compiled before any work: errors come first
         text, sources = pipe.user_message(images, prompt, video)
         tiles, digests, counts = list(self.tiles), list(self.digests), list(self.tiles_per_image)
         for src in sources:
@@ -167,14 +171,14 @@ class Conversation:
             pipe.llm.release(self.seq)
         self.seq = seq
         self.tiles, self.digests, self.tiles_per_image = tiles, digests, counts
-        reply = yield from self._generate(logits, sp, cfg, budget, t0)
+        reply = yield from self._generate(logits, sp, cfg, budget, t0, constraint)
         self.messages = messages + [("assistant", reply.strip())]
         self.last_stats.update(prompt_tokens=len(sp.ids), cached_tokens=cached, vision_s=t_vision)
 
-    def _generate(self, logits, sp, cfg: GenerationConfig, budget: int, t0: float):
+    def _generate(self, logits, sp, cfg: GenerationConfig, budget: int, t0: float, constraint=None):
         pipe = self.pipe
         tokens = pipe.manifest.tokens
-        sampler = Sampler(cfg, pipe.manifest.llm.vocab_size, tokens.never_sample)
+        sampler = Sampler(cfg, pipe.manifest.llm.vocab_size, tokens.never_sample, constraint)
         stops = set(tokens.stop_ids)
         history, out_ids, shown, text = list(sp.ids[sp.ids >= 0]), [], 0, ""
         hold = max((len(s) for s in cfg.stop), default=1) - 1
@@ -188,6 +192,8 @@ class Conversation:
             out_ids.append(nxt)
             history.append(nxt)
             text = pipe.tokenizer.decode(out_ids, skip_special_tokens=True)
+            if constraint is not None and text.startswith(" "):
+                text = text[1:]     # the one space a grammar lets an answer open with (constrain.py)
             cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
@@ -212,6 +218,9 @@ class Conversation:
                            "ttft_s": (t_first or t_end) - t0,
                            "decode_tok_s": (len(out_ids) - 1) / (t_end - t_first) if t_first and len(out_ids) > 1
                            and t_end > t_first else 0.0}
+        if constraint is not None and reason == "length":
+            raise IncompleteOutput(f"max_new_tokens={cfg.max_new_tokens} ended the answer before its "
+                                   f"json_schema/choices/regex was complete: raise max_new_tokens", text)
         return text
 
     def close(self) -> None:
