@@ -3,11 +3,12 @@
     vila-edge chat ENGINE_DIR --image photo.jpg "What is on the table?"
     vila-edge export CHECKPOINT OUT [--dtype fp16] [--quant none|rtn|awq] [--lm-head-bits 8|4|0]
     vila-edge fixture OUT --kind nvila-lite
+    vila-edge serve ENGINE_DIR [--host 127.0.0.1 --port 8000 --allow-dir DIR]
 """
 import argparse
 import sys
 
-from vila_edge.errors import VilaEdgeError
+from vila_edge.errors import EngineError, VilaEdgeError
 
 
 def _chat(args) -> int:
@@ -55,6 +56,40 @@ def _fixture(args) -> int:
     from export.fixtures import main
     return main([args.out, "--kind", args.kind, "--shape", args.shape] +
                 (["--projector", args.projector] if args.projector else [])) or 0
+
+
+def _serve(args) -> int:
+    try:
+        from vila_edge.server import serve
+    except ImportError as e:
+        raise EngineError(f"vila-edge serve needs the serve extra: pip install 'vila-edge[serve]' ({e})") from e
+    return serve(args.engine, host=args.host, port=args.port, workers=args.workers, max_queue=args.max_queue,
+                 max_images=args.max_images, max_image_bytes=int(args.max_image_mb * 2**20),
+                 max_prompt_tokens=args.max_prompt_tokens, allow_dir=args.allow_dir,
+                 allow_remote=args.allow_remote_images, model_id=args.model_id, threads=args.threads,
+                 max_context=args.max_context, kv_budget=args.kv_budget, log_level=args.log_level)
+
+
+def _serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat with images, structured output, "
+                                     "metrics); needs the serve extra")
+    s.add_argument("engine")
+    s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-id", default=None, help="the model name clients use (default: the engine dir's name)")
+    s.add_argument("--workers", type=int, default=2, help="requests generating at once")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429")
+    s.add_argument("--max-images", type=int, default=8, help="images per request")
+    s.add_argument("--max-image-mb", type=float, default=20.0, help="encoded size per image, MiB")
+    s.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the engine's context")
+    s.add_argument("--allow-dir", default=None, help="image_url file paths are read only under this directory")
+    s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--max-context", type=int, default=None)
+    s.add_argument("--kv-budget", default=None, help="KV pool: bytes ('512MiB') or a device (orin-nano, ...)")
+    s.add_argument("--device", dest="kv_budget", help="alias of --kv-budget with a device preset")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=_serve)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -108,6 +143,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--shape", default="tiny")
     f.add_argument("--projector", default=None)
     f.set_defaults(func=_fixture)
+    _serve_parser(sub)
     from vila_edge import bench
     b = sub.add_parser("bench", help="measure an engine: latency, tokens/s, memory, decode GB/s",
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

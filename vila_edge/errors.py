@@ -35,3 +35,12 @@ class IncompleteOutput(GrammarError):
     def __init__(self, message: str, text: str):
         super().__init__(message)
         self.text = text       # the partial answer
+
+
+class RequestError(VilaEdgeError, ValueError):
+    """A server request the engine cannot take: malformed, over a limit, or not allowed.
+    `status` is the HTTP status the server answers with (4xx), `code` OpenAI's error code."""
+
+    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
