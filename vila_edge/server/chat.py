@@ -82,7 +82,7 @@ def chat_work(pipe, system, turns: list, gen: dict, limits: Limits):
             try:
                 for piece in pieces:
                     if job.cancelled.is_set():
-                        reason = "cancelled"
+                        reason, job.interrupted = "cancelled", True
                         break
                     job.emit("text", piece)
             except IncompleteOutput:

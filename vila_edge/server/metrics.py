@@ -20,6 +20,8 @@ class Metrics:
         self.kv_blocks = Gauge("vila_edge_kv_blocks", "KV pool blocks by state", ["state"], registry=r)
         self.queue = Gauge("vila_edge_queue_length", "requests waiting for a worker", registry=r)
         self.running = Gauge("vila_edge_running_requests", "requests on a worker", registry=r)
+        self.interrupted = Gauge("vila_edge_interrupted_requests", "requests stopped early: client gone or shutdown",
+                                 registry=r)
 
     def record(self, stats: dict) -> None:
         self.prompt_tokens.inc(stats.get("prompt_tokens", 0))
@@ -37,4 +39,5 @@ class Metrics:
         self.kv_blocks.labels("free").set(kv.free)
         self.queue.set(sched["queued"])
         self.running.set(sched["running"])
+        self.interrupted.set(sched["interrupted"])
         return generate_latest(self.registry)

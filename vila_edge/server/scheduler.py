@@ -18,6 +18,7 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()   # set when the client went away or the server stops
+        self.interrupted = False             # set by the work when it stopped early for that
 
     def emit(self, kind: str, value=None) -> None:
         """Thread-safe: hand an event to the request's coroutine."""
@@ -37,7 +38,7 @@ class ThreadScheduler:
         self.workers, self.max_queue = workers, max_queue
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="vila-edge-worker")
         self._lock = threading.Lock()
-        self._queued = self._running = 0
+        self._queued = self._running = self._interrupted = 0
         self._closing = False
         self._jobs = set()
 
@@ -59,6 +60,7 @@ class ThreadScheduler:
             self._running += 1
         try:
             if job.cancelled.is_set():
+                job.interrupted = True
                 job.emit("error", RequestError("cancelled before it started", status=499, code="cancelled"))
                 return
             job.work(job)
@@ -67,11 +69,13 @@ class ThreadScheduler:
         finally:
             with self._lock:
                 self._running -= 1
+                self._interrupted += job.interrupted
                 self._jobs.discard(job)
 
     def stats(self) -> dict:
         with self._lock:
-            return {"queued": self._queued, "running": self._running, "workers": self.workers}
+            return {"queued": self._queued, "running": self._running, "workers": self.workers,
+                    "interrupted": self._interrupted}
 
     def shutdown(self, cancel: bool) -> None:
         """Refuse new jobs; with cancel, ask the running ones to stop at their next token. Waits."""
