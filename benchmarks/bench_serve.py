@@ -167,7 +167,7 @@ def markdown(r: dict) -> str:
         f"Server RSS: {r['rss_before_bytes'] / mb:.0f} MiB before the load, {r['rss_after_bytes'] / mb:.0f} MiB after.",
         f"KV blocks after the load: {r['kv_blocks_after']['used']} in use of {r['kv_blocks_after']['total']} "
         f"({r['kv_blocks_after']['cached']} cached for prefix reuse). Server exit status after SIGTERM: "
-        f"{r['server_exit_status']}.", ""])
+        f"{r['server_exit_status']} (uvicorn re-raises the signal once its graceful shutdown is done).", ""])
 
 
 def main(argv=None) -> int:

@@ -286,3 +286,31 @@ def test_a_full_queue_is_a_429_and_shutdown_interrupts_running_work():
         with pytest.raises(RequestError, match="shutting down"):
             sched.submit(Job(work, loop))
     asyncio.run(main())
+
+
+def test_graceful_shutdown_lets_an_in_flight_stream_finish(tiny):
+    app, _ = build(tiny, model_id="tiny", workers=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                        timeout_graceful_shutdown=30))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    while not srv.started:
+        time.sleep(0.02)
+    body = {"messages": [{"role": "user", "content": "Say red."}], "stream": True, "max_tokens": 200,
+            "guided_regex": "(red ){60}"}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        srv.should_exit = True                      # as SIGTERM does
+        rest = [line for line in [first] + list(lines) if line]
+    chunks = [json.loads(l[6:]) for l in rest if l.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "red " * 60 and rest[-1] == "data: [DONE]"
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health")
