@@ -1,7 +1,7 @@
 """Structured output: a token mask that keeps generation inside a JSON schema, a regex or a choice.
 
 Built on llguidance (guidance-ai/llguidance; benchmarks/bench_constrain.py measured it against
-outlines-core on this project's tokenizers, see benchmarks/results/constrain.md): a Rust matcher
+outlines-core on this project's tokenizers, see benchmarks/results/constrain/constrain.md): a Rust matcher
 with no torch dependency and manylinux aarch64 wheels, that reads the engine's tokenizer.json
 directly and computes each step's mask in microseconds by walking the tokenizer's token trie.
 
@@ -31,7 +31,7 @@ def _llguidance():
     try:
         import llguidance
     except ImportError as e:     # a runtime dependency; only a broken install lacks it
-        raise GrammarError("structured output needs llguidance: pip install 'llguidance>=1.0'") from e
+        raise GrammarError("structured output needs llguidance: pip install 'llguidance>=1.6'") from e
     return llguidance
 
 
@@ -76,9 +76,18 @@ def _load_tokenizer(path: str, stop_ids: list):
     the token-bytes wrapper below (the bundled model's Metaspace BPE without byte fallback)."""
     ll = _llguidance()
     try:
-        return ll.LLTokenizer(path, eos_token=stop_ids)
+        return _with_eos(ll.LLTokenizer, path, stop_ids)
     except ValueError:
-        return ll.LLTokenizer(ll.TokenizerWrapper(_MetaspaceTokens(path, stop_ids)), eos_token=stop_ids)
+        return _with_eos(ll.LLTokenizer, ll.TokenizerWrapper(_MetaspaceTokens(path, stop_ids)), stop_ids)
+
+
+def _with_eos(make, source, stop_ids: list):
+    """Every stop id may end a match (llguidance 1.9 takes a list); older releases (1.6.1, the newest
+    aarch64 wheel on some indexes) take one id: the first stop id then ends every answer."""
+    try:
+        return make(source, eos_token=stop_ids)
+    except TypeError:
+        return make(source, eos_token=stop_ids[0])
 
 
 class _MetaspaceTokens:

@@ -34,6 +34,7 @@ def build(engine: str, *, model_id: str | None = None, workers: int = 2, max_que
                     kv=KVConfig(block_size=block_size, budget=kv_budget, wait_s=KV_WAIT_S))
     limits = Limits(max_images=max_images, max_prompt_tokens=max_prompt_tokens,
                     images=ImagePolicy(max_bytes=max_image_bytes, allow_dir=allow_dir, allow_remote=allow_remote))
+    pipe.grammars.tokenizer()     # structured output's tokenizer now, not in the first request's TTFT
     cfg = ServerConfig(model_id=model_id or os.path.basename(os.path.normpath(engine)), workers=workers,
                        max_queue=max_queue, limits=limits)
     return create_app(pipe, cfg), pipe
