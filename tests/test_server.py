@@ -268,23 +268,24 @@ def test_a_full_queue_is_a_429_and_shutdown_interrupts_running_work():
     from vila_edge.server.scheduler import Job, ThreadScheduler
 
     async def main():
-        sched, release, loop = ThreadScheduler(workers=2, max_queue=3), threading.Event(), asyncio.get_running_loop()
+        sched, release, loop = ThreadScheduler(None, workers=2, max_queue=3), threading.Event(), asyncio.get_running_loop()
 
-        def work(job):
-            while not release.is_set() and not job.cancelled.is_set():
-                time.sleep(0.01)
-            job.interrupted = job.cancelled.is_set()
-            job.emit("done")
-        jobs = [sched.submit(Job(work, loop)) for _ in range(5)]
+        class Wait:
+            def run(self, pipe, job):
+                while not release.is_set() and not job.cancelled.is_set():
+                    time.sleep(0.01)
+                job.interrupted = job.cancelled.is_set()
+                job.emit("done")
+        jobs = [sched.submit(Job(Wait(), loop)) for _ in range(5)]
         with pytest.raises(RequestError) as e:
-            sched.submit(Job(work, loop))
+            sched.submit(Job(Wait(), loop))
         assert e.value.status == 429 and e.value.code == "queue_full"
         await asyncio.to_thread(sched.shutdown, True)
         events = [await j.events.get() for j in jobs]
         assert sched.stats() == {"queued": 0, "running": 0, "workers": 2, "interrupted": 5}
         assert [k for k, _ in events] == ["done", "done", "error", "error", "error"]
         with pytest.raises(RequestError, match="shutting down"):
-            sched.submit(Job(work, loop))
+            sched.submit(Job(Wait(), loop))
     asyncio.run(main())
 
 

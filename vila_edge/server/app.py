@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from vila_edge.errors import KVCacheFull, RequestError, VilaEdgeError
 from vila_edge.sampling import GenerationConfig
-from vila_edge.server.chat import Limits, chat_work, parse_messages
+from vila_edge.server.chat import ChatTask, Limits, parse_messages
 from vila_edge.server.metrics import Metrics
 from vila_edge.server.scheduler import Job, ThreadScheduler
 from vila_edge.server.schema import ChatRequest, ImageRequest
@@ -102,7 +102,7 @@ def gen_config(req: ChatRequest, max_context: int) -> dict:
 
 
 def create_app(pipe, cfg: ServerConfig) -> FastAPI:
-    metrics, sched = Metrics(), ThreadScheduler(cfg.workers, cfg.max_queue)
+    metrics, sched = Metrics(), ThreadScheduler(pipe, cfg.workers, cfg.max_queue)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -146,7 +146,7 @@ def create_app(pipe, cfg: ServerConfig) -> FastAPI:
         check_model(req.model)
         gen = gen_config(req, pipe.max_context)
         system, turns = await run_in_threadpool(parse_messages, req, pipe.family.part_text, cfg.limits)
-        job = sched.submit(Job(chat_work(pipe, system, turns, gen, cfg.limits), asyncio.get_running_loop()))
+        job = sched.submit(Job(ChatTask(system, turns, gen, cfg.limits), asyncio.get_running_loop()))
         rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         try:
             first = await next_event(job, request)
@@ -207,11 +207,7 @@ def create_app(pipe, cfg: ServerConfig) -> FastAPI:
             raise RequestError(f"this engine ({pipe.manifest.family}) cannot generate images; "
                                "serve a VILA-U engine for /v1/images/generations", code="unsupported_capability")
 
-        def work(job):
-            imgs = pipe.generate_image(req.prompt, n=req.n, cfg_scale=req.cfg_scale, temperature=req.temperature,
-                                       top_k=req.top_k, top_p=req.top_p, seed=req.seed)
-            job.emit("done", [png_b64(im) for im in imgs])
-        job = sched.submit(Job(work, asyncio.get_running_loop()))
+        job = sched.submit(Job(ImageTask(req), asyncio.get_running_loop()))
         try:
             kind, value = await next_event(job, request)
         except ClientGone:
@@ -239,6 +235,17 @@ def create_app(pipe, cfg: ServerConfig) -> FastAPI:
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return LimitsMiddleware(app, cfg.max_body_bytes, metrics)
+
+
+@dataclass
+class ImageTask:
+    req: ImageRequest
+
+    def run(self, pipe, job) -> None:
+        r = self.req
+        images = pipe.generate_image(r.prompt, n=r.n, cfg_scale=r.cfg_scale, temperature=r.temperature,
+                                     top_k=r.top_k, top_p=r.top_p, seed=r.seed)
+        job.emit("done", [png_b64(im) for im in images])
 
 
 def usage_of(stats: dict) -> dict:

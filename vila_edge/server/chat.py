@@ -1,5 +1,5 @@
-"""A chat-completions request as engine work: messages -> a Conversation replaying the history,
-then generation of the last user turn, streamed as events to the request's coroutine.
+"""A chat-completions request as engine work: messages -> a ChatTask (history + question + options)
+-> a Conversation replaying the history, then the last user turn, streamed as events.
 
 The history is rendered exactly as a Conversation that had lived through those turns renders it
 (Conversation.add_turn), so the prompt of turn n+1 starts with the tokens of turn n's prompt and
@@ -69,16 +69,24 @@ def _text_only(content, i: int) -> str:
     return "".join(p.text for p in content)
 
 
-def chat_work(pipe, system, turns: list, gen: dict, limits: Limits):
-    """work(job) for the scheduler: emits ("text", piece)..., then ("done", stats)."""
-    def work(job):
-        conv = pipe.conversation(system)
+@dataclass
+class ChatTask:
+    """One chat request as data: what a scheduler needs to run it, alone or batched with others.
+    run() is the unbatched path: one Conversation on the calling worker thread."""
+    system: str | None
+    turns: list                          # [Turn]; the last is the user's question
+    gen: dict                            # GenerationConfig fields
+    limits: Limits
+
+    def run(self, pipe, job) -> None:
+        """Emits ("text", piece)..., then ("done", stats); closes the conversation on every path."""
+        conv = pipe.conversation(self.system)
         try:
-            for t in turns[:-1]:
+            for t in self.turns[:-1]:
                 conv.add_turn(t.role, t.text, t.images)
-            last = turns[-1]
-            _check_prompt(pipe, conv, last, limits)
-            pieces, reason = conv.stream(last.images or None, last.text, **gen), None
+            last = self.turns[-1]
+            _check_prompt(pipe, conv, last, self.limits)
+            pieces, reason = conv.stream(last.images or None, last.text, **self.gen), None
             try:
                 for piece in pieces:
                     if job.cancelled.is_set():
@@ -93,8 +101,7 @@ def chat_work(pipe, system, turns: list, gen: dict, limits: Limits):
             stats["finish_reason"] = reason or stats.get("finish_reason", "stop")
             job.emit("done", stats)
         finally:
-            conv.close()              # frees the sequence's KV blocks on every path
-    return work
+            conv.close()              # frees the sequence's KV blocks
 
 
 def _check_prompt(pipe, conv, last: Turn, limits: Limits) -> None:

@@ -1,9 +1,11 @@
 """The seam between HTTP and the engine: requests queue here and run on a bounded worker pool.
 
-A Job carries one request's work and the events it produces ("text" pieces, then "done" or
-"error") to the asyncio side. ThreadScheduler runs each job whole on one of `workers` threads
-sharing the Pipeline (its KV pool and ORT sessions are thread-safe); a batched scheduler that
-steps many sequences per forward pass can replace it behind the same submit/stats/shutdown.
+A Job carries one request's task (chat.ChatTask: history, question, generation options, as data)
+and the events it produces ("text" pieces, then "done" or "error") to the asyncio side.
+ThreadScheduler runs each task whole (task.run) on one of `workers` threads sharing the Pipeline
+(its KV pool and ORT sessions are thread-safe). A batched scheduler that steps many sequences per
+forward pass replaces it behind the same submit/stats/shutdown: it reads the ChatTasks' fields,
+emits the same events, and honours job.cancelled between steps.
 """
 import asyncio
 import threading
@@ -13,8 +15,8 @@ from vila_edge.errors import RequestError
 
 
 class Job:
-    def __init__(self, work, loop: asyncio.AbstractEventLoop):
-        self.work = work                     # work(job): runs on a worker, calls job.emit
+    def __init__(self, task, loop: asyncio.AbstractEventLoop):
+        self.task = task                     # has run(pipe, job): emits events from a worker
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()   # set when the client went away or the server stops
@@ -32,7 +34,8 @@ class Job:
 
 
 class ThreadScheduler:
-    def __init__(self, workers: int, max_queue: int):
+    def __init__(self, pipe, workers: int, max_queue: int):
+        self.pipe = pipe
         if workers < 1 or max_queue < 0:
             raise ValueError(f"workers must be >= 1 and max_queue >= 0, got {workers} and {max_queue}")
         self.workers, self.max_queue = workers, max_queue
@@ -63,7 +66,7 @@ class ThreadScheduler:
                 job.interrupted = True
                 job.emit("error", RequestError("cancelled before it started", status=499, code="cancelled"))
                 return
-            job.work(job)
+            job.task.run(self.pipe, job)
         except BaseException as e:           # delivered to the request, which maps it to a status
             job.emit("error", e)
         finally:
