@@ -5,8 +5,6 @@ Every error a client can cause answers a 4xx in OpenAI's error format,
 cancels its job: the worker stops at the next token and closes the conversation, freeing its KV.
 """
 import asyncio
-import base64
-import io
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -18,12 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from vila_edge.errors import KVCacheFull, RequestError, VilaEdgeError
+from vila_edge.errors import RequestError, VilaEdgeError
 from vila_edge.sampling import GenerationConfig
 from vila_edge.server.chat import ChatTask, Limits, parse_messages
 from vila_edge.server.metrics import Metrics
 from vila_edge.server.scheduler import Job, ThreadScheduler
 from vila_edge.server.schema import ChatRequest, ImageRequest
+from vila_edge.server.wire import error_body, error_response, json_dumps, png_b64, timings_of, usage_of
 
 POLL_S = 0.25        # how often a waiting request checks that its client is still there
 IMAGE_CAPABILITY = "generate_image"
@@ -47,28 +46,6 @@ def can_generate_images(pipe) -> bool:
     """VILA-U engines list "generate_image" in the manifest's capabilities."""
     caps = getattr(pipe.manifest, "capabilities", None) or pipe.manifest.build.get("capabilities", ())
     return IMAGE_CAPABILITY in caps and callable(getattr(pipe, "generate_image", None))
-
-
-def error_body(message: str, status: int, code=None, param=None) -> dict:
-    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-            413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "invalid_request_error")
-    if status >= 500:
-        kind = "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def error_response(e: BaseException) -> JSONResponse:
-    if isinstance(e, RequestError):
-        status, code, param = e.status, e.code, e.param
-    elif isinstance(e, KVCacheFull):
-        status, code, param = 429, "kv_cache_full", None
-    elif isinstance(e, VilaEdgeError):
-        status, code, param = 400, type(e).__name__, None
-    elif isinstance(e, ValueError):       # GenerationConfig's range checks
-        status, code, param = 400, "invalid_value", None
-    else:
-        status, code, param = 500, "internal_error", None
-    return JSONResponse(error_body(str(e) or type(e).__name__, status, code, param), status_code=status)
 
 
 class ClientGone(Exception):
@@ -150,21 +127,21 @@ def create_app(pipe, cfg: ServerConfig) -> FastAPI:
         rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         try:
             first = await next_event(job, request)
-        except ClientGone:
-            return Response(status_code=499)
-        if first[0] == "error":
-            return error_response(first[1])
-        if req.stream:
-            usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(sse(job, first, rid, created, usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, event = "", first
-        try:
+            if first[0] == "error":
+                return error_response(first[1])
+            if req.stream:                              # the SSE generator owns the job from here
+                usage = req.stream_options is not None and req.stream_options.include_usage
+                return StreamingResponse(sse(job, first, rid, created, usage), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            text, event = "", first
             while event[0] == "text":
                 text += event[1]
                 event = await next_event(job, request)
         except ClientGone:
             return Response(status_code=499)
+        except BaseException:
+            job.cancel()          # e.g. the server cancelled this request task: stop the generation
+            raise
         if event[0] == "error":
             return error_response(event[1])
         stats = event[1]
@@ -246,28 +223,6 @@ class ImageTask:
         images = pipe.generate_image(r.prompt, n=r.n, cfg_scale=r.cfg_scale, temperature=r.temperature,
                                      top_k=r.top_k, top_p=r.top_p, seed=r.seed)
         job.emit("done", [png_b64(im) for im in images])
-
-
-def usage_of(stats: dict) -> dict:
-    p, c = stats.get("prompt_tokens", 0), stats.get("new_tokens", 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": stats.get("cached_tokens", 0)}}
-
-
-def timings_of(stats: dict) -> dict:
-    return {"ttft_s": stats.get("ttft_s"), "decode_tok_s": stats.get("decode_tok_s"),
-            "vision_s": stats.get("vision_s")}
-
-
-def png_b64(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def json_dumps(obj) -> str:
-    import json
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 class LimitsMiddleware:
