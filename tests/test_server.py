@@ -315,3 +315,37 @@ def test_graceful_shutdown_lets_an_in_flight_stream_finish(tiny):
     assert not thread.is_alive()
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health")
+
+
+def test_sampling_options_answer_as_pipeline_chat_does(server, client, reference):
+    """temperature/top_p/seed/stop/max_tokens reach the sampler as Pipeline.chat's options do."""
+    for opts in (dict(temperature=1.0, top_p=0.9, seed=3, max_tokens=12),
+                 dict(temperature=1.5, seed=11, max_tokens=20, stop=["e"])):
+        expected = reference.chat(COLOR, QUESTION, temperature=opts["temperature"], top_p=opts.get("top_p", 1.0),
+                                  seed=opts["seed"], max_new_tokens=opts["max_tokens"], stop=opts.get("stop", ()))
+        r = client.chat.completions.create(model="tiny", messages=[image_message(QUESTION, data_url(COLOR))], **opts)
+        assert r.choices[0].message.content == expected, opts
+
+
+def test_remote_images_are_fetched_only_when_enabled_and_within_the_byte_limit(tmp_path):
+    import functools
+    import http.server
+
+    from vila_edge.errors import RequestError
+    from vila_edge.server.images import ImagePolicy, load_image_url
+    Image.open(COLOR).save(tmp_path / "a.png")
+    (tmp_path / "big.png").write_bytes(_noise_png())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        with pytest.raises(RequestError, match="remote image URLs are disabled"):
+            load_image_url(base + "/a.png", ImagePolicy())
+        img = load_image_url(base + "/a.png", ImagePolicy(allow_remote=True))
+        assert np.array_equal(np.asarray(img), np.asarray(Image.open(COLOR).convert("RGB")))
+        with pytest.raises(RequestError) as e:
+            load_image_url(base + "/big.png", ImagePolicy(allow_remote=True, max_bytes=MAX_IMAGE_BYTES))
+        assert e.value.status == 413
+    finally:
+        httpd.shutdown()
