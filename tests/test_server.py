@@ -349,3 +349,14 @@ def test_remote_images_are_fetched_only_when_enabled_and_within_the_byte_limit(t
         assert e.value.status == 413
     finally:
         httpd.shutdown()
+
+
+def test_cli_serve_errors_are_one_line_and_status_2(tiny, capsys):
+    from vila_edge.cli import main
+    assert main(["serve", tiny + "-missing"]) == 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["serve", tiny, "--port", str(s.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "manifest.json" in err[0] and "cannot listen" in err[1]

@@ -44,3 +44,7 @@ class RequestError(VilaEdgeError, ValueError):
     def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None):
         super().__init__(message)
         self.status, self.code, self.param = status, code, param
+
+
+class ServeError(VilaEdgeError):
+    """`vila-edge serve` cannot start: its address is taken or unusable."""

@@ -10,7 +10,9 @@ Conversation work), scheduler (bounded worker pool; the seam a batched scheduler
 metrics (Prometheus), app (routes, errors, SSE).
 """
 import os
+import socket
 
+from vila_edge.errors import ServeError
 from vila_edge.server.app import ServerConfig, can_generate_images, create_app
 from vila_edge.server.chat import Limits
 from vila_edge.server.images import ImagePolicy
@@ -43,7 +45,19 @@ def build(engine: str, *, model_id: str | None = None, workers: int = 2, max_que
 def serve(engine: str, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **options) -> int:
     """Run until SIGINT/SIGTERM; in-flight requests get SHUTDOWN_GRACE_S to finish."""
     import uvicorn
+    check_address(host, port)         # before loading the engine: a taken port is a one-line error
     app, _ = build(engine, **options)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                   timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
     return 0
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise ServeError unless host:port can be bound now (as uvicorn binds: SO_REUSEADDR)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+    except OSError as e:
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
