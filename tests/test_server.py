@@ -353,7 +353,7 @@ def test_remote_images_are_fetched_only_when_enabled_and_within_the_byte_limit(t
 
 def test_cli_serve_errors_are_one_line_and_status_2(tiny, capsys):
     from vila_edge.cli import main
-    assert main(["serve", tiny + "-missing"]) == 2
+    assert main(["serve", tiny + "-missing", "--port", "0"]) == 2
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
