@@ -227,6 +227,10 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
     r = httpx.post(server[0] + "/v1/chat/completions", content=b"x" * (4 * 2**20),
                    headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    chunked = (b"x" * 2**16 for _ in range(64))              # no Content-Length: counted while read
+    r = httpx.post(server[0] + "/v1/chat/completions", content=chunked, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(server[0] + "/health").status_code == 200
 
 
 def test_image_generation_is_refused_by_an_engine_that_cannot_generate(server, client):
@@ -289,8 +293,8 @@ def test_a_full_queue_is_a_429_and_shutdown_interrupts_running_work():
     asyncio.run(main())
 
 
-def test_graceful_shutdown_lets_an_in_flight_stream_finish(tiny):
-    app, _ = build(tiny, model_id="tiny", workers=1)
+def test_api_key_and_graceful_shutdown_lets_an_in_flight_stream_finish(tiny):
+    app, _ = build(tiny, model_id="tiny", workers=1, api_key="k3y")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -303,7 +307,12 @@ def test_graceful_shutdown_lets_an_in_flight_stream_finish(tiny):
         time.sleep(0.02)
     body = {"messages": [{"role": "user", "content": "Say red."}], "stream": True, "max_tokens": 200,
             "guided_regex": "(red ){60}"}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+    for key in (None, "wrong"):
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"} if key else {})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(url + "/health").status_code == 200           # probes need no key
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"authorization": "Bearer k3y"}) as r:
         lines = r.iter_lines()
         first = next(lines)
         srv.should_exit = True                      # as SIGTERM does

@@ -6,6 +6,7 @@
     vila-edge serve ENGINE_DIR [--host 127.0.0.1 --port 8000 --allow-dir DIR]
 """
 import argparse
+import os
 import sys
 
 from vila_edge.errors import EngineError, VilaEdgeError
@@ -67,12 +68,14 @@ def _serve(args) -> int:
                  max_images=args.max_images, max_image_bytes=int(args.max_image_mb * 2**20),
                  max_prompt_tokens=args.max_prompt_tokens, allow_dir=args.allow_dir,
                  allow_remote=args.allow_remote_images, model_id=args.model_id, threads=args.threads,
-                 max_context=args.max_context, kv_budget=args.kv_budget, log_level=args.log_level)
+                 max_context=args.max_context, kv_budget=args.kv_budget, log_level=args.log_level,
+                 api_key=os.environ.get("VILA_EDGE_API_KEY") or None)
 
 
 def _serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat with images, structured output, "
-                                     "metrics); needs the serve extra")
+                                     "metrics); needs the serve extra",
+                       epilog="Set VILA_EDGE_API_KEY to require 'Authorization: Bearer <key>' on /v1/*.")
     s.add_argument("engine")
     s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     s.add_argument("--port", type=int, default=8000)

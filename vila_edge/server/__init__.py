@@ -28,7 +28,7 @@ __all__ = ["ServerConfig", "Limits", "ImagePolicy", "create_app", "can_generate_
 def build(engine: str, *, model_id: str | None = None, workers: int = 2, max_queue: int = 64,
           max_images: int = 8, max_image_bytes: int = 20 * 2**20, max_prompt_tokens: int | None = None,
           allow_dir: str | None = None, allow_remote: bool = False, threads: int | None = None,
-          max_context: int | None = None, kv_budget=None, block_size: int = 16):
+          max_context: int | None = None, kv_budget=None, block_size: int = 16, api_key: str | None = None):
     """(app, pipeline) for an engine directory."""
     from vila_edge.llm import KVConfig
     from vila_edge.pipeline import Pipeline
@@ -38,7 +38,7 @@ def build(engine: str, *, model_id: str | None = None, workers: int = 2, max_que
                     images=ImagePolicy(max_bytes=max_image_bytes, allow_dir=allow_dir, allow_remote=allow_remote))
     pipe.grammars.tokenizer()     # structured output's tokenizer now, not in the first request's TTFT
     cfg = ServerConfig(model_id=model_id or os.path.basename(os.path.normpath(engine)), workers=workers,
-                       max_queue=max_queue, limits=limits)
+                       max_queue=max_queue, limits=limits, api_key=api_key)
     return create_app(pipe, cfg), pipe
 
 

@@ -5,6 +5,7 @@ Every error a client can cause answers a 4xx in OpenAI's error format,
 cancels its job: the worker stops at the next token and closes the conversation, freeing its KV.
 """
 import asyncio
+import hmac
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from vila_edge.server.wire import error_body, error_response, json_dumps, png_b6
 POLL_S = 0.25        # how often a waiting request checks that its client is still there
 IMAGE_CAPABILITY = "generate_image"
 ENDPOINTS = ("/v1/chat/completions", "/v1/images/generations", "/v1/models", "/health", "/metrics")
+OPEN_ENDPOINTS = ("/health", "/metrics")      # probes and scrapers need no API key
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class ServerConfig:
     workers: int = 2
     max_queue: int = 64
     limits: Limits = field(default_factory=Limits)
+    api_key: str | None = None           # when set, /v1/* needs "Authorization: Bearer <key>"
 
     @property
     def max_body_bytes(self) -> int:
@@ -211,7 +214,7 @@ def create_app(pipe, cfg: ServerConfig) -> FastAPI:
         return Response(metrics.render(pipe.llm.blocks.stats(), sched.stats()),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return LimitsMiddleware(app, cfg.max_body_bytes, metrics)
+    return LimitsMiddleware(app, cfg.max_body_bytes, metrics, cfg.api_key)
 
 
 @dataclass
@@ -226,29 +229,57 @@ class ImageTask:
 
 
 class LimitsMiddleware:
-    """ASGI: refuses bodies over the limit before reading them (413), counts requests by status."""
+    """ASGI, around the app: the API key (401), the body size (413: by Content-Length before
+    reading, and while reading a chunked body), and the request counter by endpoint and status."""
 
-    def __init__(self, app, max_body: int, metrics: Metrics):
-        self.app, self.max_body, self.metrics = app, max_body, metrics
+    def __init__(self, app, max_body: int, metrics: Metrics, api_key: str | None = None):
+        self.app, self.max_body, self.metrics, self.api_key = app, max_body, metrics, api_key
         self.state = app.state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"] if scope["path"] in ENDPOINTS else "other"   # bounded label values
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            self.metrics.requests.labels(path, "413").inc()
-            resp = JSONResponse(error_body(f"request body over the server's limit of {self.max_body} bytes",
-                                           413, "request_too_large"), status_code=413)
-            return await resp(scope, receive, send)
-        status = {}
+        headers = dict(scope["headers"])
+        refusal = self._refusal(headers, path)
+        if refusal is not None:
+            self.metrics.requests.labels(path, str(refusal.status_code)).inc()
+            return await refusal(scope, receive, send)
+        status, received = {}, [0]
 
         async def counting_send(message):
+            if received[0] > self.max_body:
+                # The app answers a body it could not read with a 400: answer 413 in its place.
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    status["code"] = 413
+                    await JSONResponse(error_body(self._too_large(), 413, "request_too_large"),
+                                       status_code=413)(scope, receive, send)
+                return
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)
+
+        async def limited_receive():
+            message = await receive()
+            received[0] += len(message.get("body", b""))
+            if received[0] > self.max_body:       # a chunked body: stop reading it
+                raise RequestError(self._too_large(), status=413, code="request_too_large")
+            return message
         try:
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, limited_receive, counting_send)
         finally:
             self.metrics.requests.labels(path, str(status.get("code", 499))).inc()
+
+    def _refusal(self, headers: dict, path: str) -> JSONResponse | None:
+        if self.api_key is not None and path not in OPEN_ENDPOINTS:
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given, "Bearer " + self.api_key):
+                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer <key>)", 401,
+                                               "invalid_api_key"), status_code=401)
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return JSONResponse(error_body(self._too_large(), 413, "request_too_large"), status_code=413)
+        return None
+
+    def _too_large(self) -> str:
+        return f"request body over the server's limit of {self.max_body} bytes"
