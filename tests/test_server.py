@@ -201,6 +201,9 @@ def _bad_requests(allowed, outside):
         ("uncompilable schema", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}}, 400, None),
         ("n > 1", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, None),
+        ("logprobs", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "unsupported_parameter"),
+        ("tools", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+         "unsupported_parameter"),
     ]
 
 

@@ -66,6 +66,11 @@ async def next_event(job: Job, request: Request) -> tuple:
 
 
 def gen_config(req: ChatRequest, max_context: int) -> dict:
+    field_ = req.unsupported()
+    if field_ is not None:
+        raise RequestError(f"{field_} is not supported by this server (vila-edge: text answers, optionally "
+                           "constrained by response_format / guided_choice / guided_regex)", param=field_,
+                           code="unsupported_parameter")
     fmt, schema = req.response_format, None
     if fmt is not None and fmt.type == "json_object":
         schema = {"type": "object"}

@@ -1,5 +1,6 @@
 """OpenAI chat-completions request bodies, validated with pydantic (a wrong type is a 400 that
-names the field). Fields OpenAI defines that this engine cannot honour are refused, not ignored."""
+names the field). Fields OpenAI defines that this engine cannot honour are refused when they ask
+for something (logprobs, tools, penalties); unknown fields are ignored, as OpenAI's SDKs add some."""
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,6 +64,23 @@ class ChatRequest(_Open):
     response_format: ResponseFormat | None = None
     guided_choice: list[str] | None = None                        # vLLM's names for choices / regex
     guided_regex: str | None = None
+    # OpenAI fields this engine cannot honour: refused when they ask for something (app.unsupported).
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    functions: list | None = None
+    tool_choice: Union[str, dict, None] = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to something this engine cannot do, or None."""
+        asks = {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs, "tools": self.tools,
+                "functions": self.functions, "tool_choice": self.tool_choice not in (None, "none") or None,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "logit_bias": self.logit_bias}
+        return next((k for k, v in asks.items() if v), None)
 
 
 class ImageRequest(_Open):
