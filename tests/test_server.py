@@ -256,6 +256,19 @@ def test_a_client_that_disconnects_frees_its_kv_blocks(server):
     assert health["interrupted"] == 1 and health["kv_blocks"]["used"] == 0 and health["running"] == 0
 
 
+def test_a_non_streaming_client_that_disconnects_frees_its_kv_blocks(server):
+    url = server[0]
+    before = httpx.get(url + "/health").json()["interrupted"]
+    body = {"messages": [image_message(QUESTION, data_url(COLOR))], "max_tokens": 900, "guided_regex": "(red ){800}"}
+    with pytest.raises(httpx.ReadTimeout):              # the client gives up and closes its connection
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    deadline = time.time() + 20
+    while httpx.get(url + "/health").json()["interrupted"] == before and time.time() < deadline:
+        time.sleep(0.05)
+    health = httpx.get(url + "/health").json()
+    assert health["interrupted"] == before + 1 and health["kv_blocks"]["used"] == 0
+
+
 def test_models_health_and_metrics(server, client):
     url = server[0]
     assert [m.id for m in client.models.list().data] == ["tiny"]

@@ -56,13 +56,18 @@ class ClientGone(Exception):
 
 
 async def next_event(job: Job, request: Request) -> tuple:
+    """The job's next event; raises ClientGone (and cancels the job) once the client has left,
+    checked at least every POLL_S whether events flow or not."""
     while True:
+        if time.monotonic() - job.checked_at >= POLL_S:
+            job.checked_at = time.monotonic()
+            if await request.is_disconnected():
+                job.cancel()
+                raise ClientGone()
         try:
             return await asyncio.wait_for(job.events.get(), POLL_S)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                raise ClientGone() from None
+            pass
 
 
 def gen_config(req: ChatRequest, max_context: int) -> dict:

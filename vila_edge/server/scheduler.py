@@ -9,6 +9,7 @@ emits the same events, and honours job.cancelled between steps.
 """
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from vila_edge.errors import RequestError
@@ -21,6 +22,7 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()   # set when the client went away or the server stops
         self.interrupted = False             # set by the work when it stopped early for that
+        self.checked_at = time.monotonic()   # when the request last checked its client was there
 
     def emit(self, kind: str, value=None) -> None:
         """Thread-safe: hand an event to the request's coroutine."""
