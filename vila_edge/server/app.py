@@ -5,7 +5,6 @@ Every error a client can cause answers a 4xx in OpenAI's error format,
 cancels its job: the worker stops at the next token and closes the conversation, freeing its KV.
 """
 import asyncio
-import hmac
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -21,14 +20,13 @@ from vila_edge.errors import RequestError, VilaEdgeError
 from vila_edge.sampling import GenerationConfig
 from vila_edge.server.chat import ChatTask, Limits, parse_messages
 from vila_edge.server.metrics import Metrics
+from vila_edge.server.middleware import LimitsMiddleware
 from vila_edge.server.scheduler import Job, ThreadScheduler
 from vila_edge.server.schema import ChatRequest, ImageRequest
 from vila_edge.server.wire import error_body, error_response, json_dumps, png_b64, timings_of, usage_of
 
 POLL_S = 0.25        # how often a waiting request checks that its client is still there
 IMAGE_CAPABILITY = "generate_image"
-ENDPOINTS = ("/v1/chat/completions", "/v1/images/generations", "/v1/models", "/health", "/metrics")
-OPEN_ENDPOINTS = ("/health", "/metrics")      # probes and scrapers need no API key
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,8 @@ def gen_config(req: ChatRequest, max_context: int) -> dict:
     return gen
 
 
-def create_app(pipe, cfg: ServerConfig) -> FastAPI:
+def create_app(pipe, cfg: ServerConfig) -> LimitsMiddleware:
+    """The ASGI app: FastAPI routes inside the limits middleware. `.state` holds pipe, scheduler, metrics."""
     metrics, sched = Metrics(), ThreadScheduler(pipe, cfg.workers, cfg.max_queue)
 
     @asynccontextmanager
@@ -103,40 +102,53 @@ def create_app(pipe, cfg: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="vila-edge", lifespan=lifespan)
     app.state.pipe, app.state.scheduler, app.state.metrics = pipe, sched, metrics
+    install_error_handlers(app)
+    completions = Completions(pipe, cfg, sched, metrics)
+    app.post("/v1/chat/completions")(completions.create)
+    app.post("/v1/images/generations")(ImageGenerations(pipe, cfg, sched).create)
+    install_info_routes(app, pipe, cfg, sched, metrics)
+    return LimitsMiddleware(app, cfg.max_body_bytes, metrics, cfg.api_key)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error a client can cause -> a 4xx in OpenAI's format (wire.error_response)."""
+    async def invalid(request, exc: RequestValidationError):
+        first = (exc.errors() or [{}])[0]
         where = ".".join(str(x) for x in first.get("loc", ())[1:])
-        msg = "request body is not valid JSON" if first.get("type") == "json_invalid" else \
-            f"{where or 'body'}: {first.get('msg', 'invalid')}"
-        param = None if first.get("type") == "json_invalid" else where or None
-        return JSONResponse(error_body(msg, 400, first.get("type"), param), status_code=400)
+        if first.get("type") == "json_invalid":
+            msg, where = "request body is not valid JSON", ""
+        else:
+            msg = f"{where or 'body'}: {first.get('msg', 'invalid')}"
+        return JSONResponse(error_body(msg, 400, first.get("type"), where or None), status_code=400)
 
-    @app.exception_handler(HTTPException)
-    async def _http(request, exc: HTTPException):
+    async def http(request, exc: HTTPException):
         return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code)
 
-    @app.exception_handler(VilaEdgeError)
-    async def _vila(request, exc):
+    async def ours(request, exc):
         return error_response(exc)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http)
+    app.add_exception_handler(VilaEdgeError, ours)
+    app.add_exception_handler(ValueError, ours)
 
-    @app.exception_handler(ValueError)
-    async def _value(request, exc):
-        return error_response(exc)
 
-    def check_model(model):
-        if model not in (None, cfg.model_id):
-            raise RequestError(f"model {model!r} is not served here; this server serves {cfg.model_id!r}",
-                               status=404, code="model_not_found", param="model")
+def check_model(model: str | None, cfg: ServerConfig) -> None:
+    if model not in (None, cfg.model_id):
+        raise RequestError(f"model {model!r} is not served here; this server serves {cfg.model_id!r}",
+                           status=404, code="model_not_found", param="model")
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request):
-        check_model(req.model)
-        gen = gen_config(req, pipe.max_context)
-        system, turns = await run_in_threadpool(parse_messages, req, pipe.family.part_text, cfg.limits)
-        job = sched.submit(Job(ChatTask(system, turns, gen, cfg.limits), asyncio.get_running_loop()))
+
+class Completions:
+    """POST /v1/chat/completions: one JSON answer, or server-sent events with stream: true."""
+
+    def __init__(self, pipe, cfg: ServerConfig, sched, metrics: Metrics):
+        self.pipe, self.cfg, self.sched, self.metrics = pipe, cfg, sched, metrics
+
+    async def create(self, req: ChatRequest, request: Request):
+        check_model(req.model, self.cfg)
+        gen = gen_config(req, self.pipe.max_context)
+        system, turns = await run_in_threadpool(parse_messages, req, self.pipe.family.part_text, self.cfg.limits)
+        job = self.sched.submit(Job(ChatTask(system, turns, gen, self.cfg.limits), asyncio.get_running_loop()))
         rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         try:
             first = await next_event(job, request)
@@ -144,7 +156,7 @@ def create_app(pipe, cfg: ServerConfig) -> FastAPI:
                 return error_response(first[1])
             if req.stream:                              # the SSE generator owns the job from here
                 usage = req.stream_options is not None and req.stream_options.include_usage
-                return StreamingResponse(sse(job, first, rid, created, usage), media_type="text/event-stream",
+                return StreamingResponse(self.sse(job, first, rid, created, usage), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             text, event = "", first
             while event[0] == "text":
@@ -157,47 +169,50 @@ def create_app(pipe, cfg: ServerConfig) -> FastAPI:
             raise
         if event[0] == "error":
             return error_response(event[1])
-        stats = event[1]
-        metrics.record(stats)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_id,
+        self.metrics.record(event[1])
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.cfg.model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": stats["finish_reason"], "logprobs": None}],
-                "usage": usage_of(stats), "timings": timings_of(stats)}
+                             "finish_reason": event[1]["finish_reason"], "logprobs": None}],
+                "usage": usage_of(event[1]), "timings": timings_of(event[1])}
 
-    async def sse(job: Job, first, rid: str, created: int, include_usage: bool):
-        def chunk(delta, reason=None, **extra):
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_id,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}], **extra}
-            return "data: " + json_dumps(body) + "\n\n"
+    async def sse(self, job: Job, event, rid: str, created: int, include_usage: bool):
+        def data(choices, **extra) -> str:
+            return "data: " + json_dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                          "model": self.cfg.model_id, "choices": choices, **extra}) + "\n\n"
+
+        def delta(d, reason=None) -> list:
+            return [{"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}]
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            event = first
+            yield data(delta({"role": "assistant", "content": ""}))
             while event[0] == "text":
-                yield chunk({"content": event[1]})
+                yield data(delta({"content": event[1]}))
                 event = await job.events.get()
-            if event[0] == "error":
-                yield "data: " + json_dumps(error_body(str(event[1]), 500 if not isinstance(
-                    event[1], VilaEdgeError) else 400)) + "\n\n"
+            if event[0] == "error":       # headers are sent: the error travels as an event
+                status = 400 if isinstance(event[1], VilaEdgeError) else 500
+                yield "data: " + json_dumps(error_body(str(event[1]), status)) + "\n\n"
                 return
             stats = event[1]
-            metrics.record(stats)
-            yield chunk({}, stats["finish_reason"], timings=timings_of(stats))
+            self.metrics.record(stats)
+            yield data(delta({}, stats["finish_reason"]), timings=timings_of(stats))
             if include_usage:
-                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_id,
-                        "choices": [], "usage": usage_of(stats)}
-                yield "data: " + json_dumps(body) + "\n\n"
+                yield data([], usage=usage_of(stats))
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()          # no-op once done; a client that left frees its KV at the next token
 
-    @app.post("/v1/images/generations")
-    async def images(req: ImageRequest, request: Request):
-        check_model(req.model)
-        if not can_generate_images(pipe):
-            raise RequestError(f"this engine ({pipe.manifest.family}) cannot generate images; "
-                               "serve a VILA-U engine for /v1/images/generations", code="unsupported_capability")
 
-        job = sched.submit(Job(ImageTask(req), asyncio.get_running_loop()))
+class ImageGenerations:
+    """POST /v1/images/generations: b64 PNGs from engines that can generate (VILA-U), else 400."""
+
+    def __init__(self, pipe, cfg: ServerConfig, sched):
+        self.pipe, self.cfg, self.sched = pipe, cfg, sched
+
+    async def create(self, req: ImageRequest, request: Request):
+        check_model(req.model, self.cfg)
+        if not can_generate_images(self.pipe):
+            raise RequestError(f"this engine ({self.pipe.manifest.family}) cannot generate images; "
+                               "serve a VILA-U engine for /v1/images/generations", code="unsupported_capability")
+        job = self.sched.submit(Job(ImageTask(req), asyncio.get_running_loop()))
         try:
             kind, value = await next_event(job, request)
         except ClientGone:
@@ -205,26 +220,6 @@ def create_app(pipe, cfg: ServerConfig) -> FastAPI:
         if kind == "error":
             return error_response(value)
         return {"created": int(time.time()), "data": [{"b64_json": b} for b in value]}
-
-    @app.get("/v1/models")
-    async def models():
-        caps = ["chat", "vision"] + ([IMAGE_CAPABILITY] if can_generate_images(pipe) else [])
-        return {"object": "list", "data": [{"id": cfg.model_id, "object": "model", "created": 0,
-                                            "owned_by": "vila-edge", "capabilities": caps,
-                                            "max_context": pipe.max_context}]}
-
-    @app.get("/health")
-    async def health():
-        kv = pipe.llm.blocks.stats()
-        return {"status": "ok", "model": cfg.model_id, **sched.stats(),
-                "kv_blocks": {"total": kv.num_blocks, "used": kv.used, "cached": kv.cached, "free": kv.free}}
-
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(pipe.llm.blocks.stats(), sched.stats()),
-                        media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    return LimitsMiddleware(app, cfg.max_body_bytes, metrics, cfg.api_key)
 
 
 @dataclass
@@ -238,58 +233,21 @@ class ImageTask:
         job.emit("done", [png_b64(im) for im in images])
 
 
-class LimitsMiddleware:
-    """ASGI, around the app: the API key (401), the body size (413: by Content-Length before
-    reading, and while reading a chunked body), and the request counter by endpoint and status."""
+def install_info_routes(app: FastAPI, pipe, cfg: ServerConfig, sched, metrics: Metrics) -> None:
+    async def models():
+        caps = ["chat", "vision"] + ([IMAGE_CAPABILITY] if can_generate_images(pipe) else [])
+        return {"object": "list", "data": [{"id": cfg.model_id, "object": "model", "created": 0,
+                                            "owned_by": "vila-edge", "capabilities": caps,
+                                            "max_context": pipe.max_context}]}
 
-    def __init__(self, app, max_body: int, metrics: Metrics, api_key: str | None = None):
-        self.app, self.max_body, self.metrics, self.api_key = app, max_body, metrics, api_key
-        self.state = app.state
+    async def health():
+        kv = pipe.llm.blocks.stats()
+        return {"status": "ok", "model": cfg.model_id, **sched.stats(),
+                "kv_blocks": {"total": kv.num_blocks, "used": kv.used, "cached": kv.cached, "free": kv.free}}
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"] if scope["path"] in ENDPOINTS else "other"   # bounded label values
-        headers = dict(scope["headers"])
-        refusal = self._refusal(headers, path)
-        if refusal is not None:
-            self.metrics.requests.labels(path, str(refusal.status_code)).inc()
-            return await refusal(scope, receive, send)
-        status, received = {}, [0]
-
-        async def counting_send(message):
-            if received[0] > self.max_body:
-                # The app answers a body it could not read with a 400: answer 413 in its place.
-                if message["type"] == "http.response.body" and not message.get("more_body"):
-                    status["code"] = 413
-                    await JSONResponse(error_body(self._too_large(), 413, "request_too_large"),
-                                       status_code=413)(scope, receive, send)
-                return
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        async def limited_receive():
-            message = await receive()
-            received[0] += len(message.get("body", b""))
-            if received[0] > self.max_body:       # a chunked body: stop reading it
-                raise RequestError(self._too_large(), status=413, code="request_too_large")
-            return message
-        try:
-            await self.app(scope, limited_receive, counting_send)
-        finally:
-            self.metrics.requests.labels(path, str(status.get("code", 499))).inc()
-
-    def _refusal(self, headers: dict, path: str) -> JSONResponse | None:
-        if self.api_key is not None and path not in OPEN_ENDPOINTS:
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given, "Bearer " + self.api_key):
-                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer <key>)", 401,
-                                               "invalid_api_key"), status_code=401)
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return JSONResponse(error_body(self._too_large(), 413, "request_too_large"), status_code=413)
-        return None
-
-    def _too_large(self) -> str:
-        return f"request body over the server's limit of {self.max_body} bytes"
+    async def prometheus():
+        return Response(metrics.render(pipe.llm.blocks.stats(), sched.stats()),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+    app.get("/v1/models")(models)
+    app.get("/health")(health)
+    app.get("/metrics")(prometheus)
