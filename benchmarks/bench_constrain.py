@@ -46,8 +46,11 @@ DECISION = """## Decision: llguidance
   schema, and a server compiles every request's schema anew. llguidance compiles in ~1 ms.
 - llguidance reads the engine's tokenizer.json itself (byte-level BPE, SentencePiece byte
   fallback; a small wrapper adds Metaspace), supports more of JSON Schema, and installs without
-  torch (Rust, manylinux aarch64 wheels). xgrammar was excluded before measuring: its wheel
-  requires torch and transformers at install time (`pip install --dry-run xgrammar`).
+  torch (Rust). xgrammar was excluded before measuring: its wheel requires torch and transformers
+  at install time (`pip install --dry-run xgrammar`).
+- Jetson: `pip download --platform manylinux_2_28_aarch64 --only-binary=:all:` finds
+  llguidance 1.6.1 (abi3) and outlines-core 0.2.14 on this project's index; the structured-output
+  tests pass with llguidance 1.6.1 and 1.9.1 (1.6.1 takes one stop id, see constrain.py).
 """
 
 

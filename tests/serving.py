@@ -9,11 +9,10 @@ import time
 
 import httpx
 import numpy as np
-import pytest
-from PIL import Image
-
 import openai
+import pytest
 import uvicorn
+from PIL import Image
 
 from vila_edge.pipeline import Pipeline
 from vila_edge.server import build
