@@ -17,7 +17,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup runtime bundled-engine demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean
+.PHONY: help setup runtime bundled-engine demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean serve bench-serve bench-constrain
 
 help:  ## list every command
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -92,6 +92,20 @@ bench-3b: $(VENV)/.bench  ## random weights at VILA1.5-3B shapes: vila-edge benc
 bench-kv: $(VENV)/.bench  ## paged KV: repeated-query TTFT, paged vs contiguous decode at 2k, pool vs budget
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
 	$(BIN)/python benchmarks/bench_kv.py $(OUT)
+
+PORT     ?= 8000
+serve: setup  ## OpenAI-compatible server: make serve OUT=engines/name PORT=8000
+	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
+	$(BIN)/vila-edge serve $(OUT) --port $(PORT)
+
+bench-serve: $(VENV)/.bench  ## 32 streaming clients x 10 requests against `vila-edge serve` (bundled model): failures, TTFT, tok/s, RSS, KV
+	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
+	$(BIN)/python benchmarks/bench_serve.py $(OUT)
+
+bench-constrain: $(VENV)/.bench  ## structured output's per-token mask cost: llguidance vs outlines-core, bundled + SmolLM2 tokenizers
+	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
+	@test -d build/fixtures/smollm2-vila || $(BIN)/python benchmarks/smollm2_vila.py build/fixtures/smollm2-vila
+	$(BIN)/python benchmarks/bench_constrain.py $(OUT)/tokenizer.json build/fixtures/smollm2-vila/llm/tokenizer.json
 
 train-tiny: setup  ## retrain the small VILA-architecture model on generated scenes -> models/vila-tiny-shapes
 	$(BIN)/python -m export.train_tiny --out models/vila-tiny-shapes

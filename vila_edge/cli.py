@@ -5,6 +5,7 @@
     vila-edge export CHECKPOINT OUT [--dtype fp16] [--quant none|rtn|awq] [--lm-head-bits 8|4|0]
     vila-edge fixture OUT --kind nvila-lite
     vila-edge bench ENGINE_DIR
+    vila-edge serve ENGINE_DIR [--host 127.0.0.1 --port 8000 --allow-dir DIR]
 
 Each subcommand is one `add_<name>(sub)` function that registers its parser and its handler, so
 new ones (plan, serve) are added beside the others without touching them.
@@ -232,7 +233,47 @@ def _bench(args) -> int:
     return bench.run_cli(args)
 
 
-SUBCOMMANDS = [add_chat, add_export, add_fixture, add_bench]
+def add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat with images, structured output, "
+                                     "metrics; [serve] extra)",
+                       epilog="Set VILA_EDGE_API_KEY to require 'Authorization: Bearer <key>' on /v1/*.")
+    s.add_argument("engine", help="engine directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface")
+    s.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="TCP port (default 8000)")
+    s.add_argument("--model-id", default=None, help="the model name clients use (default: the engine dir's name)")
+    s.add_argument("--workers", type=_number(int, 1), default=2, help="requests generating at once (default 2)")
+    s.add_argument("--max-queue", type=_number(int, 0), default=64,
+                   help="requests waiting beyond those; more get 429 (default 64)")
+    s.add_argument("--max-images", type=_number(int, 0), default=8, help="images per request (default 8)")
+    s.add_argument("--max-image-mb", type=_number(float, 0, low_open=True), default=20.0,
+                   help="encoded size per image, MiB (default 20)")
+    s.add_argument("--max-prompt-tokens", type=_number(int, 1), default=None,
+                   help="prompt tokens per request (default: the engine's context)")
+    s.add_argument("--allow-dir", default=None, help="image_url file paths are read only under this directory")
+    s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    s.add_argument("--threads", type=_number(int, 1), default=None, help="ONNX Runtime threads (default: all CPUs)")
+    s.add_argument("--max-context", type=_number(int, 1), default=None, help="context length in tokens")
+    s.add_argument("--kv-budget", type=_kv_budget, default=None,
+                   help="KV pool: bytes ('512MiB') or a device (orin-nano, ...)")
+    s.add_argument("--device", dest="kv_budget", type=_kv_budget, help="alias of --kv-budget with a device preset")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default info)")
+    s.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    from vila_edge.extras import require_extra
+    require_extra("serve", "vila-edge serve")
+    from vila_edge.server import serve
+    return serve(args.engine, host=args.host, port=args.port, workers=args.workers, max_queue=args.max_queue,
+                 max_images=args.max_images, max_image_bytes=int(args.max_image_mb * 2**20),
+                 max_prompt_tokens=args.max_prompt_tokens, allow_dir=args.allow_dir,
+                 allow_remote=args.allow_remote_images, model_id=args.model_id, threads=args.threads,
+                 max_context=args.max_context, kv_budget=args.kv_budget, log_level=args.log_level,
+                 api_key=os.environ.get("VILA_EDGE_API_KEY") or None)
+
+
+SUBCOMMANDS = [add_chat, add_export, add_fixture, add_bench, add_serve]
 
 
 def parser() -> argparse.ArgumentParser:

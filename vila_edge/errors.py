@@ -31,3 +31,26 @@ class MissingExtraError(VilaEdgeError):
 
 class UsageError(VilaEdgeError, ValueError):
     """A command-line or API option has a value outside its accepted range."""
+class GrammarError(VilaEdgeError, ValueError):
+    """A structured-output constraint (json_schema, choices, regex) cannot be compiled or followed."""
+
+
+class IncompleteOutput(GrammarError):
+    """Generation reached max_new_tokens before the structured answer was complete."""
+
+    def __init__(self, message: str, text: str):
+        super().__init__(message)
+        self.text = text       # the partial answer
+
+
+class RequestError(VilaEdgeError, ValueError):
+    """A server request the engine cannot take: malformed, over a limit, or not allowed.
+    `status` is the HTTP status the server answers with (4xx), `code` OpenAI's error code."""
+
+    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
+
+
+class ServeError(VilaEdgeError):
+    """`vila-edge serve` cannot start: its address is taken or unusable."""

@@ -8,6 +8,7 @@ EXTRAS = {
     "export": ("torch", "transformers", "safetensors", "onnx", "tqdm"),
     "bench": ("matplotlib",),
     "video": ("av",),
+    "serve": ("fastapi", "uvicorn", "prometheus_client", "httpx"),
 }
 
 

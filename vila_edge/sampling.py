@@ -1,11 +1,14 @@
 """Next-token choice from logits: greedy, temperature, top-k, top-p, repetition penalty, seed.
 
 Semantics follow transformers' logits processors (RepetitionPenaltyLogitsProcessor, TopK, TopP),
-applied in that order after masking ids outside the original vocabulary.
+applied in that order after masking ids outside the original vocabulary and, for structured
+output, the ids a grammar forbids next (vila_edge/constrain.py).
 """
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from vila_edge.errors import GrammarError
 
 
 @dataclass
@@ -17,6 +20,11 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple = field(default_factory=tuple)   # stop strings, besides the model's stop tokens
+    # Structured output (at most one): the answer is JSON valid under this schema (a dict or its
+    # JSON text), exactly one of these strings, or a full match of this regex (Rust regex syntax).
+    json_schema: "dict | str | None" = None
+    choices: "list | None" = None
+    regex: "str | None" = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -30,11 +38,19 @@ class GenerationConfig:
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if self.stop and self.constrained:
+            raise GrammarError("stop strings cannot be combined with json_schema/choices/regex: "
+                               "a stop string could cut the structured answer short")
+
+    @property
+    def constrained(self) -> bool:
+        return any(v is not None for v in (self.json_schema, self.choices, self.regex))
 
 
 class Sampler:
-    def __init__(self, cfg: GenerationConfig, vocab_size: int, never_sample: list):
+    def __init__(self, cfg: GenerationConfig, vocab_size: int, never_sample: list, constraint=None):
         self.cfg = cfg
+        self.constraint = constraint      # constrain.Constraint: masks each step, follows each choice
         self.vocab_size = vocab_size
         self.never = np.asarray([i for i in never_sample if i < vocab_size], np.int64)
         self.rng = np.random.default_rng(cfg.seed)
@@ -43,6 +59,18 @@ class Sampler:
         """logits [V'] float32 (V' >= vocab_size); history: ids generated or prompted so far."""
         x = np.array(logits[: self.vocab_size], dtype=np.float32)
         x[self.never] = -np.inf
+        if self.constraint is None:
+            return self._choose(x, history)
+        allowed = self.constraint.allowed()
+        if not allowed.any():
+            raise GrammarError("the grammar allows no token of this engine's vocabulary here")
+        x[~allowed] = -np.inf
+        tok = self._choose(x, history)
+        self.constraint.accept(tok)
+        return tok
+
+    def _choose(self, x: np.ndarray, history: np.ndarray) -> int:
+        """x [vocab_size] float32 logits (masked ids at -inf), modified in place."""
         cfg = self.cfg
         if cfg.repetition_penalty != 1.0 and len(history):
             seen = np.unique(history[(history >= 0) & (history < self.vocab_size)])
