@@ -205,4 +205,4 @@ def test_cli_serve_errors_are_one_line_and_status_2(tiny, capsys):
         s.listen()
         assert main(["serve", tiny, "--port", str(s.getsockname()[1])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "manifest.json" in err[0] and "cannot listen" in err[1]
+    assert len(err) == 2 and "no such engine" in err[0] and "cannot listen" in err[1]

@@ -239,7 +239,7 @@ def add_serve(sub) -> None:
                        epilog="Set VILA_EDGE_API_KEY to require 'Authorization: Bearer <key>' on /v1/*.")
     s.add_argument("engine", help="engine directory")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface")
-    s.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="TCP port (default 8000)")
+    s.add_argument("--port", type=_number(int, 0, 65535), default=8000, help="TCP port; 0 picks a free one (default 8000)")
     s.add_argument("--model-id", default=None, help="the model name clients use (default: the engine dir's name)")
     s.add_argument("--workers", type=_number(int, 1), default=2, help="requests generating at once (default 2)")
     s.add_argument("--max-queue", type=_number(int, 0), default=64,
