@@ -54,7 +54,9 @@ def _export(args) -> int:
 def _fixture(args) -> int:
     from export.fixtures import main
     return main([args.out, "--kind", args.kind, "--shape", args.shape] +
-                (["--projector", args.projector] if args.projector else [])) or 0
+                (["--projector", args.projector] if args.projector else []) +
+                (["--llm-layers", str(args.llm_layers)] if args.llm_layers else []) +
+                (["--vision-layers", str(args.vision_layers)] if args.vision_layers else [])) or 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -107,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--kind", default="vila1.5")
     f.add_argument("--shape", default="tiny")
     f.add_argument("--projector", default=None)
+    f.add_argument("--llm-layers", type=int, default=None, help="override the shape's LLM layer count")
+    f.add_argument("--vision-layers", type=int, default=None, help="override the shape's SigLIP layer count")
     f.set_defaults(func=_fixture)
     from vila_edge import bench
     b = sub.add_parser("bench", help="measure an engine: latency, tokens/s, memory, decode GB/s",
