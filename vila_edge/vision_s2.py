@@ -14,6 +14,7 @@ per unit (digest of its tiles), so a repeated view costs neither the tower nor t
 """
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -66,6 +67,7 @@ class MultiScaleEncoder:
         self.tower, self.projector, self.pixels, self.info = tower, projector, pixels, vision
         self.dtype, self.tile_batch = np.dtype(dtype), tile_batch
         self._cache = FeatureCache()
+        self.tower_seconds = 0.0      # time spent in the tower since the caller last reset it (benchmarks)
         self._combine = {S2: self._s2, DYNAMIC_S2: self._dynamic_s2}[vision.multiscale]
 
     def encode(self, image, single: bool = True) -> tuple:
@@ -83,7 +85,9 @@ class MultiScaleEncoder:
         step = self.tile_batch or max(len(missing), 1)
         for lo in range(0, len(missing), step):
             idx = missing[lo: lo + step]
+            t = time.perf_counter()
             out = self.tower.run({"pixel_values": tiles[idx].astype(self.dtype)})["tower_features"]
+            self.tower_seconds += time.perf_counter() - t
             for i, f in zip(idx, out):
                 feats[i] = f
                 self._cache.put(b"t" + digests[i], f)
