@@ -94,7 +94,7 @@ class MultiScaleEncoder:
         return np.stack(feats), digests
 
     def _project(self, blocks: np.ndarray) -> np.ndarray:
-        """(n, C, S, S) maps -> (n, T, H) projected tokens."""
+        """(n, S, S, C) maps -> (n, T, H) projected tokens."""
         x = map_to_tokens(blocks).astype(self.dtype)
         return self.projector.run({"tower_features": np.ascontiguousarray(x)})["image_features"]
 
@@ -112,7 +112,7 @@ class MultiScaleEncoder:
         feats, digests = self.tower_features(tiles)
         maps, lo = [], 0
         for n in splits:
-            maps.append(chessboard_merge(tokens_to_map(feats[lo: lo + n * n]), n, n))   # (1, C, n*S, n*S)
+            maps.append(chessboard_merge(tokens_to_map(feats[lo: lo + n * n]), n, n))   # (1, n*S, n*S, C)
             lo += n * n
         return self._cached_unit(_digest(b"s2", *digests),
                                  lambda: self._project(merge_scales(maps, v.resize_output_to))[0])
@@ -122,7 +122,7 @@ class MultiScaleEncoder:
         if not single:
             tile = normalize(img, self.pixels)[None]                          # (1, 3, r, r)
             feats, digests = self.tower_features(tile)
-            plain = np.tile(tokens_to_map(feats), (1, len(v.scales), 1, 1))  # (1, C * scales, S, S)
+            plain = np.tile(tokens_to_map(feats), (1, 1, 1, len(v.scales)))  # (1, S, S, C * scales)
             return self._cached_unit(_digest(b"plain", *digests), lambda: self._project(plain)[0])
         pil_tiles, (rows, cols) = dynamic_s2_tiles(img, v.scales, v.image_size, v.max_tiles)
         feats, digests = self.tower_features(np.stack([normalize(t, self.pixels) for t in pil_tiles]))
@@ -132,9 +132,9 @@ class MultiScaleEncoder:
         v = self.info
         maps, lo = [], 0
         for r, c in [(s // v.scales[0],) * 2 for s in v.scales[:-1]] + [(rows, cols)]:
-            maps.append(chessboard_merge(tokens_to_map(feats[lo: lo + r * c]), r, c))  # (1, C, r*S, c*S)
+            maps.append(chessboard_merge(tokens_to_map(feats[lo: lo + r * c]), r, c))  # (1, r*S, c*S, C)
             lo += r * c
-        merged = merge_scales(maps, v.resize_output_to)                  # (1, C * scales, H, W)
+        merged = merge_scales(maps, v.resize_output_to)                  # (1, H, W, C * scales)
         last = v.resize_output_to == len(v.scales) - 1
         r, c = (rows, cols) if last else (v.scales[v.resize_output_to] // v.scales[0],) * 2
         out = self._project(chessboard_split(merged, r, c))         # (r*c, T, H), blocks row-major
