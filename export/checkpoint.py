@@ -205,6 +205,8 @@ def read_vision(cfg: dict, top: dict, preproc: dict, where: str, check_size: boo
 
 def _family(top: dict) -> tuple[str, str]:
     mode = top.get("image_aspect_ratio", RESIZE)
+    if top.get("ps3"):
+        raise CheckpointError("config.json: ps3 (the PS3 high-resolution vision tower) is not supported")
     if top.get("dynamic_s2") or mode == DYNAMIC_S2:
         if not (top.get("dynamic_s2") and mode == DYNAMIC_S2):
             raise CheckpointError(f"config.json: dynamic_s2 {top.get('dynamic_s2')!r} with image_aspect_ratio "
@@ -301,6 +303,9 @@ def read_scales(top: dict, mode: str, vision: VisionSpec) -> ScalesSpec:
         raise CheckpointError(f"{where}: s2_scales {raw!r} is not a list of integers") from e
     split = int(_need(top, "s2_max_split_size", where))
     kind = DYNAMIC_S2 if mode == DYNAMIC_S2 else S2
+    if kind == S2 and mode != RESIZE:
+        raise CheckpointError(f"{where}: s2 with image_aspect_ratio {mode!r} is not supported; only 'resize' "
+                              f"(VILA1.5-3b-s2)")
     # Default 0: getattr(args, "s2_resize_output_to_scale_idx", 0) in VisionTowerS2 / VisionTowerDynamicS2
     # (NVlabs/VILA@b760c34:llava/model/multimodal_encoder/vision_encoder.py); NVILA-8B's config says -1.
     idx = int(top.get("s2_resize_output_to_scale_idx", 0))

@@ -178,6 +178,10 @@ def test_reader_defaults_and_refusals(checkpoint, tmp_path):
         read_checkpoint(_edited(checkpoint, tmp_path / "a", "nvila-s2", dynamic_s2=False))
     with pytest.raises(CheckpointError, match="s2_scales"):
         read_checkpoint(_edited(checkpoint, tmp_path / "b", "vila1.5-3b-s2", s2_scales="104,260"))
+    with pytest.raises(CheckpointError, match="s2 with image_aspect_ratio 'pad'"):
+        read_checkpoint(_edited(checkpoint, tmp_path / "d", "vila1.5-3b-s2", image_aspect_ratio="pad"))
+    with pytest.raises(CheckpointError, match="ps3"):
+        read_checkpoint(_edited(checkpoint, tmp_path / "e", "nvila-s2", ps3=True))
     with pytest.raises(CheckpointError, match="mm_hidden_size"):
         read_checkpoint(_edited(checkpoint, tmp_path / "c", "vila1.5-3b-s2", s2_scales="104,208,312"))
 
