@@ -110,12 +110,14 @@ class MultiScaleEncoder:
         pixels = image_tiles(img, self.pixels)                               # (1, 3, S_max, S_max)
         tiles, splits = s2_tiles(pixels, v.scales, v.max_split)
         feats, digests = self.tower_features(tiles)
+        return self._cached_unit(_digest(b"s2", *digests), lambda: self._merge_s2(feats, splits))
+
+    def _merge_s2(self, feats: np.ndarray, splits: list) -> np.ndarray:
         maps, lo = [], 0
         for n in splits:
             maps.append(chessboard_merge(tokens_to_map(feats[lo: lo + n * n]), n, n))   # (1, n*S, n*S, C)
             lo += n * n
-        return self._cached_unit(_digest(b"s2", *digests),
-                                 lambda: self._project(merge_scales(maps, v.resize_output_to))[0])
+        return self._project(merge_scales(maps, self.info.resize_output_to))[0]         # (T, H)
 
     def _dynamic_s2(self, img, single: bool) -> tuple:
         v = self.info
@@ -126,7 +128,8 @@ class MultiScaleEncoder:
             return self._cached_unit(_digest(b"plain", *digests), lambda: self._project(plain)[0])
         pil_tiles, (rows, cols) = dynamic_s2_tiles(img, v.scales, v.image_size, v.max_tiles)
         feats, digests = self.tower_features(np.stack([normalize(t, self.pixels) for t in pil_tiles]))
-        return self._cached_unit(_digest(b"dyn", *digests), lambda: self._merge_dynamic(feats, rows, cols))
+        key = _digest(b"dyn", f"{rows}x{cols}".encode(), *digests)     # the grid too: 5x2 and 2x5 differ
+        return self._cached_unit(key, lambda: self._merge_dynamic(feats, rows, cols))
 
     def _merge_dynamic(self, feats: np.ndarray, rows: int, cols: int) -> np.ndarray:
         v = self.info
