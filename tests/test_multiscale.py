@@ -100,6 +100,28 @@ def test_nvila_single_image_token_count(engine, w, h, grid):
     assert sp.ids[start + tokens: start + tokens + 1].tolist() == newline
 
 
+@pytest.mark.parametrize("w,h,grid", [
+    (1920, 1080, (4, 3)),    # 16:9 = 1.78: 4x3 (1.33, off by 0.44) beats 5x2 (2.5, off by 0.72)
+    (1080, 1920, (2, 5)),    # 0.5625: 2x5 (0.4, off by 0.16) beats 3x4 (0.75, off by 0.19)
+    (640, 480, (4, 3)),      # 4:3 exactly
+    (448, 448, (3, 3)),      # square: the 9-tile minimum
+    (4000, 300, (12, 1)),    # 13.3: the widest grid within 12 tiles
+])
+def test_nvila_8b_tiles_and_tokens_by_aspect_ratio(w, h, grid):
+    """At NVILA-8B's scales (448, 896, 1344; max_tiles 12): 1 + 4 + i*j tiles of 448 px and
+    256 * i * j feature tokens (+ one "\n"); the same grid as the transcribed upstream preprocess."""
+    from export.reference_s2 import dynamic_s2_preprocess
+    from vila_edge.multiscale import dynamic_s2_tiles
+
+    img = Image.new("RGB", (w, h), (90, 30, 200))
+    tiles, (rows, cols) = dynamic_s2_tiles(img, [448, 896, 1344], 448, 12)
+    assert (cols, rows) == grid and len(tiles) == 1 + 4 + cols * rows
+    assert all(t.size == (448, 448) for t in tiles)
+    upstream, block_size = dynamic_s2_preprocess(img, [448, 896, 1344], 12, 448)
+    assert block_size == (rows, cols) and len(upstream) == len(tiles)
+    assert 256 * cols * rows == {(4, 3): 3072, (2, 5): 2560, (3, 3): 2304, (12, 1): 3072}[grid]
+
+
 def test_nvila_several_images_take_the_plain_path(engine):
     """Two images: each is one 112-px square (4x4 merged tokens) + "\\n", whatever its aspect ratio."""
     pipe = Pipeline(engine("nvila-s2"))
