@@ -50,9 +50,10 @@ FAMILIES = {
                          "<image>\n", "auto"),
     # NVILA-8B/15B: NVILA-era splice and token order; dynamic_s2 gives one <image> per image, its
     # features (all tiles and scales merged) followed by "\n" (NVlabs/VILA@b760c34:llava/model/llava_arch.py).
-    # A video is its frames as images, one <image> each, no temporal pooling: extract_media at
-    # b760c34:llava/utils/media.py (since c7869a6; the 36f6adc release sent videos through
-    # TSPVideoEncoder), and _embed's pooling branch is `if False:` (llava_arch.py).
+    # A video is its frames as images, one <image> + "\n" each, never pooled: extract_media at
+    # b760c34:llava/utils/media.py puts the frames in media["image"] (since c7869a6; the 36f6adc
+    # release sent them to the video encoder, TSPVideoEncoder where a config names it), so
+    # generate_content never reaches a video encoder.
     "nvila": Family("nvila", MEDIA_TOKEN, (DYNAMIC_S2,), ROW_MAJOR, "\n", "<image>", "<image>", "auto"),
 }
 
