@@ -96,7 +96,7 @@ def _tower(g: Graph, spec: VisionSpec, pixels: str, tower: dict) -> str:
 
 
 def build_tower(spec: VisionSpec, tower: dict, dtype: str) -> Graph:
-    """tower.onnx of multi-scale engines: pixel_values [N, 3, R, R] -> tower_features [N, S*S, C];
+    """vision.onnx of multi-scale engines (the tower alone): pixel_values [N, 3, R, R] -> tower_features [N, S*S, C];
     the runtime merges scales (vila_edge/multiscale.py) before projector.onnx."""
     g = Graph("vila_edge_tower", dtype)
     pixels = g.input("pixel_values", dtype, ["N", 3, spec.image_size, spec.image_size])

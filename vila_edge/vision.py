@@ -55,7 +55,7 @@ class VisionEncoder:
 
 def open_vision(engine_dir: str, m, threads: int | None = None):
     """The vision encoder an engine's manifest describes: one graph (tower + projector), or for
-    multi-scale engines tower.onnx + projector.onnx with the scale merge between (vision_s2.py)."""
+    multi-scale engines vision.onnx (the tower alone) + projector.onnx with the scale merge between (vision_s2.py)."""
     v = m.vision
     session = lambda role: OrtSession(os.path.join(engine_dir, m.files[role]), threads)
     if not v.multiscale:
