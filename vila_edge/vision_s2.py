@@ -1,4 +1,4 @@
-"""Multi-scale vision engine: tiles -> vision.onnx (the tower alone, one batch per image) -> scale merge -> projector.onnx.
+"""Multi-scale vision engine: tiles -> vision.onnx (tower, one batch per image) -> merge -> projector.onnx.
 
 Two strategies, picked by the manifest's vision.multiscale (vila_edge/multiscale.py has the math):
 - S2 (VILA1.5-3b-s2): the square image at the largest scale, every scale cut into tower-sized tiles,
