@@ -165,6 +165,13 @@ def test_tiles_run_as_one_batch_and_are_reused(engine):
     pipe.vision._cache.clear()
     pipe.vision.encode(img, single=False)
     assert tower.batches == [17, 1]
+    frames = [_noise(90, 60, 20 + i) for i in range(3)]   # several images / video frames: one batch
+    units = pipe.vision.encode_all(frames, single=False)
+    assert tower.batches == [17, 1, 3]
+    pipe.vision._cache.clear()
+    for (feats, _), frame in zip(units, frames):           # batched == one at a time (float noise only)
+        alone = pipe.vision.encode(frame, single=False)[0][0]
+        np.testing.assert_allclose(feats[0], alone, atol=1e-5 * np.abs(alone).max(), rtol=0)
 
 
 def test_merge_math_equals_torch():

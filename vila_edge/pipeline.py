@@ -147,8 +147,7 @@ class Conversation:
         text, sources = pipe.user_message(images, prompt, video)
         tiles, digests, counts = list(self.tiles), list(self.digests), list(self.tiles_per_image)
         single = not counts and len(sources) == 1      # NVILA's dynamic_s2 tiles only a lone image
-        for src in sources:
-            feats, ds = pipe.vision.encode(src, single=single)
+        for feats, ds in pipe.vision.encode_all(sources, single):
             tiles += list(feats)
             digests += ds
             counts.append(len(ds))

@@ -39,6 +39,10 @@ class VisionEncoder:
                 self._put(digests[i], f)
         return np.stack(feats), digests
 
+    def encode_all(self, images: list, single: bool) -> list:
+        """[(features, digests)] per image (each image's tiles are one batch already)."""
+        return [self.encode(img, single) for img in images]
+
     def _get(self, digest):
         with self._lock:
             feats = self._cache.get(digest)

@@ -76,6 +76,24 @@ class MultiScaleEncoder:
         feats, digest = self._combine(load_image(image), single)
         return [feats], [digest]
 
+    def encode_all(self, images: list, single: bool) -> list:
+        """Several images -> [(features, digests)] per image. On the several-images path of dynamic_s2
+        (video frames, multi-image prompts) every image's tile goes through the tower in one batch
+        and every uncached projection in one projector call, as VILA stacks them."""
+        if single or self.info.multiscale != DYNAMIC_S2:
+            return [self.encode(img, single) for img in images]
+        tiles = np.stack([normalize(load_image(img), self.pixels) for img in images])      # (n, 3, r, r)
+        feats, digests = self.tower_features(tiles)
+        keys = [_digest(b"plain", d) for d in digests]
+        units = [self._cache.get(b"u" + k) for k in keys]
+        todo = [i for i, u in enumerate(units) if u is None]
+        if todo:
+            plain = np.tile(tokens_to_map(feats[todo]), (1, 1, 1, len(self.info.scales)))  # (m, S, S, C * scales)
+            for i, u in zip(todo, self._project(plain)):
+                units[i] = u
+                self._cache.put(b"u" + keys[i], u)
+        return [([u], [k]) for u, k in zip(units, keys)]
+
     def tower_features(self, tiles: np.ndarray) -> tuple:
         """[N, 3, r, r] normalised tiles -> ([N, S*S, C] tower features, tile digests); cached tiles
         are skipped, the rest run as one batch (or tile_batch-sized chunks)."""
