@@ -17,7 +17,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup runtime bundled-engine demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean serve bench-serve bench-constrain
+.PHONY: help setup runtime bundled-engine demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-nvila bench-kv train-tiny evaluate clean serve bench-serve bench-constrain
 
 help:  ## list every command
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed  ## create .venv and install vila_edge with its export, test, bench and video extras
 
-fixture: setup  ## write a random-weight checkpoint: make fixture FIXTURE=build/fixtures/x KIND=nvila-lite SHAPE=tiny|vila1.5-3b
+fixture: setup  ## write a random-weight checkpoint: make fixture FIXTURE=build/fixtures/x KIND=nvila-lite|nvila|vila1.5-s2 SHAPE=tiny|vila1.5-3b|nvila-8b
 	$(BIN)/vila-edge fixture $(FIXTURE) --kind $(or $(KIND),vila1.5) --shape $(or $(SHAPE),tiny)
 
 engines: setup  ## checkpoint -> engine dir: make engines CHECKPOINT=dir OUT=engines/name TARGET=cpu DTYPE=fp32|fp16 QUANT=none|rtn|awq LM_HEAD_BITS=8|4|0
@@ -88,6 +88,16 @@ bench-3b: $(VENV)/.bench  ## random weights at VILA1.5-3B shapes: vila-edge benc
 	@test -f build/vila1.5-3b-q4_0.gguf || $(BIN)/python benchmarks/hf_to_gguf.py $(BIG)/llm build/vila1.5-3b-q4_0.gguf --type q4_0
 	$(BIN)/python benchmarks/bench_peers.py --checkpoint $(BIG) --engine engines/vila1.5-3b-fp16 --engine-int4 engines/vila1.5-3b-int4 --gguf build/vila1.5-3b-q4_0.gguf --name vila1.5-3b --repeats 2
 	$(BIN)/vila-edge bench engines/vila1.5-3b-int4
+
+# NVILA-8B widths (Qwen2 3584 / 28 heads / 4 KV heads, SigLIP-448 x 1152, 3456-channel projector) at a
+# depth that fits RAM: the full 28-layer LLM is 30 GB in fp32. Per-layer costs scale linearly.
+NVILA_LLM_LAYERS    ?= 4
+NVILA_VISION_LAYERS ?= 27
+NVILA    := nvila-8b-L$(NVILA_LLM_LAYERS)V$(NVILA_VISION_LAYERS)
+bench-nvila: setup  ## NVILA-8B shapes (dynamic_s2): vision ms per image by tile count, TTFT, decode; NVILA_LLM_LAYERS=4 NVILA_VISION_LAYERS=27 set depth
+	@test -d build/fixtures/$(NVILA) || $(BIN)/vila-edge fixture build/fixtures/$(NVILA) --kind nvila --shape nvila-8b --llm-layers $(NVILA_LLM_LAYERS) --vision-layers $(NVILA_VISION_LAYERS)
+	@test -f engines/$(NVILA)-fp32/manifest.json || $(BIN)/vila-edge export build/fixtures/$(NVILA) engines/$(NVILA)-fp32 --quiet
+	$(BIN)/vila-edge bench engines/$(NVILA)-fp32 --contexts 512,2048 --images 1,4 --repeats 2 --decode-steps 8 --note "NVILA-8B widths, $(NVILA_LLM_LAYERS) of 28 LLM layers, $(NVILA_VISION_LAYERS) of 27 SigLIP layers"
 
 bench-kv: $(VENV)/.bench  ## paged KV: repeated-query TTFT, paged vs contiguous decode at 2k, pool vs budget
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)

@@ -17,7 +17,7 @@ import numpy as np
 from export.checkpoint import CheckpointSpec, load_vision_weights, load_weights, read_checkpoint
 from export.onnx_graph import OPSET, save
 from export.onnx_llm import build_llm, lm_head_rows
-from export.onnx_vision import build_vision, tokens_per_image
+from export.onnx_vision import build_projector, build_tower, build_vision, tokens_per_image
 from vila_edge.errors import CheckpointError
 from vila_edge.families import MEDIA_TOKEN, get_family
 from vila_edge.manifest import FORMAT_VERSION, LLMInfo, Manifest, TokenInfo, VisionInfo
@@ -27,6 +27,7 @@ from vila_edge.version import __version__
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 MEDIA_TOKENS = ("<image>", "<vila/video>", "<vila/sentinel>")
+PROJECTOR_FILE = "projector.onnx"     # multi-scale engines only
 FILES = {"vision": "vision.onnx", "llm": "llm.onnx", "embeddings": "embed_tokens.npy",
          "tokenizer": "tokenizer.json", "report": "export_report.json"}
 
@@ -167,9 +168,7 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         bar.set_postfix_str("vision"); bar.update()
-        vision = build_vision(spec.vision, spec.projector, _np(load_vision_weights(spec), dtype),
-                              _np(load_weights(spec.path("mm_projector")), dtype), dtype)
-        save(vision.model(), os.path.join(tmp, FILES["vision"]))
+        _save_vision(spec, tmp, dtype)
         bar.set_postfix_str("llm weights"); bar.update()
         if opts.quant == "none":
             llm_weights, quant, quant_info = _np(load_weights(spec.path("llm")), dtype), {}, {"method": "none"}
@@ -198,6 +197,21 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
     return manifest
 
 
+def _save_vision(spec: CheckpointSpec, tmp: str, dtype: str) -> None:
+    """vision.onnx = tower + projector; multi-scale checkpoints get the tower alone in vision.onnx and
+    projector.onnx beside it, since the runtime merges the scales' maps in between."""
+    tower = _np(load_vision_weights(spec), dtype)
+    projector = _np(load_weights(spec.path("mm_projector")), dtype)
+    if spec.scales is None:
+        save(build_vision(spec.vision, spec.projector, tower, projector, dtype).model(),
+             os.path.join(tmp, FILES["vision"]))
+        return
+    save(build_tower(spec.vision, tower, dtype).model(), os.path.join(tmp, FILES["vision"]))
+    del tower
+    save(build_projector(spec.projector, spec.vision.grid, projector, dtype).model(),
+         os.path.join(tmp, PROJECTOR_FILE))
+
+
 def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts) -> Manifest:
     import onnx
     import onnxruntime
@@ -205,6 +219,8 @@ def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts) -> Man
     tok = _tokenizer(spec, tmp)
     tok_cfg = _tokenizer_config(spec)
     files = dict(FILES)
+    if spec.scales is not None:
+        files["projector"] = PROJECTOR_FILE
     jinja = _chat_template(spec, tok_cfg)
     if spec.template == "auto":
         if not jinja:
@@ -215,14 +231,17 @@ def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts) -> Man
         files["chat_template"] = "chat_template.jinja"
     special = (_special(tok_cfg, "bos_token") or "", _special(tok_cfg, "eos_token") or "")
     template = get_template(spec.template, jinja, special)
-    llm, vis, proj = spec.llm, spec.vision, spec.projector
+    llm, vis, proj, scales = spec.llm, spec.vision, spec.projector, spec.scales
     manifest = Manifest(
         format_version=FORMAT_VERSION, exporter_version=__version__, family=spec.family, template=spec.template,
         dtype=dtype, quant=quant_info, num_video_frames=spec.num_video_frames,
         llm=LLMInfo(llm.hidden, llm.layers, llm.heads, llm.kv_heads, llm.head_dim, llm.vocab_size,
                     int(logits_size), llm.max_positions),
         vision=VisionInfo(vis.image_size, tokens_per_image(vis, proj), vis.mean, vis.std, spec.image_mode,
-                          spec.min_tiles, spec.max_tiles, proj.token_order),
+                          spec.min_tiles, spec.max_tiles, proj.token_order,
+                          multiscale=scales.kind if scales else "", scales=scales.scales if scales else [],
+                          max_split=scales.max_split if scales else 0,
+                          resize_output_to=scales.resize_output_to if scales else 0, grid=vis.grid),
         tokens=_token_info(spec, tok, tok_cfg, template), files=files,
         build={"target": opts.target, "opset": OPSET, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                "checkpoint": os.path.abspath(spec.root), "projector": proj.kind,
@@ -239,8 +258,10 @@ def _verify(engine_dir: str) -> None:
     """Both graphs must load in ONNX Runtime before the directory counts as an engine."""
     import onnxruntime as ort
 
-    for name in (FILES["vision"], FILES["llm"]):
-        ort.InferenceSession(os.path.join(engine_dir, name), providers=["CPUExecutionProvider"])
+    for name in (FILES["vision"], FILES["llm"], PROJECTOR_FILE):
+        path = os.path.join(engine_dir, name)
+        if name != PROJECTOR_FILE or os.path.isfile(path):
+            ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
 def publish(tmp: str, out: str) -> None:

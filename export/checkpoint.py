@@ -9,13 +9,13 @@ import re
 from dataclasses import dataclass, field
 
 from vila_edge.errors import CheckpointError
-from vila_edge.families import COLUMN_MAJOR, DYNAMIC, PAD, RESIZE, ROW_MAJOR
+from vila_edge.families import COLUMN_MAJOR, DYNAMIC, DYNAMIC_S2, PAD, RESIZE, ROW_MAJOR, S2, get_family
 
 SUBDIRS = ("llm", "vision_tower", "mm_projector")
 LLM_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 # Projector types and the merge factor of their DownSampleBlock (1 = no merge), §3.
 PROJECTORS = {"linear": 1, "mlp2x_gelu": 1, "mlp_downsample": 2, "mlp_downsample_2x2_fix": 2,
-              "mlp_downsample_3x3_fix": 3}
+              "mlp_downsample_3x3_fix": 3, "mlp_downsample_3x3_s2": 3, "mlp_downsample_3x3_s2_new": 3}
 TEMPLATES = ("vicuna_v1", "llama_3", "hermes-2", "auto")
 # VILA's CONVERSATION_MODE_MAPPING: a substring of the model path picks the template (§4.2).
 PATH_TEMPLATES = (("vila1.5-3b", "vicuna_v1"), ("vila1.5-8b", "llama_3"),
@@ -77,6 +77,16 @@ class ProjectorSpec:
 
 
 @dataclass
+class ScalesSpec:
+    """Multi-scale vision (vila-formats.md §2 S2, §5.2 dynamic_s2): tower features of several scales
+    concatenated on channels, so the projector sees vision.hidden * len(scales) channels."""
+    kind: str               # families.S2 or families.DYNAMIC_S2
+    scales: list            # square sides in pixels, ascending (VILA sorts s2_scales)
+    max_split: int          # tile side: every tile is one tower input
+    resize_output_to: int   # index into scales: every scale's map is area-resized to this one's
+
+
+@dataclass
 class CheckpointSpec:
     root: str
     family: str
@@ -89,6 +99,7 @@ class CheckpointSpec:
     min_tiles: int
     max_tiles: int
     config: dict = field(repr=False, default_factory=dict)
+    scales: ScalesSpec | None = None
 
     def path(self, sub: str) -> str:
         return os.path.join(self.root, sub)
@@ -156,7 +167,7 @@ def read_llm(cfg: dict, where: str) -> LLMSpec:
         bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, raw=cfg)
 
 
-def read_vision(cfg: dict, top: dict, preproc: dict, where: str) -> VisionSpec:
+def read_vision(cfg: dict, top: dict, preproc: dict, where: str, check_size: bool = True) -> VisionSpec:
     archs = cfg.get("architectures") or ["SiglipVisionModel"]
     mtype = cfg.get("model_type", "siglip_vision_model")
     if "Siglip" not in archs[0] and "siglip" not in mtype:
@@ -177,7 +188,7 @@ def read_vision(cfg: dict, top: dict, preproc: dict, where: str) -> VisionSpec:
     # + 6, and its patch conv (stride 14, no padding) keeps 27 x 27 patches, dropping 6 pixels (§2).
     size = preproc.get("size") or {}
     proc_size = size.get("height", size.get("shortest_edge", image_size))
-    if proc_size != image_size:
+    if check_size and proc_size != image_size:
         raise CheckpointError(f"vision_tower/preprocessor_config.json: size {size} does not match "
                               f"vision_tower image_size {image_size}")
     resample = preproc.get("resample", 3)
@@ -194,11 +205,13 @@ def read_vision(cfg: dict, top: dict, preproc: dict, where: str) -> VisionSpec:
 
 def _family(top: dict) -> tuple[str, str]:
     mode = top.get("image_aspect_ratio", RESIZE)
-    if top.get("dynamic_s2") or mode == "dynamic_s2":
-        raise CheckpointError("config.json: dynamic_s2 (NVILA-8B/15B multi-scale tiling) is not supported yet; "
-                              "supported image_aspect_ratio: resize, pad (VILA1.5), dynamic (NVILA-Lite)")
-    if top.get("s2"):
-        raise CheckpointError("config.json: s2 (VILA1.5-3b-s2 multi-scale tower) is not supported yet")
+    if top.get("ps3"):
+        raise CheckpointError("config.json: ps3 (the PS3 high-resolution vision tower) is not supported")
+    if top.get("dynamic_s2") or mode == DYNAMIC_S2:
+        if not (top.get("dynamic_s2") and mode == DYNAMIC_S2):
+            raise CheckpointError(f"config.json: dynamic_s2 {top.get('dynamic_s2')!r} with image_aspect_ratio "
+                                  f"{mode!r}; NVILA's dynamic S2 needs both (true, 'dynamic_s2')")
+        return "nvila", mode
     if mode == DYNAMIC:
         return "nvila-lite", mode
     if mode in (RESIZE, PAD):
@@ -213,8 +226,8 @@ def _family(top: dict) -> tuple[str, str]:
 
 def _template(root: str, top: dict, family: str, override: str | None) -> str:
     name = override or top.get("conv_mode")
-    if name is None and family == "nvila-lite":
-        name = "auto"
+    if name is None:
+        name = get_family(family).default_template
     if name is None:
         base = os.path.basename(os.path.normpath(root)).lower()
         name = next((t for key, t in PATH_TEMPLATES if key in base), None)
@@ -238,7 +251,7 @@ def read_projector(root: str, top: dict, family: str, llm_hidden: int, order: st
     mm_hidden = _need(top, "mm_hidden_size", "config.json", int)
     if order is None:
         # Trap 1: the VILA1.5-era DownSampleBlock emits column-major tokens; NVILA-era row-major.
-        order = COLUMN_MAJOR if family == "vila1.5" and kind == "mlp_downsample" else ROW_MAJOR
+        order = get_family(family).token_order if kind == "mlp_downsample" else ROW_MAJOR
     if order not in (COLUMN_MAJOR, ROW_MAJOR):
         raise CheckpointError(f"token order {order!r} unknown; expected {COLUMN_MAJOR!r} or {ROW_MAJOR!r}")
     return ProjectorSpec(kind=kind, merge=PROJECTORS[kind], token_order=order, in_channels=mm_hidden,
@@ -263,15 +276,52 @@ def read_checkpoint(root: str, template: str | None = None, token_order: str | N
         raise CheckpointError(f"config.json: hidden_size {top['hidden_size']} != llm hidden_size {llm.hidden}")
     preproc_path = os.path.join(root, "vision_tower", "preprocessor_config.json")
     preproc = _read_json(preproc_path) if os.path.isfile(preproc_path) else {}
-    vision = read_vision(_sub_config(root, top, "vision_tower"), top, preproc, "vision_tower/config.json")
+    # S2 towers set the processor's size themselves (to the largest / first scale), whatever the file says.
+    multiscale = bool(top.get("s2")) or mode == DYNAMIC_S2
+    vision = read_vision(_sub_config(root, top, "vision_tower"), top, preproc, "vision_tower/config.json",
+                         check_size=not multiscale)
+    scales = read_scales(top, mode, vision) if multiscale else None
     projector = read_projector(root, top, family, llm.hidden, token_order)
-    if projector.in_channels != vision.hidden:
+    channels = vision.hidden * (len(scales.scales) if scales else 1)
+    if projector.in_channels != channels:
         raise CheckpointError(f"config.json: mm_hidden_size {projector.in_channels} != vision_tower hidden_size "
-                              f"{vision.hidden}")
+                              f"{vision.hidden} x {len(scales.scales) if scales else 1} scale(s)")
     return CheckpointSpec(
         root=root, family=family, image_mode=mode, template=_template(root, top, family, template), llm=llm,
         vision=vision, projector=projector, num_video_frames=int(top.get("num_video_frames", 8)),
-        min_tiles=int(top.get("min_tiles", 1)), max_tiles=int(top.get("max_tiles", 12)), config=top)
+        min_tiles=int(top.get("min_tiles", 1)), max_tiles=int(top.get("max_tiles", 12)), config=top, scales=scales)
+
+
+def read_scales(top: dict, mode: str, vision: VisionSpec) -> ScalesSpec:
+    """s2_scales / s2_max_split_size / s2_resize_output_to_scale_idx, checked against the tower: every
+    tile VILA cuts must be exactly one tower input (the SigLIP position table has a fixed size)."""
+    where = "config.json"
+    raw = _need(top, "s2_scales", where)
+    try:
+        scales = sorted(int(s) for s in (raw.split(",") if isinstance(raw, str) else raw))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: s2_scales {raw!r} is not a list of integers") from e
+    split = int(_need(top, "s2_max_split_size", where))
+    kind = DYNAMIC_S2 if mode == DYNAMIC_S2 else S2
+    if kind == S2 and mode != RESIZE:
+        raise CheckpointError(f"{where}: s2 with image_aspect_ratio {mode!r} is not supported; only 'resize' "
+                              f"(VILA1.5-3b-s2)")
+    # Default 0: getattr(args, "s2_resize_output_to_scale_idx", 0) in VisionTowerS2 / VisionTowerDynamicS2
+    # (NVlabs/VILA@b760c34:llava/model/multimodal_encoder/vision_encoder.py); NVILA-8B's config says -1.
+    idx = int(top.get("s2_resize_output_to_scale_idx", 0))
+    if not scales or scales[0] <= 0 or not -len(scales) <= idx < len(scales):
+        raise CheckpointError(f"{where}: s2_scales {raw!r} with s2_resize_output_to_scale_idx {idx} is not usable")
+    size = vision.image_size
+    if kind == DYNAMIC_S2:
+        # dynamic_s2_preprocess cuts image_size tiles, image_size = the processor size = scales[0].
+        bad = scales[0] != size or split != size or any(s % scales[0] for s in scales)
+    else:
+        # s2wrapper: scale s is cut into ceil(s / split)^2 tiles of s / ceil(s / split) pixels.
+        bad = any(s % -(-s // split) or s // -(-s // split) != size for s in scales)
+    if bad:
+        raise CheckpointError(f"{where}: s2_scales {scales} with s2_max_split_size {split} do not cut into "
+                              f"{size}-pixel tiles (vision_tower image_size); not supported")
+    return ScalesSpec(kind=kind, scales=scales, max_split=split, resize_output_to=idx % len(scales))
 
 
 def _safetensor_files(folder: str) -> list:

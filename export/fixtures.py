@@ -1,6 +1,7 @@
 """Write random-weight VILA checkpoints in the exact real layout (vila-formats.md §1), any shape.
 
     python -m export.fixtures OUT --kind vila1.5 [--projector mlp_downsample] [--shape tiny|vila1.5-3b]
+    python -m export.fixtures OUT --kind nvila --shape nvila-8b --llm-layers 2   # NVILA-8B shapes, fewer LLM layers
 
 Used by the tests (tiny shapes) and the benchmarks (real shapes). Tokenizers are trained here on a
 small built-in corpus, with each family's special tokens, because nothing can be downloaded.
@@ -12,10 +13,19 @@ import shutil
 import tempfile
 
 KINDS = {
-    # kind: (llm arch, template, image_aspect_ratio, transformers_version, default projector)
-    "vila1.5": ("llama", "vicuna_v1", "resize", "4.36.2", "mlp_downsample"),
-    "vila1.5-llama3": ("llama", "llama_3", "resize", "4.36.2", "mlp_downsample"),
-    "nvila-lite": ("qwen2", "auto", "dynamic", "4.46.0", "mlp_downsample_3x3_fix"),
+    # kind: (llm arch, template, image_aspect_ratio, transformers_version, default projector, special tokens)
+    "vila1.5": ("llama", "vicuna_v1", "resize", "4.36.2", "mlp_downsample", "llama2"),
+    "vila1.5-llama3": ("llama", "llama_3", "resize", "4.36.2", "mlp_downsample", "llama3"),
+    "nvila-lite": ("qwen2", "auto", "dynamic", "4.46.0", "mlp_downsample_3x3_fix", "qwen2"),
+    "nvila": ("qwen2", "auto", "dynamic_s2", "4.46.0", "mlp_downsample", "qwen2"),
+    "vila1.5-s2": ("llama", "vicuna_v1", "resize", "4.36.2", "mlp_downsample", "llama2"),
+}
+# Multi-scale kinds: s2_scales as multiples of the tower's image size, and the config keys of the
+# real checkpoints (vila-formats.md §1.2 NVILA-8B: 448,896,1344 / split 448 / output idx -1, no
+# max_tiles key; §2 VILA1.5-3b-s2: --s2_scales 384,768 --s2_max_split_size 384).
+MULTISCALE = {
+    "nvila": ((1, 2, 3), {"dynamic_s2": True, "s2": False, "s2_resize_output_to_scale_idx": -1}),
+    "vila1.5-s2": ((1, 2), {"dynamic_s2": False, "s2": True}),
 }
 SHAPES = {
     # name: llm (hidden, layers, heads, kv_heads, intermediate), vision (size, patch, hidden, layers, heads, inter)
@@ -24,6 +34,7 @@ SHAPES = {
     "tiny-448": ((64, 2, 4, 2, 128), (112, 14, 32, 3, 2, 64)),
     "vila1.5-3b": ((2560, 32, 20, 20, 6912), (384, 14, 1152, 27, 16, 4304)),
     "nvila-lite-2b": ((1536, 28, 12, 2, 8960), (448, 14, 1152, 27, 16, 4304)),
+    "nvila-8b": ((3584, 28, 28, 4, 18944), (448, 14, 1152, 27, 16, 4304)),
 }
 # Rows of embed_tokens/lm_head at the real shapes (vila-formats.md §1.2: VILA1.5-3B's Llama has
 # 32000); the fixture tokenizer keeps its few hundred tokens, the rest are rows no text reaches, as
@@ -43,9 +54,10 @@ CORPUS = ("A chat between a curious user and an artificial intelligence assistan
 
 
 def _specials(kind: str) -> dict:
-    if kind == "vila1.5":
+    tokens = KINDS[kind][5]
+    if tokens == "llama2":
         return {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "extra": [], "media": []}
-    if kind == "vila1.5-llama3":
+    if tokens == "llama3":
         return {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "unk": None,
                 "extra": ["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"], "media": []}
     return {"bos": None, "eos": "<|im_end|>", "unk": None, "extra": ["<|endoftext|>", "<|im_start|>"],
@@ -73,7 +85,7 @@ def build_tokenizer(kind: str, vocab: int, out_dir: str) -> tuple[int, dict]:
         tok.post_processor = processors.TemplateProcessing(single=f"{sp['bos']} $A", special_tokens=[(sp["bos"], bos_id)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=sp["bos"], eos_token=sp["eos"], unk_token=sp["unk"],
                                    model_max_length=2048, padding_side="right")
-    if kind == "nvila-lite":
+    if KINDS[kind][1] == "auto":
         fast.chat_template = QWEN2_TEMPLATE
     fast.save_pretrained(out_dir)
     ids = {name: tok.token_to_id(sp[name]) for name in ("bos", "eos") if sp[name]}
@@ -137,18 +149,43 @@ def _sub_cfg(model, name: str, arch: str) -> dict:
     return cfg
 
 
+def _init_dtype(torch_dtype, shape: str):
+    """Big shapes are initialised directly in the checkpoint dtype (half the peak memory); tiny ones
+    in fp32 then cast, as before."""
+    import torch
+    return torch.float32 if shape.startswith("tiny") else torch_dtype
+
+
+def _with_default_dtype(dtype, make):
+    import torch
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return make()
+    finally:
+        torch.set_default_dtype(old)
+
+
 def write_fixture(out: str, kind: str = "vila1.5", projector: str | None = None, shape: str = "tiny",
-                  dtype: str = "bfloat16", seed: int = 0, shard: bool = False, vocab: int = 400) -> str:
+                  dtype: str = "bfloat16", seed: int = 0, shard: bool = False, vocab: int = 400,
+                  llm_layers: int | None = None, vision_layers: int | None = None) -> str:
     """Write a checkpoint to `out` atomically (a temp dir renamed into place). An existing `out`
-    is replaced only if it is itself a fixture (holds MARKER): never a real checkpoint."""
+    is replaced only if it is itself a fixture (holds MARKER): never a real checkpoint.
+    `llm_layers` / `vision_layers` override the shape's layer counts (benchmarks that must fit a
+    small machine keep every width and shrink depth; per-layer costs scale linearly)."""
     import torch
 
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, MARKER)):
         raise FileExistsError(f"{out}: exists and is not a fixture written by vila-edge; choose another path")
 
-    arch, template, aspect, tf_version, default_proj = KINDS[kind]
+    arch, template, aspect, tf_version, default_proj, _ = KINDS[kind]
     projector = projector or default_proj
     llm_shape, vis_shape = SHAPES[shape]
+    llm_shape = llm_shape[:1] + (llm_layers or llm_shape[1],) + llm_shape[2:]
+    vis_shape = vis_shape[:3] + (vision_layers or vis_shape[3],) + vis_shape[4:]
+    multiples, ms_keys = MULTISCALE.get(kind, ((1,), {}))
+    scales = [m * vis_shape[0] for m in multiples]
+    mm_hidden = vis_shape[2] * len(scales)
     torch.manual_seed(seed)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
@@ -157,12 +194,23 @@ def write_fixture(out: str, kind: str = "vila1.5", projector: str | None = None,
         llm_dir, vt_dir, mp_dir = (os.path.join(tmp, d) for d in ("llm", "vision_tower", "mm_projector"))
         llm_vocab, ids = build_tokenizer(kind, vocab, llm_dir)
         torch_dtype = getattr(torch, dtype)
-        llm = _llm(arch, llm_shape, max(llm_vocab, LLM_ROWS.get(shape, 0)), ids).to(torch_dtype)
+        init = _init_dtype(torch_dtype, shape)
+        llm = _with_default_dtype(init, lambda: _llm(arch, llm_shape, max(llm_vocab, LLM_ROWS.get(shape, 0)), ids))
+        llm = llm.to(torch_dtype)
         llm.save_pretrained(llm_dir, max_shard_size="200KB" if shard else "5GB")
-        tower, proc = _vision(vis_shape)
+        llm_cfg = _sub_cfg(llm, "llm", llm.config.architectures[0] if llm.config.architectures else
+                           ("LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"))
+        del llm
+        tower, proc = _with_default_dtype(init, lambda: _vision(vis_shape))
+        if ms_keys.get("s2"):
+            # VILA1.5's SiglipVisionTowerS2 sets the processor to the largest scale before saving it
+            # [unverified for the released file]; the reader must not insist on the tower's size.
+            proc.size = {"height": scales[-1], "width": scales[-1]}
         _save_tower(tower.to(torch_dtype), vt_dir)
         proc.save_pretrained(vt_dir)
-        proj, save_proj = _projector(projector, vis_shape[2], llm_shape[0])
+        tower_cfg = _sub_cfg(tower, "vision_tower", "SiglipVisionModel")
+        del tower
+        proj, save_proj = _projector(projector, mm_hidden, llm_shape[0])
         proj.to(torch_dtype)
         os.makedirs(mp_dir)
         save_proj(os.path.join(mp_dir, "model.safetensors"))
@@ -172,17 +220,20 @@ def write_fixture(out: str, kind: str = "vila1.5", projector: str | None = None,
             json.dump(proj_cfg, f, indent=2)
         top = {
             "architectures": ["LlavaLlamaModel"], "model_type": "llava_llama", "hidden_size": llm_shape[0],
-            "mm_hidden_size": vis_shape[2], "image_aspect_ratio": aspect, "interpolate_mode": "linear",
+            "mm_hidden_size": mm_hidden, "image_aspect_ratio": aspect, "interpolate_mode": "linear",
             "vision_resolution": -1, "mm_vision_select_layer": -2, "mm_vision_select_feature": "cls_patch",
-            "mm_use_im_start_end": False, "mm_use_im_patch_token": kind == "nvila-lite", "num_video_frames": 8,
+            "mm_use_im_start_end": False, "mm_use_im_patch_token": template == "auto", "num_video_frames": 8,
             "s2": False, "dynamic_s2": False, "min_tiles": 1, "max_tiles": 12,
+            "s2_scales": ",".join(str(s) for s in scales), "s2_max_split_size": vis_shape[0],
             "model_dtype": f"torch.{dtype}", "transformers_version": tf_version,
-            "llm_cfg": _sub_cfg(llm, "llm", llm.config.architectures[0] if llm.config.architectures else
-                                ("LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM")),
-            "vision_tower_cfg": _sub_cfg(tower, "vision_tower", "SiglipVisionModel"),
+            "llm_cfg": llm_cfg,
+            "vision_tower_cfg": tower_cfg,
             "mm_projector_cfg": proj_cfg,
         }
-        if kind != "nvila-lite":
+        top.update(ms_keys)
+        if aspect == "dynamic_s2":      # NVILA-8B's config has no tiling keys: max_tiles defaults to 12
+            del top["min_tiles"], top["max_tiles"]
+        if template != "auto":
             top["conv_mode"] = template
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(top, f, indent=2, default=str)
@@ -206,8 +257,11 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard", action="store_true", help="write llm/ as several safetensors shards")
+    ap.add_argument("--llm-layers", type=int, default=None, help="override the shape's LLM layer count")
+    ap.add_argument("--vision-layers", type=int, default=None, help="override the shape's SigLIP layer count")
     args = ap.parse_args(argv)
-    print(write_fixture(args.out, args.kind, args.projector, args.shape, args.dtype, args.seed, args.shard))
+    print(write_fixture(args.out, args.kind, args.projector, args.shape, args.dtype, args.seed, args.shard,
+                        llm_layers=args.llm_layers, vision_layers=args.vision_layers))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from export.checkpoint import CheckpointSpec
 from export.quality import QualityFloor, compare, float_size_bytes, forward_windows, quantized_size_bytes
 from export.quantize import DEFAULT_LM_HEAD_BITS, apply_quantized, rtn_quantize
 from export.reference import ReferenceVLM, hf_pixels
+from export.reference_s2 import image_features
 from vila_edge.families import DYNAMIC
 from vila_edge.preprocess import dynamic_tiles
 from vila_edge.templates import get_template
@@ -77,10 +78,13 @@ def multimodal_embeds(ref: ReferenceVLM, template, images: list, prompts: list) 
     """One spliced [1, T, C] prompt embedding per image, through the reference's vision path."""
     spec, out = ref.spec, []
     for i, img in enumerate(images):
+        text = template.render([("user", "<image>\n" + prompts[i % len(prompts)])])
+        if spec.scales is not None:      # multi-scale: one unit per image (dynamic_s2 tiles a lone image)
+            out.append(ref.embed(ref.tokenize(text), image_features(ref, spec, [img])))
+            continue
         tiles = (dynamic_tiles(img, spec.vision.image_size, spec.min_tiles, spec.max_tiles)
                  if spec.image_mode == DYNAMIC else [img])
         feats = list(ref.encode_images(np.concatenate([hf_pixels(spec, t) for t in tiles])))
-        text = template.render([("user", "<image>\n" + prompts[i % len(prompts)])])
         if spec.image_mode == DYNAMIC:
             text = text.replace("<image>", "<image>\n" * len(tiles), 1)
         out.append(ref.embed(ref.tokenize(text), feats))

@@ -71,16 +71,19 @@ def _projector(g: Graph, x: str, proj: ProjectorSpec, grid: int, w: dict) -> str
     if proj.kind == "mlp2x_gelu":
         return lin(_gelu(g, lin(x, 0), False), 2)
     x = _downsample(g, x, grid, proj.merge, proj.token_order, proj.in_channels)
-    if proj.merge == 2:
-        return lin(_gelu(g, lin(ln(x, 1), 2), False), 4)
-    x = _gelu(g, lin(ln(x, 1), 2), False)
-    return lin(_gelu(g, lin(ln(x, 4), 5), False), 7)
+    # Every downsample projector is DS, then steps of LayerNorm (1-D weight at 1 + 3i) -> Linear ->
+    # GELU, then one Linear (export/projector.py): mlp_downsample 1 step, 3x3_fix 2, 3x3_s2 4, _s2_new 5.
+    steps = 0
+    while w.get(f"layers.{1 + 3 * steps}.weight") is not None and w[f"layers.{1 + 3 * steps}.weight"].ndim == 1:
+        steps += 1
+    for i in range(steps):
+        x = _gelu(g, lin(ln(x, 1 + 3 * i), 2 + 3 * i), False)
+    return lin(x, 1 + 3 * steps)
 
 
-def build_vision(spec: VisionSpec, proj: ProjectorSpec, tower: dict, projector: dict, dtype: str) -> Graph:
-    g = Graph("vila_edge_vision", dtype)
-    r, c, grid = spec.image_size, spec.hidden, spec.grid
-    pixels = g.input("pixel_values", dtype, ["N", 3, r, r])
+def _tower(g: Graph, spec: VisionSpec, pixels: str, tower: dict) -> str:
+    """SigLIP up to hidden_states[select_layer]: [N, 3, R, R] -> [N, S*S, C]."""
+    c, grid = spec.hidden, spec.grid
     e = SIGLIP + "embeddings."
     x = g.op("Conv", [pixels, g.weight(e + "patch_embedding.weight", tower[e + "patch_embedding.weight"]),
                       g.weight(e + "patch_embedding.bias", tower[e + "patch_embedding.bias"])],
@@ -89,11 +92,39 @@ def build_vision(spec: VisionSpec, proj: ProjectorSpec, tower: dict, projector: 
     x = g.op("Add", [x, g.weight(e + "position_embedding.weight", tower[e + "position_embedding.weight"])])
     for l in range(spec.layers_run):
         x = _encoder_layer(g, spec, x, tower, l)
-    x = _projector(g, x, proj, grid, projector)
+    return x
+
+
+def build_tower(spec: VisionSpec, tower: dict, dtype: str) -> Graph:
+    """vision.onnx of multi-scale engines (the tower alone): pixel_values [N, 3, R, R] -> tower_features [N, S*S, C];
+    the runtime merges scales (vila_edge/multiscale.py) before projector.onnx."""
+    g = Graph("vila_edge_tower", dtype)
+    pixels = g.input("pixel_values", dtype, ["N", 3, spec.image_size, spec.image_size])
+    g.output(_tower(g, spec, pixels, tower), "tower_features", dtype, ["N", spec.grid * spec.grid, spec.hidden])
+    return g
+
+
+def build_projector(proj: ProjectorSpec, grid: int, projector: dict, dtype: str) -> Graph:
+    """projector.onnx: tower_features [N, S*S, C_in] (scales concatenated) -> image_features [N, tokens, H]."""
+    g = Graph("vila_edge_projector", dtype)
+    x = g.input("tower_features", dtype, ["N", grid * grid, proj.in_channels])
+    g.output(_projector(g, x, proj, grid, projector), "image_features", dtype,
+             ["N", merged_tokens(grid, proj), proj.out_channels])
+    return g
+
+
+def build_vision(spec: VisionSpec, proj: ProjectorSpec, tower: dict, projector: dict, dtype: str) -> Graph:
+    g = Graph("vila_edge_vision", dtype)
+    r = spec.image_size
+    pixels = g.input("pixel_values", dtype, ["N", 3, r, r])
+    x = _projector(g, _tower(g, spec, pixels, tower), proj, spec.grid, projector)
     g.output(x, "image_features", dtype, ["N", tokens_per_image(spec, proj), proj.out_channels])
     return g
 
 
-def tokens_per_image(spec: VisionSpec, proj: ProjectorSpec) -> int:
-    grid = spec.grid
+def merged_tokens(grid: int, proj: ProjectorSpec) -> int:
     return grid * grid if proj.merge == 1 else ((grid + (-grid) % proj.merge) // proj.merge) ** 2
+
+
+def tokens_per_image(spec: VisionSpec, proj: ProjectorSpec) -> int:
+    return merged_tokens(spec.grid, proj)

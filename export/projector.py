@@ -34,6 +34,24 @@ class DownSample(nn.Module):
         return x.reshape(n, s2 * s2, m * m * c)
 
 
+# The 3x3 projectors for S2 features (NVlabs/VILA@b760c34:llava/model/multimodal_projector/base_projector.py):
+# the widths after DS3x3 as functions of mm_hidden_size, each step LayerNorm -> Linear -> GELU, then
+# a plain Linear(H, H).
+S2_WIDTHS = {
+    "mlp_downsample_3x3_s2": (lambda m: 9 * m, lambda m: 3 * m, lambda m: m, lambda m: m // 3),
+    "mlp_downsample_3x3_s2_new": (lambda m: 9 * m, lambda m: 4 * m, lambda m: 2 * m, lambda m: m, lambda m: m // 3),
+}
+
+
+def _ln_mlp(widths: list, ln) -> list:
+    """LN(w0), Lin(w0, w1), GELU, LN(w1), Lin(w1, w2), GELU, ..., Lin(w_{n-1}, H), GELU, Lin(H, H):
+    the layer list after the DownSample block, so indices match VILA's nn.Sequential."""
+    mods = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        mods += [ln(a), nn.Linear(a, b), nn.GELU()]
+    return mods + [nn.Linear(widths[-1], widths[-1])]
+
+
 def build_projector(kind: str, mm: int, hidden: int, order: str) -> nn.Module:
     """An nn.Module whose state-dict keys equal those of the checkpoint's mm_projector."""
     ln = lambda d: nn.LayerNorm(d, eps=1e-5)  # nn.LayerNorm default eps, as in VILA
@@ -47,6 +65,8 @@ def build_projector(kind: str, mm: int, hidden: int, order: str) -> nn.Module:
     elif kind == "mlp_downsample_3x3_fix":
         seq = nn.Sequential(DownSample(3, order), ln(9 * mm), nn.Linear(9 * mm, 3 * mm), nn.GELU(),
                             ln(3 * mm), nn.Linear(3 * mm, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+    elif kind in S2_WIDTHS:
+        seq = nn.Sequential(DownSample(3, order), *_ln_mlp([w(mm) for w in S2_WIDTHS[kind]] + [hidden], ln))
     else:
         raise ValueError(f"unknown projector type {kind!r}")
     return Projector(seq)

@@ -57,11 +57,15 @@ class ReferenceVLM:
         self.tokenizer = AutoTokenizer.from_pretrained(spec.path("llm"))
 
     @torch.no_grad()
+    def tower_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, 3, R, R] -> [N, S*S, C]: hidden_states[select_layer], cast to the input dtype (§2)."""
+        x = pixels.to(self.dtype)
+        return self.tower(x, output_hidden_states=True).hidden_states[self.spec.vision.select_layer].to(x.dtype)
+
+    @torch.no_grad()
     def encode_images(self, pixels: np.ndarray) -> torch.Tensor:
-        """[N, 3, R, R] normalised pixels -> [N, tokens, H] projected features."""
-        x = torch.from_numpy(pixels).to(self.dtype)
-        hidden = self.tower(x, output_hidden_states=True).hidden_states[self.spec.vision.select_layer]
-        return self.projector(hidden)
+        """[N, 3, R, R] normalised pixels -> [N, tokens, H] projected features (one-scale towers)."""
+        return self.projector(self.tower_features(torch.from_numpy(pixels)))
 
     def tokenize(self, prompt: str) -> list:
         """VILA's tokenizer_image_token (SENTINEL) or plain tokenization (MEDIA_TOKEN)."""

@@ -17,6 +17,8 @@ CHECKPOINTS = {
     "vila1.5-3b-mlp2x": ("vila1.5", "mlp2x_gelu", "tiny", {"dtype": "float16"}),
     "vila1.5-8b-llama3": ("vila1.5-llama3", "mlp_downsample", "tiny", {"dtype": "float32"}),
     "nvila-lite-3x3": ("nvila-lite", "mlp_downsample_3x3_fix", "tiny-448", {"shard": True}),
+    "nvila-s2": ("nvila", "mlp_downsample", "tiny-448", {}),          # dynamic_s2, scales 112,224,336
+    "vila1.5-3b-s2": ("vila1.5-s2", "mlp_downsample", "tiny", {}),    # s2wrapper, scales 104,208
 }
 
 

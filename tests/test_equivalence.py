@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import CHECKPOINTS, data
 from export.checkpoint import read_checkpoint
 from export.reference import ReferenceVLM, hf_pixels
+from export.reference_s2 import image_features
 from vila_edge import Pipeline
 from vila_edge.families import DYNAMIC
 from vila_edge.preprocess import dynamic_tiles, load_image
@@ -31,6 +32,8 @@ def _images():
 def _reference_inputs(spec, ref, prompt_text, images, pipe):
     """Prompt embeddings built by the reference alone (its tokenizer, its splice, HF preprocessing)."""
     rendered = pipe.template.render([("user", prompt_text)])
+    if spec.scales is not None:      # multi-scale: one unit per image, VILA's own merge (reference_s2.py)
+        return ref.embed(ref.tokenize(rendered), image_features(ref, spec, images))
     tiles_per_image = []
     feats = []
     for img in images:

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from vila_edge.bench_s2 import bench_vision_by_tiles, markdown_rows, max_tokens_per_image
 from vila_edge.kv_cache import KVLayout
 from vila_edge.llm import KVConfig
 from vila_edge.manifest import Manifest
@@ -123,9 +124,9 @@ def bench_vision(pipe, rng, runs: int, warmup: int) -> dict:
         feats, _ = pipe.vision.encode(img)
         if i >= warmup:
             times.append(time.perf_counter() - t)
-        tiles = len(feats)
+        tiles, tokens = len(feats), sum(len(f) for f in feats)
     return {"p50_s": _median(times), "p90_s": _pct(times, 90), "runs": len(times), "tiles_per_image": tiles,
-            "tokens_per_image": tiles * pipe.manifest.vision.tokens_per_image}
+            "tokens_per_image": tokens}
 
 
 def bench_ttft(pipe, rng, n_images: int, runs: int, warmup: int) -> dict:
@@ -217,7 +218,7 @@ def run(args) -> dict:
     threads = args.threads or len(os.sched_getaffinity(0))
     layout = KVLayout(m.llm.layers, m.llm.kv_heads, m.llm.head_dim, BLOCK_SIZE, np.dtype(m.dtype).name)
     decode_tokens = args.warmup + args.repeats * args.decode_steps
-    per_image = m.vision.tokens_per_image * (1 if m.vision.image_mode != "dynamic" else m.vision.max_tiles + 1)
+    per_image = max_tokens_per_image(m.vision)
     need = max(max(args.contexts, default=0) + decode_tokens + 1, max(args.images, default=0) * per_image + 256)
     max_context = min(need, m.llm.max_positions)
     rss_before_load = current_rss_bytes()
@@ -230,6 +231,8 @@ def run(args) -> dict:
                      "llm_layers": m.llm.layers, "llm_hidden": m.llm.hidden, "kv_heads": m.llm.kv_heads},
            "load_s": load_s, "rss_after_load_bytes": peak_rss_bytes()}
     out["vision"] = bench_vision(pipe, rng, args.repeats * 2, args.warmup)
+    if m.vision.multiscale:
+        out["vision_by_tiles"] = bench_vision_by_tiles(pipe, rng, args.repeats, args.warmup)
     out["ttft"] = [bench_ttft(pipe, rng, n, args.repeats, args.warmup) for n in args.images
                    if n * out["vision"]["tokens_per_image"] + 128 < max_context]
     hidden = m.llm.hidden
@@ -299,6 +302,8 @@ def markdown(r: dict) -> str:
                   "with the file sizes), so its real traffic can be up to 2x the figure.",
               "Ceiling tok/s = Orin datasheet bandwidth (AGX 204.8, NX 102.4, Nano 68 GB/s) / bytes per "
                   "step of this engine: a bound, not a measurement."]
+    if r.get("vision_by_tiles"):
+        lines += markdown_rows(r["vision_by_tiles"])
     return "\n".join(lines) + "\n"
 
 

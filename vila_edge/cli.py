@@ -207,6 +207,9 @@ def add_fixture(sub) -> None:
     f.add_argument("--kind", choices=kinds, default="vila1.5", help="model family and LLM")
     f.add_argument("--shape", choices=shapes, default="tiny", help="size preset")
     f.add_argument("--projector", default=None, help="projector type (default: the kind's usual one)")
+    f.add_argument("--llm-layers", type=_number(int, 1), default=None, help="override the shape's LLM layer count")
+    f.add_argument("--vision-layers", type=_number(int, 1), default=None,
+                   help="override the shape's SigLIP layer count")
     f.set_defaults(func=_fixture)
 
 
@@ -215,7 +218,9 @@ def _fixture(args) -> int:
     require_extra("export", "vila-edge fixture")
     from export.fixtures import main
     return main([args.out, "--kind", args.kind, "--shape", args.shape] +
-                (["--projector", args.projector] if args.projector else [])) or 0
+                (["--projector", args.projector] if args.projector else []) +
+                (["--llm-layers", str(args.llm_layers)] if args.llm_layers else []) +
+                (["--vision-layers", str(args.vision_layers)] if args.vision_layers else [])) or 0
 
 
 def add_bench(sub) -> None:

@@ -11,6 +11,15 @@ MEDIA_TOKEN = "media_token"  # NVILA: <image> is a real token -> features + embe
 RESIZE = "resize"    # squash to the tower's square input (VILA1.5 image_aspect_ratio "resize")
 PAD = "pad"          # expand2square with the mean colour, then resize
 DYNAMIC = "dynamic"  # InternVL-style tiles + thumbnail (NVILA-Lite)
+# NVILA-8B/15B: one image tiled at every s2 scale, features merged across scales (§5.2);
+# several images or video frames take the plain square path of the first scale instead.
+DYNAMIC_S2 = "dynamic_s2"
+
+# Multi-scale towers (the manifest's vision.multiscale; "" = one scale).
+# S2: VILA1.5-3b-s2's s2wrapper: the square image at the largest scale is resized (torch bicubic) to
+# every scale, each cut into max_split tiles chessboard-wise, maps merged and area-resized to
+# scale 0's map, channels concatenated, then the projector (bfshi/scaling_on_scales@9c008a3:s2wrapper/core.py).
+S2 = "s2"
 
 COLUMN_MAJOR = "column"  # VILA1.5-era DownSampleBlock (one permute): t = j * S2 + i
 ROW_MAJOR = "row"        # NVILA-era DownSampleBlock (two permutes): t = i * S2 + j
@@ -31,12 +40,21 @@ class Family:
     part_text: str
     # With DYNAMIC tiling the prompt's <image> becomes this text once per tile (§5.3).
     tile_text: str
+    # Template when the config names none: None = pick by path (VILA's CONVERSATION_MODE_MAPPING).
+    default_template: str | None = None
 
 
 FAMILIES = {
     "vila1.5": Family("vila1.5", SENTINEL, (RESIZE, PAD), COLUMN_MAJOR, "", "<image>\n", "<image>"),
     "nvila-lite": Family("nvila-lite", MEDIA_TOKEN, (DYNAMIC, RESIZE), ROW_MAJOR, "\n", "<image>",
-                         "<image>\n"),
+                         "<image>\n", "auto"),
+    # NVILA-8B/15B: NVILA-era splice and token order; dynamic_s2 gives one <image> per image, its
+    # features (all tiles and scales merged) followed by "\n" (NVlabs/VILA@b760c34:llava/model/llava_arch.py).
+    # A video is its frames as images, one <image> + "\n" each, never pooled: extract_media at
+    # b760c34:llava/utils/media.py puts the frames in media["image"] (since c7869a6; the 36f6adc
+    # release sent them to the video encoder, TSPVideoEncoder where a config names it), so
+    # generate_content never reaches a video encoder.
+    "nvila": Family("nvila", MEDIA_TOKEN, (DYNAMIC_S2,), ROW_MAJOR, "\n", "<image>", "<image>", "auto"),
 }
 
 

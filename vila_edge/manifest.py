@@ -37,6 +37,13 @@ class VisionInfo:
     min_tiles: int
     max_tiles: int
     token_order: str
+    # Multi-scale towers (export/checkpoint.py ScalesSpec): "" = one scale, vision.onnx is tower +
+    # projector; S2 / DYNAMIC_S2 = vision.onnx is the tower alone and projector.onnx follows the merge.
+    multiscale: str = ""
+    scales: list = field(default_factory=list)
+    max_split: int = 0
+    resize_output_to: int = 0
+    grid: int = 0          # tower output side in patches (projector input side for multi-scale)
 
 
 @dataclass

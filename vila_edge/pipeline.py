@@ -21,12 +21,11 @@ from vila_edge.families import get_family
 from vila_edge.llm import KVConfig, LLMEngine
 from vila_edge.manifest import Manifest
 from vila_edge.parts import image_list, join_parts
-from vila_edge.preprocess import PixelSpec
 from vila_edge.sampling import GenerationConfig, Sampler
 from vila_edge.sources import sample_frames
 from vila_edge.splice import IMAGE_POSITION, PLACEHOLDER, Splicer
 from vila_edge.templates import get_template
-from vila_edge.vision import VisionEncoder
+from vila_edge.vision import open_vision
 
 DEFAULT_CONTEXT = 4096
 
@@ -53,8 +52,7 @@ class Pipeline:
         self.tokenizer = Tokenizer.from_file(os.path.join(engine_dir, m.files["tokenizer"]))
         self.template = engine_template(engine_dir, m)
         v = m.vision
-        pixels = PixelSpec(v.image_size, tuple(v.mean), tuple(v.std), v.image_mode, v.min_tiles, v.max_tiles)
-        self.vision = VisionEncoder(OrtSession(os.path.join(engine_dir, m.files["vision"]), threads), pixels, m.dtype)
+        self.vision = open_vision(engine_dir, m, threads)
         # (V, C); fp16 in quantized and fp16 engines, rows are cast to the graph's input dtype when gathered.
         self.embeddings = np.load(os.path.join(engine_dir, m.files["embeddings"]), mmap_mode="r")
         self.max_context = min(max_context or DEFAULT_CONTEXT, m.llm.max_positions)
@@ -176,15 +174,15 @@ class Conversation:
         constraint = pipe.grammars.constraint(cfg)     # compiled before any work: errors come first
         text, sources = pipe.user_message(images, prompt, video)
         tiles, digests, counts = list(self.tiles), list(self.digests), list(self.tiles_per_image)
-        for src in sources:
-            feats, ds = pipe.vision.encode(src)
+        single = not counts and len(sources) == 1      # NVILA's dynamic_s2 tiles only a lone image
+        for feats, ds in pipe.vision.encode_all(sources, single):
             tiles += list(feats)
             digests += ds
             counts.append(len(ds))
         t_vision = time.perf_counter() - t0
         messages = self.messages + [("user", text)]
         rendered = pipe.splicer.expand(pipe.template.render(messages, self.system), counts)
-        sp = pipe.splicer.splice(rendered, digests)
+        sp = pipe.splicer.splice(rendered, digests, [len(t) for t in tiles])
         if len(sp.ids) >= pipe.max_context:
             raise PromptError(f"prompt is {len(sp.ids)} tokens ({len(sp.spans)} image tiles x "
                               f"{pipe.manifest.vision.tokens_per_image} tokens included); the engine's context "

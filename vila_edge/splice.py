@@ -74,8 +74,10 @@ class Splicer:
             ids.extend(chunk[offset:])
         return ids
 
-    def splice(self, text: str, tile_digests: list) -> SplicedPrompt:
-        """`text` already expanded; one digest (bytes) per tile, in prompt order."""
+    def splice(self, text: str, tile_digests: list, lengths: list | None = None) -> SplicedPrompt:
+        """`text` already expanded; one digest (bytes) per tile, in prompt order; `lengths`: feature
+        tokens per tile where they vary (NVILA dynamic_s2: 256 per last-scale block), else tokens_per_tile."""
+        lengths = lengths or [self.tokens_per_tile] * len(tile_digests)
         marker = IMAGE_TOKEN_INDEX if self.family.splice == SENTINEL else self.tokens.image_token_id
         ids, keys, spans, k = [], [], [], 0
         for i in self.ids_with_markers(text):
@@ -86,8 +88,8 @@ class Splicer:
             if k >= len(tile_digests):
                 raise PromptError(f"prompt has more image markers than the {len(tile_digests)} image tiles given")
             spans.append((len(ids), k))
-            ids.extend([IMAGE_POSITION] * self.tokens_per_tile)
-            keys.extend(tile_keys(tile_digests[k], self.tokens_per_tile).tolist())
+            ids.extend([IMAGE_POSITION] * lengths[k])
+            keys.extend(tile_keys(tile_digests[k], lengths[k]).tolist())
             ids.extend(self.end_ids)
             keys.extend(self.end_ids)
             k += 1

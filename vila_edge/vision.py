@@ -4,12 +4,14 @@ A robot asks about the same view again and again: features are cached by the dig
 normalised pixels, which is also the key the KV cache uses to reuse the image's prefix blocks.
 """
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 
 import numpy as np
 
 from vila_edge.backend import OrtSession
+from vila_edge.families import S2
 from vila_edge.preprocess import PixelSpec, image_tiles
 
 TILE_BATCH = 8          # tiles per vision forward pass (bounds activation memory)
@@ -22,8 +24,9 @@ class VisionEncoder:
         self._cache = OrderedDict()
         self._lock = threading.Lock()
 
-    def encode(self, image) -> tuple:
-        """One image (path / PIL / array) -> (features [n_tiles, tokens, H], [digest per tile])."""
+    def encode(self, image, single: bool = True) -> tuple:
+        """One image (path / PIL / array) -> (features [n_tiles, tokens, H], [digest per tile]).
+        `single` (the request's only image) changes nothing here: every image is tiled alike."""
         tiles = image_tiles(image, self.pixels)                                # (n, 3, R, R)
         digests = [hashlib.blake2b(t.tobytes(), digest_size=16).digest() for t in tiles]
         feats = [self._get(d) for d in digests]
@@ -35,6 +38,10 @@ class VisionEncoder:
                 feats[i] = f
                 self._put(digests[i], f)
         return np.stack(feats), digests
+
+    def encode_all(self, images: list, single: bool) -> list:
+        """[(features, digests)] per image (each image's tiles are one batch already)."""
+        return [self.encode(img, single) for img in images]
 
     def _get(self, digest):
         with self._lock:
@@ -48,3 +55,18 @@ class VisionEncoder:
             self._cache[digest] = feats
             while len(self._cache) > CACHE_TILES:
                 self._cache.popitem(last=False)
+
+
+def open_vision(engine_dir: str, m, threads: int | None = None):
+    """The vision encoder an engine's manifest describes: one graph (tower + projector), or for
+    multi-scale engines vision.onnx (the tower alone) + projector.onnx with the scale merge between (vision_s2.py)."""
+    v = m.vision
+    session = lambda role: OrtSession(os.path.join(engine_dir, m.files[role]), threads)
+    if not v.multiscale:
+        pixels = PixelSpec(v.image_size, tuple(v.mean), tuple(v.std), v.image_mode, v.min_tiles, v.max_tiles)
+        return VisionEncoder(session("vision"), pixels, m.dtype)
+    from vila_edge.vision_s2 import MultiScaleEncoder
+    # S2 squashes (or pads) the image to the largest scale first; dynamic_s2 tiles at scales[0].
+    side = v.scales[-1] if v.multiscale == S2 else v.image_size
+    pixels = PixelSpec(side, tuple(v.mean), tuple(v.std), v.image_mode, v.min_tiles, v.max_tiles)
+    return MultiScaleEncoder(session("vision"), session("projector"), pixels, v, m.dtype)
