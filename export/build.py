@@ -17,6 +17,7 @@ import numpy as np
 from export.checkpoint import CheckpointSpec, load_vision_weights, load_weights, read_checkpoint
 from export.onnx_graph import OPSET, save
 from export.onnx_llm import build_llm, lm_head_rows
+from export.onnx_llm_fused import build_llm_fused
 from export.onnx_vision import build_vision, tokens_per_image
 from vila_edge.errors import CheckpointError
 from vila_edge.families import MEDIA_TOKEN, get_family
@@ -25,7 +26,10 @@ from vila_edge.templates import get_template
 from vila_edge.version import __version__
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
-TARGETS = ("cpu",)
+# Target -> LLM graph variant: ORT's contrib ops where ONNX Runtime runs the engine, standard ops where
+# TensorRT's parser must take it (Orin; the ORT runner also runs it, for tests and as the reference).
+TARGETS = {"cpu": "fused", "orin": "standard"}
+GRAPHS = {"fused": build_llm_fused, "standard": build_llm}
 MEDIA_TOKENS = ("<image>", "<vila/video>", "<vila/sentinel>")
 FILES = {"vision": "vision.onnx", "llm": "llm.onnx", "embeddings": "embed_tokens.npy",
          "tokenizer": "tokenizer.json", "report": "export_report.json"}
@@ -156,8 +160,7 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
     if opts.dtype not in DTYPES:
         raise ValueError(f"dtype {opts.dtype!r} unknown; expected one of {sorted(DTYPES)}")
     if opts.target not in TARGETS:
-        raise ValueError(f"target {opts.target!r}: only {TARGETS} engines can be built (TensorRT engines for "
-                         f"Orin are not implemented yet)")
+        raise ValueError(f"target {opts.target!r} unknown; expected one of {sorted(TARGETS)}")
     dtype = DTYPES[opts.dtype]
     _lm_head_bits(opts)
     bar = _steps(opts.progress, 7)
@@ -176,7 +179,7 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         else:
             llm_weights, quant, quant_info = _quantize(spec, opts)
         bar.set_postfix_str("llm graph"); bar.update()
-        save(build_llm(spec.llm, llm_weights, dtype, quant).model(), os.path.join(tmp, FILES["llm"]))
+        save(GRAPHS[TARGETS[opts.target]](spec.llm, llm_weights, dtype, quant).model(), os.path.join(tmp, FILES["llm"]))
         bar.set_postfix_str("embeddings"); bar.update()
         embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
         np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(_embed_dtype(opts, dtype)))
@@ -205,6 +208,8 @@ def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts) -> Man
     tok = _tokenizer(spec, tmp)
     tok_cfg = _tokenizer_config(spec)
     files = dict(FILES)
+    if os.path.isfile(os.path.join(tmp, FILES["llm"] + ".data")):
+        files["llm_data"] = FILES["llm"] + ".data"      # external tensors: loaded, so counted by the ledger
     jinja = _chat_template(spec, tok_cfg)
     if spec.template == "auto":
         if not jinja:
@@ -218,13 +223,13 @@ def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts) -> Man
     llm, vis, proj = spec.llm, spec.vision, spec.projector
     manifest = Manifest(
         format_version=FORMAT_VERSION, exporter_version=__version__, family=spec.family, template=spec.template,
-        dtype=dtype, quant=quant_info, num_video_frames=spec.num_video_frames,
+        dtype=dtype, kv_dtype=dtype, quant=quant_info, num_video_frames=spec.num_video_frames,
         llm=LLMInfo(llm.hidden, llm.layers, llm.heads, llm.kv_heads, llm.head_dim, llm.vocab_size,
                     int(logits_size), llm.max_positions),
         vision=VisionInfo(vis.image_size, tokens_per_image(vis, proj), vis.mean, vis.std, spec.image_mode,
                           spec.min_tiles, spec.max_tiles, proj.token_order),
         tokens=_token_info(spec, tok, tok_cfg, template), files=files,
-        build={"target": opts.target, "opset": OPSET, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+        build={"target": opts.target, "graph": TARGETS[opts.target], "opset": OPSET, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                "checkpoint": os.path.abspath(spec.root), "projector": proj.kind,
                "special_tokens": list(special)})
     manifest.write(tmp)

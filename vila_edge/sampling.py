@@ -32,6 +32,27 @@ class GenerationConfig:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class SeenIds:
+    """The distinct ids of a prompt and its generation so far, kept incrementally for the repetition
+    penalty: each step adds one id in O(1) instead of re-scanning the whole history."""
+
+    def __init__(self, vocab_size: int, ids=()):
+        self._mask = np.zeros(vocab_size, bool)
+        self._ids = np.empty(vocab_size, np.int64)   # distinct ids in first-seen order
+        self._n = 0
+        for i in np.asarray(ids, np.int64).tolist():
+            self.add(i)
+
+    def add(self, token: int) -> None:
+        if 0 <= token < len(self._mask) and not self._mask[token]:
+            self._mask[token] = True
+            self._ids[self._n] = token
+            self._n += 1
+
+    def ids(self) -> np.ndarray:
+        return self._ids[: self._n]
+
+
 class Sampler:
     def __init__(self, cfg: GenerationConfig, vocab_size: int, never_sample: list):
         self.cfg = cfg
@@ -39,13 +60,15 @@ class Sampler:
         self.never = np.asarray([i for i in never_sample if i < vocab_size], np.int64)
         self.rng = np.random.default_rng(cfg.seed)
 
-    def __call__(self, logits: np.ndarray, history: np.ndarray) -> int:
-        """logits [V'] float32 (V' >= vocab_size); history: ids generated or prompted so far."""
+    def __call__(self, logits: np.ndarray, history) -> int:
+        """logits [V'] float32 (V' >= vocab_size); history: ids generated or prompted so far, as an
+        array or a SeenIds (the decode loop's: no per-step rebuild)."""
         x = np.array(logits[: self.vocab_size], dtype=np.float32)
         x[self.never] = -np.inf
         cfg = self.cfg
-        if cfg.repetition_penalty != 1.0 and len(history):
-            seen = np.unique(history[(history >= 0) & (history < self.vocab_size)])
+        if cfg.repetition_penalty != 1.0:
+            seen = history.ids() if isinstance(history, SeenIds) else \
+                np.unique(history[(history >= 0) & (history < self.vocab_size)])
             x[seen] = np.where(x[seen] > 0, x[seen] / cfg.repetition_penalty, x[seen] * cfg.repetition_penalty)
         if cfg.temperature == 0:
             return int(np.argmax(x))

@@ -9,16 +9,16 @@ from collections import OrderedDict
 
 import numpy as np
 
-from vila_edge.backend import OrtSession
 from vila_edge.preprocess import PixelSpec, image_tiles
+from vila_edge.runner import VisionRunner
 
 TILE_BATCH = 8          # tiles per vision forward pass (bounds activation memory)
 CACHE_TILES = 32        # feature cache size, in tiles
 
 
 class VisionEncoder:
-    def __init__(self, session: OrtSession, pixels: PixelSpec, dtype: str):
-        self.session, self.pixels, self.dtype = session, pixels, np.dtype(dtype)
+    def __init__(self, runner: VisionRunner, pixels: PixelSpec):
+        self.runner, self.pixels = runner, pixels
         self._cache = OrderedDict()
         self._lock = threading.Lock()
 
@@ -30,7 +30,7 @@ class VisionEncoder:
         missing = [i for i, f in enumerate(feats) if f is None]
         for lo in range(0, len(missing), TILE_BATCH):
             idx = missing[lo: lo + TILE_BATCH]
-            out = self.session.run({"pixel_values": tiles[idx].astype(self.dtype)})["image_features"]
+            out = self.runner.encode(tiles[idx])
             for i, f in zip(idx, out):
                 feats[i] = f
                 self._put(digests[i], f)
