@@ -29,7 +29,6 @@ DTYPES = {"fp32": "float32", "fp16": "float16"}
 # Target -> LLM graph variant: ORT's contrib ops where ONNX Runtime runs the engine, standard ops where
 # TensorRT's parser must take it (Orin; the ORT runner also runs it, for tests and as the reference).
 TARGETS = {"cpu": "fused", "orin": "standard"}
-GRAPHS = {"fused": build_llm_fused, "standard": build_llm}
 MEDIA_TOKENS = ("<image>", "<vila/video>", "<vila/sentinel>")
 FILES = {"vision": "vision.onnx", "llm": "llm.onnx", "embeddings": "embed_tokens.npy",
          "tokenizer": "tokenizer.json", "report": "export_report.json"}
@@ -179,7 +178,8 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         else:
             llm_weights, quant, quant_info = _quantize(spec, opts)
         bar.set_postfix_str("llm graph"); bar.update()
-        save(GRAPHS[TARGETS[opts.target]](spec.llm, llm_weights, dtype, quant).model(), os.path.join(tmp, FILES["llm"]))
+        builder = build_llm_fused if TARGETS[opts.target] == "fused" else build_llm
+        save(builder(spec.llm, llm_weights, dtype, quant).model(), os.path.join(tmp, FILES["llm"]))
         bar.set_postfix_str("embeddings"); bar.update()
         embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
         np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(_embed_dtype(opts, dtype)))

@@ -51,6 +51,30 @@ def _export(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from vila_edge.manifest import Manifest
+    from vila_edge.memory import plan
+    from vila_edge.pipeline import DEFAULT_CONTEXT
+
+    m = Manifest.load(args.engine)
+    max_context = min(args.max_context or DEFAULT_CONTEXT, m.llm.max_positions)
+    p = plan(args.engine, m, args.device, args.block_size, max_context)
+    print(f"{args.engine} on {args.device}: {m.family}, {m.dtype} activations, KV {m.kv_dtype}, "
+          f"quant {m.quant.get('method')}, max context {max_context}")
+    print(p.table())
+    return 0
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="memory plan of an engine on a device: weights, KV pool, buffers vs DRAM")
+    p.add_argument("engine")
+    p.add_argument("--device", default="orin-nano",
+                   help="orin-nano, orin-nx, agx-orin-32gb, agx-orin-64gb, or a KV byte budget ('512MiB')")
+    p.add_argument("--max-context", type=int, default=None, help="context length in tokens (default 4096)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.set_defaults(func=_plan)
+
+
 def _fixture(args) -> int:
     from export.fixtures import main
     return main([args.out, "--kind", args.kind, "--shape", args.shape] +
@@ -108,6 +132,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--shape", default="tiny")
     f.add_argument("--projector", default=None)
     f.set_defaults(func=_fixture)
+    _plan_parser(sub)
     from vila_edge import bench
     b = sub.add_parser("bench", help="measure an engine: latency, tokens/s, memory, decode GB/s",
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

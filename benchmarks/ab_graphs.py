@@ -1,0 +1,89 @@
+"""A/B: decode speed of engines of the same checkpoint (graph variants, export options), in one process.
+
+    python benchmarks/ab_graphs.py engines/smollm2-int4-cpu engines/smollm2-int4-orin [--contexts 128,512]
+
+Each engine holds one sequence per context (a real prefill of random text ids); rounds of `steps`
+decode steps (LLMEngine.step: embedding gather + forward + KV write, no sampling) alternate between
+the engines, so load from other processes hits all of them alike. Reports each engine's median step
+over all rounds, the spread of the per-round medians, and the ratio to the first engine.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vila_edge.bench import kv_config  # noqa: E402
+from vila_edge.manifest import Manifest  # noqa: E402
+from vila_edge.pipeline import Pipeline  # noqa: E402
+from vila_edge.runner import Tokens  # noqa: E402
+
+
+def run(engines: list, contexts: list, steps: int, rounds: int, threads: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    max_context = max(contexts) + (rounds + 1) * steps + 1
+    pipes = {e: Pipeline(e, threads=threads, max_context=max_context, kv=kv_config(Manifest.load(e), max_context))
+             for e in engines}
+    vocab = min(p.manifest.llm.vocab_size for p in pipes.values())
+    out = {"threads": threads, "steps_per_round": steps, "rounds": rounds, "loadavg_start": list(os.getloadavg()),
+           "rows": []}
+    for ctx in contexts:
+        prompt = rng.integers(0, vocab, ctx)
+        for e, p in pipes.items():
+            p.llm.prefill(("ab", ctx), Tokens(prompt), prompt, grow=(rounds + 1) * steps)
+        per_round = {e: [] for e in engines}
+        for r in range(rounds + 1):                     # round 0 warms up
+            for e, p in pipes.items():
+                times = []
+                for _ in range(steps):
+                    tok = int(rng.integers(0, vocab))
+                    t = time.perf_counter()
+                    p.llm.step(("ab", ctx), tok)
+                    times.append(time.perf_counter() - t)
+                if r:
+                    per_round[e].append(float(np.median(times)))
+        base = float(np.median(per_round[engines[0]]))
+        for e, p in pipes.items():
+            p.llm.release(("ab", ctx))
+            med = float(np.median(per_round[e]))
+            out["rows"].append({"engine": e, "graph": p.manifest.build.get("graph"), "context": ctx,
+                                "step_ms": 1e3 * med, "tok_s": 1 / med, "round_tok_s_min": 1 / max(per_round[e]),
+                                "round_tok_s_max": 1 / min(per_round[e]), "vs_first": base / med})
+    out["loadavg_end"] = list(os.getloadavg())
+    return out
+
+
+def markdown(r: dict) -> str:
+    lines = [f"threads {r['threads']}, {r['rounds']} rounds x {r['steps_per_round']} steps, load "
+             f"{r['loadavg_start'][0]:.1f} -> {r['loadavg_end'][0]:.1f}", "",
+             "| engine | graph | context | tok/s (median) | per-round range | vs first |", "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['engine']} | {row['graph']} | {row['context']} | {row['tok_s']:.1f} | "
+                     f"{row['round_tok_s_min']:.1f}-{row['round_tok_s_max']:.1f} | {row['vs_first']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("engines", nargs="+")
+    ap.add_argument("--contexts", default="128,512")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the result here")
+    args = ap.parse_args(argv)
+    r = run(args.engines, [int(c) for c in args.contexts.split(",")], args.steps, args.rounds, args.threads, args.seed)
+    print(markdown(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
