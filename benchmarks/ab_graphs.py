@@ -1,10 +1,12 @@
 """A/B: decode speed of engines of the same checkpoint (graph variants, export options), in one process.
 
-    python benchmarks/ab_graphs.py engines/smollm2-int4-cpu engines/smollm2-int4-orin [--contexts 128,512]
+    python benchmarks/ab_graphs.py engines/smollm2-int4-cpu engines/smollm2-int4-orin \
+        [genai:build/genai/smollm2-vila-int4] [--contexts 128,512]
 
 Each engine holds one sequence per context (a real prefill of random text ids); rounds of `steps`
 decode steps (LLMEngine.step: embedding gather + forward + KV write, no sampling) alternate between
-the engines, so load from other processes hits all of them alike. Reports each engine's median step
+the engines, so load from other processes hits all of them alike. "genai:DIR" adds ORT GenAI's own
+export of the same LLM (Generator.generate_next_token: forward + greedy pick) to the rotation. Reports each engine's median step
 over all rounds, the spread of the per-round medians, and the ratio to the first engine.
 """
 import argparse
@@ -23,18 +25,58 @@ from vila_edge.pipeline import Pipeline  # noqa: E402
 from vila_edge.runner import Tokens  # noqa: E402
 
 
+class _VilaEdge:
+    def __init__(self, engine: str, threads: int, max_context: int):
+        self.pipe = Pipeline(engine, threads=threads, max_context=max_context,
+                             kv=kv_config(Manifest.load(engine), max_context))
+        self.graph, self.vocab = self.pipe.manifest.build.get("graph"), self.pipe.manifest.llm.vocab_size
+
+    def start(self, prompt: np.ndarray, grow: int) -> None:
+        self.pipe.llm.prefill("ab", Tokens(prompt), prompt, grow=grow)
+
+    def step(self, token: int) -> None:
+        self.pipe.llm.step("ab", token)
+
+    def stop(self) -> None:
+        self.pipe.llm.release("ab")
+
+
+class _GenAI:
+    def __init__(self, model_dir: str, threads: int, max_context: int):
+        import onnxruntime_genai as og
+        self.og, self.max_length, self.graph = og, max_context + 8, "ort-genai"
+        config = og.Config(model_dir)
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
+                                                                              "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(config)
+        with open(os.path.join(model_dir, "genai_config.json")) as f:
+            self.vocab = json.load(f)["model"]["vocab_size"]
+
+    def start(self, prompt: np.ndarray, grow: int) -> None:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=self.max_length, do_sample=False)
+        self.gen = self.og.Generator(self.model, params)
+        self.gen.append_tokens(prompt.astype(np.int32))
+
+    def step(self, token: int) -> None:
+        self.gen.generate_next_token()
+
+    def stop(self) -> None:
+        self.gen = None
+
+
 def run(engines: list, contexts: list, steps: int, rounds: int, threads: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     max_context = max(contexts) + (rounds + 1) * steps + 1
-    pipes = {e: Pipeline(e, threads=threads, max_context=max_context, kv=kv_config(Manifest.load(e), max_context))
-             for e in engines}
-    vocab = min(p.manifest.llm.vocab_size for p in pipes.values())
+    pipes = {e: (_GenAI(e.removeprefix("genai:"), threads, max_context) if e.startswith("genai:")
+                 else _VilaEdge(e, threads, max_context)) for e in engines}
+    vocab = min(p.vocab for p in pipes.values())
     out = {"threads": threads, "steps_per_round": steps, "rounds": rounds, "loadavg_start": list(os.getloadavg()),
            "rows": []}
     for ctx in contexts:
         prompt = rng.integers(0, vocab, ctx)
         for e, p in pipes.items():
-            p.llm.prefill(("ab", ctx), Tokens(prompt), prompt, grow=(rounds + 1) * steps)
+            p.start(prompt, (rounds + 1) * steps)
         per_round = {e: [] for e in engines}
         for r in range(rounds + 1):                     # round 0 warms up
             for e, p in pipes.items():
@@ -42,15 +84,15 @@ def run(engines: list, contexts: list, steps: int, rounds: int, threads: int, se
                 for _ in range(steps):
                     tok = int(rng.integers(0, vocab))
                     t = time.perf_counter()
-                    p.llm.step(("ab", ctx), tok)
+                    p.step(tok)
                     times.append(time.perf_counter() - t)
                 if r:
                     per_round[e].append(float(np.median(times)))
         base = float(np.median(per_round[engines[0]]))
         for e, p in pipes.items():
-            p.llm.release(("ab", ctx))
+            p.stop()
             med = float(np.median(per_round[e]))
-            out["rows"].append({"engine": e, "graph": p.manifest.build.get("graph"), "context": ctx,
+            out["rows"].append({"engine": e, "graph": p.graph, "context": ctx,
                                 "step_ms": 1e3 * med, "tok_s": 1 / med, "round_tok_s_min": 1 / max(per_round[e]),
                                 "round_tok_s_max": 1 / min(per_round[e]), "vs_first": base / med})
     out["loadavg_end"] = list(os.getloadavg())
