@@ -41,6 +41,7 @@ class ExportOptions:
     group_size: int = 128
     lm_head_bits: int | None = None        # quant rtn/awq: 8 (default), 4 or 0 (float); quant none: float
     target: str = "cpu"
+    int4_accuracy_level: int = 4           # fused graphs: MatMulNBits activations (4 int8 per block, 0 float)
     template: str | None = None
     token_order: str | None = None
     progress: bool = True
@@ -128,6 +129,7 @@ def _quantize(spec, opts):
     jinja = _chat_template(spec, _tokenizer_config(spec))
     weights, quant, report = quantize_llm(spec, qopts, jinja, opts.progress)
     return weights, quant, {"method": opts.quant, "group_size": opts.group_size, "bits": 4, "symmetric": True,
+                            "accuracy_level": opts.int4_accuracy_level if TARGETS[opts.target] == "fused" else None,
                             "lm_head_bits": qopts.lm_head_bits, "report": report}
 
 
@@ -178,8 +180,11 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         else:
             llm_weights, quant, quant_info = _quantize(spec, opts)
         bar.set_postfix_str("llm graph"); bar.update()
-        builder = build_llm_fused if TARGETS[opts.target] == "fused" else build_llm
-        save(builder(spec.llm, llm_weights, dtype, quant).model(), os.path.join(tmp, FILES["llm"]))
+        if TARGETS[opts.target] == "fused":
+            graph = build_llm_fused(spec.llm, llm_weights, dtype, quant, opts.int4_accuracy_level)
+        else:
+            graph = build_llm(spec.llm, llm_weights, dtype, quant)
+        save(graph.model(), os.path.join(tmp, FILES["llm"]))
         bar.set_postfix_str("embeddings"); bar.update()
         embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
         np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(_embed_dtype(opts, dtype)))

@@ -25,9 +25,10 @@ from export.quantize import LM_HEAD
 
 MS = "com.microsoft"
 # MatMulNBits activations quantized to int8 per block (onnxruntime contrib_defs MatMulNBits:
-# accuracy_level 4), the fastest CPU path; the session option in vila_edge/backend.py sets the same
-# level for the DequantizeLinear -> MatMul graph, so both variants compute the same thing.
-ACCURACY_LEVEL = 4
+# accuracy_level 4), the fastest CPU path, is the default; the session option in vila_edge/backend.py
+# sets the same level for the standard graph's DequantizeLinear -> MatMul, so both variants compute
+# the same thing. 0 keeps activations float (tests compare against the torch reference at 1e-4).
+DEFAULT_ACCURACY_LEVEL = 4
 
 
 def _pack_nbits(codes: np.ndarray, group: int, bits: int) -> tuple:
@@ -40,7 +41,7 @@ def _pack_nbits(codes: np.ndarray, group: int, bits: int) -> tuple:
     return np.ascontiguousarray(u)
 
 
-def linear(g: Graph, x: str, name: str, weight, bias=None, quant=None) -> str:
+def linear(g: Graph, x: str, name: str, weight, bias=None, quant=None, accuracy_level=DEFAULT_ACCURACY_LEVEL) -> str:
     """x @ W.T (+ b): MatMulNBits for a quantized weight (codes [N, K], scales [N, K/G], G, bits),
     a MatMul on [K, N] otherwise."""
     if quant is None:
@@ -51,13 +52,14 @@ def linear(g: Graph, x: str, name: str, weight, bias=None, quant=None) -> str:
         b = g.init(name + ".qweight", _pack_nbits(np.asarray(codes), group, bits))
         s = g.weight(name + ".scales", np.asarray(scales).reshape(-1))           # (N * K/G,)
         y = g.op("MatMulNBits", [x, b, s], domain=MS, K=k, N=n, bits=bits, block_size=group,
-                 accuracy_level=ACCURACY_LEVEL)
+                 accuracy_level=accuracy_level)
     return y if bias is None else g.op("Add", [y, g.weight(name + ".bias", bias)])
 
 
 def _fused_linear(g: Graph, x: str, w: dict, quant: dict, prefix: str, names: list) -> str:
     weight, bias, q = _concat_linears(w, quant, [prefix + n for n in names])
-    return linear(g, x, prefix + "_".join(n.removesuffix("_proj") for n in names) + "_proj", weight, bias, q)
+    return linear(g, x, prefix + "_".join(n.removesuffix("_proj") for n in names) + "_proj", weight, bias, q,
+                  g.accuracy_level)
 
 
 def _rope_caches(g: Graph, spec: LLMSpec) -> tuple:
@@ -91,7 +93,7 @@ def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, shared: dict, i
     probs_new = g.op("Slice", [probs, shared["n_past"], g.const([SLICE_END]), g.const([-1])])
     ctx = g.op("Add", [g.op("MatMul", [probs_past, vals(past_v)]), g.op("MatMul", [probs_new, vals(v)])])
     ctx = g.reshape(g.op("Transpose", [g.reshape(ctx, [hq, -1, d])], perm=[1, 0, 2]), [1, -1, hq * d])
-    return linear(g, ctx, p + "o_proj", w.get(p + "o_proj.weight"), None, quant.get(p + "o_proj"))
+    return linear(g, ctx, p + "o_proj", w.get(p + "o_proj.weight"), None, quant.get(p + "o_proj"), g.accuracy_level)
 
 
 def _mlp(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, quant) -> str:
@@ -100,7 +102,7 @@ def _mlp(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, quant) -> str:
                               g.const([spec.intermediate] * 2)], axis=-1, n_out=2)  # (1, T, I) each
     act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])                               # SiLU
     return linear(g, g.op("Mul", [act, up]), p + "down_proj", w.get(p + "down_proj.weight"), None,
-                  quant.get(p + "down_proj"))
+                  quant.get(p + "down_proj"), g.accuracy_level)
 
 
 def _skip_norm(g: Graph, x: str, skip: str, weight: np.ndarray, eps: float, name: str) -> tuple:
@@ -110,10 +112,13 @@ def _skip_norm(g: Graph, x: str, skip: str, weight: np.ndarray, eps: float, name
     return normed, total
 
 
-def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = None) -> Graph:
-    """As onnx_llm.build_llm (same arguments, same I/O), in ORT contrib ops."""
+def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = None,
+                    accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> Graph:
+    """As onnx_llm.build_llm (same arguments, same I/O), in ORT contrib ops; `accuracy_level`: every
+    MatMulNBits' (fixed in the file: ORT has no session option for explicit MatMulNBits nodes)."""
     quant = quant or {}
     g = Graph("vila_edge_llm_fused", dtype)
+    g.accuracy_level = accuracy_level
     hkv, d = spec.kv_heads, spec.head_dim
     io = {"inputs_embeds": g.input("inputs_embeds", dtype, [1, "T", spec.hidden]),
           "position_ids": g.input("position_ids", "int64", [1, "T"]),
@@ -142,7 +147,7 @@ def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None
     last = lambda t: g.op("Slice", [t, g.const([-1]), g.const([SLICE_END]), g.const([1])])  # (1, 1, C)
     h, _ = _skip_norm(g, last(mlp), last(x), weights["model.norm.weight"], spec.rms_eps, "model.norm.weight")
     head = None if LM_HEAD in quant else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    logits = linear(g, h, LM_HEAD, head, None, quant.get(LM_HEAD))                      # (1, 1, V)
+    logits = linear(g, h, LM_HEAD, head, None, quant.get(LM_HEAD), accuracy_level)    # (1, 1, V)
     g.output(g.to_float32(g.reshape(logits, [1, -1])), "logits", "float32", [1, lm_head_rows(weights, quant)])
     g.opsets = {MS: 1}
     return g

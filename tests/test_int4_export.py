@@ -32,7 +32,8 @@ def _optimized_ops(eng, tmp_path) -> list:
 
 @pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
 def test_matmulnbits_per_fused_linear(name, engine, tmp_path):
-    eng = engine(name, quant="rtn", max_ppl_increase_pct=None)
+    """The standard-op graph (--target orin): ORT fuses each DequantizeLinear -> MatMul at load."""
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, target="orin")
     layers = Pipeline(eng).manifest.llm.layers
     nodes = _optimized_ops(eng, tmp_path)
     ops = [n.op_type for n in nodes]
@@ -47,8 +48,25 @@ def test_matmulnbits_per_fused_linear(name, engine, tmp_path):
     assert not any(n.domain for n in source.graph.node)    # standard ops only (TensorRT parses the file)
 
 
+def test_fused_graph_ops(engine, tmp_path):
+    """--target cpu: the file itself holds MatMulNBits (bits and block size of each quantized
+    tensor), Skip/SimplifiedLayerNormalization and RotaryEmbedding; ORT adds nothing to undo."""
+    eng = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None, group_size=32)
+    layers = Pipeline(eng).manifest.llm.layers
+    source = onnx.load(os.path.join(eng, "llm.onnx"), load_external_data=False)
+    nbits = [n for n in source.graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
+    assert [a["bits"] for a in attrs].count(4) == MATMULS_PER_LAYER * layers and attrs[-1]["bits"] == 8
+    assert {a["block_size"] for a in attrs} == {32} and {a["accuracy_level"] for a in attrs} == {4}
+    ops = [n.op_type for n in _optimized_ops(eng, tmp_path)]
+    assert ops.count("SkipSimplifiedLayerNormalization") == NORMS_PER_LAYER * layers   # + final, - first
+    assert ops.count("SimplifiedLayerNormalization") == 1
+    assert ops.count("RotaryEmbedding") == layers                  # q and k rotated by one node
+    assert "DequantizeLinear" not in ops
+
+
 def test_fp32_graph_fuses_norms(engine, tmp_path):
-    eng = engine("vila1.5-3b-downsample")
+    eng = engine("vila1.5-3b-downsample", target="orin")
     layers = Pipeline(eng).manifest.llm.layers
     ops = [n.op_type for n in _optimized_ops(eng, tmp_path)]
     assert ops.count("SimplifiedLayerNormalization") == NORMS_PER_LAYER * layers + 1
@@ -70,10 +88,11 @@ def test_int4_packing_matches_onnx():
     assert pack_int4(np.array([1, -1, -8], np.int8)) == bytes([0xF1, 0x08])
 
 
+@pytest.mark.parametrize("target", ["cpu", "orin"])
 @pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
-def test_int4_engine_matches_quantized_reference(name, checkpoint, engine):
+def test_int4_engine_matches_quantized_reference(name, target, checkpoint, engine):
     """Greedy tokens equal, first-step logits within 1e-4 (activations kept float: accuracy level 0)."""
-    eng = engine(name, quant="rtn", max_ppl_increase_pct=None)
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, target=target, int4_accuracy_level=0)
     spec = read_checkpoint(checkpoint(name))
     ref = ReferenceVLM(spec, torch.float32)
     manifest = json.load(open(os.path.join(eng, "manifest.json")))
@@ -97,7 +116,7 @@ def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
     """--lm-head-bits 4 runs lm_head as a 4-bit MatMulNBits, 0 keeps it a float MatMul; both compute
     what the quantized reference with the same lm_head computes."""
     name = "vila1.5-3b-downsample"
-    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, lm_head_bits=lm_head_bits)
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, lm_head_bits=lm_head_bits, int4_accuracy_level=0)
     layers = Pipeline(eng).manifest.llm.layers
     nodes = _optimized_ops(eng, tmp_path)
     n_nbits = sum(n.op_type == "MatMulNBits" for n in nodes)

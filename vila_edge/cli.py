@@ -43,7 +43,8 @@ def _export(args) -> int:
 
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
         dtype=args.dtype, quant=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
-        target=args.target, template=args.template, token_order=args.token_order, progress=not args.quiet,
+        target=args.target, int4_accuracy_level=args.int4_accuracy_level, template=args.template,
+        token_order=args.token_order, progress=not args.quiet,
         calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
         max_ppl_increase_pct=None if args.no_quality_floor else args.max_ppl_increase,
         min_top1_agreement=args.min_top1))
@@ -112,7 +113,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--group-size", type=int, default=128)
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
                    help="lm_head with --quant rtn/awq: symmetric int8 (default), int4, or 0 = float")
-    e.add_argument("--target", default="cpu")
+    e.add_argument("--target", choices=["cpu", "orin"], default="cpu",
+                   help="cpu: LLM graph of ONNX Runtime contrib ops (fused); orin: standard ops (TensorRT's parser)")
+    e.add_argument("--int4-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
+                   help="--target cpu: MatMulNBits activations (4: int8 per block, fastest; 0: float)")
     e.add_argument("--template", default=None, help="override the chat template")
     e.add_argument("--token-order", choices=["row", "column"], default=None,
                    help="override the mlp_downsample token order (default from the checkpoint era)")

@@ -16,7 +16,7 @@ import numpy as np
 
 from vila_edge.backend import OrtSession
 from vila_edge.embeddings import EmbeddingTable
-from vila_edge.errors import PromptError
+from vila_edge.errors import EngineError, PromptError
 from vila_edge.kv_cache import KVLayout, KVPool
 from vila_edge.runner import IMAGE_POSITION, Buffer, LLMRunner, RunnerOptions, Tokens, VisionRunner
 
@@ -34,12 +34,24 @@ def llm_buffers(manifest, num_blocks: int, block_size: int, max_context: int, op
             Buffer("kv staging", opts.staging_contexts * layout.bytes_per_block * max_blocks)]
 
 
+def _accuracy_level(engine_dir: str, manifest, opts: RunnerOptions) -> int:
+    """The MatMulNBits accuracy level to run at: a fused graph's is fixed in its file."""
+    fixed = manifest.quant.get("accuracy_level")
+    if fixed is None:
+        return 4 if opts.int4_accuracy_level is None else opts.int4_accuracy_level
+    if opts.int4_accuracy_level not in (None, fixed):
+        raise EngineError(f"{engine_dir}: its fused LLM graph runs int4 at accuracy level {fixed} (set at export); "
+                          f"re-export with --int4-accuracy-level {opts.int4_accuracy_level}, or use a --target orin "
+                          f"engine, whose level is chosen at load")
+    return fixed
+
+
 class OrtLLMRunner(LLMRunner):
     def __init__(self, engine_dir: str, manifest, num_blocks: int, block_size: int, max_context: int,
                  opts: RunnerOptions, session: OrtSession | None = None):
         m = manifest
         self.session = session or OrtSession(os.path.join(engine_dir, m.files["llm"]), opts.threads,
-                                             int4_accuracy_level=opts.int4_accuracy_level)
+                                             int4_accuracy_level=_accuracy_level(engine_dir, m, opts))
         self.engine_dir, self.manifest, self.opts, self.max_context = engine_dir, m, opts, max_context
         self.embeds_dtype = self.session.input_dtype("inputs_embeds")
         self.embeddings = EmbeddingTable.load(engine_dir, m)

@@ -48,7 +48,7 @@ def engine_template(engine_dir: str, m: Manifest):
 
 class Pipeline:
     def __init__(self, engine_dir: str, *, threads: int | None = None, max_context: int | None = None,
-                 kv: KVConfig | None = None, int4_accuracy_level: int = 4):
+                 kv: KVConfig | None = None, int4_accuracy_level: int | None = None):
         m = self.manifest = Manifest.load(engine_dir)
         self.engine_dir = engine_dir
         self.family = get_family(m.family)

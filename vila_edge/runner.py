@@ -77,7 +77,9 @@ class VisionRunner(ABC):
 @dataclass(frozen=True)
 class RunnerOptions:
     threads: int | None = None
-    int4_accuracy_level: int = 4     # ORT MatMulNBits activations: 4 = int8 per block, 0 = float
+    # ORT MatMulNBits activations: 4 = int8 per block, 0 = float; None: the engine's (4 for standard
+    # graphs, whose DequantizeLinear -> MatMul ORT fuses at load; fused graphs fix it at export).
+    int4_accuracy_level: int | None = None
     staging_contexts: int = 1        # full-context staging buffers for scattered block tables
 
 
