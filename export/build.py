@@ -7,6 +7,7 @@ file is written and both graphs load in ONNX Runtime, so an interrupted export n
 directory that looks complete.
 """
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,6 +43,7 @@ class ExportOptions:
     lm_head_bits: int | None = None        # quant rtn/awq: 8 (default), 4 or 0 (float); quant none: float
     target: str = "cpu"
     int4_accuracy_level: int = 4           # fused graphs: MatMulNBits activations (4 int8 per block, 0 float)
+    embed_bits: int = 0                    # 8 / 4: group-quantized embedding table (quantized engines); 0: float
     template: str | None = None
     token_order: str | None = None
     progress: bool = True
@@ -164,6 +166,8 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         raise ValueError(f"target {opts.target!r} unknown; expected one of {sorted(TARGETS)}")
     dtype = DTYPES[opts.dtype]
     _lm_head_bits(opts)
+    if opts.embed_bits not in (0, 4, 8) or (opts.embed_bits and opts.quant == "none"):
+        raise ValueError(f"embed_bits {opts.embed_bits!r}: expected 0 (float), or 8 / 4 with quant rtn or awq")
     bar = _steps(opts.progress, 7)
     spec = read_checkpoint(checkpoint, opts.template, opts.token_order)
     parent = os.path.dirname(os.path.abspath(out))
@@ -187,15 +191,16 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         save(graph.model(), os.path.join(tmp, FILES["llm"]))
         bar.set_postfix_str("embeddings"); bar.update()
         embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
-        np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(_embed_dtype(opts, dtype)))
+        embed_file = _save_embeddings(tmp, embed, opts, dtype)
         bar.set_postfix_str("tokenizer"); bar.update()
-        manifest = _write_metadata(spec, tmp, dtype, quant_info, lm_head_rows(llm_weights, quant), opts)
+        manifest = _write_metadata(spec, tmp, dtype, quant_info, lm_head_rows(llm_weights, quant), opts, embed_file)
         bar.set_postfix_str("verify"); bar.update()
         _verify(tmp)
         sizes = _file_bytes(tmp)          # every file but the report itself
         with open(os.path.join(tmp, FILES["report"]), "w") as f:
             json.dump({"quant": quant_info, "engine_bytes": sum(sizes.values()), "file_bytes": sizes,
-                       "embeddings_dtype": _embed_dtype(opts, dtype)}, f, indent=2)
+                       "embeddings_dtype": f"int{opts.embed_bits}" if opts.embed_bits else _embed_dtype(opts, dtype)},
+                      f, indent=2)
         publish(tmp, out)
         bar.set_postfix_str("done"); bar.update()
     except BaseException:
@@ -206,13 +211,26 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
     return manifest
 
 
-def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts) -> Manifest:
+def _save_embeddings(tmp: str, embed: np.ndarray, opts, dtype: str) -> str:
+    """The table as .npy (float), or as group-quantized codes (.npz, vila_edge/embeddings.py) with the
+    linears' group size; returns the file name."""
+    if not opts.embed_bits:
+        np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(_embed_dtype(opts, dtype)))
+        return FILES["embeddings"]
+    from vila_edge.embeddings import quantize_table
+    name = "embed_tokens.npz"
+    group = math.gcd(embed.shape[1], opts.group_size)        # groups must tile the hidden axis
+    np.savez(os.path.join(tmp, name), **quantize_table(embed, opts.embed_bits, group))
+    return name
+
+
+def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts, embed_file: str) -> Manifest:
     import onnx
     import onnxruntime
 
     tok = _tokenizer(spec, tmp)
     tok_cfg = _tokenizer_config(spec)
-    files = dict(FILES)
+    files = dict(FILES, embeddings=embed_file)
     if os.path.isfile(os.path.join(tmp, FILES["llm"] + ".data")):
         files["llm_data"] = FILES["llm"] + ".data"      # external tensors: loaded, so counted by the ledger
     jinja = _chat_template(spec, tok_cfg)

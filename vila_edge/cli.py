@@ -43,7 +43,8 @@ def _export(args) -> int:
 
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
         dtype=args.dtype, quant=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
-        target=args.target, int4_accuracy_level=args.int4_accuracy_level, template=args.template,
+        target=args.target, int4_accuracy_level=args.int4_accuracy_level, embed_bits=args.embed_bits,
+        template=args.template,
         token_order=args.token_order, progress=not args.quiet,
         calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
         max_ppl_increase_pct=None if args.no_quality_floor else args.max_ppl_increase,
@@ -117,6 +118,8 @@ def parser() -> argparse.ArgumentParser:
                    help="cpu: LLM graph of ONNX Runtime contrib ops (fused); orin: standard ops (TensorRT's parser)")
     e.add_argument("--int4-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
                    help="--target cpu: MatMulNBits activations (4: int8 per block, fastest; 0: float)")
+    e.add_argument("--embed-bits", type=int, choices=[8, 4, 0], default=0,
+                   help="with --quant rtn/awq: store the token embedding table as int8/int4 groups (0: fp16)")
     e.add_argument("--template", default=None, help="override the chat template")
     e.add_argument("--token-order", choices=["row", "column"], default=None,
                    help="override the mlp_downsample token order (default from the checkpoint era)")
