@@ -28,7 +28,9 @@ class EmbeddingTable:
     def load(engine_dir: str, manifest) -> "EmbeddingTable":
         path = os.path.join(engine_dir, manifest.files["embeddings"])
         if path.endswith(".npy"):
-            return EmbeddingTable(table=np.load(path, mmap_mode="r"))
+            # Mapped, not read: pages load on first use. A plain ndarray view of the map: indexing a
+            # np.memmap builds a memmap object per call (~100 us, as much as a small model's step).
+            return EmbeddingTable(table=np.load(path, mmap_mode="r").view(np.ndarray))
         with np.load(path) as z:
             bits = int(z["bits"])
             if bits not in (4, 8):

@@ -83,18 +83,21 @@ class OrtLLMRunner(LLMRunner):
 
     def embed(self, tokens: Tokens) -> np.ndarray:
         """[T, C] graph inputs: table rows for text ids, span rows at their offsets."""
-        ids = tokens.ids
-        text = ids != IMAGE_POSITION
-        bad = ids[text & ((ids < 0) | (ids >= self.vocab_rows))]
-        if len(bad):
+        ids, spans = tokens.ids, tokens.spans
+        if len(spans) == 1 and spans[0][0] == 0 and len(spans[0][1]) == len(ids):
+            return np.asarray(spans[0][1]).astype(self.embeds_dtype, copy=False)
+        text = ids != IMAGE_POSITION if spans else None                 # None: every position is text
+        checked = ids if text is None else ids[text]
+        if len(checked) and (checked.min() < 0 or checked.max() >= self.vocab_rows):
+            bad = checked[(checked < 0) | (checked >= self.vocab_rows)]
             raise PromptError(f"prompt contains token ids {sorted(set(bad.tolist()))[:5]} that are not text "
                               f"(outside the {self.vocab_rows}-row embedding table); remove stray media tokens")
-        if len(tokens.spans) == 1 and tokens.spans[0][0] == 0 and len(tokens.spans[0][1]) == len(ids):
-            return np.asarray(tokens.spans[0][1]).astype(self.embeds_dtype, copy=False)
+        if text is None:                                                 # decode steps: one gather
+            return self.embeddings.rows_of(ids).astype(self.embeds_dtype, copy=False)
         out = np.empty((len(ids), self.embeddings.width), self.embeds_dtype)
-        if text.any():
-            out[text] = self.embeddings.rows_of(ids[text])
-        for offset, rows in tokens.spans:
+        if len(checked):
+            out[text] = self.embeddings.rows_of(checked)
+        for offset, rows in spans:
             out[offset: offset + len(rows)] = rows
         return out
 
@@ -103,7 +106,7 @@ class OrtLLMRunner(LLMRunner):
         n = max(1, -(-start // self.layout.block_size))   # the graph's past is never empty: >= 1 block
         first = table[0]
         stage = None
-        if list(table[:n]) == list(range(first, first + n)):
+        if table[n - 1] - first == n - 1 and list(table[:n]) == list(range(first, first + n)):
             blocks = self.pool.data[:, :, first: first + n]        # a view: no copy
         else:
             stage = self._staging.get()
@@ -113,15 +116,20 @@ class OrtLLMRunner(LLMRunner):
         try:
             L, _, _, BS, H, D = blocks.shape
             rows = blocks.reshape(L, 2, n * BS, H, D)                # merges contiguous axes: still a view
-            feeds = {name: rows[l, kv] for l, pair in enumerate(self._names) for kv, name in enumerate(pair)}
-            t = len(embeds)
-            feeds.update(inputs_embeds=embeds[None],
-                         position_ids=np.arange(start, start + t, dtype=np.int64)[None],
-                         past_len=np.array(start, np.int64))
-            out = self.session.run(feeds)
+            return self._run(embeds, start, rows, np.asarray(slots, np.int64))
         finally:
             if stage is not None:
                 self._staging.put(stage)
+
+    def _run(self, embeds: np.ndarray, start: int, rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """One session run on plain feeds (an IOBinding that bound k_new/v_new straight into the pool
+        measured slower: its per-input bind calls cost more than the scatter they save), then the
+        new rows go to their slots."""
+        feeds = {name: rows[l, kv] for l, pair in enumerate(self._names) for kv, name in enumerate(pair)}
+        t = len(embeds)
+        feeds.update(inputs_embeds=embeds[None], position_ids=np.arange(start, start + t, dtype=np.int64)[None],
+                     past_len=np.array(start, np.int64))
+        out = self.session.run(feeds)
         self.pool.write([out[k] for k, _ in self._outputs], [out[v] for _, v in self._outputs], slots)
         return out["logits"][0]
 
