@@ -248,7 +248,7 @@ def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts, embed_
         format_version=FORMAT_VERSION, exporter_version=__version__, family=spec.family, template=spec.template,
         dtype=dtype, kv_dtype=dtype, quant=quant_info, num_video_frames=spec.num_video_frames,
         llm=LLMInfo(llm.hidden, llm.layers, llm.heads, llm.kv_heads, llm.head_dim, llm.vocab_size,
-                    int(logits_size), llm.max_positions),
+                    int(logits_size), llm.max_positions, llm.intermediate),
         vision=VisionInfo(vis.image_size, tokens_per_image(vis, proj), vis.mean, vis.std, spec.image_mode,
                           spec.min_tiles, spec.max_tiles, proj.token_order),
         tokens=_token_info(spec, tok, tok_cfg, template), files=files,

@@ -27,7 +27,7 @@ def _engine_3b(path) -> str:
             f.truncate(size)
     Manifest(format_version=FORMAT_VERSION, exporter_version=__version__, family="vila1.5", template="vicuna_v1",
              dtype="float16", kv_dtype="float16", quant={"method": "rtn", "group_size": 64}, num_video_frames=8,
-             llm=LLMInfo(2560, 32, 32, 32, 80, 32000, 32000, 4096),
+             llm=LLMInfo(2560, 32, 32, 32, 80, 32000, 32000, 4096, 6912),
              vision=VisionInfo(384, 196, [0.5] * 3, [0.5] * 3, "resize", 1, 1, "column"),
              tokens=TokenInfo(1, [2], None, []), files=ROLES, build={"target": "cpu"}).write(path)
     return path

@@ -28,6 +28,7 @@ class LLMInfo:
     vocab_size: int        # original vocabulary: ids >= this are never sampled
     logits_size: int       # rows of lm_head (>= vocab_size when embeddings were resized)
     max_positions: int
+    intermediate: int = 0  # MLP width (the memory ledger's activation estimate; 0: unknown, 4 x hidden)
 
 
 @dataclass

@@ -16,14 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from vila_edge.kv_budget import GiB, MiB, KVBudgetError, Target, kv_budget_bytes, parse_budget
+from vila_edge.llm import DEFAULT_CONTEXTS, PREFILL_CHUNK
 from vila_edge.runner import Buffer, RunnerOptions, backend
+from vila_edge.vision import CACHE_TILES, TILE_BATCH
 
 # Manifest roles the runtime never reads while serving (so they hold no memory).
 NOT_LOADED = ("report",)
-# Prompt positions per forward pass (llm.PREFILL_CHUNK, repeated here to keep this module import-light).
-PREFILL_CHUNK = 512
-TILE_BATCH, CACHE_TILES = 8, 32    # vision.py's batch and cache sizes
-DEFAULT_CONTEXTS = 4
 
 
 def weight_files(engine_dir: str, manifest) -> dict:
@@ -44,7 +42,7 @@ def activation_bytes(manifest, max_context: int) -> int:
     largest live tensors: hidden states, q/k/v, the fused gate/up output, fp32 scores and probs)."""
     i, item = manifest.llm, np.dtype(manifest.dtype).itemsize
     t = min(PREFILL_CHUNK, max_context)
-    inter = getattr(i, "intermediate", 4 * i.hidden)
+    inter = i.intermediate or 4 * i.hidden
     hidden = 4 * t * i.hidden * item
     qkv = t * (i.heads + 2 * i.kv_heads) * i.head_dim * item
     mlp = 3 * t * inter * item
