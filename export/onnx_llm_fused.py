@@ -10,6 +10,7 @@ count per layer, which bounds decode speed on small models (per-op dispatch, not
   SkipSimplifiedLayerNormalization   (as ORT GenAI's builder writes Llama: onnxruntime-genai@v0.18.0:
                                      src/python/py/models/builder.py make_layernorm);
   RotaryEmbedding                    on q and k at once, from cos/sin caches of max_positions rows.
+fp16 graphs keep the standard-op RMSNorm and RoPE (HF's fp16 roundings; see _skip_norm).
 Attention stays standard ops over the pool's rows: ORT's fused attention ops on CPU
 (GroupQueryAttention, MultiHeadAttention) read the past as one [B, Hkv, P, D] tensor, which the
 paged pool [NB, BS, Hkv, D] only yields by a copy of the whole context per layer and step, and
@@ -20,7 +21,7 @@ from onnx import TensorProto, helper
 
 from export.checkpoint import LLMSpec
 from export.onnx_graph import Graph
-from export.onnx_llm import SLICE_END, _concat_linears, _mask, lm_head_rows
+from export.onnx_llm import SLICE_END, _concat_linears, _mask, _rms_norm, _rope_tables, _rotate, lm_head_rows
 from export.quantize import LM_HEAD
 
 MS = "com.microsoft"
@@ -75,9 +76,12 @@ def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, shared: dict, i
     p = f"model.layers.{l}.self_attn."
     qkv = _fused_linear(g, h, w, quant, p, ["q_proj", "k_proj", "v_proj"])          # (1, T, (Hq+2Hkv)*D)
     qk, v = g.op("Split", [qkv, g.const([(hq + hkv) * d, hkv * d])], axis=-1, n_out=2)
-    qk = g.op("RotaryEmbedding", [qk, io["position_ids"], shared["cos"], shared["sin"]], domain=MS,
-              num_heads=hq + hkv, interleaved=0)                                    # RoPE on q and k at once
-    qk = g.reshape(qk, [-1, hq + hkv, d])                                           # (T, Hq+Hkv, D)
+    if shared["hf_rounding"]:
+        qk = _rotate(g, g.reshape(qk, [-1, hq + hkv, d]), shared["cos"], shared["sin"], d)
+    else:
+        qk = g.op("RotaryEmbedding", [qk, io["position_ids"], shared["cos"], shared["sin"]], domain=MS,
+                  num_heads=hq + hkv, interleaved=0)                                # RoPE on q and k at once
+        qk = g.reshape(qk, [-1, hq + hkv, d])                                       # (T, Hq+Hkv, D)
     q, k = g.op("Split", [qk, g.const([hq, hkv])], axis=1, out=[None, f"k_new_{l}"])
     v = g.op("Reshape", [v, g.const([-1, hkv, d])], out=f"v_new_{l}")              # (T, Hkv, D)
     g.output(k, k, g.dtype, ["T", hkv, d])
@@ -106,7 +110,13 @@ def _mlp(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, quant) -> str:
 
 
 def _skip_norm(g: Graph, x: str, skip: str, weight: np.ndarray, eps: float, name: str) -> tuple:
-    """(rmsnorm(x + skip), x + skip): one SkipSimplifiedLayerNormalization."""
+    """(rmsnorm(x + skip), x + skip): one SkipSimplifiedLayerNormalization, or in fp16 graphs the
+    Add and the standard-op norm (HF's roundings: the sum rounded to fp16 before its statistics, the
+    normed rows rounded before the weight; the contrib op does both in fp32 and flips close greedy
+    picks of fp16 engines against the reference)."""
+    if g.dtype == "float16":
+        total = g.op("Add", [skip, x])
+        return _rms_norm(g, total, weight, eps, name), total
     normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", [x, skip, g.weight(name, weight)],
                                domain=MS, n_out=4, epsilon=eps)
     return normed, total
@@ -130,12 +140,17 @@ def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None
     n_new = g.op("Gather", [g.op("Shape", [x]), g.const(1)], axis=0)
     n_past = g.op("Gather", [g.op("Shape", [io["past_k_0"]]), g.const(0)], axis=0)
     mask = g.op("Tile", [_mask(g, io["past_len"], n_past, n_new), g.const([spec.heads // hkv, 1])])
-    cos, sin = _rope_caches(g, spec)
-    shared = {"cos": cos, "sin": sin, "mask": mask, "n_past": g.reshape(n_past, [1])}
+    # fp16 graphs keep HF's fp16 roundings in RoPE and RMSNorm (see _skip_norm): standard ops there.
+    hf_rounding = dtype == "float16"
+    cos, sin = _rope_tables(g, spec, io["position_ids"]) if hf_rounding else _rope_caches(g, spec)
+    shared = {"cos": cos, "sin": sin, "mask": mask, "n_past": g.reshape(n_past, [1]), "hf_rounding": hf_rounding}
     norm = lambda l, which: weights[f"model.layers.{l}.{which}.weight"]
-    h = g.op("SimplifiedLayerNormalization", [x, g.weight("model.layers.0.input_layernorm.weight",
-                                                            norm(0, "input_layernorm"))],
-             axis=-1, epsilon=spec.rms_eps, stash_type=1)
+    first = "model.layers.0.input_layernorm.weight"
+    if hf_rounding:
+        h = _rms_norm(g, x, norm(0, "input_layernorm"), spec.rms_eps, first)
+    else:
+        h = g.op("SimplifiedLayerNormalization", [x, g.weight(first, norm(0, "input_layernorm"))],
+                 axis=-1, epsilon=spec.rms_eps, stash_type=1)
     for l in range(spec.layers):
         attn = _attention(g, spec, h, weights, l, shared, io, quant)
         h, x = _skip_norm(g, attn, x, norm(l, "post_attention_layernorm"), spec.rms_eps,
