@@ -156,3 +156,26 @@ def test_quality_floor_stops_the_export(checkpoint, tmp_path):
         export_engine(checkpoint("vila1.5-3b-downsample"), str(out),
                       ExportOptions(quant="rtn", group_size=64, max_ppl_increase_pct=-1.0, progress=False))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (4, 128), (8, 16), (8, 64)])
+def test_fused_linear_takes_bits_and_group_from_each_tensor(bits, group):
+    """export/onnx_llm_fused.linear: MatMulNBits with the tensor's own bits and block size computes
+    x @ (codes * scales).T (accuracy level 0: float activations)."""
+    import onnxruntime as ort
+
+    from export.onnx_graph import Graph
+    from export.onnx_llm_fused import MS, linear
+    rng = np.random.default_rng(bits * group)
+    n, k = 48, 256
+    lo, hi = (-8, 8) if bits == 4 else (-127, 128)
+    codes = rng.integers(lo, hi, (n, k)).astype(np.int8)
+    scales = (rng.random((n, k // group)) * 0.01 + 0.001).astype(np.float32)
+    g = Graph("t", "float32")
+    g.output(linear(g, g.input("x", "float32", [1, "T", k]), "w", None, None, (codes, scales, group, bits),
+                    accuracy_level=0), "y", "float32", [1, "T", n])
+    g.opsets = {MS: 1}
+    sess = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    w = codes.astype(np.float32) * np.repeat(scales, group, axis=1)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w.T, atol=1e-4, rtol=1e-4)
