@@ -213,7 +213,7 @@ def test_engines_answer_the_slice_like_the_checkpoint(torch_slice, tmp_path):
     calib = tmp_path / "calib"
     scenes.main([str(calib), "--seed", "7", "-n", "16"])
     fp16, int4 = str(tmp_path / "fp16"), str(tmp_path / "int4")
-    export_engine(ROOT, fp16, ExportOptions(dtype="fp16", progress=False, target="orin"))
+    export_engine(ROOT, fp16, ExportOptions(dtype="fp16", progress=False))
     export_engine(ROOT, int4, ExportOptions(quant="awq", calib_dir=str(calib), progress=False))
     got16 = evaluate(pipeline_backend(fp16, threads=2), n=SLICE_ITEMS, keep_items=True)
     assert [it["answer"] for it in got16["items"]] == [it["answer"] for it in torch_slice["items"]]
