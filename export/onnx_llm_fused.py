@@ -57,10 +57,9 @@ def linear(g: Graph, x: str, name: str, weight, bias=None, quant=None, accuracy_
     return y if bias is None else g.op("Add", [y, g.weight(name + ".bias", bias)])
 
 
-def _fused_linear(g: Graph, x: str, w: dict, quant: dict, prefix: str, names: list) -> str:
+def _fused_linear(g: Graph, x: str, w: dict, quant: dict, prefix: str, names: list, level: int) -> str:
     weight, bias, q = _concat_linears(w, quant, [prefix + n for n in names])
-    return linear(g, x, prefix + "_".join(n.removesuffix("_proj") for n in names) + "_proj", weight, bias, q,
-                  g.accuracy_level)
+    return linear(g, x, prefix + "_".join(n.removesuffix("_proj") for n in names) + "_proj", weight, bias, q, level)
 
 
 def _rope_caches(g: Graph, spec: LLMSpec) -> tuple:
@@ -71,10 +70,10 @@ def _rope_caches(g: Graph, spec: LLMSpec) -> tuple:
     return g.weight("rope.cos", np.cos(freqs)), g.weight("rope.sin", np.sin(freqs))
 
 
-def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, shared: dict, io: dict, quant) -> str:
+def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, shared: dict, io: dict, quant, level: int) -> str:
     hq, hkv, d = spec.heads, spec.kv_heads, spec.head_dim
     p = f"model.layers.{l}.self_attn."
-    qkv = _fused_linear(g, h, w, quant, p, ["q_proj", "k_proj", "v_proj"])          # (1, T, (Hq+2Hkv)*D)
+    qkv = _fused_linear(g, h, w, quant, p, ["q_proj", "k_proj", "v_proj"], level)          # (1, T, (Hq+2Hkv)*D)
     qk, v = g.op("Split", [qkv, g.const([(hq + hkv) * d, hkv * d])], axis=-1, n_out=2)
     if shared["hf_rounding"]:
         qk = _rotate(g, g.reshape(qk, [-1, hq + hkv, d]), shared["cos"], shared["sin"], d)
@@ -97,16 +96,16 @@ def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, shared: dict, i
     probs_new = g.op("Slice", [probs, shared["n_past"], g.const([SLICE_END]), g.const([-1])])
     ctx = g.op("Add", [g.op("MatMul", [probs_past, vals(past_v)]), g.op("MatMul", [probs_new, vals(v)])])
     ctx = g.reshape(g.op("Transpose", [g.reshape(ctx, [hq, -1, d])], perm=[1, 0, 2]), [1, -1, hq * d])
-    return linear(g, ctx, p + "o_proj", w.get(p + "o_proj.weight"), None, quant.get(p + "o_proj"), g.accuracy_level)
+    return linear(g, ctx, p + "o_proj", w.get(p + "o_proj.weight"), None, quant.get(p + "o_proj"), level)
 
 
-def _mlp(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, quant) -> str:
+def _mlp(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, quant, level: int) -> str:
     p = f"model.layers.{l}.mlp."
-    gate, up = g.op("Split", [_fused_linear(g, h, w, quant, p, ["gate_proj", "up_proj"]),
+    gate, up = g.op("Split", [_fused_linear(g, h, w, quant, p, ["gate_proj", "up_proj"], level),
                               g.const([spec.intermediate] * 2)], axis=-1, n_out=2)  # (1, T, I) each
     act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])                               # SiLU
     return linear(g, g.op("Mul", [act, up]), p + "down_proj", w.get(p + "down_proj.weight"), None,
-                  quant.get(p + "down_proj"), g.accuracy_level)
+                  quant.get(p + "down_proj"), level)
 
 
 def _skip_norm(g: Graph, x: str, skip: str, weight: np.ndarray, eps: float, name: str) -> tuple:
@@ -128,7 +127,6 @@ def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None
     MatMulNBits' (fixed in the file: ORT has no session option for explicit MatMulNBits nodes)."""
     quant = quant or {}
     g = Graph("vila_edge_llm_fused", dtype)
-    g.accuracy_level = accuracy_level
     hkv, d = spec.kv_heads, spec.head_dim
     io = {"inputs_embeds": g.input("inputs_embeds", dtype, [1, "T", spec.hidden]),
           "position_ids": g.input("position_ids", "int64", [1, "T"]),
@@ -152,10 +150,10 @@ def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None
         h = g.op("SimplifiedLayerNormalization", [x, g.weight(first, norm(0, "input_layernorm"))],
                  axis=-1, epsilon=spec.rms_eps, stash_type=1)
     for l in range(spec.layers):
-        attn = _attention(g, spec, h, weights, l, shared, io, quant)
+        attn = _attention(g, spec, h, weights, l, shared, io, quant, accuracy_level)
         h, x = _skip_norm(g, attn, x, norm(l, "post_attention_layernorm"), spec.rms_eps,
                           f"model.layers.{l}.post_attention_layernorm.weight")
-        mlp = _mlp(g, spec, h, weights, l, quant)
+        mlp = _mlp(g, spec, h, weights, l, quant, accuracy_level)
         if l + 1 < spec.layers:
             h, x = _skip_norm(g, mlp, x, norm(l + 1, "input_layernorm"), spec.rms_eps,
                               f"model.layers.{l + 1}.input_layernorm.weight")

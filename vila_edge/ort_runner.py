@@ -66,7 +66,8 @@ class OrtLLMRunner(LLMRunner):
         # a run that finds none free waits for one.
         self._staging = queue.Queue()
         for _ in range(opts.staging_contexts):
-            stage = np.empty(self.pool.data.shape[:2] + (self._max_blocks,) + self.pool.data.shape[3:], self.pool.data.dtype)
+            L, _, _, BS, H, D = self.pool.data.shape
+            stage = np.empty((L, 2, self._max_blocks, BS, H, D), self.pool.data.dtype)
             stage.fill(0)          # touch every page now, as the pool does
             self._staging.put(stage)
 
