@@ -17,7 +17,9 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup runtime bundled-engine demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-nvila bench-kv train-tiny evaluate clean serve bench-serve bench-constrain
+.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-nvila bench-kv train-tiny evaluate clean serve bench-serve bench-constrain
+# Succeeds when $(1) is an engine this runtime reads (present, current format): stale engines are rebuilt.
+ENGINE_OK = $(BIN)/python -c "import sys; from vila_edge.manifest import Manifest; Manifest.load(sys.argv[1])" $(1) 2>/dev/null
 
 help:  ## list every command
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +58,9 @@ demo: runtime  ## ask the bundled model about a bundled example image, runtime o
 bundled-engine: setup  ## regenerate the engine shipped in vila_edge/bundled/ (after an engine format or exporter change)
 	$(BIN)/python -m export.bundle
 
+plan: setup  ## memory plan of an engine on a Jetson module: make plan OUT=engines/name DEVICE=orin-nano
+	$(BIN)/vila-edge plan $(OUT) --device $(or $(DEVICE),orin-nano)
+
 chat: setup  ## chat with an engine: make chat OUT=engines/name IMAGE=x.png PROMPT="..."
 	$(BIN)/vila-edge chat $(OUT) --image $(IMAGE) "$(PROMPT)" -i
 
@@ -65,8 +70,8 @@ test: setup  ## run the test suite (CPU; GPU tests skip without a GPU)
 test-gpu: setup  ## run only the GPU tests (needs an NVIDIA GPU and cuda-python)
 	$(BIN)/python -m pytest -q -m gpu tests
 
-$(VENV)/.bench: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e ".[bench]"
+$(VENV)/.bench: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -m pip install -q -e ".[bench]"    # psutil, matplotlib, onnxruntime-genai + onnx-ir (its builder)
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install -q llama-cpp-python
 	touch $@
 
@@ -74,19 +79,21 @@ bench: setup  ## engine speed + decode roofline -> benchmarks/results/: make ben
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
 	$(BIN)/vila-edge bench $(OUT)
 
-bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager and llama.cpp on SmolLM2 (same weights, threads)
+bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager, llama.cpp and ORT GenAI on SmolLM2 (same weights, threads)
 	@test -d build/fixtures/smollm2-vila || $(BIN)/python benchmarks/smollm2_vila.py build/fixtures/smollm2-vila
-	@test -f engines/smollm2-vila-fp32/manifest.json || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-fp32 --quiet
-	@test -f engines/smollm2-vila-int4/manifest.json || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant rtn --group-size 64 --no-quality-floor --quiet
-	$(BIN)/python benchmarks/bench_peers.py --checkpoint build/fixtures/smollm2-vila --engine engines/smollm2-vila-fp32 --engine-int4 engines/smollm2-vila-int4 --gguf smollm2
+	@$(call ENGINE_OK,engines/smollm2-vila-fp32) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-fp32 --quiet
+	@$(call ENGINE_OK,engines/smollm2-vila-int4) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant rtn --group-size 64 --no-quality-floor --quiet
+	$(BIN)/python benchmarks/genai_export.py build/fixtures/smollm2-vila/llm build/genai/smollm2-vila-int4
+	$(BIN)/python benchmarks/bench_peers.py --checkpoint build/fixtures/smollm2-vila --engine engines/smollm2-vila-fp32 --engine-int4 engines/smollm2-vila-int4 --gguf smollm2 --genai build/genai/smollm2-vila-int4
 
 BIG      := build/fixtures/vila1.5-3b
-bench-3b: $(VENV)/.bench  ## random weights at VILA1.5-3B shapes: vila-edge bench + peers (transformers eager, llama.cpp Q4_0); ~1 h on 2 cores, 20 GB RAM
+bench-3b: $(VENV)/.bench  ## random weights at VILA1.5-3B shapes: vila-edge bench + peers (transformers eager, llama.cpp Q4_0, ORT GenAI); ~1 h on 2 cores, 20 GB RAM
 	@test -d $(BIG) || $(BIN)/vila-edge fixture $(BIG) --shape vila1.5-3b
-	@test -f engines/vila1.5-3b-fp16/manifest.json || $(BIN)/vila-edge export $(BIG) engines/vila1.5-3b-fp16 --dtype fp16 --quiet
-	@test -f engines/vila1.5-3b-int4/manifest.json || $(BIN)/vila-edge export $(BIG) engines/vila1.5-3b-int4 --quant rtn --no-quality-floor --eval-tokens 512 --quiet
+	@$(call ENGINE_OK,engines/vila1.5-3b-fp16) || $(BIN)/vila-edge export $(BIG) engines/vila1.5-3b-fp16 --dtype fp16 --quiet
+	@$(call ENGINE_OK,engines/vila1.5-3b-int4) || $(BIN)/vila-edge export $(BIG) engines/vila1.5-3b-int4 --quant rtn --no-quality-floor --eval-tokens 512 --quiet
 	@test -f build/vila1.5-3b-q4_0.gguf || $(BIN)/python benchmarks/hf_to_gguf.py $(BIG)/llm build/vila1.5-3b-q4_0.gguf --type q4_0
-	$(BIN)/python benchmarks/bench_peers.py --checkpoint $(BIG) --engine engines/vila1.5-3b-fp16 --engine-int4 engines/vila1.5-3b-int4 --gguf build/vila1.5-3b-q4_0.gguf --name vila1.5-3b --repeats 2
+	$(BIN)/python benchmarks/genai_export.py $(BIG)/llm build/genai/vila1.5-3b-int4
+	$(BIN)/python benchmarks/bench_peers.py --checkpoint $(BIG) --engine engines/vila1.5-3b-fp16 --engine-int4 engines/vila1.5-3b-int4 --gguf build/vila1.5-3b-q4_0.gguf --genai build/genai/vila1.5-3b-int4 --name vila1.5-3b --repeats 2
 	$(BIN)/vila-edge bench engines/vila1.5-3b-int4
 
 # NVILA-8B widths (Qwen2 3584 / 28 heads / 4 KV heads, SigLIP-448 x 1152, 3456-channel projector) at a

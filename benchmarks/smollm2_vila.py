@@ -54,6 +54,10 @@ def write_smollm2_vila(out: str, vision: str = "tiny", seed: int = 0) -> str:
              if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
     save_file(state, os.path.join(llm_dir, "model.safetensors"), metadata={"format": "pt"})
     model.config.architectures = ["LlamaForCausalLM"]
+    # The tensors written are dequantized fp32: a "gguf" quantization_config would make readers
+    # (ORT GenAI's builder) expect GGUF blocks.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.config.to_json_file(os.path.join(llm_dir, "config.json"))
     tok.save_pretrained(llm_dir)
 

@@ -7,6 +7,7 @@ file is written and both graphs load in ONNX Runtime, so an interrupted export n
 directory that looks complete.
 """
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ import numpy as np
 from export.checkpoint import CheckpointSpec, load_vision_weights, load_weights, read_checkpoint
 from export.onnx_graph import OPSET, save
 from export.onnx_llm import build_llm, lm_head_rows
+from export.onnx_llm_fused import build_llm_fused
 from export.onnx_vision import build_projector, build_tower, build_vision, tokens_per_image
 from vila_edge.errors import CheckpointError
 from vila_edge.families import MEDIA_TOKEN, get_family
@@ -39,6 +41,8 @@ class ExportOptions:
     group_size: int = 128
     lm_head_bits: int | None = None        # quant rtn/awq: 8 (default), 4 or 0 (float); quant none: float
     target: str = "cpu"
+    int4_accuracy_level: int = 4           # fused graphs: MatMulNBits activations (4 int8 per block, 0 float)
+    embed_bits: int = 0                    # 8 / 4: group-quantized embedding table (quantized engines); 0: float
     template: str | None = None
     token_order: str | None = None
     progress: bool = True
@@ -126,6 +130,7 @@ def _quantize(spec, opts):
     jinja = _chat_template(spec, _tokenizer_config(spec))
     weights, quant, report = quantize_llm(spec, qopts, jinja, opts.progress)
     return weights, quant, {"method": opts.quant, "group_size": opts.group_size, "bits": 4, "symmetric": True,
+                            "accuracy_level": opts.int4_accuracy_level if TARGETS[opts.target] == "fused" else None,
                             "lm_head_bits": qopts.lm_head_bits, "report": report}
 
 
@@ -157,10 +162,11 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
     if opts.dtype not in DTYPES:
         raise ValueError(f"dtype {opts.dtype!r} unknown; expected one of {sorted(DTYPES)}")
     if opts.target not in TARGETS:
-        raise ValueError(f"target {opts.target!r}: only {TARGETS} engines can be built (TensorRT engines for "
-                         f"Orin are not implemented yet)")
+        raise ValueError(f"target {opts.target!r} unknown; expected one of {sorted(TARGETS)}")
     dtype = DTYPES[opts.dtype]
     _lm_head_bits(opts)
+    if opts.embed_bits not in (0, 4, 8) or (opts.embed_bits and opts.quant == "none"):
+        raise ValueError(f"embed_bits {opts.embed_bits!r}: expected 0 (float), or 8 / 4 with quant rtn or awq")
     bar = _steps(opts.progress, 7)
     spec = read_checkpoint(checkpoint, opts.template, opts.token_order)
     parent = os.path.dirname(os.path.abspath(out))
@@ -175,18 +181,23 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         else:
             llm_weights, quant, quant_info = _quantize(spec, opts)
         bar.set_postfix_str("llm graph"); bar.update()
-        save(build_llm(spec.llm, llm_weights, dtype, quant).model(), os.path.join(tmp, FILES["llm"]))
+        if TARGETS[opts.target] == "fused":
+            graph = build_llm_fused(spec.llm, llm_weights, dtype, quant, opts.int4_accuracy_level)
+        else:
+            graph = build_llm(spec.llm, llm_weights, dtype, quant)
+        save(graph.model(), os.path.join(tmp, FILES["llm"]))
         bar.set_postfix_str("embeddings"); bar.update()
         embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
-        np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(_embed_dtype(opts, dtype)))
+        embed_file = _save_embeddings(tmp, embed, opts, dtype)
         bar.set_postfix_str("tokenizer"); bar.update()
-        manifest = _write_metadata(spec, tmp, dtype, quant_info, lm_head_rows(llm_weights, quant), opts)
+        manifest = _write_metadata(spec, tmp, dtype, quant_info, lm_head_rows(llm_weights, quant), opts, embed_file)
         bar.set_postfix_str("verify"); bar.update()
         _verify(tmp)
         sizes = _file_bytes(tmp)          # every file but the report itself
         with open(os.path.join(tmp, FILES["report"]), "w") as f:
             json.dump({"quant": quant_info, "engine_bytes": sum(sizes.values()), "file_bytes": sizes,
-                       "embeddings_dtype": _embed_dtype(opts, dtype)}, f, indent=2)
+                       "embeddings_dtype": f"int{opts.embed_bits}" if opts.embed_bits else _embed_dtype(opts, dtype)},
+                      f, indent=2)
         publish(tmp, out)
         bar.set_postfix_str("done"); bar.update()
     except BaseException:
@@ -212,13 +223,28 @@ def _save_vision(spec: CheckpointSpec, tmp: str, dtype: str) -> None:
          os.path.join(tmp, PROJECTOR_FILE))
 
 
-def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts) -> Manifest:
+def _save_embeddings(tmp: str, embed: np.ndarray, opts, dtype: str) -> str:
+    """The table as .npy (float), or as group-quantized codes (.npz, vila_edge/embeddings.py) with the
+    linears' group size; returns the file name."""
+    if not opts.embed_bits:
+        np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(_embed_dtype(opts, dtype)))
+        return FILES["embeddings"]
+    from vila_edge.embeddings import quantize_table
+    name = "embed_tokens.npz"
+    group = math.gcd(embed.shape[1], opts.group_size)        # groups must tile the hidden axis
+    np.savez(os.path.join(tmp, name), **quantize_table(embed, opts.embed_bits, group))
+    return name
+
+
+def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts, embed_file: str) -> Manifest:
     import onnx
     import onnxruntime
 
     tok = _tokenizer(spec, tmp)
     tok_cfg = _tokenizer_config(spec)
-    files = dict(FILES)
+    files = dict(FILES, embeddings=embed_file)
+    if os.path.isfile(os.path.join(tmp, FILES["llm"] + ".data")):
+        files["llm_data"] = FILES["llm"] + ".data"      # external tensors: loaded, so counted by the ledger
     if spec.scales is not None:
         files["projector"] = PROJECTOR_FILE
     jinja = _chat_template(spec, tok_cfg)
@@ -234,16 +260,16 @@ def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts) -> Man
     llm, vis, proj, scales = spec.llm, spec.vision, spec.projector, spec.scales
     manifest = Manifest(
         format_version=FORMAT_VERSION, exporter_version=__version__, family=spec.family, template=spec.template,
-        dtype=dtype, quant=quant_info, num_video_frames=spec.num_video_frames,
+        dtype=dtype, kv_dtype=dtype, quant=quant_info, num_video_frames=spec.num_video_frames,
         llm=LLMInfo(llm.hidden, llm.layers, llm.heads, llm.kv_heads, llm.head_dim, llm.vocab_size,
-                    int(logits_size), llm.max_positions),
+                    int(logits_size), llm.max_positions, llm.intermediate),
         vision=VisionInfo(vis.image_size, tokens_per_image(vis, proj), vis.mean, vis.std, spec.image_mode,
                           spec.min_tiles, spec.max_tiles, proj.token_order,
                           multiscale=scales.kind if scales else "", scales=scales.scales if scales else [],
                           max_split=scales.max_split if scales else 0,
                           resize_output_to=scales.resize_output_to if scales else 0, grid=vis.grid),
         tokens=_token_info(spec, tok, tok_cfg, template), files=files,
-        build={"target": opts.target, "opset": OPSET, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+        build={"target": opts.target, "graph": TARGETS[opts.target], "opset": OPSET, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                "checkpoint": os.path.abspath(spec.root), "projector": proj.kind,
                "special_tokens": list(special)})
     manifest.write(tmp)

@@ -24,6 +24,7 @@ class Graph:
         self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
         self._count = 0
         self._consts = {}
+        self.opsets = {}          # extra operator domains the graph uses: {domain: version}
 
     def _fresh(self, hint: str) -> str:
         self._count += 1
@@ -90,7 +91,8 @@ class Graph:
 
     def model(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+        opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, v) for d, v in self.opsets.items()]
+        model = helper.make_model(graph, opset_imports=opsets,
                                   producer_name="vila_edge")
         model.ir_version = IR_VERSION
         return model

@@ -20,6 +20,9 @@ from vila_edge.families import DYNAMIC
 from vila_edge.preprocess import dynamic_tiles, load_image
 
 MAX_NEW = 16
+# Both LLM graph variants (export/build.py TARGETS): contrib ops for ORT ("cpu"), standard ops for
+# TensorRT's parser ("orin"; run here by the same ORT runner).
+TARGETS = ["cpu", "orin"]
 
 
 def _images():
@@ -48,11 +51,13 @@ def _reference_inputs(spec, ref, prompt_text, images, pipe):
     return ref.embed(ids, feats)
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
-def test_greedy_output_equals_reference(name, checkpoint, engine):
+def test_greedy_output_equals_reference(name, target, checkpoint, engine):
     spec = read_checkpoint(checkpoint(name))
     ref = ReferenceVLM(spec, torch.float32)
-    pipe = Pipeline(engine(name))
+    pipe = Pipeline(engine(name, target=target))
+    assert pipe.manifest.build["target"] == target
     images = _images()
     prompt = "<image>\nCompare it with <image>\nWhat changed?"
     conv = pipe.conversation()
@@ -65,12 +70,13 @@ def test_greedy_output_equals_reference(name, checkpoint, engine):
     assert len(expected) > 0
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
-def test_first_step_logits_fp32(name, checkpoint, engine):
+def test_first_step_logits_fp32(name, target, checkpoint, engine):
     spec = read_checkpoint(checkpoint(name))
     ref = ReferenceVLM(spec, torch.float32)
-    pipe = Pipeline(engine(name))
-    assert pipe.embeddings.dtype == np.float32           # fp32 engines keep the reference's table
+    pipe = Pipeline(engine(name, target=target))
+    assert pipe.llm.runner.embeddings.table.dtype == np.float32   # fp32 engines keep the reference's table
     images = _images()[:1]
     embeds = _reference_inputs(spec, ref, "<image>\nWhat is this?", images, pipe)
     logits, _ = pipe.llm.prefill("probe", embeds[0].numpy(), np.arange(embeds.shape[1]))
@@ -78,11 +84,12 @@ def test_first_step_logits_fp32(name, checkpoint, engine):
     np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
-def test_fp16_engine_within_tolerance(name, checkpoint, engine):
+def test_fp16_engine_within_tolerance(name, target, checkpoint, engine):
     spec = read_checkpoint(checkpoint(name))
     ref = ReferenceVLM(spec, torch.float32)
-    pipe = Pipeline(engine(name, dtype="fp16"))
+    pipe = Pipeline(engine(name, dtype="fp16", target=target))
     assert pipe.manifest.dtype == "float16"
     img = _images()[0]
     feats, _ = pipe.vision.encode(img)
@@ -99,10 +106,11 @@ def test_fp16_engine_within_tolerance(name, checkpoint, engine):
     assert np.abs(logits - expected_logits).max() <= 1e-2 * np.abs(expected_logits).max()
 
 
-def test_multi_turn_reuses_kv_and_matches_cold_prefill(engine):
+@pytest.mark.parametrize("target", TARGETS)
+def test_multi_turn_reuses_kv_and_matches_cold_prefill(target, engine):
     """Turn 2 of a conversation computes only its new positions, and answers exactly as a cold
     pipeline (empty cache) prefilling the same two-turn history from scratch."""
-    eng = engine("vila1.5-3b-downsample")
+    eng = engine("vila1.5-3b-downsample", target=target)
     pipe = Pipeline(eng)
     conv = pipe.conversation()
     conv.send(_images()[0], "What is in the image?", max_new_tokens=6)
@@ -119,11 +127,12 @@ def test_multi_turn_reuses_kv_and_matches_cold_prefill(engine):
     cold.close()
 
 
-def test_scattered_blocks_give_the_same_logits_as_consecutive(engine):
+@pytest.mark.parametrize("target", TARGETS)
+def test_scattered_blocks_give_the_same_logits_as_consecutive(target, engine):
     """The runtime passes a sequence's past as a view of the pool when its blocks are consecutive and
     as a gathered copy when they are not (a pool fragmented by other sequences): the same numbers
     reach the graph, so prefill and every decode step give identical logits."""
-    eng = engine("vila1.5-3b-downsample")
+    eng = engine("vila1.5-3b-downsample", target=target)
     rng = np.random.default_rng(3)
     hidden = Pipeline(eng).manifest.llm.hidden
     embeds = rng.standard_normal((40, hidden)).astype(np.float32)

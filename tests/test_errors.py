@@ -102,6 +102,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, checkpoint, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(build, "build_llm", boom)
+    monkeypatch.setattr(build, "build_llm_fused", boom)
     out = tmp_path / "engines" / "e"
     with pytest.raises(KeyboardInterrupt):
         export_engine(checkpoint("vila1.5-3b-downsample"), str(out), ExportOptions(progress=False))

@@ -32,7 +32,8 @@ def _optimized_ops(eng, tmp_path) -> list:
 
 @pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
 def test_matmulnbits_per_fused_linear(name, engine, tmp_path):
-    eng = engine(name, quant="rtn", max_ppl_increase_pct=None)
+    """The standard-op graph (--target orin): ORT fuses each DequantizeLinear -> MatMul at load."""
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, target="orin")
     layers = Pipeline(eng).manifest.llm.layers
     nodes = _optimized_ops(eng, tmp_path)
     ops = [n.op_type for n in nodes]
@@ -47,8 +48,25 @@ def test_matmulnbits_per_fused_linear(name, engine, tmp_path):
     assert not any(n.domain for n in source.graph.node)    # standard ops only (TensorRT parses the file)
 
 
+def test_fused_graph_ops(engine, tmp_path):
+    """--target cpu: the file itself holds MatMulNBits (bits and block size of each quantized
+    tensor), Skip/SimplifiedLayerNormalization and RotaryEmbedding; ORT adds nothing to undo."""
+    eng = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None, group_size=32)
+    layers = Pipeline(eng).manifest.llm.layers
+    source = onnx.load(os.path.join(eng, "llm.onnx"), load_external_data=False)
+    nbits = [n for n in source.graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
+    assert [a["bits"] for a in attrs].count(4) == MATMULS_PER_LAYER * layers and attrs[-1]["bits"] == 8
+    assert {a["block_size"] for a in attrs} == {32} and {a["accuracy_level"] for a in attrs} == {4}
+    ops = [n.op_type for n in _optimized_ops(eng, tmp_path)]
+    assert ops.count("SkipSimplifiedLayerNormalization") == NORMS_PER_LAYER * layers   # + final, - first
+    assert ops.count("SimplifiedLayerNormalization") == 1
+    assert ops.count("RotaryEmbedding") == layers                  # q and k rotated by one node
+    assert "DequantizeLinear" not in ops
+
+
 def test_fp32_graph_fuses_norms(engine, tmp_path):
-    eng = engine("vila1.5-3b-downsample")
+    eng = engine("vila1.5-3b-downsample", target="orin")
     layers = Pipeline(eng).manifest.llm.layers
     ops = [n.op_type for n in _optimized_ops(eng, tmp_path)]
     assert ops.count("SimplifiedLayerNormalization") == NORMS_PER_LAYER * layers + 1
@@ -70,10 +88,11 @@ def test_int4_packing_matches_onnx():
     assert pack_int4(np.array([1, -1, -8], np.int8)) == bytes([0xF1, 0x08])
 
 
+@pytest.mark.parametrize("target", ["cpu", "orin"])
 @pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
-def test_int4_engine_matches_quantized_reference(name, checkpoint, engine):
+def test_int4_engine_matches_quantized_reference(name, target, checkpoint, engine):
     """Greedy tokens equal, first-step logits within 1e-4 (activations kept float: accuracy level 0)."""
-    eng = engine(name, quant="rtn", max_ppl_increase_pct=None)
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, target=target, int4_accuracy_level=0)
     spec = read_checkpoint(checkpoint(name))
     ref = ReferenceVLM(spec, torch.float32)
     manifest = json.load(open(os.path.join(eng, "manifest.json")))
@@ -97,7 +116,7 @@ def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
     """--lm-head-bits 4 runs lm_head as a 4-bit MatMulNBits, 0 keeps it a float MatMul; both compute
     what the quantized reference with the same lm_head computes."""
     name = "vila1.5-3b-downsample"
-    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, lm_head_bits=lm_head_bits)
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, lm_head_bits=lm_head_bits, int4_accuracy_level=0)
     layers = Pipeline(eng).manifest.llm.layers
     nodes = _optimized_ops(eng, tmp_path)
     n_nbits = sum(n.op_type == "MatMulNBits" for n in nodes)
@@ -137,3 +156,26 @@ def test_quality_floor_stops_the_export(checkpoint, tmp_path):
         export_engine(checkpoint("vila1.5-3b-downsample"), str(out),
                       ExportOptions(quant="rtn", group_size=64, max_ppl_increase_pct=-1.0, progress=False))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (4, 128), (8, 16), (8, 64)])
+def test_fused_linear_takes_bits_and_group_from_each_tensor(bits, group):
+    """export/onnx_llm_fused.linear: MatMulNBits with the tensor's own bits and block size computes
+    x @ (codes * scales).T (accuracy level 0: float activations)."""
+    import onnxruntime as ort
+
+    from export.onnx_graph import Graph
+    from export.onnx_llm_fused import MS, linear
+    rng = np.random.default_rng(bits * group)
+    n, k = 48, 256
+    lo, hi = (-8, 8) if bits == 4 else (-127, 128)
+    codes = rng.integers(lo, hi, (n, k)).astype(np.int8)
+    scales = (rng.random((n, k // group)) * 0.01 + 0.001).astype(np.float32)
+    g = Graph("t", "float32")
+    g.output(linear(g, g.input("x", "float32", [1, "T", k]), "w", None, None, (codes, scales, group, bits),
+                    accuracy_level=0), "y", "float32", [1, "T", n])
+    g.opsets = {MS: 1}
+    sess = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    w = codes.astype(np.float32) * np.repeat(scales, group, axis=1)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w.T, atol=1e-4, rtol=1e-4)

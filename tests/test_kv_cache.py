@@ -432,10 +432,10 @@ def test_bytes_per_block_by_hand():
 
 
 @pytest.mark.parametrize("layout, target, weights, blocks", [
-    (VILA15_3B, "orin-nano", 2 * GiB, 716),            # 8 - 2 - 2.5 = 3.5 GiB / 5 MiB = 716.8
-    (LLAMA3_8B, "orin-nx-16gb", 4608 * MiB, 4352),     # 16 - 4.5 - 3 = 8.5 GiB / 2 MiB
-    (LLAMA3_8B, "agx-orin-32gb", 7 * GiB, 10752),      # 32 - 7 - 4 = 21 GiB / 2 MiB
-    (LLAMA3_8B, "agx-orin-64gb", 5 * GiB, 27648),      # 64 - 5 - 5 = 54 GiB / 2 MiB
+    (VILA15_3B, "orin-nano", 2 * GiB, 819),            # (8192 - 2048 - 2048) MiB / 5 MiB = 819.2
+    (LLAMA3_8B, "orin-nx-16gb", 4608 * MiB, 4813),     # (16384 - 4608 - 2150) MiB / 2 MiB
+    (LLAMA3_8B, "agx-orin-32gb", 7 * GiB, 11520),      # (32768 - 7168 - 2560) MiB / 2 MiB
+    (LLAMA3_8B, "agx-orin-64gb", 5 * GiB, 28773),      # (65536 - 5120 - 2870) MiB / 2 MiB
     (VILA15_3B, "512MiB", 10 * GiB, 102),              # explicit bytes ignore the weights
 ])
 def test_presets_by_hand(layout, target, weights, blocks):

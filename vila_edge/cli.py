@@ -156,7 +156,12 @@ def add_export(sub) -> None:
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
                    help="lm_head with --quant rtn/awq: symmetric int8 (default), int4, or 0 = float")
     e.add_argument("--target", type=_target, default="cpu",
-                   help=f"engine target (choices: {', '.join(TARGETS)}; orin TensorRT engines are not built yet)")
+                   help=f"engine target (choices: {', '.join(TARGETS)}); cpu: LLM graph of ONNX Runtime contrib "
+                        "ops (fused); orin: standard ops (TensorRT's parser; TensorRT engines are not built yet)")
+    e.add_argument("--int4-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
+                   help="--target cpu: MatMulNBits activations (4: int8 per block, fastest; 0: float)")
+    e.add_argument("--embed-bits", type=int, choices=[8, 4, 0], default=0,
+                   help="with --quant rtn/awq: store the token embedding table as int8/int4 groups (0: fp16)")
     e.add_argument("--template", default=None, help="override the chat template (e.g. vicuna_v1, llama_3, auto)")
     e.add_argument("--token-order", choices=["row", "column"], default=None,
                    help="override the mlp_downsample token order (default from the checkpoint era)")
@@ -183,14 +188,46 @@ def _export(args) -> int:
     if args.calib_dir is not None and not os.path.isdir(args.calib_dir):
         raise_usage(f"--calib-dir {args.calib_dir}: no such directory")
     read_checkpoint(args.checkpoint, args.template, args.token_order)    # its errors before any progress bar
+    from vila_edge.targets import NOTICES
+    if args.target in NOTICES:
+        print(f"vila-edge: {NOTICES[args.target]}", file=sys.stderr)
 
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
         dtype=args.dtype, quant=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
-        target=args.target, template=args.template, token_order=args.token_order, progress=not args.quiet,
+        target=args.target, int4_accuracy_level=args.int4_accuracy_level, embed_bits=args.embed_bits,
+        template=args.template,
+        token_order=args.token_order, progress=not args.quiet,
         calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
         max_ppl_increase_pct=None if args.no_quality_floor else args.max_ppl_increase,
         min_top1_agreement=args.min_top1))
     print(f"{args.out}: {manifest.family} engine, {manifest.dtype}, quant {manifest.quant.get('method')}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+def add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="memory plan of an engine on a device: weights, KV pool, buffers vs DRAM")
+    p.add_argument("engine", help="engine directory")
+    p.add_argument("--device", default="orin-nano",
+                   help="orin-nano, orin-nx, agx-orin-32gb, agx-orin-64gb, or a KV byte budget ('512MiB')")
+    p.add_argument("--max-context", type=_number(int, 1), default=None,
+                   help="context length in tokens (default 4096, capped by the model)")
+    p.add_argument("--block-size", type=_number(int, 1), default=16, help="KV cache block size in tokens (default 16)")
+    p.set_defaults(func=_plan)
+
+
+def _plan(args) -> int:
+    from vila_edge.manifest import Manifest
+    from vila_edge.memory import plan
+    from vila_edge.pipeline import DEFAULT_CONTEXT
+
+    m = Manifest.load(args.engine)
+    max_context = min(args.max_context or DEFAULT_CONTEXT, m.llm.max_positions)
+    p = plan(args.engine, m, args.device, args.block_size, max_context)
+    print(f"{args.engine} on {args.device}: {m.family}, {m.dtype} activations, KV {m.kv_dtype}, "
+          f"quant {m.quant.get('method')}, max context {max_context}")
+    print(p.table())
     return 0
 
 
@@ -278,7 +315,7 @@ def _serve(args) -> int:
                  api_key=os.environ.get("VILA_EDGE_API_KEY") or None)
 
 
-SUBCOMMANDS = [add_chat, add_export, add_fixture, add_bench, add_serve]
+SUBCOMMANDS = [add_chat, add_export, add_fixture, add_plan, add_bench, add_serve]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -26,22 +26,22 @@ class Target:
 
 # Reserves are ESTIMATES for a headless JetPack 6 image running only this runtime; measure your
 # board (tegrastats / free -b with the engine loaded) and pass an explicit byte budget when they
-# differ. Each splits as (GiB):
+# differ. They hold what the engine does not decide; the engine's own buffers (activations of a
+# prefill chunk, vision buffers, staging) are counted from the engine by vila_edge/memory.py.
+# Each splits as (GiB):
 #   carve-outs + kernel: firmware/bootloader carve-outs and kernel reservations, which is why
 #                        Linux's MemTotal is below the module's DRAM (not measured here);
 #   OS:                  desktop-less Ubuntu + JetPack services (no GNOME, which costs ~1 GiB more);
-#   CUDA + runtime:      CUDA context, cuBLAS/cuDNN/TensorRT or ORT code and workspaces, Python;
-#   activations:         vision encoder and chunked-prefill intermediates, which grow with the
-#                        models a larger module is bought for.
+#   CUDA + runtime:      CUDA context, cuBLAS/cuDNN/TensorRT or ORT code and workspaces, Python.
 TARGETS = {
-    # 0.6 carve-outs + 0.8 OS + 0.6 CUDA/runtime + 0.5 activations (1B-8B int4 models)
-    "orin-nano-8gb": Target("orin-nano-8gb", 8 * GiB, 2560 * MiB),
-    # 0.7 carve-outs + 0.8 OS + 0.6 CUDA/runtime + 0.9 activations
-    "orin-nx-16gb": Target("orin-nx-16gb", 16 * GiB, 3 * GiB),
-    # 0.9 carve-outs + 0.8 OS + 0.8 CUDA/runtime + 1.5 activations (up to 13B int4)
-    "agx-orin-32gb": Target("agx-orin-32gb", 32 * GiB, 4 * GiB),
-    # 1.2 carve-outs + 0.8 OS + 0.8 CUDA/runtime + 2.2 activations (up to 40B int4)
-    "agx-orin-64gb": Target("agx-orin-64gb", 64 * GiB, 5 * GiB),
+    # 0.6 carve-outs + 0.8 OS + 0.6 CUDA/runtime
+    "orin-nano-8gb": Target("orin-nano-8gb", 8 * GiB, 2048 * MiB),
+    # 0.7 carve-outs + 0.8 OS + 0.6 CUDA/runtime
+    "orin-nx-16gb": Target("orin-nx-16gb", 16 * GiB, 2150 * MiB),
+    # 0.9 carve-outs + 0.8 OS + 0.8 CUDA/runtime
+    "agx-orin-32gb": Target("agx-orin-32gb", 32 * GiB, 2560 * MiB),
+    # 1.2 carve-outs + 0.8 OS + 0.8 CUDA/runtime
+    "agx-orin-64gb": Target("agx-orin-64gb", 64 * GiB, 2870 * MiB),
 }
 ALIASES = {"orin-nano": "orin-nano-8gb", "orin-nx": "orin-nx-16gb"}
 

@@ -66,6 +66,11 @@ class KVPool:
         self._rows = self.data.reshape(L, 2, NB * BS, H, D)  # view: (L, kv, slot, Hkv, D)
 
     @property
+    def rows(self) -> np.ndarray:
+        """The pool as rows by slot: a view `[L, 2, NB * BS, Hkv, D]` (runners write new KV into it)."""
+        return self._rows
+
+    @property
     def nbytes(self) -> int:
         return self.data.nbytes
 
@@ -85,12 +90,17 @@ class KVPool:
         if len(k_new) != L or len(v_new) != L:
             raise ValueError(f"KVPool.write: expected K and V for {L} layers, "
                              f"got {len(k_new)} and {len(v_new)}")
+        # Consecutive slots (decode steps, prefill into a consecutive table) take a slice assignment,
+        # several times cheaper per layer than a fancy-indexed one at one or a few rows.
+        n = len(slots)
+        index = slice(int(slots[0]), int(slots[0]) + n) if n and int(slots[-1]) - int(slots[0]) == n - 1 and \
+            (n < 3 or bool((np.diff(slots) == 1).all())) else slots
         for layer in range(L):
             for kv, rows in ((0, k_new[layer]), (1, v_new[layer])):
                 if rows.shape != want:
                     raise ValueError(f"KVPool.write: layer {layer} {'KV'[kv]} rows have shape "
                                      f"{rows.shape}, expected [T, Hkv, D] = {want}")
-                self._rows[layer, kv, slots] = rows
+                self._rows[layer, kv, index] = rows
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy every layer's K and V of block `src` into block `dst` (BlockManager.fork's copies)."""

@@ -10,7 +10,10 @@ from dataclasses import asdict, dataclass, field, fields
 from vila_edge.errors import EngineError
 from vila_edge.version import __version__
 
-FORMAT_VERSION = 2   # 2: llm.onnx takes past_k_l/past_v_l rows, not the pool and a block table
+# 2: llm.onnx takes past_k_l/past_v_l rows, not the pool and a block table
+# 3: kv_dtype field; files lists every file the runtime loads (llm.onnx.data); build.graph names the
+#    LLM graph variant (fused contrib ops for ORT targets, standard ops for TensorRT's parser)
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 REBUILD = "rebuild it: make engines CHECKPOINT=<checkpoint dir> OUT={out} (or: vila-edge export <checkpoint> {out})"
 
@@ -25,6 +28,7 @@ class LLMInfo:
     vocab_size: int        # original vocabulary: ids >= this are never sampled
     logits_size: int       # rows of lm_head (>= vocab_size when embeddings were resized)
     max_positions: int
+    intermediate: int = 0  # MLP width (the memory ledger's activation estimate; 0: unknown, 4 x hidden)
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Manifest:
     family: str
     template: str
     dtype: str             # activation dtype of the graphs: float32 / float16
+    kv_dtype: str          # numpy dtype name of the KV pool's rows (the graph's past/new K and V)
     quant: dict            # {"method": "none"|"rtn"|"awq", "group_size": G, ...}
     num_video_frames: int
     llm: LLMInfo

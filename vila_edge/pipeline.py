@@ -13,17 +13,19 @@ import time
 import numpy as np
 from tokenizers import Tokenizer
 
-from vila_edge.backend import OrtSession
 from vila_edge.cache import resolve_engine
 from vila_edge.constrain import Grammars
 from vila_edge.errors import IncompleteOutput, PromptError
 from vila_edge.families import get_family
 from vila_edge.llm import KVConfig, LLMEngine
 from vila_edge.manifest import Manifest
+from vila_edge.memory import plan
 from vila_edge.parts import image_list, join_parts
-from vila_edge.sampling import GenerationConfig, Sampler
+from vila_edge.runner import RunnerOptions, Tokens, backend
+from vila_edge.sampling import GenerationConfig, Sampler, SeenIds
 from vila_edge.sources import sample_frames
-from vila_edge.splice import IMAGE_POSITION, PLACEHOLDER, Splicer
+from vila_edge.splice import PLACEHOLDER, Splicer
+from vila_edge.streamer import TextStreamer
 from vila_edge.templates import get_template
 from vila_edge.vision import open_vision
 
@@ -41,7 +43,7 @@ def engine_template(engine_dir: str, m: Manifest):
 
 class Pipeline:
     def __init__(self, model: str | os.PathLike | None = None, *, threads: int | None = None,
-                 max_context: int | None = None, kv: KVConfig | None = None, int4_accuracy_level: int = 4,
+                 max_context: int | None = None, kv: KVConfig | None = None, int4_accuracy_level: int | None = None,
                  export_options: dict | None = None, progress: bool = True):
         """`model`: None (the bundled model), an engine directory, or a checkpoint directory, exported
         once (with `export_options`, e.g. {"dtype": "fp16"}) into a cache (vila_edge/cache.py)."""
@@ -52,15 +54,15 @@ class Pipeline:
         self.tokenizer = Tokenizer.from_file(os.path.join(engine_dir, m.files["tokenizer"]))
         self.template = engine_template(engine_dir, m)
         v = m.vision
-        self.vision = open_vision(engine_dir, m, threads)
-        # (V, C); fp16 in quantized and fp16 engines, rows are cast to the graph's input dtype when gathered.
-        self.embeddings = np.load(os.path.join(engine_dir, m.files["embeddings"]), mmap_mode="r")
         self.max_context = min(max_context or DEFAULT_CONTEXT, m.llm.max_positions)
-        weights = sum(os.path.getsize(os.path.join(engine_dir, f)) for f in m.files.values())
-        llm = OrtSession(os.path.join(engine_dir, m.files["llm"]), threads, int4_accuracy_level=int4_accuracy_level)
-        self.embeds_dtype = llm.input_dtype("inputs_embeds")
-        self.llm = LLMEngine(llm, m.llm, m.dtype,
-                             kv or KVConfig(), self.max_context, weights)
+        kv = kv or KVConfig()
+        opts = RunnerOptions(threads, int4_accuracy_level)
+        # One ledger sizes the pool: weights (every loaded file), runner buffers, activations, vision.
+        self.memory = plan(engine_dir, m, kv.budget, kv.block_size, self.max_context, opts)
+        runners = backend(m)
+        self.vision = open_vision(m, runners.vision(engine_dir, m, opts))
+        self.llm = LLMEngine(runners.llm(engine_dir, m, self.memory.num_blocks, kv.block_size, self.max_context,
+                                         opts), kv)
         self.splicer = Splicer(self.tokenizer, self.family, m.tokens, v.tokens_per_image, v.image_mode)
         self.grammars = Grammars(os.path.join(engine_dir, m.files["tokenizer"]), m.llm.vocab_size,
                                  m.tokens.stop_ids, m.tokens.never_sample)
@@ -117,22 +119,9 @@ class Pipeline:
             sources = frames + sources
         return text, sources
 
-    def embed(self, ids: np.ndarray, spans: list, tiles: list) -> np.ndarray:
-        """[T, C] input embeddings: table rows for text ids, tile features at their spans."""
-        text = ids != IMAGE_POSITION
-        bad = ids[text & ((ids < 0) | (ids >= len(self.embeddings)))]
-        if len(bad):
-            raise PromptError(f"prompt contains token ids {sorted(set(bad.tolist()))[:5]} that are not text "
-                              f"(outside the {len(self.embeddings)}-row embedding table); remove stray media tokens")
-        out = np.empty((len(ids), self.embeddings.shape[1]), self.embeds_dtype)
-        out[text] = self.embeddings[ids[text]]
-        for start, k in spans:
-            out[start: start + len(tiles[k])] = tiles[k]
-        return out
-
-    def token_embeds(self, ids: list) -> np.ndarray:
-        """[T, C] table rows of text ids, in the LLM graph's input dtype."""
-        return self.embeddings[ids].astype(self.embeds_dtype)
+    def embed(self, ids: np.ndarray, spans: list, tiles: list) -> Tokens:
+        """The LLM's input: text ids, and each tile's feature rows at its span."""
+        return Tokens(ids, tuple((start, tiles[k]) for start, k in spans))
 
 
 class Conversation:
@@ -201,43 +190,41 @@ class Conversation:
         self.messages = messages + [("assistant", reply.strip())]
 
     def _generate(self, logits, sp, cfg: GenerationConfig, budget: int, t0: float, constraint=None):
+        """The decode loop: ids in, ids out; text comes from the streamer beside it."""
         pipe = self.pipe
         tokens = pipe.manifest.tokens
         sampler = Sampler(cfg, pipe.manifest.llm.vocab_size, tokens.never_sample, constraint)
+        seen = SeenIds(pipe.manifest.llm.vocab_size, sp.ids[sp.ids >= 0] if cfg.repetition_penalty != 1.0 else ())
         stops = set(tokens.stop_ids)
-        history, out_ids, shown, text = list(sp.ids[sp.ids >= 0]), [], 0, ""
-        hold = max((len(s) for s in cfg.stop), default=1) - 1
+        # A grammar lets an answer open with one space (constrain.py): it is not part of the answer.
+        text = TextStreamer(pipe.tokenizer, cfg.stop, drop_leading_space=constraint is not None)
+        out_ids = []
         t_first, t_last, sampled, reason = None, None, 0, "length"
         for step in range(budget):
-            nxt = sampler(logits, np.asarray(history, np.int64))
+            nxt = sampler(logits, seen)
             t_last, sampled = time.perf_counter(), sampled + 1
             t_first = t_first or t_last
             if nxt in stops:
                 reason = "stop"
                 break
             out_ids.append(nxt)
-            history.append(nxt)
-            text = pipe.tokenizer.decode(out_ids, skip_special_tokens=True)
-            if constraint is not None and text.startswith(" "):
-                text = text[1:]     # the one space a grammar lets an answer open with (constrain.py)
-            cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
+            seen.add(nxt)
+            piece = text.push(nxt)
+            if text.stopped:
+                reason = "stop"
+            if piece:
+                yield piece
+            if text.stopped:
                 break
-            safe = len(text) - hold
-            if text.endswith("\ufffd"):   # an incomplete UTF-8 sequence: wait for its next byte
-                safe = min(safe, len(text) - 1)
-            if safe > shown:
-                yield text[shown:safe]
-                shown = safe
             if step + 1 < budget:
                 try:
-                    logits = pipe.llm.extend(self.seq, pipe.token_embeds([nxt]), np.asarray([nxt], np.int64))
+                    logits = pipe.llm.step(self.seq, nxt)
                 except BaseException:
                     self.seq = None   # the engine dropped the sequence
                     raise
-        if len(text) > shown:
-            yield text[shown:]
+        rest = text.finish()
+        if rest:
+            yield rest
         t_end = time.perf_counter()
         self.last_ids = out_ids
         # Decode speed: tokens sampled after the first (a final stop token included, since computing
@@ -249,8 +236,8 @@ class Conversation:
                            else None}
         if constraint is not None and reason == "length":
             raise IncompleteOutput(f"max_new_tokens={cfg.max_new_tokens} ended the answer before its "
-                                   f"json_schema/choices/regex was complete: raise max_new_tokens", text)
-        return text
+                                   f"json_schema/choices/regex was complete: raise max_new_tokens", text.text)
+        return text.text
 
     def close(self) -> None:
         if self.seq is not None:

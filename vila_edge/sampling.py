@@ -47,6 +47,27 @@ class GenerationConfig:
         return any(v is not None for v in (self.json_schema, self.choices, self.regex))
 
 
+class SeenIds:
+    """The distinct ids of a prompt and its generation so far, kept incrementally for the repetition
+    penalty: each step adds one id in O(1) instead of re-scanning the whole history."""
+
+    def __init__(self, vocab_size: int, ids=()):
+        self._mask = np.zeros(vocab_size, bool)
+        self._ids = np.empty(vocab_size, np.int64)   # distinct ids in first-seen order
+        self._n = 0
+        for i in np.asarray(ids, np.int64).tolist():
+            self.add(i)
+
+    def add(self, token: int) -> None:
+        if 0 <= token < len(self._mask) and not self._mask[token]:
+            self._mask[token] = True
+            self._ids[self._n] = token
+            self._n += 1
+
+    def ids(self) -> np.ndarray:
+        return self._ids[: self._n]
+
+
 class Sampler:
     def __init__(self, cfg: GenerationConfig, vocab_size: int, never_sample: list, constraint=None):
         self.cfg = cfg
@@ -55,8 +76,9 @@ class Sampler:
         self.never = np.asarray([i for i in never_sample if i < vocab_size], np.int64)
         self.rng = np.random.default_rng(cfg.seed)
 
-    def __call__(self, logits: np.ndarray, history: np.ndarray) -> int:
-        """logits [V'] float32 (V' >= vocab_size); history: ids generated or prompted so far."""
+    def __call__(self, logits: np.ndarray, history) -> int:
+        """logits [V'] float32 (V' >= vocab_size); history: ids generated or prompted so far, as an
+        array or a SeenIds (the decode loop's: no per-step rebuild)."""
         x = np.array(logits[: self.vocab_size], dtype=np.float32)
         x[self.never] = -np.inf
         if self.constraint is None:
@@ -72,8 +94,9 @@ class Sampler:
     def _choose(self, x: np.ndarray, history: np.ndarray) -> int:
         """x [vocab_size] float32 logits (masked ids at -inf), modified in place."""
         cfg = self.cfg
-        if cfg.repetition_penalty != 1.0 and len(history):
-            seen = np.unique(history[(history >= 0) & (history < self.vocab_size)])
+        if cfg.repetition_penalty != 1.0:
+            seen = history.ids() if isinstance(history, SeenIds) else \
+                np.unique(history[(history >= 0) & (history < self.vocab_size)])
             x[seen] = np.where(x[seen] > 0, x[seen] / cfg.repetition_penalty, x[seen] * cfg.repetition_penalty)
         if cfg.temperature == 0:
             return int(np.argmax(x))

@@ -4,23 +4,22 @@ A robot asks about the same view again and again: features are cached by the dig
 normalised pixels, which is also the key the KV cache uses to reuse the image's prefix blocks.
 """
 import hashlib
-import os
 import threading
 from collections import OrderedDict
 
 import numpy as np
 
-from vila_edge.backend import OrtSession
 from vila_edge.families import S2
 from vila_edge.preprocess import PixelSpec, image_tiles
+from vila_edge.runner import VisionRunner
 
 TILE_BATCH = 8          # tiles per vision forward pass (bounds activation memory)
 CACHE_TILES = 32        # feature cache size, in tiles
 
 
 class VisionEncoder:
-    def __init__(self, session: OrtSession, pixels: PixelSpec, dtype: str):
-        self.session, self.pixels, self.dtype = session, pixels, np.dtype(dtype)
+    def __init__(self, runner: VisionRunner, pixels: PixelSpec):
+        self.runner, self.pixels = runner, pixels
         self._cache = OrderedDict()
         self._lock = threading.Lock()
 
@@ -33,7 +32,7 @@ class VisionEncoder:
         missing = [i for i, f in enumerate(feats) if f is None]
         for lo in range(0, len(missing), TILE_BATCH):
             idx = missing[lo: lo + TILE_BATCH]
-            out = self.session.run({"pixel_values": tiles[idx].astype(self.dtype)})["image_features"]
+            out = self.runner.encode(tiles[idx])
             for i, f in zip(idx, out):
                 feats[i] = f
                 self._put(digests[i], f)
@@ -57,16 +56,16 @@ class VisionEncoder:
                 self._cache.popitem(last=False)
 
 
-def open_vision(engine_dir: str, m, threads: int | None = None):
-    """The vision encoder an engine's manifest describes: one graph (tower + projector), or for
-    multi-scale engines vision.onnx (the tower alone) + projector.onnx with the scale merge between (vision_s2.py)."""
+def open_vision(m, runner: VisionRunner):
+    """The vision encoder an engine's manifest describes, over its backend's runner: one graph (tower +
+    projector), or for multi-scale engines the tower and the projector with the scale merge between
+    (vision_s2.py)."""
     v = m.vision
-    session = lambda role: OrtSession(os.path.join(engine_dir, m.files[role]), threads)
     if not v.multiscale:
         pixels = PixelSpec(v.image_size, tuple(v.mean), tuple(v.std), v.image_mode, v.min_tiles, v.max_tiles)
-        return VisionEncoder(session("vision"), pixels, m.dtype)
+        return VisionEncoder(runner, pixels)
     from vila_edge.vision_s2 import MultiScaleEncoder
     # S2 squashes (or pads) the image to the largest scale first; dynamic_s2 tiles at scales[0].
     side = v.scales[-1] if v.multiscale == S2 else v.image_size
     pixels = PixelSpec(side, tuple(v.mean), tuple(v.std), v.image_mode, v.min_tiles, v.max_tiles)
-    return MultiScaleEncoder(session("vision"), session("projector"), pixels, v, m.dtype)
+    return MultiScaleEncoder(runner, pixels, v, m.dtype)

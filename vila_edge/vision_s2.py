@@ -61,10 +61,11 @@ def _digest(*parts: bytes) -> bytes:
 
 
 class MultiScaleEncoder:
-    def __init__(self, tower, projector, pixels: PixelSpec, vision, dtype: str, tile_batch: int | None = None):
-        """`vision`: the manifest's VisionInfo; `tile_batch`: most tiles per tower call (None: a whole
-        image's tiles in one call, the fastest on a GPU; bound it where activation memory is tight)."""
-        self.tower, self.projector, self.pixels, self.info = tower, projector, pixels, vision
+    def __init__(self, runner, pixels: PixelSpec, vision, dtype: str, tile_batch: int | None = None):
+        """`runner`: the backend's VisionRunner (encode = the tower, project = the projector); `vision`:
+        the manifest's VisionInfo; `tile_batch`: most tiles per tower call (None: a whole image's tiles
+        in one call, the fastest on a GPU; bound it where activation memory is tight)."""
+        self.runner, self.pixels, self.info = runner, pixels, vision
         self.dtype, self.tile_batch = np.dtype(dtype), tile_batch
         self._cache = FeatureCache()
         self.tower_seconds = 0.0      # time spent in the tower since the caller last reset it (benchmarks)
@@ -104,7 +105,7 @@ class MultiScaleEncoder:
         for lo in range(0, len(missing), step):
             idx = missing[lo: lo + step]
             t = time.perf_counter()
-            out = self.tower.run({"pixel_values": tiles[idx].astype(self.dtype)})["tower_features"]
+            out = self.runner.encode(tiles[idx])
             self.tower_seconds += time.perf_counter() - t
             for i, f in zip(idx, out):
                 feats[i] = f
@@ -114,7 +115,7 @@ class MultiScaleEncoder:
     def _project(self, blocks: np.ndarray) -> np.ndarray:
         """(n, S, S, C) maps -> (n, T, H) projected tokens."""
         x = map_to_tokens(blocks).astype(self.dtype)
-        return self.projector.run({"tower_features": np.ascontiguousarray(x)})["image_features"]
+        return self.runner.project(np.ascontiguousarray(x))
 
     def _cached_unit(self, key: bytes, build) -> tuple:
         feats = self._cache.get(b"u" + key)
