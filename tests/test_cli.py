@@ -58,7 +58,7 @@ ERRORS = [
     (["chat", "bundled", "q", "--video", "nope.mp4"], ["nope.mp4", "not found"]),
     (["chat", "no/such/engine", "q"], ["no/such/engine"]),
     (["chat", "bundled"], ["prompt"]),
-    (["export", "models/vila-tiny-shapes", "/tmp/never-written", "--target", "orin"], ["orin", "not built"]),
+    (["export", "models/vila-tiny-shapes", "/tmp/never-written", "--target", "tpu"], ["--target", "tpu", "cpu, orin"]),
     (["export", "models/vila-tiny-shapes", "/tmp/never-written", "--dtype", "int3"], ["--dtype", "int3"]),
     (["export", "no/such/checkpoint", "/tmp/never-written"], ["no/such/checkpoint", "not a directory"]),
     (["export", "models/vila-tiny-shapes", "/tmp/never-written", "--lm-head-bits", "8"], ["--quant rtn or awq"]),

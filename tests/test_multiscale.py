@@ -136,7 +136,7 @@ def test_vila15_s2_token_count_and_channels(engine):
     pipe = Pipeline(engine("vila1.5-3b-s2"))
     v = pipe.manifest.vision
     assert (v.multiscale, v.scales, v.max_split, v.resize_output_to) == ("s2", [104, 208], 104, 0)
-    assert pipe.vision.projector.session.get_inputs()[0].shape[-1] == 2 * 32
+    assert pipe.vision.runner.projector.session.get_inputs()[0].shape[-1] == 2 * 32
     feats, _ = pipe.vision.encode(_noise(50, 80, 4))
     assert [f.shape[0] for f in feats] == [16]
 
@@ -154,7 +154,7 @@ class _Counting:
 
 def test_tiles_run_as_one_batch_and_are_reused(engine):
     pipe = Pipeline(engine("nvila-s2"))
-    tower = pipe.vision.tower = _Counting(pipe.vision.tower)
+    tower = pipe.vision.runner.session = _Counting(pipe.vision.runner.session)
     img = _noise(300, 100, 5)
     first, _ = pipe.vision.encode(img, single=True)
     assert tower.batches == [1 + 4 + 12]               # every tile of the image in one tower call
