@@ -27,6 +27,9 @@ class OrtSession:
             opts.optimized_model_filepath = optimized_path
         if threads:
             opts.intra_op_num_threads = threads
+        if not os.access(path, os.R_OK):
+            raise EngineError(f"{path}: permission denied; make the engine directory readable by this user "
+                              f"(chmod -R a+rX {os.path.dirname(path) or '.'})")
         try:
             self.session = ort.InferenceSession(path, opts, providers=list(providers))
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)

@@ -9,19 +9,22 @@ import itertools
 import os
 import threading
 import time
+import weakref
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from vila_edge import engine_check
 from vila_edge.backend import OrtSession
-from vila_edge.errors import PromptError
-from vila_edge.families import get_family
+from vila_edge.errors import EngineError, GenerationConfigError, PromptError, VilaEdgeError
+from vila_edge.families import FAMILIES, get_family
 from vila_edge.llm import KVConfig, LLMEngine
-from vila_edge.manifest import Manifest
+from vila_edge.manifest import REBUILD, Manifest
 from vila_edge.preprocess import PixelSpec, load_video
 from vila_edge.sampling import GenerationConfig, Sampler
-from vila_edge.splice import IMAGE_POSITION, PLACEHOLDER, Splicer
-from vila_edge.templates import get_template
+from vila_edge.splice import IMAGE_POSITION, PLACEHOLDER, Splicer, placeholder_segments
+from vila_edge.templates import get_template, render_segments
+from vila_edge.text_ids import Segment
 from vila_edge.vision import VisionEncoder
 
 DEFAULT_CONTEXT = 4096
@@ -41,7 +44,32 @@ def engine_template(engine_dir: str, m: Manifest):
     if "chat_template" in m.files:
         with open(os.path.join(engine_dir, m.files["chat_template"]), encoding="utf-8") as f:
             jinja = f.read()
-    return get_template(m.template, jinja, tuple(m.build.get("special_tokens", ("", ""))))
+    special = m.build.get("special_tokens", ("", ""))
+    if not (isinstance(special, (list, tuple)) and len(special) == 2 and all(isinstance(s, str) for s in special)):
+        raise EngineError(f"{engine_dir}/manifest.json: build.special_tokens is {special!r}; expected "
+                          f"[bos, eos] strings; " + REBUILD.format(out=engine_dir))
+    try:
+        return get_template(m.template, jinja, tuple(special))
+    except VilaEdgeError as e:
+        raise EngineError(f"{engine_dir}: {e}; " + REBUILD.format(out=engine_dir)) from e
+
+
+def _checked_text(text, what: str) -> str:
+    """User text must be a str that UTF-8 can encode (lone surrogates from a bad decode cannot)."""
+    if not isinstance(text, str):
+        raise PromptError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"{what} is not valid Unicode text ({e.reason} at index {e.start}); decode your "
+                          f"input with errors='replace'") from None
+    return text
+
+
+def _release_held(llm, held: list) -> None:
+    """A garbage-collected Conversation's KV goes back to the pool (weakref.finalize callback)."""
+    if held[0] is not None:
+        llm.release_later(held[0])
 
 
 class Pipeline:
@@ -49,17 +77,24 @@ class Pipeline:
                  kv: KVConfig | None = None, int4_accuracy_level: int = 4):
         m = self.manifest = Manifest.load(engine_dir)
         self.engine_dir = engine_dir
+        fix = REBUILD.format(out=engine_dir)
+        if m.family not in FAMILIES:
+            raise EngineError(f"{engine_dir}/manifest.json: family {m.family!r} unknown to this runtime "
+                              f"(known: {sorted(FAMILIES)}); {fix}")
         self.family = get_family(m.family)
-        self.tokenizer = Tokenizer.from_file(os.path.join(engine_dir, m.files["tokenizer"]))
+        self.tokenizer = engine_check.load_tokenizer(os.path.join(engine_dir, m.files["tokenizer"]), fix)
         self.template = engine_template(engine_dir, m)
         v = m.vision
         pixels = PixelSpec(v.image_size, tuple(v.mean), tuple(v.std), v.image_mode, v.min_tiles, v.max_tiles)
         self.vision = VisionEncoder(OrtSession(os.path.join(engine_dir, m.files["vision"]), threads), pixels, m.dtype)
+        engine_check.check_vision(self.vision.session.session, m, os.path.join(engine_dir, m.files["vision"]), fix)
         # (V, C); fp16 in quantized and fp16 engines, rows are cast to the graph's input dtype when gathered.
-        self.embeddings = np.load(os.path.join(engine_dir, m.files["embeddings"]), mmap_mode="r")
+        self.embeddings = engine_check.load_embeddings(os.path.join(engine_dir, m.files["embeddings"]), m, fix)
+        engine_check.check_token_ids(m, len(self.embeddings), self.tokenizer.get_vocab_size(True), fix)
         self.max_context = min(max_context or DEFAULT_CONTEXT, m.llm.max_positions)
         weights = sum(os.path.getsize(os.path.join(engine_dir, f)) for f in m.files.values())
         llm = OrtSession(os.path.join(engine_dir, m.files["llm"]), threads, int4_accuracy_level=int4_accuracy_level)
+        engine_check.check_llm(llm.session, m, os.path.join(engine_dir, m.files["llm"]), fix)
         self.embeds_dtype = llm.input_dtype("inputs_embeds")
         self.llm = LLMEngine(llm, m.llm, m.dtype,
                              kv or KVConfig(), self.max_context, weights)
@@ -87,35 +122,45 @@ class Pipeline:
             return next(self._seq_ids)
 
     def user_message(self, images, prompt, video) -> tuple:
-        """(text with one <image> per image, [image sources]) from the accepted input forms."""
+        """([Segment] with one image placeholder per image, [image sources]) from the accepted input
+        forms. User text is never parsed for control tokens (text_ids.py); "<image>" in it is a
+        placeholder only in the explicit form: images passed and the prompt says where each goes."""
+        image = placeholder_segments(self.family.part_text)
         if prompt is None and isinstance(images, (list, tuple)) and any(isinstance(p, str) for p in images):
-            text, sources = "", []
+            content, sources = [], []
             for part in images:
                 if _is_image_part(part):
-                    text += self.family.part_text
+                    content += image
                     sources.append(part)
                 else:
-                    text += part
+                    content.append(Segment(_checked_text(part, "text part")))
         else:
             if prompt is None:
                 raise PromptError("no prompt: pass a prompt string, or a list of text and image parts")
+            prompt = _checked_text(prompt, "prompt")
             sources = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
-            text = prompt
-            if sources and PLACEHOLDER not in text:
-                text = self.family.part_text * len(sources) + text
+            if sources and PLACEHOLDER in prompt:
+                # Explicit placeholders (README): the caller passed the images and wrote where they go,
+                # so the counts must match (Splicer.expand says so when they do not).
+                content = []
+                for i, piece in enumerate(prompt.split(PLACEHOLDER)):
+                    content += ([Segment(PLACEHOLDER, image=True)] if i else []) + [Segment(piece)]
+            else:
+                content = image * len(sources) + [Segment(prompt)]
         if video is not None:
             frames = load_video(video, self.manifest.num_video_frames)
-            text = self.family.part_text * len(frames) + text    # frames come first, as VILA's video prompts
+            content = image * len(frames) + content    # frames come first, as VILA's video prompts
             sources = frames + sources
-        return text, sources
+        return [s for s in content if s.text], sources
 
     def embed(self, ids: np.ndarray, spans: list, tiles: list) -> np.ndarray:
         """[T, C] input embeddings: table rows for text ids, tile features at their spans."""
         text = ids != IMAGE_POSITION
         bad = ids[text & ((ids < 0) | (ids >= len(self.embeddings)))]
         if len(bad):
-            raise PromptError(f"prompt contains token ids {sorted(set(bad.tolist()))[:5]} that are not text "
-                              f"(outside the {len(self.embeddings)}-row embedding table); remove stray media tokens")
+            raise EngineError(f"{self.engine_dir}: its tokenizer produced ids {sorted(set(bad.tolist()))[:5]} "
+                              f"outside the {len(self.embeddings)}-row embedding table: tokenizer.json and "
+                              f"embed_tokens.npy do not belong together; " + REBUILD.format(out=self.engine_dir))
         out = np.empty((len(ids), self.embeddings.shape[1]), self.embeds_dtype)
         out[text] = self.embeddings[ids[text]]
         for start, k in spans:
@@ -132,19 +177,40 @@ class Conversation:
     every full block of the previous turn's prefix (hash hits) and computes only what is new."""
 
     def __init__(self, pipe: Pipeline, system: str | None = None):
-        self.pipe, self.system = pipe, system
-        self.messages = []            # (role, text) with <image> placeholders
+        self.pipe = pipe
+        self.system = None if system is None else _checked_text(system, "system prompt")
+        self.turns = []               # (role, [Segment]): user text untrusted, images as placeholders
         self.tiles, self.digests, self.tiles_per_image = [], [], []
-        self.seq = None
+        # The sequence whose KV this conversation holds, in a list the finalizer shares: a
+        # conversation dropped without close() gives its blocks back when it is garbage-collected.
+        self._held = [None]
+        weakref.finalize(self, _release_held, pipe.llm, self._held)
         self.last_stats = {}
         self.last_ids = []            # token ids generated by the last turn (stop token excluded)
 
     def send(self, images=None, prompt: str | None = None, *, video=None, **gen) -> str:
         return "".join(self.stream(images, prompt, video=video, **gen))
 
+    @property
+    def messages(self) -> list:
+        """(role, text) of every turn so far, images shown as their <image> placeholders."""
+        return [(role, "".join(s.text for s in segments)) for role, segments in self.turns]
+
+    @property
+    def seq(self):
+        return self._held[0]
+
+    @seq.setter
+    def seq(self, seq_id) -> None:
+        self._held[0] = seq_id
+
     def stream(self, images=None, prompt: str | None = None, *, video=None, **gen):
         pipe, t0 = self.pipe, time.perf_counter()
-        cfg = GenerationConfig(**gen)
+        try:
+            cfg = GenerationConfig(**gen)
+        except TypeError as e:   # an unknown option name
+            raise GenerationConfigError(f"{e}; generation options are max_new_tokens, temperature, top_k, "
+                                        f"top_p, repetition_penalty, seed, stop") from None
         text, sources = pipe.user_message(images, prompt, video)
         tiles, digests, counts = list(self.tiles), list(self.digests), list(self.tiles_per_image)
         for src in sources:
@@ -153,8 +219,8 @@ class Conversation:
             digests += ds
             counts.append(len(ds))
         t_vision = time.perf_counter() - t0
-        messages = self.messages + [("user", text)]
-        rendered = pipe.splicer.expand(pipe.template.render(messages, self.system), counts)
+        messages = self.turns + [("user", text)]
+        rendered = pipe.splicer.expand(render_segments(pipe.template, messages, self.system), counts)
         sp = pipe.splicer.splice(rendered, digests)
         if len(sp.ids) >= pipe.max_context:
             raise PromptError(f"prompt is {len(sp.ids)} tokens ({len(sp.spans)} image tiles x "
@@ -162,13 +228,15 @@ class Conversation:
                               f"holds {pipe.max_context}: shorten the prompt or use fewer images")
         seq = pipe.new_seq_id()
         budget = min(cfg.max_new_tokens, pipe.max_context - len(sp.ids))    # new tokens at most
-        logits, cached = pipe.llm.prefill(seq, pipe.embed(sp.ids, sp.spans, tiles), sp.keys, budget)
-        if self.seq is not None:
-            pipe.llm.release(self.seq)
+        embeds = pipe.embed(sp.ids, sp.spans, tiles)
+        # The previous turn's blocks go back before the new allocation: their full blocks stay
+        # cached for the prefix hit, and a thread never waits for blocks while holding others.
+        self.close()
+        logits, cached = pipe.llm.prefill(seq, embeds, sp.keys, budget)
         self.seq = seq
         self.tiles, self.digests, self.tiles_per_image = tiles, digests, counts
         reply = yield from self._generate(logits, sp, cfg, budget, t0)
-        self.messages = messages + [("assistant", reply.strip())]
+        self.turns = messages + [("assistant", [Segment(reply.strip())])]   # model text: untrusted too
         self.last_stats.update(prompt_tokens=len(sp.ids), cached_tokens=cached, vision_s=t_vision)
 
     def _generate(self, logits, sp, cfg: GenerationConfig, budget: int, t0: float):

@@ -3,9 +3,12 @@
 Semantics follow transformers' logits processors (RepetitionPenaltyLogitsProcessor, TopK, TopP),
 applied in that order after masking ids outside the original vocabulary.
 """
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from vila_edge.errors import GenerationConfigError
 
 
 @dataclass
@@ -19,17 +22,59 @@ class GenerationConfig:
     stop: tuple = field(default_factory=tuple)   # stop strings, besides the model's stop tokens
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        _int(self, "max_new_tokens", 1)
+        _real(self, "temperature", 0.0)
+        _int(self, "top_k", 0)
+        _real(self, "top_p", 0.0, upper=1.0, open_low=True)
+        _real(self, "repetition_penalty", 0.0, open_low=True)
+        if self.seed is not None:
+            _int(self, "seed", 0)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        try:
+            stop = tuple(stop)
+        except TypeError:
+            raise GenerationConfigError(f"stop must be a string or a list of strings, got "
+                                        f"{type(self.stop).__name__}") from None
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise GenerationConfigError(f"stop strings must be non-empty strings (an empty one would end "
+                                            f"every answer before it starts), got {s!r}")
+            _check_text(s, "stop string")
+        self.stop = stop
+
+
+def _int(cfg, name: str, low: int) -> None:
+    """An int >= low (bool and float are refused: 2.5 tokens is a mistake, not a request)."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise GenerationConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise GenerationConfigError(f"{name} must be >= {low}, got {value}")
+    setattr(cfg, name, int(value))
+
+
+def _real(cfg, name: str, low: float, upper: float = math.inf, open_low: bool = False) -> None:
+    """A finite number in [low, upper] ((low, upper] with open_low): NaN compares false everywhere
+    and would silently switch a processor off."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise GenerationConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (open_low and value == low) or value > upper:
+        bounds = f"{'(' if open_low else '['}{low:g}, {upper:g}]" if upper != math.inf else \
+            f"{'>' if open_low else '>='} {low:g}"
+        raise GenerationConfigError(f"{name} must be finite and {'in ' if upper != math.inf else ''}{bounds}, "
+                                    f"got {value}")
+    setattr(cfg, name, value)
+
+
+def _check_text(text: str, what: str) -> None:
+    """Text must be encodable as UTF-8 (lone surrogates from a bad decode are not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationConfigError(f"{what} {text!r} is not valid Unicode text ({e.reason} at {e.start}); "
+                                    f"decode your input with errors='replace'") from None
 
 
 class Sampler:
