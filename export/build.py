@@ -18,7 +18,9 @@ from export.checkpoint import CheckpointSpec, load_vision_weights, load_weights,
 from export.onnx_graph import OPSET, save
 from export.onnx_llm import build_llm, lm_head_rows
 from export.onnx_vision import build_vision, tokens_per_image
-from vila_edge.errors import CheckpointError
+from export.output_dir import check_output, drop_owner, make_temp_dir
+from export.weights_check import check_finite, checkpoint_faults
+from vila_edge.errors import CheckpointError, ExportOptionError
 from vila_edge.families import MEDIA_TOKEN, get_family
 from vila_edge.manifest import FORMAT_VERSION, LLMInfo, Manifest, TokenInfo, VisionInfo
 from vila_edge.templates import get_template
@@ -117,7 +119,7 @@ def _quantize(spec, opts):
     from export.llm_quant import METHODS, QuantOptions, quantize_llm
     from export.quality import QualityFloor
     if opts.quant not in METHODS:
-        raise ValueError(f"quant {opts.quant!r} unknown; expected one of {METHODS}")
+        raise ExportOptionError(f"quant {opts.quant!r} unknown; expected one of {METHODS}")
     floor = (None if opts.max_ppl_increase_pct is None
              else QualityFloor(opts.max_ppl_increase_pct, opts.min_top1_agreement))
     qopts = QuantOptions(method=opts.quant, group_size=opts.group_size, lm_head_bits=_lm_head_bits(opts),
@@ -133,9 +135,9 @@ def _lm_head_bits(opts) -> int:
     if opts.lm_head_bits is None:
         return DEFAULT_LM_HEAD_BITS if opts.quant != "none" else 0
     if opts.lm_head_bits not in LM_HEAD_BITS:
-        raise ValueError(f"lm_head_bits {opts.lm_head_bits!r} unknown; expected one of {LM_HEAD_BITS}")
+        raise ExportOptionError(f"lm_head_bits {opts.lm_head_bits!r} unknown; expected one of {LM_HEAD_BITS}")
     if opts.lm_head_bits and opts.quant == "none":
-        raise ValueError(f"lm_head_bits {opts.lm_head_bits} needs quant rtn or awq (quant none keeps every "
+        raise ExportOptionError(f"lm_head_bits {opts.lm_head_bits} needs quant rtn or awq (quant none keeps every "
                          f"weight float)")
     return opts.lm_head_bits
 
@@ -154,29 +156,33 @@ def _steps(progress: bool, total: int):
 def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) -> Manifest:
     opts = opts or ExportOptions()
     if opts.dtype not in DTYPES:
-        raise ValueError(f"dtype {opts.dtype!r} unknown; expected one of {sorted(DTYPES)}")
+        raise ExportOptionError(f"dtype {opts.dtype!r} unknown; expected one of {sorted(DTYPES)}")
     if opts.target not in TARGETS:
-        raise ValueError(f"target {opts.target!r}: only {TARGETS} engines can be built (TensorRT engines for "
+        raise ExportOptionError(f"target {opts.target!r}: only {TARGETS} engines can be built (TensorRT engines for "
                          f"Orin are not implemented yet)")
     dtype = DTYPES[opts.dtype]
     _lm_head_bits(opts)
     bar = _steps(opts.progress, 7)
+    check_output(checkpoint, out)
     spec = read_checkpoint(checkpoint, opts.template, opts.token_order)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    tmp = make_temp_dir(os.path.dirname(os.path.abspath(out)))
     try:
         bar.set_postfix_str("vision"); bar.update()
-        vision = build_vision(spec.vision, spec.projector, _np(load_vision_weights(spec), dtype),
-                              _np(load_weights(spec.path("mm_projector")), dtype), dtype)
+        with checkpoint_faults(spec.root):
+            vision_w = check_finite(_np(load_vision_weights(spec), dtype), spec.path("vision_tower"))
+            proj_w = check_finite(_np(load_weights(spec.path("mm_projector")), dtype), spec.path("mm_projector"))
+            vision = build_vision(spec.vision, spec.projector, vision_w, proj_w, dtype)
         save(vision.model(), os.path.join(tmp, FILES["vision"]))
         bar.set_postfix_str("llm weights"); bar.update()
-        if opts.quant == "none":
-            llm_weights, quant, quant_info = _np(load_weights(spec.path("llm")), dtype), {}, {"method": "none"}
-        else:
-            llm_weights, quant, quant_info = _quantize(spec, opts)
-        bar.set_postfix_str("llm graph"); bar.update()
-        save(build_llm(spec.llm, llm_weights, dtype, quant).model(), os.path.join(tmp, FILES["llm"]))
+        with checkpoint_faults(spec.root):
+            if opts.quant == "none":
+                llm_weights, quant, quant_info = _np(load_weights(spec.path("llm")), dtype), {}, {"method": "none"}
+            else:
+                llm_weights, quant, quant_info = _quantize(spec, opts)
+            check_finite(llm_weights, spec.path("llm"))
+            bar.set_postfix_str("llm graph"); bar.update()
+            llm_model = build_llm(spec.llm, llm_weights, dtype, quant).model()
+        save(llm_model, os.path.join(tmp, FILES["llm"]))
         bar.set_postfix_str("embeddings"); bar.update()
         embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
         np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(_embed_dtype(opts, dtype)))
@@ -188,6 +194,7 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         with open(os.path.join(tmp, FILES["report"]), "w") as f:
             json.dump({"quant": quant_info, "engine_bytes": sum(sizes.values()), "file_bytes": sizes,
                        "embeddings_dtype": _embed_dtype(opts, dtype)}, f, indent=2)
+        drop_owner(tmp)
         publish(tmp, out)
         bar.set_postfix_str("done"); bar.update()
     except BaseException:
@@ -232,7 +239,7 @@ def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts) -> Man
 
 
 def _file_bytes(path: str) -> dict:
-    return {f: os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path))}
+    return {f: os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path)) if not f.startswith(".")}
 
 
 def _verify(engine_dir: str) -> None:

@@ -24,6 +24,10 @@ class ExportError(VilaEdgeError):
     an engine, the checkpoint itself, one that cannot be written)."""
 
 
+class ExportOptionError(VilaEdgeError, ValueError):
+    """An export option (dtype, target, quant, lm_head_bits, ...) is unknown or inconsistent."""
+
+
 class ImageError(VilaEdgeError):
     """An image or video could not be read, or is outside the accepted limits."""
 
