@@ -15,7 +15,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean
+.PHONY: help setup demo chat fixture engines test test-gpu fuzz soak kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean
 
 help:  ## list every command
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,12 @@ test: setup  ## run the test suite (CPU; GPU tests skip without a GPU)
 
 test-gpu: setup  ## run only the GPU tests (needs an NVIDIA GPU and cuda-python)
 	$(BIN)/python -m pytest -q -m gpu tests
+
+fuzz: setup  ## long fuzz run (20x the CI examples, random seeds): only VilaEdgeError escapes, KV pool ends empty
+	VILA_FUZZ=long $(BIN)/python -m pytest -q tests/test_fuzz.py -p no:cacheprovider
+
+soak: setup  ## 1,000+ mixed threaded requests + killed exports: RSS and KV pool over time -> benchmarks/results/
+	nice -n 10 $(BIN)/python -m benchmarks.soak
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[bench]"
