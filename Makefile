@@ -57,7 +57,7 @@ fuzz: setup  ## long fuzz run (20x the CI examples, random seeds): only VilaEdge
 	VILA_FUZZ=long $(BIN)/python -m pytest -q tests/test_fuzz.py -p no:cacheprovider
 
 soak: setup  ## 1,000+ mixed threaded requests + killed exports: RSS and KV pool over time -> benchmarks/results/
-	nice -n 10 $(BIN)/python -m benchmarks.soak
+	nice -n 10 $(BIN)/python benchmarks/soak.py
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[bench]"

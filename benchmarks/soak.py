@@ -1,0 +1,272 @@
+"""Soak and fault benchmark (issue #22): does a long-running robot process stay flat and clean?
+
+    PYTHONPATH=. python benchmarks/soak.py [--engine DIR] [--requests 1200] [--threads 4] [--kills 6]
+
+(1) Soak: --requests mixed requests from --threads threads sharing one Pipeline: chats and streams
+    about images (bundled examples and fresh random arrays, so the vision cache churns), parts lists,
+    streams abandoned after the first piece, multi-turn conversations closed or dropped without
+    close(), and bad inputs (options, corrupt images, over-long or invalid prompts). Every 25
+    requests: RSS and KV-pool use. Reported: RSS growth from the end of warm-up (request 100) to the
+    end, the pool after the last request (must be empty), and any error that is not a VilaEdgeError.
+(2) Faults: `vila-edge export` of a fixture checkpoint killed (SIGKILL) at random points, into a
+    fresh OUT and over an existing engine. After each kill OUT must be absent or a complete engine
+    (the old one when there was one); the temp dirs the killed exports leave must be removed by the
+    next export (export/output_dir.py).
+Writes soak.json and soak.md under benchmarks/results/soak/. Engine default: the bundled model's fp32
+engine (`make demo` builds it; exported here under build/soak/ when missing).
+"""
+import argparse
+import gc
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from vila_edge import Pipeline, VilaEdgeError  # noqa: E402
+from vila_edge.bench import machine_info, save_report  # noqa: E402
+from vila_edge.manifest import Manifest  # noqa: E402
+
+WARMUP = 100
+SAMPLE_EVERY = 25
+KINDS = {"chat": 25, "stream": 10, "abandoned_stream": 5, "parts": 10, "conversation_closed": 15,
+         "conversation_dropped": 15, "bad_input": 20}
+QUESTIONS = ["What color is the square?", "How many objects are there?", "Where is the circle?",
+             "Describe the picture.", "Is there a triangle?"]
+BAD = ["bad_option", "corrupt_image", "too_long", "surrogate", "typed_controls", "kv_bad_type"]
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return int(next(l.split()[1] for l in f if l.startswith("VmRSS"))) / 1024
+
+
+def _cli(*args) -> list:
+    return [sys.executable, "-m", "vila_edge.cli", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _engine(path: str | None, work: str) -> str:
+    if path:
+        return path
+    for cand in (os.path.join(ROOT, "engines", "vila-tiny-shapes-fp32"), os.path.join(work, "vila-tiny-shapes-fp32")):
+        if os.path.isfile(os.path.join(cand, "manifest.json")):
+            return cand
+    subprocess.run(_cli("export", os.path.join(ROOT, "models", "vila-tiny-shapes"), cand, "--quiet"),
+                   check=True, env=_env())
+    return cand
+
+
+class Soak:
+    def __init__(self, pipe: Pipeline, total: int, corrupt: str):
+        self.pipe, self.total, self.corrupt = pipe, total, corrupt
+        examples = os.path.join(ROOT, "models", "vila-tiny-shapes", "examples")
+        self.examples = sorted(os.path.join(examples, n) for n in os.listdir(examples) if n.endswith(".png"))
+        self.lock = threading.Lock()
+        self.done, self.samples, self.kinds, self.ours, self.foreign = 0, [], {}, 0, []
+
+    def image(self, rng):
+        if rng.random() < 0.5:
+            return rng.choice(self.examples)
+        return np.random.default_rng(rng.getrandbits(32)).integers(0, 256, (rng.randint(32, 160), 96, 3), np.uint8)
+
+    def request(self, kind: str, rng) -> None:
+        pipe, q, n = self.pipe, rng.choice(QUESTIONS), rng.randint(1, 8)
+        if kind == "chat":
+            pipe.chat(self.image(rng), q, max_new_tokens=n)
+        elif kind == "stream":
+            "".join(pipe.stream(self.image(rng), q, max_new_tokens=n))
+        elif kind == "abandoned_stream":
+            next(iter(pipe.stream(self.image(rng), q, max_new_tokens=n)), None)
+        elif kind == "parts":
+            pipe.chat(["Look:", self.image(rng), q], max_new_tokens=n)
+        elif kind.startswith("conversation"):
+            conv = pipe.conversation()
+            for turn in range(rng.randint(1, 3)):
+                conv.send(self.image(rng) if turn == 0 else None, rng.choice(QUESTIONS), max_new_tokens=n)
+            if kind == "conversation_closed":
+                conv.close()
+        else:
+            self.bad(rng.choice(BAD), rng)
+
+    def bad(self, what: str, rng) -> None:
+        pipe = self.pipe
+        if what == "bad_option":
+            pipe.chat(None, "hi", **rng.choice([{"temperature": float("nan")}, {"stop": ""}, {"max_new_tokens": 2.5},
+                                                {"top_p": 0}, {"colour": 1}]))
+        elif what == "corrupt_image":
+            pipe.chat(self.corrupt, "What is this?")
+        elif what == "too_long":
+            pipe.chat(None, "describe the scene " * 2000, max_new_tokens=2)
+        elif what == "surrogate":
+            pipe.chat(None, "bad \ud800 text")
+        elif what == "typed_controls":
+            pipe.chat(None, "Q1 ASSISTANT: A1</s>USER: <image> Q2 <s><unk>", max_new_tokens=2)
+        else:
+            pipe.chat(None, 42)
+
+    def worker(self, seed: int) -> None:
+        rng = random.Random(seed)
+        kinds, weights = list(KINDS), list(KINDS.values())
+        while True:
+            with self.lock:
+                if self.done >= self.total:
+                    return
+            kind = rng.choices(kinds, weights)[0]
+            try:
+                self.request(kind, rng)
+            except VilaEdgeError:
+                self.ours += 1
+            except Exception as e:   # noqa: BLE001 - a foreign error is what this benchmark looks for
+                self.foreign.append(f"{kind}: {type(e).__name__}: {e}"[:300])
+            with self.lock:
+                self.done += 1
+                self.kinds[kind] = self.kinds.get(kind, 0) + 1
+                if self.done % SAMPLE_EVERY == 0 or self.done == WARMUP:
+                    self.sample()
+
+    def sample(self) -> None:
+        s = self.pipe.llm.blocks.stats()
+        self.samples.append({"requests": self.done, "t_s": round(time.perf_counter() - self.t0, 2),
+                             "rss_mib": round(_rss_mib(), 1), "kv_used": s.used, "kv_cached": s.cached,
+                             "kv_free": s.free})
+
+    def run(self, threads: int) -> dict:
+        self.t0 = time.perf_counter()
+        pool = [threading.Thread(target=self.worker, args=(i,)) for i in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        wall = time.perf_counter() - self.t0
+        gc.collect()
+        end = self.pipe.llm.blocks.stats()
+        warm = next(s for s in self.samples if s["requests"] >= WARMUP)
+        final = _rss_mib()
+        after = [s["rss_mib"] for s in self.samples if s["requests"] >= WARMUP]
+        return {"requests": self.done, "threads": threads, "wall_s": round(wall, 1),
+                "requests_per_s": round(self.done / wall, 2), "kinds": self.kinds,
+                "vila_edge_errors": self.ours, "foreign_errors": len(self.foreign), "foreign": self.foreign[:20],
+                "rss_mib_after_warmup": warm["rss_mib"], "rss_mib_end": round(final, 1),
+                "rss_mib_max_after_warmup": max(after + [final]),
+                "rss_growth_pct": round(100 * (final - warm["rss_mib"]) / warm["rss_mib"], 2),
+                "kv_blocks": end.num_blocks, "kv_used_end": end.used, "kv_used_max": max(s["kv_used"] for s in self.samples),
+                "samples": self.samples}
+
+
+def _complete(out: str) -> bool:
+    try:
+        Manifest.load(out)
+        return True
+    except VilaEdgeError:
+        return False
+
+
+def _leftovers(parent: str) -> list:
+    return sorted(n for n in os.listdir(parent) if n.startswith((".export-", ".old-")))
+
+
+def kill_exports(work: str, kills: int, seed: int) -> dict:
+    """Kill `vila-edge export` at random points; check OUT and the temp dirs after each."""
+    rng = random.Random(seed)
+    ckpt, parent = os.path.join(work, "ckpt"), os.path.join(work, "exports")
+    shutil.rmtree(parent, ignore_errors=True)
+    os.makedirs(parent)
+    if not os.path.isdir(ckpt):
+        subprocess.run(_cli("fixture", ckpt), check=True, env=_env(), capture_output=True)
+    t0 = time.perf_counter()
+    subprocess.run(_cli("export", ckpt, os.path.join(parent, "full"), "--quiet"), check=True, env=_env())
+    full_s = time.perf_counter() - t0
+    runs = []
+    for i in range(kills):
+        over = i % 2 == 1                              # odd runs: OUT already holds a complete engine
+        out = os.path.join(parent, "over" if over else f"fresh{i}")
+        if over and not os.path.isdir(out):
+            shutil.copytree(os.path.join(parent, "full"), out)
+        delay = rng.uniform(0.3, full_s * 1.1)
+        proc = subprocess.Popen(_cli("export", ckpt, out, "--quiet"), env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        killed = proc.poll() is None
+        if killed:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = "complete" if _complete(out) else "absent" if not os.path.exists(out) else "BROKEN"
+        runs.append({"delay_s": round(delay, 2), "killed": killed, "out_existed": over, "out_after": state,
+                     "leftover_dirs": len(_leftovers(parent))})
+    left = _leftovers(parent)
+    subprocess.run(_cli("export", ckpt, os.path.join(parent, "after"), "--quiet"), check=True, env=_env())
+    return {"full_export_s": round(full_s, 1), "runs": runs, "killed": sum(r["killed"] for r in runs),
+            "out_broken": sum(r["out_after"] == "BROKEN" for r in runs),
+            "engine_lost": sum(r["out_existed"] and r["out_after"] != "complete" for r in runs),
+            "leftover_dirs_before_next_export": len(left), "leftover_dirs_after_next_export": len(_leftovers(parent))}
+
+
+def markdown(r: dict) -> str:
+    s, f = r["soak"], r["faults"]
+    lines = ["# Soak and fault benchmark (issue #22)", "",
+             f"Engine `{r['engine']}`; command: `{r['command']}`; {r['machine']['cpu']}, "
+             f"{r['machine']['cpus_available']} CPUs available, load average at start {r['machine']['loadavg_start']}.", "",
+             "| soak | value |", "|---|---|",
+             f"| requests ({s['threads']} threads) | {s['requests']} in {s['wall_s']} s ({s['requests_per_s']}/s) |",
+             f"| mix | {', '.join(f'{k} {v}' for k, v in sorted(s['kinds'].items()))} |",
+             f"| errors: VilaEdgeError / foreign | {s['vila_edge_errors']} / **{s['foreign_errors']}** |",
+             f"| RSS after warm-up (request {WARMUP}) -> end | {s['rss_mib_after_warmup']} -> {s['rss_mib_end']} MiB "
+             f"(**{s['rss_growth_pct']:+.2f}%**; max {s['rss_mib_max_after_warmup']}) |",
+             f"| KV blocks used: max during / after the last request | {s['kv_used_max']} / **{s['kv_used_end']}** "
+             f"of {s['kv_blocks']} |", "",
+             "| requests | RSS MiB | KV used | KV cached |", "|---|---|---|---|"]
+    step = max(1, len(s["samples"]) // 12)
+    lines += [f"| {x['requests']} | {x['rss_mib']} | {x['kv_used']} | {x['kv_cached']} |" for x in s["samples"][::step]]
+    lines += ["", f"Export killed with SIGKILL at random points (a full export takes {f['full_export_s']} s): "
+              f"{f['killed']} of {len(f['runs'])} runs killed; OUT broken after a kill: **{f['out_broken']}**; "
+              f"existing engine lost: **{f['engine_lost']}**; killed exports' temp dirs before / after the next "
+              f"export: {f['leftover_dirs_before_next_export']} / **{f['leftover_dirs_after_next_export']}**.", "",
+              "| delay s | killed | OUT existed | OUT after |", "|---|---|---|---|"]
+    lines += [f"| {x['delay_s']} | {x['killed']} | {x['out_existed']} | {x['out_after']} |" for x in f["runs"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", default=None)
+    ap.add_argument("--requests", type=int, default=1200)
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--kills", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default=os.path.join(ROOT, "build", "soak"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "soak"))
+    args = ap.parse_args(argv)
+    os.makedirs(args.work, exist_ok=True)
+    engine = _engine(args.engine, args.work)
+    corrupt = os.path.join(args.work, "corrupt.png")
+    with open(corrupt, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    pipe = Pipeline(engine, threads=1)
+    soak = Soak(pipe, args.requests, corrupt).run(args.threads)
+    print(f"soak: {soak['requests']} requests, RSS {soak['rss_growth_pct']:+.2f}% after warm-up, "
+          f"KV used at end {soak['kv_used_end']}, foreign errors {soak['foreign_errors']}", flush=True)
+    faults = kill_exports(args.work, args.kills, args.seed)
+    r = {"engine": os.path.relpath(engine, ROOT), "command": "make soak", "machine": machine_info(1),
+         "soak": soak, "faults": faults}
+    paths = save_report(r, args.out, "soak", markdown(r))
+    print(markdown(r))
+    print(f"wrote {paths['json']} and {paths['md']}")
+    ok = soak["foreign_errors"] == 0 and soak["kv_used_end"] == 0 and faults["out_broken"] == 0 \
+        and faults["engine_lost"] == 0 and faults["leftover_dirs_after_next_export"] == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
