@@ -164,6 +164,10 @@ class Pipeline:
         out = np.empty((len(ids), self.embeddings.shape[1]), self.embeds_dtype)
         out[text] = self.embeddings[ids[text]]
         for start, k in spans:
+            if tiles[k].shape != (self.splicer.tokens_per_tile, out.shape[1]):   # every row written once
+                raise EngineError(f"{self.engine_dir}: vision graph returned features {list(tiles[k].shape)}, "
+                                  f"manifest.json says [{self.splicer.tokens_per_tile}, {out.shape[1]}]; "
+                                  + REBUILD.format(out=self.engine_dir))
             out[start: start + len(tiles[k])] = tiles[k]
         return out
 

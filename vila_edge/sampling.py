@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vila_edge.errors import GenerationConfigError
+from vila_edge.errors import EngineError, GenerationConfigError
 
 
 @dataclass
@@ -87,6 +87,9 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: np.ndarray) -> int:
         """logits [V'] float32 (V' >= vocab_size); history: ids generated or prompted so far."""
         x = np.array(logits[: self.vocab_size], dtype=np.float32)
+        if np.isnan(x).any():   # argmax would pick a NaN: an answer of garbage or "" instead of an error
+            raise EngineError("the model produced NaN logits: the engine's weights are corrupt (NaN/Inf) or it "
+                              "overflowed its dtype; rebuild the engine from a checked checkpoint")
         x[self.never] = -np.inf
         cfg = self.cfg
         if cfg.repetition_penalty != 1.0 and len(history):
