@@ -1,13 +1,14 @@
 """Soak and fault benchmark (issue #22): does a long-running robot process stay flat and clean?
 
-    PYTHONPATH=. python benchmarks/soak.py [--engine DIR] [--requests 1200] [--threads 4] [--kills 6]
+    PYTHONPATH=. python benchmarks/soak.py [--engine DIR] [--requests 1600] [--threads 4] [--kills 6]
 
 (1) Soak: --requests mixed requests from --threads threads sharing one Pipeline: chats and streams
     about images (bundled examples and fresh random arrays, so the vision cache churns), parts lists,
     streams abandoned after the first piece, multi-turn conversations closed or dropped without
     close(), and bad inputs (options, corrupt images, over-long or invalid prompts). Every 25
-    requests: RSS and KV-pool use. Reported: RSS growth from the end of warm-up (request 100) to the
-    end, the pool after the last request (must be empty), and any error that is not a VilaEdgeError.
+    requests: RSS and KV-pool use. Reported: RSS growth from the end of warm-up (WARMUP requests) to
+    the end, the pool after the last request (must be empty), and any error that is not a
+    VilaEdgeError; once with glibc's default malloc arenas and once with MALLOC_ARENA_MAX=2.
 (2) Faults: `vila-edge export` of a fixture checkpoint killed (SIGKILL) at random points, into a
     fresh OUT and over an existing engine. After each kill OUT must be absent or a complete engine
     (the old one when there was one); the temp dirs the killed exports leave must be removed by the
@@ -17,6 +18,7 @@ engine (`make demo` builds it; exported here under build/soak/ when missing).
 """
 import argparse
 import gc
+import json
 import os
 import random
 import shutil
@@ -35,7 +37,7 @@ from vila_edge import Pipeline, VilaEdgeError  # noqa: E402
 from vila_edge.bench import machine_info, save_report  # noqa: E402
 from vila_edge.manifest import Manifest  # noqa: E402
 
-WARMUP = 100
+WARMUP = 400    # requests: by then the vision feature cache and the KV prefix cache are full
 SAMPLE_EVERY = 25
 KINDS = {"chat": 25, "stream": 10, "abandoned_stream": 5, "parts": 10, "conversation_closed": 15,
          "conversation_dropped": 15, "bad_input": 20}
@@ -71,6 +73,7 @@ def _engine(path: str | None, work: str) -> str:
 class Soak:
     def __init__(self, pipe: Pipeline, total: int, corrupt: str):
         self.pipe, self.total, self.corrupt = pipe, total, corrupt
+        self.warmup = min(WARMUP, total // 4)
         examples = os.path.join(ROOT, "models", "vila-tiny-shapes", "examples")
         self.examples = sorted(os.path.join(examples, n) for n in os.listdir(examples) if n.endswith(".png"))
         self.lock = threading.Lock()
@@ -133,7 +136,7 @@ class Soak:
             with self.lock:
                 self.done += 1
                 self.kinds[kind] = self.kinds.get(kind, 0) + 1
-                if self.done % SAMPLE_EVERY == 0 or self.done == WARMUP:
+                if self.done % SAMPLE_EVERY == 0 or self.done == self.warmup:
                     self.sample()
 
     def sample(self) -> None:
@@ -152,10 +155,10 @@ class Soak:
         wall = time.perf_counter() - self.t0
         gc.collect()
         end = self.pipe.llm.blocks.stats()
-        warm = next(s for s in self.samples if s["requests"] >= WARMUP)
+        warm = next(s for s in self.samples if s["requests"] >= self.warmup)
         final = _rss_mib()
-        after = [s["rss_mib"] for s in self.samples if s["requests"] >= WARMUP]
-        return {"requests": self.done, "threads": threads, "wall_s": round(wall, 1),
+        after = [s["rss_mib"] for s in self.samples if s["requests"] >= self.warmup]
+        return {"requests": self.done, "threads": threads, "warmup_requests": self.warmup, "wall_s": round(wall, 1),
                 "requests_per_s": round(self.done / wall, 2), "kinds": self.kinds,
                 "vila_edge_errors": self.ours, "foreign_errors": len(self.foreign), "foreign": self.foreign[:20],
                 "rss_mib_after_warmup": warm["rss_mib"], "rss_mib_end": round(final, 1),
@@ -194,7 +197,7 @@ def kill_exports(work: str, kills: int, seed: int) -> dict:
         out = os.path.join(parent, "over" if over else f"fresh{i}")
         if over and not os.path.isdir(out):
             shutil.copytree(os.path.join(parent, "full"), out)
-        delay = rng.uniform(0.3, full_s * 1.1)
+        delay = rng.uniform(0.3, full_s)
         proc = subprocess.Popen(_cli("export", ckpt, out, "--quiet"), env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
@@ -214,57 +217,88 @@ def kill_exports(work: str, kills: int, seed: int) -> dict:
 
 
 def markdown(r: dict) -> str:
-    s, f = r["soak"], r["faults"]
+    soaks, f = r["soak"], r["faults"]
+    names = list(soaks)
+    row = lambda label, fn: f"| {label} | " + " | ".join(fn(soaks[n]) for n in names) + " |"
     lines = ["# Soak and fault benchmark (issue #22)", "",
              f"Engine `{r['engine']}`; command: `{r['command']}`; {r['machine']['cpu']}, "
-             f"{r['machine']['cpus_available']} CPUs available, load average at start {r['machine']['loadavg_start']}.", "",
-             "| soak | value |", "|---|---|",
-             f"| requests ({s['threads']} threads) | {s['requests']} in {s['wall_s']} s ({s['requests_per_s']}/s) |",
-             f"| mix | {', '.join(f'{k} {v}' for k, v in sorted(s['kinds'].items()))} |",
-             f"| errors: VilaEdgeError / foreign | {s['vila_edge_errors']} / **{s['foreign_errors']}** |",
-             f"| RSS after warm-up (request {WARMUP}) -> end | {s['rss_mib_after_warmup']} -> {s['rss_mib_end']} MiB "
-             f"(**{s['rss_growth_pct']:+.2f}%**; max {s['rss_mib_max_after_warmup']}) |",
-             f"| KV blocks used: max during / after the last request | {s['kv_used_max']} / **{s['kv_used_end']}** "
-             f"of {s['kv_blocks']} |", "",
-             "| requests | RSS MiB | KV used | KV cached |", "|---|---|---|---|"]
-    step = max(1, len(s["samples"]) // 12)
-    lines += [f"| {x['requests']} | {x['rss_mib']} | {x['kv_used']} | {x['kv_cached']} |" for x in s["samples"][::step]]
+             f"{r['machine']['cpus_available']} CPUs available, load average at start {r['machine']['loadavg_start']}. "
+             f"Warm-up: the first {soaks[next(iter(soaks))]['warmup_requests']} requests (the vision feature and "
+             f"KV prefix caches fill); RSS growth is measured from there to the end.", "",
+             "| soak | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+             row("requests (threads)", lambda s: f"{s['requests']} ({s['threads']}) in {s['wall_s']} s"),
+             row("errors: VilaEdgeError / foreign", lambda s: f"{s['vila_edge_errors']} / **{s['foreign_errors']}**"),
+             row(f"RSS after warm-up -> end, MiB", lambda s: f"{s['rss_mib_after_warmup']} -> {s['rss_mib_end']}"),
+             row("RSS growth after warm-up", lambda s: f"**{s['rss_growth_pct']:+.2f}%**"),
+             row("KV blocks used: max / after the last request", lambda s: f"{s['kv_used_max']} / **{s['kv_used_end']}** "
+                 f"of {s['kv_blocks']}"),
+             row("mix", lambda s: ", ".join(f"{k} {v}" for k, v in sorted(s["kinds"].items()))), "",
+             "| requests | " + " | ".join(f"RSS MiB ({n})" for n in names) + f" | KV used / cached ({names[0]}) |",
+             "|---|" + "---|" * (len(names) + 1)]
+    first = soaks[names[0]]["samples"]
+    step = max(1, len(first) // 12)
+    for k in range(0, len(first), step):
+        rss = [f"{soaks[n]['samples'][k]['rss_mib']}" if k < len(soaks[n]["samples"]) else "" for n in names]
+        lines.append(f"| {first[k]['requests']} | " + " | ".join(rss) + f" | {first[k]['kv_used']} / {first[k]['kv_cached']} |")
     lines += ["", f"Export killed with SIGKILL at random points (a full export takes {f['full_export_s']} s): "
               f"{f['killed']} of {len(f['runs'])} runs killed; OUT broken after a kill: **{f['out_broken']}**; "
               f"existing engine lost: **{f['engine_lost']}**; killed exports' temp dirs before / after the next "
               f"export: {f['leftover_dirs_before_next_export']} / **{f['leftover_dirs_after_next_export']}**.", "",
-              "| delay s | killed | OUT existed | OUT after |", "|---|---|---|---|"]
-    lines += [f"| {x['delay_s']} | {x['killed']} | {x['out_existed']} | {x['out_after']} |" for x in f["runs"]]
+              "| delay s | killed | OUT existed | OUT after | temp dirs left |", "|---|---|---|---|---|"]
+    lines += [f"| {x['delay_s']} | {x['killed']} | {x['out_existed']} | {x['out_after']} | {x['leftover_dirs']} |"
+              for x in f["runs"]]
     return "\n".join(lines) + "\n"
+
+
+# Each soak runs in a fresh process per malloc setting: glibc gives every thread its own arena
+# (up to 8 x cores), and arenas fragmented by many threads' short-lived buffers hold freed memory;
+# MALLOC_ARENA_MAX=2 is the usual setting for threaded Python services on glibc.
+VARIANTS = {"glibc default": {}, "MALLOC_ARENA_MAX=2": {"MALLOC_ARENA_MAX": "2"}}
+
+
+def soak_child(args) -> dict:
+    corrupt = os.path.join(args.work, "corrupt.png")
+    with open(corrupt, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    return Soak(Pipeline(args.engine, threads=1), args.requests, corrupt).run(args.threads)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", default=None)
-    ap.add_argument("--requests", type=int, default=1200)
+    ap.add_argument("--requests", type=int, default=1600)
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--kills", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=os.path.join(ROOT, "build", "soak"))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "soak"))
+    ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
+    if args.child_json:
+        with open(args.child_json, "w") as f:
+            json.dump(soak_child(args), f)
+        return 0
     engine = _engine(args.engine, args.work)
-    corrupt = os.path.join(args.work, "corrupt.png")
-    with open(corrupt, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
-    pipe = Pipeline(engine, threads=1)
-    soak = Soak(pipe, args.requests, corrupt).run(args.threads)
-    print(f"soak: {soak['requests']} requests, RSS {soak['rss_growth_pct']:+.2f}% after warm-up, "
-          f"KV used at end {soak['kv_used_end']}, foreign errors {soak['foreign_errors']}", flush=True)
+    soaks = {}
+    for name, env in VARIANTS.items():
+        path = os.path.join(args.work, "soak-child.json")
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--engine", engine, "--requests", str(args.requests),
+                        "--threads", str(args.threads), "--work", args.work, "--child-json", path],
+                       check=True, env={**_env(), **env})
+        with open(path) as f:
+            soaks[name] = json.load(f)
+        s = soaks[name]
+        print(f"soak ({name}): {s['requests']} requests, RSS {s['rss_growth_pct']:+.2f}% after warm-up, "
+              f"KV used at end {s['kv_used_end']}, foreign errors {s['foreign_errors']}", flush=True)
     faults = kill_exports(args.work, args.kills, args.seed)
     r = {"engine": os.path.relpath(engine, ROOT), "command": "make soak", "machine": machine_info(1),
-         "soak": soak, "faults": faults}
+         "soak": soaks, "faults": faults}
     paths = save_report(r, args.out, "soak", markdown(r))
     print(markdown(r))
     print(f"wrote {paths['json']} and {paths['md']}")
-    ok = soak["foreign_errors"] == 0 and soak["kv_used_end"] == 0 and faults["out_broken"] == 0 \
-        and faults["engine_lost"] == 0 and faults["leftover_dirs_after_next_export"] == 0
+    ok = all(s["foreign_errors"] == 0 and s["kv_used_end"] == 0 for s in soaks.values()) \
+        and faults["out_broken"] == 0 and faults["engine_lost"] == 0 and faults["leftover_dirs_after_next_export"] == 0
     return 0 if ok else 1
 
 
