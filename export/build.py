@@ -64,7 +64,10 @@ def _tokenizer(spec: CheckpointSpec, out_dir: str):
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(spec.path("llm"), use_fast=True, legacy=False)
         tok.backend_tokenizer.save(dst)
-    return Tokenizer.from_file(dst)
+    try:
+        return Tokenizer.from_file(dst)
+    except Exception as e:  # tokenizers raises plain Exception subclasses from Rust
+        raise CheckpointError(f"{spec.path('llm/tokenizer.json')}: not a tokenizer ({str(e)[:200]})") from e
 
 
 def _tokenizer_config(spec: CheckpointSpec) -> dict:
@@ -187,7 +190,8 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
         np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(_embed_dtype(opts, dtype)))
         bar.set_postfix_str("tokenizer"); bar.update()
-        manifest = _write_metadata(spec, tmp, dtype, quant_info, lm_head_rows(llm_weights, quant), opts)
+        with checkpoint_faults(spec.root):
+            manifest = _write_metadata(spec, tmp, dtype, quant_info, lm_head_rows(llm_weights, quant), opts)
         bar.set_postfix_str("verify"); bar.update()
         _verify(tmp)
         sizes = _file_bytes(tmp)          # every file but the report itself

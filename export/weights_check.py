@@ -35,11 +35,12 @@ def check_finite(tensors: dict, where: str) -> dict:
 
 @contextmanager
 def checkpoint_faults(root: str):
-    """Errors from reading weights into graphs (a missing tensor, a wrong shape) name the checkpoint."""
+    """Errors from reading a checkpoint's weights and tokenizer files into an engine (a missing tensor,
+    a wrong shape, a tokenizer_config.json that is not an object) name the checkpoint."""
     try:
         yield
     except VilaEdgeError:
         raise
-    except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{root}: its weights do not match its config ({type(e).__name__}: "
                               f"{str(e)[:300]}); the checkpoint is incomplete or from another model") from e

@@ -111,3 +111,14 @@ def test_bad_export_options_are_ours(tmp_path, checkpoint):
     for opts in ({"dtype": "fp8"}, {"target": "tpu"}, {"quant": "none", "lm_head_bits": 8}):
         with pytest.raises(ExportOptionError):
             _export(checkpoint("vila1.5-3b-downsample"), tmp_path / "out", **opts)
+
+
+@pytest.mark.parametrize("name,content", [("tokenizer.json", "{not json"), ("tokenizer_config.json", "[1, 2]"),
+                                          ("generation_config.json", "{bad")])
+def test_broken_tokenizer_files(tmp_path, checkpoint, name, content):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("vila1.5-3b-downsample"), ckpt)
+    (ckpt / "llm" / name).write_text(content)
+    with pytest.raises(CheckpointError):
+        _export(ckpt, tmp_path / "out")
+    assert [n for n in os.listdir(tmp_path) if n != "ckpt"] == []
