@@ -10,11 +10,14 @@ import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 from vila_edge.errors import EngineError
+from vila_edge.families import DYNAMIC, PAD, RESIZE
 from vila_edge.version import __version__
 
 FORMAT_VERSION = 2   # 2: llm.onnx takes past_k_l/past_v_l rows, not the pool and a block table
 MANIFEST = "manifest.json"
 GRAPH_DTYPES = ("float32", "float16")
+IMAGE_MODES = (RESIZE, PAD, DYNAMIC)
+MAX_TILES = 64   # NVILA uses 12; the tile-grid search is cubic in it, and each tile costs a vision pass
 POSSIBLY_ZERO = ("bos_id", "image_token_id", "num_video_frames")   # int fields where 0 is a valid value
 REBUILD = "rebuild it: make engines CHECKPOINT=<checkpoint dir> OUT={out} (or: vila-edge export <checkpoint> {out})"
 
@@ -140,6 +143,11 @@ def _check_fields(obj, prefix: str, path: str, engine_dir: str) -> None:
             bad(f.name, value, "3 finite numbers (std non-zero)")
     if isinstance(obj, Manifest) and obj.dtype not in GRAPH_DTYPES:
         bad("dtype", obj.dtype, f"one of {GRAPH_DTYPES}")
+    if isinstance(obj, VisionInfo):
+        if not obj.min_tiles <= obj.max_tiles <= MAX_TILES:
+            bad("max_tiles", obj.max_tiles, f"min_tiles ({obj.min_tiles}) <= max_tiles <= {MAX_TILES}")
+        if obj.image_mode not in IMAGE_MODES:
+            bad("image_mode", obj.image_mode, f"one of {IMAGE_MODES}")
 
 
 def _major(version: str) -> str:
