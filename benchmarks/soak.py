@@ -8,9 +8,9 @@
     close(), and bad inputs (options, corrupt images, over-long or invalid prompts). Every 25
     requests: RSS and KV-pool use. Reported: RSS growth from the end of warm-up (WARMUP requests) to
     the end, the pool after the last request (must be empty), and any error that is not a
-    VilaEdgeError; once with glibc's default malloc arenas and once with MALLOC_ARENA_MAX=2. RSS is
-    read as is and, at warm-up and at the end, after malloc_trim(0): threads' malloc arenas keep
-    freed buffers for reuse, which raw RSS counts as growth although the process no longer uses it.
+    VilaEdgeError. Three runs, each in a fresh process: glibc's default malloc arenas, MALLOC_ARENA_MAX=2,
+    and the default with RSS read after malloc_trim(0) at warm-up and at the end: threads' malloc
+    arenas keep freed buffers for reuse, which raw RSS counts although the process no longer uses it.
 (2) Faults: `vila-edge export` of a fixture checkpoint killed (SIGKILL) at random points, into a
     fresh OUT and over an existing engine. After each kill OUT must be absent or a complete engine
     (the old one when there was one); the temp dirs the killed exports leave must be removed by the
@@ -54,13 +54,15 @@ def _rss_mib() -> float:
         return int(next(l.split()[1] for l in f if l.startswith("VmRSS"))) / 1024
 
 
-def _trimmed_rss_mib() -> float | None:
+def _trimmed_rss_mib() -> float:
     """RSS after glibc's malloc_trim(0) hands freed pages back: the memory the process still uses,
-    without what its allocator keeps for reuse (None where libc has no malloc_trim)."""
+    without what its allocator keeps for reuse (plain RSS where libc has no malloc_trim)."""
+    if not os.environ.get("SOAK_TRIM"):
+        return _rss_mib()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
-        return None
+        pass
     return _rss_mib()
 
 
@@ -87,7 +89,6 @@ class Soak:
     def __init__(self, pipe: Pipeline, total: int, corrupt: str):
         self.pipe, self.total, self.corrupt = pipe, total, corrupt
         self.warmup = min(WARMUP, total // 4)
-        self.warm_trimmed = None
         examples = os.path.join(ROOT, "models", "vila-tiny-shapes", "examples")
         self.examples = sorted(os.path.join(examples, n) for n in os.listdir(examples) if n.endswith(".png"))
         self.lock = threading.Lock()
@@ -155,11 +156,10 @@ class Soak:
 
     def sample(self) -> None:
         s = self.pipe.llm.blocks.stats()
+        rss = _trimmed_rss_mib() if self.done == self.warmup else _rss_mib()
         self.samples.append({"requests": self.done, "t_s": round(time.perf_counter() - self.t0, 2),
-                             "rss_mib": round(_rss_mib(), 1), "kv_used": s.used, "kv_cached": s.cached,
+                             "rss_mib": round(rss, 1), "kv_used": s.used, "kv_cached": s.cached,
                              "kv_free": s.free})
-        if self.done == self.warmup:
-            self.warm_trimmed = _trimmed_rss_mib()
 
     def run(self, threads: int) -> dict:
         self.t0 = time.perf_counter()
@@ -172,7 +172,7 @@ class Soak:
         gc.collect()
         end = self.pipe.llm.blocks.stats()
         warm = next(s for s in self.samples if s["requests"] >= self.warmup)
-        final, trimmed = _rss_mib(), _trimmed_rss_mib()
+        final = _trimmed_rss_mib()
         after = [s["rss_mib"] for s in self.samples if s["requests"] >= self.warmup]
         return {"requests": self.done, "threads": threads, "warmup_requests": self.warmup, "wall_s": round(wall, 1),
                 "requests_per_s": round(self.done / wall, 2), "kinds": self.kinds,
@@ -180,10 +180,7 @@ class Soak:
                 "rss_mib_after_warmup": warm["rss_mib"], "rss_mib_end": round(final, 1),
                 "rss_mib_max_after_warmup": max(after + [final]),
                 "rss_growth_pct": round(100 * (final - warm["rss_mib"]) / warm["rss_mib"], 2),
-                "rss_mib_trimmed_after_warmup": self.warm_trimmed and round(self.warm_trimmed, 1),
-                "rss_mib_trimmed_end": trimmed and round(trimmed, 1),
-                "rss_growth_trimmed_pct": None if trimmed is None else
-                round(100 * (trimmed - self.warm_trimmed) / self.warm_trimmed, 2),
+                "rss_trimmed": bool(os.environ.get("SOAK_TRIM")),
                 "kv_blocks": end.num_blocks, "kv_used_end": end.used, "kv_used_max": max(s["kv_used"] for s in self.samples),
                 "samples": self.samples}
 
@@ -253,9 +250,7 @@ def markdown(r: dict) -> str:
              row("requests (threads)", lambda s: f"{s['requests']} ({s['threads']}) in {s['wall_s']} s"),
              row("errors: VilaEdgeError / foreign", lambda s: f"{s['vila_edge_errors']} / **{s['foreign_errors']}**"),
              row(f"RSS after warm-up -> end, MiB", lambda s: f"{s['rss_mib_after_warmup']} -> {s['rss_mib_end']}"),
-             row("RSS growth after warm-up", lambda s: f"{s['rss_growth_pct']:+.2f}%"),
-             row("same, after malloc_trim(0) at both points, MiB", lambda s: f"{s['rss_mib_trimmed_after_warmup']} -> "
-                 f"{s['rss_mib_trimmed_end']} (**{s['rss_growth_trimmed_pct']:+.2f}%**)"),
+             row("RSS growth after warm-up", lambda s: f"**{s['rss_growth_pct']:+.2f}%**"),
              row("KV blocks used: max / after the last request", lambda s: f"{s['kv_used_max']} / **{s['kv_used_end']}** "
                  f"of {s['kv_blocks']}"),
              row("mix", lambda s: ", ".join(f"{k} {v}" for k, v in sorted(s["kinds"].items()))), "",
@@ -279,7 +274,10 @@ def markdown(r: dict) -> str:
 # Each soak runs in a fresh process per malloc setting: glibc gives every thread its own arena
 # (up to 8 x cores), and arenas fragmented by many threads' short-lived buffers hold freed memory;
 # MALLOC_ARENA_MAX=2 is the usual setting for threaded Python services on glibc.
-VARIANTS = {"glibc default": {}, "MALLOC_ARENA_MAX=2": {"MALLOC_ARENA_MAX": "2"}}
+# A third run reads RSS after malloc_trim(0) at warm-up and at the end (its own process: a trim
+# changes the RSS that follows it).
+VARIANTS = {"glibc default": {}, "MALLOC_ARENA_MAX=2": {"MALLOC_ARENA_MAX": "2"},
+            "glibc default, RSS after malloc_trim": {"SOAK_TRIM": "1"}}
 
 
 def soak_child(args) -> dict:
@@ -315,8 +313,7 @@ def main(argv=None) -> int:
         with open(path) as f:
             soaks[name] = json.load(f)
         s = soaks[name]
-        print(f"soak ({name}): {s['requests']} requests, RSS {s['rss_growth_pct']:+.2f}% after warm-up "
-              f"({s['rss_growth_trimmed_pct']:+.2f}% after malloc_trim), "
+        print(f"soak ({name}): {s['requests']} requests, RSS {s['rss_growth_pct']:+.2f}% after warm-up, "
               f"KV used at end {s['kv_used_end']}, foreign errors {s['foreign_errors']}", flush=True)
     faults = kill_exports(args.work, args.kills, args.seed)
     r = {"engine": os.path.relpath(engine, ROOT), "command": "make soak", "machine": machine_info(1),

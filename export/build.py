@@ -141,7 +141,7 @@ def _lm_head_bits(opts) -> int:
         raise ExportOptionError(f"lm_head_bits {opts.lm_head_bits!r} unknown; expected one of {LM_HEAD_BITS}")
     if opts.lm_head_bits and opts.quant == "none":
         raise ExportOptionError(f"lm_head_bits {opts.lm_head_bits} needs quant rtn or awq (quant none keeps every "
-                         f"weight float)")
+                                f"weight float)")
     return opts.lm_head_bits
 
 
@@ -161,8 +161,8 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
     if opts.dtype not in DTYPES:
         raise ExportOptionError(f"dtype {opts.dtype!r} unknown; expected one of {sorted(DTYPES)}")
     if opts.target not in TARGETS:
-        raise ExportOptionError(f"target {opts.target!r}: only {TARGETS} engines can be built (TensorRT engines for "
-                         f"Orin are not implemented yet)")
+        raise ExportOptionError(f"target {opts.target!r}: only {TARGETS} engines can be built (TensorRT engines "
+                                f"for Orin are not implemented yet)")
     dtype = DTYPES[opts.dtype]
     _lm_head_bits(opts)
     bar = _steps(opts.progress, 7)
@@ -177,17 +177,19 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
             vision = build_vision(spec.vision, spec.projector, vision_w, proj_w, dtype)
         save(vision.model(), os.path.join(tmp, FILES["vision"]))
         bar.set_postfix_str("llm weights"); bar.update()
-        with checkpoint_faults(spec.root):
-            if opts.quant == "none":
+        if opts.quant == "none":
+            with checkpoint_faults(spec.root):
                 llm_weights, quant, quant_info = _np(load_weights(spec.path("llm")), dtype), {}, {"method": "none"}
-            else:
-                llm_weights, quant, quant_info = _quantize(spec, opts)
-            check_finite(llm_weights, spec.path("llm"))
-            bar.set_postfix_str("llm graph"); bar.update()
+        else:   # not wrapped: a failure inside the quantizer (memory, a bug) is not the checkpoint's fault
+            llm_weights, quant, quant_info = _quantize(spec, opts)
+        check_finite(llm_weights, spec.path("llm"))
+        bar.set_postfix_str("llm graph"); bar.update()
+        with checkpoint_faults(spec.root):
             llm_model = build_llm(spec.llm, llm_weights, dtype, quant).model()
         save(llm_model, os.path.join(tmp, FILES["llm"]))
         bar.set_postfix_str("embeddings"); bar.update()
-        embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
+        with checkpoint_faults(spec.root):
+            embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
         np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(_embed_dtype(opts, dtype)))
         bar.set_postfix_str("tokenizer"); bar.update()
         with checkpoint_faults(spec.root):
