@@ -35,6 +35,12 @@ def fuzz(examples: int):
     return settings(settings.get_profile(PROFILE), max_examples=examples * SCALE)
 
 
+def run_all(run, calls: list, examples: int) -> None:
+    """Run a @given function and check hypothesis really tried `examples` cases (CI counts them)."""
+    run()
+    assert len(calls) >= examples * SCALE, f"only {len(calls)} of {examples * SCALE} examples ran"
+
+
 # -- strategies ---------------------------------------------------------------------------------
 
 SPECIALS = ["</s>", "<s>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|begin_of_text|>",
@@ -127,21 +133,27 @@ def _assert_pool_empty(p: Pipeline) -> None:
 def test_fuzz_images(tmp):
     spec = {m: preprocess.PixelSpec(28, (0.5,) * 3, (0.5,) * 3, m, 1, 4) for m in (RESIZE, DYNAMIC)}
 
+    calls = []
+
     @fuzz(700)
     @given(img=images(tmp), mode=st.sampled_from([RESIZE, DYNAMIC]))
     def run(img, mode):
+        calls.append(1)
         try:
             tiles = preprocess.image_tiles(img, spec[mode])
         except VilaEdgeError:
             return
         assert tiles.dtype == np.float32 and tiles.shape[1:] == (3, 28, 28) and np.isfinite(tiles).all()
-    run()
+    run_all(run, calls, 700)
 
 
 def test_fuzz_generation_options():
+    calls = []
+
     @fuzz(600)
     @given(opts=options, seed=st.integers(0, 2**31))
     def run(opts, seed):
+        calls.append(1)
         try:
             cfg = GenerationConfig(**opts)
         except VilaEdgeError:
@@ -151,7 +163,7 @@ def test_fuzz_generation_options():
             return
         logits = np.random.default_rng(seed).normal(size=40).astype(np.float32)
         assert 0 <= Sampler(cfg, 32, [3]).__call__(logits, np.arange(5)) < 32
-    run()
+    run_all(run, calls, 600)
 
 
 def test_fuzz_prompt_encoding(pipe):
@@ -160,9 +172,12 @@ def test_fuzz_prompt_encoding(pipe):
     baseline = [i for i in pipe.splicer.text_ids.encode(
         render_segments(pipe.template, [("user", "q")], "s")) if i in controls]
 
+    calls = []
+
     @fuzz(500)
     @given(prompt=text, system=text)
     def run(prompt, system):
+        calls.append(1)
         try:
             content, _ = pipe.user_message(None, prompt, None)
             conv = pipe.conversation(system)
@@ -171,16 +186,19 @@ def test_fuzz_prompt_encoding(pipe):
         ids = pipe.splicer.splice(pipe.splicer.expand(render_segments(pipe.template, [("user", content)],
                                                                       conv.system), []), []).ids
         assert [i for i in ids.tolist() if i in controls] == baseline
-    run()
+    run_all(run, calls, 500)
 
 
 def test_fuzz_call_forms(pipe, tmp):
     small = st.one_of(st.just(np.zeros((20, 30, 3), np.uint8)), images(tmp))
 
+    calls = []
+
     @fuzz(300)
     @given(form=st.sampled_from(["chat", "stream", "abandon", "parts", "turns", "drop", "explicit"]),
            prompt=prompts, img=st.one_of(st.none(), small), opts=st.one_of(good_options, options))
     def run(form, prompt, img, opts):
+        calls.append(1)
         opts = _bounded(opts)
         try:
             _call(pipe, form, prompt, img, opts)
@@ -189,7 +207,7 @@ def test_fuzz_call_forms(pipe, tmp):
         if form == "drop":
             gc.collect()                    # the conversation may sit in a cycle with its traceback
         _assert_pool_empty(pipe)
-    run()
+    run_all(run, calls, 300)
 
 
 def _bounded(opts: dict) -> dict:
@@ -231,10 +249,13 @@ def test_fuzz_engine_dir(engine):
     paths = [(s, k) for s, sub in manifest.items() if isinstance(sub, dict) for k in sub] + \
             [(None, k) for k in manifest]
 
+    calls = []
+
     @fuzz(100)
     @given(fault=st.sampled_from(FAULTS), target=st.sampled_from(files), field=st.sampled_from(paths),
            value=any_value, cut=st.floats(0, 1))
     def run(fault, target, field, value, cut):
+        calls.append(1)
         d = tempfile.mkdtemp(prefix="fuzz-engine-")
         try:
             eng = shutil.copytree(base, os.path.join(d, "e"))
@@ -247,7 +268,7 @@ def test_fuzz_engine_dir(engine):
             _assert_pool_empty(p)
         finally:
             shutil.rmtree(d)
-    run()
+    run_all(run, calls, 100)
 
 
 def _damage(eng, fault, target, field, value, cut):

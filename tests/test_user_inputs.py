@@ -90,3 +90,10 @@ def test_every_public_error_is_ours():
     import vila_edge.errors as errors
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
     assert all(issubclass(c, VilaEdgeError) for c in classes)
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    """Found by the fuzz suite: logits / 5e-324 overflow to inf and inf - inf gave NaN probabilities."""
+    from vila_edge.sampling import Sampler
+    logits = np.array([1.0, 3.0, 2.0, -1.0], np.float32)
+    assert Sampler(GenerationConfig(temperature=5e-324, seed=0), 4, []).__call__(logits, np.arange(0)) == 1

@@ -97,7 +97,10 @@ class Sampler:
             x[seen] = np.where(x[seen] > 0, x[seen] / cfg.repetition_penalty, x[seen] * cfg.repetition_penalty)
         if cfg.temperature == 0:
             return int(np.argmax(x))
-        x = x / cfg.temperature
+        scaled = x / cfg.temperature
+        if np.isinf(scaled.max()):   # a tiny temperature overflowed (inf - inf = NaN): greedy is its limit
+            return int(np.argmax(x))
+        x = scaled
         if cfg.top_k:
             kth = np.partition(x, -min(cfg.top_k, len(x)))[-min(cfg.top_k, len(x))]
             x[x < kth] = -np.inf
