@@ -17,7 +17,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-nvila bench-kv train-tiny evaluate clean serve bench-serve bench-constrain
+.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak kernels bench-kernels bench bench-peers bench-3b bench-nvila bench-kv train-tiny evaluate clean serve bench-serve bench-constrain
 # Succeeds when $(1) is an engine this runtime reads (present, current format): stale engines are rebuilt.
 ENGINE_OK = $(BIN)/python -c "import sys; from vila_edge.manifest import Manifest; Manifest.load(sys.argv[1])" $(1) 2>/dev/null
 
@@ -69,6 +69,12 @@ test: setup  ## run the test suite (CPU; GPU tests skip without a GPU)
 
 test-gpu: setup  ## run only the GPU tests (needs an NVIDIA GPU and cuda-python)
 	$(BIN)/python -m pytest -q -m gpu tests
+
+fuzz: setup  ## long fuzz run (20x the CI examples, random seeds): only VilaEdgeError escapes, KV pool ends empty
+	VILA_FUZZ=long $(BIN)/python -m pytest -q tests/test_fuzz.py -p no:cacheprovider
+
+soak: setup  ## 1,000+ mixed threaded requests + killed exports: RSS and KV pool over time -> benchmarks/results/
+	nice -n 10 $(BIN)/python benchmarks/soak.py
 
 $(VENV)/.bench: $(VENV)/.installed pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[bench]"    # psutil, matplotlib, onnxruntime-genai + onnx-ir (its builder)

@@ -20,7 +20,9 @@ from export.onnx_graph import OPSET, save
 from export.onnx_llm import build_llm, lm_head_rows
 from export.onnx_llm_fused import build_llm_fused
 from export.onnx_vision import build_projector, build_tower, build_vision, tokens_per_image
-from vila_edge.errors import CheckpointError
+from export.output_dir import check_output, drop_owner, make_temp_dir
+from export.weights_check import check_finite, checkpoint_faults
+from vila_edge.errors import CheckpointError, ExportOptionError
 from vila_edge.families import MEDIA_TOKEN, get_family
 from vila_edge.manifest import FORMAT_VERSION, LLMInfo, Manifest, TokenInfo, VisionInfo
 from vila_edge.targets import TARGETS
@@ -67,7 +69,10 @@ def _tokenizer(spec: CheckpointSpec, out_dir: str):
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(spec.path("llm"), use_fast=True, legacy=False)
         tok.backend_tokenizer.save(dst)
-    return Tokenizer.from_file(dst)
+    try:
+        return Tokenizer.from_file(dst)
+    except Exception as e:  # tokenizers raises plain Exception subclasses from Rust
+        raise CheckpointError(f"{spec.path('llm/tokenizer.json')}: not a tokenizer ({str(e)[:200]})") from e
 
 
 def _tokenizer_config(spec: CheckpointSpec) -> dict:
@@ -122,7 +127,7 @@ def _quantize(spec, opts):
     from export.llm_quant import METHODS, QuantOptions, quantize_llm
     from export.quality import QualityFloor
     if opts.quant not in METHODS:
-        raise ValueError(f"quant {opts.quant!r} unknown; expected one of {METHODS}")
+        raise ExportOptionError(f"quant {opts.quant!r} unknown; expected one of {METHODS}")
     floor = (None if opts.max_ppl_increase_pct is None
              else QualityFloor(opts.max_ppl_increase_pct, opts.min_top1_agreement))
     qopts = QuantOptions(method=opts.quant, group_size=opts.group_size, lm_head_bits=_lm_head_bits(opts),
@@ -139,10 +144,10 @@ def _lm_head_bits(opts) -> int:
     if opts.lm_head_bits is None:
         return DEFAULT_LM_HEAD_BITS if opts.quant != "none" else 0
     if opts.lm_head_bits not in LM_HEAD_BITS:
-        raise ValueError(f"lm_head_bits {opts.lm_head_bits!r} unknown; expected one of {LM_HEAD_BITS}")
+        raise ExportOptionError(f"lm_head_bits {opts.lm_head_bits!r} unknown; expected one of {LM_HEAD_BITS}")
     if opts.lm_head_bits and opts.quant == "none":
-        raise ValueError(f"lm_head_bits {opts.lm_head_bits} needs quant rtn or awq (quant none keeps every "
-                         f"weight float)")
+        raise ExportOptionError(f"lm_head_bits {opts.lm_head_bits} needs quant rtn or awq (quant none keeps every "
+                                f"weight float)")
     return opts.lm_head_bits
 
 
@@ -160,37 +165,44 @@ def _steps(progress: bool, total: int):
 def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) -> Manifest:
     opts = opts or ExportOptions()
     if opts.dtype not in DTYPES:
-        raise ValueError(f"dtype {opts.dtype!r} unknown; expected one of {sorted(DTYPES)}")
+        raise ExportOptionError(f"dtype {opts.dtype!r} unknown; expected one of {sorted(DTYPES)}")
     if opts.target not in TARGETS:
-        raise ValueError(f"target {opts.target!r} unknown; expected one of {sorted(TARGETS)}")
+        raise ExportOptionError(f"target {opts.target!r} unknown; expected one of {sorted(TARGETS)}")
     dtype = DTYPES[opts.dtype]
     _lm_head_bits(opts)
     if opts.embed_bits not in (0, 4, 8) or (opts.embed_bits and opts.quant == "none"):
-        raise ValueError(f"embed_bits {opts.embed_bits!r}: expected 0 (float), or 8 / 4 with quant rtn or awq")
+        raise ExportOptionError(f"embed_bits {opts.embed_bits!r}: expected 0 (float), or 8 / 4 with quant rtn or awq")
     bar = _steps(opts.progress, 7)
+    check_output(checkpoint, out)
     spec = read_checkpoint(checkpoint, opts.template, opts.token_order)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    tmp = make_temp_dir(os.path.dirname(os.path.abspath(out)))
     try:
         bar.set_postfix_str("vision"); bar.update()
-        _save_vision(spec, tmp, dtype)
+        with checkpoint_faults(spec.root):
+            _save_vision(spec, tmp, dtype)
         bar.set_postfix_str("llm weights"); bar.update()
         if opts.quant == "none":
-            llm_weights, quant, quant_info = _np(load_weights(spec.path("llm")), dtype), {}, {"method": "none"}
-        else:
+            with checkpoint_faults(spec.root):
+                llm_weights, quant, quant_info = _np(load_weights(spec.path("llm")), dtype), {}, {"method": "none"}
+        else:   # not wrapped: a failure inside the quantizer (memory, a bug) is not the checkpoint's fault
             llm_weights, quant, quant_info = _quantize(spec, opts)
+        check_finite(llm_weights, spec.path("llm"))
         bar.set_postfix_str("llm graph"); bar.update()
-        if TARGETS[opts.target] == "fused":
-            graph = build_llm_fused(spec.llm, llm_weights, dtype, quant, opts.int4_accuracy_level)
-        else:
-            graph = build_llm(spec.llm, llm_weights, dtype, quant)
-        save(graph.model(), os.path.join(tmp, FILES["llm"]))
+        with checkpoint_faults(spec.root):
+            if TARGETS[opts.target] == "fused":
+                graph = build_llm_fused(spec.llm, llm_weights, dtype, quant, opts.int4_accuracy_level)
+            else:
+                graph = build_llm(spec.llm, llm_weights, dtype, quant)
+            llm_model = graph.model()
+        save(llm_model, os.path.join(tmp, FILES["llm"]))
         bar.set_postfix_str("embeddings"); bar.update()
-        embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
+        with checkpoint_faults(spec.root):
+            embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
         embed_file = _save_embeddings(tmp, embed, opts, dtype)
         bar.set_postfix_str("tokenizer"); bar.update()
-        manifest = _write_metadata(spec, tmp, dtype, quant_info, lm_head_rows(llm_weights, quant), opts, embed_file)
+        with checkpoint_faults(spec.root):
+            manifest = _write_metadata(spec, tmp, dtype, quant_info, lm_head_rows(llm_weights, quant), opts,
+                                       embed_file)
         bar.set_postfix_str("verify"); bar.update()
         _verify(tmp)
         sizes = _file_bytes(tmp)          # every file but the report itself
@@ -198,6 +210,7 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
             json.dump({"quant": quant_info, "engine_bytes": sum(sizes.values()), "file_bytes": sizes,
                        "embeddings_dtype": f"int{opts.embed_bits}" if opts.embed_bits else _embed_dtype(opts, dtype)},
                       f, indent=2)
+        drop_owner(tmp)
         publish(tmp, out)
         bar.set_postfix_str("done"); bar.update()
     except BaseException:
@@ -211,8 +224,8 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
 def _save_vision(spec: CheckpointSpec, tmp: str, dtype: str) -> None:
     """vision.onnx = tower + projector; multi-scale checkpoints get the tower alone in vision.onnx and
     projector.onnx beside it, since the runtime merges the scales' maps in between."""
-    tower = _np(load_vision_weights(spec), dtype)
-    projector = _np(load_weights(spec.path("mm_projector")), dtype)
+    tower = check_finite(_np(load_vision_weights(spec), dtype), spec.path("vision_tower"))
+    projector = check_finite(_np(load_weights(spec.path("mm_projector")), dtype), spec.path("mm_projector"))
     if spec.scales is None:
         save(build_vision(spec.vision, spec.projector, tower, projector, dtype).model(),
              os.path.join(tmp, FILES["vision"]))
@@ -277,7 +290,7 @@ def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts, embed_
 
 
 def _file_bytes(path: str) -> dict:
-    return {f: os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path))}
+    return {f: os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path)) if not f.startswith(".")}
 
 
 def _verify(engine_dir: str) -> None:

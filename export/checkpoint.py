@@ -110,9 +110,14 @@ def _read_json(path: str) -> dict:
         raise CheckpointError(f"{path}: file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            cfg = json.load(f)
+    except PermissionError as e:
+        raise CheckpointError(f"{path}: permission denied; make the checkpoint readable by this user") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def _need(cfg: dict, key: str, where: str, kind=None):

@@ -15,13 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from export.quantize import QuantizedLLM
-from vila_edge.errors import VilaEdgeError
+from vila_edge.errors import QualityError  # noqa: F401 (re-exported)
 
 FP16_BYTES = 2
-
-
-class QualityError(VilaEdgeError):
-    """A quantized model is below the configured quality floor."""
 
 
 @dataclass

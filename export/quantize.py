@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from vila_edge.errors import VilaEdgeError
+from vila_edge.errors import QuantConfigError  # noqa: F401 (re-exported)
 
 INT4_MIN, INT4_MAX = -8, 7
 # Symmetric int8 leaves -128 out, so the code range is symmetric about zero (absmax maps to +-127).
@@ -35,10 +35,6 @@ SCALE_STORAGE_DTYPE = torch.float16
 # Quantized engines store the embedding table in fp16 (contracts.md); the reference rounds it the same way.
 EMBED_STORAGE_DTYPE = torch.float16
 EMBED_KEY = "model.embed_tokens.weight"
-
-
-class QuantConfigError(VilaEdgeError):
-    """A quantization setting does not fit a layer (e.g. K not a multiple of the group size)."""
 
 
 class QuantizedWeight(NamedTuple):

@@ -114,12 +114,12 @@ def test_multi_turn_reuses_kv_and_matches_cold_prefill(target, engine):
     pipe = Pipeline(eng)
     conv = pipe.conversation()
     conv.send(_images()[0], "What is in the image?", max_new_tokens=6)
-    state = (list(conv.messages), list(conv.tiles), list(conv.digests), list(conv.tiles_per_image))
+    state = (list(conv.turns), list(conv.tiles), list(conv.digests), list(conv.tiles_per_image))
     conv.send(None, "Where is the red square?", max_new_tokens=6)
     bs = pipe.llm.blocks.block_size
     assert conv.last_stats["cached_tokens"] >= bs and conv.last_stats["cached_tokens"] % bs == 0
     cold = Pipeline(eng).conversation()
-    cold.messages, cold.tiles, cold.digests, cold.tiles_per_image = state
+    cold.turns, cold.tiles, cold.digests, cold.tiles_per_image = state
     cold.send(None, "Where is the red square?", max_new_tokens=6)
     assert cold.last_stats["cached_tokens"] == 0
     assert cold.last_ids == conv.last_ids

@@ -13,6 +13,7 @@ from vila_edge.errors import EngineError
 # ORT rewrites int4 DequantizeLinear -> MatMul into MatMulNBits; its accuracy level 4 quantizes
 # activations to int8 per block (2-4x faster on CPU, onnx-trt-int4.md §1.2), 0 keeps them float.
 INT4_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+ORT_ERRORS = ("Fail", "InvalidArgument", "RuntimeException", "InvalidGraph", "EPFail", "NotImplemented")
 
 
 class OrtSession:
@@ -27,15 +28,25 @@ class OrtSession:
             opts.optimized_model_filepath = optimized_path
         if threads:
             opts.intra_op_num_threads = threads
+        if not os.access(path, os.R_OK):
+            raise EngineError(f"{path}: permission denied; make the engine directory readable by this user "
+                              f"(chmod -R a+rX {os.path.dirname(path) or '.'})")
         try:
             self.session = ort.InferenceSession(path, opts, providers=list(providers))
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise EngineError(f"{path}: ONNX Runtime cannot load this graph ({e}); rebuild the engine") from e
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # ORT's own exception classes derive from Exception, not RuntimeError.
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+        self._errors = (RuntimeError,) + tuple(getattr(state, n) for n in ORT_ERRORS if hasattr(state, n))
         self.name = os.path.basename(path)
 
     def run(self, feeds: dict) -> dict:
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        try:
+            return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        except self._errors as e:
+            raise EngineError(f"{self.name}: ONNX Runtime failed to run this graph ({str(e)[:300]}); the engine "
+                              f"file may be corrupt or from another model: rebuild the engine") from e
 
     def input_dtype(self, name: str) -> np.dtype:
         for i in self.session.get_inputs():

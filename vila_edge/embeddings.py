@@ -28,10 +28,18 @@ class EmbeddingTable:
     def load(engine_dir: str, manifest) -> "EmbeddingTable":
         path = os.path.join(engine_dir, manifest.files["embeddings"])
         if path.endswith(".npy"):
-            # Mapped, not read: pages load on first use. A plain ndarray view of the map: indexing a
-            # np.memmap builds a memmap object per call (~100 us, as much as a small model's step).
-            return EmbeddingTable(table=np.load(path, mmap_mode="r").view(np.ndarray))
-        with np.load(path) as z:
+            # Mapped, not read: pages load on first use (never unpickled; shape and dtype checked
+            # against the manifest). A plain ndarray view of the map: indexing a np.memmap builds a
+            # memmap object per call (~100 us, as much as a small model's step).
+            from vila_edge.engine_check import load_embeddings
+            from vila_edge.manifest import REBUILD
+            return EmbeddingTable(table=load_embeddings(path, manifest, REBUILD.format(out=engine_dir))
+                                  .view(np.ndarray))
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise EngineError(f"{path}: not a numpy archive this runtime can read ({e}); rebuild the engine") from e
+        with z:
             bits = int(z["bits"])
             if bits not in (4, 8):
                 raise EngineError(f"{path}: embedding codes of {bits} bits; expected 4 or 8")

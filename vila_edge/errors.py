@@ -1,4 +1,9 @@
-"""Errors raised at vila_edge's boundaries. Each names the input, the field and what was expected."""
+"""Every error a user can cause, in one place. Each names the input, the field and what was expected.
+
+The CLI prints a VilaEdgeError as one line and exits 2 (a server answers 4xx); anything else that
+escapes the library is a bug. Classes that mirror a Python idiom also derive from it (a bad option
+value is a ValueError, a wrong type a TypeError), so `except ValueError` keeps working.
+"""
 
 
 class VilaEdgeError(Exception):
@@ -6,11 +11,21 @@ class VilaEdgeError(Exception):
 
 
 class CheckpointError(VilaEdgeError):
-    """A checkpoint directory has the wrong layout or an inconsistent config."""
+    """A checkpoint directory has the wrong layout, an inconsistent config or unusable weights."""
 
 
 class EngineError(VilaEdgeError):
-    """An engine directory is missing files, corrupt, or built by another version."""
+    """An engine directory is missing files, corrupt, inconsistent with its graphs, or built by
+    another version."""
+
+
+class ExportError(VilaEdgeError):
+    """An export cannot proceed without harming the user's files (an output directory that is not
+    an engine, the checkpoint itself, one that cannot be written)."""
+
+
+class ExportOptionError(VilaEdgeError, ValueError):
+    """An export option (dtype, target, quant, lm_head_bits, ...) is unknown or inconsistent."""
 
 
 class ImageError(VilaEdgeError):
@@ -18,7 +33,33 @@ class ImageError(VilaEdgeError):
 
 
 class PromptError(VilaEdgeError):
-    """A prompt does not fit the model: too long, or its images do not match its placeholders."""
+    """A prompt does not fit the model: too long, not valid text, or its images do not match its
+    placeholders."""
+
+
+class TemplateError(VilaEdgeError, ValueError):
+    """A chat template is unknown, missing, or failed while rendering."""
+
+
+class GenerationConfigError(VilaEdgeError, ValueError):
+    """A generation option (max_new_tokens, temperature, stop, ...) has the wrong type or value."""
+
+
+class KVConfigError(VilaEdgeError, ValueError):
+    """A KV cache setting (block size, wait time, pool size) is not usable."""
+
+
+class KVBudgetError(KVConfigError):
+    """A KV budget that cannot be parsed, or that leaves no room for one full context."""
+
+
+class KVSequenceError(VilaEdgeError, ValueError):
+    """A BlockManager call that does not fit a sequence's state (a duplicate id, bad keys, a commit
+    beyond what was reserved)."""
+
+
+class UnknownSequence(VilaEdgeError, KeyError):
+    """A BlockManager call names a sequence that does not exist (never allocated, or freed)."""
 
 
 class KVCacheFull(VilaEdgeError):
@@ -31,6 +72,8 @@ class MissingExtraError(VilaEdgeError):
 
 class UsageError(VilaEdgeError, ValueError):
     """A command-line or API option has a value outside its accepted range."""
+
+
 class GrammarError(VilaEdgeError, ValueError):
     """A structured-output constraint (json_schema, choices, regex) cannot be compiled or followed."""
 
@@ -54,3 +97,11 @@ class RequestError(VilaEdgeError, ValueError):
 
 class ServeError(VilaEdgeError):
     """`vila-edge serve` cannot start: its address is taken or unusable."""
+
+
+class QuantConfigError(VilaEdgeError):
+    """A quantization setting does not fit a layer (e.g. K not a multiple of the group size)."""
+
+
+class QualityError(VilaEdgeError):
+    """A quantized model is below the configured quality floor."""

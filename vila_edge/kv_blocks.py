@@ -23,13 +23,14 @@ import hashlib
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from contextlib import contextmanager
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from vila_edge.errors import KVCacheFull
+from vila_edge.errors import KVCacheFull, KVConfigError, KVSequenceError, UnknownSequence
 
 ROOT_HASH = 0  # the "previous hash" of a sequence's first block
 
@@ -98,11 +99,12 @@ class BlockManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int, wait_s: float = 0.0):
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"BlockManager needs num_blocks >= 1 and block_size >= 1, "
+        if not _is_int(num_blocks) or not _is_int(block_size) or num_blocks < 1 or block_size < 1:
+            raise KVConfigError(f"BlockManager needs num_blocks >= 1 and block_size >= 1, "
                              f"got {num_blocks} and {block_size}")
-        if wait_s < 0:
-            raise ValueError(f"BlockManager wait_s must be >= 0 seconds, got {wait_s}")
+        if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or not wait_s >= 0:
+            raise KVConfigError(f"BlockManager wait_s must be a number of seconds >= 0 (math.inf: wait for "
+                                f"ever), got {wait_s!r}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.wait_s = wait_s
@@ -112,15 +114,18 @@ class BlockManager:
         self._free = dict.fromkeys(range(num_blocks))   # insertion-ordered set: taken oldest first
         self._lru = OrderedDict()                 # cached block ids, least recently freed first
         self._seqs = {}
+        self._waiting = {}                        # seq id -> threads waiting while holding it
         self._counters = _Counters()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()       # an RLock: see _locked
+        self._local = threading.local()
+        self._orphans = deque()                   # sequences to free at the next call (release_later)
 
     # -- queries -----------------------------------------------------------------------------
 
     @property
     def num_free_blocks(self) -> int:
         """Blocks an allocation can take now: free ones plus evictable cached ones."""
-        with self._cond:
+        with self._locked():
             return len(self._free) + len(self._lru)
 
     def can_allocate(self, n_tokens: int) -> bool:
@@ -128,24 +133,24 @@ class BlockManager:
         return self._blocks_for(n_tokens) <= self.num_free_blocks
 
     def block_table(self, seq_id: Hashable) -> list:
-        with self._cond:
+        with self._locked():
             return list(self._seq(seq_id).block_table)
 
     def num_tokens(self, seq_id: Hashable) -> int:
-        with self._cond:
+        with self._locked():
             return len(self._seq(seq_id).keys)
 
     def slots(self, seq_id: Hashable, start: int, count: int) -> np.ndarray:
         """int64 [count]: slot ids (block * BS + row) of positions start..start+count-1."""
-        with self._cond:
+        with self._locked():
             seq = self._seq(seq_id)
             if start < 0 or count < 0 or start + count > len(seq.keys):
-                raise ValueError(f"slots({seq_id!r}, {start}, {count}): sequence has only "
+                raise KVSequenceError(f"slots({seq_id!r}, {start}, {count}): sequence has only "
                                  f"{len(seq.keys)} reserved positions")
             return self._slots(seq.block_table, start, count)
 
     def stats(self) -> KVStats:
-        with self._cond:
+        with self._locked():
             c = self._counters
             return KVStats(self.num_blocks, len(self._free), len(self._lru),
                            self.num_blocks - len(self._free) - len(self._lru),
@@ -160,25 +165,27 @@ class BlockManager:
         the table in place. Nothing is reserved: the room stays available to others."""
         keys = _checked_keys(keys)
         if not keys:
-            raise ValueError(f"allocate({seq_id!r}): a sequence needs at least one key")
+            raise KVSequenceError(f"allocate({seq_id!r}): a sequence needs at least one key")
+        if not _is_int(grow):   # checked before any block changes hands: allocate is all or nothing
+            raise KVSequenceError(f"allocate({seq_id!r}): grow must be an int number of positions, got {grow!r}")
         hashes = chain_hashes(keys, self.block_size)  # outside the lock: pure
         max_hits = (len(keys) - 1) // self.block_size
-        with self._cond:
+        with self._locked():
             total = self._blocks_for(len(keys))
             deadline = time.monotonic() + self.wait_s
             while True:
                 if seq_id in self._seqs:
-                    raise ValueError(f"allocate: sequence {seq_id!r} already exists")
+                    raise KVSequenceError(f"allocate: sequence {seq_id!r} already exists")
                 hits = self._lookup(hashes[:max_hits])
                 revived = sum(1 for b in hits if self._ref[b] == 0)
                 if total - len(hits) <= len(self._free) + len(self._lru) - revived:
                     break
                 self._wait_or_raise(seq_id, total - len(hits), total, "allocate", deadline)
+            room = self._blocks_for(len(keys) + max(0, int(grow))) - total
             for b in hits:
                 if self._ref[b] == 0:
                     del self._lru[b]
                 self._ref[b] += 1
-            room = self._blocks_for(len(keys) + max(0, grow)) - total
             table = hits + self._take_run(total - len(hits), hits[-1] if hits else None, room)
             self._counters.hits += len(hits)
             self._counters.misses += total - len(hits)
@@ -189,7 +196,7 @@ class BlockManager:
     def append(self, seq_id: Hashable, keys: Sequence[int]) -> np.ndarray:
         """Reserve len(keys) more positions (decode steps, a next turn); returns their slots."""
         keys = _checked_keys(keys)
-        with self._cond:
+        with self._locked():
             deadline = time.monotonic() + self.wait_s
             while True:  # re-read the sequence after a wait: another thread may have freed it
                 seq = self._seq(seq_id)
@@ -197,7 +204,7 @@ class BlockManager:
                 need = self._blocks_for(n_new) - len(seq.block_table)
                 if need <= len(self._free) + len(self._lru):
                     break
-                self._wait_or_raise(seq_id, need, self._blocks_for(n_new), "append", deadline)
+                self._wait_or_raise(seq_id, need, self._blocks_for(n_new), "append", deadline, holds=seq_id)
             all_keys = seq.keys + keys
             prev = seq.hashes[-1] if seq.hashes else ROOT_HASH
             seq.hashes += chain_hashes(all_keys, self.block_size, prev,
@@ -213,11 +220,11 @@ class BlockManager:
         requests, this conversation's next turn) can reuse them. A block whose hash is already
         registered elsewhere (two requests computed the same prefix) stays unhashed.
         """
-        with self._cond:
+        with self._locked():
             seq = self._seq(seq_id)
             n = len(seq.keys) if num_tokens is None else num_tokens
             if not seq.num_computed <= n <= len(seq.keys):
-                raise ValueError(f"commit({seq_id!r}, {n}): must lie between the {seq.num_computed} "
+                raise KVSequenceError(f"commit({seq_id!r}, {n}): must lie between the {seq.num_computed} "
                                  f"computed and {len(seq.keys)} reserved positions")
             for i in range(seq.num_computed // self.block_size, n // self.block_size):
                 b, h = seq.block_table[i], seq.hashes[i]
@@ -233,20 +240,20 @@ class BlockManager:
         block, and the caller must copy src into dst (KVPool.copy_block) before the child's next
         forward pass. The list is empty when the parent ends on a block boundary.
         """
-        with self._cond:
+        with self._locked():
             deadline = time.monotonic() + self.wait_s
             while True:  # re-checked after a wait: another thread may have changed either
                 seq = self._seq(parent)
                 if child in self._seqs:
-                    raise ValueError(f"fork: sequence {child!r} already exists")
+                    raise KVSequenceError(f"fork: sequence {child!r} already exists")
                 if seq.num_computed != len(seq.keys):
-                    raise ValueError(f"fork({parent!r}): commit the parent first ("
+                    raise KVSequenceError(f"fork({parent!r}): commit the parent first ("
                                      f"{seq.num_computed} of {len(seq.keys)} positions computed)")
                 n_full = len(seq.keys) // self.block_size
                 partial = len(seq.block_table) - n_full
                 if partial <= len(self._free) + len(self._lru):
                     break
-                self._wait_or_raise(child, partial, len(seq.block_table), "fork", deadline)
+                self._wait_or_raise(child, partial, len(seq.block_table), "fork", deadline, holds=parent)
             shared = seq.block_table[:n_full]
             for b in shared:
                 self._ref[b] += 1
@@ -256,26 +263,56 @@ class BlockManager:
 
     def free(self, seq_id: Hashable) -> None:
         """Drop a sequence: hashed blocks it held last go to the cached LRU, the rest to free."""
-        with self._cond:
-            seq = self._seqs.pop(seq_id, None)
-            if seq is None:
-                raise KeyError(f"free: unknown sequence {seq_id!r}")
-            # Tail first, so a prefix's later blocks are evicted before its earlier ones: a chain
-            # is only reachable from its start, and the start is what other prompts share.
-            for b in reversed(seq.block_table):
-                self._ref[b] -= 1
-                if self._ref[b] == 0:
-                    if self._hash[b] is None:
-                        self._free[b] = None
-                    else:
-                        self._lru[b] = None
-            self._cond.notify_all()
+        with self._locked():
+            if self._local.depth > 1:
+                # Re-entered from a garbage-collector callback (a Conversation or stream collected
+                # while this thread is inside another call): finish that call first.
+                self._orphans.append(seq_id)
+                return
+            self._free_now(seq_id)
+
+    def release_later(self, seq_id: Hashable) -> None:
+        """Free `seq_id` at the next call into this manager (unknown ids are ignored). Takes no lock:
+        safe from any thread and from weakref.finalize callbacks, which run wherever the garbage
+        collector happens to run, possibly inside a call here that holds the lock."""
+        self._orphans.append(seq_id)
+
+    def _free_now(self, seq_id: Hashable) -> None:
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            raise UnknownSequence(f"free: unknown sequence {seq_id!r}")
+        # Tail first, so a prefix's later blocks are evicted before its earlier ones: a chain
+        # is only reachable from its start, and the start is what other prompts share.
+        for b in reversed(seq.block_table):
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                if self._hash[b] is None:
+                    self._free[b] = None
+                else:
+                    self._lru[b] = None
+        self._cond.notify_all()
 
     # -- internals (called with the lock held) -----------------------------------------------
 
+    @contextmanager
+    def _locked(self):
+        """The lock, with this thread's nesting depth; the outermost entry first frees sequences
+        whose owners were garbage-collected (release_later)."""
+        with self._cond:
+            self._local.depth = getattr(self._local, "depth", 0) + 1
+            try:
+                if self._local.depth == 1:
+                    while self._orphans:
+                        seq_id = self._orphans.popleft()
+                        if seq_id in self._seqs:
+                            self._free_now(seq_id)
+                yield
+            finally:
+                self._local.depth -= 1
+
     def _seq(self, seq_id):
         if seq_id not in self._seqs:
-            raise KeyError(f"unknown sequence {seq_id!r}")
+            raise UnknownSequence(f"unknown sequence {seq_id!r}")
         return self._seqs[seq_id]
 
     def _blocks_for(self, n_tokens: int) -> int:
@@ -336,17 +373,31 @@ class BlockManager:
         return np.asarray(table, dtype=np.int64)[pos // self.block_size] * self.block_size \
             + pos % self.block_size
 
-    def _wait_or_raise(self, seq_id, need: int, total: int, op: str, deadline: float) -> None:
-        """Wait for a free() if this manager waits and the request could ever fit; else raise."""
+    def _wait_or_raise(self, seq_id, need: int, total: int, op: str, deadline: float,
+                       holds: Hashable | None = None) -> None:
+        """Wait for a free() if this manager waits and the request could ever fit; else raise.
+        `holds`: the sequence the waiting caller keeps while it waits (append, fork). When every
+        sequence in the pool is held by a waiter, no free() can come: the caller raises at once, and
+        its error path frees what it holds, which wakes the others (no deadlock, even at wait_s=inf)."""
         remaining = deadline - time.monotonic()
-        if total <= self.num_blocks and remaining > 0:
-            self._cond.wait(None if math.isinf(remaining) else remaining)
+        stuck = holds is not None and all(s == holds or s in self._waiting for s in self._seqs)
+        if total <= self.num_blocks and remaining > 0 and not stuck:
+            if holds is not None:
+                self._waiting[holds] = self._waiting.get(holds, 0) + 1
+            try:
+                self._cond.wait(None if math.isinf(remaining) else remaining)
+            finally:
+                if holds is not None:
+                    self._waiting[holds] -= 1
+                    if not self._waiting[holds]:
+                        del self._waiting[holds]
             return
         raise KVCacheFull(
             f"KV cache full: {op} for sequence {seq_id!r} needs {need} more blocks of "
             f"{self.block_size} tokens, {len(self._free) + len(self._lru)} are free or evictable "
             f"of {self.num_blocks} in the pool ({len(self._seqs)} sequences hold the rest)"
             + (f" and even an empty pool is too small ({total} blocks)" if total > self.num_blocks
+               else " while every sequence holding blocks waits for more (none can finish)" if stuck
                else f" after waiting {self.wait_s} s" if self.wait_s > 0 else "")
             + "; raise the KV budget (a larger target or byte count) or free finished sequences")
 
@@ -365,10 +416,14 @@ def _cheapest_run(unused: np.ndarray, cost: np.ndarray, n: int) -> int | None:
     return int(np.argmin(np.where(ok, score, np.iinfo(np.int64).max)))
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _checked_keys(keys: Sequence[int]) -> list:
     """Keys are token ids or 63-bit image keys; they must be ints that fit int64 for hashing."""
     out = list(keys)
     for k in out:
         if not isinstance(k, (int, np.integer)) or not -2**63 <= k < 2**63:
-            raise ValueError(f"KV block keys must be int64 integers, got {k!r}")
+            raise KVSequenceError(f"KV block keys must be int64 integers, got {k!r}")
     return [int(k) for k in out]

@@ -7,14 +7,10 @@ import operator
 import re
 from dataclasses import dataclass
 
-from vila_edge.errors import VilaEdgeError
+from vila_edge.errors import KVBudgetError
 from vila_edge.kv_cache import KVLayout
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
-
-
-class KVBudgetError(VilaEdgeError, ValueError):
-    """A KV budget that cannot be parsed, or that leaves no room for one full context."""
 
 
 @dataclass(frozen=True)

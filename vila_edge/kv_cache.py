@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vila_edge.errors import KVConfigError
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -22,12 +24,12 @@ class KVLayout:
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"KVLayout.{name} must be a positive int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KVConfigError(f"KVLayout.{name} must be a positive int, got {value!r}")
         try:
             np.dtype(self.dtype)
         except TypeError as e:
-            raise ValueError(f"KVLayout.dtype {self.dtype!r} is not a numpy dtype name") from e
+            raise KVConfigError(f"KVLayout.dtype {self.dtype!r} is not a numpy dtype name") from e
 
     @property
     def itemsize(self) -> int:

@@ -61,12 +61,13 @@ class LLMEngine:
     def extend(self, seq_id, inputs, keys: np.ndarray) -> np.ndarray:
         """Append positions to a live sequence (a decode step) and run them."""
         tokens = _tokens(inputs)
-        start = self.blocks.num_tokens(seq_id)
-        slots = self.blocks.append(seq_id, keys.tolist())
         try:
+            start = self.blocks.num_tokens(seq_id)
+            slots = self.blocks.append(seq_id, keys.tolist())
             return self._run_chunks(seq_id, tokens, start, self.blocks.block_table(seq_id), slots)
         except BaseException:
-            # Reserved-but-uncomputed positions would poison the sequence: drop it whole.
+            # Reserved-but-uncomputed positions would poison the sequence, and a caller that sees an
+            # error (KVCacheFull from append included) forgets it: drop it whole, here.
             self.blocks.free(seq_id)
             raise
 
@@ -85,3 +86,7 @@ class LLMEngine:
 
     def release(self, seq_id) -> None:
         self.blocks.free(seq_id)
+
+    def release_later(self, seq_id) -> None:
+        """release() for garbage-collector callbacks: takes no lock (BlockManager.release_later)."""
+        self.blocks.release_later(seq_id)

@@ -4,10 +4,13 @@ The runtime trusts nothing it cannot check: the format version, the exporter's m
 the presence of every file the manifest lists. A mismatch says how to rebuild.
 """
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+import types
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 from vila_edge.errors import EngineError
+from vila_edge.families import DYNAMIC, PAD, RESIZE
 from vila_edge.version import __version__
 
 # 2: llm.onnx takes past_k_l/past_v_l rows, not the pool and a block table
@@ -15,6 +18,10 @@ from vila_edge.version import __version__
 #    LLM graph variant (fused contrib ops for ORT targets, standard ops for TensorRT's parser)
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
+GRAPH_DTYPES = ("float32", "float16")
+IMAGE_MODES = (RESIZE, PAD, DYNAMIC)
+MAX_TILES = 64   # NVILA uses 12; the tile-grid search is cubic in it, and each tile costs a vision pass
+POSSIBLY_ZERO = ("bos_id", "image_token_id", "num_video_frames")   # int fields where 0 is a valid value
 REBUILD = "rebuild it: make engines CHECKPOINT=<checkpoint dir> OUT={out} (or: vila-edge export <checkpoint> {out})"
 
 
@@ -87,8 +94,14 @@ class Manifest:
         try:
             with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
-        except json.JSONDecodeError as e:
+        except PermissionError as e:
+            raise EngineError(f"{path}: permission denied; make the engine directory readable by this user "
+                              f"(chmod -R a+rX {engine_dir})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise EngineError(f"{path}: corrupt JSON ({e}); " + REBUILD.format(out=engine_dir)) from e
+        if not isinstance(raw, dict):
+            raise EngineError(f"{path}: expected a JSON object, got {type(raw).__name__}; "
+                              + REBUILD.format(out=engine_dir))
         _check_version(raw, path, engine_dir)
         try:
             nested = {"llm": LLMInfo, "vision": VisionInfo, "tokens": TokenInfo}
@@ -98,11 +111,55 @@ class Manifest:
             manifest = Manifest(**args)
         except (KeyError, TypeError) as e:
             raise EngineError(f"{path}: missing or unexpected field ({e}); " + REBUILD.format(out=engine_dir)) from e
+        _check_fields(manifest, "", path, engine_dir)
         for role, name in manifest.files.items():
+            if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                raise EngineError(f"{path}: files.{role} is {name!r}; expected a file name inside the engine "
+                                  f"directory; " + REBUILD.format(out=engine_dir))
             if not os.path.isfile(os.path.join(engine_dir, name)):
                 raise EngineError(f"{engine_dir}: file {name} ({role}) listed in {MANIFEST} is missing; "
                                   + REBUILD.format(out=engine_dir))
         return manifest
+
+
+def _type_ok(value, kind) -> bool:
+    """isinstance for the annotations used above: int (bool excluded), float, str, list, dict, X | None."""
+    if isinstance(kind, types.UnionType):
+        return any(_type_ok(value, k) for k in kind.__args__)
+    if kind is type(None):
+        return value is None
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_fields(obj, prefix: str, path: str, engine_dir: str) -> None:
+    """Every field has its annotated type, and the numbers that size arrays are positive."""
+    def bad(name, value, expected):
+        raise EngineError(f"{path}: field {prefix}{name} is {value!r}; expected {expected}; "
+                          + REBUILD.format(out=engine_dir))
+
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(f.type):
+            _check_fields(value, f"{prefix}{f.name}.", path, engine_dir)
+            continue
+        if not _type_ok(value, f.type):
+            bad(f.name, value, getattr(f.type, "__name__", str(f.type)))
+        if f.type is int and f.name not in POSSIBLY_ZERO and value < 1:
+            bad(f.name, value, "a positive integer")
+        if f.name in ("stop_ids", "never_sample") and not all(_type_ok(i, int) and i >= 0 for i in value):
+            bad(f.name, value, "a list of token ids (integers >= 0)")
+        if f.name in ("mean", "std") and (len(value) != 3 or not all(
+                _type_ok(x, float | int) and math.isfinite(x) for x in value) or (f.name == "std" and 0 in value)):
+            bad(f.name, value, "3 finite numbers (std non-zero)")
+    if isinstance(obj, Manifest) and obj.dtype not in GRAPH_DTYPES:
+        bad("dtype", obj.dtype, f"one of {GRAPH_DTYPES}")
+    if isinstance(obj, VisionInfo):
+        if not obj.min_tiles <= obj.max_tiles <= MAX_TILES:
+            bad("max_tiles", obj.max_tiles, f"min_tiles ({obj.min_tiles}) <= max_tiles <= {MAX_TILES}")
+        if obj.image_mode not in IMAGE_MODES:
+            bad("image_mode", obj.image_mode, f"one of {IMAGE_MODES}")
 
 
 def _major(version: str) -> str:

@@ -14,10 +14,12 @@ import queue
 
 import numpy as np
 
+from vila_edge import engine_check
 from vila_edge.backend import OrtSession
 from vila_edge.embeddings import EmbeddingTable
-from vila_edge.errors import EngineError, PromptError
+from vila_edge.errors import EngineError
 from vila_edge.kv_cache import KVLayout, KVPool
+from vila_edge.manifest import REBUILD
 from vila_edge.runner import IMAGE_POSITION, Buffer, LLMRunner, RunnerOptions, Tokens, VisionRunner
 
 
@@ -53,6 +55,9 @@ class OrtLLMRunner(LLMRunner):
         self.session = session or OrtSession(os.path.join(engine_dir, m.files["llm"]), opts.threads,
                                              int4_accuracy_level=_accuracy_level(engine_dir, m, opts))
         self.engine_dir, self.manifest, self.opts, self.max_context = engine_dir, m, opts, max_context
+        if session is None:
+            engine_check.check_llm(self.session.session, m, os.path.join(engine_dir, m.files["llm"]),
+                                   REBUILD.format(out=engine_dir))
         self.embeds_dtype = self.session.input_dtype("inputs_embeds")
         self.embeddings = EmbeddingTable.load(engine_dir, m)
         self.vocab_rows = self.embeddings.rows
@@ -91,14 +96,18 @@ class OrtLLMRunner(LLMRunner):
         checked = ids if text is None else ids[text]
         if len(checked) and (checked.min() < 0 or checked.max() >= self.vocab_rows):
             bad = checked[(checked < 0) | (checked >= self.vocab_rows)]
-            raise PromptError(f"prompt contains token ids {sorted(set(bad.tolist()))[:5]} that are not text "
-                              f"(outside the {self.vocab_rows}-row embedding table); remove stray media tokens")
+            raise EngineError(f"{self.engine_dir}: its tokenizer produced ids {sorted(set(bad.tolist()))[:5]} "
+                              f"outside the {self.vocab_rows}-row embedding table: tokenizer.json and the "
+                              f"embedding table do not belong together; " + REBUILD.format(out=self.engine_dir))
         if text is None:                                                 # decode steps: one gather
             return self.embeddings.rows_of(ids).astype(self.embeds_dtype, copy=False)
         out = np.empty((len(ids), self.embeddings.width), self.embeds_dtype)
         if len(checked):
             out[text] = self.embeddings.rows_of(checked)
         for offset, rows in spans:
+            if rows.ndim != 2 or rows.shape[1] != out.shape[1]:     # every row written once, none left empty
+                raise EngineError(f"{self.engine_dir}: vision features of shape {list(rows.shape)} cannot fill "
+                                  f"[n, {out.shape[1]}] LLM input rows; " + REBUILD.format(out=self.engine_dir))
             out[offset: offset + len(rows)] = rows
         return out
 
@@ -145,6 +154,9 @@ class OrtVisionRunner(VisionRunner):
         if "projector" in manifest.files:
             self.projector = OrtSession(os.path.join(engine_dir, manifest.files["projector"]), opts.threads)
             self._out = "tower_features"
+        else:
+            engine_check.check_vision(self.session.session, manifest, os.path.join(engine_dir, manifest.files["vision"]),
+                                      REBUILD.format(out=engine_dir))
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run({"pixel_values": pixels.astype(self.dtype)})[self._out]

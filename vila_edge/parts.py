@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from vila_edge.errors import ImageError, PromptError
+from vila_edge.text_ids import Segment
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 PLACEHOLDER = "<image>"
@@ -83,23 +84,25 @@ def image_source(part):
     return part
 
 
-def join_parts(parts, part_text: str) -> tuple:
-    """(user text with one placeholder per image, [image sources]) from a parts list."""
-    text, sources, has_text = "", [], False
+def join_parts(parts, image: list, check_text) -> tuple:
+    """([Segment] with the `image` placeholder segments per image, [image sources]) from a parts list.
+    Text parts are untrusted text (vila_edge/text_ids.py): never control tokens, never placeholders."""
+    content, sources, has_text = [], [], False
     for raw in parts:
         part = classify(raw)
         if isinstance(part, Image):
-            text += part_text
+            content += image
             sources.append(part.source)
             continue
-        if PLACEHOLDER in part.text:
-            raise PromptError(f"text part {part.text[:60]!r} contains {PLACEHOLDER!r}; in a parts list each "
+        text = check_text(part.text, "text part")
+        if PLACEHOLDER in text:
+            raise PromptError(f"text part {text[:60]!r} contains {PLACEHOLDER!r}; in a parts list each "
                               f"image is its own part (Image(...)), never a placeholder in text")
-        text += part.text
-        has_text = has_text or bool(part.text.strip())
+        content.append(Segment(text))
+        has_text = has_text or bool(text.strip())
     if not has_text:
         raise PromptError("the parts list has no text: add the question as a text part")
-    return text, sources
+    return content, sources
 
 
 def image_list(images) -> list:

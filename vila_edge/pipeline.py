@@ -9,24 +9,26 @@ import itertools
 import os
 import threading
 import time
+import weakref
 
 import numpy as np
-from tokenizers import Tokenizer
 
+from vila_edge import engine_check
 from vila_edge.cache import resolve_engine
 from vila_edge.constrain import Grammars
-from vila_edge.errors import IncompleteOutput, PromptError
-from vila_edge.families import get_family
+from vila_edge.errors import EngineError, GenerationConfigError, IncompleteOutput, PromptError, VilaEdgeError
+from vila_edge.families import FAMILIES, get_family
 from vila_edge.llm import KVConfig, LLMEngine
-from vila_edge.manifest import Manifest
+from vila_edge.manifest import REBUILD, Manifest
 from vila_edge.memory import plan
 from vila_edge.parts import image_list, join_parts
 from vila_edge.runner import RunnerOptions, Tokens, backend
 from vila_edge.sampling import GenerationConfig, Sampler, SeenIds
 from vila_edge.sources import sample_frames
-from vila_edge.splice import PLACEHOLDER, Splicer
+from vila_edge.splice import PLACEHOLDER, Splicer, placeholder_segments
 from vila_edge.streamer import TextStreamer
-from vila_edge.templates import get_template
+from vila_edge.templates import get_template, render_segments
+from vila_edge.text_ids import Segment
 from vila_edge.vision import open_vision
 
 DEFAULT_CONTEXT = 4096
@@ -38,7 +40,32 @@ def engine_template(engine_dir: str, m: Manifest):
     if "chat_template" in m.files:
         with open(os.path.join(engine_dir, m.files["chat_template"]), encoding="utf-8") as f:
             jinja = f.read()
-    return get_template(m.template, jinja, tuple(m.build.get("special_tokens", ("", ""))))
+    special = m.build.get("special_tokens", ("", ""))
+    if not (isinstance(special, (list, tuple)) and len(special) == 2 and all(isinstance(s, str) for s in special)):
+        raise EngineError(f"{engine_dir}/manifest.json: build.special_tokens is {special!r}; expected "
+                          f"[bos, eos] strings; " + REBUILD.format(out=engine_dir))
+    try:
+        return get_template(m.template, jinja, tuple(special))
+    except VilaEdgeError as e:
+        raise EngineError(f"{engine_dir}: {e}; " + REBUILD.format(out=engine_dir)) from e
+
+
+def _checked_text(text, what: str) -> str:
+    """User text must be a str that UTF-8 can encode (lone surrogates from a bad decode cannot)."""
+    if not isinstance(text, str):
+        raise PromptError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"{what} is not valid Unicode text ({e.reason} at index {e.start}); decode your "
+                          f"input with errors='replace'") from None
+    return text
+
+
+def _release_held(llm, held: list) -> None:
+    """A garbage-collected Conversation's KV goes back to the pool (weakref.finalize callback)."""
+    if held[0] is not None:
+        llm.release_later(held[0])
 
 
 class Pipeline:
@@ -50,8 +77,12 @@ class Pipeline:
         engine_dir = resolve_engine(model, export_options, progress)
         m = self.manifest = Manifest.load(engine_dir)
         self.engine_dir = engine_dir
+        fix = REBUILD.format(out=engine_dir)
+        if m.family not in FAMILIES:
+            raise EngineError(f"{engine_dir}/manifest.json: family {m.family!r} unknown to this runtime "
+                              f"(known: {sorted(FAMILIES)}); {fix}")
         self.family = get_family(m.family)
-        self.tokenizer = Tokenizer.from_file(os.path.join(engine_dir, m.files["tokenizer"]))
+        self.tokenizer = engine_check.load_tokenizer(os.path.join(engine_dir, m.files["tokenizer"]), fix)
         self.template = engine_template(engine_dir, m)
         v = m.vision
         self.max_context = min(max_context or DEFAULT_CONTEXT, m.llm.max_positions)
@@ -63,6 +94,7 @@ class Pipeline:
         self.vision = open_vision(m, runners.vision(engine_dir, m, opts))
         self.llm = LLMEngine(runners.llm(engine_dir, m, self.memory.num_blocks, kv.block_size, self.max_context,
                                          opts), kv)
+        engine_check.check_token_ids(m, self.llm.runner.embeddings.rows, self.tokenizer.get_vocab_size(True), fix)
         self.splicer = Splicer(self.tokenizer, self.family, m.tokens, v.tokens_per_image, v.image_mode)
         self.grammars = Grammars(os.path.join(engine_dir, m.files["tokenizer"]), m.llm.vocab_size,
                                  m.tokens.stop_ids, m.tokens.never_sample)
@@ -101,23 +133,32 @@ class Pipeline:
             return next(self._seq_ids)
 
     def user_message(self, images, prompt, video) -> tuple:
-        """(text with one <image> per image, [image sources]) from the accepted input forms: images +
-        prompt, or a parts list with no prompt (typed as vila_edge/parts.py says); `video` any
-        source sources.sample_frames takes (file, folder, frame list or iterator, Camera)."""
+        """([Segment] with one image placeholder per image, [image sources]) from the accepted input
+        forms: images + prompt, or a parts list with no prompt (typed as vila_edge/parts.py says);
+        `video` any source sources.sample_frames takes (file, folder, frame list or iterator, Camera).
+        User text is never parsed for control tokens (text_ids.py); "<image>" in it is a placeholder
+        only in the explicit form: images passed and the prompt says where each goes."""
+        image = placeholder_segments(self.family.part_text)
         if prompt is None and isinstance(images, (list, tuple)):
-            text, sources = join_parts(images, self.family.part_text)
+            content, sources = join_parts(images, image, _checked_text)
         else:
             if prompt is None:
                 raise PromptError("no prompt: pass a prompt string, or a list of text and image parts")
+            prompt = _checked_text(prompt, "prompt")
             sources = image_list(images)
-            text = prompt
-            if sources and PLACEHOLDER not in text:
-                text = self.family.part_text * len(sources) + text
+            if sources and PLACEHOLDER in prompt:
+                # Explicit placeholders (README): the caller passed the images and wrote where they go,
+                # so the counts must match (Splicer.expand says so when they do not).
+                content = []
+                for i, piece in enumerate(prompt.split(PLACEHOLDER)):
+                    content += ([Segment(PLACEHOLDER, image=True)] if i else []) + [Segment(piece)]
+            else:
+                content = image * len(sources) + [Segment(prompt)]
         if video is not None:
             frames = sample_frames(video, self.manifest.num_video_frames)
-            text = self.family.part_text * len(frames) + text    # frames come first, as VILA's video prompts
+            content = image * len(frames) + content    # frames come first, as VILA's video prompts
             sources = frames + sources
-        return text, sources
+        return [s for s in content if s.text], sources
 
     def embed(self, ids: np.ndarray, spans: list, tiles: list) -> Tokens:
         """The LLM's input: text ids, and each tile's feature rows at its span."""
@@ -129,10 +170,14 @@ class Conversation:
     every full block of the previous turn's prefix (hash hits) and computes only what is new."""
 
     def __init__(self, pipe: Pipeline, system: str | None = None):
-        self.pipe, self.system = pipe, system
-        self.messages = []            # (role, text) with <image> placeholders
+        self.pipe = pipe
+        self.system = None if system is None else _checked_text(system, "system prompt")
+        self.turns = []               # (role, [Segment]): user text untrusted, images as placeholders
         self.tiles, self.digests, self.tiles_per_image = [], [], []
-        self.seq = None
+        # The sequence whose KV this conversation holds, in a list the finalizer shares: a
+        # conversation dropped without close() gives its blocks back when it is garbage-collected.
+        self._held = [None]
+        weakref.finalize(self, _release_held, pipe.llm, self._held)
         self.last_stats = {}
         self.last_ids = []            # token ids generated by the last turn (stop token excluded)
 
@@ -143,23 +188,40 @@ class Conversation:
         if role == "user":
             content, sources = self.pipe.user_message(list(images) or None, text, None)
         elif role == "assistant" and not images:
-            content, sources = text.strip(), []
+            content, sources = [Segment(_checked_text(text, "assistant turn").strip())], []   # untrusted
         else:
             raise PromptError(f"a past turn is role 'user' (text and images) or 'assistant' (text), got {role!r}"
                               + (" with images" if images else ""))
-        for src in sources:
-            feats, ds = self.pipe.vision.encode(src)
+        single = not self.tiles_per_image and len(sources) == 1     # as stream() encodes a lone image
+        for feats, ds in self.pipe.vision.encode_all(sources, single):
             self.tiles += list(feats)
             self.digests += ds
             self.tiles_per_image.append(len(ds))
-        self.messages.append((role, content))
+        self.turns.append((role, [s for s in content if s.text]))
 
     def send(self, images=None, prompt: str | None = None, *, video=None, **gen) -> str:
         return "".join(self.stream(images, prompt, video=video, **gen))
 
+    @property
+    def messages(self) -> list:
+        """(role, text) of every turn so far, images shown as their <image> placeholders."""
+        return [(role, "".join(s.text for s in segments)) for role, segments in self.turns]
+
+    @property
+    def seq(self):
+        return self._held[0]
+
+    @seq.setter
+    def seq(self, seq_id) -> None:
+        self._held[0] = seq_id
+
     def stream(self, images=None, prompt: str | None = None, *, video=None, **gen):
         pipe, t0 = self.pipe, time.perf_counter()
-        cfg = GenerationConfig(**gen)
+        try:
+            cfg = GenerationConfig(**gen)
+        except TypeError as e:   # an unknown option name
+            raise GenerationConfigError(f"{e}; generation options are max_new_tokens, temperature, top_k, "
+                                        f"top_p, repetition_penalty, seed, stop, json_schema, choices, regex") from None
         constraint = pipe.grammars.constraint(cfg)     # compiled before any work: errors come first
         text, sources = pipe.user_message(images, prompt, video)
         tiles, digests, counts = list(self.tiles), list(self.digests), list(self.tiles_per_image)
@@ -169,8 +231,8 @@ class Conversation:
             digests += ds
             counts.append(len(ds))
         t_vision = time.perf_counter() - t0
-        messages = self.messages + [("user", text)]
-        rendered = pipe.splicer.expand(pipe.template.render(messages, self.system), counts)
+        messages = self.turns + [("user", text)]
+        rendered = pipe.splicer.expand(render_segments(pipe.template, messages, self.system), counts)
         sp = pipe.splicer.splice(rendered, digests, [len(t) for t in tiles])
         if len(sp.ids) >= pipe.max_context:
             raise PromptError(f"prompt is {len(sp.ids)} tokens ({len(sp.spans)} image tiles x "
@@ -178,16 +240,18 @@ class Conversation:
                               f"holds {pipe.max_context}: shorten the prompt or use fewer images")
         seq = pipe.new_seq_id()
         budget = min(cfg.max_new_tokens, pipe.max_context - len(sp.ids))    # new tokens at most
-        logits, cached = pipe.llm.prefill(seq, pipe.embed(sp.ids, sp.spans, tiles), sp.keys, budget)
-        if self.seq is not None:
-            pipe.llm.release(self.seq)
+        embeds = pipe.embed(sp.ids, sp.spans, tiles)
+        # The previous turn's blocks go back before the new allocation: their full blocks stay
+        # cached for the prefix hit, and a thread never waits for blocks while holding others.
+        self.close()
+        logits, cached = pipe.llm.prefill(seq, embeds, sp.keys, budget)
         self.seq = seq
         self.tiles, self.digests, self.tiles_per_image = tiles, digests, counts
         try:
             reply = yield from self._generate(logits, sp, cfg, budget, t0, constraint)
         finally:
             self.last_stats.update(prompt_tokens=len(sp.ids), cached_tokens=cached, vision_s=t_vision)
-        self.messages = messages + [("assistant", reply.strip())]
+        self.turns = messages + [("assistant", [Segment(reply.strip())])]   # model text: untrusted too
 
     def _generate(self, logits, sp, cfg: GenerationConfig, budget: int, t0: float, constraint=None):
         """The decode loop: ids in, ids out; text comes from the streamer beside it."""

@@ -12,9 +12,20 @@ from PIL import Image
 from vila_edge.errors import ImageError
 from vila_edge.families import DYNAMIC, PAD
 
-# Decoding a huge image on an 8 GB Orin can take the whole process down: refuse above this.
-MAX_PIXELS = 64 * 1024 * 1024
-MAX_SIDE = 32768
+# Memory per request is bounded by the decoded image: every input is at most MAX_PIXELS pixels
+# (16.8 MP: 4096x4096, 5472x3078, a 4K camera frame twice over), checked from the file header
+# before anything is decoded, so a small file that declares a huge canvas (a decompression bomb:
+# a 210 KB PNG of 8192x8192 decodes to 192 MiB of RGB) is refused without allocating it. The RGB
+# copy is 48 MiB at the cap and preprocessing keeps a few such copies: a request's image memory
+# stays around 200 MiB, which an 8 GB Orin Nano can afford beside a 3B int4 model. Larger JPEGs
+# are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (PIL's draft) until they fit: the vision
+# tower sees at most a few hundred pixels per side, so nothing it could use is lost.
+MAX_PIXELS = 4096 * 4096
+MAX_SIDE = 16384           # panoramas: one side may be long, the pixel count still bounds memory
+JPEG_SCALES = (2, 4, 8)    # the reductions libjpeg's DCT scaling offers (PIL Image.draft)
+# 16-bit and 32-bit integer images are scaled to 8 bits by their range (convert("RGB") clips them:
+# a 16-bit grayscale image would come out white); float images are taken as 0..1.
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
 
 
 @dataclass(frozen=True)
@@ -28,7 +39,7 @@ class PixelSpec:
 
 
 def load_image(src) -> Image.Image:
-    """A PIL RGB image from a path, a PIL image or an HWC uint8 array, checked for size."""
+    """A PIL RGB image from a path, a PIL image or an HWC uint8/uint16 array, checked for size."""
     if isinstance(src, (str, os.PathLike)):
         img = _open(os.fspath(src))
     elif isinstance(src, Image.Image):
@@ -37,35 +48,60 @@ def load_image(src) -> Image.Image:
         img = _from_array(src)
     else:
         raise ImageError(f"unsupported image type {type(src).__name__}; pass a path, a PIL image or an HWC uint8 array")
-    w, h = img.size
+    _check_size(*img.size, "image")
+    try:
+        return _to_rgb(img)
+    except (OSError, ValueError, TypeError) as e:   # PIL: unsupported conversions, truncated data
+        raise ImageError(f"image of mode {img.mode} cannot be converted to RGB ({e})") from e
+
+
+def _check_size(w: int, h: int, what: str) -> None:
     if w < 1 or h < 1 or w * h > MAX_PIXELS or max(w, h) > MAX_SIDE:
-        raise ImageError(f"image of {w}x{h} pixels is outside the accepted size (1 to {MAX_PIXELS} pixels, "
-                         f"sides up to {MAX_SIDE})")
+        raise ImageError(f"{what} of {w}x{h} pixels is outside the accepted size (1 to {MAX_PIXELS} pixels, "
+                         f"sides up to {MAX_SIDE}: preprocess.MAX_PIXELS bounds memory per request); "
+                         f"downscale it first")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in WIDE_MODES or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = a * 255.0 if img.mode == "F" else a * (255.0 / WIDE_MODES[img.mode])
+        img = Image.fromarray(np.clip(np.nan_to_num(a) + 0.5, 0, 255).astype(np.uint8))
     return img.convert("RGB")
 
 
 def _open(path: str) -> Image.Image:
     if not os.path.isfile(path):
         raise ImageError(f"{path}: image file not found")
+    if not os.access(path, os.R_OK):
+        raise ImageError(f"{path}: permission denied; make the file readable by this user")
     try:
         with Image.open(path) as img:
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageError(f"{path}: {w}x{h} pixels exceeds the limit of {MAX_PIXELS}")
-            img.load()
-            return img.copy()
+            w, h = img.size   # from the header: nothing is decoded yet
+            if img.format == "JPEG" and w * h > MAX_PIXELS:
+                scale = next((s for s in JPEG_SCALES if -(-w // s) * -(-h // s) <= MAX_PIXELS), JPEG_SCALES[-1])
+                img.draft("RGB", (-(-w // scale), -(-h // scale)))
+                w, h = img.size
+            _check_size(w, h, path)
+            img.load()   # decoded data outlives the file handle: no copy (it would double the peak)
+            return img
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: cannot decode image ({e})") from e
 
 
 def _from_array(a: np.ndarray) -> Image.Image:
-    if a.dtype != np.uint8:
-        raise ImageError(f"image array must be uint8 HWC, got dtype {a.dtype}")
-    if a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4)):
-        return Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[2] == 1 else a)
-    raise ImageError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {a.shape}")
+    if a.dtype not in (np.uint8, np.uint16):
+        raise ImageError(f"image array must be uint8 (or uint16) HWC, got dtype {a.dtype}")
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4))):
+        raise ImageError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {a.shape}")
+    _check_size(a.shape[1], a.shape[0], "image array")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.dtype == np.uint16:   # 16-bit cameras (depth, thermal, machine vision): scale, never clip
+        a = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(a))
 
 
 def normalize(img: Image.Image, spec: PixelSpec) -> np.ndarray:

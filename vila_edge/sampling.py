@@ -4,11 +4,12 @@ Semantics follow transformers' logits processors (RepetitionPenaltyLogitsProcess
 applied in that order after masking ids outside the original vocabulary and, for structured
 output, the ids a grammar forbids next (vila_edge/constrain.py).
 """
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from vila_edge.errors import GrammarError
+from vila_edge.errors import EngineError, GenerationConfigError, GrammarError
 
 
 @dataclass
@@ -27,17 +28,25 @@ class GenerationConfig:
     regex: "str | None" = None
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        _int(self, "max_new_tokens", 1)
+        _real(self, "temperature", 0.0)
+        _int(self, "top_k", 0)
+        _real(self, "top_p", 0.0, upper=1.0, open_low=True)
+        _real(self, "repetition_penalty", 0.0, open_low=True)
+        if self.seed is not None:
+            _int(self, "seed", 0)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        try:
+            stop = tuple(stop)
+        except TypeError:
+            raise GenerationConfigError(f"stop must be a string or a list of strings, got "
+                                        f"{type(self.stop).__name__}") from None
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise GenerationConfigError(f"stop strings must be non-empty strings (an empty one would end "
+                                            f"every answer before it starts), got {s!r}")
+            _check_text(s, "stop string")
+        self.stop = stop
         if self.stop and self.constrained:
             raise GrammarError("stop strings cannot be combined with json_schema/choices/regex: "
                                "a stop string could cut the structured answer short")
@@ -68,6 +77,40 @@ class SeenIds:
         return self._ids[: self._n]
 
 
+def _int(cfg, name: str, low: int) -> None:
+    """An int >= low (bool and float are refused: 2.5 tokens is a mistake, not a request)."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise GenerationConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise GenerationConfigError(f"{name} must be >= {low}, got {value}")
+    setattr(cfg, name, int(value))
+
+
+def _real(cfg, name: str, low: float, upper: float = math.inf, open_low: bool = False) -> None:
+    """A finite number in [low, upper] ((low, upper] with open_low): NaN compares false everywhere
+    and would silently switch a processor off."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise GenerationConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (open_low and value == low) or value > upper:
+        bounds = f"{'(' if open_low else '['}{low:g}, {upper:g}]" if upper != math.inf else \
+            f"{'>' if open_low else '>='} {low:g}"
+        raise GenerationConfigError(f"{name} must be finite and {'in ' if upper != math.inf else ''}{bounds}, "
+                                    f"got {value}")
+    setattr(cfg, name, value)
+
+
+def _check_text(text: str, what: str) -> None:
+    """Text must be encodable as UTF-8 (lone surrogates from a bad decode are not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationConfigError(f"{what} {text!r} is not valid Unicode text ({e.reason} at {e.start}); "
+                                    f"decode your input with errors='replace'") from None
+
+
 class Sampler:
     def __init__(self, cfg: GenerationConfig, vocab_size: int, never_sample: list, constraint=None):
         self.cfg = cfg
@@ -80,6 +123,9 @@ class Sampler:
         """logits [V'] float32 (V' >= vocab_size); history: ids generated or prompted so far, as an
         array or a SeenIds (the decode loop's: no per-step rebuild)."""
         x = np.array(logits[: self.vocab_size], dtype=np.float32)
+        if np.isnan(x).any():   # argmax would pick a NaN: an answer of garbage or "" instead of an error
+            raise EngineError("the model produced NaN logits: the engine's weights are corrupt (NaN/Inf) or it "
+                              "overflowed its dtype; rebuild the engine from a checked checkpoint")
         x[self.never] = -np.inf
         if self.constraint is None:
             return self._choose(x, history)
@@ -100,7 +146,10 @@ class Sampler:
             x[seen] = np.where(x[seen] > 0, x[seen] / cfg.repetition_penalty, x[seen] * cfg.repetition_penalty)
         if cfg.temperature == 0:
             return int(np.argmax(x))
-        x = x / cfg.temperature
+        scaled = x / cfg.temperature
+        if np.isinf(scaled.max()):   # a tiny temperature overflowed (inf - inf = NaN): greedy is its limit
+            return int(np.argmax(x))
+        x = scaled
         if cfg.top_k:
             kth = np.partition(x, -min(cfg.top_k, len(x)))[-min(cfg.top_k, len(x))]
             x[x < kth] = -np.inf

@@ -13,6 +13,7 @@ import numpy as np
 from vila_edge.errors import PromptError
 from vila_edge.families import DYNAMIC, IMAGE_TOKEN_INDEX, SENTINEL, Family
 from vila_edge.manifest import TokenInfo
+from vila_edge.text_ids import Segment, TextIds
 
 PLACEHOLDER = "<image>"
 IMAGE_POSITION = -1   # id stored at feature positions; never looked up in the embedding table
@@ -23,6 +24,22 @@ class SplicedPrompt:
     ids: np.ndarray      # int64 [T]; IMAGE_POSITION where features go
     spans: list          # (start, tile index): tile features occupy ids[start : start + tokens_per_tile]
     keys: np.ndarray     # int64 [T]: KV block-hash keys (token id, or a hash of tile content + offset)
+
+
+def placeholder_segments(text: str) -> list:
+    """A family's image text ("<image>", "<image>\\n") as an image segment + trusted rest."""
+    assert text.startswith(PLACEHOLDER), text
+    rest = text[len(PLACEHOLDER):]
+    return [Segment(PLACEHOLDER, image=True)] + ([Segment(rest, trusted=True)] if rest else [])
+
+
+def trusted_segments(text: str) -> list:
+    """Text written by this program (never by a user): every "<image>" in it is a placeholder."""
+    pieces = text.split(PLACEHOLDER)
+    out = [Segment(pieces[0], trusted=True)]
+    for piece in pieces[1:]:
+        out += [Segment(PLACEHOLDER, image=True), Segment(piece, trusted=True)]
+    return [s for s in out if s.text]
 
 
 def tile_keys(digest: bytes, n: int) -> np.ndarray:
@@ -38,32 +55,45 @@ class Splicer:
     def __init__(self, tokenizer, family: Family, tokens: TokenInfo, tokens_per_tile: int, image_mode: str):
         self.tok, self.family, self.tokens = tokenizer, family, tokens
         self.tokens_per_tile, self.image_mode = tokens_per_tile, image_mode
+        self.text_ids = TextIds(tokenizer)
         end = family.media_end_text
-        self.end_ids = self._encode(end) if end else []
+        self.end_ids = self.text_ids.encode([Segment(end, trusted=True)]) if end else []
 
-    def _encode(self, text: str) -> list:
-        return self.tok.encode(text, add_special_tokens=True).ids
-
-    def expand(self, text: str, tiles_per_image: list) -> str:
-        """Check the placeholder count and, with DYNAMIC tiling, write one placeholder per tile."""
-        n = text.count(PLACEHOLDER)
+    def expand(self, segments: list, tiles_per_image: list) -> list:
+        """Check the placeholder count and, with DYNAMIC tiling, write one placeholder per tile.
+        Only image segments are placeholders: an "<image>" typed in text is text (text_ids.py)."""
+        if isinstance(segments, str):   # trusted text (tests, internal prompts): same type back
+            return "".join(s.text for s in self.expand(trusted_segments(segments), tiles_per_image))
+        n = sum(s.image for s in segments)
         if n != len(tiles_per_image):
             raise PromptError(f"prompt has {n} {PLACEHOLDER} placeholders but {len(tiles_per_image)} images were given")
         if self.image_mode != DYNAMIC:
-            return text
-        pieces = text.split(PLACEHOLDER)
-        out = pieces[0]
-        for tiles, piece in zip(tiles_per_image, pieces[1:]):
-            out += self.family.tile_text * tiles + piece
+            return segments
+        out, k = [], 0
+        for seg in segments:
+            if not seg.image:
+                out.append(seg)
+                continue
+            out += placeholder_segments(self.family.tile_text) * tiles_per_image[k]
+            k += 1
         return out
 
-    def ids_with_markers(self, text: str) -> list:
+    def ids_with_markers(self, segments: list) -> list:
         """Token ids with one marker per tile: IMAGE_TOKEN_INDEX (SENTINEL) or the <image> id."""
+        if isinstance(segments, str):
+            segments = trusted_segments(segments)
         if self.family.splice != SENTINEL:
-            return self._encode(text)
+            return self.text_ids.encode(segments)
         # VILA's tokenizer_image_token: every chunk is tokenized with its BOS; when the first chunk
         # starts with BOS, the first id of every chunk is dropped and one BOS kept at the front.
-        chunks = [self._encode(c) for c in text.split(PLACEHOLDER)]
+        chunks, cur = [], []
+        for seg in segments:
+            if seg.image:
+                chunks.append(cur)
+                cur = []
+            else:
+                cur.append(seg)
+        chunks = [self.text_ids.encode(c) for c in chunks + [cur]]
         ids, offset = [], 0
         if chunks and chunks[0] and chunks[0][0] == self.tokens.bos_id:
             offset = 1
@@ -74,13 +104,13 @@ class Splicer:
             ids.extend(chunk[offset:])
         return ids
 
-    def splice(self, text: str, tile_digests: list, lengths: list | None = None) -> SplicedPrompt:
-        """`text` already expanded; one digest (bytes) per tile, in prompt order; `lengths`: feature
+    def splice(self, segments: list, tile_digests: list, lengths: list | None = None) -> SplicedPrompt:
+        """`segments` already expanded; one digest (bytes) per tile, in prompt order; `lengths`: feature
         tokens per tile where they vary (NVILA dynamic_s2: 256 per last-scale block), else tokens_per_tile."""
         lengths = lengths or [self.tokens_per_tile] * len(tile_digests)
         marker = IMAGE_TOKEN_INDEX if self.family.splice == SENTINEL else self.tokens.image_token_id
         ids, keys, spans, k = [], [], [], 0
-        for i in self.ids_with_markers(text):
+        for i in self.ids_with_markers(segments):
             if i != marker:
                 ids.append(i)
                 keys.append(i)

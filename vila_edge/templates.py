@@ -4,7 +4,11 @@
 opening so generation continues from there. Messages are (role, text) with role "user" or
 "assistant"; images stay as "<image>" placeholders inside the text.
 """
+import re
 from dataclasses import dataclass
+
+from vila_edge.errors import TemplateError
+from vila_edge.text_ids import Segment
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
                  "gives helpful, detailed, and polite answers to the user's questions.")
@@ -61,15 +65,21 @@ class Jinja(Template):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
-            raise ValueError(f"chat template: {message}")
+            raise TemplateError(f"chat template: {message}")
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         msgs = ([{"role": "system", "content": system}] if system is not None else [])
         msgs += [{"role": r, "content": t} for r, t in messages]
         bos, eos = self.special or ("", "")
-        return env.from_string(self.source).render(messages=msgs, add_generation_prompt=True,
-                                                   bos_token=bos, eos_token=eos)
+        try:
+            return env.from_string(self.source).render(messages=msgs, add_generation_prompt=True,
+                                                       bos_token=bos, eos_token=eos)
+        except TemplateError:
+            raise
+        except Exception as e:  # jinja2's TemplateSyntaxError, UndefinedError, SecurityError, ...
+            raise TemplateError(f"chat template failed to render ({type(e).__name__}: {e}); fix the "
+                                f"engine's chat_template.jinja or rebuild the engine") from e
 
 
 def get_template(name: str, jinja_source: str | None = None, special: tuple = ()) -> Template:
@@ -84,6 +94,29 @@ def get_template(name: str, jinja_source: str | None = None, special: tuple = ()
                            "<|im_start|>user\n", "<|im_start|>assistant\n")
     if name == "auto":
         if not jinja_source:
-            raise ValueError("template 'auto' needs the tokenizer's chat_template, and none was found")
+            raise TemplateError("template 'auto' needs the tokenizer's chat_template, and none was found")
         return Jinja("auto", (), jinja_source, special)
-    raise ValueError(f"unknown chat template {name!r}")
+    raise TemplateError(f"unknown chat template {name!r}; known: vicuna_v1, llama_3, hermes-2, auto")
+
+
+# Stand-ins for message contents while a template renders: private-use code points, which the
+# templates' own text never contains, so everything outside them is the template's.
+_SLOT = "\ue000{}\ue001"
+_SLOTS = re.compile("\ue000(\\d+)\ue001")
+
+
+def render_segments(template: Template, messages: list, system=None) -> list:
+    """template.render as Segments: the template's text trusted, every message's text (and the
+    system prompt) untrusted. Messages are (role, content); content is a str or a list of
+    Segments (text parts and image placeholders, see pipeline.user_message)."""
+    contents = [c for _, c in messages] + ([system] if system is not None else [])
+    slots = [(role, _SLOT.format(i)) for i, (role, _) in enumerate(messages)]
+    rendered = template.render(slots, None if system is None else _SLOT.format(len(messages)))
+    out, pos = [], 0
+    for m in _SLOTS.finditer(rendered):
+        out.append(Segment(rendered[pos:m.start()], trusted=True))
+        content = contents[int(m.group(1))]
+        out += [Segment(content)] if isinstance(content, str) else list(content)
+        pos = m.end()
+    out.append(Segment(rendered[pos:], trusted=True))
+    return [s for s in out if s.text]
