@@ -10,7 +10,7 @@ import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 from vila_edge.errors import EngineError
-from vila_edge.families import DYNAMIC, PAD, RESIZE
+from vila_edge.families import DYNAMIC, DYNAMIC_S2, PAD, RESIZE, S2
 from vila_edge.version import __version__
 
 # 2: llm.onnx takes past_k_l/past_v_l rows, not the pool and a block table
@@ -19,9 +19,13 @@ from vila_edge.version import __version__
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 GRAPH_DTYPES = ("float32", "float16")
-IMAGE_MODES = (RESIZE, PAD, DYNAMIC)
+IMAGE_MODES = (RESIZE, PAD, DYNAMIC, DYNAMIC_S2)
+MULTISCALE = ("", S2, DYNAMIC_S2)
 MAX_TILES = 64   # NVILA uses 12; the tile-grid search is cubic in it, and each tile costs a vision pass
-POSSIBLY_ZERO = ("bos_id", "image_token_id", "num_video_frames")   # int fields where 0 is a valid value
+# int fields where 0 is a valid value (multi-scale fields are 0 on single-scale engines; intermediate
+# 0 = unknown)
+POSSIBLY_ZERO = ("bos_id", "image_token_id", "num_video_frames", "max_split", "grid", "intermediate")
+ANY_INT = ("resize_output_to",)      # a scale index: -1 = the last scale (NVILA-8B)
 REBUILD = "rebuild it: make engines CHECKPOINT=<checkpoint dir> OUT={out} (or: vila-edge export <checkpoint> {out})"
 
 
@@ -146,7 +150,7 @@ def _check_fields(obj, prefix: str, path: str, engine_dir: str) -> None:
             continue
         if not _type_ok(value, f.type):
             bad(f.name, value, getattr(f.type, "__name__", str(f.type)))
-        if f.type is int and f.name not in POSSIBLY_ZERO and value < 1:
+        if f.type is int and f.name not in POSSIBLY_ZERO + ANY_INT and value < 1:
             bad(f.name, value, "a positive integer")
         if f.name in ("stop_ids", "never_sample") and not all(_type_ok(i, int) and i >= 0 for i in value):
             bad(f.name, value, "a list of token ids (integers >= 0)")
@@ -158,6 +162,8 @@ def _check_fields(obj, prefix: str, path: str, engine_dir: str) -> None:
     if isinstance(obj, VisionInfo):
         if not obj.min_tiles <= obj.max_tiles <= MAX_TILES:
             bad("max_tiles", obj.max_tiles, f"min_tiles ({obj.min_tiles}) <= max_tiles <= {MAX_TILES}")
+        if obj.multiscale not in MULTISCALE:
+            bad("multiscale", obj.multiscale, f"one of {MULTISCALE}")
         if obj.image_mode not in IMAGE_MODES:
             bad("image_mode", obj.image_mode, f"one of {IMAGE_MODES}")
 
