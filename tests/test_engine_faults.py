@@ -27,7 +27,7 @@ def _edit(eng, section, key, value):
 @pytest.mark.parametrize("section,key,value,match", [
     ("vision", "tokens_per_image", 12, r"image_features has shape \[None, 16, 64\].*tokens_per_image"),
     ("vision", "image_size", 96, r"pixel_values has shape \[None, 3, 104, 104\].*image_size"),
-    ("llm", "vocab_size", 500, r"table is \[400, 64\] but manifest.json says at least 500 rows"),
+    ("llm", "vocab_size", 500, r"llm.vocab_size 500 exceeds llm.logits_size 400"),
     ("llm", "logits_size", 300, r"logits have 400 rows but manifest.json llm.logits_size says 300"),
     ("llm", "hidden", 32, r"image_features has shape \[None, 16, 64\] .* implies \[None, 16, 32\]"),
     ("llm", "layers", 3, r"2 layers of past keys .* llm.layers says 3"),

@@ -11,6 +11,7 @@ from PIL import Image as PILImage
 from vila_edge import Image, ImageError, Pipeline, PromptError, Text
 from vila_edge.cache import BUNDLED_CHECKPOINT
 from vila_edge.families import FAMILIES
+from vila_edge.splice import placeholder_segments
 from vila_edge.parts import join_parts
 
 EXAMPLES = os.path.join(BUNDLED_CHECKPOINT, "examples")
@@ -80,13 +81,13 @@ def test_plain_strings_without_an_image_extension_are_text(pipe):
 ])
 def test_parts_are_joined_as_vila_joins_them(family, expected):
     a, b = np.zeros((4, 4, 3), np.uint8), np.ones((4, 4, 3), np.uint8)
-    text, sources = join_parts(["Before:", Image(a), Text("After:"), b, "What moved?"], FAMILIES[family].part_text)
-    assert text == expected and sources[0] is a and sources[1] is b
+    content, sources = join_parts(["Before:", Image(a), Text("After:"), b, "What moved?"],
+                                  placeholder_segments(FAMILIES[family].part_text), lambda text, what: text)
+    assert "".join(s.text for s in content) == expected and sources[0] is a and sources[1] is b
+    assert [s.image for s in content if s.text == "<image>"] == [True, True]
 
 
 def test_bad_parts(pipe):
-    with pytest.raises(PromptError, match="contains '<image>'"):
-        pipe.chat([Image(COLOR), "<image> what?"])
     with pytest.raises(PromptError, match="no text"):
         pipe.chat([Image(COLOR)])
     with pytest.raises(PromptError, match="unsupported part type int"):

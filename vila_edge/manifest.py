@@ -25,7 +25,8 @@ MAX_TILES = 64   # NVILA uses 12; the tile-grid search is cubic in it, and each 
 # int fields where 0 is a valid value (multi-scale fields are 0 on single-scale engines; intermediate
 # 0 = unknown)
 POSSIBLY_ZERO = ("bos_id", "image_token_id", "num_video_frames", "max_split", "grid", "intermediate")
-ANY_INT = ("resize_output_to",)      # a scale index: -1 = the last scale (NVILA-8B)
+ANY_INT = ("resize_output_to",)
+REQUIRED_FILES = ("vision", "llm", "embeddings", "tokenizer")     # files roles every engine loads      # a scale index: -1 = the last scale (NVILA-8B)
 REBUILD = "rebuild it: make engines CHECKPOINT=<checkpoint dir> OUT={out} (or: vila-edge export <checkpoint> {out})"
 
 
@@ -116,6 +117,9 @@ class Manifest:
         except (KeyError, TypeError) as e:
             raise EngineError(f"{path}: missing or unexpected field ({e}); " + REBUILD.format(out=engine_dir)) from e
         _check_fields(manifest, "", path, engine_dir)
+        missing = [role for role in REQUIRED_FILES if role not in manifest.files]
+        if missing:
+            raise EngineError(f"{path}: files lists no {', '.join(missing)}; " + REBUILD.format(out=engine_dir))
         for role, name in manifest.files.items():
             if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
                 raise EngineError(f"{path}: files.{role} is {name!r}; expected a file name inside the engine "

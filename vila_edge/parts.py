@@ -95,10 +95,7 @@ def join_parts(parts, image: list, check_text) -> tuple:
             sources.append(part.source)
             continue
         text = check_text(part.text, "text part")
-        if PLACEHOLDER in text:
-            raise PromptError(f"text part {text[:60]!r} contains {PLACEHOLDER!r}; in a parts list each "
-                              f"image is its own part (Image(...)), never a placeholder in text")
-        content.append(Segment(text))
+        content.append(Segment(text))        # a typed "<image>" stays characters: each image is its own part
         has_text = has_text or bool(text.strip())
     if not has_text:
         raise PromptError("the parts list has no text: add the question as a text part")
