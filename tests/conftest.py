@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from export.build import ExportOptions, export_engine
-from export.fixtures import write_fixture
+from vila_edge_export.build import ExportOptions, export_engine
+from vila_edge_export.fixtures import write_fixture
 
 # name: (fixture kind, projector, shape, extra write options)
 CHECKPOINTS = {

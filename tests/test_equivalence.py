@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import CHECKPOINTS, data
-from export.checkpoint import read_checkpoint
-from export.reference import ReferenceVLM, hf_pixels
+from vila_edge_export.checkpoint import read_checkpoint
+from vila_edge_export.reference import ReferenceVLM, hf_pixels
 from vila_edge import Pipeline
 from vila_edge.families import DYNAMIC
 from vila_edge.preprocess import dynamic_tiles, load_image

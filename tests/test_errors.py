@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-import export.build as build
+import vila_edge_export.build as build
 from conftest import data
-from export.build import ExportOptions, export_engine
-from export.checkpoint import read_checkpoint
+from vila_edge_export.build import ExportOptions, export_engine
+from vila_edge_export.checkpoint import read_checkpoint
 from vila_edge import CheckpointError, EngineError, ImageError, Pipeline, PromptError
 from vila_edge import preprocess
 
@@ -126,7 +126,7 @@ def test_cli_reports_errors_without_traceback(tmp_path):
 
 
 def test_fixture_never_overwrites_a_real_checkpoint(tmp_path, checkpoint):
-    from export.fixtures import MARKER, write_fixture
+    from vila_edge_export.fixtures import MARKER, write_fixture
 
     real = _copy(checkpoint("vila1.5-3b-downsample"), tmp_path, "real")
     os.remove(real / MARKER)                     # as a checkpoint from anywhere but the fixture writer

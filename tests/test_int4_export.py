@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import data
-from export.checkpoint import read_checkpoint
-from export.onnx_graph import int4_tensor, pack_int4
-from export.quantize import apply_quantized, rtn_quantize
-from export.reference import ReferenceVLM
+from vila_edge_export.checkpoint import read_checkpoint
+from vila_edge_export.onnx_graph import int4_tensor, pack_int4
+from vila_edge_export.quantize import apply_quantized, rtn_quantize
+from vila_edge_export.reference import ReferenceVLM
 from test_equivalence import _images, _reference_inputs
 from vila_edge import Pipeline
 from vila_edge.backend import OrtSession
@@ -130,8 +130,8 @@ def test_int4_report_and_sizes(engine):
 
 
 def test_quality_floor_stops_the_export(checkpoint, tmp_path):
-    from export.build import ExportOptions, export_engine
-    from export.quality import QualityError
+    from vila_edge_export.build import ExportOptions, export_engine
+    from vila_edge_export.quality import QualityError
     out = tmp_path / "eng"
     with pytest.raises(QualityError, match="perplexity"):
         export_engine(checkpoint("vila1.5-3b-downsample"), str(out),

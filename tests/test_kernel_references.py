@@ -1,7 +1,7 @@
 """The numpy oracles of vila_edge/cuda/reference.py against independent formulations, on CPU.
 
 The GPU tests trust these references, so each is checked here against something written
-differently: VILA's own DownSampleBlock code, explicit loops, export/'s torch projector and
+differently: VILA's own DownSampleBlock code, explicit loops, vila_edge_export's torch projector and
 quantizer, and contiguous softmax attention over a plain reshape of the gathered blocks.
 """
 
@@ -111,8 +111,8 @@ def random_projector(merge: int, C: int, H: int, seed: int = 0) -> ref.Projector
 
 
 def torch_projector(w: ref.ProjectorWeights, order: str):
-    """export/projector.py's nn.Module (VILA's module list) loaded with w's parameters."""
-    from export.projector import build_projector
+    """vila_edge_export/projector.py's nn.Module (VILA's module list) loaded with w's parameters."""
+    from vila_edge_export.projector import build_projector
 
     kind = "mlp_downsample" if w.merge == 2 else "mlp_downsample_3x3_fix"
     module = build_projector(kind, w.channels, w.hidden, order)
@@ -202,7 +202,7 @@ def test_pack_unpack_round_trip(G):
 @pytest.mark.parametrize("G", ref.GEMV_GROUPS)
 @pytest.mark.parametrize("M", [1, 4])
 def test_int4_gemv_matches_export_dequantize_matmul(G, M):
-    from export.quantize import dequantize
+    from vila_edge_export.quantize import dequantize
 
     N, K = 37, 3 * 128
     w = rng(G).standard_normal((N, K)).astype(np.float32)

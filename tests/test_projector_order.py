@@ -4,9 +4,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.onnx_graph import Graph
-from export.onnx_vision import _downsample
-from export.projector import DownSample
+from vila_edge_export.onnx_graph import Graph
+from vila_edge_export.onnx_vision import _downsample
+from vila_edge_export.projector import DownSample
 from vila_edge import Pipeline
 from vila_edge.families import COLUMN_MAJOR, ROW_MAJOR
 

@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks import roofline as rl
 from benchmarks.bench_peers import roofline, roofline_markdown
-from export.checkpoint import read_checkpoint
+from vila_edge_export.checkpoint import read_checkpoint
 from vila_edge.bench import llm_weight_bytes
 from vila_edge.manifest import Manifest
 

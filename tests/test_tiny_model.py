@@ -1,6 +1,6 @@
 """vila-tiny-shapes: the scene generator, the bundled checkpoint's layout, and its accuracy.
 
-The checkpoint is trained by export/train_tiny.py and committed; these tests check what a VILA1.5
+The checkpoint is trained by trainers/tiny_shapes/train.py and committed; these tests check what a VILA1.5
 loader relies on (vila-formats.md §1-§4), that the model answers held-out questions, and that its
 fp16 and int4 engines answer as it does.
 """
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from export import scenes
-from export.evaluate import evaluate, heldout, torch_backend
-from export.tiny_model import (IMAGE_TOKEN_INDEX, TinyVila, answer_ids, encode_conversation, render_prompt,
+from trainers.tiny_shapes import scenes
+from trainers.tiny_shapes.evaluate import evaluate, heldout, torch_backend
+from trainers.tiny_shapes.model import (IMAGE_TOKEN_INDEX, TinyVila, answer_ids, encode_conversation, render_prompt,
                                tokenize_prompt)
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "models", "vila-tiny-shapes")
@@ -142,7 +142,7 @@ def test_weights_are_bf16_with_vila_names():
 
 
 def test_checkpoint_reader_accepts_it():
-    from export.checkpoint import read_checkpoint
+    from vila_edge_export.checkpoint import read_checkpoint
     from vila_edge.families import COLUMN_MAJOR
 
     spec = read_checkpoint(ROOT)
@@ -207,8 +207,8 @@ def test_heldout_slice_accuracy(torch_slice):
 def test_engines_answer_the_slice_like_the_checkpoint(torch_slice, tmp_path):
     """fp16 engine: the same answer as the torch model on every item; int4: at most
     INT4_SLICE_LOSS fewer right."""
-    from export.build import ExportOptions, export_engine
-    from export.evaluate import pipeline_backend
+    from vila_edge_export.build import ExportOptions, export_engine
+    from trainers.tiny_shapes.evaluate import pipeline_backend
 
     calib = tmp_path / "calib"
     scenes.main([str(calib), "--seed", "7", "-n", "16"])

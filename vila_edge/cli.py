@@ -39,7 +39,7 @@ def _chat(args) -> int:
 
 
 def _export(args) -> int:
-    from export.build import ExportOptions, export_engine
+    from vila_edge_export.build import ExportOptions, export_engine
 
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
         dtype=args.dtype, quant=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
@@ -52,7 +52,7 @@ def _export(args) -> int:
 
 
 def _fixture(args) -> int:
-    from export.fixtures import main
+    from vila_edge_export.fixtures import main
     return main([args.out, "--kind", args.kind, "--shape", args.shape] +
                 (["--projector", args.projector] if args.projector else [])) or 0
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export.checkpoint import CheckpointSpec, load_vision_weights, load_weights, read_checkpoint
-from export.onnx_graph import OPSET, save
-from export.onnx_llm import build_llm, lm_head_rows
-from export.onnx_vision import build_vision, tokens_per_image
+from vila_edge_export.checkpoint import CheckpointSpec, load_vision_weights, load_weights, read_checkpoint
+from vila_edge_export.onnx_graph import OPSET, save
+from vila_edge_export.onnx_llm import build_llm, lm_head_rows
+from vila_edge_export.onnx_vision import build_vision, tokens_per_image
 from vila_edge.errors import CheckpointError
 from vila_edge.families import MEDIA_TOKEN, get_family
 from vila_edge.manifest import FORMAT_VERSION, LLMInfo, Manifest, TokenInfo, VisionInfo
@@ -114,8 +114,8 @@ def _np(tensors: dict, dtype: str) -> dict:
 
 def _quantize(spec, opts):
     """-> (float weights as numpy fp32, {linear: (codes, scales, G)}, quant info for the manifest)."""
-    from export.llm_quant import METHODS, QuantOptions, quantize_llm
-    from export.quality import QualityFloor
+    from vila_edge_export.llm_quant import METHODS, QuantOptions, quantize_llm
+    from vila_edge_export.quality import QualityFloor
     if opts.quant not in METHODS:
         raise ValueError(f"quant {opts.quant!r} unknown; expected one of {METHODS}")
     floor = (None if opts.max_ppl_increase_pct is None
@@ -129,7 +129,7 @@ def _quantize(spec, opts):
 
 
 def _lm_head_bits(opts) -> int:
-    from export.quantize import DEFAULT_LM_HEAD_BITS, LM_HEAD_BITS
+    from vila_edge_export.quantize import DEFAULT_LM_HEAD_BITS, LM_HEAD_BITS
     if opts.lm_head_bits is None:
         return DEFAULT_LM_HEAD_BITS if opts.quant != "none" else 0
     if opts.lm_head_bits not in LM_HEAD_BITS:

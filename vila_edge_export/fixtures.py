@@ -1,6 +1,6 @@
 """Write random-weight VILA checkpoints in the exact real layout (vila-formats.md §1), any shape.
 
-    python -m export.fixtures OUT --kind vila1.5 [--projector mlp_downsample] [--shape tiny|vila1.5-3b]
+    python -m vila_edge_export.fixtures OUT --kind vila1.5 [--projector mlp_downsample] [--shape tiny|vila1.5-3b]
 
 Used by the tests (tiny shapes) and the benchmarks (real shapes). Tokenizers are trained here on a
 small built-in corpus, with each family's special tokens, because nothing can be downloaded.
@@ -115,7 +115,7 @@ def _vision(shape):
 def _save_tower(tower, out_dir: str) -> None:
     """save_pretrained, then re-key to the "vision_model." names real VILA checkpoints carry."""
     from safetensors.torch import load_file, save_file
-    from export.checkpoint import SIGLIP_PREFIX
+    from vila_edge_export.checkpoint import SIGLIP_PREFIX
 
     tower.save_pretrained(out_dir)
     path = os.path.join(out_dir, "model.safetensors")
@@ -125,7 +125,7 @@ def _save_tower(tower, out_dir: str) -> None:
 
 def _projector(kind: str, mm: int, hidden: int):
     from safetensors.torch import save_file
-    from export.projector import build_projector
+    from vila_edge_export.projector import build_projector
 
     module = build_projector(kind, mm, hidden, "row")
     return module, lambda path: save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)

@@ -2,7 +2,7 @@
 
 AWQ is calibrated on multimodal samples run through the vision tower, projector and splicer (the
 activations the LLM will see), plus real English text; quality is measured on held-out text the
-calibration never saw (export/calib_text.py).
+calibration never saw (vila_edge_export/calib_text.py).
 """
 import math
 import os
@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from export.awq import awq_quantize, text_calibration_embeds
-from export.calib_text import split_texts
-from export.checkpoint import CheckpointSpec
-from export.quality import QualityFloor, compare, float_size_bytes, forward_windows, quantized_size_bytes
-from export.quantize import DEFAULT_LM_HEAD_BITS, apply_quantized, rtn_quantize
-from export.reference import ReferenceVLM, hf_pixels
+from vila_edge_export.awq import awq_quantize, text_calibration_embeds
+from vila_edge_export.calib_text import split_texts
+from vila_edge_export.checkpoint import CheckpointSpec
+from vila_edge_export.quality import QualityFloor, compare, float_size_bytes, forward_windows, quantized_size_bytes
+from vila_edge_export.quantize import DEFAULT_LM_HEAD_BITS, apply_quantized, rtn_quantize
+from vila_edge_export.reference import ReferenceVLM, hf_pixels
 from vila_edge.families import DYNAMIC
 from vila_edge.preprocess import dynamic_tiles
 from vila_edge.templates import get_template

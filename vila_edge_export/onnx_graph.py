@@ -115,7 +115,7 @@ def int4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
 
 
 def int8_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
-    """An INT8 initializer from codes in [-127, 127] (symmetric int8, export/quantize.py)."""
+    """An INT8 initializer from codes in [-127, 127] (symmetric int8, vila_edge_export/quantize.py)."""
     if codes.min() < -127 or codes.max() > 127:
         raise ValueError("symmetric int8 codes must lie in [-127, 127]")
     return numpy_helper.from_array(np.ascontiguousarray(codes, dtype=np.int8), name)

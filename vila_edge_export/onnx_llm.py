@@ -11,9 +11,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from export.checkpoint import LLMSpec
-from export.onnx_graph import Graph
-from export.quantize import LM_HEAD
+from vila_edge_export.checkpoint import LLMSpec
+from vila_edge_export.onnx_graph import Graph
+from vila_edge_export.quantize import LM_HEAD
 
 # Additive mask value for excluded keys: finite, so a fully masked row could never produce NaN.
 MASK_VALUE = float(np.finfo(np.float32).min)

@@ -7,8 +7,8 @@ projector in fp16).
 import math
 
 
-from export.checkpoint import ProjectorSpec, VisionSpec
-from export.onnx_graph import Graph
+from vila_edge_export.checkpoint import ProjectorSpec, VisionSpec
+from vila_edge_export.onnx_graph import Graph
 from vila_edge.families import COLUMN_MAJOR
 
 SIGLIP = ""  # weight names as export.checkpoint.load_vision_weights returns them
@@ -52,7 +52,7 @@ def _encoder_layer(g: Graph, spec: VisionSpec, x: str, w: dict, l: int) -> str:
 
 
 def _downsample(g: Graph, x: str, grid: int, merge: int, order: str, channels: int) -> str:
-    """[N, S*S, C] -> [N, S2*S2, m*m*C] with zero padding bottom/right (export/projector.py)."""
+    """[N, S*S, C] -> [N, S2*S2, m*m*C] with zero padding bottom/right (vila_edge_export/projector.py)."""
     pad = (-grid) % merge
     s2 = (grid + pad) // merge
     x = g.reshape(x, [0, grid, grid, channels])                                         # (N, row, col, C)

@@ -4,7 +4,7 @@ W[N, K] is cut into groups of G consecutive input channels per output row. Each 
 s = absmax / qmax and codes q = clamp(round(w / s), qmin, qmax) (int4: s = absmax / 7, q in [-8, 7];
 int8: s = absmax / 127, q in [-127, 127]), so W ~= codes * scales[:, k // G].
 RTN is this quantizer applied to every decoder linear (int4) and to lm_head (int8 by default) with no
-search; AWQ (export/awq.py) rescales and clips the float weights first and then calls the same
+search; AWQ (vila_edge_export/awq.py) rescales and clips the float weights first and then calls the same
 `quantize_linears`.
 """
 import copy

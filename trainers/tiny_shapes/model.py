@@ -1,7 +1,7 @@
 """vila-tiny-shapes in torch: VILA1.5's architecture at toy size, for training and as an eval backend.
 
 SigLIP tower -> hidden_states[-2] (all patches, no post-LN, no head; vila-formats.md §2) ->
-mlp_downsample projector, VILA1.5 column-major token order (§3, export/projector.py) -> Llama,
+mlp_downsample projector, VILA1.5 column-major token order (§3, vila_edge_export/projector.py) -> Llama,
 with each "<image>" of the prompt replaced by the image's projected tokens (-200 convention, §4.3).
 Text goes through vicuna_v1 (§4.2). Saved in VILA's own layout (§1.1), weights in bf16.
 """
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.attention_targets import attention_terms
-from export.projector import build_projector
+from trainers.tiny_shapes.attention_targets import attention_terms
+from vila_edge_export.projector import build_projector
 from vila_edge.families import COLUMN_MAJOR, IMAGE_TOKEN_INDEX
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -120,7 +120,7 @@ class TinyVila(nn.Module):
         self.tower = SiglipVisionModel(vision_cfg)
         self.projector = build_projector(PROJECTOR_TYPE, vision_cfg.hidden_size, llm_cfg.hidden_size, COLUMN_MAJOR)
         self.llm = LlamaForCausalLM(llm_cfg)
-        # Eager attention: training supervises attention probabilities (export/attention_targets.py),
+        # Eager attention: training supervises attention probabilities (trainers/tiny_shapes/attention_targets.py),
         # which SDPA does not return. Not saved: the exported graph has its own attention.
         self.llm.config._attn_implementation = "eager"
 
@@ -232,7 +232,7 @@ class TinyVila(nn.Module):
         from safetensors.torch import save_file
         from transformers import SiglipImageProcessorPil
 
-        from export.build import publish
+        from vila_edge_export.build import publish
 
         parent = os.path.dirname(os.path.abspath(root))
         os.makedirs(parent, exist_ok=True)
