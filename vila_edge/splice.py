@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from vila_edge.errors import PromptError
-from vila_edge.families import DYNAMIC, IMAGE_TOKEN_INDEX, SENTINEL, Family
+from vila_edge.families import IMAGE_TOKEN_INDEX, PLACEHOLDER, SENTINEL, Family
 from vila_edge.manifest import TokenInfo
 
-PLACEHOLDER = "<image>"
 IMAGE_POSITION = -1   # id stored at feature positions; never looked up in the embedding table
 
 
@@ -49,12 +48,10 @@ class Splicer:
         n = text.count(PLACEHOLDER)
         if n != len(tiles_per_image):
             raise PromptError(f"prompt has {n} {PLACEHOLDER} placeholders but {len(tiles_per_image)} images were given")
-        if self.image_mode != DYNAMIC:
-            return text
         pieces = text.split(PLACEHOLDER)
         out = pieces[0]
         for tiles, piece in zip(tiles_per_image, pieces[1:]):
-            out += self.family.tile_text * tiles + piece
+            out += self.family.image_text(tiles, self.image_mode) + piece
         return out
 
     def ids_with_markers(self, text: str) -> list:

@@ -5,11 +5,10 @@ field it read, so a user with a wrong tree knows what to fix.
 """
 import json
 import os
-import re
 from dataclasses import dataclass, field
 
 from vila_edge.errors import CheckpointError
-from vila_edge.families import COLUMN_MAJOR, DYNAMIC, PAD, RESIZE, ROW_MAJOR
+from vila_edge.families import COLUMN_MAJOR, ROW_MAJOR, Family, detect_family
 
 SUBDIRS = ("llm", "vision_tower", "mm_projector")
 LLM_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -17,9 +16,6 @@ LLM_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 PROJECTORS = {"linear": 1, "mlp2x_gelu": 1, "mlp_downsample": 2, "mlp_downsample_2x2_fix": 2,
               "mlp_downsample_3x3_fix": 3}
 TEMPLATES = ("vicuna_v1", "llama_3", "hermes-2", "auto")
-# VILA's CONVERSATION_MODE_MAPPING: a substring of the model path picks the template (§4.2).
-PATH_TEMPLATES = (("vila1.5-3b", "vicuna_v1"), ("vila1.5-8b", "llama_3"),
-                  ("vila1.5-13b", "vicuna_v1"), ("vila1.5-40b", "hermes-2"))
 
 
 @dataclass
@@ -192,42 +188,21 @@ def read_vision(cfg: dict, top: dict, preproc: dict, where: str) -> VisionSpec:
         std=list(preproc.get("image_std", [0.5, 0.5, 0.5])), raw=cfg)
 
 
-def _family(top: dict) -> tuple[str, str]:
-    mode = top.get("image_aspect_ratio", RESIZE)
-    if top.get("dynamic_s2") or mode == "dynamic_s2":
-        raise CheckpointError("config.json: dynamic_s2 (NVILA-8B/15B multi-scale tiling) is not supported yet; "
-                              "supported image_aspect_ratio: resize, pad (VILA1.5), dynamic (NVILA-Lite)")
-    if top.get("s2"):
-        raise CheckpointError("config.json: s2 (VILA1.5-3b-s2 multi-scale tower) is not supported yet")
-    if mode == DYNAMIC:
-        return "nvila-lite", mode
-    if mode in (RESIZE, PAD):
-        # NVILA-era checkpoints (transformers >= 4.46, media token in the tokenizer) with plain
-        # resize are NVILA-Lite configured without tiling.
-        version = str(top.get("transformers_version", "4.36.2"))
-        major_minor = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
-        return ("nvila-lite" if major_minor >= (4, 46) else "vila1.5"), mode
-    raise CheckpointError(f"config.json: image_aspect_ratio {mode!r} not supported; expected one of "
-                          f"{[RESIZE, PAD, DYNAMIC]}")
-
-
-def _template(root: str, top: dict, family: str, override: str | None) -> str:
-    name = override or top.get("conv_mode")
-    if name is None and family == "nvila-lite":
-        name = "auto"
+def _template(root: str, top: dict, family: Family, override: str | None) -> str:
+    name = override or top.get("conv_mode") or family.default_template
     if name is None:
         base = os.path.basename(os.path.normpath(root)).lower()
-        name = next((t for key, t in PATH_TEMPLATES if key in base), None)
+        name = next((t for key, t in family.path_templates if key in base), None)
     if name is None:
         raise CheckpointError(f"{root}: cannot tell the chat template (no 'conv_mode' in config.json and the "
-                              f"directory name matches none of {[k for k, _ in PATH_TEMPLATES]}); "
+                              f"directory name matches none of {[k for k, _ in family.path_templates]}); "
                               f"pass one of {TEMPLATES}")
     if name not in TEMPLATES:
         raise CheckpointError(f"chat template {name!r} unknown; expected one of {TEMPLATES}")
     return name
 
 
-def read_projector(root: str, top: dict, family: str, llm_hidden: int, order: str | None) -> ProjectorSpec:
+def read_projector(root: str, top: dict, family: Family, llm_hidden: int, order: str | None) -> ProjectorSpec:
     cfg = _sub_config(root, top, "mm_projector")
     where = "mm_projector/config.json"
     kind = cfg.get("mm_projector_type") or top.get("mm_projector_type")
@@ -237,8 +212,7 @@ def read_projector(root: str, top: dict, family: str, llm_hidden: int, order: st
         raise CheckpointError(f"{where}: mm_projector_type {kind!r} unknown; supported: {sorted(PROJECTORS)}")
     mm_hidden = _need(top, "mm_hidden_size", "config.json", int)
     if order is None:
-        # Trap 1: the VILA1.5-era DownSampleBlock emits column-major tokens; NVILA-era row-major.
-        order = COLUMN_MAJOR if family == "vila1.5" and kind == "mlp_downsample" else ROW_MAJOR
+        order = family.projector_order(kind)
     if order not in (COLUMN_MAJOR, ROW_MAJOR):
         raise CheckpointError(f"token order {order!r} unknown; expected {COLUMN_MAJOR!r} or {ROW_MAJOR!r}")
     return ProjectorSpec(kind=kind, merge=PROJECTORS[kind], token_order=order, in_channels=mm_hidden,
@@ -257,7 +231,7 @@ def read_checkpoint(root: str, template: str | None = None, token_order: str | N
     if mtype != "llava_llama":
         raise CheckpointError(f"config.json: model_type {mtype!r} not supported; expected 'llava_llama' "
                               f"(the three-folder VILA layout)")
-    family, mode = _family(top)
+    family, mode = detect_family(top)
     llm = read_llm(_sub_config(root, top, "llm"), "llm/config.json")
     if top.get("hidden_size", llm.hidden) != llm.hidden:
         raise CheckpointError(f"config.json: hidden_size {top['hidden_size']} != llm hidden_size {llm.hidden}")
@@ -269,7 +243,7 @@ def read_checkpoint(root: str, template: str | None = None, token_order: str | N
         raise CheckpointError(f"config.json: mm_hidden_size {projector.in_channels} != vision_tower hidden_size "
                               f"{vision.hidden}")
     return CheckpointSpec(
-        root=root, family=family, image_mode=mode, template=_template(root, top, family, template), llm=llm,
+        root=root, family=family.name, image_mode=mode, template=_template(root, top, family, template), llm=llm,
         vision=vision, projector=projector, num_video_frames=int(top.get("num_video_frames", 8)),
         min_tiles=int(top.get("min_tiles", 1)), max_tiles=int(top.get("max_tiles", 12)), config=top)
 

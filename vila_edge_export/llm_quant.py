@@ -18,7 +18,7 @@ from vila_edge_export.checkpoint import CheckpointSpec
 from vila_edge_export.quality import QualityFloor, compare, float_size_bytes, forward_windows, quantized_size_bytes
 from vila_edge_export.quantize import DEFAULT_LM_HEAD_BITS, apply_quantized, rtn_quantize
 from vila_edge_export.reference import ReferenceVLM, hf_pixels
-from vila_edge.families import DYNAMIC
+from vila_edge.families import DYNAMIC, PLACEHOLDER
 from vila_edge.preprocess import dynamic_tiles
 from vila_edge.templates import get_template
 
@@ -75,14 +75,13 @@ def _calib_inputs(opts: QuantOptions) -> tuple:
 @torch.no_grad()
 def multimodal_embeds(ref: ReferenceVLM, template, images: list, prompts: list) -> list:
     """One spliced [1, T, C] prompt embedding per image, through the reference's vision path."""
-    spec, out = ref.spec, []
+    spec, family, out = ref.spec, ref.family, []
     for i, img in enumerate(images):
         tiles = (dynamic_tiles(img, spec.vision.image_size, spec.min_tiles, spec.max_tiles)
                  if spec.image_mode == DYNAMIC else [img])
         feats = list(ref.encode_images(np.concatenate([hf_pixels(spec, t) for t in tiles])))
-        text = template.render([("user", "<image>\n" + prompts[i % len(prompts)])])
-        if spec.image_mode == DYNAMIC:
-            text = text.replace("<image>", "<image>\n" * len(tiles), 1)
+        text = template.render([("user", family.part_text + prompts[i % len(prompts)])])
+        text = text.replace(PLACEHOLDER, family.image_text(len(tiles), spec.image_mode), 1)
         out.append(ref.embed(ref.tokenize(text), feats))
     return out
 
