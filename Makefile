@@ -15,7 +15,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean
+.PHONY: help setup demo chat fixture engines engines-staged test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean
 
 help:  ## list every command
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,14 @@ fixture: setup  ## write a random-weight checkpoint: make fixture FIXTURE=build/
 
 engines: setup  ## checkpoint -> engine dir: make engines CHECKPOINT=dir OUT=engines/name TARGET=cpu DTYPE=fp32|fp16 QUANT=none|rtn|awq LM_HEAD_BITS=8|4|0
 	$(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --target $(TARGET) --dtype $(DTYPE) --quant $(QUANT) $(if $(LM_HEAD_BITS),--lm-head-bits $(LM_HEAD_BITS))
+
+WORK     ?= build/stages/$(notdir $(OUT))
+STAGE    := $(BIN)/python -m vila_edge_export.stages
+STAGE_OPTS = --dtype $(DTYPE) --quant $(QUANT) --target $(TARGET) $(if $(LM_HEAD_BITS),--lm-head-bits $(LM_HEAD_BITS))
+engines-staged: setup  ## the same engine stage by stage, keeping each stage's files in WORK: quantize (QUANT != none) -> graphs -> engine
+	$(if $(filter-out none,$(QUANT)),$(STAGE) quantize $(CHECKPOINT) $(WORK)/quant $(STAGE_OPTS))
+	$(STAGE) graphs $(CHECKPOINT) $(WORK)/graphs $(STAGE_OPTS) $(if $(filter-out none,$(QUANT)),--quantized $(WORK)/quant)
+	$(STAGE) engine $(CHECKPOINT) $(WORK)/graphs $(OUT) $(STAGE_OPTS)
 
 demo: setup  ## chat about a bundled example image with the bundled model (expected answer: green)
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-import vila_edge_export.build as build
+import vila_edge_export.stage_graphs as stage_graphs
 from conftest import data
 from vila_edge_export.build import ExportOptions, export_engine
 from vila_edge_export.checkpoint import read_checkpoint
@@ -101,7 +101,7 @@ def test_engine_missing_file(tmp_path, engine):
 def test_interrupted_export_leaves_nothing(tmp_path, checkpoint, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(build, "build_llm", boom)
+    monkeypatch.setattr(stage_graphs, "build_llm", boom)
     out = tmp_path / "engines" / "e"
     with pytest.raises(KeyboardInterrupt):
         export_engine(checkpoint("vila1.5-3b-downsample"), str(out), ExportOptions(progress=False))

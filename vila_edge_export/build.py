@@ -2,8 +2,12 @@
 
     vila-edge export CHECKPOINT OUT [--dtype fp32|fp16] [--quant none|rtn|awq] [--lm-head-bits 8|4|0] [--target cpu]
 
-The directory is built under a temporary name beside OUT and renamed into place only when every
-file is written and both graphs load in ONNX Runtime, so an interrupted export never leaves a
+`export_engine` chains three stages, each a command that reads files and writes files
+(`python -m vila_edge_export.stages`): quantize (stage_quantize.py: int4 codes, scales and a quant
+config; skipped for float engines) -> graphs (stage_graphs.py: ONNX graphs, embedding table and a
+sidecar) -> engine (`engine_stage` here: tokenizer, template, manifest). Each stage builds its
+directory under a temporary name beside its output and renames it into place when complete (the
+engine only once both graphs load in ONNX Runtime), so an interrupted export never leaves a
 directory that looks complete.
 """
 import json
@@ -12,12 +16,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-import numpy as np
-
-from vila_edge_export.checkpoint import CheckpointSpec, load_vision_weights, load_weights, read_checkpoint
-from vila_edge_export.onnx_graph import OPSET, save
-from vila_edge_export.onnx_llm import build_llm, lm_head_rows
-from vila_edge_export.onnx_vision import build_vision, tokens_per_image
+from vila_edge_export.checkpoint import CheckpointSpec, read_checkpoint
+from vila_edge_export.onnx_graph import OPSET
+from vila_edge_export.onnx_vision import tokens_per_image
 from vila_edge.errors import CheckpointError
 from vila_edge.families import MEDIA_TOKEN, get_family
 from vila_edge.manifest import FORMAT_VERSION, LLMInfo, Manifest, TokenInfo, VisionInfo
@@ -103,7 +104,7 @@ def _token_info(spec: CheckpointSpec, tok, tok_cfg: dict, template) -> TokenInfo
                      image_token_id=image_id, never_sample=sorted(ids(MEDIA_TOKENS)))
 
 
-def _np(tensors: dict, dtype: str) -> dict:
+def numpy_weights(tensors: dict, dtype: str) -> dict:
     """Torch tensors -> numpy in the graph dtype, one at a time: a 3B checkpoint never holds a
     second full fp32 copy (the ONNX initializers are the only other copy)."""
     import torch
@@ -112,20 +113,18 @@ def _np(tensors: dict, dtype: str) -> dict:
     return {k: tensors.pop(k).to(target).numpy() for k in list(tensors)}
 
 
-def _quantize(spec, opts):
-    """-> (float weights as numpy fp32, {linear: (codes, scales, G)}, quant info for the manifest)."""
-    from vila_edge_export.llm_quant import METHODS, QuantOptions, quantize_llm
+def quant_options(opts: ExportOptions):
+    """The quantize stage's options (llm_quant.QuantOptions) from the export's."""
+    from vila_edge_export.llm_quant import QuantOptions
     from vila_edge_export.quality import QualityFloor
-    if opts.quant not in METHODS:
-        raise ValueError(f"quant {opts.quant!r} unknown; expected one of {METHODS}")
     floor = (None if opts.max_ppl_increase_pct is None
              else QualityFloor(opts.max_ppl_increase_pct, opts.min_top1_agreement))
-    qopts = QuantOptions(method=opts.quant, group_size=opts.group_size, lm_head_bits=_lm_head_bits(opts),
-                         calib_dir=opts.calib_dir, eval_tokens=opts.eval_tokens, floor=floor)
-    jinja = _chat_template(spec, _tokenizer_config(spec))
-    weights, quant, report = quantize_llm(spec, qopts, jinja, opts.progress)
-    return weights, quant, {"method": opts.quant, "group_size": opts.group_size, "bits": 4, "symmetric": True,
-                            "lm_head_bits": qopts.lm_head_bits, "report": report}
+    return QuantOptions(method=opts.quant, group_size=opts.group_size, lm_head_bits=_lm_head_bits(opts),
+                        calib_dir=opts.calib_dir, eval_tokens=opts.eval_tokens, floor=floor)
+
+
+def chat_template_source(spec: CheckpointSpec) -> str | None:
+    return _chat_template(spec, _tokenizer_config(spec))
 
 
 def _lm_head_bits(opts) -> int:
@@ -140,56 +139,83 @@ def _lm_head_bits(opts) -> int:
     return opts.lm_head_bits
 
 
-def _embed_dtype(opts, dtype: str) -> str:
+def embed_dtype(opts, dtype: str) -> str:
     """fp16 rows for fp16 and quantized engines (the runtime casts gathered rows to the graph's input
     dtype); fp32 engines keep fp32 so they stay equal to the fp32 reference."""
     return "float16" if opts.quant != "none" or dtype == "float16" else dtype
 
 
-def _steps(progress: bool, total: int):
+def steps(progress: bool, total: int, desc: str):
     from tqdm import tqdm
-    return tqdm(total=total, desc="export", unit="step", disable=not progress)
+    return tqdm(total=total, desc=desc, unit="step", disable=not progress)
 
 
-def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) -> Manifest:
-    opts = opts or ExportOptions()
+def validate(opts: ExportOptions) -> None:
+    from vila_edge_export.llm_quant import METHODS
     if opts.dtype not in DTYPES:
         raise ValueError(f"dtype {opts.dtype!r} unknown; expected one of {sorted(DTYPES)}")
     if opts.target not in TARGETS:
         raise ValueError(f"target {opts.target!r}: only {TARGETS} engines can be built (TensorRT engines for "
                          f"Orin are not implemented yet)")
-    dtype = DTYPES[opts.dtype]
+    if opts.quant not in METHODS:
+        raise ValueError(f"quant {opts.quant!r} unknown; expected one of {METHODS}")
     _lm_head_bits(opts)
-    bar = _steps(opts.progress, 7)
-    spec = read_checkpoint(checkpoint, opts.template, opts.token_order)
+
+
+def read_spec(checkpoint: str, opts: ExportOptions, token_order: str | None = None) -> CheckpointSpec:
+    return read_checkpoint(checkpoint, opts.template, token_order or opts.token_order)
+
+
+def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) -> Manifest:
+    """The stages in a row, through files in a work directory beside `out` (removed afterwards)."""
+    from vila_edge_export.stage_graphs import graphs_stage
+    from vila_edge_export.stage_quantize import quantize_stage
+
+    opts = opts or ExportOptions()
+    validate(opts)
+    read_spec(checkpoint, opts)                     # a bad checkpoint fails before any work
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".export-work-", dir=parent)
+    try:
+        quantized = None if opts.quant == "none" else quantize_stage(checkpoint, os.path.join(work, "quant"), opts)
+        graphs = graphs_stage(checkpoint, os.path.join(work, "graphs"), opts, quantized)
+        return engine_stage(checkpoint, graphs, out, opts, move=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def engine_stage(checkpoint: str, graphs: str, out: str, opts: ExportOptions, move: bool = False) -> Manifest:
+    """Export stage 3: the graphs stage's directory + the checkpoint's tokenizer and configs -> the
+    engine directory (tokenizer, template, manifest), verified in ONNX Runtime and published
+    atomically. `move` takes the graph files instead of copying them (the one-shot export)."""
+    from vila_edge_export.stage_graphs import SIDECAR
+
+    validate(opts)
+    sidecar_path = os.path.join(graphs, SIDECAR)
+    if not os.path.isfile(sidecar_path):
+        raise CheckpointError(f"{sidecar_path}: missing; not a graphs stage output (vila_edge_export.stages graphs)")
+    with open(sidecar_path, encoding="utf-8") as f:
+        sidecar = json.load(f)
+    spec = read_spec(checkpoint, opts, sidecar["token_order"])
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    bar = steps(opts.progress, 3, "engine")
     try:
-        bar.set_postfix_str("vision"); bar.update()
-        vision = build_vision(spec.vision, spec.projector, _np(load_vision_weights(spec), dtype),
-                              _np(load_weights(spec.path("mm_projector")), dtype), dtype)
-        save(vision.model(), os.path.join(tmp, FILES["vision"]))
-        bar.set_postfix_str("llm weights"); bar.update()
-        if opts.quant == "none":
-            llm_weights, quant, quant_info = _np(load_weights(spec.path("llm")), dtype), {}, {"method": "none"}
-        else:
-            llm_weights, quant, quant_info = _quantize(spec, opts)
-        bar.set_postfix_str("llm graph"); bar.update()
-        save(build_llm(spec.llm, llm_weights, dtype, quant).model(), os.path.join(tmp, FILES["llm"]))
-        bar.set_postfix_str("embeddings"); bar.update()
-        embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
-        np.save(os.path.join(tmp, FILES["embeddings"]), embed.astype(_embed_dtype(opts, dtype)))
+        bar.set_postfix_str("graphs"); bar.update()
+        for name in sorted(os.listdir(graphs)):
+            if name != SIDECAR:
+                (shutil.move if move else shutil.copyfile)(os.path.join(graphs, name), os.path.join(tmp, name))
         bar.set_postfix_str("tokenizer"); bar.update()
-        manifest = _write_metadata(spec, tmp, dtype, quant_info, lm_head_rows(llm_weights, quant), opts)
+        manifest = _write_metadata(spec, tmp, sidecar["dtype"], sidecar["quant"], sidecar["logits_size"], opts)
         bar.set_postfix_str("verify"); bar.update()
         _verify(tmp)
         sizes = _file_bytes(tmp)          # every file but the report itself
         with open(os.path.join(tmp, FILES["report"]), "w") as f:
-            json.dump({"quant": quant_info, "engine_bytes": sum(sizes.values()), "file_bytes": sizes,
-                       "embeddings_dtype": _embed_dtype(opts, dtype)}, f, indent=2)
+            json.dump({"quant": sidecar["quant"], "engine_bytes": sum(sizes.values()), "file_bytes": sizes,
+                       "embeddings_dtype": sidecar["embeddings_dtype"]}, f, indent=2)
         publish(tmp, out)
-        bar.set_postfix_str("done"); bar.update()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
