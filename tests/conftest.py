@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from vila_edge_export.build import ExportOptions, export_engine
+from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
 from vila_edge_export.fixtures import write_fixture
 
 # name: (fixture kind, projector, shape, extra write options)
@@ -40,14 +40,17 @@ def checkpoint(workdir):
 
 @pytest.fixture(scope="session")
 def engine(workdir, checkpoint):
-    """engine(name, dtype="fp32", **export options) -> engine dir, exported on first use."""
+    """engine(name, dtype="fp32", token_order=None, quant="none", **QuantOptions fields) -> engine dir,
+    exported on first use."""
     made = {}
 
-    def get(name, dtype="fp32", **opts):
-        key = (name, dtype, tuple(sorted(opts.items())))
+    def get(name, dtype="fp32", token_order=None, quant="none", **quant_fields):
+        key = (name, dtype, token_order, quant, tuple(sorted(quant_fields.items())))
         if key not in made:
             out = str(workdir / "engines" / f"{name}-{dtype}-{len(made)}")
-            export_engine(checkpoint(name), out, ExportOptions(dtype=dtype, progress=False, **opts))
+            opts = ExportOptions(dtype=dtype, token_order=token_order, progress=False,
+                                 quant=QuantOptions(method=quant, **quant_fields))
+            export_engine(checkpoint(name), out, opts)
             made[key] = out
         return made[key]
     return get

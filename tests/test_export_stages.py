@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vila_edge_export import stages
-from vila_edge_export.build import ExportOptions, export_engine
+from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
 from vila_edge_export.stage_quantize import CONFIG, read_quantized
 
 
@@ -26,7 +26,7 @@ def test_stages_one_by_one_equal_the_one_shot_export(checkpoint, tmp_path, quant
     ckpt = checkpoint("vila1.5-3b-downsample")
     one_shot = str(tmp_path / "one-shot")
     opts = stages.options(stages.parser().parse_args(["engine", ckpt, "g", "o", "--quiet"] + flags))
-    assert opts.quant == quant
+    assert opts.quant.method == quant
     export_engine(ckpt, one_shot, opts)
 
     work, out = tmp_path / "work", str(tmp_path / "staged")
@@ -50,14 +50,15 @@ def test_stages_one_by_one_equal_the_one_shot_export(checkpoint, tmp_path, quant
 
 
 def test_quantized_directory_round_trips(checkpoint, tmp_path):
-    from vila_edge_export.build import quant_options, read_spec, chat_template_source
+    from vila_edge_export.build import chat_template_source, read_spec
     from vila_edge_export.llm_quant import quantize_llm
     from vila_edge_export.stage_quantize import quantize_stage
 
     ckpt = checkpoint("vila1.5-3b-downsample")
-    opts = ExportOptions(quant="rtn", group_size=32, max_ppl_increase_pct=None, eval_tokens=256, progress=False)
+    opts = ExportOptions(quant=QuantOptions("rtn", group_size=32, max_ppl_increase_pct=None, eval_tokens=256),
+                         progress=False)
     spec = read_spec(ckpt, opts)
-    weights, quant, _ = quantize_llm(spec, quant_options(opts), chat_template_source(spec), False)
+    weights, quant, _ = quantize_llm(spec, opts.quant, chat_template_source(spec), False)
     got_w, got_q, info = read_quantized(quantize_stage(ckpt, str(tmp_path / "q"), opts))
     assert info["method"] == "rtn" and info["group_size"] == 32 and info["lm_head_bits"] == 8
     assert sorted(got_w) == sorted(weights) and sorted(got_q) == sorted(quant)

@@ -130,10 +130,11 @@ def test_int4_report_and_sizes(engine):
 
 
 def test_quality_floor_stops_the_export(checkpoint, tmp_path):
-    from vila_edge_export.build import ExportOptions, export_engine
+    from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
     from vila_edge_export.quality import QualityError
     out = tmp_path / "eng"
     with pytest.raises(QualityError, match="perplexity"):
         export_engine(checkpoint("vila1.5-3b-downsample"), str(out),
-                      ExportOptions(quant="rtn", group_size=64, max_ppl_increase_pct=-1.0, progress=False))
+                      ExportOptions(quant=QuantOptions("rtn", group_size=64, max_ppl_increase_pct=-1.0),
+                                    progress=False))
     assert not out.exists()

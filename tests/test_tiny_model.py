@@ -1,7 +1,8 @@
 """vila-tiny-shapes: the scene generator, the bundled checkpoint's layout, and its accuracy.
 
 The checkpoint is trained by trainers/tiny_shapes/train.py and committed; these tests check what a VILA1.5
-loader relies on (vila-formats.md §1-§4), that the model answers held-out questions, and that its
+loader relies on
+(NVlabs/VILA@1c88211:llava/model/llava_arch.py save_pretrained), that the model answers held-out questions, and that its
 fp16 and int4 engines answer as it does.
 """
 import json
@@ -207,14 +208,14 @@ def test_heldout_slice_accuracy(torch_slice):
 def test_engines_answer_the_slice_like_the_checkpoint(torch_slice, tmp_path):
     """fp16 engine: the same answer as the torch model on every item; int4: at most
     INT4_SLICE_LOSS fewer right."""
-    from vila_edge_export.build import ExportOptions, export_engine
+    from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
     from trainers.tiny_shapes.evaluate import pipeline_backend
 
     calib = tmp_path / "calib"
     scenes.main([str(calib), "--seed", "7", "-n", "16"])
     fp16, int4 = str(tmp_path / "fp16"), str(tmp_path / "int4")
     export_engine(ROOT, fp16, ExportOptions(dtype="fp16", progress=False))
-    export_engine(ROOT, int4, ExportOptions(quant="awq", calib_dir=str(calib), progress=False))
+    export_engine(ROOT, int4, ExportOptions(quant=QuantOptions("awq", calib_dir=str(calib)), progress=False))
     got16 = evaluate(pipeline_backend(fp16, threads=2), n=SLICE_ITEMS, keep_items=True)
     assert [it["answer"] for it in got16["items"]] == [it["answer"] for it in torch_slice["items"]]
     got4 = evaluate(pipeline_backend(int4, threads=2), n=SLICE_ITEMS)

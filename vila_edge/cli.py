@@ -10,14 +10,19 @@ import sys
 from vila_edge.errors import VilaEdgeError
 
 
+def _given(**flags) -> dict:
+    """The flags a user gave: the rest keep their defaults from the dataclasses they configure."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
 def _chat(args) -> int:
     from vila_edge.llm import KVConfig
     from vila_edge.pipeline import Pipeline
 
     pipe = Pipeline(args.engine, threads=args.threads, max_context=args.max_context,
-                    kv=KVConfig(block_size=args.block_size, budget=args.kv_budget))
-    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                    kv=KVConfig(**_given(block_size=args.block_size, budget=args.kv_budget)))
+    gen = _given(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     conv = pipe.conversation(args.system)
     prompt = args.prompt
     images = args.image or None
@@ -39,14 +44,16 @@ def _chat(args) -> int:
 
 
 def _export(args) -> int:
-    from vila_edge_export.build import ExportOptions, export_engine
+    from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
 
+    quant = QuantOptions(**_given(method=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
+                                  calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
+                                  max_ppl_increase_pct=args.max_ppl_increase, min_top1_agreement=args.min_top1))
+    if args.no_quality_floor:
+        quant.max_ppl_increase_pct = None
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
-        dtype=args.dtype, quant=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
-        target=args.target, template=args.template, token_order=args.token_order, progress=not args.quiet,
-        calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
-        max_ppl_increase_pct=None if args.no_quality_floor else args.max_ppl_increase,
-        min_top1_agreement=args.min_top1))
+        **_given(dtype=args.dtype, target=args.target, template=args.template, token_order=args.token_order),
+        progress=not args.quiet, quant=quant))
     print(f"{args.out}: {manifest.family} engine, {manifest.dtype}, quant {manifest.quant.get('method')}")
     return 0
 
@@ -66,14 +73,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--image", action="append", help="an image path (repeat for several images)")
     c.add_argument("--video", help="a video file, GIF or folder of frames")
     c.add_argument("--system", default=None)
-    c.add_argument("--max-new-tokens", type=int, default=128)
-    c.add_argument("--temperature", type=float, default=0.0)
-    c.add_argument("--top-k", type=int, default=0)
-    c.add_argument("--top-p", type=float, default=1.0)
-    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--max-new-tokens", type=int, default=None)
+    c.add_argument("--temperature", type=float, default=None)
+    c.add_argument("--top-k", type=int, default=None)
+    c.add_argument("--top-p", type=float, default=None)
+    c.add_argument("--repetition-penalty", type=float, default=None)
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--threads", type=int, default=None)
-    c.add_argument("--block-size", type=int, default=16)
+    c.add_argument("--block-size", type=int, default=None)
     c.add_argument("--max-context", type=int, default=None, help="context length in tokens (default 4096)")
     c.add_argument("--kv-budget", default=None,
                    help="KV pool size: bytes ('512MiB') or a device (orin-nano, orin-nx, agx-orin-32gb, agx-orin-64gb)")
@@ -83,21 +90,21 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="checkpoint -> engine directory (needs the export extras: torch)")
     e.add_argument("checkpoint")
     e.add_argument("out")
-    e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
-    e.add_argument("--quant", choices=["none", "rtn", "awq"], default="none")
-    e.add_argument("--group-size", type=int, default=128)
+    e.add_argument("--dtype", choices=["fp32", "fp16"], default=None)
+    e.add_argument("--quant", choices=["none", "rtn", "awq"], default=None)
+    e.add_argument("--group-size", type=int, default=None)
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
                    help="lm_head with --quant rtn/awq: symmetric int8 (default), int4, or 0 = float")
-    e.add_argument("--target", default="cpu")
+    e.add_argument("--target", default=None)
     e.add_argument("--template", default=None, help="override the chat template")
     e.add_argument("--token-order", choices=["row", "column"], default=None,
                    help="override the mlp_downsample token order (default from the checkpoint era)")
     e.add_argument("--calib-dir", default=None, help="AWQ calibration images (+ prompts.txt, one per line)")
-    e.add_argument("--max-ppl-increase", type=float, default=25.0,
+    e.add_argument("--max-ppl-increase", type=float, default=None,
                    help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text)")
-    e.add_argument("--min-top1", type=float, default=0.80, help="... or top-1 agreement falls below this")
+    e.add_argument("--min-top1", type=float, default=None, help="... or top-1 agreement falls below this")
     e.add_argument("--no-quality-floor", action="store_true", help="write the quality report but never stop")
-    e.add_argument("--eval-tokens", type=int, default=4096,
+    e.add_argument("--eval-tokens", type=int, default=None,
                    help="held-out text tokens of the 4-bit quality report (a float and a quantized pass over "
                         "them; on a CPU a 3B model takes ~10 min per 4096)")
     e.add_argument("--quiet", action="store_true")

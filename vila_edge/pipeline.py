@@ -53,7 +53,8 @@ class Pipeline:
         self.tokenizer = Tokenizer.from_file(os.path.join(engine_dir, m.files["tokenizer"]))
         self.template = engine_template(engine_dir, m)
         v = m.vision
-        pixels = PixelSpec(v.image_size, tuple(v.mean), tuple(v.std), v.image_mode, v.min_tiles, v.max_tiles)
+        pixels = PixelSpec(size=v.image_size, mean=tuple(v.mean), std=tuple(v.std), mode=v.image_mode,
+                           min_tiles=v.min_tiles, max_tiles=v.max_tiles)
         self.vision = VisionEncoder(OrtSession(os.path.join(engine_dir, m.files["vision"]), threads), pixels, m.dtype)
         # (V, C); fp16 in quantized and fp16 engines, rows are cast to the graph's input dtype when gathered.
         self.embeddings = np.load(os.path.join(engine_dir, m.files["embeddings"]), mmap_mode="r")

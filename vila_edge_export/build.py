@@ -14,39 +14,20 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 
 from vila_edge_export.checkpoint import CheckpointSpec, read_checkpoint
 from vila_edge_export.onnx_graph import OPSET
 from vila_edge_export.onnx_vision import tokens_per_image
+from vila_edge_export.options import DTYPES, TARGETS, ExportOptions, QuantOptions  # noqa: F401 (callers' names)
 from vila_edge.errors import CheckpointError
 from vila_edge.families import MEDIA_TOKEN, get_family
 from vila_edge.manifest import FORMAT_VERSION, LLMInfo, Manifest, TokenInfo, VisionInfo
 from vila_edge.templates import get_template
 from vila_edge.version import __version__
 
-DTYPES = {"fp32": "float32", "fp16": "float16"}
-TARGETS = ("cpu",)
 MEDIA_TOKENS = ("<image>", "<vila/video>", "<vila/sentinel>")
 FILES = {"vision": "vision.onnx", "llm": "llm.onnx", "embeddings": "embed_tokens.npy",
          "tokenizer": "tokenizer.json", "report": "export_report.json"}
-
-
-@dataclass
-class ExportOptions:
-    dtype: str = "fp32"
-    quant: str = "none"
-    group_size: int = 128
-    lm_head_bits: int | None = None        # quant rtn/awq: 8 (default), 4 or 0 (float); quant none: float
-    target: str = "cpu"
-    template: str | None = None
-    token_order: str | None = None
-    progress: bool = True
-    calib_dir: str | None = None           # AWQ calibration images (+ prompts.txt); default: synthetic scenes
-    eval_tokens: int = 4096                # held-out text tokens of the 4-bit quality report (two passes)
-    # Quality floor of a 4-bit export on held-out text; None: report only, never stop.
-    max_ppl_increase_pct: float | None = 25.0
-    min_top1_agreement: float = 0.80
 
 
 def _tokenizer(spec: CheckpointSpec, out_dir: str):
@@ -113,53 +94,19 @@ def numpy_weights(tensors: dict, dtype: str) -> dict:
     return {k: tensors.pop(k).to(target).numpy() for k in list(tensors)}
 
 
-def quant_options(opts: ExportOptions):
-    """The quantize stage's options (llm_quant.QuantOptions) from the export's."""
-    from vila_edge_export.llm_quant import QuantOptions
-    from vila_edge_export.quality import QualityFloor
-    floor = (None if opts.max_ppl_increase_pct is None
-             else QualityFloor(opts.max_ppl_increase_pct, opts.min_top1_agreement))
-    return QuantOptions(method=opts.quant, group_size=opts.group_size, lm_head_bits=_lm_head_bits(opts),
-                        calib_dir=opts.calib_dir, eval_tokens=opts.eval_tokens, floor=floor)
-
-
 def chat_template_source(spec: CheckpointSpec) -> str | None:
     return _chat_template(spec, _tokenizer_config(spec))
-
-
-def _lm_head_bits(opts) -> int:
-    from vila_edge_export.quantize import DEFAULT_LM_HEAD_BITS, LM_HEAD_BITS
-    if opts.lm_head_bits is None:
-        return DEFAULT_LM_HEAD_BITS if opts.quant != "none" else 0
-    if opts.lm_head_bits not in LM_HEAD_BITS:
-        raise ValueError(f"lm_head_bits {opts.lm_head_bits!r} unknown; expected one of {LM_HEAD_BITS}")
-    if opts.lm_head_bits and opts.quant == "none":
-        raise ValueError(f"lm_head_bits {opts.lm_head_bits} needs quant rtn or awq (quant none keeps every "
-                         f"weight float)")
-    return opts.lm_head_bits
 
 
 def embed_dtype(opts, dtype: str) -> str:
     """fp16 rows for fp16 and quantized engines (the runtime casts gathered rows to the graph's input
     dtype); fp32 engines keep fp32 so they stay equal to the fp32 reference."""
-    return "float16" if opts.quant != "none" or dtype == "float16" else dtype
+    return "float16" if opts.quant.quantized or dtype == "float16" else dtype
 
 
 def steps(progress: bool, total: int, desc: str):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="step", disable=not progress)
-
-
-def validate(opts: ExportOptions) -> None:
-    from vila_edge_export.llm_quant import METHODS
-    if opts.dtype not in DTYPES:
-        raise ValueError(f"dtype {opts.dtype!r} unknown; expected one of {sorted(DTYPES)}")
-    if opts.target not in TARGETS:
-        raise ValueError(f"target {opts.target!r}: only {TARGETS} engines can be built (TensorRT engines for "
-                         f"Orin are not implemented yet)")
-    if opts.quant not in METHODS:
-        raise ValueError(f"quant {opts.quant!r} unknown; expected one of {METHODS}")
-    _lm_head_bits(opts)
 
 
 def read_spec(checkpoint: str, opts: ExportOptions, token_order: str | None = None) -> CheckpointSpec:
@@ -172,13 +119,12 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
     from vila_edge_export.stage_quantize import quantize_stage
 
     opts = opts or ExportOptions()
-    validate(opts)
     read_spec(checkpoint, opts)                     # a bad checkpoint fails before any work
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".export-work-", dir=parent)
     try:
-        quantized = None if opts.quant == "none" else quantize_stage(checkpoint, os.path.join(work, "quant"), opts)
+        quantized = quantize_stage(checkpoint, os.path.join(work, "quant"), opts) if opts.quant.quantized else None
         graphs = graphs_stage(checkpoint, os.path.join(work, "graphs"), opts, quantized)
         return engine_stage(checkpoint, graphs, out, opts, move=True)
     finally:
@@ -191,7 +137,6 @@ def engine_stage(checkpoint: str, graphs: str, out: str, opts: ExportOptions, mo
     atomically. `move` takes the graph files instead of copying them (the one-shot export)."""
     from vila_edge_export.stage_graphs import SIDECAR
 
-    validate(opts)
     sidecar_path = os.path.join(graphs, SIDECAR)
     if not os.path.isfile(sidecar_path):
         raise CheckpointError(f"{sidecar_path}: missing; not a graphs stage output (vila_edge_export.stages graphs)")
@@ -245,10 +190,12 @@ def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts) -> Man
     manifest = Manifest(
         format_version=FORMAT_VERSION, exporter_version=__version__, family=spec.family, template=spec.template,
         dtype=dtype, quant=quant_info, num_video_frames=spec.num_video_frames,
-        llm=LLMInfo(llm.hidden, llm.layers, llm.heads, llm.kv_heads, llm.head_dim, llm.vocab_size,
-                    int(logits_size), llm.max_positions),
-        vision=VisionInfo(vis.image_size, tokens_per_image(vis, proj), vis.mean, vis.std, spec.image_mode,
-                          spec.min_tiles, spec.max_tiles, proj.token_order),
+        llm=LLMInfo(hidden=llm.hidden, layers=llm.layers, heads=llm.heads, kv_heads=llm.kv_heads,
+                    head_dim=llm.head_dim, vocab_size=llm.vocab_size, logits_size=int(logits_size),
+                    max_positions=llm.max_positions),
+        vision=VisionInfo(image_size=vis.image_size, tokens_per_image=tokens_per_image(vis, proj), mean=vis.mean,
+                          std=vis.std, image_mode=spec.image_mode, min_tiles=spec.min_tiles,
+                          max_tiles=spec.max_tiles, token_order=proj.token_order),
         tokens=_token_info(spec, tok, tok_cfg, template), files=files,
         build={"target": opts.target, "opset": OPSET, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                "checkpoint": os.path.abspath(spec.root), "projector": proj.kind,

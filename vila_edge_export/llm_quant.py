@@ -6,7 +6,7 @@ calibration never saw (vila_edge_export/calib_text.py).
 """
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -15,30 +15,17 @@ from PIL import Image, ImageDraw
 from vila_edge_export.awq import awq_quantize, text_calibration_embeds
 from vila_edge_export.calib_text import split_texts
 from vila_edge_export.checkpoint import CheckpointSpec
+from vila_edge_export.options import QuantOptions
 from vila_edge_export.quality import QualityFloor, compare, float_size_bytes, forward_windows, quantized_size_bytes
-from vila_edge_export.quantize import DEFAULT_LM_HEAD_BITS, apply_quantized, rtn_quantize
+from vila_edge_export.quantize import apply_quantized, rtn_quantize
 from vila_edge_export.reference import ReferenceVLM, hf_pixels
 from vila_edge.families import DYNAMIC, PLACEHOLDER
 from vila_edge.preprocess import dynamic_tiles
 from vila_edge.templates import get_template
 
-METHODS = ("none", "rtn", "awq")
 DEFAULT_PROMPTS = ("Describe the image in detail.", "What objects are in the picture and where are they?",
                    "How many shapes are there, and what colours are they?", "What should the robot pick up next?")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-@dataclass
-class QuantOptions:
-    method: str = "awq"
-    group_size: int = 128
-    lm_head_bits: int = DEFAULT_LM_HEAD_BITS   # 8 / 4: quantized like the linears (groups along K); 0: float
-    calib_dir: str | None = None     # images + optional prompts.txt (one prompt per line)
-    n_images: int = 8
-    n_text: int = 8                  # text calibration blocks of text_seqlen tokens
-    text_seqlen: int = 256
-    eval_tokens: int = 4096          # held-out text tokens for the quality report
-    floor: QualityFloor | None = QualityFloor(max_ppl_increase_pct=25.0, min_top1_agreement=0.80)
 
 
 def default_images(n: int, size: int = 256) -> list:
@@ -126,9 +113,10 @@ def _quality(ref: ReferenceVLM, qllm, opts: QuantOptions) -> dict:
     result["groups"] = sorted({w.group for w in qllm.linears.values()})
     result["quantized_linears"] = len(qllm.linears)
     result["lm_head_bits"] = qllm.lm_head_bits
-    if opts.floor is not None:
-        result["floor"] = asdict(opts.floor)
-        opts.floor.check(report)     # raises QualityError: the export stops, nothing is written
+    if opts.max_ppl_increase_pct is not None:
+        floor = QualityFloor(opts.max_ppl_increase_pct, opts.min_top1_agreement)
+        result["floor"] = asdict(floor)
+        floor.check(report)          # raises QualityError: the export stops, nothing is written
     if not math.isfinite(report.ppl):
         raise ValueError(f"{qllm.method}: perplexity is not finite")
     return result

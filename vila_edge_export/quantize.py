@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from vila_edge_export.options import DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, LM_HEAD_BITS  # noqa: F401
 from vila_edge.errors import VilaEdgeError
 
 INT4_MIN, INT4_MAX = -8, 7
@@ -21,11 +22,6 @@ INT4_MIN, INT4_MAX = -8, 7
 INT8_MIN, INT8_MAX = -127, 127
 CODE_RANGE = {4: (INT4_MIN, INT4_MAX), 8: (INT8_MIN, INT8_MAX)}
 LM_HEAD = "lm_head"
-# lm_head bits of a quantized export: int8 keeps the vocab projection (the most error-sensitive layer)
-# close to float at half its fp16 size, and ORT runs it as MatMulNBits(bits=8) instead of an fp32 MatMul.
-DEFAULT_LM_HEAD_BITS = 8
-LM_HEAD_BITS = (8, 4, 0)   # 0: float
-DEFAULT_GROUP = 128  # llm-awq --q_group_size 128, ModelOpt INT4_AWQ_CFG block_sizes {-1: 128}
 MIN_AUTO_GROUP = 16
 # llm-awq's pseudo_quantize_tensor clamps the group range at 1e-5 so all-zero groups get a finite scale.
 MIN_ABSMAX = 1e-5

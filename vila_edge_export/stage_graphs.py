@@ -14,25 +14,24 @@ import tempfile
 
 import numpy as np
 
-from vila_edge_export.build import (DTYPES, FILES, embed_dtype, numpy_weights, publish, read_spec, steps,
-                                    validate)
+from vila_edge_export.build import FILES, embed_dtype, numpy_weights, publish, read_spec, steps
 from vila_edge_export.checkpoint import load_vision_weights, load_weights
 from vila_edge_export.onnx_graph import save
 from vila_edge_export.onnx_llm import build_llm, lm_head_rows
 from vila_edge_export.onnx_vision import build_vision
+from vila_edge_export.options import DTYPES
 
 SIDECAR = "graphs.json"
 
 
 def graphs_stage(checkpoint: str, out_dir: str, opts, quantized: str | None = None) -> str:
     """Build the graphs as `opts` (ExportOptions) asks, from the quantize stage's directory when
-    opts.quant is not "none"; returns out_dir."""
+    opts.quant is quantized; returns out_dir."""
     from vila_edge_export.stage_quantize import read_quantized
 
-    validate(opts)
-    if (opts.quant == "none") != (quantized is None):
-        raise ValueError(f"quant {opts.quant!r} needs {'no' if opts.quant == 'none' else 'a'} quantize stage "
-                         f"directory (--quantized)")
+    if opts.quant.quantized != (quantized is not None):
+        raise ValueError(f"quant {opts.quant.method!r} needs {'a' if opts.quant.quantized else 'no'} quantize "
+                         f"stage directory (--quantized)")
     dtype = DTYPES[opts.dtype]
     spec = read_spec(checkpoint, opts)
     parent = os.path.dirname(os.path.abspath(out_dir))

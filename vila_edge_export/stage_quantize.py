@@ -17,7 +17,7 @@ import tempfile
 
 import numpy as np
 
-from vila_edge_export.build import chat_template_source, publish, quant_options, read_spec
+from vila_edge_export.build import chat_template_source, publish, read_spec
 from vila_edge.errors import CheckpointError
 
 WEIGHTS = "llm.safetensors"
@@ -65,10 +65,10 @@ def quantize_stage(checkpoint: str, out_dir: str, opts) -> str:
     """Quantize the checkpoint's LLM as `opts` (ExportOptions) asks and write out_dir; returns out_dir."""
     from vila_edge_export.llm_quant import quantize_llm
 
-    if opts.quant == "none":
+    qopts = opts.quant
+    if not qopts.quantized:
         raise ValueError("quant none has nothing to quantize: run the graphs stage on the checkpoint")
     spec = read_spec(checkpoint, opts)
-    qopts = quant_options(opts)
     weights, quant, report = quantize_llm(spec, qopts, chat_template_source(spec), opts.progress)
     info = {"method": qopts.method, "group_size": qopts.group_size, "bits": 4, "symmetric": True,
             "lm_head_bits": qopts.lm_head_bits, "report": report}

@@ -5,14 +5,16 @@
     python -m vila_edge_export.stages engine   CHECKPOINT WORK/graphs OUT
 
 The three in a row give the same engine directory as `vila-edge export CHECKPOINT OUT` with the
-same options. Every option is a field of build.ExportOptions, with its default from there.
+same options. Every option is a field of options.ExportOptions or options.QuantOptions, with its
+default from there.
 """
 import argparse
 import dataclasses
 import sys
 import typing
 
-from vila_edge_export.build import ExportOptions, engine_stage
+from vila_edge_export.build import engine_stage
+from vila_edge_export.options import ExportOptions, QuantOptions
 from vila_edge.errors import VilaEdgeError
 
 
@@ -24,23 +26,26 @@ def _flag_type(field: dataclasses.Field):
     return lambda text: None if text.lower() == "none" else kinds[0](text)
 
 
-def add_options(ap: argparse.ArgumentParser, skip: tuple = ("progress",)) -> None:
-    """--field-name for every ExportOptions field, defaulting to the dataclass's value."""
-    for f in dataclasses.fields(ExportOptions):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            ap.add_argument(flag, type=_flag_type(f), default=f.default, help=f"default {f.default}")
+def _flags(cls, skip: tuple) -> list:
+    """(flag, field) per field of a dataclass; QuantOptions.method is --quant, as in vila-edge export."""
+    return [("--quant" if f.name == "method" else "--" + f.name.replace("_", "-"), f)
+            for f in dataclasses.fields(cls) if f.name not in skip]
+
+
+def add_options(ap: argparse.ArgumentParser) -> None:
+    """One flag per field of ExportOptions and QuantOptions, defaulting to the dataclass's value."""
+    for cls, skip in ((ExportOptions, ("progress", "quant")), (QuantOptions, ())):
+        for flag, f in _flags(cls, skip):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            ap.add_argument(flag, dest=f.name, type=_flag_type(f), default=default, help=f"default {default}")
     ap.add_argument("--quiet", action="store_true")
 
 
 def options(args) -> ExportOptions:
-    names = {f.name for f in dataclasses.fields(ExportOptions)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    return ExportOptions(progress=not args.quiet, **values)
+    given = vars(args)
+    quant = QuantOptions(**{f.name: given[f.name] for f in dataclasses.fields(QuantOptions)})
+    top = {f.name: given[f.name] for f in dataclasses.fields(ExportOptions) if f.name not in ("progress", "quant")}
+    return ExportOptions(progress=not args.quiet, quant=quant, **top)
 
 
 def parser() -> argparse.ArgumentParser:
