@@ -1,6 +1,6 @@
 """Smoke test of `vila-edge bench`: it runs end to end on a tiny engine and writes its three files.
 
-Proves the files and their keys, never a speed (speed lives in benchmarks/, STYLE.md).
+Proves the files and their keys, never a speed (speed lives in benchmarks/).
 """
 import json
 import subprocess

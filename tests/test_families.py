@@ -1,4 +1,7 @@
-"""The family registry: detection from config.json, and the facts each family carries (vila-formats.md §0, §4, §5)."""
+"""The family registry: detection from config.json, and the facts each family carries.
+
+Sources: NVlabs/VILA@1c88211 and NVlabs/VILA@36f6adc, llava/model/llava_arch.py and llava/mm_utils.py.
+"""
 import pytest
 
 from vila_edge.errors import CheckpointError

@@ -23,7 +23,8 @@ def rng(seed=0):
 
 
 def vila_downsample_2x2(x: torch.Tensor, nvila: bool) -> torch.Tensor:
-    """VILA's DownSampleBlock verbatim (vila-formats.md §3); nvila adds the second permute."""
+    """VILA's DownSampleBlock verbatim (NVlabs/VILA@1c88211:llava/model/multimodal_projector/base_projector.py);
+    nvila adds the second permute."""
     n, t, c = x.shape
     s = math.isqrt(t)
     x = x.reshape(n, s, s, c)
@@ -116,7 +117,7 @@ def torch_projector(w: ref.ProjectorWeights, order: str):
 
     kind = "mlp_downsample" if w.merge == 2 else "mlp_downsample_3x3_fix"
     module = build_projector(kind, w.channels, w.hidden, order)
-    if w.merge == 2:  # checkpoint indices: vila-formats.md §3
+    if w.merge == 2:  # checkpoint indices: base_projector.py's nn.Sequential
         keys = {"1": ("ln0_g", "ln0_b"), "2": ("fc1_w", "fc1_b"), "4": ("fc2_w", "fc2_b")}
     else:
         keys = {"1": ("ln0_g", "ln0_b"), "2": ("fc1_w", "fc1_b"), "4": ("ln1_g", "ln1_b"),

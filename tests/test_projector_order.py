@@ -1,4 +1,8 @@
-"""mlp_downsample token order (vila-formats.md §0 trap 1) and padding, against hand-written tokens."""
+"""mlp_downsample token order and padding, against hand-written tokens.
+
+The order is DownSampleBlock's in llava/model/multimodal_projector/base_projector.py: column-major at
+NVlabs/VILA@1c88211, row-major from NVlabs/VILA@36f6adc on.
+"""
 import numpy as np
 import onnxruntime as ort
 import pytest

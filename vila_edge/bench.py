@@ -24,8 +24,8 @@ from vila_edge.kv_cache import KVLayout
 from vila_edge.llm import KVConfig
 from vila_edge.manifest import Manifest
 
-# Datasheet DRAM bandwidth, GB/s (anchors-runtime.md §4: DS-10662-001 v1.8, DS-10712-001 v1.0,
-# DS-11105-001). Orin NX: 128-bit LPDDR5 at 6400 MT/s = 102.4 (the anchor table rounds to 102).
+# Datasheet DRAM bandwidth, GB/s (Jetson module datasheets DS-10662-001 v1.8, DS-10712-001 v1.0,
+# DS-11105-001). Orin NX: 128-bit LPDDR5 at 6400 MT/s = 102.4 (often rounded to 102).
 ORIN_BANDWIDTH_GBS = {"agx-orin": 204.8, "orin-nx": 102.4, "orin-nano": 68.0}
 BLOCK_SIZE = KVConfig().block_size
 COPY_BYTES = 256 * 2**20          # > any last-level cache, small enough for a shared machine

@@ -2,8 +2,9 @@
 
 The only place that knows what tells the families apart: export calls `detect_family` on a
 checkpoint's config.json, the runtime reads the family by name from the manifest. A new family is
-one more entry in FAMILIES. Facts from vila-formats.md (§0 traps, §4.2 templates, §4.3 splicing,
-§5 preprocessing), which cites NVlabs/VILA at 1c88211.
+one more entry in FAMILIES. Facts from VILA's code, NVlabs/VILA@1c88211 (VILA1.5) and NVlabs/VILA@36f6adc
+(NVILA): llava/conversation.py, llava/mm_utils.py, llava/model/llava_arch.py,
+llava/model/multimodal_projector/base_projector.py.
 """
 import re
 from dataclasses import dataclass
@@ -34,16 +35,17 @@ class Family:
     token_order: str        # default order of mlp_downsample tokens for this era
     media_end_text: str     # text embedded after each image's features ("" or "\n")
     # Text an image becomes when the user passes a list of parts: VILA1.5's run_vila writes
-    # "<image>\n"; NVILA's extract_media writes "<image>" (§4.3).
+    # "<image>\n"; NVILA's extract_media writes "<image>".
     part_text: str
-    # With DYNAMIC tiling the prompt's <image> becomes this text once per tile (§5.3).
+    # With DYNAMIC tiling the prompt's <image> becomes this text once per tile
+    # (NVlabs/VILA@b760c34:llava/mm_utils.py dynamic_preprocess).
     tile_text: str
     # The era: checkpoints saved by transformers >= this version (config.json transformers_version).
     # Of the families that accept a checkpoint's image mode, the newest era it reaches is its family.
     since_transformers: tuple = (0, 0)
     # Chat template when config.json has no conv_mode; None: look the model path up in path_templates.
     default_template: str | None = None
-    # VILA's CONVERSATION_MODE_MAPPING: a substring of the model path picks the template (§4.2).
+    # VILA's CONVERSATION_MODE_MAPPING: a substring of the model path picks the template.
     path_templates: tuple = ()
 
     def projector_order(self, projector_type: str) -> str:
@@ -65,7 +67,7 @@ FAMILIES = {
     "nvila-lite": Family("nvila-lite", MEDIA_TOKEN, (DYNAMIC, RESIZE), ROW_MAJOR, "\n", "<image>",
                          "<image>\n", since_transformers=(4, 46), default_template="auto"),
 }
-# Config switches of VILA variants with no family here yet, and what they are (§0).
+# Config switches of VILA variants with no family here yet, and what they are.
 UNSUPPORTED = {"dynamic_s2": "NVILA-8B/15B multi-scale tiling", "s2": "VILA1.5-3b-s2 multi-scale tower"}
 DEFAULT_TRANSFORMERS = "4.36.2"  # VILA1.5's configs predate the field
 

@@ -1,6 +1,7 @@
 """Token splicer: prompt text with <image> placeholders -> token ids + where each tile's features go.
 
-Two conventions (vila-formats.md §4.3): SENTINEL (VILA1.5: VILA's tokenizer_image_token, the
+Two conventions (NVlabs/VILA@1c88211:llava/mm_utils.py tokenizer_image_token;
+NVlabs/VILA@36f6adc:llava/model/llava_arch.py): SENTINEL (VILA1.5: VILA's tokenizer_image_token, the
 placeholder becomes the tile's features and nothing else) and MEDIA_TOKEN (NVILA: the real <image>
 token becomes the features followed by the embedding of tokenizer("\n")).
 """

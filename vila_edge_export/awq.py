@@ -1,4 +1,5 @@
-"""AWQ for HF Llama / Qwen2 decoders, symmetric int4 (reference/onnx-trt-int4.md §4.4).
+"""AWQ for HF Llama / Qwen2 decoders, symmetric int4 (mit-han-lab/llm-awq@d6e797a:
+awq/quantize/auto_scale.py).
 
 Follows mit-han-lab/llm-awq (awq/quantize/pre_quant.py, auto_scale.py, auto_clip.py) layer by layer:
 capture each linear's inputs on calibration data, search per-channel scales for four groups and fold

@@ -1,6 +1,7 @@
 """Read a VILA checkpoint in NVIDIA's layout: config.json + llm/ + vision_tower/ + mm_projector/.
 
-Layout and config facts: ../shared/reference/vila-formats.md §1-§4. Every check names the file and
+Layout and config facts: NVlabs/VILA@1c88211:llava/model/llava_arch.py (save_pretrained) and
+llava/model/builder.py. Every check names the file and
 field it read, so a user with a wrong tree knows what to fix.
 """
 import json
@@ -12,7 +13,8 @@ from vila_edge.families import COLUMN_MAJOR, ROW_MAJOR, Family, detect_family
 
 SUBDIRS = ("llm", "vision_tower", "mm_projector")
 LLM_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-# Projector types and the merge factor of their DownSampleBlock (1 = no merge), §3.
+# Projector types and the merge factor of their DownSampleBlock (1 = no merge),
+# llava/model/multimodal_projector/base_projector.py.
 PROJECTORS = {"linear": 1, "mlp2x_gelu": 1, "mlp_downsample": 2, "mlp_downsample_2x2_fix": 2,
               "mlp_downsample_3x3_fix": 3}
 TEMPLATES = ("vicuna_v1", "llama_3", "hermes-2", "auto")
@@ -110,7 +112,7 @@ def _need(cfg: dict, key: str, where: str, kind=None):
 
 
 def _sub_config(root: str, top: dict, sub: str) -> dict:
-    """Sub-config from the inline `<sub>_cfg` dict, else from `<sub>/config.json` (§1.1)."""
+    """Sub-config from the inline `<sub>_cfg` dict, else from `<sub>/config.json`."""
     inline = top.get(f"{sub}_cfg")
     if isinstance(inline, dict):
         return inline
@@ -147,7 +149,7 @@ def read_llm(cfg: dict, where: str) -> LLMSpec:
         vocab_size=_need(cfg, "vocab_size", where, int), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(cfg, where), max_positions=int(cfg.get("max_position_embeddings", 4096)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        # Qwen2 always has q/k/v biases; Llama has them only with attention_bias (§9).
+        # Qwen2 always has q/k/v biases; Llama has them only with attention_bias.
         qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
         bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, raw=cfg)
 
@@ -160,7 +162,7 @@ def read_vision(cfg: dict, top: dict, preproc: dict, where: str) -> VisionSpec:
     select = top.get("mm_vision_select_layer", -2)
     feature = top.get("mm_vision_select_feature", "cls_patch")
     if feature != "cls_patch":
-        # SigLIP has no CLS token: "patch" would drop a real patch and break the square grid (§2).
+        # SigLIP has no CLS token: "patch" would drop a real patch and break the square grid.
         raise CheckpointError(f"config.json: mm_vision_select_feature {feature!r} not supported; expected 'cls_patch'")
     layers = _need(cfg, "num_hidden_layers", where, int)
     if not -(layers + 1) <= select <= layers:
@@ -170,7 +172,7 @@ def read_vision(cfg: dict, top: dict, preproc: dict, where: str) -> VisionSpec:
     if patch <= 0 or image_size < patch:
         raise CheckpointError(f"{where}: image_size {image_size} and patch_size {patch}: no patch fits")
     # image_size need not be a multiple: SigLIP-so400m-patch14-384 (every VILA1.5) has 384 = 27 * 14
-    # + 6, and its patch conv (stride 14, no padding) keeps 27 x 27 patches, dropping 6 pixels (§2).
+    # + 6, and its patch conv (stride 14, no padding) keeps 27 x 27 patches, dropping 6 pixels.
     size = preproc.get("size") or {}
     proc_size = size.get("height", size.get("shortest_edge", image_size))
     if proc_size != image_size:

@@ -1,4 +1,5 @@
-"""Write random-weight VILA checkpoints in the exact real layout (vila-formats.md §1), any shape.
+"""Write random-weight VILA checkpoints in the exact real layout, any shape
+(NVlabs/VILA@1c88211:llava/model/llava_arch.py).
 
     python -m vila_edge_export.fixtures OUT --kind vila1.5 [--projector mlp_downsample] [--shape tiny|vila1.5-3b]
 
@@ -25,10 +26,10 @@ SHAPES = {
     "vila1.5-3b": ((2560, 32, 20, 20, 6912), (384, 14, 1152, 27, 16, 4304)),
     "nvila-lite-2b": ((1536, 28, 12, 2, 8960), (448, 14, 1152, 27, 16, 4304)),
 }
-# Rows of embed_tokens/lm_head at the real shapes (vila-formats.md §1.2: VILA1.5-3B's Llama has
-# 32000); the fixture tokenizer keeps its few hundred tokens, the rest are rows no text reaches, as
+# Rows of embed_tokens/lm_head at the real shapes (Efficient-Large-Model/VILA1.5-3b llm/config.json:
+# its Llama has 32000); the fixture tokenizer keeps its few hundred tokens, the rest are rows no text reaches, as
 # in a checkpoint whose embeddings were resized. NVILA-Lite-2B keeps the tokenizer's size: its
-# media ids must stay >= the LLM vocabulary (151648 there, §4.1), which a padded table would cover.
+# media ids must stay >= the LLM vocabulary (151648 there), which a padded table would cover.
 LLM_ROWS = {"vila1.5-3b": 32000}
 MARKER = "FIXTURE"        # file in every fixture's root: what may be overwritten
 QWEN2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -2,14 +2,14 @@
 
 Graphs are written op by op (not traced) so the exported form is exactly what we choose: standard
 opset-21 ops that TensorRT's parser takes, int4 weights as DequantizeLinear(block_size) -> MatMul
-(reference/onnx-trt-int4.md §7).
+(onnx/onnx-tensorrt@10.1-GA:docs/operators.md).
 """
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 21
-# ORT 1.31 reads IR <= 13 and onnx 1.23 writes 14 by default (onnx-trt-int4.md §3.2); ModelOpt uses 10.
+# ORT 1.31 reads IR <= 13 and onnx 1.23 writes 14 by default (ORT: "max supported IR version: 13"); ModelOpt uses 10.
 IR_VERSION = 10
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
                "bool": TensorProto.BOOL}

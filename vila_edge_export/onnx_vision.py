@@ -1,7 +1,7 @@
 """vision.onnx: SigLIP tower (up to hidden_states[select_layer]) + mm_projector in one graph.
 
 pixel_values [N, 3, R, R] -> image_features [N, tokens, H]. Precision as transformers' eager
-SigLIP: softmax in fp32, the rest in the graph dtype (vila-formats.md §0.3: VILA runs tower and
+SigLIP: softmax in fp32, the rest in the graph dtype (NVlabs/VILA@1c88211:llava/model/llava_arch.py runs tower and
 projector in fp16).
 """
 import math

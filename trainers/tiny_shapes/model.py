@@ -1,9 +1,11 @@
 """vila-tiny-shapes in torch: VILA1.5's architecture at toy size, for training and as an eval backend.
 
-SigLIP tower -> hidden_states[-2] (all patches, no post-LN, no head; vila-formats.md §2) ->
-mlp_downsample projector, VILA1.5 column-major token order (§3, vila_edge_export/projector.py) -> Llama,
-with each "<image>" of the prompt replaced by the image's projected tokens (-200 convention, §4.3).
-Text goes through vicuna_v1 (§4.2). Saved in VILA's own layout (§1.1), weights in bf16.
+SigLIP tower -> hidden_states[-2] (all patches, no post-LN, no head) -> mlp_downsample projector,
+VILA1.5 column-major token order (vila_edge_export/projector.py) -> Llama, with each "<image>" of the
+prompt replaced by the image's projected tokens (-200 convention). Text goes through vicuna_v1.
+Saved in VILA's own layout, weights in bf16. Sources: NVlabs/VILA@1c88211: llava/model/multimodal_encoder/
+vision_encoder.py, llava/mm_utils.py (tokenizer_image_token), llava/conversation.py,
+llava/model/llava_arch.py (save_pretrained).
 """
 import json
 import os
@@ -23,13 +25,14 @@ SYSTEM = ("A chat between a curious user and an artificial intelligence assistan
 IMAGE_PLACEHOLDER = "<image>"
 SPECIALS = ("<unk>", "<s>", "</s>")   # ids 0, 1, 2 as in Llama-2's tokenizer
 PROJECTOR_TYPE = "mlp_downsample"
-SELECT_LAYER = -2                      # mm_vision_select_layer of every VILA1.5 checkpoint (§2)
-MEAN = STD = (0.5, 0.5, 0.5)           # SigLIP preprocessing (§5.1)
+SELECT_LAYER = -2                      # mm_vision_select_layer of every VILA1.5 checkpoint
+MEAN = STD = (0.5, 0.5, 0.5)           # SigLIP preprocessing
 # Training pads tokens and image batches to multiples of this: oneDNN's bf16 kernels are built
 # per shape, and a new shape every step costs more than the padding.
 SHAPE_BUCKET = 16
 # transformers < 5 (VILA1.5 used 4.36) names SiglipVisionModel weights "vision_model.*"; 5.x drops
-# the wrapper. Files are written the 4.x way, as real VILA checkpoints are (vila-formats.md §1.1).
+# the wrapper. Files are written the 4.x way, as real VILA checkpoints are
+# (NVlabs/VILA@1c88211:llava/model/llava_arch.py).
 SIGLIP_PREFIX = "vision_model."
 
 
@@ -102,7 +105,7 @@ def build_tokenizer(corpus: list, vocab_size: int):
 
 
 def preprocess(img, size: int) -> np.ndarray:
-    """PIL -> CHW float32, as VILA1.5 "resize" + SiglipImageProcessor (§5.1)."""
+    """PIL -> CHW float32, as VILA1.5 "resize" + SiglipImageProcessor."""
     from PIL import Image
 
     x = img.convert("RGB").resize((size, size), Image.BICUBIC)
@@ -309,7 +312,8 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def top_config(llm_cfg, vision_cfg) -> dict:
-    """The top-level config.json of a VILA1.5 checkpoint (vila-formats.md §1.2), for these sizes."""
+    """The top-level config.json of a VILA1.5 checkpoint (as Efficient-Large-Model/VILA1.5-3b's), for these
+    sizes."""
     llm = json.loads(llm_cfg.to_json_string(use_diff=False))
     theta = llm.get("rope_parameters", {}).get("rope_theta", 10000.0)
     # Readers written for transformers 4.36 (VILA1.5's version) look for these flat fields.

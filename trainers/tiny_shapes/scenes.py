@@ -7,7 +7,8 @@ size, and a slice of the held-out set equals the start of the full one.
     python -m trainers.tiny_shapes.scenes OUT_DIR --seed 7 -n 8     # PNGs + questions.json (+ prompts.txt: a --calib-dir)
 
 Samples carry raw user messages with "<image>\\n" placeholders (VILA1.5's convention,
-vila-formats.md §4.3); the chat template is applied by whoever runs the model.
+NVlabs/VILA@1c88211:llava/mm_utils.py tokenizer_image_token); the chat template is applied by whoever runs
+the model.
 """
 import argparse
 import json

@@ -13,7 +13,8 @@ import numpy as np
 
 from vila_edge.families import COLUMN_MAJOR, ROW_MAJOR
 
-# nn.LayerNorm's default eps, used by every VILA projector (vila-formats.md §3).
+# nn.LayerNorm's default eps, used by every VILA projector
+# (NVlabs/VILA@1c88211:llava/model/multimodal_projector/base_projector.py).
 LN_EPS = 1e-5
 # Symmetric int4 (contracts.md): codes in [-8, 7], stored unsigned as q + 8, two per byte.
 INT4_MIN, INT4_MAX, INT4_OFFSET = -8, 7, 8
