@@ -21,6 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from vila_edge import int4  # noqa: E402
 from vila_edge.cuda import reference as ref  # noqa: E402
 from vila_edge.cuda.driver import DeviceArray, Device, Stream, Timer, check, probe  # noqa: E402
 from vila_edge.cuda.kernels import Kernels, default_fatbin_path  # noqa: E402
@@ -81,7 +82,7 @@ def bench_peak(stream, iters) -> float:
 def bench_gemv(k, stream, peak, iters, G=128) -> list[dict]:
     rows, r = [], np.random.default_rng(0)
     for name, (N, K) in GEMV_SHAPES.items():
-        packed, scales = ref.pack_int4(*ref.quantize_int4(r.standard_normal((N, K), np.float32), G), G)
+        packed, scales = int4.pack_matmulnbits(*int4.quantize(r.standard_normal((N, K), np.float32), G), G)
         b, s = DeviceArray.from_numpy(packed, stream), DeviceArray.from_numpy(scales, stream)
         for M in (1, 4):
             x = DeviceArray.from_numpy(r.standard_normal((M, K)).astype(np.float16), stream)

@@ -10,12 +10,13 @@ import torch
 
 from conftest import data
 from vila_edge_export.checkpoint import read_checkpoint
-from vila_edge_export.onnx_graph import int4_tensor, pack_int4
+from vila_edge_export.onnx_graph import int4_tensor
 from vila_edge_export.quantize import apply_quantized, rtn_quantize
 from vila_edge_export.reference import ReferenceVLM
 from test_equivalence import _images, _reference_inputs
 from vila_edge import Pipeline
 from vila_edge.backend import OrtSession
+from vila_edge.int4 import pack_onnx
 
 LINEARS_PER_LAYER = 7   # q, k, v, o, gate, up, down
 MATMULS_PER_LAYER = 4   # in the graph: qkv (fused), o, gate_up (fused), down
@@ -63,11 +64,11 @@ def test_int4_packing_matches_onnx():
     ours = int4_tensor("w", codes)
     theirs = onnx.helper.make_tensor("w", onnx.TensorProto.INT4, codes.shape, codes.ravel().tolist())
     theirs_raw = onnx.helper.make_tensor("w", onnx.TensorProto.INT4, codes.shape, codes, raw=True)
-    assert ours.raw_data == pack_int4(codes) == theirs_raw.raw_data and len(ours.raw_data) == 18
+    assert ours.raw_data == pack_onnx(codes) == theirs_raw.raw_data and len(ours.raw_data) == 18
     assert bytes(theirs.int32_data) == ours.raw_data       # the list path stores the same bytes, one per int32
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(ours), codes)
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(ours), onnx.numpy_helper.to_array(theirs))
-    assert pack_int4(np.array([1, -1, -8], np.int8)) == bytes([0xF1, 0x08])
+    assert pack_onnx(np.array([1, -1, -8], np.int8)) == bytes([0xF1, 0x08])
 
 
 @pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])

@@ -16,15 +16,13 @@ from torch import Tensor, nn
 
 from vila_edge_export.options import DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, LM_HEAD_BITS  # noqa: F401
 from vila_edge.errors import VilaEdgeError
+from vila_edge.int4 import INT4_MAX, INT4_MIN, MIN_ABSMAX
 
-INT4_MIN, INT4_MAX = -8, 7
 # Symmetric int8 leaves -128 out, so the code range is symmetric about zero (absmax maps to +-127).
 INT8_MIN, INT8_MAX = -127, 127
 CODE_RANGE = {4: (INT4_MIN, INT4_MAX), 8: (INT8_MIN, INT8_MAX)}
 LM_HEAD = "lm_head"
 MIN_AUTO_GROUP = 16
-# llm-awq's pseudo_quantize_tensor clamps the group range at 1e-5 so all-zero groups get a finite scale.
-MIN_ABSMAX = 1e-5
 # ONNX and the CUDA kernels store fp16 scales (contracts.md); rounding here makes the torch reference
 # dequantize to exactly the weights the engines see.
 SCALE_STORAGE_DTYPE = torch.float16
