@@ -34,6 +34,23 @@ def tile_keys(digest: bytes, n: int) -> np.ndarray:
     return out
 
 
+def tokenizer_image_token(encode, text: str, bos_id: int | None) -> list:
+    """VILA's tokenizer_image_token (NVlabs/VILA@1c88211:llava/mm_utils.py): `text` split at each
+    placeholder, every chunk tokenized by `encode` (which may add BOS); when the first chunk starts
+    with BOS, the first id of every chunk is dropped and one BOS kept at the front. Each
+    placeholder becomes IMAGE_TOKEN_INDEX."""
+    chunks = [encode(c) for c in text.split(PLACEHOLDER)]
+    ids, offset = [], 0
+    if chunks and chunks[0] and chunks[0][0] == bos_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids.append(IMAGE_TOKEN_INDEX)
+        ids.extend(chunk[offset:])
+    return ids
+
+
 class Splicer:
     def __init__(self, tokenizer, family: Family, tokens: TokenInfo, tokens_per_tile: int, image_mode: str):
         self.tok, self.family, self.tokens = tokenizer, family, tokens
@@ -59,18 +76,7 @@ class Splicer:
         """Token ids with one marker per tile: IMAGE_TOKEN_INDEX (SENTINEL) or the <image> id."""
         if self.family.splice != SENTINEL:
             return self._encode(text)
-        # VILA's tokenizer_image_token: every chunk is tokenized with its BOS; when the first chunk
-        # starts with BOS, the first id of every chunk is dropped and one BOS kept at the front.
-        chunks = [self._encode(c) for c in text.split(PLACEHOLDER)]
-        ids, offset = [], 0
-        if chunks and chunks[0] and chunks[0][0] == self.tokens.bos_id:
-            offset = 1
-            ids.append(chunks[0][0])
-        for i, chunk in enumerate(chunks):
-            if i:
-                ids.append(IMAGE_TOKEN_INDEX)
-            ids.extend(chunk[offset:])
-        return ids
+        return tokenizer_image_token(self._encode, text, self.tokens.bos_id)
 
     def splice(self, text: str, tile_digests: list) -> SplicedPrompt:
         """`text` already expanded; one digest (bytes) per tile, in prompt order."""

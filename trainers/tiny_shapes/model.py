@@ -18,11 +18,12 @@ from torch import nn
 
 from trainers.tiny_shapes.attention_targets import attention_terms
 from vila_edge_export.projector import build_projector
-from vila_edge.families import COLUMN_MAJOR, IMAGE_TOKEN_INDEX
+from vila_edge.families import COLUMN_MAJOR, IMAGE_TOKEN_INDEX, RESIZE
+from vila_edge.preprocess import PixelSpec, normalize
+from vila_edge.splice import tokenizer_image_token
+from vila_edge.templates import get_template
 
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-          "helpful, detailed, and polite answers to the user's questions.")
-IMAGE_PLACEHOLDER = "<image>"
+TEMPLATE = get_template("vicuna_v1")    # the runtime's, so training prompts are the ones it renders
 SPECIALS = ("<unk>", "<s>", "</s>")   # ids 0, 1, 2 as in Llama-2's tokenizer
 PROJECTOR_TYPE = "mlp_downsample"
 SELECT_LAYER = -2                      # mm_vision_select_layer of every VILA1.5 checkpoint
@@ -37,25 +38,21 @@ SIGLIP_PREFIX = "vision_model."
 
 
 def render_prompt(turns: list) -> str:
-    """vicuna_v1 (SeparatorStyle.TWO): turns are (user, answer-or-None); ends with "ASSISTANT:"."""
-    out = SYSTEM + " "
-    for k, (user, answer) in enumerate(turns):
-        out += "USER: " + user + " ASSISTANT:"
-        if answer is not None:
-            out += " " + answer + "</s>"
-    return out
+    """vicuna_v1 through the runtime's template: turns are (user, answer-or-None), every answer but
+    the last one given; ends with "ASSISTANT:", or with the last answer and its "</s>"."""
+    messages = []
+    for user, answer in turns[:-1]:
+        if answer is None:
+            raise ValueError(f"turn {user!r}: only the last turn may be unanswered")
+        messages += [("user", user), ("assistant", answer)]
+    user, answer = turns[-1]
+    prompt = TEMPLATE.render(messages + [("user", user)])
+    return prompt if answer is None else prompt + " " + answer + TEMPLATE.stop_texts[0]
 
 
 def tokenize_prompt(tok, prompt: str) -> list:
-    """VILA's tokenizer_image_token: each chunk gets BOS from the tokenizer; keep only the first."""
-    ids = []
-    for k, chunk in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
-        chunk_ids = tok(chunk).input_ids
-        if k:
-            ids.append(IMAGE_TOKEN_INDEX)
-            chunk_ids = chunk_ids[1:]
-        ids.extend(chunk_ids)
-    return ids
+    """The runtime's tokenizer_image_token with this tokenizer (which adds BOS to every chunk)."""
+    return tokenizer_image_token(lambda chunk: tok(chunk).input_ids, prompt, tok.bos_token_id)
 
 
 def answer_ids(tok, answer: str) -> list:
@@ -105,13 +102,8 @@ def build_tokenizer(corpus: list, vocab_size: int):
 
 
 def preprocess(img, size: int) -> np.ndarray:
-    """PIL -> CHW float32, as VILA1.5 "resize" + SiglipImageProcessor."""
-    from PIL import Image
-
-    x = img.convert("RGB").resize((size, size), Image.BICUBIC)
-    x = (np.asarray(x).astype(np.float64) * (1 / 255)).astype(np.float32)   # HF rescale: float64 then float32
-    x = (x - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
-    return x.transpose(2, 0, 1)                                               # (C, S, S)
+    """PIL -> CHW float32 through the runtime's VILA1.5 "resize" + SiglipImageProcessor path."""
+    return normalize(img.convert("RGB"), PixelSpec(size=size, mean=MEAN, std=STD, mode=RESIZE))
 
 
 class TinyVila(nn.Module):
