@@ -10,7 +10,6 @@ its GPU-timed duration. Writes benchmarks/results/kernels-<device>.{json,md}. Ne
 import argparse
 import json
 import math
-import os
 import platform
 import re
 import sys
@@ -22,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vila_edge import int4  # noqa: E402
+from vila_edge.atomic import write_text  # noqa: E402
 from vila_edge.cuda import reference as ref  # noqa: E402
 from vila_edge.cuda.driver import DeviceArray, Device, Stream, Timer, check, probe  # noqa: E402
 from vila_edge.cuda.kernels import Kernels, default_fatbin_path  # noqa: E402
@@ -150,12 +150,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--fatbin", type=Path, default=default_fatbin_path())
@@ -178,8 +172,8 @@ def main(argv=None) -> int:
     k.close(), stream.close(), device.close()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-")
-    write_atomic(args.out_dir / f"kernels-{slug}.json", json.dumps(result, indent=2) + "\n")
-    write_atomic(args.out_dir / f"kernels-{slug}.md", markdown(result))
+    write_text(str(args.out_dir / f"kernels-{slug}.json"), json.dumps(result, indent=2) + "\n")
+    write_text(str(args.out_dir / f"kernels-{slug}.md"), markdown(result))
     print(markdown(result))
     return 0
 

@@ -37,42 +37,42 @@ def write_smollm2_vila(out: str, vision: str = "tiny", seed: int = 0) -> str:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from vila_edge.atomic import atomic_dir
     from vila_edge_export.fixtures import SHAPES, write_fixture
     from vila_edge_export.projector import build_projector
 
-    tmp = out + ".partial"
-    write_fixture(tmp, "vila1.5", PROJECTOR, vision, dtype="float32", seed=seed)
-    src = os.path.dirname(gguf_path())
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, torch_dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    llm_dir = os.path.join(tmp, "llm")
-    shutil.rmtree(llm_dir)
-    # save_pretrained refuses a model loaded from GGUF ("not serializable"): write the dequantized
-    # fp32 tensors and the config ourselves; tied embeddings keep embed_tokens only, as HF does.
-    os.makedirs(llm_dir)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
-    save_file(state, os.path.join(llm_dir, "model.safetensors"), metadata={"format": "pt"})
-    model.config.architectures = ["LlamaForCausalLM"]
-    model.config.to_json_file(os.path.join(llm_dir, "config.json"))
-    tok.save_pretrained(llm_dir)
+    with atomic_dir(out, prefix=".smollm2-") as tmp:
+        write_fixture(tmp, "vila1.5", PROJECTOR, vision, dtype="float32", seed=seed)   # fills tmp
+        src = os.path.dirname(gguf_path())
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, torch_dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
+        llm_dir = os.path.join(tmp, "llm")
+        shutil.rmtree(llm_dir)
+        # save_pretrained refuses a model loaded from GGUF ("not serializable"): write the dequantized
+        # fp32 tensors and the config ourselves; tied embeddings keep embed_tokens only, as HF does.
+        os.makedirs(llm_dir)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+        save_file(state, os.path.join(llm_dir, "model.safetensors"), metadata={"format": "pt"})
+        model.config.architectures = ["LlamaForCausalLM"]
+        model.config.to_json_file(os.path.join(llm_dir, "config.json"))
+        tok.save_pretrained(llm_dir)
 
-    hidden = model.config.hidden_size
-    mm = SHAPES[vision][1][2]                                     # SigLIP hidden size
-    torch.manual_seed(seed)
-    proj = build_projector(PROJECTOR, mm, hidden, "row")
-    save_file({k: v.contiguous() for k, v in proj.state_dict().items()},
-              os.path.join(tmp, "mm_projector", "model.safetensors"))
+        hidden = model.config.hidden_size
+        mm = SHAPES[vision][1][2]                                     # SigLIP hidden size
+        torch.manual_seed(seed)
+        proj = build_projector(PROJECTOR, mm, hidden, "row")
+        save_file({k: v.contiguous() for k, v in proj.state_dict().items()},
+                  os.path.join(tmp, "mm_projector", "model.safetensors"))
 
-    with open(os.path.join(tmp, "config.json")) as f:
-        top = json.load(f)
-    with open(os.path.join(llm_dir, "config.json")) as f:
-        llm_cfg = json.load(f)
-    llm_cfg.update({"_name_or_path": "./llm", "architectures": ["LlamaForCausalLM"]})
-    top.update(hidden_size=hidden, llm_cfg=llm_cfg, model_dtype="torch.float32")
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(top, f, indent=2, default=str)
-    os.replace(tmp, out)
+        with open(os.path.join(tmp, "config.json")) as f:
+            top = json.load(f)
+        with open(os.path.join(llm_dir, "config.json")) as f:
+            llm_cfg = json.load(f)
+        llm_cfg.update({"_name_or_path": "./llm", "architectures": ["LlamaForCausalLM"]})
+        top.update(hidden_size=hidden, llm_cfg=llm_cfg, model_dtype="torch.float32")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(top, f, indent=2, default=str)
     return out
 
 

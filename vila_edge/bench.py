@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from vila_edge.atomic import write_text
 from vila_edge.kv_cache import KVLayout
 from vila_edge.llm import KVConfig
 from vila_edge.manifest import Manifest
@@ -311,10 +312,8 @@ def save_report(r: dict, out_dir: str, stem: str, md: str) -> dict:
     """Write <stem>.json and <stem>.md under out_dir (created if needed); returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md")}
-    with open(paths["json"], "w") as f:
-        json.dump(r, f, indent=2)
-    with open(paths["md"], "w") as f:
-        f.write(md)
+    write_text(paths["json"], json.dumps(r, indent=2))
+    write_text(paths["md"], md)
     return paths
 
 

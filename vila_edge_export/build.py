@@ -19,6 +19,7 @@ from vila_edge_export.checkpoint import CheckpointSpec, read_checkpoint
 from vila_edge_export.onnx_graph import OPSET
 from vila_edge_export.onnx_vision import tokens_per_image
 from vila_edge_export.options import DTYPES, TARGETS, ExportOptions, QuantOptions  # noqa: F401 (callers' names)
+from vila_edge.atomic import atomic_dir, publish  # noqa: F401 (publish: callers' name)
 from vila_edge.errors import CheckpointError
 from vila_edge.families import MEDIA_TOKEN, get_family
 from vila_edge.manifest import FORMAT_VERSION, LLMInfo, Manifest, TokenInfo, VisionInfo
@@ -122,13 +123,10 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
     read_spec(checkpoint, opts)                     # a bad checkpoint fails before any work
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".export-work-", dir=parent)
-    try:
+    with tempfile.TemporaryDirectory(prefix=".export-work-", dir=parent) as work:
         quantized = quantize_stage(checkpoint, os.path.join(work, "quant"), opts) if opts.quant.quantized else None
         graphs = graphs_stage(checkpoint, os.path.join(work, "graphs"), opts, quantized)
         return engine_stage(checkpoint, graphs, out, opts, move=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def engine_stage(checkpoint: str, graphs: str, out: str, opts: ExportOptions, move: bool = False) -> Manifest:
@@ -143,11 +141,7 @@ def engine_stage(checkpoint: str, graphs: str, out: str, opts: ExportOptions, mo
     with open(sidecar_path, encoding="utf-8") as f:
         sidecar = json.load(f)
     spec = read_spec(checkpoint, opts, sidecar["token_order"])
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    bar = steps(opts.progress, 3, "engine")
-    try:
+    with steps(opts.progress, 3, "engine") as bar, atomic_dir(out, prefix=".export-") as tmp:
         bar.set_postfix_str("graphs"); bar.update()
         for name in sorted(os.listdir(graphs)):
             if name != SIDECAR:
@@ -160,12 +154,6 @@ def engine_stage(checkpoint: str, graphs: str, out: str, opts: ExportOptions, mo
         with open(os.path.join(tmp, FILES["report"]), "w") as f:
             json.dump({"quant": sidecar["quant"], "engine_bytes": sum(sizes.values()), "file_bytes": sizes,
                        "embeddings_dtype": sidecar["embeddings_dtype"]}, f, indent=2)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
     return manifest
 
 
@@ -214,21 +202,3 @@ def _verify(engine_dir: str) -> None:
 
     for name in (FILES["vision"], FILES["llm"]):
         ort.InferenceSession(os.path.join(engine_dir, name), providers=["CPUExecutionProvider"])
-
-
-def publish(tmp: str, out: str) -> None:
-    """Rename the finished temp dir `tmp` to `out`, replacing an older `out` only once the new one
-    is complete. mkdtemp makes 0700 and files may come 0600: published as 0755 / 0644 like any
-    other directory, so other users (a robot's service account) can read the engine."""
-    for d, _, files in os.walk(tmp):
-        os.chmod(d, 0o755)
-        for f in files:
-            os.chmod(os.path.join(d, f), 0o644)
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(out)))
-        os.rmdir(old)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)

@@ -9,8 +9,8 @@ small built-in corpus, with each family's special tokens, because nothing can be
 import argparse
 import json
 import os
-import shutil
-import tempfile
+
+from vila_edge.atomic import atomic_dir
 
 KINDS = {
     # kind: (llm arch, template, image_aspect_ratio, transformers_version, default projector)
@@ -151,10 +151,7 @@ def write_fixture(out: str, kind: str = "vila1.5", projector: str | None = None,
     projector = projector or default_proj
     llm_shape, vis_shape = SHAPES[shape]
     torch.manual_seed(seed)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".fixture-", dir=parent)
-    try:
+    with atomic_dir(out, prefix=".fixture-") as tmp:
         llm_dir, vt_dir, mp_dir = (os.path.join(tmp, d) for d in ("llm", "vision_tower", "mm_projector"))
         llm_vocab, ids = build_tokenizer(kind, vocab, llm_dir)
         torch_dtype = getattr(torch, dtype)
@@ -189,12 +186,6 @@ def write_fixture(out: str, kind: str = "vila1.5", projector: str | None = None,
             json.dump(top, f, indent=2, default=str)
         with open(os.path.join(tmp, MARKER), "w") as f:
             f.write(f"random weights: kind {kind}, shape {shape}, seed {seed}\n")
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -9,17 +9,16 @@ Written under a temporary name and renamed into place.
 """
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
-from vila_edge_export.build import FILES, embed_dtype, numpy_weights, publish, read_spec, steps
+from vila_edge_export.build import FILES, embed_dtype, numpy_weights, read_spec, steps
 from vila_edge_export.checkpoint import load_vision_weights, load_weights
 from vila_edge_export.onnx_graph import save
 from vila_edge_export.onnx_llm import build_llm, lm_head_rows
 from vila_edge_export.onnx_vision import build_vision
 from vila_edge_export.options import DTYPES
+from vila_edge.atomic import atomic_dir
 
 SIDECAR = "graphs.json"
 
@@ -34,11 +33,7 @@ def graphs_stage(checkpoint: str, out_dir: str, opts, quantized: str | None = No
                          f"stage directory (--quantized)")
     dtype = DTYPES[opts.dtype]
     spec = read_spec(checkpoint, opts)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".graphs-", dir=parent)
-    bar = steps(opts.progress, 3, "graphs")
-    try:
+    with steps(opts.progress, 3, "graphs") as bar, atomic_dir(out_dir, prefix=".graphs-") as tmp:
         bar.set_postfix_str("vision"); bar.update()
         vision = build_vision(spec.vision, spec.projector, numpy_weights(load_vision_weights(spec), dtype),
                               numpy_weights(load_weights(spec.path("mm_projector")), dtype), dtype)
@@ -58,10 +53,4 @@ def graphs_stage(checkpoint: str, out_dir: str, opts, quantized: str | None = No
                    "embeddings_dtype": table, "token_order": spec.projector.token_order}
         with open(os.path.join(tmp, SIDECAR), "w", encoding="utf-8") as f:
             json.dump(sidecar, f, indent=2)
-        publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
     return out_dir

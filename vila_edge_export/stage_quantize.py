@@ -12,12 +12,11 @@ stopped run (Ctrl-C, a quality floor) leaves nothing that looks finished.
 """
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
-from vila_edge_export.build import chat_template_source, publish, read_spec
+from vila_edge_export.build import chat_template_source, read_spec
+from vila_edge.atomic import atomic_dir
 from vila_edge.errors import CheckpointError
 
 WEIGHTS = "llm.safetensors"
@@ -72,13 +71,6 @@ def quantize_stage(checkpoint: str, out_dir: str, opts) -> str:
     weights, quant, report = quantize_llm(spec, qopts, chat_template_source(spec), opts.progress)
     info = {"method": qopts.method, "group_size": qopts.group_size, "bits": 4, "symmetric": True,
             "lm_head_bits": qopts.lm_head_bits, "report": report}
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".quantize-", dir=parent)
-    try:
+    with atomic_dir(out_dir, prefix=".quantize-") as tmp:
         write_quantized(tmp, weights, quant, info)
-        publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -10,7 +10,6 @@ llava/model/llava_arch.py (save_pretrained).
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 from trainers.tiny_shapes.attention_targets import attention_terms
 from vila_edge_export.projector import build_projector
+from vila_edge.atomic import atomic_dir
 from vila_edge.families import COLUMN_MAJOR, IMAGE_TOKEN_INDEX, RESIZE
 from vila_edge.preprocess import PixelSpec, normalize
 from vila_edge.splice import tokenizer_image_token
@@ -224,16 +224,15 @@ class TinyVila(nn.Module):
 
     def save(self, root: str) -> None:
         """Write VILA's layout (config.json + llm/ + vision_tower/ + mm_projector/) atomically, bf16."""
+        # Written by hand or by train_tiny.write_examples, not by save: carried over to the new copy.
+        keep = {n: os.path.join(root, n) for n in ("examples", "README.md") if os.path.exists(os.path.join(root, n))}
+        with atomic_dir(root) as tmp:
+            self._write(tmp, keep)
+
+    def _write(self, tmp: str, keep: dict) -> None:
         from safetensors.torch import save_file
         from transformers import SiglipImageProcessorPil
 
-        from vila_edge_export.build import publish
-
-        parent = os.path.dirname(os.path.abspath(root))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-        # Written by hand or by train_tiny.write_examples, not by save: carried over to the new copy.
-        keep = {n: os.path.join(root, n) for n in ("examples", "README.md") if os.path.exists(os.path.join(root, n))}
         llm = _bf16_copy(self.llm)
         llm.save_pretrained(os.path.join(tmp, "llm"), safe_serialization=True)
         save_tokenizer(self.tokenizer, os.path.join(tmp, "llm"))
@@ -253,7 +252,6 @@ class TinyVila(nn.Module):
         _write_json(os.path.join(tmp, "config.json"), top_config(llm.config, tower.config))
         for name, src in keep.items():
             (shutil.copytree if os.path.isdir(src) else shutil.copyfile)(src, os.path.join(tmp, name))
-        publish(tmp, root)
 
     @classmethod
     def load(cls, root: str, dtype=torch.float32) -> "TinyVila":
