@@ -8,12 +8,11 @@ import onnx
 import pytest
 import torch
 
-from conftest import data
+from conftest import data, reference_inputs, scene_images
 from vila_edge_export.checkpoint import read_checkpoint
 from vila_edge_export.onnx_graph import int4_tensor
 from vila_edge_export.quantize import apply_quantized, rtn_quantize
 from vila_edge_export.reference import ReferenceVLM
-from test_equivalence import _images, _reference_inputs
 from vila_edge import Pipeline
 from vila_edge.backend import OrtSession
 from vila_edge.int4 import pack_onnx
@@ -82,11 +81,11 @@ def test_int4_engine_matches_quantized_reference(name, checkpoint, engine):
     ref.llm = apply_quantized(ref.llm, rtn_quantize(ref.llm, manifest["quant"]["group_size"], auto_group=True,
                                                     lm_head_bits=8))
     pipe = Pipeline(eng, int4_accuracy_level=0)
-    images = _images()
+    images = scene_images()
     prompt = "<image>\nCompare it with <image>\nWhat changed?"
     conv = pipe.conversation()
     conv.send(images, prompt, max_new_tokens=12)
-    embeds = _reference_inputs(spec, ref, prompt, images, pipe)
+    embeds = reference_inputs(spec, ref, prompt, images, pipe)
     stops = set(pipe.manifest.tokens.stop_ids)
     assert conv.last_ids == [i for i in ref.generate(embeds, 12, stops) if i not in stops]
     logits, _ = pipe.llm.prefill("probe", embeds[0].numpy(), np.arange(embeds.shape[1]))
@@ -108,7 +107,7 @@ def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
     group = json.load(open(os.path.join(eng, "manifest.json")))["quant"]["group_size"]
     ref.llm = apply_quantized(ref.llm, rtn_quantize(ref.llm, group, auto_group=True, lm_head_bits=lm_head_bits))
     pipe = Pipeline(eng, int4_accuracy_level=0)
-    embeds = _reference_inputs(spec, ref, "<image>\nWhat is this?", _images()[:1], pipe)
+    embeds = reference_inputs(spec, ref, "<image>\nWhat is this?", scene_images()[:1], pipe)
     logits, _ = pipe.llm.prefill("probe", embeds[0].numpy(), np.arange(embeds.shape[1]))
     np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
 
@@ -124,10 +123,15 @@ def test_int4_report_and_sizes(engine):
     assert embed.dtype == np.float16 and report["embeddings_dtype"] == "float16"
     assert report["file_bytes"]["embed_tokens.npy"] < embed.size * 2 + 4096
     assert r["size_bytes"] < r["size_ref_bytes"]
-    assert 0.0 <= r["top1_agreement"] <= 1.0 and r["n_eval_tokens"] > 0
-    assert report["engine_bytes"] > 0
-    # default accuracy level 4 (int8 activations) still answers
-    assert isinstance(Pipeline(eng).chat(data("robot_scene.png"), "What is this?", max_new_tokens=4), str)
+    # int4 barely moves a 2-layer random model (measured: top-1 0.998, ppl +0.05 %); 4096 tokens give
+    # 4095 next-token predictions
+    assert r["top1_agreement"] >= 0.95 and r["ppl_increase_pct"] < 5.0 and r["n_eval_tokens"] == 4095
+    on_disk = {f: os.path.getsize(os.path.join(eng, f)) for f in os.listdir(eng) if f != "export_report.json"}
+    assert report["file_bytes"] == on_disk and report["engine_bytes"] == sum(on_disk.values())
+    # default accuracy level 4 (int8 activations) picks the same greedy token as level 0 (float activations)
+    ask = (data("robot_scene.png"), "What is this?")
+    level4 = Pipeline(eng).chat(*ask, max_new_tokens=1)
+    assert level4 == Pipeline(eng, int4_accuracy_level=0).chat(*ask, max_new_tokens=1)
 
 
 def test_quality_floor_stops_the_export(checkpoint, tmp_path):
