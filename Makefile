@@ -15,7 +15,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup demo chat fixture engines engines-staged test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean
+.PHONY: help setup demo chat fixture engines engines-staged test test-fast test-gpu kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean
 
 help:  ## list every command
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ chat: setup  ## chat with an engine: make chat OUT=engines/name IMAGE=x.png PROM
 test: setup  ## run the test suite (CPU; GPU tests skip without a GPU)
 	$(BIN)/python -m pytest -q tests
 
+test-fast: setup  ## the test suite without the tests marked slow (under a minute on an idle machine)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
 test-gpu: setup  ## run only the GPU tests (needs an NVIDIA GPU and cuda-python)
 	$(BIN)/python -m pytest -q -m gpu tests
 
@@ -71,23 +74,23 @@ bench: setup  ## engine speed + decode roofline -> benchmarks/results/: make ben
 	$(BIN)/vila-edge bench $(OUT)
 
 bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager and llama.cpp on SmolLM2 (same weights, threads)
-	@test -d build/fixtures/smollm2-vila || $(BIN)/python benchmarks/smollm2_vila.py build/fixtures/smollm2-vila
+	@test -d build/fixtures/smollm2-vila || $(BIN)/python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila
 	@test -f engines/smollm2-vila-fp32/manifest.json || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-fp32 --quiet
 	@test -f engines/smollm2-vila-int4/manifest.json || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant rtn --group-size 64 --no-quality-floor --quiet
-	$(BIN)/python benchmarks/bench_peers.py --checkpoint build/fixtures/smollm2-vila --engine engines/smollm2-vila-fp32 --engine-int4 engines/smollm2-vila-int4 --gguf smollm2
+	$(BIN)/python -m benchmarks.bench_peers --checkpoint build/fixtures/smollm2-vila --engine engines/smollm2-vila-fp32 --engine-int4 engines/smollm2-vila-int4 --gguf smollm2
 
 BIG      := build/fixtures/vila1.5-3b
 bench-3b: $(VENV)/.bench  ## random weights at VILA1.5-3B shapes: vila-edge bench + peers (transformers eager, llama.cpp Q4_0); ~1 h on 2 cores, 20 GB RAM
 	@test -d $(BIG) || $(BIN)/vila-edge fixture $(BIG) --shape vila1.5-3b
 	@test -f engines/vila1.5-3b-fp16/manifest.json || $(BIN)/vila-edge export $(BIG) engines/vila1.5-3b-fp16 --dtype fp16 --quiet
 	@test -f engines/vila1.5-3b-int4/manifest.json || $(BIN)/vila-edge export $(BIG) engines/vila1.5-3b-int4 --quant rtn --no-quality-floor --eval-tokens 512 --quiet
-	@test -f build/vila1.5-3b-q4_0.gguf || $(BIN)/python benchmarks/hf_to_gguf.py $(BIG)/llm build/vila1.5-3b-q4_0.gguf --type q4_0
-	$(BIN)/python benchmarks/bench_peers.py --checkpoint $(BIG) --engine engines/vila1.5-3b-fp16 --engine-int4 engines/vila1.5-3b-int4 --gguf build/vila1.5-3b-q4_0.gguf --name vila1.5-3b --repeats 2
+	@test -f build/vila1.5-3b-q4_0.gguf || $(BIN)/python -m benchmarks.hf_to_gguf $(BIG)/llm build/vila1.5-3b-q4_0.gguf --type q4_0
+	$(BIN)/python -m benchmarks.bench_peers --checkpoint $(BIG) --engine engines/vila1.5-3b-fp16 --engine-int4 engines/vila1.5-3b-int4 --gguf build/vila1.5-3b-q4_0.gguf --name vila1.5-3b --repeats 2
 	$(BIN)/vila-edge bench engines/vila1.5-3b-int4
 
 bench-kv: $(VENV)/.bench  ## paged KV: repeated-query TTFT, paged vs contiguous decode at 2k, pool vs budget
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
-	$(BIN)/python benchmarks/bench_kv.py $(OUT)
+	$(BIN)/python -m benchmarks.bench_kv $(OUT)
 
 train-tiny: setup  ## retrain the small VILA-architecture model on generated scenes -> models/vila-tiny-shapes
 	$(BIN)/python -m trainers.tiny_shapes.train --out models/vila-tiny-shapes
@@ -99,7 +102,7 @@ kernels: setup  ## compile the CUDA kernels for sm_87 (Orin) and sm_90; prints r
 	$(BIN)/python kernels/build.py
 
 bench-kernels: kernels  ## kernel GB/s against the device's measured memcpy peak (needs a GPU)
-	$(BIN)/python benchmarks/bench_kernels.py
+	$(BIN)/python -m benchmarks.bench_kernels
 
 clean:  ## remove build outputs (engines, fixtures, compiled kernels)
 	rm -rf build engines/*/ 

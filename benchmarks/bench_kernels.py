@@ -1,6 +1,6 @@
 """How close do the hot-path kernels get to the GPU's memory bandwidth?
 
-    python benchmarks/bench_kernels.py [--fatbin build/kernels/vila_kernels.fatbin] [--iters 50]
+    python -m benchmarks.bench_kernels [--fatbin build/kernels/vila_kernels.fatbin] [--iters 50]
 
 Baseline, measured in the same run: a device-to-device cuMemcpy of 256 MiB (reads + writes).
 Each kernel's achieved GB/s = the bytes it must move at least (weights, KV, activations) over
@@ -17,16 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from vila_edge import int4
+from vila_edge.atomic import write_text
+from vila_edge.cuda import reference as ref
+from vila_edge.cuda.driver import DeviceArray, Device, Stream, Timer, check, probe
+from vila_edge.cuda.kernels import Kernels, default_fatbin_path
+from vila_edge.cuda.projector import GpuProjector
+from vila_edge.families import COLUMN_MAJOR, ROW_MAJOR
 
-from vila_edge import int4  # noqa: E402
-from vila_edge.atomic import write_text  # noqa: E402
-from vila_edge.cuda import reference as ref  # noqa: E402
-from vila_edge.cuda.driver import DeviceArray, Device, Stream, Timer, check, probe  # noqa: E402
-from vila_edge.cuda.kernels import Kernels, default_fatbin_path  # noqa: E402
-from vila_edge.cuda.projector import GpuProjector  # noqa: E402
-from vila_edge.families import COLUMN_MAJOR, ROW_MAJOR  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PEAK_COPY_BYTES = 256 << 20
 GEMV_SHAPES = {  # name: (N, K)

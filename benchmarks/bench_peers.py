@@ -1,6 +1,6 @@
 """How does vila_edge compare with Hugging Face transformers and llama.cpp on the same weights?
 
-    python benchmarks/bench_peers.py --checkpoint build/fixtures/smollm2-vila \
+    python -m benchmarks.bench_peers --checkpoint build/fixtures/smollm2-vila \
         --engine engines/smollm2-vila-fp32 [--engine-int4 engines/smollm2-vila-int4] [--gguf smollm2]
 
 Same weights, same thread count, one system after the other, each in a fresh process:
@@ -27,15 +27,14 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import roofline as rl  # noqa: E402
-from vila_edge.bench import (save_report, PROMPT, bench_decode, bench_ttft, kv_config, llm_weight_bytes,  # noqa: E402
+from benchmarks import roofline as rl
+from vila_edge.bench import (save_report, PROMPT, bench_decode, bench_ttft, kv_config, llm_weight_bytes,
                              machine_info, random_images)
-from vila_edge_export.checkpoint import read_checkpoint  # noqa: E402
-from vila_edge.manifest import Manifest  # noqa: E402
-from vila_edge.families import get_family  # noqa: E402
-from vila_edge.pipeline import Pipeline, engine_template  # noqa: E402
+from vila_edge_export.checkpoint import read_checkpoint
+from vila_edge.manifest import Manifest
+from vila_edge.families import get_family
+from vila_edge.pipeline import Pipeline, engine_template
 
 
 def _pipe(engine, threads, max_context):

