@@ -18,7 +18,7 @@ PROMPT   ?= What color is the square?
 .PHONY: help setup demo chat fixture engines engines-staged test test-fast test-gpu kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean
 
 help:  ## list every command
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -16,6 +16,8 @@ from vila_edge_export.quality import compare, float_size_bytes, forward_windows,
 from vila_edge_export.quantize import apply_quantized, rtn_quantize
 from benchmarks.smollm2_gguf import GGUF, smollm2_dir
 
+pytestmark = pytest.mark.slow   # a real 135M model through AWQ and RTN: minutes on 2 cores
+
 GROUP = 64  # SmolLM2's K are 576 = 9 * 64 and 1536 = 24 * 64; 128 does not divide 576
 # llm-awq's run_awq defaults to 512 x 512 tokens. 1k tokens keep the search (30 layers x 4 groups x
 # 20 ratios, ~200 GFLOP per layer) near a minute on 2 cores and already beat RTN by a wide margin.

@@ -49,6 +49,7 @@ def test_stages_one_by_one_equal_the_one_shot_export(checkpoint, tmp_path, quant
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]   # no work or temp dirs left
 
 
+@pytest.mark.slow
 def test_quantized_directory_round_trips(checkpoint, tmp_path):
     from vila_edge_export.build import chat_template_source, read_spec
     from vila_edge_export.llm_quant import quantize_llm

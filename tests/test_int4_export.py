@@ -92,6 +92,7 @@ def test_int4_engine_matches_quantized_reference(name, checkpoint, engine):
     np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lm_head_bits", [4, 0])
 def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
     """--lm-head-bits 4 runs lm_head as a 4-bit MatMulNBits, 0 keeps it a float MatMul; both compute
@@ -134,6 +135,7 @@ def test_int4_report_and_sizes(engine):
     assert level4 == Pipeline(eng, int4_accuracy_level=0).chat(*ask, max_new_tokens=1)
 
 
+@pytest.mark.slow
 def test_quality_floor_stops_the_export(checkpoint, tmp_path):
     from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
     from vila_edge_export.quality import QualityError

@@ -52,6 +52,7 @@ def built(tmp_path_factory):
     return out, records
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_both_archs(built):
     out, records = built
     assert (out / abi.FATBIN_NAME).stat().st_size > 0
@@ -60,6 +61,7 @@ def test_every_kernel_compiles_for_both_archs(built):
     assert got == want
 
 
+@pytest.mark.slow
 def test_no_kernel_spills_registers(built):
     # Spills go to local memory, which on Orin is the same LPDDR5 the weights stream from.
     spilling = [r for r in built[1] if r["spill_stores"] or r["spill_loads"]]
@@ -84,6 +86,7 @@ def P(addr=256):
     return ctypes.c_void_p(addr)
 
 
+@pytest.mark.slow
 def test_c_abi_exports_every_launcher(lib):
     for name in ("vk_int4_gemv", "vk_paged_attention_decode", "vk_merge_layernorm",
                  "vk_layernorm", "vk_gemm_bias_act", "vk_projector_splice",

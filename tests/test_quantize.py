@@ -153,6 +153,7 @@ def _logit_error(model, qllm, embeds) -> float:
                    for e in embeds)
 
 
+@pytest.mark.slow
 def test_awq_beats_rtn_with_activation_outliers():
     model = tiny_model("llama")
     awq = awq_quantize(model, outlier_embeds(seed=4, n=4), GROUP, progress=False)

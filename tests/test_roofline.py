@@ -38,6 +38,7 @@ def test_vision_flops_by_hand():
             kind="qformer", merge=1, in_channels=4, out_channels=6)}))
 
 
+@pytest.mark.slow
 def test_decode_roofline_counts_the_bytes_each_system_reads(checkpoint, engine, tmp_path):
     from benchmarks.hf_to_gguf import convert
     from safetensors.numpy import load_file

@@ -201,10 +201,12 @@ def torch_slice():
     return evaluate(torch_backend(ROOT), n=SLICE_ITEMS, keep_items=True)
 
 
+@pytest.mark.slow
 def test_heldout_slice_accuracy(torch_slice):
     assert torch_slice["overall"] >= SLICE_FLOOR, torch_slice
 
 
+@pytest.mark.slow
 def test_engines_answer_the_slice_like_the_checkpoint(torch_slice, tmp_path):
     """fp16 engine: the same answer as the torch model on every item; int4: at most
     INT4_SLICE_LOSS fewer right."""
