@@ -11,7 +11,7 @@ from vila_edge_export.checkpoint import ProjectorSpec, VisionSpec
 from vila_edge_export.onnx_graph import Graph
 from vila_edge.families import COLUMN_MAJOR
 
-SIGLIP = ""  # weight names as export.checkpoint.load_vision_weights returns them
+SIGLIP = ""  # weight names as checkpoint.load_vision_weights returns them
 
 
 def _layer_norm(g: Graph, x: str, w: dict, name: str, eps: float) -> str:
