@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from export.build import ExportOptions, export_engine
-from export.output_dir import OWNER, TMP_PREFIX, clean_stale
+from vila_edge_export.build import ExportOptions, export_engine
+from vila_edge_export.output_dir import OWNER, TMP_PREFIX, clean_stale
 from vila_edge import CheckpointError
 from vila_edge.errors import ExportError, ExportOptionError
 
