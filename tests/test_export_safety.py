@@ -15,7 +15,7 @@ from vila_edge.errors import ExportError, ExportOptionError
 
 
 def _export(ckpt, out, **opts):
-    return export_engine(str(ckpt), str(out), ExportOptions(progress=False, **opts))
+    return export_engine(str(ckpt), str(out), ExportOptions.flat(progress=False, **opts))
 
 
 def _tree(path) -> dict:

@@ -15,6 +15,10 @@ from vila_edge.families import COLUMN_MAJOR, ROW_MAJOR, detect_family, get_famil
     ({"image_aspect_ratio": "resize", "transformers_version": "4.46.0"}, "nvila-lite", "resize"),
     ({"image_aspect_ratio": "dynamic", "transformers_version": "4.46.0"}, "nvila-lite", "dynamic"),
     ({"image_aspect_ratio": "dynamic", "transformers_version": "4.36.2"}, "nvila-lite", "dynamic"),
+    # NVILA-8B/15B: dynamic_s2 needs both the switch and the mode; VILA1.5-3b-s2 is a vila1.5 checkpoint.
+    ({"image_aspect_ratio": "dynamic_s2", "dynamic_s2": True, "transformers_version": "4.46.0"}, "nvila",
+     "dynamic_s2"),
+    ({"image_aspect_ratio": "resize", "s2": True}, "vila1.5", "resize"),
 ])
 def test_detect_family(config, name, mode):
     family, got_mode = detect_family(config)
@@ -24,7 +28,7 @@ def test_detect_family(config, name, mode):
 @pytest.mark.parametrize("config, words", [
     ({"image_aspect_ratio": "dynamic_s2"}, "dynamic_s2"),
     ({"image_aspect_ratio": "dynamic", "dynamic_s2": True}, "dynamic_s2"),
-    ({"image_aspect_ratio": "resize", "s2": True}, "s2"),
+    ({"image_aspect_ratio": "resize", "ps3": True}, "ps3"),
     ({"image_aspect_ratio": "anyres"}, "'anyres' not supported"),
 ])
 def test_detect_family_refuses(config, words):

@@ -19,6 +19,8 @@ def captured(monkeypatch):
         seen.append(opts)
         return Done()
     monkeypatch.setattr(build, "export_engine", fake_export)
+    # The CLI reads the checkpoint's configs before exporting (its errors come before any progress bar).
+    monkeypatch.setattr("vila_edge_export.checkpoint.read_checkpoint", lambda *a, **k: None)
     return seen
 
 
@@ -30,10 +32,12 @@ def test_cli_export_defaults_are_the_dataclasses(captured):
 
 def test_cli_export_flags_reach_the_options(captured):
     argv = ["export", "ckpt", "out", "--dtype", "fp16", "--quant", "awq", "--group-size", "64", "--lm-head-bits", "4",
-            "--eval-tokens", "512", "--no-quality-floor", "--quiet"]
+            "--eval-tokens", "512", "--no-quality-floor", "--quiet", "--target", "orin", "--int4-accuracy-level", "0",
+            "--embed-bits", "8"]
     assert cli.main(argv) == 0
-    assert captured[0] == ExportOptions(dtype="fp16", progress=False, quant=QuantOptions(
-        "awq", group_size=64, lm_head_bits=4, eval_tokens=512, max_ppl_increase_pct=None))
+    assert captured[0] == ExportOptions(dtype="fp16", progress=False, target="orin", int4_accuracy_level=0,
+                                        quant=QuantOptions("awq", group_size=64, lm_head_bits=4, eval_tokens=512,
+                                                           max_ppl_increase_pct=None, embed_bits=8))
 
 
 def test_stage_flags_default_to_the_dataclasses():
