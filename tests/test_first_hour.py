@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from vila_edge_export.bundle import build_bundled
-from vila_edge_export.evaluate import heldout
+from trainers.tiny_shapes.evaluate import heldout
 from export import scenes
 from vila_edge import EngineError, MissingExtraError, Pipeline, cache
 from vila_edge.manifest import FORMAT_VERSION, Manifest
