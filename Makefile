@@ -6,7 +6,7 @@ BIN      := $(VENV)/bin
 RUNTIME_VENV ?= .venv-runtime
 # Export and tests use torch on the CPU; pinning it keeps pip from pulling the CUDA build.
 TORCH    ?= torch==2.13.0
-# The bundled default model: VILA1.5's architecture trained on shape scenes (export/train_tiny.py).
+# The bundled default model: VILA1.5's architecture trained on shape scenes (trainers/tiny_shapes/train.py).
 CHECKPOINT ?= models/vila-tiny-shapes
 FIXTURE  ?= build/fixtures/vila1.5-3b-tiny
 OUT      ?= engines/$(notdir $(CHECKPOINT))-$(DTYPE)
@@ -17,12 +17,12 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak kernels bench-kernels bench bench-peers bench-3b bench-nvila bench-kv train-tiny evaluate clean serve bench-serve bench-constrain
+.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak kernels bench-kernels bench bench-peers bench-3b bench-nvila bench-kv train-tiny evaluate clean serve bench-serve bench-constrain engines-staged test-fast
 # Succeeds when $(1) is an engine this runtime reads (present, current format): stale engines are rebuilt.
 ENGINE_OK = $(BIN)/python -c "import sys; from vila_edge.manifest import Manifest; Manifest.load(sys.argv[1])" $(1) 2>/dev/null
 
 help:  ## list every command
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,16 +56,28 @@ demo: runtime  ## ask the bundled model about a bundled example image, runtime o
 	$(RUNTIME_VENV)/bin/vila-edge chat bundled --image $(IMAGE) "$(PROMPT)" --max-new-tokens 32 --stats
 
 bundled-engine: setup  ## regenerate the engine shipped in vila_edge/bundled/ (after an engine format or exporter change)
-	$(BIN)/python -m export.bundle
+	$(BIN)/python -m vila_edge_export.bundle
 
 plan: setup  ## memory plan of an engine on a Jetson module: make plan OUT=engines/name DEVICE=orin-nano
 	$(BIN)/vila-edge plan $(OUT) --device $(or $(DEVICE),orin-nano)
+
+WORK     ?= build/stages/$(notdir $(OUT))
+STAGE    := $(BIN)/python -m vila_edge_export.stages
+STAGE_OPTS = --dtype $(DTYPE) --quant $(QUANT) --target $(TARGET) $(if $(LM_HEAD_BITS),--lm-head-bits $(LM_HEAD_BITS))
+engines-staged: setup  ## the same engine stage by stage, keeping each stage's files in WORK: quantize (QUANT != none) -> graphs -> engine
+	$(if $(filter-out none,$(QUANT)),$(STAGE) quantize $(CHECKPOINT) $(WORK)/quant $(STAGE_OPTS))
+	$(STAGE) graphs $(CHECKPOINT) $(WORK)/graphs $(STAGE_OPTS) $(if $(filter-out none,$(QUANT)),--quantized $(WORK)/quant)
+	$(STAGE) engine $(CHECKPOINT) $(WORK)/graphs $(OUT) $(STAGE_OPTS)
+
 
 chat: setup  ## chat with an engine: make chat OUT=engines/name IMAGE=x.png PROMPT="..."
 	$(BIN)/vila-edge chat $(OUT) --image $(IMAGE) "$(PROMPT)" -i
 
 test: setup  ## run the test suite (CPU; GPU tests skip without a GPU)
 	$(BIN)/python -m pytest -q tests
+
+test-fast: setup  ## the test suite without the tests marked slow (the quick check before a commit)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 test-gpu: setup  ## run only the GPU tests (needs an NVIDIA GPU and cuda-python)
 	$(BIN)/python -m pytest -q -m gpu tests
@@ -74,7 +86,7 @@ fuzz: setup  ## long fuzz run (20x the CI examples, random seeds): only VilaEdge
 	VILA_FUZZ=long $(BIN)/python -m pytest -q tests/test_fuzz.py -p no:cacheprovider
 
 soak: setup  ## 1,000+ mixed threaded requests + killed exports: RSS and KV pool over time -> benchmarks/results/
-	nice -n 10 $(BIN)/python benchmarks/soak.py
+	nice -n 10 $(BIN)/python -m benchmarks.soak
 
 $(VENV)/.bench: $(VENV)/.installed pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[bench]"    # psutil, matplotlib, onnxruntime-genai + onnx-ir (its builder)
@@ -86,20 +98,20 @@ bench: setup  ## engine speed + decode roofline -> benchmarks/results/: make ben
 	$(BIN)/vila-edge bench $(OUT)
 
 bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager, llama.cpp and ORT GenAI on SmolLM2 (same weights, threads)
-	@test -d build/fixtures/smollm2-vila || $(BIN)/python benchmarks/smollm2_vila.py build/fixtures/smollm2-vila
+	@test -d build/fixtures/smollm2-vila || $(BIN)/python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila
 	@$(call ENGINE_OK,engines/smollm2-vila-fp32) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-fp32 --quiet
 	@$(call ENGINE_OK,engines/smollm2-vila-int4) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant rtn --group-size 64 --no-quality-floor --quiet
-	$(BIN)/python benchmarks/genai_export.py build/fixtures/smollm2-vila/llm build/genai/smollm2-vila-int4
-	$(BIN)/python benchmarks/bench_peers.py --checkpoint build/fixtures/smollm2-vila --engine engines/smollm2-vila-fp32 --engine-int4 engines/smollm2-vila-int4 --gguf smollm2 --genai build/genai/smollm2-vila-int4
+	$(BIN)/python -m benchmarks.genai_export build/fixtures/smollm2-vila/llm build/genai/smollm2-vila-int4
+	$(BIN)/python -m benchmarks.bench_peers --checkpoint build/fixtures/smollm2-vila --engine engines/smollm2-vila-fp32 --engine-int4 engines/smollm2-vila-int4 --gguf smollm2 --genai build/genai/smollm2-vila-int4
 
 BIG      := build/fixtures/vila1.5-3b
 bench-3b: $(VENV)/.bench  ## random weights at VILA1.5-3B shapes: vila-edge bench + peers (transformers eager, llama.cpp Q4_0, ORT GenAI); ~1 h on 2 cores, 20 GB RAM
 	@test -d $(BIG) || $(BIN)/vila-edge fixture $(BIG) --shape vila1.5-3b
 	@$(call ENGINE_OK,engines/vila1.5-3b-fp16) || $(BIN)/vila-edge export $(BIG) engines/vila1.5-3b-fp16 --dtype fp16 --quiet
 	@$(call ENGINE_OK,engines/vila1.5-3b-int4) || $(BIN)/vila-edge export $(BIG) engines/vila1.5-3b-int4 --quant rtn --no-quality-floor --eval-tokens 512 --quiet
-	@test -f build/vila1.5-3b-q4_0.gguf || $(BIN)/python benchmarks/hf_to_gguf.py $(BIG)/llm build/vila1.5-3b-q4_0.gguf --type q4_0
-	$(BIN)/python benchmarks/genai_export.py $(BIG)/llm build/genai/vila1.5-3b-int4
-	$(BIN)/python benchmarks/bench_peers.py --checkpoint $(BIG) --engine engines/vila1.5-3b-fp16 --engine-int4 engines/vila1.5-3b-int4 --gguf build/vila1.5-3b-q4_0.gguf --genai build/genai/vila1.5-3b-int4 --name vila1.5-3b --repeats 2
+	@test -f build/vila1.5-3b-q4_0.gguf || $(BIN)/python -m benchmarks.hf_to_gguf $(BIG)/llm build/vila1.5-3b-q4_0.gguf --type q4_0
+	$(BIN)/python -m benchmarks.genai_export $(BIG)/llm build/genai/vila1.5-3b-int4
+	$(BIN)/python -m benchmarks.bench_peers --checkpoint $(BIG) --engine engines/vila1.5-3b-fp16 --engine-int4 engines/vila1.5-3b-int4 --gguf build/vila1.5-3b-q4_0.gguf --genai build/genai/vila1.5-3b-int4 --name vila1.5-3b --repeats 2
 	$(BIN)/vila-edge bench engines/vila1.5-3b-int4
 
 # NVILA-8B widths (Qwen2 3584 / 28 heads / 4 KV heads, SigLIP-448 x 1152, 3456-channel projector) at a
@@ -114,7 +126,7 @@ bench-nvila: setup  ## NVILA-8B shapes (dynamic_s2): vision ms per image by tile
 
 bench-kv: $(VENV)/.bench  ## paged KV: repeated-query TTFT, paged vs contiguous decode at 2k, pool vs budget
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
-	$(BIN)/python benchmarks/bench_kv.py $(OUT)
+	$(BIN)/python -m benchmarks.bench_kv $(OUT)
 
 PORT     ?= 8000
 serve: setup  ## OpenAI-compatible server: make serve OUT=engines/name PORT=8000
@@ -123,24 +135,24 @@ serve: setup  ## OpenAI-compatible server: make serve OUT=engines/name PORT=8000
 
 bench-serve: $(VENV)/.bench  ## 32 streaming clients x 10 requests against `vila-edge serve` (bundled model): failures, TTFT, tok/s, RSS, KV
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
-	$(BIN)/python benchmarks/bench_serve.py $(OUT)
+	$(BIN)/python -m benchmarks.bench_serve $(OUT)
 
 bench-constrain: $(VENV)/.bench  ## structured output's per-token mask cost: llguidance vs outlines-core, bundled + SmolLM2 tokenizers
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
-	@test -d build/fixtures/smollm2-vila || $(BIN)/python benchmarks/smollm2_vila.py build/fixtures/smollm2-vila
-	$(BIN)/python benchmarks/bench_constrain.py $(OUT)/tokenizer.json build/fixtures/smollm2-vila/llm/tokenizer.json
+	@test -d build/fixtures/smollm2-vila || $(BIN)/python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila
+	$(BIN)/python -m benchmarks.bench_constrain $(OUT)/tokenizer.json build/fixtures/smollm2-vila/llm/tokenizer.json
 
 train-tiny: setup  ## retrain the small VILA-architecture model on generated scenes -> models/vila-tiny-shapes
-	$(BIN)/python -m export.train_tiny --out models/vila-tiny-shapes
+	$(BIN)/python -m trainers.tiny_shapes.train --out models/vila-tiny-shapes
 
 evaluate: setup  ## held-out accuracy of a checkpoint or engine: make evaluate OUT=engines/name
-	$(BIN)/python -m export.evaluate $(OUT)
+	$(BIN)/python -m trainers.tiny_shapes.evaluate $(OUT)
 
 kernels: setup  ## compile the CUDA kernels for sm_87 (Orin) and sm_90; prints registers and spills
 	$(BIN)/python kernels/build.py
 
 bench-kernels: kernels  ## kernel GB/s against the device's measured memcpy peak (needs a GPU)
-	$(BIN)/python benchmarks/bench_kernels.py
+	$(BIN)/python -m benchmarks.bench_kernels
 
 clean:  ## remove build outputs (engines, fixtures, compiled kernels)
 	rm -rf build engines/*/ 

@@ -1,6 +1,6 @@
 """A/B: decode speed of engines of the same checkpoint (graph variants, export options), in one process.
 
-    python benchmarks/ab_graphs.py engines/smollm2-int4-cpu engines/smollm2-int4-orin \
+    python -m benchmarks.ab_graphs engines/smollm2-int4-cpu engines/smollm2-int4-orin \
         [genai:build/genai/smollm2-vila-int4] [--contexts 128,512]
 
 Each engine holds one sequence per context (a real prefill of random text ids); rounds of `steps`
@@ -18,7 +18,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vila_edge.bench import bench_ttft, kv_config  # noqa: E402
 from vila_edge.manifest import Manifest  # noqa: E402

@@ -1,6 +1,6 @@
 """Which grammar library for structured output: per-token mask cost, llguidance against outlines-core.
 
-    python benchmarks/bench_constrain.py TOKENIZER_JSON [TOKENIZER_JSON ...] [--steps 48] [--rounds 5]
+    python -m benchmarks.bench_constrain TOKENIZER_JSON [TOKENIZER_JSON ...] [--steps 48] [--rounds 5]
 
     make bench-constrain    # the bundled model's engine and SmolLM2's 49k tokenizer
 
@@ -22,7 +22,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vila_edge.bench import machine_info, save_report  # noqa: E402
 from vila_edge.constrain import JSON_OPTIONS, _load_tokenizer  # noqa: E402
@@ -173,7 +172,7 @@ def main(argv=None) -> int:
     import llguidance
     import outlines_core
     from importlib.metadata import version
-    r = {"command": "python benchmarks/bench_constrain.py " + " ".join(argv or sys.argv[1:]),
+    r = {"command": "python -m benchmarks.bench_constrain " + " ".join(argv or sys.argv[1:]),
          "machine": machine_info(1), "steps": args.steps, "rounds": args.rounds,
          "versions": {"llguidance": llguidance.__version__, "outlines-core": version("outlines_core")},
          "rows": rows}

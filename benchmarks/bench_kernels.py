@@ -1,6 +1,6 @@
 """How close do the hot-path kernels get to the GPU's memory bandwidth?
 
-    python benchmarks/bench_kernels.py [--fatbin build/kernels/vila_kernels.fatbin] [--iters 50]
+    python -m benchmarks.bench_kernels [--fatbin build/kernels/vila_kernels.fatbin] [--iters 50]
 
 Baseline, measured in the same run: a device-to-device cuMemcpy of 256 MiB (reads + writes).
 Each kernel's achieved GB/s = the bytes it must move at least (weights, KV, activations) over
@@ -10,7 +10,6 @@ its GPU-timed duration. Writes benchmarks/results/kernels-<device>.{json,md}. Ne
 import argparse
 import json
 import math
-import os
 import platform
 import re
 import sys
@@ -18,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from vila_edge import int4
+from vila_edge.atomic import write_text
+from vila_edge.cuda import reference as ref
+from vila_edge.cuda.driver import DeviceArray, Device, Stream, Timer, check, probe
+from vila_edge.cuda.kernels import Kernels, default_fatbin_path
+from vila_edge.cuda.projector import GpuProjector
+from vila_edge.families import COLUMN_MAJOR, ROW_MAJOR
 
-from vila_edge.cuda import reference as ref  # noqa: E402
-from vila_edge.cuda.driver import DeviceArray, Device, Stream, Timer, check, probe  # noqa: E402
-from vila_edge.cuda.kernels import Kernels, default_fatbin_path  # noqa: E402
-from vila_edge.cuda.projector import GpuProjector  # noqa: E402
-from vila_edge.families import COLUMN_MAJOR, ROW_MAJOR  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PEAK_COPY_BYTES = 256 << 20
 GEMV_SHAPES = {  # name: (N, K)
@@ -81,7 +81,7 @@ def bench_peak(stream, iters) -> float:
 def bench_gemv(k, stream, peak, iters, G=128) -> list[dict]:
     rows, r = [], np.random.default_rng(0)
     for name, (N, K) in GEMV_SHAPES.items():
-        packed, scales = ref.pack_int4(*ref.quantize_int4(r.standard_normal((N, K), np.float32), G), G)
+        packed, scales = int4.pack_matmulnbits(*int4.quantize(r.standard_normal((N, K), np.float32), G), G)
         b, s = DeviceArray.from_numpy(packed, stream), DeviceArray.from_numpy(scales, stream)
         for M in (1, 4):
             x = DeviceArray.from_numpy(r.standard_normal((M, K)).astype(np.float16), stream)
@@ -149,12 +149,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--fatbin", type=Path, default=default_fatbin_path())
@@ -177,8 +171,8 @@ def main(argv=None) -> int:
     k.close(), stream.close(), device.close()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-")
-    write_atomic(args.out_dir / f"kernels-{slug}.json", json.dumps(result, indent=2) + "\n")
-    write_atomic(args.out_dir / f"kernels-{slug}.md", markdown(result))
+    write_text(str(args.out_dir / f"kernels-{slug}.json"), json.dumps(result, indent=2) + "\n")
+    write_text(str(args.out_dir / f"kernels-{slug}.md"), markdown(result))
     print(markdown(result))
     return 0
 

@@ -1,6 +1,6 @@
 """Issue 4: what does the paged KV cache buy, and what does it cost?
 
-    python benchmarks/bench_kv.py ENGINE_DIR [--context 2048] [--threads 2]
+    python -m benchmarks.bench_kv ENGINE_DIR [--context 2048] [--threads 2]
 
 (1) Time to first token of a repeated image + prompt against the first (cold) query: with both
     caches (vision features by pixel digest, KV blocks by prefix hash), and with the vision cache
@@ -22,13 +22,12 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vila_edge.bench import save_report, BLOCK_SIZE, fill_context, kv_config, machine_info, random_images  # noqa: E402
-from vila_edge.kv_cache import KVLayout, KVPool  # noqa: E402
-from vila_edge.llm import LLMEngine  # noqa: E402
-from vila_edge.manifest import Manifest  # noqa: E402
-from vila_edge.pipeline import Pipeline  # noqa: E402
+from vila_edge.bench import save_report, BLOCK_SIZE, fill_context, kv_config, machine_info, random_images
+from vila_edge.kv_cache import KVLayout, KVPool
+from vila_edge.llm import LLMEngine
+from vila_edge.manifest import Manifest
+from vila_edge.pipeline import Pipeline
 
 PROMPT = "What is on the table, and where is the red cube?"
 MiB = 2**20
@@ -50,7 +49,7 @@ def bench_repeat(pipe, rng, runs: int) -> dict:
         system = f"Session {rng.integers(1 << 62)}."
         cold = _ttft(pipe, image, system)
         hot = _ttft(pipe, image, system)             # vision cache + prefix cache
-        pipe.vision._cache.clear()
+        pipe.vision.clear_cache()
         prefix = _ttft(pipe, image, system)          # prefix cache only
         if i:
             first.append(cold)

@@ -1,11 +1,11 @@
 """How does vila_edge compare with transformers, llama.cpp and ONNX Runtime GenAI on the same weights?
 
-    python benchmarks/bench_peers.py --checkpoint build/fixtures/smollm2-vila \
+    python -m benchmarks.bench_peers --checkpoint build/fixtures/smollm2-vila \
         --engine engines/smollm2-vila-fp32 [--engine-int4 engines/smollm2-vila-int4] [--gguf smollm2] \
         [--genai build/genai/smollm2-vila-int4]
 
 Same weights, same thread count, one system after the other, each in a fresh process:
-  (a) transformers eager (export/reference.py ReferenceVLM, fp32) against the float engine: time to
+  (a) transformers eager (vila_edge_export/reference.py ReferenceVLM, fp32) against the float engine: time to
       first token with one image (HF: SigLIP image processor + vision + projector + prefill to the
       first argmax; vila_edge: Conversation.send with max_new_tokens=1, vision cache bypassed) and
       decode tokens/s at each context (HF DynamicCache; vila_edge LLMEngine.extend). The int4
@@ -31,15 +31,14 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import roofline as rl  # noqa: E402
-from vila_edge.bench import (save_report, PROMPT, bench_decode, bench_ttft, kv_config, llm_weight_bytes,  # noqa: E402
+from benchmarks import roofline as rl
+from vila_edge.bench import (save_report, PROMPT, bench_decode, bench_ttft, kv_config, llm_weight_bytes,
                              machine_info, random_images)
-from export.checkpoint import read_checkpoint  # noqa: E402
-from vila_edge.manifest import Manifest  # noqa: E402
-from vila_edge.families import get_family  # noqa: E402
-from vila_edge.pipeline import Pipeline, engine_template  # noqa: E402
+from vila_edge_export.checkpoint import read_checkpoint
+from vila_edge.manifest import Manifest
+from vila_edge.families import get_family
+from vila_edge.pipeline import Pipeline, engine_template
 
 
 def _pipe(engine, threads, max_context):
@@ -65,8 +64,8 @@ def hf_rows(checkpoint, engine, threads, contexts, steps, runs, seed) -> dict:
     import torch
     from PIL import Image
 
-    from export.checkpoint import read_checkpoint
-    from export.reference import ReferenceVLM, hf_pixels
+    from vila_edge_export.checkpoint import read_checkpoint
+    from vila_edge_export.reference import ReferenceVLM, hf_pixels
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

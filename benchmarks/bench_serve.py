@@ -1,6 +1,6 @@
 """How does `vila-edge serve` hold up under many clients? 32 concurrent streaming clients x 10 requests.
 
-    python benchmarks/bench_serve.py ENGINE_DIR [--clients 32] [--requests 10] [--workers 2]
+    python -m benchmarks.bench_serve ENGINE_DIR [--clients 32] [--requests 10] [--workers 2]
 
     make bench-serve          # the bundled model's engine
 
@@ -27,7 +27,6 @@ import time
 
 import httpx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vila_edge.bench import machine_info, save_report  # noqa: E402
 
@@ -140,7 +139,7 @@ def run(engine: str, clients: int, per_client: int, workers: int, threads: int |
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return {"command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]), "engine": engine,
+    return {"command": "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:]), "engine": engine,
             "machine": machine_info(threads or os.cpu_count()), "workers": workers, "max_tokens": MAX_TOKENS,
             "sequential": sequential, "load": loaded, "rss_before_bytes": rss_before, "rss_after_bytes": rss_after,
             "kv_blocks_after": health["kv_blocks"], "server_exit_status": proc.returncode,

@@ -1,6 +1,6 @@
 """ORT GenAI's own int4 export of a checkpoint's LLM (its model builder), for bench_peers.py.
 
-    python benchmarks/genai_export.py build/fixtures/smollm2-vila/llm build/genai/smollm2-vila-int4
+    python -m benchmarks.genai_export build/fixtures/smollm2-vila/llm build/genai/smollm2-vila-int4
 
 Runs `python -m onnxruntime_genai.models.builder -p int4 -e cpu` (its defaults: RTN, block 32,
 accuracy level 4, GroupQueryAttention, int4 embedding gather when tied) on a view of the llm/

@@ -1,6 +1,6 @@
 """The LLM of a VILA checkpoint as a llama.cpp GGUF, for the llama.cpp side of bench_peers.py.
 
-    python benchmarks/hf_to_gguf.py build/fixtures/vila1.5-3b/llm /tmp/llm.gguf [--type q4_1]
+    python -m benchmarks.hf_to_gguf build/fixtures/vila1.5-3b/llm /tmp/llm.gguf [--type q4_1]
 
 Writes an F16 (or F32) GGUF with the gguf package (same tensor names, metadata and Q/K row
 permutation as llama.cpp's convert_hf_to_gguf.py for Llama), then, for a 4-bit type, quantizes it

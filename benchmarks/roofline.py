@@ -12,7 +12,7 @@ Achieved = work / measured time. Bounds = work / ceiling.
 """
 import numpy as np
 
-from export.onnx_graph import IR_VERSION, OPSET
+from vila_edge_export.onnx_graph import IR_VERSION, OPSET
 from vila_edge.bench import best_seconds, host_read_gbs
 from vila_edge.kv_cache import KVLayout
 
@@ -93,7 +93,7 @@ def ceilings(threads: int, group: int | None) -> dict:
 # ---- work ---------------------------------------------------------------------------------------
 
 def _projector_macs_per_token(kind: str, mm: int, hidden: int) -> int:
-    """Multiply-adds per output token of export/projector.py's layers (the same table)."""
+    """Multiply-adds per output token of vila_edge_export/projector.py's layers (the same table)."""
     table = {"linear": mm * hidden,
              "mlp2x_gelu": mm * hidden + hidden * hidden,
              "mlp_downsample": 4 * mm * hidden + hidden * hidden,

@@ -1,6 +1,6 @@
 """Soak and fault benchmark (issue #22): does a long-running robot process stay flat and clean?
 
-    PYTHONPATH=. python benchmarks/soak.py [--engine DIR] [--requests 3000] [--threads 4] [--kills 6]
+    python -m benchmarks.soak [--engine DIR] [--requests 3000] [--threads 4] [--kills 6]
 
 (1) Soak: --requests mixed requests from --threads threads sharing one Pipeline: chats and streams
     about images (bundled examples and fresh random arrays, so the vision cache churns), parts lists,
@@ -15,7 +15,7 @@
     work (timed from the appearance of its temp dir, after the imports), into a
     fresh OUT and over an existing engine. After each kill OUT must be absent or a complete engine
     (the old one when there was one); the temp dirs the killed exports leave must be removed by the
-    next export (export/output_dir.py).
+    next export (vila_edge_export/output_dir.py).
 Writes soak.json and soak.md under benchmarks/results/soak/. Engine default: the bundled model's fp32
 engine (`make demo` builds it; exported here under build/soak/ when missing).
 """
@@ -35,7 +35,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from vila_edge import Pipeline, VilaEdgeError  # noqa: E402
 from vila_edge.bench import machine_info, save_report  # noqa: E402
@@ -332,9 +331,9 @@ def main(argv=None) -> int:
     soaks = {}
     for name, env in VARIANTS.items():
         path = os.path.join(args.work, "soak-child.json")
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--engine", engine, "--requests", str(args.requests),
+        subprocess.run([sys.executable, "-m", "benchmarks.soak", "--engine", engine, "--requests", str(args.requests),
                         "--threads", str(args.threads), "--work", args.work, "--child-json", path],
-                       check=True, env={**_env(), **env})
+                       check=True, cwd=ROOT, env={**_env(), **env})
         with open(path) as f:
             soaks[name] = json.load(f)
         s = soaks[name]

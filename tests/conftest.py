@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from export.build import ExportOptions, export_engine
-from export.fixtures import write_fixture
+from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
+from vila_edge_export.fixtures import write_fixture
 
 # name: (fixture kind, projector, shape, extra write options)
 CHECKPOINTS = {
@@ -42,14 +42,16 @@ def checkpoint(workdir):
 
 @pytest.fixture(scope="session")
 def engine(workdir, checkpoint):
-    """engine(name, dtype="fp32", **export options) -> engine dir, exported on first use."""
+    """engine(name, dtype="fp32", **export options) -> engine dir, exported on first use; the options
+    are flat (quant="rtn", group_size=64, target="orin", ...: ExportOptions.flat)."""
     made = {}
 
     def get(name, dtype="fp32", **opts):
         key = (name, dtype, tuple(sorted(opts.items())))
         if key not in made:
             out = str(workdir / "engines" / f"{name}-{dtype}-{len(made)}")
-            export_engine(checkpoint(name), out, ExportOptions(dtype=dtype, progress=False, **opts))
+            opts = ExportOptions.flat(dtype=dtype, progress=False, **opts)
+            export_engine(checkpoint(name), out, opts)
             made[key] = out
         return made[key]
     return get
@@ -57,3 +59,41 @@ def engine(workdir, checkpoint):
 
 def data(name: str) -> str:
     return os.path.join(os.path.dirname(__file__), "data", name)
+
+
+def scene_images() -> list:
+    """A real photo and a non-square noise image (tiles and padding differ from the square case)."""
+    import numpy as np
+    from PIL import Image
+
+    from vila_edge.preprocess import load_image
+
+    rng = np.random.default_rng(7)
+    noise = Image.fromarray(rng.integers(0, 256, (70, 150, 3), dtype=np.uint8))
+    return [load_image(data("robot_scene.png")), noise]
+
+
+def reference_inputs(spec, ref, prompt_text, images, pipe):
+    """Prompt embeddings built by the reference alone (its tokenizer, its splice, HF preprocessing);
+    only the rendered chat template is the pipeline's."""
+    import numpy as np
+
+    from vila_edge_export.reference import hf_pixels
+    from vila_edge.families import DYNAMIC
+    from vila_edge.preprocess import dynamic_tiles
+
+    rendered = pipe.template.render([("user", prompt_text)])
+    if spec.scales is not None:      # multi-scale: one unit per image, VILA's own merge (reference_s2.py)
+        from vila_edge_export.reference_s2 import image_features
+        return ref.embed(ref.tokenize(rendered), image_features(ref, spec, images))
+    tiles_per_image = []
+    feats = []
+    for img in images:
+        tiles = (dynamic_tiles(img, spec.vision.image_size, spec.min_tiles, spec.max_tiles)
+                 if spec.image_mode == DYNAMIC else [img])
+        tiles_per_image.append(len(tiles))
+        feats += list(ref.encode_images(np.concatenate([hf_pixels(spec, t) for t in tiles])))
+    if spec.image_mode == DYNAMIC:
+        pieces = rendered.split("<image>")
+        rendered = pieces[0] + "".join("<image>\n" * n + p for n, p in zip(tiles_per_image, pieces[1:]))
+    return ref.embed(ref.tokenize(rendered), feats)

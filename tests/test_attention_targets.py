@@ -1,4 +1,4 @@
-"""Attention supervision targets (export/attention_targets.py) against hand-placed scenes.
+"""Attention supervision targets (trainers/tiny_shapes/attention_targets.py) against hand-placed scenes.
 
 Positions are derived here independently: the spliced sequence is rebuilt as a list of token
 strings, and the cell of image token t comes from VILA1.5's column-major mlp_downsample order
@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-from export import attention_targets as at
-from export.scenes import Obj, Sample, Scene
-from export.tiny_model import IMAGE_TOKEN_INDEX, encode_conversation
+from trainers.tiny_shapes import attention_targets as at
+from trainers.tiny_shapes.scenes import Obj, Sample, Scene
+from trainers.tiny_shapes.model import IMAGE_TOKEN_INDEX, encode_conversation
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "models", "vila-tiny-shapes")
 S2 = 3                                            # image tokens per side (scenes.GRID)
@@ -57,8 +57,8 @@ def _image_starts(toks):
 
 
 def test_token_order_helper_matches_the_bundled_projector():
-    from export.tiny_model import TinyVila
-    from export.tiny_teachers import token_cells
+    from trainers.tiny_shapes.model import TinyVila
+    from trainers.tiny_shapes.teachers import token_cells
 
     assert token_cells(TinyVila.load(ROOT)).tolist() == [_cell_of_token(t) for t in range(T_IMG)]
 

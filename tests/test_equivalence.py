@@ -9,46 +9,18 @@ well inside 1%).
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import CHECKPOINTS, data
-from export.checkpoint import read_checkpoint
-from export.reference import ReferenceVLM, hf_pixels
-from export.reference_s2 import image_features
+from conftest import CHECKPOINTS, reference_inputs, scene_images
+from vila_edge_export.checkpoint import read_checkpoint
+from vila_edge_export.reference import ReferenceVLM, hf_pixels
 from vila_edge import Pipeline
 from vila_edge.families import DYNAMIC
-from vila_edge.preprocess import dynamic_tiles, load_image
+from vila_edge.preprocess import dynamic_tiles
 
 MAX_NEW = 16
-# Both LLM graph variants (export/build.py TARGETS): contrib ops for ORT ("cpu"), standard ops for
+# Both LLM graph variants (vila_edge_export/build.py TARGETS): contrib ops for ORT ("cpu"), standard ops for
 # TensorRT's parser ("orin"; run here by the same ORT runner).
 TARGETS = ["cpu", "orin"]
-
-
-def _images():
-    scene = load_image(data("robot_scene.png"))
-    rng = np.random.default_rng(7)
-    noise = Image.fromarray(rng.integers(0, 256, (70, 150, 3), dtype=np.uint8))
-    return [scene, noise]
-
-
-def _reference_inputs(spec, ref, prompt_text, images, pipe):
-    """Prompt embeddings built by the reference alone (its tokenizer, its splice, HF preprocessing)."""
-    rendered = pipe.template.render([("user", prompt_text)])
-    if spec.scales is not None:      # multi-scale: one unit per image, VILA's own merge (reference_s2.py)
-        return ref.embed(ref.tokenize(rendered), image_features(ref, spec, images))
-    tiles_per_image = []
-    feats = []
-    for img in images:
-        tiles = (dynamic_tiles(img, spec.vision.image_size, spec.min_tiles, spec.max_tiles)
-                 if spec.image_mode == DYNAMIC else [img])
-        tiles_per_image.append(len(tiles))
-        feats += list(ref.encode_images(np.concatenate([hf_pixels(spec, t) for t in tiles])))
-    if spec.image_mode == DYNAMIC:
-        pieces = rendered.split("<image>")
-        rendered = pieces[0] + "".join("<image>\n" * n + p for n, p in zip(tiles_per_image, pieces[1:]))
-    ids = ref.tokenize(rendered)
-    return ref.embed(ids, feats)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -58,11 +30,11 @@ def test_greedy_output_equals_reference(name, target, checkpoint, engine):
     ref = ReferenceVLM(spec, torch.float32)
     pipe = Pipeline(engine(name, target=target))
     assert pipe.manifest.build["target"] == target
-    images = _images()
+    images = scene_images()
     prompt = "<image>\nCompare it with <image>\nWhat changed?"
     conv = pipe.conversation()
     conv.send(images, prompt, max_new_tokens=MAX_NEW)
-    embeds = _reference_inputs(spec, ref, prompt, images, pipe)
+    embeds = reference_inputs(spec, ref, prompt, images, pipe)
     stops = set(pipe.manifest.tokens.stop_ids)
     expected = [i for i in ref.generate(embeds, MAX_NEW, stops) if i not in stops]
     assert conv.last_stats["prompt_tokens"] == embeds.shape[1]
@@ -77,8 +49,8 @@ def test_first_step_logits_fp32(name, target, checkpoint, engine):
     ref = ReferenceVLM(spec, torch.float32)
     pipe = Pipeline(engine(name, target=target))
     assert pipe.llm.runner.embeddings.table.dtype == np.float32   # fp32 engines keep the reference's table
-    images = _images()[:1]
-    embeds = _reference_inputs(spec, ref, "<image>\nWhat is this?", images, pipe)
+    images = scene_images()[:1]
+    embeds = reference_inputs(spec, ref, "<image>\nWhat is this?", images, pipe)
     logits, _ = pipe.llm.prefill("probe", embeds[0].numpy(), np.arange(embeds.shape[1]))
     pipe.llm.release("probe")
     np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
@@ -91,7 +63,7 @@ def test_fp16_engine_within_tolerance(name, target, checkpoint, engine):
     ref = ReferenceVLM(spec, torch.float32)
     pipe = Pipeline(engine(name, dtype="fp16", target=target))
     assert pipe.manifest.dtype == "float16"
-    img = _images()[0]
+    img = scene_images()[0]
     feats, _ = pipe.vision.encode(img)
     tiles = (dynamic_tiles(img, spec.vision.image_size, spec.min_tiles, spec.max_tiles)
              if spec.image_mode == DYNAMIC else [img])
@@ -99,7 +71,7 @@ def test_fp16_engine_within_tolerance(name, target, checkpoint, engine):
     assert feats.dtype == np.float16
     scale = np.abs(expected).max()
     assert np.abs(feats.astype(np.float32) - expected).max() <= 1e-2 * scale
-    embeds = _reference_inputs(spec, ref, "<image>\nWhat is this?", [img], pipe)
+    embeds = reference_inputs(spec, ref, "<image>\nWhat is this?", [img], pipe)
     logits, _ = pipe.llm.prefill("probe", embeds[0].numpy(), np.arange(embeds.shape[1]))
     pipe.llm.release("probe")
     expected_logits = ref.logits(embeds).numpy()
@@ -113,7 +85,7 @@ def test_multi_turn_reuses_kv_and_matches_cold_prefill(target, engine):
     eng = engine("vila1.5-3b-downsample", target=target)
     pipe = Pipeline(eng)
     conv = pipe.conversation()
-    conv.send(_images()[0], "What is in the image?", max_new_tokens=6)
+    conv.send(scene_images()[0], "What is in the image?", max_new_tokens=6)
     state = (list(conv.turns), list(conv.tiles), list(conv.digests), list(conv.tiles_per_image))
     conv.send(None, "Where is the red square?", max_new_tokens=6)
     bs = pipe.llm.blocks.block_size

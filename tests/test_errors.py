@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-import export.build as build
+import vila_edge_export.stage_graphs as stage_graphs
 from conftest import data
-from export.build import ExportOptions, export_engine
-from export.checkpoint import read_checkpoint
+from vila_edge_export.build import ExportOptions, export_engine
+from vila_edge_export.checkpoint import read_checkpoint
 from vila_edge import CheckpointError, EngineError, ImageError, Pipeline, PromptError
 from vila_edge import preprocess
 
@@ -101,8 +101,8 @@ def test_engine_missing_file(tmp_path, engine):
 def test_interrupted_export_leaves_nothing(tmp_path, checkpoint, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(build, "build_llm", boom)
-    monkeypatch.setattr(build, "build_llm_fused", boom)
+    monkeypatch.setattr(stage_graphs, "build_llm", boom)
+    monkeypatch.setattr(stage_graphs, "build_llm_fused", boom)
     out = tmp_path / "engines" / "e"
     with pytest.raises(KeyboardInterrupt):
         export_engine(checkpoint("vila1.5-3b-downsample"), str(out), ExportOptions(progress=False))
@@ -127,7 +127,7 @@ def test_cli_reports_errors_without_traceback(tmp_path):
 
 
 def test_fixture_never_overwrites_a_real_checkpoint(tmp_path, checkpoint):
-    from export.fixtures import MARKER, write_fixture
+    from vila_edge_export.fixtures import MARKER, write_fixture
 
     real = _copy(checkpoint("vila1.5-3b-downsample"), tmp_path, "real")
     os.remove(real / MARKER)                     # as a checkpoint from anywhere but the fixture writer

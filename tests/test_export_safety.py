@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from export.build import ExportOptions, export_engine
-from export.output_dir import OWNER, TMP_PREFIX, clean_stale
+from vila_edge_export.build import ExportOptions, export_engine
+from vila_edge_export.output_dir import OWNER, TMP_PREFIX, clean_stale
 from vila_edge import CheckpointError
 from vila_edge.errors import ExportError, ExportOptionError
 
 
 def _export(ckpt, out, **opts):
-    return export_engine(str(ckpt), str(out), ExportOptions(progress=False, **opts))
+    return export_engine(str(ckpt), str(out), ExportOptions.flat(progress=False, **opts))
 
 
 def _tree(path) -> dict:

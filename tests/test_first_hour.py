@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from export.bundle import build_bundled
-from export.evaluate import heldout
+from vila_edge_export.bundle import build_bundled
+from trainers.tiny_shapes.evaluate import heldout
 from export import scenes
 from vila_edge import EngineError, MissingExtraError, Pipeline, cache
 from vila_edge.manifest import FORMAT_VERSION, Manifest
@@ -90,8 +90,8 @@ def test_checkpoint_is_exported_once_into_the_cache(own_cache, monkeypatch, caps
     pipe = Pipeline(own_cache, progress=False, export_options={"dtype": "fp16"})
     assert pipe.engine_dir.startswith(os.path.join(os.environ["XDG_CACHE_HOME"], "vila_edge", "engines"))
     assert pipe.chat(os.path.join(EXAMPLES, "color.png"), "What color is the square?") == "green"
-    import export.build
-    monkeypatch.setattr(export.build, "export_engine", lambda *a, **k: pytest.fail("exported twice"))
+    import vila_edge_export.build
+    monkeypatch.setattr(vila_edge_export.build, "export_engine", lambda *a, **k: pytest.fail("exported twice"))
     assert Pipeline(own_cache, export_options={"dtype": "fp16"}).engine_dir == pipe.engine_dir
     # Other options, or other content, are another engine.
     key = cache.cache_key(own_cache, {"dtype": "fp16"})

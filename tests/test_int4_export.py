@@ -8,14 +8,14 @@ import onnx
 import pytest
 import torch
 
-from conftest import data
-from export.checkpoint import read_checkpoint
-from export.onnx_graph import int4_tensor, pack_int4
-from export.quantize import apply_quantized, rtn_quantize
-from export.reference import ReferenceVLM
-from test_equivalence import _images, _reference_inputs
+from conftest import data, reference_inputs, scene_images
+from vila_edge_export.checkpoint import read_checkpoint
+from vila_edge_export.onnx_graph import int4_tensor
+from vila_edge_export.quantize import apply_quantized, rtn_quantize
+from vila_edge_export.reference import ReferenceVLM
 from vila_edge import Pipeline
 from vila_edge.backend import OrtSession
+from vila_edge.int4 import pack_onnx
 
 LINEARS_PER_LAYER = 7   # q, k, v, o, gate, up, down
 MATMULS_PER_LAYER = 4   # in the graph: qkv (fused), o, gate_up (fused), down
@@ -81,11 +81,11 @@ def test_int4_packing_matches_onnx():
     ours = int4_tensor("w", codes)
     theirs = onnx.helper.make_tensor("w", onnx.TensorProto.INT4, codes.shape, codes.ravel().tolist())
     theirs_raw = onnx.helper.make_tensor("w", onnx.TensorProto.INT4, codes.shape, codes, raw=True)
-    assert ours.raw_data == pack_int4(codes) == theirs_raw.raw_data and len(ours.raw_data) == 18
+    assert ours.raw_data == pack_onnx(codes) == theirs_raw.raw_data and len(ours.raw_data) == 18
     assert bytes(theirs.int32_data) == ours.raw_data       # the list path stores the same bytes, one per int32
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(ours), codes)
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(ours), onnx.numpy_helper.to_array(theirs))
-    assert pack_int4(np.array([1, -1, -8], np.int8)) == bytes([0xF1, 0x08])
+    assert pack_onnx(np.array([1, -1, -8], np.int8)) == bytes([0xF1, 0x08])
 
 
 @pytest.mark.parametrize("target", ["cpu", "orin"])
@@ -100,17 +100,18 @@ def test_int4_engine_matches_quantized_reference(name, target, checkpoint, engin
     ref.llm = apply_quantized(ref.llm, rtn_quantize(ref.llm, manifest["quant"]["group_size"], auto_group=True,
                                                     lm_head_bits=8))
     pipe = Pipeline(eng, int4_accuracy_level=0)
-    images = _images()
+    images = scene_images()
     prompt = "<image>\nCompare it with <image>\nWhat changed?"
     conv = pipe.conversation()
     conv.send(images, prompt, max_new_tokens=12)
-    embeds = _reference_inputs(spec, ref, prompt, images, pipe)
+    embeds = reference_inputs(spec, ref, prompt, images, pipe)
     stops = set(pipe.manifest.tokens.stop_ids)
     assert conv.last_ids == [i for i in ref.generate(embeds, 12, stops) if i not in stops]
     logits, _ = pipe.llm.prefill("probe", embeds[0].numpy(), np.arange(embeds.shape[1]))
     np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lm_head_bits", [4, 0])
 def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
     """--lm-head-bits 4 runs lm_head as a 4-bit MatMulNBits, 0 keeps it a float MatMul; both compute
@@ -126,7 +127,7 @@ def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
     group = json.load(open(os.path.join(eng, "manifest.json")))["quant"]["group_size"]
     ref.llm = apply_quantized(ref.llm, rtn_quantize(ref.llm, group, auto_group=True, lm_head_bits=lm_head_bits))
     pipe = Pipeline(eng, int4_accuracy_level=0)
-    embeds = _reference_inputs(spec, ref, "<image>\nWhat is this?", _images()[:1], pipe)
+    embeds = reference_inputs(spec, ref, "<image>\nWhat is this?", scene_images()[:1], pipe)
     logits, _ = pipe.llm.prefill("probe", embeds[0].numpy(), np.arange(embeds.shape[1]))
     np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
 
@@ -142,30 +143,39 @@ def test_int4_report_and_sizes(engine):
     assert embed.dtype == np.float16 and report["embeddings_dtype"] == "float16"
     assert report["file_bytes"]["embed_tokens.npy"] < embed.size * 2 + 4096
     assert r["size_bytes"] < r["size_ref_bytes"]
-    assert 0.0 <= r["top1_agreement"] <= 1.0 and r["n_eval_tokens"] > 0
-    assert report["engine_bytes"] > 0
-    # default accuracy level 4 (int8 activations) still answers
-    assert isinstance(Pipeline(eng).chat(data("robot_scene.png"), "What is this?", max_new_tokens=4), str)
+    # int4 barely moves a 2-layer random model (measured: top-1 0.998, ppl +0.05 %); 4096 tokens give
+    # 4095 next-token predictions
+    assert r["top1_agreement"] >= 0.95 and r["ppl_increase_pct"] < 5.0 and r["n_eval_tokens"] == 4095
+    on_disk = {f: os.path.getsize(os.path.join(eng, f)) for f in os.listdir(eng) if f != "export_report.json"}
+    assert report["file_bytes"] == on_disk and report["engine_bytes"] == sum(on_disk.values())
+    # default accuracy level 4 (int8 activations) picks the same greedy token as level 0 (float
+    # activations); a fused (cpu) graph fixes its level at export, so level 0 is its own engine
+    ask = (data("robot_scene.png"), "What is this?")
+    level4 = Pipeline(eng).chat(*ask, max_new_tokens=1)
+    level0 = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None, int4_accuracy_level=0)
+    assert level4 == Pipeline(level0).chat(*ask, max_new_tokens=1)
 
 
+@pytest.mark.slow
 def test_quality_floor_stops_the_export(checkpoint, tmp_path):
-    from export.build import ExportOptions, export_engine
-    from export.quality import QualityError
+    from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
+    from vila_edge_export.quality import QualityError
     out = tmp_path / "eng"
     with pytest.raises(QualityError, match="perplexity"):
         export_engine(checkpoint("vila1.5-3b-downsample"), str(out),
-                      ExportOptions(quant="rtn", group_size=64, max_ppl_increase_pct=-1.0, progress=False))
+                      ExportOptions(quant=QuantOptions("rtn", group_size=64, max_ppl_increase_pct=-1.0),
+                                    progress=False))
     assert not out.exists()
 
 
 @pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (4, 128), (8, 16), (8, 64)])
 def test_fused_linear_takes_bits_and_group_from_each_tensor(bits, group):
-    """export/onnx_llm_fused.linear: MatMulNBits with the tensor's own bits and block size computes
+    """vila_edge_export/onnx_llm_fused.linear: MatMulNBits with the tensor's own bits and block size computes
     x @ (codes * scales).T (accuracy level 0: float activations)."""
     import onnxruntime as ort
 
-    from export.onnx_graph import Graph
-    from export.onnx_llm_fused import MS, linear
+    from vila_edge_export.onnx_graph import Graph
+    from vila_edge_export.onnx_llm_fused import MS, linear
     rng = np.random.default_rng(bits * group)
     n, k = 48, 256
     lo, hi = (-8, 8) if bits == 4 else (-127, 128)

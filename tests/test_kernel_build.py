@@ -52,6 +52,7 @@ def built(tmp_path_factory):
     return out, records
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_both_archs(built):
     out, records = built
     assert (out / abi.FATBIN_NAME).stat().st_size > 0
@@ -60,6 +61,7 @@ def test_every_kernel_compiles_for_both_archs(built):
     assert got == want
 
 
+@pytest.mark.slow
 def test_no_kernel_spills_registers(built):
     # Spills go to local memory, which on Orin is the same LPDDR5 the weights stream from.
     spilling = [r for r in built[1] if r["spill_stores"] or r["spill_loads"]]
@@ -84,6 +86,7 @@ def P(addr=256):
     return ctypes.c_void_p(addr)
 
 
+@pytest.mark.slow
 def test_c_abi_exports_every_launcher(lib):
     for name in ("vk_int4_gemv", "vk_paged_attention_decode", "vk_merge_layernorm",
                  "vk_layernorm", "vk_gemm_bias_act", "vk_projector_splice",
@@ -91,6 +94,7 @@ def test_c_abi_exports_every_launcher(lib):
         assert hasattr(lib, name), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("M,N,K,G,x_addr", [
     (5, 8, 128, 128, 256),   # M beyond the decode batches
     (1, 8, 128, 48, 256),    # unsupported group
@@ -102,12 +106,14 @@ def test_int4_gemv_rejects_bad_arguments(lib, M, N, K, G, x_addr):
     assert lib.vk_int4_gemv(P(x_addr), P(), P(), P(), M, N, K, G, None) == CUDA_INVALID_VALUE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("Hq,Hkv,D", [(12, 5, 128), (12, 2, 80), (12, 2, 256)])
 def test_paged_attention_rejects_bad_arguments(lib, Hq, Hkv, D):
     err = lib.vk_paged_attention_decode(P(), P(), P(), P(), P(), P(), 1, Hq, Hkv, D, 16, 4, None)
     assert err == CUDA_INVALID_VALUE
 
 
+@pytest.mark.slow
 def test_projector_rejects_bad_merge_and_missing_3x3_weights(lib):
     w = ProjectorWeightsC(*([256] * 4 + [None, None] + [256] * 2 + [None, None]))
     args = (P(), w, P(), P(), 1, 32, 8, 3, 0, 16, 121, P(), None)
@@ -116,6 +122,7 @@ def test_projector_rejects_bad_merge_and_missing_3x3_weights(lib):
     assert lib.vk_projector_splice(*args) == CUDA_INVALID_VALUE  # merge 4
 
 
+@pytest.mark.slow
 def test_projector_workspace_bytes(lib):
     def a256(n):
         return -(-n // 256) * 256

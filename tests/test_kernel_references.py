@@ -1,7 +1,7 @@
 """The numpy oracles of vila_edge/cuda/reference.py against independent formulations, on CPU.
 
 The GPU tests trust these references, so each is checked here against something written
-differently: VILA's own DownSampleBlock code, explicit loops, export/'s torch projector and
+differently: VILA's own DownSampleBlock code, explicit loops, vila_edge_export's torch projector and
 quantizer, and contiguous softmax attention over a plain reshape of the gathered blocks.
 """
 
@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from vila_edge import int4
+from vila_edge.cuda import abi
 from vila_edge.cuda import reference as ref
 from vila_edge.families import COLUMN_MAJOR, ROW_MAJOR
 
@@ -23,7 +25,8 @@ def rng(seed=0):
 
 
 def vila_downsample_2x2(x: torch.Tensor, nvila: bool) -> torch.Tensor:
-    """VILA's DownSampleBlock verbatim (vila-formats.md §3); nvila adds the second permute."""
+    """VILA's DownSampleBlock verbatim (NVlabs/VILA@1c88211:llava/model/multimodal_projector/base_projector.py);
+    nvila adds the second permute."""
     n, t, c = x.shape
     s = math.isqrt(t)
     x = x.reshape(n, s, s, c)
@@ -111,12 +114,12 @@ def random_projector(merge: int, C: int, H: int, seed: int = 0) -> ref.Projector
 
 
 def torch_projector(w: ref.ProjectorWeights, order: str):
-    """export/projector.py's nn.Module (VILA's module list) loaded with w's parameters."""
-    from export.projector import build_projector
+    """vila_edge_export/projector.py's nn.Module (VILA's module list) loaded with w's parameters."""
+    from vila_edge_export.projector import build_projector
 
     kind = "mlp_downsample" if w.merge == 2 else "mlp_downsample_3x3_fix"
     module = build_projector(kind, w.channels, w.hidden, order)
-    if w.merge == 2:  # checkpoint indices: vila-formats.md §3
+    if w.merge == 2:  # checkpoint indices: base_projector.py's nn.Sequential
         keys = {"1": ("ln0_g", "ln0_b"), "2": ("fc1_w", "fc1_b"), "4": ("fc2_w", "fc2_b")}
     else:
         keys = {"1": ("ln0_g", "ln0_b"), "2": ("fc1_w", "fc1_b"), "4": ("ln1_g", "ln1_b"),
@@ -185,29 +188,29 @@ def test_check_splice_rejects(offsets, match):
 
 def test_pack_puts_even_k_in_low_nibble_unsigned():
     codes = np.array([[-8, 7, 0, -1] + [0] * 28], np.int8)  # N=1, K=G=32
-    packed, _ = ref.pack_int4(codes, np.ones((1, 1), np.float32), 32)
+    packed, _ = int4.pack_matmulnbits(codes, np.ones((1, 1), np.float32), 32)
     assert packed.shape == (1, 1, 16) and packed.dtype == np.uint8
     assert packed[0, 0, 0] == 0x0 | (0xF << 4)  # k=0: -8+8=0 low nibble, k=1: 7+8=15 high
     assert packed[0, 0, 1] == 8 | (7 << 4)  # k=2: 0+8, k=3: -1+8
 
 
-@pytest.mark.parametrize("G", ref.GEMV_GROUPS)
+@pytest.mark.parametrize("G", abi.GEMV_GROUPS)
 def test_pack_unpack_round_trip(G):
     codes = rng(G).integers(-8, 8, size=(5, 4 * G)).astype(np.int8)
-    packed, _ = ref.pack_int4(codes, np.ones((5, 4), np.float32), G)
+    packed, _ = int4.pack_matmulnbits(codes, np.ones((5, 4), np.float32), G)
     assert packed.shape == (5, 4, G // 2)
-    np.testing.assert_array_equal(ref.unpack_int4(packed), codes)
+    np.testing.assert_array_equal(int4.unpack_matmulnbits(packed), codes)
 
 
-@pytest.mark.parametrize("G", ref.GEMV_GROUPS)
+@pytest.mark.parametrize("G", abi.GEMV_GROUPS)
 @pytest.mark.parametrize("M", [1, 4])
 def test_int4_gemv_matches_export_dequantize_matmul(G, M):
-    from export.quantize import dequantize
+    from vila_edge_export.quantize import dequantize
 
     N, K = 37, 3 * 128
     w = rng(G).standard_normal((N, K)).astype(np.float32)
-    codes, scales = ref.quantize_int4(w, G)
-    packed, scales16 = ref.pack_int4(codes, scales, G)
+    codes, scales = int4.quantize(w, G)
+    packed, scales16 = int4.pack_matmulnbits(codes, scales, G)
     x = rng(M).standard_normal((M, K)).astype(np.float16)
     w_dq = dequantize(torch.from_numpy(codes), torch.from_numpy(scales16.astype(np.float32)))
     want = x.astype(np.float64) @ w_dq.double().numpy().T
@@ -218,7 +221,7 @@ def test_int4_gemv_matches_group_loop():
     G, N, K = 32, 3, 96
     codes = rng(1).integers(-8, 8, size=(N, K)).astype(np.int8)
     scales = rng(2).uniform(0.01, 0.1, size=(N, K // G)).astype(np.float32)
-    packed, scales16 = ref.pack_int4(codes, scales, G)
+    packed, scales16 = int4.pack_matmulnbits(codes, scales, G)
     x = rng(3).standard_normal((2, K)).astype(np.float32)
     want = np.zeros((2, N))
     for m in range(2):
@@ -231,7 +234,7 @@ def test_int4_gemv_matches_group_loop():
 
 def test_quantize_int4_is_symmetric_absmax_over_7():
     w = rng().standard_normal((4, 64)).astype(np.float32)
-    codes, scales = ref.quantize_int4(w, 32)
+    codes, scales = int4.quantize(w, 32)
     assert codes.min() >= -8 and codes.max() <= 7
     np.testing.assert_allclose(scales, ref.fp16_round(np.abs(w.reshape(4, 2, 32)).max(-1) / 7))
 

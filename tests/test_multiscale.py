@@ -1,5 +1,5 @@
 """NVILA dynamic_s2 and VILA1.5-3b-s2 against the torch reference transcribed from upstream
-(export/reference_s2.py), hand-computed token counts, the scale-merge math against torch, the
+(vila_edge_export/reference_s2.py), hand-computed token counts, the scale-merge math against torch, the
 vision cache, and the checkpoint reader's refusals.
 
 Tolerances: features within 1e-5 of the reference's largest magnitude (fp32; ORT and torch sum in
@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from export.checkpoint import read_checkpoint
-from export.reference import ReferenceVLM
-from export.reference_s2 import image_features
+from vila_edge_export.checkpoint import read_checkpoint
+from vila_edge_export.reference import ReferenceVLM
+from vila_edge_export.reference_s2 import image_features
 from vila_edge import Pipeline
 from vila_edge.errors import CheckpointError
 from vila_edge.multiscale import area_resize, bicubic_resize, chessboard_merge, chessboard_split
@@ -110,7 +110,7 @@ def test_nvila_single_image_token_count(engine, w, h, grid):
 def test_nvila_8b_tiles_and_tokens_by_aspect_ratio(w, h, grid):
     """At NVILA-8B's scales (448, 896, 1344; max_tiles 12): 1 + 4 + i*j tiles of 448 px and
     256 * i * j feature tokens (+ one "\n"); the same grid as the transcribed upstream preprocess."""
-    from export.reference_s2 import dynamic_s2_preprocess
+    from vila_edge_export.reference_s2 import dynamic_s2_preprocess
     from vila_edge.multiscale import dynamic_s2_tiles
 
     img = Image.new("RGB", (w, h), (90, 30, 200))
@@ -162,13 +162,13 @@ def test_tiles_run_as_one_batch_and_are_reused(engine):
     assert tower.batches == [17] and np.array_equal(first[0], again[0])
     pipe.vision.encode(img, single=False)                # the plain square tile is the dynamic path's first
     assert tower.batches == [17]
-    pipe.vision._cache.clear()
+    pipe.vision.clear_cache()
     pipe.vision.encode(img, single=False)
     assert tower.batches == [17, 1]
     frames = [_noise(90, 60, 20 + i) for i in range(3)]   # several images / video frames: one batch
     units = pipe.vision.encode_all(frames, single=False)
     assert tower.batches == [17, 1, 3]
-    pipe.vision._cache.clear()
+    pipe.vision.clear_cache()
     for (feats, _), frame in zip(units, frames):           # batched == one at a time (float noise only)
         alone = pipe.vision.encode(frame, single=False)[0][0]
         np.testing.assert_allclose(feats[0], alone, atol=1e-5 * np.abs(alone).max(), rtol=0)

@@ -4,8 +4,8 @@ import pytest
 from PIL import Image
 
 from conftest import data
-from export.checkpoint import read_checkpoint
-from export.reference import hf_pixels
+from vila_edge_export.checkpoint import read_checkpoint
+from vila_edge_export.reference import hf_pixels
 from vila_edge import Pipeline
 from vila_edge.families import RESIZE
 from vila_edge.preprocess import PixelSpec, frame_indices, load_image, load_video, normalize, tile_grid

@@ -1,12 +1,16 @@
-"""mlp_downsample token order (vila-formats.md §0 trap 1) and padding, against hand-written tokens."""
+"""mlp_downsample token order and padding, against hand-written tokens.
+
+The order is DownSampleBlock's in llava/model/multimodal_projector/base_projector.py: column-major at
+NVlabs/VILA@1c88211, row-major from NVlabs/VILA@36f6adc on.
+"""
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from export.onnx_graph import Graph
-from export.onnx_vision import _downsample
-from export.projector import DownSample
+from vila_edge_export.onnx_graph import Graph
+from vila_edge_export.onnx_vision import _downsample
+from vila_edge_export.projector import DownSample
 from vila_edge import Pipeline
 from vila_edge.families import COLUMN_MAJOR, ROW_MAJOR
 

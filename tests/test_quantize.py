@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from export.awq import awq_quantize, awq_transform
-from export.quality import QualityError, QualityFloor, QualityReport, windows
-from export.quantize import (LM_HEAD, QuantConfigError, apply_quantized, decoder_linears, dequantize,
+from vila_edge_export.awq import awq_quantize, awq_transform
+from vila_edge_export.quality import QualityError, QualityFloor, QualityReport, windows
+from vila_edge_export.quantize import (LM_HEAD, QuantConfigError, apply_quantized, decoder_linears, dequantize,
                              quantize_symmetric, resolve_group, rtn_quantize)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -153,6 +153,7 @@ def _logit_error(model, qllm, embeds) -> float:
                    for e in embeds)
 
 
+@pytest.mark.slow
 def test_awq_beats_rtn_with_activation_outliers():
     model = tiny_model("llama")
     awq = awq_quantize(model, outlier_embeds(seed=4, n=4), GROUP, progress=False)
@@ -183,7 +184,7 @@ def test_quality_floor():
 def test_calibration_and_eval_text_are_disjoint():
     from pydoc_data.topics import topics
 
-    from export.calib_text import split_of, split_texts
+    from vila_edge_export.calib_text import split_of, split_texts
     calib, evals = split_texts("calib"), split_texts("eval")
     assert len(calib) + len(evals) == len(topics) and min(len(calib), len(evals)) > len(topics) // 4
     assert (split_of("assert"), split_of("if")) == ("calib", "eval")  # sha256 of the key: stable across runs

@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks import roofline as rl
 from benchmarks.bench_peers import roofline, roofline_markdown
-from export.checkpoint import read_checkpoint
+from vila_edge_export.checkpoint import read_checkpoint
 from vila_edge.bench import llm_weight_bytes
 from vila_edge.manifest import Manifest
 
@@ -38,6 +38,7 @@ def test_vision_flops_by_hand():
             kind="qformer", merge=1, in_channels=4, out_channels=6)}))
 
 
+@pytest.mark.slow
 def test_decode_roofline_counts_the_bytes_each_system_reads(checkpoint, engine, tmp_path):
     from benchmarks.hf_to_gguf import convert
     from safetensors.numpy import load_file

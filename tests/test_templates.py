@@ -1,5 +1,5 @@
 """Exact prompt strings of each chat template, written out by hand from llava/conversation.py."""
-from export.fixtures import QWEN2_TEMPLATE
+from vila_edge_export.fixtures import QWEN2_TEMPLATE
 from vila_edge.templates import get_template
 
 Q = "<image>\nWhat is on the table?"

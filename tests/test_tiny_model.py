@@ -1,7 +1,8 @@
 """vila-tiny-shapes: the scene generator, the bundled checkpoint's layout, and its accuracy.
 
-The checkpoint is trained by export/train_tiny.py and committed; these tests check what a VILA1.5
-loader relies on (vila-formats.md §1-§4), that the model answers held-out questions, and that its
+The checkpoint is trained by trainers/tiny_shapes/train.py and committed; these tests check what a VILA1.5
+loader relies on
+(NVlabs/VILA@1c88211:llava/model/llava_arch.py save_pretrained), that the model answers held-out questions, and that its
 fp16 and int4 engines answer as it does.
 """
 import json
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from export import scenes
-from export.evaluate import evaluate, heldout, torch_backend
-from export.tiny_model import (IMAGE_TOKEN_INDEX, TinyVila, answer_ids, encode_conversation, render_prompt,
+from trainers.tiny_shapes import scenes
+from trainers.tiny_shapes.evaluate import evaluate, heldout, torch_backend
+from trainers.tiny_shapes.model import (IMAGE_TOKEN_INDEX, TinyVila, answer_ids, encode_conversation, render_prompt,
                                tokenize_prompt)
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "models", "vila-tiny-shapes")
@@ -142,7 +143,7 @@ def test_weights_are_bf16_with_vila_names():
 
 
 def test_checkpoint_reader_accepts_it():
-    from export.checkpoint import read_checkpoint
+    from vila_edge_export.checkpoint import read_checkpoint
     from vila_edge.families import COLUMN_MAJOR
 
     spec = read_checkpoint(ROOT)
@@ -200,21 +201,23 @@ def torch_slice():
     return evaluate(torch_backend(ROOT), n=SLICE_ITEMS, keep_items=True)
 
 
+@pytest.mark.slow
 def test_heldout_slice_accuracy(torch_slice):
     assert torch_slice["overall"] >= SLICE_FLOOR, torch_slice
 
 
+@pytest.mark.slow
 def test_engines_answer_the_slice_like_the_checkpoint(torch_slice, tmp_path):
     """fp16 engine: the same answer as the torch model on every item; int4: at most
     INT4_SLICE_LOSS fewer right."""
-    from export.build import ExportOptions, export_engine
-    from export.evaluate import pipeline_backend
+    from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
+    from trainers.tiny_shapes.evaluate import pipeline_backend
 
     calib = tmp_path / "calib"
     scenes.main([str(calib), "--seed", "7", "-n", "16"])
     fp16, int4 = str(tmp_path / "fp16"), str(tmp_path / "int4")
     export_engine(ROOT, fp16, ExportOptions(dtype="fp16", progress=False))
-    export_engine(ROOT, int4, ExportOptions(quant="awq", calib_dir=str(calib), progress=False))
+    export_engine(ROOT, int4, ExportOptions(quant=QuantOptions("awq", calib_dir=str(calib)), progress=False))
     got16 = evaluate(pipeline_backend(fp16, threads=2), n=SLICE_ITEMS, keep_items=True)
     assert [it["answer"] for it in got16["items"]] == [it["answer"] for it in torch_slice["items"]]
     got4 = evaluate(pipeline_backend(int4, threads=2), n=SLICE_ITEMS)

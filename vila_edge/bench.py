@@ -21,12 +21,13 @@ import time
 import numpy as np
 
 from vila_edge.bench_s2 import bench_vision_by_tiles, markdown_rows, max_tokens_per_image
+from vila_edge.atomic import write_text
 from vila_edge.kv_cache import KVLayout
 from vila_edge.llm import KVConfig
 from vila_edge.manifest import Manifest
 
-# Datasheet DRAM bandwidth, GB/s (anchors-runtime.md §4: DS-10662-001 v1.8, DS-10712-001 v1.0,
-# DS-11105-001). Orin NX: 128-bit LPDDR5 at 6400 MT/s = 102.4 (the anchor table rounds to 102).
+# Datasheet DRAM bandwidth, GB/s (Jetson module datasheets DS-10662-001 v1.8, DS-10712-001 v1.0,
+# DS-11105-001). Orin NX: 128-bit LPDDR5 at 6400 MT/s = 102.4 (often rounded to 102).
 ORIN_BANDWIDTH_GBS = {"agx-orin": 204.8, "orin-nx": 102.4, "orin-nano": 68.0}
 BLOCK_SIZE = KVConfig().block_size
 COPY_BYTES = 256 * 2**20          # > any last-level cache, small enough for a shared machine
@@ -119,7 +120,7 @@ def bench_vision(pipe, rng, runs: int, warmup: int) -> dict:
     size = pipe.manifest.vision.image_size
     times, tiles = [], 0
     for i, img in enumerate(random_images(rng, runs + warmup, size)):
-        pipe.vision._cache.clear()
+        pipe.vision.clear_cache()
         t = time.perf_counter()
         feats, _ = pipe.vision.encode(img)
         if i >= warmup:
@@ -330,10 +331,8 @@ def save_report(r: dict, out_dir: str, stem: str, md: str) -> dict:
     """Write <stem>.json and <stem>.md under out_dir (created if needed); returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md")}
-    with open(paths["json"], "w") as f:
-        json.dump(r, f, indent=2)
-    with open(paths["md"], "w") as f:
-        f.write(md)
+    write_text(paths["json"], json.dumps(r, indent=2))
+    write_text(paths["md"], md)
     return paths
 
 

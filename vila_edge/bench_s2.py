@@ -38,7 +38,7 @@ def bench_vision_by_tiles(pipe, rng, runs: int, warmup: int) -> list:
         total, tower, tokens = [], [], 0
         for i in range(runs + warmup):
             img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            enc._cache.clear()
+            enc.clear_cache()
             enc.tower_seconds = 0.0
             t = time.perf_counter()
             feats, _ = enc.encode(img, single=single)

@@ -87,9 +87,9 @@ def cached_export(checkpoint: str, export_options: dict, progress: bool = True) 
     if os.path.isfile(os.path.join(out, MANIFEST)):
         return out
     require_extra("export", f"{checkpoint}: exporting a checkpoint")
-    from export.build import ExportOptions, export_engine
+    from vila_edge_export.build import ExportOptions, export_engine
     try:
-        opts = ExportOptions(progress=progress, **export_options)
+        opts = ExportOptions.flat(progress=progress, **export_options)
     except TypeError as e:
         raise CheckpointError(f"export options {sorted(export_options)}: {e}") from e
     # Two processes starting on the same new checkpoint (two robot nodes) export it once: the

@@ -120,6 +120,11 @@ def _kv_budget(text: str) -> str:
     return text
 
 
+def _given(**flags) -> dict:
+    """The flags a user gave: the rest keep their defaults from the dataclasses they configure."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
 def _chat(args) -> int:
     from vila_edge.chat_session import ChatSession
     if args.prompt is None and not args.interactive:
@@ -148,30 +153,30 @@ def add_export(sub) -> None:
     e = sub.add_parser("export", help="checkpoint -> engine directory (needs the [export] extra: torch)")
     e.add_argument("checkpoint", help="VILA checkpoint directory (config.json, llm/, vision_tower/, mm_projector/)")
     e.add_argument("out", help="engine directory to write (replaced only when the new one is complete)")
-    e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="activation and weight dtype")
-    e.add_argument("--quant", choices=["none", "rtn", "awq"], default="none",
+    e.add_argument("--dtype", choices=["fp32", "fp16"], default=None, help="activation and weight dtype (default fp32)")
+    e.add_argument("--quant", choices=["none", "rtn", "awq"], default=None,
                    help="4-bit LLM weights: none, round-to-nearest, or AWQ (calibrated)")
-    e.add_argument("--group-size", type=_number(int, 1), default=128,
+    e.add_argument("--group-size", type=_number(int, 1), default=None,
                    help="int4 quantization group size (default 128)")
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
                    help="lm_head with --quant rtn/awq: symmetric int8 (default), int4, or 0 = float")
-    e.add_argument("--target", type=_target, default="cpu",
-                   help=f"engine target (choices: {', '.join(TARGETS)}); cpu: LLM graph of ONNX Runtime contrib "
+    e.add_argument("--target", type=_target, default=None,
+                   help=f"engine target (choices: {', '.join(TARGETS)}; default cpu); cpu: LLM graph of ONNX Runtime contrib "
                         "ops (fused); orin: standard ops (TensorRT's parser; TensorRT engines are not built yet)")
-    e.add_argument("--int4-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
-                   help="--target cpu: MatMulNBits activations (4: int8 per block, fastest; 0: float)")
-    e.add_argument("--embed-bits", type=int, choices=[8, 4, 0], default=0,
-                   help="with --quant rtn/awq: store the token embedding table as int8/int4 groups (0: fp16)")
+    e.add_argument("--int4-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=None,
+                   help="--target cpu: MatMulNBits activations (4 (default): int8 per block, fastest; 0: float)")
+    e.add_argument("--embed-bits", type=int, choices=[8, 4, 0], default=None,
+                   help="with --quant rtn/awq: store the token embedding table as int8/int4 groups (0, the default: fp16)")
     e.add_argument("--template", default=None, help="override the chat template (e.g. vicuna_v1, llama_3, auto)")
     e.add_argument("--token-order", choices=["row", "column"], default=None,
                    help="override the mlp_downsample token order (default from the checkpoint era)")
     e.add_argument("--calib-dir", default=None, help="AWQ calibration images (+ prompts.txt, one per line)")
-    e.add_argument("--max-ppl-increase", type=_number(float, 0), default=25.0,
-                   help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text)")
-    e.add_argument("--min-top1", type=_number(float, 0, 1), default=0.80,
-                   help="... or top-1 agreement falls below this")
+    e.add_argument("--max-ppl-increase", type=_number(float, 0), default=None,
+                   help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text; default 25)")
+    e.add_argument("--min-top1", type=_number(float, 0, 1), default=None,
+                   help="... or top-1 agreement falls below this (default 0.8)")
     e.add_argument("--no-quality-floor", action="store_true", help="write the quality report but never stop")
-    e.add_argument("--eval-tokens", type=_number(int, 1), default=4096,
+    e.add_argument("--eval-tokens", type=_number(int, 1), default=None,
                    help="held-out text tokens of the 4-bit quality report (a float and a quantized pass over "
                         "them; on a CPU a 3B model takes ~10 min per 4096)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -181,9 +186,9 @@ def add_export(sub) -> None:
 def _export(args) -> int:
     from vila_edge.extras import require_extra
     require_extra("export", "vila-edge export")
-    from export.build import ExportOptions, export_engine
-    from export.checkpoint import read_checkpoint
-    if args.lm_head_bits and args.quant == "none":
+    from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
+    from vila_edge_export.checkpoint import read_checkpoint
+    if args.lm_head_bits and args.quant in (None, "none"):
         raise_usage(f"--lm-head-bits {args.lm_head_bits} needs --quant rtn or awq (--quant none keeps every weight float)")
     if args.calib_dir is not None and not os.path.isdir(args.calib_dir):
         raise_usage(f"--calib-dir {args.calib_dir}: no such directory")
@@ -191,15 +196,15 @@ def _export(args) -> int:
     from vila_edge.targets import NOTICES
     if args.target in NOTICES:
         print(f"vila-edge: {NOTICES[args.target]}", file=sys.stderr)
-
+    quant = QuantOptions(**_given(method=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
+                                  embed_bits=args.embed_bits, calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
+                                  max_ppl_increase_pct=args.max_ppl_increase, min_top1_agreement=args.min_top1))
+    if args.no_quality_floor:
+        quant.max_ppl_increase_pct = None
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
-        dtype=args.dtype, quant=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
-        target=args.target, int4_accuracy_level=args.int4_accuracy_level, embed_bits=args.embed_bits,
-        template=args.template,
-        token_order=args.token_order, progress=not args.quiet,
-        calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
-        max_ppl_increase_pct=None if args.no_quality_floor else args.max_ppl_increase,
-        min_top1_agreement=args.min_top1))
+        **_given(dtype=args.dtype, target=args.target, int4_accuracy_level=args.int4_accuracy_level,
+                 template=args.template, token_order=args.token_order),
+        progress=not args.quiet, quant=quant))
     print(f"{args.out}: {manifest.family} engine, {manifest.dtype}, quant {manifest.quant.get('method')}")
     return 0
 
@@ -235,7 +240,7 @@ def _plan(args) -> int:
 
 def add_fixture(sub) -> None:
     try:
-        from export.fixtures import KINDS, SHAPES
+        from vila_edge_export.fixtures import KINDS, SHAPES
         kinds, shapes = sorted(KINDS), sorted(SHAPES)
     except ImportError:           # a runtime-only install: _fixture names the extra to install
         kinds = shapes = None
@@ -253,7 +258,7 @@ def add_fixture(sub) -> None:
 def _fixture(args) -> int:
     from vila_edge.extras import require_extra
     require_extra("export", "vila-edge fixture")
-    from export.fixtures import main
+    from vila_edge_export.fixtures import main
     return main([args.out, "--kind", args.kind, "--shape", args.shape] +
                 (["--projector", args.projector] if args.projector else []) +
                 (["--llm-layers", str(args.llm_layers)] if args.llm_layers else []) +

@@ -1,8 +1,8 @@
 """The token embedding table a runner gathers text rows from: float (.npy) or group-quantized (.npz).
 
 A quantized table stores symmetric codes per row in groups of G along the hidden axis, as the
-exporter quantizes linears (export/quantize.py): row = codes * scales[group]. int4 codes are packed
-two per byte, low nibble first (ONNX INT4 order, export/onnx_graph.py pack_int4). Only the rows a
+exporter quantizes linears (vila_edge_export/quantize.py): row = codes * scales[group]. int4 codes are packed
+two per byte, low nibble first (ONNX INT4 order, vila_edge_export/onnx_graph.py pack_int4). Only the rows a
 step needs are dequantized, so SmolLM2's 49k x 576 table costs 14 MB (int4, G 32) instead of 57 MB
 (fp16), at a few microseconds per decode step.
 """

@@ -1,9 +1,15 @@
 """Model families: how each VILA generation splices media, tiles images and orders projector tokens.
 
-The runtime reads a family by name from the manifest; export picks it from the checkpoint config.
-Facts from ../shared/reference/vila-formats.md (§0 traps, §4.3 splicing, §5 preprocessing).
+The only place that knows what tells the families apart: export calls `detect_family` on a
+checkpoint's config.json, the runtime reads the family by name from the manifest. A new family is
+one more entry in FAMILIES. Facts from VILA's code, NVlabs/VILA@1c88211 (VILA1.5) and NVlabs/VILA@36f6adc
+(NVILA): llava/conversation.py, llava/mm_utils.py, llava/model/llava_arch.py,
+llava/model/multimodal_projector/base_projector.py.
 """
+import re
 from dataclasses import dataclass
+
+from vila_edge.errors import CheckpointError
 
 SENTINEL = "sentinel"        # VILA1.5: <image> -> IMAGE_TOKEN_INDEX (-200) -> features, nothing else
 MEDIA_TOKEN = "media_token"  # NVILA: <image> is a real token -> features + embed("\n") per image/tile
@@ -24,6 +30,8 @@ S2 = "s2"
 COLUMN_MAJOR = "column"  # VILA1.5-era DownSampleBlock (one permute): t = j * S2 + i
 ROW_MAJOR = "row"        # NVILA-era DownSampleBlock (two permutes): t = i * S2 + j
 
+PLACEHOLDER = "<image>"  # where an image goes in prompt text, in every family
+
 # VILA1.5's IMAGE_TOKEN_INDEX (llava/constants.py at 1c88211): never a real vocabulary id.
 IMAGE_TOKEN_INDEX = -200
 
@@ -36,26 +44,75 @@ class Family:
     token_order: str        # default order of mlp_downsample tokens for this era
     media_end_text: str     # text embedded after each image's features ("" or "\n")
     # Text an image becomes when the user passes a list of parts: VILA1.5's run_vila writes
-    # "<image>\n"; NVILA's extract_media writes "<image>" (§4.3).
+    # "<image>\n"; NVILA's extract_media writes "<image>".
     part_text: str
-    # With DYNAMIC tiling the prompt's <image> becomes this text once per tile (§5.3).
+    # With DYNAMIC tiling the prompt's <image> becomes this text once per tile
+    # (NVlabs/VILA@b760c34:llava/mm_utils.py dynamic_preprocess).
     tile_text: str
-    # Template when the config names none: None = pick by path (VILA's CONVERSATION_MODE_MAPPING).
+    # The era: checkpoints saved by transformers >= this version (config.json transformers_version).
+    # Of the families that accept a checkpoint's image mode, the newest era it reaches is its family.
+    since_transformers: tuple = (0, 0)
+    # Chat template when config.json has no conv_mode; None: look the model path up in path_templates.
     default_template: str | None = None
+    # VILA's CONVERSATION_MODE_MAPPING: a substring of the model path picks the template.
+    path_templates: tuple = ()
+    # A config.json switch the family's image modes go with: set exactly when the mode is one of
+    # them (NVILA-8B/15B: dynamic_s2 true with image_aspect_ratio "dynamic_s2").
+    config_switch: str | None = None
+
+    def projector_order(self, projector_type: str) -> str:
+        """Default token order of a projector: only `mlp_downsample` changed order between eras
+        (trap 1); the `_fix` variants were written row-major."""
+        return self.token_order if projector_type == "mlp_downsample" else ROW_MAJOR
+
+    def image_text(self, tiles: int, image_mode: str) -> str:
+        """What one image's placeholder becomes before tokenizing: one tile_text per tile when tiled."""
+        return self.tile_text * tiles if image_mode == DYNAMIC else PLACEHOLDER
 
 
 FAMILIES = {
-    "vila1.5": Family("vila1.5", SENTINEL, (RESIZE, PAD), COLUMN_MAJOR, "", "<image>\n", "<image>"),
+    "vila1.5": Family("vila1.5", SENTINEL, (RESIZE, PAD), COLUMN_MAJOR, "", "<image>\n", "<image>",
+                      path_templates=(("vila1.5-3b", "vicuna_v1"), ("vila1.5-8b", "llama_3"),
+                                      ("vila1.5-13b", "vicuna_v1"), ("vila1.5-40b", "hermes-2"))),
+    # NVILA-era checkpoints (transformers >= 4.46, media token in the tokenizer) with plain resize
+    # are NVILA-Lite configured without tiling.
     "nvila-lite": Family("nvila-lite", MEDIA_TOKEN, (DYNAMIC, RESIZE), ROW_MAJOR, "\n", "<image>",
-                         "<image>\n", "auto"),
+                         "<image>\n", since_transformers=(4, 46), default_template="auto"),
     # NVILA-8B/15B: NVILA-era splice and token order; dynamic_s2 gives one <image> per image, its
     # features (all tiles and scales merged) followed by "\n" (NVlabs/VILA@b760c34:llava/model/llava_arch.py).
     # A video is its frames as images, one <image> + "\n" each, never pooled: extract_media at
     # b760c34:llava/utils/media.py puts the frames in media["image"] (since c7869a6; the 36f6adc
     # release sent them to the video encoder, TSPVideoEncoder where a config names it), so
     # generate_content never reaches a video encoder.
-    "nvila": Family("nvila", MEDIA_TOKEN, (DYNAMIC_S2,), ROW_MAJOR, "\n", "<image>", "<image>", "auto"),
+    "nvila": Family("nvila", MEDIA_TOKEN, (DYNAMIC_S2,), ROW_MAJOR, "\n", "<image>", "<image>",
+                    since_transformers=(4, 46), default_template="auto", config_switch="dynamic_s2"),
 }
+# Config switches of VILA variants with no family here yet, and what they are. (`s2`, VILA1.5-3b-s2's
+# multi-scale tower, is a vila1.5 checkpoint: vila_edge_export/checkpoint.py reads its scales.)
+UNSUPPORTED = {"ps3": "PS3, the high-resolution vision tower"}
+DEFAULT_TRANSFORMERS = "4.36.2"  # VILA1.5's configs predate the field
+
+
+def detect_family(config: dict) -> tuple[Family, str]:
+    """A checkpoint's top-level config.json -> (family, image mode)."""
+    mode = config.get("image_aspect_ratio", RESIZE)
+    for key, what in UNSUPPORTED.items():
+        if config.get(key) or mode == key:
+            raise CheckpointError(f"config.json: {key} ({what}) is not supported yet; supported families: "
+                                  + ", ".join(f"{f.name} ({', '.join(f.image_modes)})" for f in FAMILIES.values()))
+    for f in FAMILIES.values():
+        if f.config_switch and bool(config.get(f.config_switch)) != (mode in f.image_modes):
+            raise CheckpointError(f"config.json: {f.config_switch} {config.get(f.config_switch)!r} with image_aspect_ratio "
+                                  f"{mode!r}; {f.name} needs both ({f.config_switch} true, {f.image_modes[0]!r})")
+    takes_mode = [f for f in FAMILIES.values() if mode in f.image_modes]
+    if not takes_mode:
+        modes = sorted({m for f in FAMILIES.values() for m in f.image_modes})
+        raise CheckpointError(f"config.json: image_aspect_ratio {mode!r} not supported; expected one of {modes}")
+    version = str(config.get("transformers_version", DEFAULT_TRANSFORMERS))
+    major_minor = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    reached = [f for f in takes_mode if major_minor >= f.since_transformers]
+    # A mode no family of the checkpoint's era has (dynamic tiles in an old config) decides alone.
+    return max(reached or takes_mode, key=lambda f: f.since_transformers), mode
 
 
 def get_family(name: str) -> Family:

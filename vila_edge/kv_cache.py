@@ -77,7 +77,8 @@ class KVPool:
         return self.data.nbytes
 
     def layer(self, layer: int) -> tuple:
-        """(k_pool, v_pool) of one layer: contiguous views [NB, BS, Hkv, D], the graph's inputs."""
+        """(k_pool, v_pool) of one layer: contiguous views [NB, BS, Hkv, D], the block layout the CUDA
+        paged-attention kernel reads (llm.onnx takes rows, not the pool: engine format 2)."""
         return self.data[layer, 0], self.data[layer, 1]
 
     def write(self, k_new, v_new, slots) -> None:

@@ -53,7 +53,7 @@ class VisionInfo:
     min_tiles: int
     max_tiles: int
     token_order: str
-    # Multi-scale towers (export/checkpoint.py ScalesSpec): "" = one scale, vision.onnx is tower +
+    # Multi-scale towers (vila_edge_export/checkpoint.py ScalesSpec): "" = one scale, vision.onnx is tower +
     # projector; S2 / DYNAMIC_S2 = vision.onnx is the tower alone and projector.onnx follows the merge.
     multiscale: str = ""
     scales: list = field(default_factory=list)

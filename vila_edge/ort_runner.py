@@ -6,7 +6,7 @@ are already there (`past_len`) and, per layer, the past K/V rows: the pool block
 block table, passed as zero-copy views of the pool when those blocks are consecutive (a sequence
 allocated in one piece, the common case: BlockManager places them so) and gathered into a staging
 buffer otherwise. The graph returns the new rows, written at the slots the BlockManager reserved.
-Both graph variants (export/onnx_llm.py standard ops, export/onnx_llm_fused.py contrib ops) share
+Both graph variants (vila_edge_export/onnx_llm.py standard ops, vila_edge_export/onnx_llm_fused.py contrib ops) share
 this I/O contract (docs/contracts.md).
 """
 import os

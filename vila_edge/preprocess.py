@@ -1,4 +1,7 @@
-"""Images and video in, normalised pixel tiles out (vila-formats.md §5).
+"""Images and video in, normalised pixel tiles out.
+
+As NVlabs/VILA@1c88211:llava/mm_utils.py process_images (resize, pad) and NVlabs/VILA@b760c34:llava/mm_utils.py
+dynamic_preprocess (NVILA-Lite tiles).
 
 Pixel math follows transformers' SiglipImageProcessor, which VILA uses: PIL BICUBIC resize,
 x * (1/255) in float64 cast to float32, then (x - mean) / std, channels first.
@@ -141,7 +144,7 @@ def tile_grid(width: int, height: int, size: int, min_tiles: int, max_tiles: int
 
 def dynamic_tiles(img: Image.Image, size: int, min_tiles: int, max_tiles: int) -> list:
     """Row-major size x size crops of the image resized to the chosen grid, plus a thumbnail when
-    there is more than one tile (NVILA-Lite `dynamic`, §5.3)."""
+    there is more than one tile (NVILA-Lite `dynamic`, NVlabs/VILA@b760c34:llava/mm_utils.py dynamic_preprocess)."""
     cols, rows = tile_grid(img.width, img.height, size, min_tiles, max_tiles)
     resized = img.resize((size * cols, size * rows), Image.BICUBIC)
     tiles = [resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
@@ -162,7 +165,7 @@ def image_tiles(src, spec: PixelSpec) -> np.ndarray:
 
 
 def frame_indices(total: int, wanted: int) -> np.ndarray:
-    """Evenly spaced frame indices, first and last included (VILA's linspace sampling, §5.5)."""
+    """Evenly spaced frame indices, first and last included (VILA's linspace sampling)."""
     if total < 1:
         raise ImageError("video has no frames")
     return np.round(np.linspace(0, total - 1, min(wanted, total))).astype(int)

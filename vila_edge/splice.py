@@ -1,6 +1,7 @@
 """Token splicer: prompt text with <image> placeholders -> token ids + where each tile's features go.
 
-Two conventions (vila-formats.md §4.3): SENTINEL (VILA1.5: VILA's tokenizer_image_token, the
+Two conventions (NVlabs/VILA@1c88211:llava/mm_utils.py tokenizer_image_token;
+NVlabs/VILA@36f6adc:llava/model/llava_arch.py): SENTINEL (VILA1.5: VILA's tokenizer_image_token, the
 placeholder becomes the tile's features and nothing else) and MEDIA_TOKEN (NVILA: the real <image>
 token becomes the features followed by the embedding of tokenizer("\n")).
 """
@@ -11,11 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from vila_edge.errors import PromptError
-from vila_edge.families import DYNAMIC, IMAGE_TOKEN_INDEX, SENTINEL, Family
+from vila_edge.families import IMAGE_TOKEN_INDEX, PLACEHOLDER, SENTINEL, Family
 from vila_edge.manifest import TokenInfo
 from vila_edge.text_ids import Segment, TextIds
 
-PLACEHOLDER = "<image>"
 IMAGE_POSITION = -1   # id stored at feature positions; never looked up in the embedding table
 
 
@@ -51,6 +51,28 @@ def tile_keys(digest: bytes, n: int) -> np.ndarray:
     return out
 
 
+def join_image_chunks(chunks: list, bos_id: int | None) -> list:
+    """VILA's tokenizer_image_token (NVlabs/VILA@1c88211:llava/mm_utils.py) from the ids of the text
+    chunks between placeholders, each tokenized with its BOS: when the first chunk starts with BOS,
+    the first id of every chunk is dropped and one BOS kept at the front. Each placeholder becomes
+    IMAGE_TOKEN_INDEX."""
+    ids, offset = [], 0
+    if chunks and chunks[0] and chunks[0][0] == bos_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids.append(IMAGE_TOKEN_INDEX)
+        ids.extend(chunk[offset:])
+    return ids
+
+
+def tokenizer_image_token(encode, text: str, bos_id: int | None) -> list:
+    """tokenizer_image_token on trusted text: split at each placeholder, every chunk tokenized by
+    `encode` (which may add BOS)."""
+    return join_image_chunks([encode(c) for c in text.split(PLACEHOLDER)], bos_id)
+
+
 class Splicer:
     def __init__(self, tokenizer, family: Family, tokens: TokenInfo, tokens_per_tile: int, image_mode: str):
         self.tok, self.family, self.tokens = tokenizer, family, tokens
@@ -67,14 +89,12 @@ class Splicer:
         n = sum(s.image for s in segments)
         if n != len(tiles_per_image):
             raise PromptError(f"prompt has {n} {PLACEHOLDER} placeholders but {len(tiles_per_image)} images were given")
-        if self.image_mode != DYNAMIC:
-            return segments
         out, k = [], 0
         for seg in segments:
             if not seg.image:
                 out.append(seg)
                 continue
-            out += placeholder_segments(self.family.tile_text) * tiles_per_image[k]
+            out += trusted_segments(self.family.image_text(tiles_per_image[k], self.image_mode))
             k += 1
         return out
 
@@ -84,8 +104,6 @@ class Splicer:
             segments = trusted_segments(segments)
         if self.family.splice != SENTINEL:
             return self.text_ids.encode(segments)
-        # VILA's tokenizer_image_token: every chunk is tokenized with its BOS; when the first chunk
-        # starts with BOS, the first id of every chunk is dropped and one BOS kept at the front.
         chunks, cur = [], []
         for seg in segments:
             if seg.image:
@@ -93,16 +111,7 @@ class Splicer:
                 cur = []
             else:
                 cur.append(seg)
-        chunks = [self.text_ids.encode(c) for c in chunks + [cur]]
-        ids, offset = [], 0
-        if chunks and chunks[0] and chunks[0][0] == self.tokens.bos_id:
-            offset = 1
-            ids.append(chunks[0][0])
-        for i, chunk in enumerate(chunks):
-            if i:
-                ids.append(IMAGE_TOKEN_INDEX)
-            ids.extend(chunk[offset:])
-        return ids
+        return join_image_chunks([self.text_ids.encode(c) for c in chunks + [cur]], self.tokens.bos_id)
 
     def splice(self, segments: list, tile_digests: list, lengths: list | None = None) -> SplicedPrompt:
         """`segments` already expanded; one digest (bytes) per tile, in prompt order; `lengths`: feature

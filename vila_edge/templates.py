@@ -1,4 +1,4 @@
-"""Chat templates: VILA's conversation styles (llava/conversation.py, vila-formats.md §4.2).
+"""Chat templates: VILA's conversation styles (NVlabs/VILA@1c88211:llava/conversation.py).
 
 `render(messages)` returns the exact prompt string VILA builds, ending with the assistant's turn
 opening so generation continues from there. Messages are (role, text) with role "user" or

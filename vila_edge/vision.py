@@ -42,6 +42,11 @@ class VisionEncoder:
         """[(features, digests)] per image (each image's tiles are one batch already)."""
         return [self.encode(img, single) for img in images]
 
+    def clear_cache(self) -> None:
+        """Forget every cached feature (benchmarks time cold encodes; nothing else needs this)."""
+        with self._lock:
+            self._cache.clear()
+
     def _get(self, digest):
         with self._lock:
             feats = self._cache.get(digest)

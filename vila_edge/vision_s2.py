@@ -71,6 +71,10 @@ class MultiScaleEncoder:
         self.tower_seconds = 0.0      # time spent in the tower since the caller last reset it (benchmarks)
         self._combine = {S2: self._s2, DYNAMIC_S2: self._dynamic_s2}[vision.multiscale]
 
+    def clear_cache(self) -> None:
+        """Forget every cached feature (benchmarks time cold encodes; nothing else needs this)."""
+        self._cache.clear()
+
     def encode(self, image, single: bool = True) -> tuple:
         """One image -> ([features [T, H]], [digest]): one unit per image. `single`: the request's
         only image (dynamic_s2 tiles it; otherwise it takes the plain square path)."""

@@ -1,4 +1,4 @@
-// Fused VILA projector + splice (reference/vila-formats.md §3).
+// Fused VILA projector + splice (NVlabs/VILA@1c88211:llava/model/multimodal_projector/base_projector.py).
 //   merge + LayerNorm: gather the m x m neighbourhood of each merged token (zero row/column
 //   padding, channel order (dy, dx, c), row- or column-major token order) and normalise it;
 //   then tiled GEMMs with bias and optional exact GELU. The last GEMM writes its rows straight

@@ -26,6 +26,8 @@ _ok, _why = driver.probe()
 if not _ok:
     pytest.skip(_why, allow_module_level=True)
 
+from vila_edge import int4  # noqa: E402
+from vila_edge.cuda import abi  # noqa: E402
 from vila_edge.cuda import reference as ref  # noqa: E402
 from vila_edge.cuda.driver import DeviceArray  # noqa: E402
 from vila_edge.cuda.kernels import Kernels, default_fatbin_path  # noqa: E402
@@ -129,7 +131,7 @@ ODD_GEMV = [(1, 128), (3, 64), (37, 320), (4099, 384), (5, 1024 + 32)]  # edge b
 def run_gemv(gpu, M, N, K, G, seed=0):
     r = np.random.default_rng(seed)
     w = r.standard_normal((N, K)).astype(np.float32)
-    packed, scales = ref.pack_int4(*ref.quantize_int4(w, G), G)
+    packed, scales = int4.pack_matmulnbits(*int4.quantize(w, G), G)
     x = r.standard_normal((M, K)).astype(np.float16)
     y = gpu.empty((M, N), np.float16)
     gpu.kernels.int4_gemv(gpu.put(x), gpu.put(packed), gpu.put(scales), y, gpu.stream)
@@ -142,7 +144,7 @@ def test_int4_gemv_model_shapes(gpu, M, N, K):
     assert_close(*run_gemv(gpu, M, N, K, 128), rtol=4e-3, atol_frac=2e-3)
 
 
-@pytest.mark.parametrize("N,K,G", [(N, K, G) for N, K in ODD_GEMV for G in ref.GEMV_GROUPS
+@pytest.mark.parametrize("N,K,G", [(N, K, G) for N, K in ODD_GEMV for G in abi.GEMV_GROUPS
                                    if K % G == 0])
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
 def test_int4_gemv_odd_shapes_and_groups(gpu, M, N, K, G):

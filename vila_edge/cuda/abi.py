@@ -19,6 +19,11 @@ VK_ORDER_COL_MAJOR = 1
 
 ORDER_CODES = {ROW_MAJOR: VK_ORDER_ROW_MAJOR, COLUMN_MAJOR: VK_ORDER_COL_MAJOR}
 ATTN_HEAD_DIMS = (VK_ATTN_D_SMALL, VK_ATTN_D_LARGE)
+# Group sizes vk_int4_gemv takes (int4_gemv.cuh: VK_REQUIRE(G == 32 || G == 64 || G == 128)).
+GEMV_GROUPS = (32, 64, 128)
+# The projector's LayerNorm eps (projector.cuh VK_PROJECTOR_LN_EPS): nn.LayerNorm's default, used by
+# every VILA projector (NVlabs/VILA@1c88211:llava/model/multimodal_projector/base_projector.py).
+LN_EPS = 1e-5
 # CUDA limits grid y to 65535 blocks (GEMM row tiles, attention batch).
 MAX_GRID_Y = 65535
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from vila_edge.cuda import reference
-from vila_edge.cuda.abi import (ATTN_HEAD_DIMS, FATBIN_NAME, KERNEL_NAMES, MAX_GRID_Y,
+from vila_edge.cuda.abi import (ATTN_HEAD_DIMS, FATBIN_NAME, GEMV_GROUPS, KERNEL_NAMES, LN_EPS, MAX_GRID_Y,
                                 ORDER_CODES, VK_ATTN_WARPS, VK_GEMM_BM, VK_GEMM_BN,
                                 VK_GEMM_THREADS, VK_GEMV_MAX_M, VK_GEMV_WARPS, VK_LN_THREADS,
                                 WARP)
@@ -53,8 +53,8 @@ class Kernels:
         _expect("b", b, np.uint8, ndim=3)
         N, n_groups, half_g = b.shape
         G, K = 2 * half_g, n_groups * 2 * half_g
-        if G not in reference.GEMV_GROUPS:
-            raise ValueError(f"b: group size G={G} (2 * b.shape[2]) not in {reference.GEMV_GROUPS}")
+        if G not in GEMV_GROUPS:
+            raise ValueError(f"b: group size G={G} (2 * b.shape[2]) not in {GEMV_GROUPS}")
         _expect("x", x, np.float16, ndim=2)
         M = x.shape[0]
         if not 1 <= M <= VK_GEMV_MAX_M:
@@ -104,7 +104,7 @@ class Kernels:
     # ------------------------------------------------------------------------- projector pieces
 
     def merge_layernorm(self, x, gamma, beta, out, merge: int, order: str, stream: Stream,
-                        eps: float = reference.LN_EPS) -> None:
+                        eps: float = LN_EPS) -> None:
         """x fp16 [N_img, S*S, C] -> out fp16 [N_img * S2*S2, m*m*C], LayerNorm'ed."""
         _expect("x", x, np.float16, ndim=3)
         n_img, tokens, C = x.shape
@@ -122,7 +122,7 @@ class Kernels:
                 np.int32(merge), np.int32(ORDER_CODES[order]), np.float32(eps)],
                stream, name="vk_merge_layernorm_kernel")
 
-    def layernorm(self, x, gamma, beta, out, stream: Stream, eps: float = reference.LN_EPS) -> None:
+    def layernorm(self, x, gamma, beta, out, stream: Stream, eps: float = LN_EPS) -> None:
         """x fp16 [rows, cols] -> out (may be x itself)."""
         _expect("x", x, np.float16, ndim=2)
         rows, cols = x.shape

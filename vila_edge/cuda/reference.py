@@ -11,13 +11,9 @@ from typing import Optional
 
 import numpy as np
 
+from vila_edge.cuda.abi import LN_EPS
 from vila_edge.families import COLUMN_MAJOR, ROW_MAJOR
-
-# nn.LayerNorm's default eps, used by every VILA projector (vila-formats.md §3).
-LN_EPS = 1e-5
-# Symmetric int4 (contracts.md): codes in [-8, 7], stored unsigned as q + 8, two per byte.
-INT4_MIN, INT4_MAX, INT4_OFFSET = -8, 7, 8
-GEMV_GROUPS = (32, 64, 128)
+from vila_edge.int4 import unpack_matmulnbits
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -158,41 +154,11 @@ def splice(emb: np.ndarray, features: np.ndarray, dst_offsets: np.ndarray) -> np
 # ----------------------------------------------------------------------------- int4 GEMV
 
 
-def quantize_int4(w: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray]:
-    """w [N, K] -> (codes int8 [N, K] in [-8, 7], scales float32 [N, K/G]), s = absmax / 7."""
-    N, K = w.shape
-    if K % G:
-        raise ValueError(f"int4 quantize: K={K} is not a multiple of the group size G={G}")
-    wg = w.astype(np.float32).reshape(N, K // G, G)  # (N, K/G, G)
-    scales = np.maximum(np.abs(wg).max(axis=-1), 1e-8) / INT4_MAX  # (N, K/G)
-    scales = fp16_round(scales)  # the kernels read fp16 scales
-    codes = np.clip(np.round(wg / scales[..., None]), INT4_MIN, INT4_MAX).astype(np.int8)
-    return codes.reshape(N, K), scales
-
-
-def pack_int4(codes: np.ndarray, scales: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray]:
-    """(codes int8 [N, K], scales [N, K/G]) -> MatMulNBits (B uint8 [N, K/G, G/2], fp16 [N, K/G])."""
-    N, K = codes.shape
-    if K % G or G % 2:
-        raise ValueError(f"int4 pack: K={K} must be a multiple of an even group size G={G}")
-    u = (codes.astype(np.int16) + INT4_OFFSET).astype(np.uint8).reshape(N, K // G, G // 2, 2)
-    packed = u[..., 0] | (u[..., 1] << 4)  # (N, K/G, G/2): even k in the low nibble
-    return packed.astype(np.uint8), scales.astype(np.float16)
-
-
-def unpack_int4(packed: np.ndarray) -> np.ndarray:
-    """B uint8 [N, K/G, G/2] -> codes int8 [N, K]."""
-    N = packed.shape[0]
-    lo = (packed & 0x0F).astype(np.int8) - INT4_OFFSET
-    hi = (packed >> 4).astype(np.int8) - INT4_OFFSET
-    return np.stack([lo, hi], axis=-1).reshape(N, -1)  # (N, K/G, G/2, 2) -> (N, K)
-
-
 def int4_gemv(x: np.ndarray, packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """y [M, N] = x [M, K] @ (codes * scales[:, k // G])^T, fp32."""
     N, n_groups, half_g = packed.shape
     G = 2 * half_g
-    codes = unpack_int4(packed).astype(np.float32)  # (N, K)
+    codes = unpack_matmulnbits(packed).astype(np.float32)  # (N, K)
     w = codes * np.repeat(scales.astype(np.float32), G, axis=1)  # (N, K)
     return x.astype(np.float32) @ w.T
 

@@ -6,12 +6,12 @@ stands in for their pretraining with two teachers that read the generated scene'
                   cell's shape, colour and name, and per-shape counts.
   SymbolicScenes  image tokens written from the labels, for the LLM to learn the questions on
                   before any projector exists; stage 1 then fits the projector to them.
-export/attention_targets.py is the third: where four attention heads should look.
+trainers/tiny_shapes/attention_targets.py is the third: where four attention heads should look.
 """
 import torch
 from torch import nn
 
-from export import scenes
+from trainers.tiny_shapes import scenes
 
 N_CELLS = scenes.GRID * scenes.GRID
 SHAPE_IDS = {s: i + 1 for i, s in enumerate(scenes.SHAPES)}          # 0 = empty cell

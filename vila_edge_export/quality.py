@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from export.quantize import QuantizedLLM
+from vila_edge_export.quantize import QuantizedLLM
 from vila_edge.errors import QualityError  # noqa: F401 (re-exported)
 
 FP16_BYTES = 2

@@ -1,11 +1,11 @@
 """Train vila-tiny-shapes: VILA1.5's recipe in miniature, on CPU, seeded and deterministic.
 
-    python -m export.train_tiny --out models/vila-tiny-shapes --eval-n 300     # 18.5 min on 2 cores
-    python -m export.train_tiny --resume A --out B --sft-steps 200            # more stage-3 steps
+    python -m trainers.tiny_shapes.train --out models/vila-tiny-shapes --eval-n 300     # 18.5 min on 2 cores
+    python -m trainers.tiny_shapes.train --resume A --out B --sft-steps 200            # more stage-3 steps
 
 VILA1.5 trains stages 1-3 from a pretrained SigLIP and a pretrained LLM; both are random here, so
 stage 0 stands in for their pretraining, with teachers that read the generated scene's labels
-(export/tiny_teachers.py, export/attention_targets.py; all dropped after training):
+(trainers/tiny_shapes/teachers.py, trainers/tiny_shapes/attention_targets.py; all dropped after training):
   0a vision     the tower learns each grid cell's shape/colour/position and per-shape counts, on
                 the features VILA reads (hidden_states[-2])
   0b text       the LLM learns the vocabulary and the chat format as plain text
@@ -25,14 +25,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from export import scenes
-from export.attention_targets import conversation_targets
-from export.tiny_model import (SELECT_LAYER, TinyVila, build_tokenizer, encode_conversation, render_prompt,
+from trainers.tiny_shapes import scenes
+from trainers.tiny_shapes.attention_targets import conversation_targets
+from trainers.tiny_shapes.model import (SELECT_LAYER, TinyVila, build_tokenizer, encode_conversation, render_prompt,
                                tokenize_prompt)
-from export.tiny_teachers import SymbolicScenes, VisionHeads, stacked_labels, token_cells
+from trainers.tiny_shapes.teachers import SymbolicScenes, VisionHeads, stacked_labels, token_cells
 from vila_edge.families import IMAGE_TOKEN_INDEX
 
-TRAIN_SEED = 1            # held-out sets use other seeds (export/evaluate.py)
+TRAIN_SEED = 1            # held-out sets use other seeds (trainers/tiny_shapes/evaluate.py)
 TOKENIZER_SEED = 2
 PROBE_SEED = TRAIN_SEED + 500     # unseen scenes for the stage-end probes (the held-out set is EVAL_SEED)
 QK_INIT_STD = 0.08
@@ -103,7 +103,7 @@ def caption_batch(model, stream, bs, max_images):
 @dataclass
 class QABatch:
     """Question-answer conversations: ids and labels per row, their scenes in placeholder order,
-    and the attention targets of each row (export/attention_targets.py)."""
+    and the attention targets of each row (trainers/tiny_shapes/attention_targets.py)."""
     ids: list
     labels: list
     scenes: list
@@ -318,7 +318,7 @@ def write_examples(model, root: str) -> None:
     folder = os.path.join(root, "examples")
     os.makedirs(folder, exist_ok=True)
     lines = ["# vila-tiny-shapes examples", "",
-             f"Scenes from `export/scenes.py` (seed {EXAMPLES_SEED}, not used in training). Ask each question "
+             f"Scenes from `trainers/tiny_shapes/scenes.py` (seed {EXAMPLES_SEED}, not used in training). Ask each question "
              "with the image (the user message is `<image>`, a newline, then the question; vicuna_v1 template).", "",
              "| image | question | expected answer | this checkpoint (torch, greedy) |", "|---|---|---|---|"]
     for i in EXAMPLE_INDICES:
@@ -354,7 +354,7 @@ def main(argv=None):
     ap.add_argument("--resume", help="a saved checkpoint: run only --sft-steps more stage-3 steps from it")
     ap.add_argument("--lr", type=float, default=LLM_LR, help="peak learning rate of the LLM stages")
     ap.add_argument("--attention", type=float, default=1.0,
-                    help="weight of the attention supervision in the question stages (export/attention_targets.py)")
+                    help="weight of the attention supervision in the question stages (trainers/tiny_shapes/attention_targets.py)")
     ap.add_argument("--train-tower", action="store_true", help="with --resume: unfreeze the tower (lr / 3)")
     args = ap.parse_args(argv)
     args.start = time.time()
@@ -365,7 +365,7 @@ def main(argv=None):
     print(f"saved {args.out} after {time.time() - t0:.0f}s", flush=True)
     write_examples(model, args.out)
     if args.eval_n:
-        from export.evaluate import evaluate, torch_backend
+        from trainers.tiny_shapes.evaluate import evaluate, torch_backend
 
         report = evaluate(torch_backend(args.out), n=args.eval_n)
         print(f"held-out overall {report['overall']:.3f} " +

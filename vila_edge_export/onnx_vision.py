@@ -1,17 +1,17 @@
 """vision.onnx: SigLIP tower (up to hidden_states[select_layer]) + mm_projector in one graph.
 
 pixel_values [N, 3, R, R] -> image_features [N, tokens, H]. Precision as transformers' eager
-SigLIP: softmax in fp32, the rest in the graph dtype (vila-formats.md §0.3: VILA runs tower and
+SigLIP: softmax in fp32, the rest in the graph dtype (NVlabs/VILA@1c88211:llava/model/llava_arch.py runs tower and
 projector in fp16).
 """
 import math
 
 
-from export.checkpoint import ProjectorSpec, VisionSpec
-from export.onnx_graph import Graph
+from vila_edge_export.checkpoint import ProjectorSpec, VisionSpec
+from vila_edge_export.onnx_graph import Graph
 from vila_edge.families import COLUMN_MAJOR
 
-SIGLIP = ""  # weight names as export.checkpoint.load_vision_weights returns them
+SIGLIP = ""  # weight names as checkpoint.load_vision_weights returns them
 
 
 def _layer_norm(g: Graph, x: str, w: dict, name: str, eps: float) -> str:
@@ -52,7 +52,7 @@ def _encoder_layer(g: Graph, spec: VisionSpec, x: str, w: dict, l: int) -> str:
 
 
 def _downsample(g: Graph, x: str, grid: int, merge: int, order: str, channels: int) -> str:
-    """[N, S*S, C] -> [N, S2*S2, m*m*C] with zero padding bottom/right (export/projector.py)."""
+    """[N, S*S, C] -> [N, S2*S2, m*m*C] with zero padding bottom/right (vila_edge_export/projector.py)."""
     pad = (-grid) % merge
     s2 = (grid + pad) // merge
     x = g.reshape(x, [0, grid, grid, channels])                                         # (N, row, col, C)
@@ -72,7 +72,7 @@ def _projector(g: Graph, x: str, proj: ProjectorSpec, grid: int, w: dict) -> str
         return lin(_gelu(g, lin(x, 0), False), 2)
     x = _downsample(g, x, grid, proj.merge, proj.token_order, proj.in_channels)
     # Every downsample projector is DS, then steps of LayerNorm (1-D weight at 1 + 3i) -> Linear ->
-    # GELU, then one Linear (export/projector.py): mlp_downsample 1 step, 3x3_fix 2, 3x3_s2 4, _s2_new 5.
+    # GELU, then one Linear (vila_edge_export/projector.py): mlp_downsample 1 step, 3x3_fix 2, 3x3_s2 4, _s2_new 5.
     steps = 0
     while w.get(f"layers.{1 + 3 * steps}.weight") is not None and w[f"layers.{1 + 3 * steps}.weight"].ndim == 1:
         steps += 1

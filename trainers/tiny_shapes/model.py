@@ -1,58 +1,58 @@
 """vila-tiny-shapes in torch: VILA1.5's architecture at toy size, for training and as an eval backend.
 
-SigLIP tower -> hidden_states[-2] (all patches, no post-LN, no head; vila-formats.md §2) ->
-mlp_downsample projector, VILA1.5 column-major token order (§3, export/projector.py) -> Llama,
-with each "<image>" of the prompt replaced by the image's projected tokens (-200 convention, §4.3).
-Text goes through vicuna_v1 (§4.2). Saved in VILA's own layout (§1.1), weights in bf16.
+SigLIP tower -> hidden_states[-2] (all patches, no post-LN, no head) -> mlp_downsample projector,
+VILA1.5 column-major token order (vila_edge_export/projector.py) -> Llama, with each "<image>" of the
+prompt replaced by the image's projected tokens (-200 convention). Text goes through vicuna_v1.
+Saved in VILA's own layout, weights in bf16. Sources: NVlabs/VILA@1c88211: llava/model/multimodal_encoder/
+vision_encoder.py, llava/mm_utils.py (tokenizer_image_token), llava/conversation.py,
+llava/model/llava_arch.py (save_pretrained).
 """
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import torch
 from torch import nn
 
-from export.attention_targets import attention_terms
-from export.projector import build_projector
-from vila_edge.families import COLUMN_MAJOR, IMAGE_TOKEN_INDEX
+from trainers.tiny_shapes.attention_targets import attention_terms
+from vila_edge_export.projector import build_projector
+from vila_edge.atomic import atomic_dir
+from vila_edge.families import COLUMN_MAJOR, IMAGE_TOKEN_INDEX, RESIZE
+from vila_edge.preprocess import PixelSpec, normalize
+from vila_edge.splice import tokenizer_image_token
+from vila_edge.templates import get_template
 
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-          "helpful, detailed, and polite answers to the user's questions.")
-IMAGE_PLACEHOLDER = "<image>"
+TEMPLATE = get_template("vicuna_v1")    # the runtime's, so training prompts are the ones it renders
 SPECIALS = ("<unk>", "<s>", "</s>")   # ids 0, 1, 2 as in Llama-2's tokenizer
 PROJECTOR_TYPE = "mlp_downsample"
-SELECT_LAYER = -2                      # mm_vision_select_layer of every VILA1.5 checkpoint (§2)
-MEAN = STD = (0.5, 0.5, 0.5)           # SigLIP preprocessing (§5.1)
+SELECT_LAYER = -2                      # mm_vision_select_layer of every VILA1.5 checkpoint
+MEAN = STD = (0.5, 0.5, 0.5)           # SigLIP preprocessing
 # Training pads tokens and image batches to multiples of this: oneDNN's bf16 kernels are built
 # per shape, and a new shape every step costs more than the padding.
 SHAPE_BUCKET = 16
 # transformers < 5 (VILA1.5 used 4.36) names SiglipVisionModel weights "vision_model.*"; 5.x drops
-# the wrapper. Files are written the 4.x way, as real VILA checkpoints are (vila-formats.md §1.1).
+# the wrapper. Files are written the 4.x way, as real VILA checkpoints are
+# (NVlabs/VILA@1c88211:llava/model/llava_arch.py).
 SIGLIP_PREFIX = "vision_model."
 
 
 def render_prompt(turns: list) -> str:
-    """vicuna_v1 (SeparatorStyle.TWO): turns are (user, answer-or-None); ends with "ASSISTANT:"."""
-    out = SYSTEM + " "
-    for k, (user, answer) in enumerate(turns):
-        out += "USER: " + user + " ASSISTANT:"
-        if answer is not None:
-            out += " " + answer + "</s>"
-    return out
+    """vicuna_v1 through the runtime's template: turns are (user, answer-or-None), every answer but
+    the last one given; ends with "ASSISTANT:", or with the last answer and its "</s>"."""
+    messages = []
+    for user, answer in turns[:-1]:
+        if answer is None:
+            raise ValueError(f"turn {user!r}: only the last turn may be unanswered")
+        messages += [("user", user), ("assistant", answer)]
+    user, answer = turns[-1]
+    prompt = TEMPLATE.render(messages + [("user", user)])
+    return prompt if answer is None else prompt + " " + answer + TEMPLATE.stop_texts[0]
 
 
 def tokenize_prompt(tok, prompt: str) -> list:
-    """VILA's tokenizer_image_token: each chunk gets BOS from the tokenizer; keep only the first."""
-    ids = []
-    for k, chunk in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
-        chunk_ids = tok(chunk).input_ids
-        if k:
-            ids.append(IMAGE_TOKEN_INDEX)
-            chunk_ids = chunk_ids[1:]
-        ids.extend(chunk_ids)
-    return ids
+    """The runtime's tokenizer_image_token with this tokenizer (which adds BOS to every chunk)."""
+    return tokenizer_image_token(lambda chunk: tok(chunk).input_ids, prompt, tok.bos_token_id)
 
 
 def answer_ids(tok, answer: str) -> list:
@@ -102,13 +102,8 @@ def build_tokenizer(corpus: list, vocab_size: int):
 
 
 def preprocess(img, size: int) -> np.ndarray:
-    """PIL -> CHW float32, as VILA1.5 "resize" + SiglipImageProcessor (§5.1)."""
-    from PIL import Image
-
-    x = img.convert("RGB").resize((size, size), Image.BICUBIC)
-    x = (np.asarray(x).astype(np.float64) * (1 / 255)).astype(np.float32)   # HF rescale: float64 then float32
-    x = (x - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
-    return x.transpose(2, 0, 1)                                               # (C, S, S)
+    """PIL -> CHW float32 through the runtime's VILA1.5 "resize" + SiglipImageProcessor path."""
+    return normalize(img.convert("RGB"), PixelSpec(size=size, mean=MEAN, std=STD, mode=RESIZE))
 
 
 class TinyVila(nn.Module):
@@ -120,7 +115,7 @@ class TinyVila(nn.Module):
         self.tower = SiglipVisionModel(vision_cfg)
         self.projector = build_projector(PROJECTOR_TYPE, vision_cfg.hidden_size, llm_cfg.hidden_size, COLUMN_MAJOR)
         self.llm = LlamaForCausalLM(llm_cfg)
-        # Eager attention: training supervises attention probabilities (export/attention_targets.py),
+        # Eager attention: training supervises attention probabilities (trainers/tiny_shapes/attention_targets.py),
         # which SDPA does not return. Not saved: the exported graph has its own attention.
         self.llm.config._attn_implementation = "eager"
 
@@ -229,16 +224,15 @@ class TinyVila(nn.Module):
 
     def save(self, root: str) -> None:
         """Write VILA's layout (config.json + llm/ + vision_tower/ + mm_projector/) atomically, bf16."""
+        # Written by hand or by train_tiny.write_examples, not by save: carried over to the new copy.
+        keep = {n: os.path.join(root, n) for n in ("examples", "README.md") if os.path.exists(os.path.join(root, n))}
+        with atomic_dir(root) as tmp:
+            self._write(tmp, keep)
+
+    def _write(self, tmp: str, keep: dict) -> None:
         from safetensors.torch import save_file
         from transformers import SiglipImageProcessorPil
 
-        from export.build import publish
-
-        parent = os.path.dirname(os.path.abspath(root))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-        # Written by hand or by train_tiny.write_examples, not by save: carried over to the new copy.
-        keep = {n: os.path.join(root, n) for n in ("examples", "README.md") if os.path.exists(os.path.join(root, n))}
         llm = _bf16_copy(self.llm)
         llm.save_pretrained(os.path.join(tmp, "llm"), safe_serialization=True)
         save_tokenizer(self.tokenizer, os.path.join(tmp, "llm"))
@@ -258,7 +252,6 @@ class TinyVila(nn.Module):
         _write_json(os.path.join(tmp, "config.json"), top_config(llm.config, tower.config))
         for name, src in keep.items():
             (shutil.copytree if os.path.isdir(src) else shutil.copyfile)(src, os.path.join(tmp, name))
-        publish(tmp, root)
 
     @classmethod
     def load(cls, root: str, dtype=torch.float32) -> "TinyVila":
@@ -309,7 +302,8 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def top_config(llm_cfg, vision_cfg) -> dict:
-    """The top-level config.json of a VILA1.5 checkpoint (vila-formats.md §1.2), for these sizes."""
+    """The top-level config.json of a VILA1.5 checkpoint (as Efficient-Large-Model/VILA1.5-3b's), for these
+    sizes."""
     llm = json.loads(llm_cfg.to_json_string(use_diff=False))
     theta = llm.get("rope_parameters", {}).get("rope_theta", 10000.0)
     # Readers written for transformers 4.36 (VILA1.5's version) look for these flat fields.

@@ -4,10 +4,11 @@ A scene is a background and up to nine objects, one per cell of a 3x3 grid. Ever
 drawn from its own `random.Random(seed, index)`, so item i of a set is the same whatever the set
 size, and a slice of the held-out set equals the start of the full one.
 
-    python -m export.scenes OUT_DIR --seed 7 -n 8     # PNGs + questions.json (+ prompts.txt: a --calib-dir)
+    python -m trainers.tiny_shapes.scenes OUT_DIR --seed 7 -n 8     # PNGs + questions.json (+ prompts.txt: a --calib-dir)
 
 Samples carry raw user messages with "<image>\\n" placeholders (VILA1.5's convention,
-vila-formats.md §4.3); the chat template is applied by whoever runs the model.
+NVlabs/VILA@1c88211:llava/mm_utils.py tokenizer_image_token); the chat template is applied by whoever runs
+the model.
 """
 import argparse
 import json

@@ -1,8 +1,9 @@
-"""AWQ for HF Llama / Qwen2 decoders, symmetric int4 (reference/onnx-trt-int4.md §4.4).
+"""AWQ for HF Llama / Qwen2 decoders, symmetric int4 (mit-han-lab/llm-awq@d6e797a:
+awq/quantize/auto_scale.py).
 
 Follows mit-han-lab/llm-awq (awq/quantize/pre_quant.py, auto_scale.py, auto_clip.py) layer by layer:
 capture each linear's inputs on calibration data, search per-channel scales for four groups and fold
-them into the previous op, search per-group clipping, and finally quantize with export/quantize.py.
+them into the previous op, search per-group clipping, and finally quantize with vila_edge_export/quantize.py.
 The only departure is the quantizer: symmetric (TensorRT takes no zero point, contracts.md) where
 llm-awq defaults to uint4 + zero point. Calibration takes input embeddings [1, T, C], so VILA can
 calibrate on spliced image + text embeddings.
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from export.quantize import (DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, QuantConfigError, QuantizedLLM,
+from vila_edge_export.quantize import (DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, QuantConfigError, QuantizedLLM,
                              apply_quantized, decoder_linears, pseudo_quantize, quantize_linears,
                              resolve_group, rtn_quantize)
 

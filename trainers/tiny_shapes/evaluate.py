@@ -1,12 +1,12 @@
 """Held-out accuracy of a model on generated shape scenes, with any backend.
 
-    python -m export.evaluate models/vila-tiny-shapes [-n 300] [--seed 1000] [--out result.json]
+    python -m trainers.tiny_shapes.evaluate models/vila-tiny-shapes [-n 300] [--seed 1000] [--out result.json]
 
 A backend is `answer_fn(images: list[PIL.Image], prompt: str) -> str`, where `prompt` is the raw
 user message with one "<image>" per image ("<image>\\n" before the question, or interleaved for
 few-shot); the backend applies its own chat template (vicuna_v1 for this model). Answers are
 scored by exact match after `scenes.normalize_answer` (case, surrounding spaces, a final period,
-number words). `torch_backend` is the training model (export/tiny_model.py), greedy.
+number words). `torch_backend` is the training model (trainers/tiny_shapes/model.py), greedy.
 """
 import argparse
 import os
@@ -14,9 +14,9 @@ import json
 import sys
 import time
 
-from export import scenes
+from trainers.tiny_shapes import scenes
 
-EVAL_SEED = 1000          # training uses seed 1 (export/train_tiny.py); never the same set
+EVAL_SEED = 1000          # training uses seed 1 (trainers/tiny_shapes/train.py); never the same set
 GROUPS = {"single": scenes.SINGLE, "multi_image": scenes.MULTI, "few_shot": scenes.FEWSHOT}
 
 
@@ -56,7 +56,7 @@ def torch_backend(checkpoint: str, max_new_tokens: int = 8):
     """Greedy answers from the saved checkpoint, loaded in fp32 from its bf16 weights."""
     import torch
 
-    from export.tiny_model import TinyVila
+    from trainers.tiny_shapes.model import TinyVila
 
     model = TinyVila.load(checkpoint, dtype=torch.float32)
 

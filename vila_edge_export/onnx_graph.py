@@ -2,14 +2,17 @@
 
 Graphs are written op by op (not traced) so the exported form is exactly what we choose: standard
 opset-21 ops that TensorRT's parser takes, int4 weights as DequantizeLinear(block_size) -> MatMul
-(reference/onnx-trt-int4.md §7).
+(onnx/onnx-tensorrt@10.1-GA:docs/operators.md).
 """
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from vila_edge.int4 import pack_onnx
+
 OPSET = 21
-# ORT 1.31 reads IR <= 13 and onnx 1.23 writes 14 by default (onnx-trt-int4.md §3.2); ModelOpt uses 10.
+# ORT 1.31 reads IR <= 13 ("max supported IR version: 13") and onnx 1.23 writes 14 by default;
+# ModelOpt uses 10.
 IR_VERSION = 10
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
                "bool": TensorProto.BOOL}
@@ -98,26 +101,13 @@ class Graph:
         return model
 
 
-def pack_int4(codes: np.ndarray) -> bytes:
-    """int8 codes in [-8, 7], any shape -> the ONNX INT4 byte stream: elements in row-major order, two
-    per byte, the even-indexed element in the low nibble; an odd count pads the last high nibble with 0
-    (onnx.helper.make_tensor's packing, done on arrays: a 3B model's codes never become Python ints)."""
-    flat = np.ascontiguousarray(codes, dtype=np.int8).reshape(-1)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.int8)])
-    nibbles = flat.view(np.uint8) & 0x0F                                     # two's complement low 4 bits
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
-
-
 def int4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
     """An INT4 initializer from int8 codes in [-8, 7]."""
-    if codes.min() < -8 or codes.max() > 7:
-        raise ValueError("int4 codes must lie in [-8, 7]")
-    return helper.make_tensor(name, TensorProto.INT4, codes.shape, pack_int4(codes), raw=True)
+    return helper.make_tensor(name, TensorProto.INT4, codes.shape, pack_onnx(codes), raw=True)
 
 
 def int8_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
-    """An INT8 initializer from codes in [-127, 127] (symmetric int8, export/quantize.py)."""
+    """An INT8 initializer from codes in [-127, 127] (symmetric int8, vila_edge_export/quantize.py)."""
     if codes.min() < -127 or codes.max() > 127:
         raise ValueError("symmetric int8 codes must lie in [-127, 127]")
     return numpy_helper.from_array(np.ascontiguousarray(codes, dtype=np.int8), name)

@@ -24,7 +24,7 @@ import re
 
 import torch
 
-from export import scenes
+from trainers.tiny_shapes import scenes
 from vila_edge.families import IMAGE_TOKEN_INDEX
 
 KEY_HEAD = (0, 0)

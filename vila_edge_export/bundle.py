@@ -1,6 +1,6 @@
 """Regenerate the engine shipped inside the package (vila_edge/bundled/), which `Pipeline()` runs.
 
-    make bundled-engine        # = python -m export.bundle
+    make bundled-engine        # = python -m vila_edge_export.bundle
 
 The engine is the bundled checkpoint (models/vila-tiny-shapes) exported with cache.BUNDLED_EXPORT
 (fp16: 7.6 MB, the same answers as fp32 on the held-out set). Rerun it whenever the engine format
@@ -10,14 +10,14 @@ import argparse
 import json
 import os
 
-from export.build import ExportOptions, export_engine
+from vila_edge_export.build import ExportOptions, export_engine
 from vila_edge.cache import BUNDLED_CHECKPOINT, BUNDLED_ENGINE, BUNDLED_EXPORT
 from vila_edge.manifest import MANIFEST
 
 
 def build_bundled(out: str = BUNDLED_ENGINE, progress: bool = True) -> str:
     checkpoint = os.path.normpath(BUNDLED_CHECKPOINT)
-    export_engine(checkpoint, out, ExportOptions(progress=progress, **BUNDLED_EXPORT))
+    export_engine(checkpoint, out, ExportOptions.flat(progress=progress, **BUNDLED_EXPORT))
     # The build machine's absolute path means nothing in a wheel: record the repository's.
     path = os.path.join(out, MANIFEST)
     with open(path, encoding="utf-8") as f:

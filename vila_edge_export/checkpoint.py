@@ -1,25 +1,23 @@
 """Read a VILA checkpoint in NVIDIA's layout: config.json + llm/ + vision_tower/ + mm_projector/.
 
-Layout and config facts: ../shared/reference/vila-formats.md §1-§4. Every check names the file and
+Layout and config facts: NVlabs/VILA@1c88211:llava/model/llava_arch.py (save_pretrained) and
+llava/model/builder.py. Every check names the file and
 field it read, so a user with a wrong tree knows what to fix.
 """
 import json
 import os
-import re
 from dataclasses import dataclass, field
 
 from vila_edge.errors import CheckpointError
-from vila_edge.families import COLUMN_MAJOR, DYNAMIC, DYNAMIC_S2, PAD, RESIZE, ROW_MAJOR, S2, get_family
+from vila_edge.families import COLUMN_MAJOR, DYNAMIC_S2, RESIZE, ROW_MAJOR, S2, Family, detect_family
 
 SUBDIRS = ("llm", "vision_tower", "mm_projector")
 LLM_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-# Projector types and the merge factor of their DownSampleBlock (1 = no merge), §3.
+# Projector types and the merge factor of their DownSampleBlock (1 = no merge),
+# llava/model/multimodal_projector/base_projector.py.
 PROJECTORS = {"linear": 1, "mlp2x_gelu": 1, "mlp_downsample": 2, "mlp_downsample_2x2_fix": 2,
               "mlp_downsample_3x3_fix": 3, "mlp_downsample_3x3_s2": 3, "mlp_downsample_3x3_s2_new": 3}
 TEMPLATES = ("vicuna_v1", "llama_3", "hermes-2", "auto")
-# VILA's CONVERSATION_MODE_MAPPING: a substring of the model path picks the template (§4.2).
-PATH_TEMPLATES = (("vila1.5-3b", "vicuna_v1"), ("vila1.5-8b", "llama_3"),
-                  ("vila1.5-13b", "vicuna_v1"), ("vila1.5-40b", "hermes-2"))
 
 
 @dataclass
@@ -130,7 +128,7 @@ def _need(cfg: dict, key: str, where: str, kind=None):
 
 
 def _sub_config(root: str, top: dict, sub: str) -> dict:
-    """Sub-config from the inline `<sub>_cfg` dict, else from `<sub>/config.json` (§1.1)."""
+    """Sub-config from the inline `<sub>_cfg` dict, else from `<sub>/config.json`."""
     inline = top.get(f"{sub}_cfg")
     if isinstance(inline, dict):
         return inline
@@ -167,7 +165,7 @@ def read_llm(cfg: dict, where: str) -> LLMSpec:
         vocab_size=_need(cfg, "vocab_size", where, int), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(cfg, where), max_positions=int(cfg.get("max_position_embeddings", 4096)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        # Qwen2 always has q/k/v biases; Llama has them only with attention_bias (§9).
+        # Qwen2 always has q/k/v biases; Llama has them only with attention_bias.
         qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
         bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, raw=cfg)
 
@@ -180,7 +178,7 @@ def read_vision(cfg: dict, top: dict, preproc: dict, where: str, check_size: boo
     select = top.get("mm_vision_select_layer", -2)
     feature = top.get("mm_vision_select_feature", "cls_patch")
     if feature != "cls_patch":
-        # SigLIP has no CLS token: "patch" would drop a real patch and break the square grid (§2).
+        # SigLIP has no CLS token: "patch" would drop a real patch and break the square grid.
         raise CheckpointError(f"config.json: mm_vision_select_feature {feature!r} not supported; expected 'cls_patch'")
     layers = _need(cfg, "num_hidden_layers", where, int)
     if not -(layers + 1) <= select <= layers:
@@ -190,7 +188,7 @@ def read_vision(cfg: dict, top: dict, preproc: dict, where: str, check_size: boo
     if patch <= 0 or image_size < patch:
         raise CheckpointError(f"{where}: image_size {image_size} and patch_size {patch}: no patch fits")
     # image_size need not be a multiple: SigLIP-so400m-patch14-384 (every VILA1.5) has 384 = 27 * 14
-    # + 6, and its patch conv (stride 14, no padding) keeps 27 x 27 patches, dropping 6 pixels (§2).
+    # + 6, and its patch conv (stride 14, no padding) keeps 27 x 27 patches, dropping 6 pixels.
     size = preproc.get("size") or {}
     proc_size = size.get("height", size.get("shortest_edge", image_size))
     if check_size and proc_size != image_size:
@@ -208,44 +206,21 @@ def read_vision(cfg: dict, top: dict, preproc: dict, where: str, check_size: boo
         std=list(preproc.get("image_std", [0.5, 0.5, 0.5])), raw=cfg)
 
 
-def _family(top: dict) -> tuple[str, str]:
-    mode = top.get("image_aspect_ratio", RESIZE)
-    if top.get("ps3"):
-        raise CheckpointError("config.json: ps3 (the PS3 high-resolution vision tower) is not supported")
-    if top.get("dynamic_s2") or mode == DYNAMIC_S2:
-        if not (top.get("dynamic_s2") and mode == DYNAMIC_S2):
-            raise CheckpointError(f"config.json: dynamic_s2 {top.get('dynamic_s2')!r} with image_aspect_ratio "
-                                  f"{mode!r}; NVILA's dynamic S2 needs both (true, 'dynamic_s2')")
-        return "nvila", mode
-    if mode == DYNAMIC:
-        return "nvila-lite", mode
-    if mode in (RESIZE, PAD):
-        # NVILA-era checkpoints (transformers >= 4.46, media token in the tokenizer) with plain
-        # resize are NVILA-Lite configured without tiling.
-        version = str(top.get("transformers_version", "4.36.2"))
-        major_minor = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
-        return ("nvila-lite" if major_minor >= (4, 46) else "vila1.5"), mode
-    raise CheckpointError(f"config.json: image_aspect_ratio {mode!r} not supported; expected one of "
-                          f"{[RESIZE, PAD, DYNAMIC]}")
-
-
-def _template(root: str, top: dict, family: str, override: str | None) -> str:
-    name = override or top.get("conv_mode")
-    if name is None:
-        name = get_family(family).default_template
+def _template(root: str, top: dict, family: Family, override: str | None) -> str:
+    name = override or top.get("conv_mode") or family.default_template
     if name is None:
         base = os.path.basename(os.path.normpath(root)).lower()
-        name = next((t for key, t in PATH_TEMPLATES if key in base), None)
+        name = next((t for key, t in family.path_templates if key in base), None)
     if name is None:
         raise CheckpointError(f"{root}: cannot tell the chat template (no 'conv_mode' in config.json and the "
-                              f"directory name matches none of {[k for k, _ in PATH_TEMPLATES]}); "
+                              f"directory name matches none of {[k for k, _ in family.path_templates]}); "
                               f"pass one of {TEMPLATES}")
     if name not in TEMPLATES:
         raise CheckpointError(f"chat template {name!r} unknown; expected one of {TEMPLATES}")
     return name
 
 
-def read_projector(root: str, top: dict, family: str, llm_hidden: int, order: str | None) -> ProjectorSpec:
+def read_projector(root: str, top: dict, family: Family, llm_hidden: int, order: str | None) -> ProjectorSpec:
     cfg = _sub_config(root, top, "mm_projector")
     where = "mm_projector/config.json"
     kind = cfg.get("mm_projector_type") or top.get("mm_projector_type")
@@ -255,8 +230,7 @@ def read_projector(root: str, top: dict, family: str, llm_hidden: int, order: st
         raise CheckpointError(f"{where}: mm_projector_type {kind!r} unknown; supported: {sorted(PROJECTORS)}")
     mm_hidden = _need(top, "mm_hidden_size", "config.json", int)
     if order is None:
-        # Trap 1: the VILA1.5-era DownSampleBlock emits column-major tokens; NVILA-era row-major.
-        order = get_family(family).token_order if kind == "mlp_downsample" else ROW_MAJOR
+        order = family.projector_order(kind)
     if order not in (COLUMN_MAJOR, ROW_MAJOR):
         raise CheckpointError(f"token order {order!r} unknown; expected {COLUMN_MAJOR!r} or {ROW_MAJOR!r}")
     return ProjectorSpec(kind=kind, merge=PROJECTORS[kind], token_order=order, in_channels=mm_hidden,
@@ -275,7 +249,7 @@ def read_checkpoint(root: str, template: str | None = None, token_order: str | N
     if mtype != "llava_llama":
         raise CheckpointError(f"config.json: model_type {mtype!r} not supported; expected 'llava_llama' "
                               f"(the three-folder VILA layout)")
-    family, mode = _family(top)
+    family, mode = detect_family(top)
     llm = read_llm(_sub_config(root, top, "llm"), "llm/config.json")
     if top.get("hidden_size", llm.hidden) != llm.hidden:
         raise CheckpointError(f"config.json: hidden_size {top['hidden_size']} != llm hidden_size {llm.hidden}")
@@ -292,7 +266,7 @@ def read_checkpoint(root: str, template: str | None = None, token_order: str | N
         raise CheckpointError(f"config.json: mm_hidden_size {projector.in_channels} != vision_tower hidden_size "
                               f"{vision.hidden} x {len(scales.scales) if scales else 1} scale(s)")
     return CheckpointSpec(
-        root=root, family=family, image_mode=mode, template=_template(root, top, family, template), llm=llm,
+        root=root, family=family.name, image_mode=mode, template=_template(root, top, family, template), llm=llm,
         vision=vision, projector=projector, num_video_frames=int(top.get("num_video_frames", 8)),
         min_tiles=int(top.get("min_tiles", 1)), max_tiles=int(top.get("max_tiles", 12)), config=top, scales=scales)
 

@@ -1,4 +1,5 @@
-"""The mm_projector in torch, exactly as VILA builds it (vila-formats.md §3).
+"""The mm_projector in torch, exactly as VILA builds it
+(NVlabs/VILA@1c88211:llava/model/multimodal_projector/base_projector.py).
 
 The module list mirrors VILA's `nn.Sequential` indices so `layers.<i>.*` keys load unchanged.
 """

@@ -2,44 +2,31 @@
 
 AWQ is calibrated on multimodal samples run through the vision tower, projector and splicer (the
 activations the LLM will see), plus real English text; quality is measured on held-out text the
-calibration never saw (export/calib_text.py).
+calibration never saw (vila_edge_export/calib_text.py).
 """
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from export.awq import awq_quantize, text_calibration_embeds
-from export.calib_text import split_texts
-from export.checkpoint import CheckpointSpec
-from export.quality import QualityFloor, compare, float_size_bytes, forward_windows, quantized_size_bytes
-from export.quantize import DEFAULT_LM_HEAD_BITS, apply_quantized, rtn_quantize
-from export.reference import ReferenceVLM, hf_pixels
-from export.reference_s2 import image_features
-from vila_edge.families import DYNAMIC
+from vila_edge_export.awq import awq_quantize, text_calibration_embeds
+from vila_edge_export.calib_text import split_texts
+from vila_edge_export.checkpoint import CheckpointSpec
+from vila_edge_export.options import QuantOptions
+from vila_edge_export.quality import QualityFloor, compare, float_size_bytes, forward_windows, quantized_size_bytes
+from vila_edge_export.quantize import apply_quantized, rtn_quantize
+from vila_edge_export.reference import ReferenceVLM, hf_pixels
+from vila_edge_export.reference_s2 import image_features
+from vila_edge.families import DYNAMIC, PLACEHOLDER
 from vila_edge.preprocess import dynamic_tiles
 from vila_edge.templates import get_template
 
-METHODS = ("none", "rtn", "awq")
 DEFAULT_PROMPTS = ("Describe the image in detail.", "What objects are in the picture and where are they?",
                    "How many shapes are there, and what colours are they?", "What should the robot pick up next?")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-@dataclass
-class QuantOptions:
-    method: str = "awq"
-    group_size: int = 128
-    lm_head_bits: int = DEFAULT_LM_HEAD_BITS   # 8 / 4: quantized like the linears (groups along K); 0: float
-    calib_dir: str | None = None     # images + optional prompts.txt (one prompt per line)
-    n_images: int = 8
-    n_text: int = 8                  # text calibration blocks of text_seqlen tokens
-    text_seqlen: int = 256
-    eval_tokens: int = 4096          # held-out text tokens for the quality report
-    floor: QualityFloor | None = QualityFloor(max_ppl_increase_pct=25.0, min_top1_agreement=0.80)
 
 
 def default_images(n: int, size: int = 256) -> list:
@@ -76,17 +63,16 @@ def _calib_inputs(opts: QuantOptions) -> tuple:
 @torch.no_grad()
 def multimodal_embeds(ref: ReferenceVLM, template, images: list, prompts: list) -> list:
     """One spliced [1, T, C] prompt embedding per image, through the reference's vision path."""
-    spec, out = ref.spec, []
+    spec, family, out = ref.spec, ref.family, []
     for i, img in enumerate(images):
-        text = template.render([("user", "<image>\n" + prompts[i % len(prompts)])])
+        text = template.render([("user", family.part_text + prompts[i % len(prompts)])])
         if spec.scales is not None:      # multi-scale: one unit per image (dynamic_s2 tiles a lone image)
             out.append(ref.embed(ref.tokenize(text), image_features(ref, spec, [img])))
             continue
         tiles = (dynamic_tiles(img, spec.vision.image_size, spec.min_tiles, spec.max_tiles)
                  if spec.image_mode == DYNAMIC else [img])
         feats = list(ref.encode_images(np.concatenate([hf_pixels(spec, t) for t in tiles])))
-        if spec.image_mode == DYNAMIC:
-            text = text.replace("<image>", "<image>\n" * len(tiles), 1)
+        text = text.replace(PLACEHOLDER, family.image_text(len(tiles), spec.image_mode), 1)
         out.append(ref.embed(ref.tokenize(text), feats))
     return out
 
@@ -131,9 +117,10 @@ def _quality(ref: ReferenceVLM, qllm, opts: QuantOptions) -> dict:
     result["groups"] = sorted({w.group for w in qllm.linears.values()})
     result["quantized_linears"] = len(qllm.linears)
     result["lm_head_bits"] = qllm.lm_head_bits
-    if opts.floor is not None:
-        result["floor"] = asdict(opts.floor)
-        opts.floor.check(report)     # raises QualityError: the export stops, nothing is written
+    if opts.max_ppl_increase_pct is not None:
+        floor = QualityFloor(opts.max_ppl_increase_pct, opts.min_top1_agreement)
+        result["floor"] = asdict(floor)
+        floor.check(report)          # raises QualityError: the export stops, nothing is written
     if not math.isfinite(report.ppl):
         raise ValueError(f"{qllm.method}: perplexity is not finite")
     return result

@@ -4,16 +4,16 @@ Per step the graph takes the sequence's past K/V rows (`past_k_l`, `past_v_l` [P
 views of the paged pool when the sequence's blocks are consecutive, vila_edge/llm.py), attends over
 [past ; new] with a mask built from `past_len`, and returns the new K/V rows for the runtime to write
 into the pool. Only standard ops, so TensorRT 10.3's parser takes it
-(onnx-trt-int4.md §5.3 option A). Precision follows transformers' eager Llama: RMSNorm variance
+(onnx/onnx-tensorrt@10.1-GA:docs/operators.md). Precision follows transformers' eager Llama: RMSNorm variance
 and softmax in fp32, everything else in the graph dtype.
 """
 from typing import NamedTuple
 
 import numpy as np
 
-from export.checkpoint import LLMSpec
-from export.onnx_graph import Graph
-from export.quantize import LM_HEAD
+from vila_edge_export.checkpoint import LLMSpec
+from vila_edge_export.onnx_graph import Graph
+from vila_edge_export.quantize import LM_HEAD
 
 # Additive mask value for excluded keys: finite, so a fully masked row could never produce NaN.
 MASK_VALUE = float(np.finfo(np.float32).min)

@@ -1,15 +1,16 @@
 """The torch reference of the whole VILA forward: the oracle every engine is compared against.
 
 Built from transformers' own SigLIP / Llama / Qwen2 modules (eager attention) and VILA's projector
-(export/projector.py), tokenized with transformers' tokenizer and spliced as VILA's own code does
-(vila-formats.md §4.3). Nothing here is shared with the ONNX builders or the runtime except the
-chat-template strings and image tiling, which have their own tests against hand-written values.
+(vila_edge_export/projector.py), tokenized with transformers' tokenizer and spliced as VILA's own code does
+(NVlabs/VILA@1c88211:llava/mm_utils.py, llava/model/llava_arch.py). Nothing here is shared with the ONNX
+builders or the runtime except the chat-template strings and image tiling, which have their own
+tests against hand-written values.
 """
 import numpy as np
 import torch
 
-from export.checkpoint import CheckpointSpec, load_vision_weights, load_weights
-from export.projector import build_projector
+from vila_edge_export.checkpoint import CheckpointSpec, load_vision_weights, load_weights
+from vila_edge_export.projector import build_projector
 from vila_edge.families import IMAGE_TOKEN_INDEX, SENTINEL, get_family
 
 
@@ -34,7 +35,7 @@ def _hf_tower(spec: CheckpointSpec, dtype):
     cfg._attn_implementation = "eager"
     tower = SiglipVisionModel(cfg)
     missing, unexpected = tower.load_state_dict(load_vision_weights(spec), strict=False)
-    # post_layernorm and the pooling head are never used by VILA (hidden_states[-2], §2).
+    # post_layernorm and the pooling head are never used by VILA (hidden_states[-2]).
     unused = ("post_layernorm", "head")
     bad = [k for k in missing if not k.startswith(unused)] + list(unexpected)
     if bad:

@@ -1,7 +1,8 @@
-"""Write random-weight VILA checkpoints in the exact real layout (vila-formats.md §1), any shape.
+"""Write random-weight VILA checkpoints in the exact real layout, any shape
+(NVlabs/VILA@1c88211:llava/model/llava_arch.py).
 
-    python -m export.fixtures OUT --kind vila1.5 [--projector mlp_downsample] [--shape tiny|vila1.5-3b]
-    python -m export.fixtures OUT --kind nvila --shape nvila-8b --llm-layers 2   # NVILA-8B shapes, fewer LLM layers
+    python -m vila_edge_export.fixtures OUT --kind vila1.5 [--projector mlp_downsample] [--shape tiny|vila1.5-3b]
+    python -m vila_edge_export.fixtures OUT --kind nvila --shape nvila-8b --llm-layers 2   # NVILA-8B shapes, fewer LLM layers
 
 Used by the tests (tiny shapes) and the benchmarks (real shapes). Tokenizers are trained here on a
 small built-in corpus, with each family's special tokens, because nothing can be downloaded.
@@ -9,8 +10,8 @@ small built-in corpus, with each family's special tokens, because nothing can be
 import argparse
 import json
 import os
-import shutil
-import tempfile
+
+from vila_edge.atomic import atomic_dir
 
 KINDS = {
     # kind: (llm arch, template, image_aspect_ratio, transformers_version, default projector, special tokens)
@@ -36,10 +37,10 @@ SHAPES = {
     "nvila-lite-2b": ((1536, 28, 12, 2, 8960), (448, 14, 1152, 27, 16, 4304)),
     "nvila-8b": ((3584, 28, 28, 4, 18944), (448, 14, 1152, 27, 16, 4304)),
 }
-# Rows of embed_tokens/lm_head at the real shapes (vila-formats.md §1.2: VILA1.5-3B's Llama has
-# 32000); the fixture tokenizer keeps its few hundred tokens, the rest are rows no text reaches, as
+# Rows of embed_tokens/lm_head at the real shapes (Efficient-Large-Model/VILA1.5-3b llm/config.json:
+# its Llama has 32000); the fixture tokenizer keeps its few hundred tokens, the rest are rows no text reaches, as
 # in a checkpoint whose embeddings were resized. NVILA-Lite-2B keeps the tokenizer's size: its
-# media ids must stay >= the LLM vocabulary (151648 there, §4.1), which a padded table would cover.
+# media ids must stay >= the LLM vocabulary (151648 there), which a padded table would cover.
 LLM_ROWS = {"vila1.5-3b": 32000}
 MARKER = "FIXTURE"        # file in every fixture's root: what may be overwritten
 QWEN2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -127,7 +128,7 @@ def _vision(shape):
 def _save_tower(tower, out_dir: str) -> None:
     """save_pretrained, then re-key to the "vision_model." names real VILA checkpoints carry."""
     from safetensors.torch import load_file, save_file
-    from export.checkpoint import SIGLIP_PREFIX
+    from vila_edge_export.checkpoint import SIGLIP_PREFIX
 
     tower.save_pretrained(out_dir)
     path = os.path.join(out_dir, "model.safetensors")
@@ -137,7 +138,7 @@ def _save_tower(tower, out_dir: str) -> None:
 
 def _projector(kind: str, mm: int, hidden: int):
     from safetensors.torch import save_file
-    from export.projector import build_projector
+    from vila_edge_export.projector import build_projector
 
     module = build_projector(kind, mm, hidden, "row")
     return module, lambda path: save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
@@ -187,10 +188,7 @@ def write_fixture(out: str, kind: str = "vila1.5", projector: str | None = None,
     scales = [m * vis_shape[0] for m in multiples]
     mm_hidden = vis_shape[2] * len(scales)
     torch.manual_seed(seed)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".fixture-", dir=parent)
-    try:
+    with atomic_dir(out, prefix=".fixture-") as tmp:
         llm_dir, vt_dir, mp_dir = (os.path.join(tmp, d) for d in ("llm", "vision_tower", "mm_projector"))
         llm_vocab, ids = build_tokenizer(kind, vocab, llm_dir)
         torch_dtype = getattr(torch, dtype)
@@ -239,12 +237,6 @@ def write_fixture(out: str, kind: str = "vila1.5", projector: str | None = None,
             json.dump(top, f, indent=2, default=str)
         with open(os.path.join(tmp, MARKER), "w") as f:
             f.write(f"random weights: kind {kind}, shape {shape}, seed {seed}\n")
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -4,7 +4,7 @@ W[N, K] is cut into groups of G consecutive input channels per output row. Each 
 s = absmax / qmax and codes q = clamp(round(w / s), qmin, qmax) (int4: s = absmax / 7, q in [-8, 7];
 int8: s = absmax / 127, q in [-127, 127]), so W ~= codes * scales[:, k // G].
 RTN is this quantizer applied to every decoder linear (int4) and to lm_head (int8 by default) with no
-search; AWQ (export/awq.py) rescales and clips the float weights first and then calls the same
+search; AWQ (vila_edge_export/awq.py) rescales and clips the float weights first and then calls the same
 `quantize_linears`.
 """
 import copy
@@ -14,21 +14,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from vila_edge_export.options import DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, LM_HEAD_BITS  # noqa: F401
 from vila_edge.errors import QuantConfigError  # noqa: F401 (re-exported)
+from vila_edge.int4 import INT4_MAX, INT4_MIN, MIN_ABSMAX
 
-INT4_MIN, INT4_MAX = -8, 7
 # Symmetric int8 leaves -128 out, so the code range is symmetric about zero (absmax maps to +-127).
 INT8_MIN, INT8_MAX = -127, 127
 CODE_RANGE = {4: (INT4_MIN, INT4_MAX), 8: (INT8_MIN, INT8_MAX)}
 LM_HEAD = "lm_head"
-# lm_head bits of a quantized export: int8 keeps the vocab projection (the most error-sensitive layer)
-# close to float at half its fp16 size, and ORT runs it as MatMulNBits(bits=8) instead of an fp32 MatMul.
-DEFAULT_LM_HEAD_BITS = 8
-LM_HEAD_BITS = (8, 4, 0)   # 0: float
-DEFAULT_GROUP = 128  # llm-awq --q_group_size 128, ModelOpt INT4_AWQ_CFG block_sizes {-1: 128}
 MIN_AUTO_GROUP = 16
-# llm-awq's pseudo_quantize_tensor clamps the group range at 1e-5 so all-zero groups get a finite scale.
-MIN_ABSMAX = 1e-5
 # ONNX and the CUDA kernels store fp16 scales (contracts.md); rounding here makes the torch reference
 # dequantize to exactly the weights the engines see.
 SCALE_STORAGE_DTYPE = torch.float16

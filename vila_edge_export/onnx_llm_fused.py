@@ -18,10 +18,10 @@ PagedAttention, which reads our pool layout, is CUDA-only in ORT 1.32.
 """
 import numpy as np
 
-from export.checkpoint import LLMSpec
-from export.onnx_graph import Graph
-from export.onnx_llm import SLICE_END, _concat_linears, _mask, _rms_norm, _rope_tables, _rotate, lm_head_rows
-from export.quantize import LM_HEAD
+from vila_edge_export.checkpoint import LLMSpec
+from vila_edge_export.onnx_graph import Graph
+from vila_edge_export.onnx_llm import SLICE_END, _concat_linears, _mask, _rms_norm, _rope_tables, _rotate, lm_head_rows
+from vila_edge_export.quantize import LM_HEAD
 
 MS = "com.microsoft"
 # MatMulNBits activations quantized to int8 per block (onnxruntime contrib_defs MatMulNBits:

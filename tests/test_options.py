@@ -1,0 +1,75 @@
+"""Export options: one validated dataclass per concern, and the command lines take their defaults from them."""
+import pytest
+
+import vila_edge_export.build as build
+from vila_edge import cli
+from vila_edge_export import stages
+from vila_edge_export.options import DEFAULT_GROUP, ExportOptions, QuantOptions
+from vila_edge.errors import ExportOptionError
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    seen = []
+
+    class Done:
+        family, dtype, quant = "vila1.5", "float32", {"method": "none"}
+
+    def fake_export(checkpoint, out, opts):
+        seen.append(opts)
+        return Done()
+    monkeypatch.setattr(build, "export_engine", fake_export)
+    # The CLI reads the checkpoint's configs before exporting (its errors come before any progress bar).
+    monkeypatch.setattr("vila_edge_export.checkpoint.read_checkpoint", lambda *a, **k: None)
+    return seen
+
+
+def test_cli_export_defaults_are_the_dataclasses(captured):
+    assert cli.main(["export", "ckpt", "out"]) == 0
+    assert captured[0] == ExportOptions()
+    assert captured[0].quant.group_size == DEFAULT_GROUP == 128
+
+
+def test_cli_export_flags_reach_the_options(captured):
+    argv = ["export", "ckpt", "out", "--dtype", "fp16", "--quant", "awq", "--group-size", "64", "--lm-head-bits", "4",
+            "--eval-tokens", "512", "--no-quality-floor", "--quiet", "--target", "orin", "--int4-accuracy-level", "0",
+            "--embed-bits", "8"]
+    assert cli.main(argv) == 0
+    assert captured[0] == ExportOptions(dtype="fp16", progress=False, target="orin", int4_accuracy_level=0,
+                                        quant=QuantOptions("awq", group_size=64, lm_head_bits=4, eval_tokens=512,
+                                                           max_ppl_increase_pct=None, embed_bits=8))
+
+
+def test_stage_flags_default_to_the_dataclasses():
+    opts = stages.options(stages.parser().parse_args(["graphs", "ckpt", "out"]))
+    assert opts == ExportOptions()
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: QuantOptions("gptq"), "quant 'gptq' unknown"),
+    (lambda: QuantOptions("none", lm_head_bits=8), "needs quant rtn or awq"),
+    (lambda: QuantOptions("rtn", lm_head_bits=3), "lm_head_bits 3 unknown"),
+    (lambda: QuantOptions("rtn", group_size=0), "group_size"),
+    (lambda: ExportOptions(dtype="bf16"), "dtype 'bf16' unknown"),
+    (lambda: ExportOptions(target="tpu"), "target 'tpu' unknown"),
+    (lambda: ExportOptions(int4_accuracy_level=5), "int4_accuracy_level 5 unknown"),
+    (lambda: QuantOptions("none", embed_bits=8), "embed_bits 8"),
+    (lambda: QuantOptions("rtn", embed_bits=2), "embed_bits 2"),
+])
+def test_options_refuse_bad_values(make, words):
+    with pytest.raises(ExportOptionError, match=words):
+        make()
+
+
+def test_flat_options_nest_the_quant_fields():
+    opts = ExportOptions.flat(quant="rtn", group_size=64, embed_bits=8, dtype="fp16", progress=False)
+    assert opts == ExportOptions(dtype="fp16", progress=False, quant=QuantOptions("rtn", group_size=64, embed_bits=8))
+    assert ExportOptions.flat(dtype="fp16") == ExportOptions(dtype="fp16")
+    with pytest.raises(ExportOptionError, match="colour"):
+        ExportOptions.flat(colour="red")
+
+
+def test_lm_head_bits_follow_the_method():
+    assert QuantOptions("none").lm_head_bits == 0
+    assert QuantOptions("rtn").lm_head_bits == 8
+    assert QuantOptions("awq", lm_head_bits=0).lm_head_bits == 0
