@@ -41,7 +41,13 @@ def write_smollm2_vila(out: str, vision: str = "tiny", seed: int = 0) -> str:
     from vila_edge_export.projector import build_projector
 
     with atomic_dir(out, prefix=".smollm2-") as tmp:
-        write_fixture(tmp, "vila1.5", PROJECTOR, vision, dtype="float32", seed=seed)   # fills tmp
+        # The vision tower, projector and configs of a fixture (written beside, then moved into tmp:
+        # write_fixture never writes into a directory it did not create).
+        fixture = os.path.join(tmp, "fixture")
+        write_fixture(fixture, "vila1.5", PROJECTOR, vision, dtype="float32", seed=seed)
+        for name in os.listdir(fixture):
+            shutil.move(os.path.join(fixture, name), os.path.join(tmp, name))
+        os.rmdir(fixture)
         src = os.path.dirname(gguf_path())
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, torch_dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)

@@ -11,7 +11,7 @@ import pytest
 
 from vila_edge_export.bundle import build_bundled
 from trainers.tiny_shapes.evaluate import heldout
-from export import scenes
+from trainers.tiny_shapes import scenes
 from vila_edge import EngineError, MissingExtraError, Pipeline, cache
 from vila_edge.manifest import FORMAT_VERSION, Manifest
 from vila_edge.version import __version__
