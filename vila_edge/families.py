@@ -42,6 +42,9 @@ class Family:
     tile_text: str
     # Template when the config names none: None = pick by path (VILA's CONVERSATION_MODE_MAPPING).
     default_template: str | None = None
+    # Writes images too (VILA-U): a depth transformer over the LLM's last hidden state picks residual
+    # codes, a pixel decoder paints them (vila_edge/imagine.py).
+    generates_images: bool = False
 
 
 FAMILIES = {
@@ -55,6 +58,11 @@ FAMILIES = {
     # release sent them to the video encoder, TSPVideoEncoder where a config names it), so
     # generate_content never reaches a video encoder.
     "nvila": Family("nvila", MEDIA_TOKEN, (DYNAMIC_S2,), ROW_MAJOR, "\n", "<image>", "<image>", "auto"),
+    # VILA-U: VILA1.5's -200 splice, one token per grid position (mlp2x_gelu, no merge), no
+    # <im_start> wrapper at inference (mit-han-lab/vila-u@096623c:vila_u/utils/media.py:87-93),
+    # vicuna_v1 for both resolutions (vila_u/conversation.py:126-129).
+    "vila-u": Family("vila-u", SENTINEL, (RESIZE,), ROW_MAJOR, "", "<image>\n", "<image>", "vicuna_v1",
+                     generates_images=True),
 }
 
 

@@ -1,0 +1,101 @@
+"""VILA-U: checkpoint reader, torch reference invariants, and (below) the runtime against the reference.
+
+Fixtures: export/fixtures_vila_u.py at the tiny (256-structure) and tiny-384 shapes.
+"""
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from export.checkpoint_vila_u import read_vila_u
+from export.fixtures import write_fixture
+from vila_edge.errors import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def vila_u(tmp_path_factory):
+    """vila_u(shape) -> checkpoint path, written once per module."""
+    root, made = tmp_path_factory.mktemp("vila_u"), {}
+
+    def get(shape="tiny"):
+        if shape not in made:
+            made[shape] = write_fixture(str(root / shape), kind="vila-u", shape=shape, seed=3)
+        return made[shape]
+    return get
+
+
+@pytest.fixture(scope="module")
+def ref(vila_u):
+    from export.reference_vila_u import VilaUReference
+    cache = {}
+
+    def get(shape="tiny"):
+        if shape not in cache:
+            cache[shape] = VilaUReference(read_vila_u(vila_u(shape)))
+        return cache[shape]
+    return get
+
+
+def test_reader_both_structures(vila_u):
+    s256, s384 = read_vila_u(vila_u("tiny")), read_vila_u(vila_u("tiny-384"))
+    assert (s256.siglip.grid, s256.depth, s256.decoder_latent) == (4, 3, None)
+    assert (s384.siglip.grid, s384.depth, s384.decoder_latent) == (3, 4, [2, 2])
+    assert s256.rope_factor == 2.0 and s256.llm.rope_theta == 10000.0
+    v = s256.llm.vocab_size
+    assert s256.special_ids == {"<im_start>": v - 4, "<im_end>": v - 3, "<vi_start>": v - 2, "<vi_end>": v - 1}
+    assert s256.head == (32, 2, 4) and s256.codebook_size == 32 and not s256.shared_codebook
+
+
+def _edit(src, tmp_path, edit):
+    dst = tmp_path / "edited"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(surprise=1), "config.json: unknown field 'surprise'"),
+    (lambda c: c["vision_tower_cfg"]["rqvaesiglip"].update(n_embed=64), "rqtransformer.vocab_size is 32; expected 64"),
+    (lambda c: (c["vision_tower_cfg"]["rqvaesiglip"].update(n_embed=64), c["vision_tower_cfg"]["rqtransformer"].update(
+        vocab_size=64)), "model.safetensors: rqvaesiglip.quantizer.codebooks.0.weight has shape (33, 64)"),
+    (lambda c: c["vision_tower_cfg"]["rqvaesiglip"]["ddconfig"].update(ch_mul=[1]), "ddconfig: unknown field 'ch_mul'"),
+    (lambda c: c["vision_tower_cfg"]["rqtransformer"].update(input_embed_dim_2=65), "input_embed_dim_2 is 65"),
+    (lambda c: c["vision_tower_cfg"]["rqvaesiglip"].update(code_shape=[5, 5, 3]), "code_shape[:2] is [5, 5]"),
+    (lambda c: c["llm_cfg"].update(rope_scaling={"type": "dynamic", "factor": 2.0}), "llm/config.json: rope_scaling type 'dynamic'"),
+    (lambda c: c.update(mm_use_im_patch_token=True), "mm_use_im_patch_token"),
+])
+def test_reader_names_file_and_field(vila_u, tmp_path, edit, message):
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        read_vila_u(_edit(vila_u("tiny"), tmp_path, edit))
+
+
+def test_reference_rope_scaling_is_honoured(ref):
+    """The fixture's linear x2 scaling reaches the reference LLM (positions halved)."""
+    llm = ref().llm
+    rope = llm.model.rotary_emb
+    x = torch.zeros(1, 1, llm.config.hidden_size)
+    cos2, _ = rope(x, torch.tensor([[4]]))
+    llm.config.rope_parameters = dict(llm.config.rope_parameters, factor=1.0)
+    try:
+        cos1, _ = type(rope)(llm.config)(x, torch.tensor([[2]]))
+    finally:
+        llm.config.rope_parameters = dict(llm.config.rope_parameters, factor=2.0)
+    assert torch.allclose(cos1, cos2)
+
+
+def test_reference_cfg_and_seed(ref):
+    r = ref()
+    on = r.generate_codes("a red cube", temperature=0)
+    off = r.generate_codes("a red cube", temperature=0, cfg=1.0)
+    assert on.shape == (1, 4, 4, 3) and (on != off).any()
+    a = r.generate_codes("a red cube", n=2, generator=torch.Generator().manual_seed(7))
+    b = r.generate_codes("a red cube", n=2, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    img = r.decode(on)
+    assert img.shape == (1, 8, 8, 3) and img.dtype.name == "uint8"
+    assert r.decode(r.generate_codes("a", temperature=0)).shape == (1, 8, 8, 3)
+    assert ref("tiny-384").decode(ref("tiny-384").generate_codes("a", temperature=0)).shape == (1, 4, 4, 3)
