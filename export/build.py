@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from export.build_vila_u import manifest_fields as generation_fields, save_graphs as save_generation_graphs
 from export.checkpoint import CheckpointSpec, load_vision_weights, load_weights, read_checkpoint
 from export.onnx_graph import OPSET, save
 from export.onnx_llm import build_llm, lm_head_rows
@@ -174,7 +175,10 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         bar.set_postfix_str("vision"); bar.update()
-        _save_vision(spec, tmp, dtype)
+        if spec.generation is not None:       # VILA-U: quantizing tower + generation graphs
+            save_generation_graphs(spec, tmp, dtype, FILES["vision"], opts.progress)
+        else:
+            _save_vision(spec, tmp, dtype)
         bar.set_postfix_str("llm weights"); bar.update()
         if opts.quant == "none":
             llm_weights, quant, quant_info = _np(load_weights(spec.path("llm")), dtype), {}, {"method": "none"}
@@ -182,9 +186,10 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
             llm_weights, quant, quant_info = _quantize(spec, opts)
         bar.set_postfix_str("llm graph"); bar.update()
         if TARGETS[opts.target] == "fused":
-            graph = build_llm_fused(spec.llm, llm_weights, dtype, quant, opts.int4_accuracy_level)
+            graph = build_llm_fused(spec.llm, llm_weights, dtype, quant, opts.int4_accuracy_level,
+                                    hidden_output=spec.generation is not None)
         else:
-            graph = build_llm(spec.llm, llm_weights, dtype, quant)
+            graph = build_llm(spec.llm, llm_weights, dtype, quant, hidden_output=spec.generation is not None)
         save(graph.model(), os.path.join(tmp, FILES["llm"]))
         bar.set_postfix_str("embeddings"); bar.update()
         embed = llm_weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
@@ -242,7 +247,8 @@ def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts, embed_
 
     tok = _tokenizer(spec, tmp)
     tok_cfg = _tokenizer_config(spec)
-    files = dict(FILES, embeddings=embed_file)
+    extra = generation_fields(spec)
+    files = dict(FILES, embeddings=embed_file, **extra["files"])
     if os.path.isfile(os.path.join(tmp, FILES["llm"] + ".data")):
         files["llm_data"] = FILES["llm"] + ".data"      # external tensors: loaded, so counted by the ledger
     if spec.scales is not None:
@@ -269,6 +275,7 @@ def _write_metadata(spec, tmp, dtype, quant_info, logits_size: int, opts, embed_
                           max_split=scales.max_split if scales else 0,
                           resize_output_to=scales.resize_output_to if scales else 0, grid=vis.grid),
         tokens=_token_info(spec, tok, tok_cfg, template), files=files,
+        capabilities=extra["capabilities"], generation=extra["generation"],
         build={"target": opts.target, "graph": TARGETS[opts.target], "opset": OPSET, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                "checkpoint": os.path.abspath(spec.root), "projector": proj.kind,
                "special_tokens": list(special)})

@@ -204,4 +204,19 @@ def read_vila_u(root: str) -> VilaUSpec:
                      special_ids=_special_ids(root, llm.vocab_size),
                      num_video_frames=int(top.get("num_video_frames", 8)), config=top)
     _tower_weights(root, spec)
+    llm.rope_scale = rope_factor
     return spec
+
+
+def as_checkpoint_spec(root: str, template: str | None = None):
+    """The VILA checkpoint view export/build.py works from (understanding path), the VILA-U spec
+    riding along in `generation`."""
+    from export.checkpoint import CheckpointSpec
+    from export.onnx_vila_u import projector_spec, vision_spec
+
+    vu = read_vila_u(root)
+    if template not in (None, vu.template):
+        raise CheckpointError(f"{root}: VILA-U uses the {vu.template} template, not {template!r}")
+    return CheckpointSpec(root=root, family="vila-u", image_mode="resize", template=vu.template, llm=vu.llm,
+                          vision=vision_spec(vu), projector=projector_spec(vu), num_video_frames=vu.num_video_frames,
+                          min_tiles=1, max_tiles=1, config=vu.config, generation=vu)
