@@ -131,6 +131,8 @@ class OrtLLMRunner(LLMRunner):
         feeds.update(inputs_embeds=embeds[None], position_ids=np.arange(start, start + t, dtype=np.int64)[None],
                      past_len=np.array(start, np.int64))
         out = self.session.run(feeds)
+        # VILA-U graphs also return the last position's final-norm hidden state (vila_edge/imagine.py).
+        self.last_hidden = out["hidden"][0] if "hidden" in out else None
         self.pool.write([out[k] for k, _ in self._outputs], [out[v] for _, v in self._outputs], slots)
         return out["logits"][0]
 
@@ -161,3 +163,9 @@ def llm(engine_dir: str, manifest, num_blocks: int, block_size: int, max_context
 
 def vision(engine_dir: str, manifest, opts: RunnerOptions):
     return OrtVisionRunner(engine_dir, manifest, opts)
+
+
+def image(engine_dir: str, manifest, opts: RunnerOptions):
+    """VILA-U's generation graphs (engines whose manifest lists "generate_image")."""
+    from vila_edge.ort_image_runner import image as open_image
+    return open_image(engine_dir, manifest, opts)
