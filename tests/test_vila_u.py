@@ -99,3 +99,79 @@ def test_reference_cfg_and_seed(ref):
     assert img.shape == (1, 8, 8, 3) and img.dtype.name == "uint8"
     assert r.decode(r.generate_codes("a", temperature=0)).shape == (1, 8, 8, 3)
     assert ref("tiny-384").decode(ref("tiny-384").generate_codes("a", temperature=0)).shape == (1, 4, 4, 3)
+
+
+# ---- engines and runtime against the reference --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe(vila_u, tmp_path_factory):
+    """pipe(shape) -> Pipeline on an fp32 engine of that fixture (make engines ... TARGET=cpu DTYPE=fp32)."""
+    from export.build import ExportOptions, export_engine
+    from vila_edge.pipeline import Pipeline
+    root, made = tmp_path_factory.mktemp("vila_u_engines"), {}
+
+    def get(shape="tiny"):
+        if shape not in made:
+            out = str(root / shape)
+            export_engine(vila_u(shape), out, ExportOptions(dtype="fp32", target="cpu", progress=False))
+            made[shape] = Pipeline(out, progress=False)
+        return made[shape]
+    return get
+
+
+def _noise(seed, w=40, h=30):
+    import numpy as np
+    from PIL import Image
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-384"])
+def test_understanding_greedy_equals_reference(pipe, ref, shape):
+    conv = pipe(shape).conversation()
+    try:
+        conv.send(_noise(1), "What is in the image?", max_new_tokens=12, temperature=0)
+        got = conv.last_ids
+    finally:
+        conv.close()
+    want = ref(shape).understand("What is in the image?", [_noise(1)], max_new_tokens=12)
+    assert got == [t for t in want if t not in ref(shape).spec.llm.eos_ids]
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-384"])
+def test_generation_argmax_codes_and_pixels_equal_reference(pipe, ref, shape):
+    import numpy as np
+    from vila_edge.imagine import generate_codes
+
+    p, r = pipe(shape), ref(shape)
+    codes = generate_codes(p, "a red cube on the left", temperature=0)
+    want = r.generate_codes("a red cube on the left", temperature=0).numpy()
+    np.testing.assert_array_equal(codes, want)
+    image = np.asarray(p.generate_image("a red cube on the left", temperature=0)[0]).astype(int)
+    assert image.shape == r.decode(torch.from_numpy(want))[0].shape
+    assert np.abs(image - r.decode(torch.from_numpy(want))[0].astype(int)).max() <= 2
+    assert p.llm.blocks.num_free_blocks == p.llm.runner.num_blocks      # both sequences released
+
+
+def test_seed_repeats_and_cfg_changes_codes(pipe):
+    import numpy as np
+    from vila_edge.imagine import generate_codes
+
+    p = pipe()
+    a = p.generate_image("a blue ball", n=2, seed=11)
+    b = p.generate_image("a blue ball", n=2, seed=11)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    on = generate_codes(p, "a blue ball", temperature=0, cfg_scale=3.0)
+    off = generate_codes(p, "a blue ball", temperature=0, cfg_scale=1.0)
+    assert (on != off).any()
+
+
+def test_bad_requests_fail_clearly(pipe, tmp_path):
+    from vila_edge.errors import PromptError, UsageError
+
+    p = pipe()
+    for kwargs, error, text in [({"prompt": ""}, PromptError, "empty"), ({"n": 0}, UsageError, "n=0"),
+                                ({"cfg_scale": -1.0}, UsageError, "cfg_scale"),
+                                ({"prompt": "x <im_start>"}, PromptError, "control token"),
+                                ({"prompt": "word " * 3000}, PromptError, "exceed the context")]:
+        with pytest.raises(error, match=text):
+            p.generate_image(**{"prompt": "a cube", **kwargs})
