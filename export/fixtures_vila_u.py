@@ -1,6 +1,7 @@
 """Random-weight VILA-U checkpoints in the real layout (mit-han-lab/vila-u@096623c), any shape.
 
     python -m export.fixtures OUT --kind vila-u [--shape tiny|tiny-384|vila-u-7b-256] [--llm-layers N]
+    python -m export.fixtures_vila_u OUT --shape vila-u-7b-256 --llm-layers 1 --head-layers 1   # benchmarks
 
 Layout (vila-u.md §1): config.json (model_type "vila_u_llama"), llm/ (Llama, the four added tokens
 <im_start> <im_end> <vi_start> <vi_end> the last ids of the vocabulary, rope_scaling linear x2 as
@@ -179,7 +180,8 @@ def _tower_config(shape, llm_hidden: int, siglip_cfg: dict) -> dict:
                               "head": {"n_layer": n_layer, "block": {"n_head": n_head}}}}
 
 
-def write_vila_u(tmp: str, shape_name: str, dtype: str, llm_layers: int | None, vision_layers: int | None) -> None:
+def write_vila_u(tmp: str, shape_name: str, dtype: str, llm_layers: int | None, vision_layers: int | None,
+                 head_layers: int | None = None) -> None:
     """Fill `tmp` (fixtures.write_fixture's temporary dir) with a VILA-U checkpoint."""
     import torch
     from safetensors.torch import save_file
@@ -187,6 +189,8 @@ def write_vila_u(tmp: str, shape_name: str, dtype: str, llm_layers: int | None, 
     shape = dict(SHAPES[shape_name])
     hidden, layers, heads, inter, rows = shape["llm"]
     shape["llm"] = (hidden, llm_layers or layers, heads, inter, rows)
+    if head_layers:
+        shape["head"] = (shape["head"][0], head_layers, shape["head"][2])
     if vision_layers:
         shape["siglip"] = shape["siglip"][:2] + (vision_layers,) + shape["siglip"][3:]
     torch_dtype = getattr(torch, dtype)
@@ -241,7 +245,7 @@ def _write(tmp, shape, torch_dtype, dtype, rows, hidden):
 
 
 def write_fixture(out: str, shape: str = "tiny", dtype: str = "bfloat16", seed: int = 0,
-                  llm_layers: int | None = None, vision_layers: int | None = None) -> str:
+                  llm_layers: int | None = None, vision_layers: int | None = None, head_layers: int | None = None) -> str:
     """Atomic write (temp dir renamed into place); an existing `out` is replaced only if it is a fixture."""
     import torch
 
@@ -252,7 +256,7 @@ def write_fixture(out: str, shape: str = "tiny", dtype: str = "bfloat16", seed: 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".fixture-", dir=parent)
     try:
-        write_vila_u(tmp, shape, dtype, llm_layers, vision_layers)
+        write_vila_u(tmp, shape, dtype, llm_layers, vision_layers, head_layers)
         with open(os.path.join(tmp, MARKER), "w") as f:
             f.write(f"random weights: kind vila-u, shape {shape}, seed {seed}\n")
         if os.path.exists(out):
@@ -262,3 +266,20 @@ def write_fixture(out: str, shape: str = "tiny", dtype: str = "bfloat16", seed: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    ap.add_argument("--seed", type=int, default=0)
+    for part in ("llm", "vision", "head"):
+        ap.add_argument(f"--{part}-layers", type=int, default=None, help=f"override the shape's {part} layer count")
+    a = ap.parse_args(argv)
+    print(write_fixture(a.out, a.shape, a.dtype, a.seed, a.llm_layers, a.vision_layers, a.head_layers))
+
+
+if __name__ == "__main__":
+    main()
