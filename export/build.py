@@ -21,7 +21,7 @@ from export.onnx_graph import OPSET, save
 from export.onnx_llm import build_llm, lm_head_rows
 from export.onnx_llm_fused import build_llm_fused
 from export.onnx_vision import build_projector, build_tower, build_vision, tokens_per_image
-from vila_edge.errors import CheckpointError
+from vila_edge.errors import CheckpointError, UsageError
 from vila_edge.families import MEDIA_TOKEN, get_family
 from vila_edge.manifest import FORMAT_VERSION, LLMInfo, Manifest, TokenInfo, VisionInfo
 from vila_edge.targets import TARGETS
@@ -170,6 +170,10 @@ def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) 
         raise ValueError(f"embed_bits {opts.embed_bits!r}: expected 0 (float), or 8 / 4 with quant rtn or awq")
     bar = _steps(opts.progress, 7)
     spec = read_checkpoint(checkpoint, opts.template, opts.token_order)
+    if spec.generation is not None and opts.quant != "none":
+        # The calibration/quality path builds VILA's SigLIP tower from vision_tower/config.json,
+        # which for VILA-U is the RQ-VAE tower: not wired yet.
+        raise UsageError(f"{checkpoint}: VILA-U engines export with --quant none only (int4 not supported yet)")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
