@@ -175,3 +175,20 @@ def test_bad_requests_fail_clearly(pipe, tmp_path):
                                 ({"prompt": "word " * 3000}, PromptError, "exceed the context")]:
         with pytest.raises(error, match=text):
             p.generate_image(**{"prompt": "a cube", **kwargs})
+
+
+def test_server_draws_with_a_vila_u_engine(pipe):
+    """POST /v1/images/generations finds the manifest capability and returns PNGs of the engine's size."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+    from vila_edge.server import ServerConfig, create_app
+
+    with TestClient(create_app(pipe(), ServerConfig(model_id="vila-u"))) as client:
+        caps = client.get("/v1/models").json()["data"][0]["capabilities"]
+        r = client.post("/v1/images/generations", json={"prompt": "a red cube", "n": 2, "seed": 3})
+    assert "generate_image" in caps and r.status_code == 200, r.text
+    images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in r.json()["data"]]
+    assert [im.size for im in images] == [(8, 8), (8, 8)]
