@@ -7,9 +7,10 @@
                 rqvaesigliptransformer)
 - code_embed.onnx  codes (B,D) -> projector(sum_d codebook_d[code_d]) (B,hidden): the next LLM input
                 (TR/models/llama/modeling_llama.py:861-872, TR = vila_u/train/transformers_replace)
-- depth.onnx    h (B,hidden), codes (B,d) of this position so far -> logits (B,K) for depth d; the
-                whole length-(d+1) sequence is rerun (no cache; D <= 16 rows), as the reference does
-                (RQS/rqtransformer/modeling_rqtransformer.py:126-177, attention.py:15-105)
+- depth.onnx    h (B,hidden), codes (B,d) of this position so far, past_k/v_i (B,H,d,Dh) -> logits (B,K)
+                for depth d, present_k/v_i (B,H,d+1,Dh): a KV cache per position, where the reference
+                reruns the whole length-(d+1) sequence (RQS/rqtransformer/modeling_rqtransformer.py:126-177,
+                attention.py:15-105; causal masking makes the two equal)
 - decoder.onnx  codes (N,g,g,D) -> pixels (N,H,W,3) float = clamp((x+1)*127.5, 0, 255): bilinear resize
                 to decoder_latent_shape (384 structure), post_quant_conv, the RQ-VAE decoder
                 (RQS/rqvaesiglip/modules.py:12-249, without its bf16 casts); the host truncates to uint8.
@@ -18,6 +19,7 @@ Codebooks live in the graphs as one (D*(K+1), C) table: row d*(K+1)+k is codeboo
 import math
 
 import numpy as np
+from onnx import TensorProto, helper
 
 from export.checkpoint import ProjectorSpec, VisionSpec
 from export.onnx_graph import Graph
@@ -97,13 +99,18 @@ def _lin(g, x, w, name):
     return g.linear(x, name, w[name + ".weight"], w[name + ".bias"])
 
 
-def _block(g: Graph, x: str, w: dict, p: str, E: int, heads: int, mask: str) -> str:
+def _block(g: Graph, x: str, w: dict, p: str, E: int, heads: int, past: tuple, present: tuple) -> str:
+    """One pre-LN block on the newest row x (B, 1, E); past K/V (B, H, d, Dh) come in, the
+    concatenated (B, H, d+1, Dh) go out. The newest row sees every earlier row: the causal mask of
+    the reference's full rerun (attention.py:15-77) changes nothing for it."""
     h = _layer_norm(g, x, w, p + "ln1", 1e-5)
     split = lambda n: g.op("Transpose", [g.reshape(_lin(g, h, w, p + "attn." + n), [0, 0, heads, E // heads])],
-                           perm=[0, 2, 1, 3])                                          # (B, H, T, Dh)
-    q, k, v = split("query"), split("key"), split("value")
+                           perm=[0, 2, 1, 3])                                          # (B, H, 1, Dh)
+    q = split("query")
+    k = g.op("Concat", [past[0], split("key")], axis=2, out=present[0])                 # (B, H, d+1, Dh)
+    v = g.op("Concat", [past[1], split("value")], axis=2, out=present[1])
     att = g.op("Div", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])]), g.scalar(math.sqrt(E // heads))])
-    att = g.from_float32(g.op("Softmax", [g.to_float32(g.op("Add", [att, mask]))], axis=-1))
+    att = g.from_float32(g.op("Softmax", [g.to_float32(att)], axis=-1))
     ctx = g.reshape(g.op("Transpose", [g.op("MatMul", [att, v])], perm=[0, 2, 1, 3]), [0, 0, E])
     x = g.op("Add", [x, _lin(g, ctx, w, p + "attn.proj")])
     h = _lin(g, _gelu(g, _lin(g, _layer_norm(g, x, w, p + "ln2", 1e-5), w, p + "mlp.0"), False), w, p + "mlp.2")
@@ -119,14 +126,18 @@ def build_depth(vu, tower: dict, dtype: str) -> Graph:
     s0 = g.op("Unsqueeze", [_lin(g, h, w, "in_mlp_2"), g.const([1])])                 # (B, 1, E)
     partial = g.op("CumSum", [_code_rows(g, vu, _books(g, vu, tower), codes), g.const(1)])   # (B, d, C)
     x = g.op("Concat", [s0, _lin(g, partial, w, "in_mlp_1")], axis=1)                 # (B, d+1, E)
-    n = g.op("Shape", [x], start=1, end=2)
-    x = g.op("Add", [x, g.op("Slice", [g.weight("pos_emb_d", w["pos_emb_d"]), g.const([0]), n, g.const([1])])])
-    ones = g.op("ConstantOfShape", [g.op("Concat", [n, n], axis=0)])                  # (T, T) zeros
-    causal = g.op("Trilu", [g.op("Add", [ones, g.scalar(1.0)])], upper=0)
-    mask = g.op("Where", [g.op("Cast", [causal], to=9), g.scalar(0.0), g.scalar(-1e30)])   # 9: BOOL
+    n = g.op("Shape", [x], start=1, end=2)                                            # [d+1]
+    last_row = lambda t: g.op("Slice", [t, g.op("Sub", [n, g.const([1])]), n, g.const([1])])
+    x = g.op("Add", [last_row(x), last_row(g.weight("pos_emb_d", w["pos_emb_d"]))])    # (B, 1, E): depth d only
+    dh = E // heads
     for i in range(n_layer):
-        x = _block(g, x, w, f"head_transformer.blocks.{i}.", E, heads, mask)
-    last = g.op("Squeeze", [g.op("Slice", [x, g.const([-1]), g.const([2 ** 62]), g.const([1])]), g.const([1])])
+        past = tuple(g.input(f"past_{kv}_{i}", dtype, ["B", heads, "d", dh]) for kv in "kv")
+        present = (f"present_k_{i}", f"present_v_{i}")
+        x = _block(g, x, w, f"head_transformer.blocks.{i}.", E, heads, past, present)
+        for name in present:
+            g.outputs.append(helper.make_tensor_value_info(
+                name, TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16, ["B", heads, "d1", dh]))
+    last = g.op("Squeeze", [x, g.const([1])])
     logits = _lin(g, _layer_norm(g, last, w, "classifier_mlp.layer_norm", 1e-5), w, "classifier_mlp.linear")
     g.output(g.to_float32(logits), "logits", "float32", ["B", vu.codebook_size])
     return g

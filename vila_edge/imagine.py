@@ -112,9 +112,9 @@ class _Rows:
 
 def _position(imager, hidden: np.ndarray, depth: int, cfg: float, sampling, rng) -> np.ndarray:
     """This position's D codes: depth steps over both rows, CFG on the logits, one code shared."""
-    codes = np.zeros((len(hidden), 0), np.int64)
+    codes, cache = np.zeros((len(hidden), 0), np.int64), imager.depth_cache(len(hidden))
     for _ in range(depth):
-        logits = imager.depth_logits(hidden, codes)                     # (rows, K)
+        logits, cache = imager.depth_logits(hidden, codes, cache)       # (rows, K)
         guided = logits[0] if len(logits) == 1 else logits[1] + cfg * (logits[0] - logits[1])
         code = sample(guided, *sampling, rng)
         codes = np.concatenate([codes, np.full((len(hidden), 1), code, np.int64)], axis=1)
