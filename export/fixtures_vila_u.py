@@ -184,7 +184,6 @@ def write_vila_u(tmp: str, shape_name: str, dtype: str, llm_layers: int | None, 
                  head_layers: int | None = None) -> None:
     """Fill `tmp` (fixtures.write_fixture's temporary dir) with a VILA-U checkpoint."""
     import torch
-    from safetensors.torch import save_file
 
     shape = dict(SHAPES[shape_name])
     hidden, layers, heads, inter, rows = shape["llm"]

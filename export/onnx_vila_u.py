@@ -184,7 +184,7 @@ def _attnblock(g: Graph, x: str, w: dict, p: str) -> str:
 
 def build_decoder(vu, tower: dict, dtype: str) -> Graph:
     g = Graph("vila_u_decoder", dtype)
-    gs, C, dd = vu.siglip.grid, vu.siglip.hidden, vu.decoder
+    gs, dd = vu.siglip.grid, vu.decoder
     w = {k[len("rqvaesiglip."):]: v for k, v in tower.items()
          if k.startswith(("rqvaesiglip.decoder.", "rqvaesiglip.post_quant_conv."))}
     codes = g.input("codes", "int64", ["N", gs, gs, vu.depth])
