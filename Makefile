@@ -17,7 +17,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak kernels bench-kernels bench bench-peers bench-3b bench-nvila bench-kv train-tiny evaluate clean serve bench-serve bench-constrain engines-staged test-fast
+.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak kernels bench-kernels bench bench-peers bench-3b bench-nvila bench-kv train-tiny evaluate clean serve bench-serve bench-constrain engines-staged test-fast bench-vila-u
 # Succeeds when $(1) is an engine this runtime reads (present, current format): stale engines are rebuilt.
 ENGINE_OK = $(BIN)/python -c "import sys; from vila_edge.manifest import Manifest; Manifest.load(sys.argv[1])" $(1) 2>/dev/null
 
@@ -123,6 +123,14 @@ bench-nvila: setup  ## NVILA-8B shapes (dynamic_s2): vision ms per image by tile
 	@test -d build/fixtures/$(NVILA) || $(BIN)/vila-edge fixture build/fixtures/$(NVILA) --kind nvila --shape nvila-8b --llm-layers $(NVILA_LLM_LAYERS) --vision-layers $(NVILA_VISION_LAYERS)
 	@test -f engines/$(NVILA)-fp32/manifest.json || $(BIN)/vila-edge export build/fixtures/$(NVILA) engines/$(NVILA)-fp32 --quiet
 	$(BIN)/vila-edge bench engines/$(NVILA)-fp32 --contexts 512,2048 --images 1,4 --repeats 2 --decode-steps 8 --note "NVILA-8B widths, $(NVILA_LLM_LAYERS) of 28 LLM layers, $(NVILA_VISION_LAYERS) of 27 SigLIP layers"
+
+VILAU_LLM_LAYERS  ?= 1
+VILAU_HEAD_LAYERS ?= 1
+VILAU := vila-u-7b-256-L$(VILAU_LLM_LAYERS)H$(VILAU_HEAD_LAYERS)
+bench-vila-u: setup  ## VILA-U 7B-256 widths (fewer LLM / SigLIP / depth layers): s per 256-px image, engine vs torch reference
+	@test -d build/fixtures/$(VILAU) || $(BIN)/python -m vila_edge_export.fixtures_vila_u build/fixtures/$(VILAU) --shape vila-u-7b-256 --llm-layers $(VILAU_LLM_LAYERS) --vision-layers 3 --head-layers $(VILAU_HEAD_LAYERS)
+	@test -f engines/$(VILAU)-fp32/manifest.json || $(BIN)/vila-edge export build/fixtures/$(VILAU) engines/$(VILAU)-fp32 --quiet
+	$(BIN)/python -m benchmarks.bench_vila_u --checkpoint build/fixtures/$(VILAU) --engine engines/$(VILAU)-fp32 --threads 2 --note "vila-u-7b-256 widths; $(VILAU_LLM_LAYERS) of 32 LLM layers, 3 of 24 SigLIP layers, $(VILAU_HEAD_LAYERS) of 6 depth layers"
 
 bench-kv: $(VENV)/.bench  ## paged KV: repeated-query TTFT, paged vs contiguous decode at 2k, pool vs budget
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)

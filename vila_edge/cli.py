@@ -240,8 +240,8 @@ def _plan(args) -> int:
 
 def add_fixture(sub) -> None:
     try:
-        from vila_edge_export.fixtures import KINDS, SHAPES
-        kinds, shapes = sorted(KINDS), sorted(SHAPES)
+        from vila_edge_export.fixtures import KINDS, OTHER_LAYOUTS, OTHER_SHAPES, SHAPES
+        kinds, shapes = sorted(KINDS) + sorted(OTHER_LAYOUTS), sorted(SHAPES) + list(OTHER_SHAPES)
     except ImportError:           # a runtime-only install: _fixture names the extra to install
         kinds = shapes = None
     f = sub.add_parser("fixture", help="write a random-weight checkpoint in the real VILA layout ([export] extra)")
@@ -320,7 +320,47 @@ def _serve(args) -> int:
                  api_key=os.environ.get("VILA_EDGE_API_KEY") or None)
 
 
-SUBCOMMANDS = [add_chat, add_export, add_fixture, add_plan, add_bench, add_serve]
+# --------------------------------------------------------------------------------------------- imagine
+
+def add_imagine(sub) -> None:
+    p = sub.add_parser("imagine", help="VILA-U: draw images from a text prompt")
+    p.add_argument("engine", help="engine directory of a VILA-U export")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("-o", "--out", default="out.png",
+                   help="PNG path; with --n > 1, images are written as OUT-0.png, OUT-1.png, ...")
+    p.add_argument("--n", type=_number(int, 1), default=1, help="images to draw (default 1)")
+    p.add_argument("--cfg-scale", type=_number(float, 0), default=3.0, help="classifier-free guidance (default 3; 1 = off)")
+    p.add_argument("--temperature", type=_number(float, 0), default=1.0, help="code sampling temperature (0 = argmax)")
+    p.add_argument("--top-k", type=_number(int, 0), default=900, help="code top-k (default 900)")
+    p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=0.96, help="code top-p (default 0.96)")
+    p.add_argument("--seed", type=int, default=None, help="seed: the same seed draws the same images")
+    p.add_argument("--threads", type=_number(int, 1), default=None, help="ONNX Runtime threads (default: all CPUs)")
+    p.set_defaults(func=_imagine)
+
+
+def _imagine(args) -> int:
+    import time
+    from tqdm import tqdm
+    from vila_edge.pipeline import Pipeline
+
+    pipe = Pipeline(args.engine, threads=args.threads)
+    t0 = time.perf_counter()
+    with tqdm(total=1, desc="imagine", unit="pos") as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+        images = pipe.generate_image(args.prompt, n=args.n, cfg_scale=args.cfg_scale, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress)
+    seconds = (time.perf_counter() - t0) / len(images)
+    root, ext = os.path.splitext(args.out)
+    paths = [args.out] if len(images) == 1 else [f"{root}-{i}{ext or '.png'}" for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+        print(f"{path}: {image.width}x{image.height}, {seconds:.2f} s per image")
+    return 0
+
+
+SUBCOMMANDS = [add_chat, add_export, add_fixture, add_plan, add_bench, add_serve, add_imagine]
 
 
 def parser() -> argparse.ArgumentParser:

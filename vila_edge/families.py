@@ -59,6 +59,12 @@ class Family:
     # A config.json switch the family's image modes go with: set exactly when the mode is one of
     # them (NVILA-8B/15B: dynamic_s2 true with image_aspect_ratio "dynamic_s2").
     config_switch: str | None = None
+    # config.json model_type: the three-folder VILA layout, or a family's own (VILA-U: vila_u_llama,
+    # its RQ-VAE tower in vision_tower/; vila_edge_export/checkpoint_vila_u.py).
+    model_type: str = "llava_llama"   # LLAVA
+    # Writes images too (VILA-U): a depth transformer over the LLM's last hidden state picks residual
+    # codes, a pixel decoder paints them (vila_edge/imagine.py).
+    generates_images: bool = False
 
     def projector_order(self, projector_type: str) -> str:
         """Default token order of a projector: only `mlp_downsample` changed order between eras
@@ -86,16 +92,26 @@ FAMILIES = {
     # generate_content never reaches a video encoder.
     "nvila": Family("nvila", MEDIA_TOKEN, (DYNAMIC_S2,), ROW_MAJOR, "\n", "<image>", "<image>",
                     since_transformers=(4, 46), default_template="auto", config_switch="dynamic_s2"),
+    # VILA-U: VILA1.5's -200 splice, one token per grid position (mlp2x_gelu, no merge), no
+    # <im_start> wrapper at inference (mit-han-lab/vila-u@096623c:vila_u/utils/media.py:87-93),
+    # vicuna_v1 for both resolutions (vila_u/conversation.py:126-129).
+    "vila-u": Family("vila-u", SENTINEL, (RESIZE,), ROW_MAJOR, "", "<image>\n", "<image>",
+                     default_template="vicuna_v1", model_type="vila_u_llama",
+                     generates_images=True),
 }
 # Config switches of VILA variants with no family here yet, and what they are. (`s2`, VILA1.5-3b-s2's
 # multi-scale tower, is a vila1.5 checkpoint: vila_edge_export/checkpoint.py reads its scales.)
 UNSUPPORTED = {"ps3": "PS3, the high-resolution vision tower"}
+LLAVA = "llava_llama"           # model_type of the three-folder VILA layout
 DEFAULT_TRANSFORMERS = "4.36.2"  # VILA1.5's configs predate the field
 
 
 def detect_family(config: dict) -> tuple[Family, str]:
     """A checkpoint's top-level config.json -> (family, image mode)."""
     mode = config.get("image_aspect_ratio", RESIZE)
+    own_layout = [f for f in FAMILIES.values() if f.model_type != LLAVA and f.model_type == config.get("model_type")]
+    if own_layout:                 # a family with its own model_type (VILA-U) is decided by it alone
+        return own_layout[0], mode
     for key, what in UNSUPPORTED.items():
         if config.get(key) or mode == key:
             raise CheckpointError(f"config.json: {key} ({what}) is not supported yet; supported families: "
@@ -104,7 +120,7 @@ def detect_family(config: dict) -> tuple[Family, str]:
         if f.config_switch and bool(config.get(f.config_switch)) != (mode in f.image_modes):
             raise CheckpointError(f"config.json: {f.config_switch} {config.get(f.config_switch)!r} with image_aspect_ratio "
                                   f"{mode!r}; {f.name} needs both ({f.config_switch} true, {f.image_modes[0]!r})")
-    takes_mode = [f for f in FAMILIES.values() if mode in f.image_modes]
+    takes_mode = [f for f in FAMILIES.values() if mode in f.image_modes and f.model_type == LLAVA]
     if not takes_mode:
         modes = sorted({m for f in FAMILIES.values() for m in f.image_modes})
         raise CheckpointError(f"config.json: image_aspect_ratio {mode!r} not supported; expected one of {modes}")

@@ -85,6 +85,10 @@ class Manifest:
     tokens: TokenInfo
     files: dict            # role -> file name inside the engine directory
     build: dict = field(default_factory=dict)   # opset, onnx/ORT versions, source checkpoint, target
+    # What the engine can do beyond chat: ["generate_image"] for VILA-U (the server looks for it).
+    capabilities: list = field(default_factory=list)
+    # VILA-U image generation: depth, codebook_size, grid, image_size (pixels out), im_start_id.
+    generation: dict = field(default_factory=dict)
 
     def write(self, engine_dir: str) -> None:
         with open(os.path.join(engine_dir, MANIFEST), "w", encoding="utf-8") as f:

@@ -11,6 +11,7 @@ this I/O contract (docs/contracts.md).
 """
 import os
 import queue
+import threading
 
 import numpy as np
 
@@ -67,6 +68,7 @@ class OrtLLMRunner(LLMRunner):
         self._names = [(f"past_k_{l}", f"past_v_{l}") for l in range(m.llm.layers)]
         self._outputs = [(f"k_new_{l}", f"v_new_{l}") for l in range(m.llm.layers)]
         self._max_blocks = -(-max_context // block_size)
+        self._hidden = threading.local()
         # Scattered tables are gathered into one of these (allocated once, counted by the ledger);
         # a run that finds none free waits for one.
         self._staging = queue.Queue()
@@ -75,6 +77,11 @@ class OrtLLMRunner(LLMRunner):
             stage = np.empty((L, 2, self._max_blocks, BS, H, D), self.pool.data.dtype)
             stage.fill(0)          # touch every page now, as the pool does
             self._staging.put(stage)
+
+    @property
+    def last_hidden(self):
+        """The final-norm hidden state [hidden] of this thread's last forward (None: the graph has none)."""
+        return getattr(self._hidden, "value", None)
 
     def share(self, num_blocks: int, block_size: int, max_context: int) -> "OrtLLMRunner":
         """Another runner with its own pool over this one's session (weights loaded once)."""
@@ -140,6 +147,9 @@ class OrtLLMRunner(LLMRunner):
         feeds.update(inputs_embeds=embeds[None], position_ids=np.arange(start, start + t, dtype=np.int64)[None],
                      past_len=np.array(start, np.int64))
         out = self.session.run(feeds)
+        # VILA-U graphs also return the last position's final-norm hidden state (vila_edge/imagine.py);
+        # per thread, as the server runs requests on several threads over one runner.
+        self._hidden.value = out["hidden"][0] if "hidden" in out else None
         self.pool.write([out[k] for k, _ in self._outputs], [out[v] for _, v in self._outputs], slots)
         return out["logits"][0]
 
@@ -173,3 +183,9 @@ def llm(engine_dir: str, manifest, num_blocks: int, block_size: int, max_context
 
 def vision(engine_dir: str, manifest, opts: RunnerOptions):
     return OrtVisionRunner(engine_dir, manifest, opts)
+
+
+def image(engine_dir: str, manifest, opts: RunnerOptions):
+    """VILA-U's generation graphs (engines whose manifest lists "generate_image")."""
+    from vila_edge.ort_image_runner import image as open_image
+    return open_image(engine_dir, manifest, opts)

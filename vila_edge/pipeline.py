@@ -100,6 +100,7 @@ class Pipeline:
                                  m.tokens.stop_ids, m.tokens.never_sample)
         self._seq_ids = itertools.count()
         self._ids_lock = threading.Lock()
+        self.imager = runners.image(engine_dir, m, opts) if "generate_image" in m.capabilities else None
 
     def chat(self, images=None, prompt: str | None = None, *, system: str | None = None, video=None, **gen) -> str:
         """One question, one answer.
@@ -127,6 +128,14 @@ class Pipeline:
         iterable of frames, about its last `window` frames (vila_edge/watch.py)."""
         from vila_edge.watch import watch
         return watch(self, source, prompt, every_s, window, interval_s, **gen)
+
+    def generate_image(self, prompt: str, *, n: int = 1, cfg_scale: float = 3.0, temperature: float = 1.0,
+                       top_k: int = 900, top_p: float = 0.96, seed: int | None = None, progress=None) -> list:
+        """VILA-U: `n` PIL images for `prompt` (vila_edge/imagine.py). temperature 0 = argmax codes;
+        `progress(done, total)` after every image position."""
+        from vila_edge.imagine import generate_image
+        return generate_image(self, prompt, n=n, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, progress=progress)
 
     def new_seq_id(self) -> int:
         with self._ids_lock:

@@ -94,7 +94,8 @@ def _ort():
 
 
 # target -> module factory with llm(engine_dir, manifest, num_blocks, block_size, max_context, opts),
-# vision(engine_dir, manifest, opts) and llm_buffers(manifest, num_blocks, block_size, max_context, opts).
+# vision(engine_dir, manifest, opts), llm_buffers(manifest, num_blocks, block_size, max_context, opts)
+# and image(engine_dir, manifest, opts) (VILA-U's generation graphs, vila_edge/ort_image_runner.py).
 RUNNERS = {"cpu": _ort, "orin": _ort}   # orin: ORT until the TensorRT runner lands
 
 

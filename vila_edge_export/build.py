@@ -22,7 +22,7 @@ from vila_edge_export.options import DTYPES, TARGETS, ExportOptions, QuantOption
 from vila_edge_export.output_dir import check_output, make_temp_dir
 from vila_edge_export.weights_check import checkpoint_faults
 from vila_edge.atomic import atomic_dir, publish  # noqa: F401 (publish: callers' name)
-from vila_edge.errors import CheckpointError
+from vila_edge.errors import CheckpointError, ExportOptionError
 from vila_edge.families import MEDIA_TOKEN, get_family
 from vila_edge.manifest import FORMAT_VERSION, LLMInfo, Manifest, TokenInfo, VisionInfo
 from vila_edge.templates import get_template
@@ -117,7 +117,13 @@ def steps(progress: bool, total: int, desc: str):
 
 
 def read_spec(checkpoint: str, opts: ExportOptions, token_order: str | None = None) -> CheckpointSpec:
-    return read_checkpoint(checkpoint, opts.template, token_order or opts.token_order)
+    """The checkpoint, validated against the options that depend on its family."""
+    spec = read_checkpoint(checkpoint, opts.template, token_order or opts.token_order)
+    if spec.generation is not None and opts.quant.quantized:
+        # The calibration/quality path builds VILA's SigLIP tower from vision_tower/config.json,
+        # which for VILA-U is the RQ-VAE tower: not wired yet.
+        raise ExportOptionError(f"{checkpoint}: VILA-U engines export with --quant none only (int4 not supported yet)")
+    return spec
 
 
 def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) -> Manifest:
@@ -177,7 +183,7 @@ def _write_metadata(spec, tmp, sidecar: dict, opts) -> Manifest:
     dtype = sidecar["dtype"]
     tok = _tokenizer(spec, tmp)
     tok_cfg = _tokenizer_config(spec)
-    files = dict(FILES, embeddings=sidecar["embeddings"])
+    files = dict(FILES, embeddings=sidecar["embeddings"], **sidecar.get("files", {}))
     if os.path.isfile(os.path.join(tmp, FILES["llm"] + ".data")):
         files["llm_data"] = FILES["llm"] + ".data"      # external tensors: loaded, so counted by the ledger
     if spec.scales is not None:
@@ -206,6 +212,7 @@ def _write_metadata(spec, tmp, sidecar: dict, opts) -> Manifest:
                           max_split=scales.max_split if scales else 0,
                           resize_output_to=scales.resize_output_to if scales else 0, grid=vis.grid),
         tokens=_token_info(spec, tok, tok_cfg, template), files=files,
+        capabilities=list(sidecar.get("capabilities", [])), generation=dict(sidecar.get("generation", {})),
         build={"target": opts.target, "graph": sidecar["graph"], "opset": OPSET, "onnx": onnx.__version__,
                "onnxruntime": onnxruntime.__version__,
                "checkpoint": os.path.abspath(spec.root), "projector": proj.kind,
@@ -222,7 +229,10 @@ def _verify(engine_dir: str) -> None:
     """Every graph must load in ONNX Runtime before the directory counts as an engine."""
     import onnxruntime as ort
 
-    for name in (FILES["vision"], FILES["llm"], PROJECTOR_FILE):
+    from vila_edge_export.build_vila_u import FILES as GENERATION_FILES
+
+    optional = (PROJECTOR_FILE, *GENERATION_FILES.values())     # present only for some families
+    for name in (FILES["vision"], FILES["llm"], *optional):
         path = os.path.join(engine_dir, name)
-        if name != PROJECTOR_FILE or os.path.isfile(path):
+        if name not in optional or os.path.isfile(path):
             ort.InferenceSession(path, providers=["CPUExecutionProvider"])

@@ -38,6 +38,8 @@ class LLMSpec:
     bos_id: int | None
     eos_ids: list
     raw: dict = field(repr=False, default_factory=dict)
+    # Linear rope_scaling factor: positions divided by it (VILA-U's llm/config.json, 2.0 [inferred]).
+    rope_scale: float = 1.0
 
 
 @dataclass
@@ -98,6 +100,7 @@ class CheckpointSpec:
     max_tiles: int
     config: dict = field(repr=False, default_factory=dict)
     scales: ScalesSpec | None = None
+    generation: object = None   # VILA-U: export.checkpoint_vila_u.VilaUSpec (image generation graphs)
 
     def path(self, sub: str) -> str:
         return os.path.join(self.root, sub)
@@ -246,6 +249,9 @@ def read_checkpoint(root: str, template: str | None = None, token_order: str | N
         if not os.path.isdir(os.path.join(root, sub)):
             raise CheckpointError(f"{root}: missing subfolder {sub}/ (a VILA checkpoint has {', '.join(SUBDIRS)})")
     mtype = top.get("model_type")
+    if mtype == "vila_u_llama":            # VILA-U: its own tower layout (vila_edge_export/checkpoint_vila_u.py)
+        from vila_edge_export.checkpoint_vila_u import as_checkpoint_spec
+        return as_checkpoint_spec(root, template)
     if mtype != "llava_llama":
         raise CheckpointError(f"config.json: model_type {mtype!r} not supported; expected 'llava_llama' "
                               f"(the three-folder VILA layout)")

@@ -3,6 +3,7 @@
 
     python -m vila_edge_export.fixtures OUT --kind vila1.5 [--projector mlp_downsample] [--shape tiny|vila1.5-3b]
     python -m vila_edge_export.fixtures OUT --kind nvila --shape nvila-8b --llm-layers 2   # NVILA-8B shapes, fewer LLM layers
+    python -m vila_edge_export.fixtures OUT --kind vila-u --shape tiny|tiny-384|vila-u-7b-256 [--llm-layers 2]
 
 Used by the tests (tiny shapes) and the benchmarks (real shapes). Tokenizers are trained here on a
 small built-in corpus, with each family's special tokens, because nothing can be downloaded.
@@ -176,6 +177,9 @@ def write_fixture(out: str, kind: str = "vila1.5", projector: str | None = None,
     small machine keep every width and shrink depth; per-layer costs scale linearly)."""
     import torch
 
+    if kind in OTHER_LAYOUTS:
+        return OTHER_LAYOUTS[kind](out, shape=shape, dtype=dtype, seed=seed, llm_layers=llm_layers,
+                                   vision_layers=vision_layers)
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, MARKER)):
         raise FileExistsError(f"{out}: exists and is not a fixture written by vila-edge; choose another path")
 
@@ -240,12 +244,23 @@ def write_fixture(out: str, kind: str = "vila1.5", projector: str | None = None,
     return out
 
 
+def _vila_u(out, **kw):
+    from vila_edge_export.fixtures_vila_u import write_fixture as write_vila_u
+    return write_vila_u(out, **kw)
+
+
+# Kinds whose checkpoint layout is not the three-folder VILA one: kind -> writer(out, shape=, dtype=,
+# seed=, llm_layers=, vision_layers=). VILA-U: vila_edge_export/fixtures_vila_u.py (its own shapes).
+OTHER_LAYOUTS = {"vila-u": _vila_u}
+OTHER_SHAPES = ("tiny-384", "vila-u-7b-256")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
-    ap.add_argument("--kind", choices=sorted(KINDS), default="vila1.5")
+    ap.add_argument("--kind", choices=sorted(KINDS) + sorted(OTHER_LAYOUTS), default="vila1.5")
     ap.add_argument("--projector", default=None)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--shape", choices=sorted(SHAPES) + list(OTHER_SHAPES), default="tiny")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard", action="store_true", help="write llm/ as several safetensors shards")

@@ -46,6 +46,7 @@ def _rope_tables(g: Graph, spec: LLMSpec, position_ids: str) -> tuple:
     [s, s] = [x2, x1] * [-s, s], exactly (a sign flip rounds nothing)."""
     d = spec.head_dim
     inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    inv_freq = inv_freq / np.float32(spec.rope_scale)           # linear scaling: (pos / s) * f
     pos = g.op("Cast", [g.reshape(position_ids, [-1, 1])], to=1)              # (T, 1) fp32
     freqs = g.op("Mul", [pos, g.const(inv_freq[None, :], "float32")])         # (T, D/2)
     emb = g.reshape(g.op("Concat", [freqs, freqs], axis=-1), [-1, 1, d])      # (T, 1, D)
@@ -138,7 +139,7 @@ def lm_head_rows(weights: dict, quant: dict) -> int:
     return weights.get("lm_head.weight", weights["model.embed_tokens.weight"]).shape[0]
 
 
-def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = None) -> Graph:
+def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = None, hidden_output: bool = False) -> Graph:
     """`weights`: HF state dict as numpy fp32; `quant`: linear name -> (codes, scales, group, bits),
     "lm_head" included when the vocab projection is quantized (its float weight is then absent)."""
     quant = quant or {}
@@ -168,4 +169,6 @@ def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = Non
     head = None if LM_HEAD in quant else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
     logits = g.linear(h, LM_HEAD, head, None, quant.get(LM_HEAD))                   # (1, 1, V)
     g.output(g.to_float32(g.reshape(logits, [1, -1])), "logits", "float32", [1, lm_head_rows(weights, quant)])
+    if hidden_output:     # VILA-U: the depth transformer reads the final-norm hidden state
+        g.output(g.to_float32(g.reshape(h, [1, -1])), "hidden", "float32", [1, spec.hidden])
     return g

@@ -65,6 +65,7 @@ def _rope_caches(g: Graph, spec: LLMSpec) -> tuple:
     """cos, sin [max_positions, D/2] in the graph dtype: HF's rotary frequencies, computed in fp32."""
     d = spec.head_dim
     inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    inv_freq = inv_freq / np.float32(spec.rope_scale)           # linear scaling: (pos / s) * f
     freqs = np.arange(spec.max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]   # (Pmax, D/2) fp32
     return g.weight("rope.cos", np.cos(freqs)), g.weight("rope.sin", np.sin(freqs))
 
@@ -121,7 +122,7 @@ def _skip_norm(g: Graph, x: str, skip: str, weight: np.ndarray, eps: float, name
 
 
 def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = None,
-                    accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> Graph:
+                    accuracy_level: int = DEFAULT_ACCURACY_LEVEL, hidden_output: bool = False) -> Graph:
     """As onnx_llm.build_llm (same arguments, same I/O), in ORT contrib ops; `accuracy_level`: every
     MatMulNBits' (fixed in the file: ORT has no session option for explicit MatMulNBits nodes)."""
     quant = quant or {}
@@ -161,5 +162,7 @@ def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None
     head = None if LM_HEAD in quant else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
     logits = linear(g, h, LM_HEAD, head, None, quant.get(LM_HEAD), accuracy_level)    # (1, 1, V)
     g.output(g.to_float32(g.reshape(logits, [1, -1])), "logits", "float32", [1, lm_head_rows(weights, quant)])
+    if hidden_output:     # VILA-U: the depth transformer reads the final-norm hidden state
+        g.output(g.to_float32(g.reshape(h, [1, -1])), "hidden", "float32", [1, spec.hidden])
     g.opsets = {MS: 1}
     return g

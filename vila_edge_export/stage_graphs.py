@@ -6,7 +6,9 @@ GRAPHS_DIR holds vision.onnx (+ projector.onnx for multi-scale checkpoints), llm
 when large; the fused contrib-op graph or the standard-op one, by target: vila_edge/targets.py), the
 embedding table (embed_tokens.npy, or .npz codes with embed_bits) and graphs.json, the sidecar the
 engine stage reads: graph dtype and variant, the manifest's quant entry, the logits size, the
-embedding file and dtype and the projector token order the vision graph was built with.
+embedding file and dtype, the projector token order the vision graph was built with, and the
+generation graphs' files, capabilities and generation facts (VILA-U: code_embed.onnx, depth.onnx and
+decoder.onnx are written here too, and llm.onnx gets its `hidden` output; build_vila_u.py).
 Written under a temporary name and renamed into place.
 """
 import json
@@ -15,6 +17,7 @@ import os
 
 import numpy as np
 
+from vila_edge_export.build_vila_u import manifest_fields as generation_fields, save_graphs as save_generation_graphs
 from vila_edge_export.build import FILES, PROJECTOR_FILE, embed_dtype, numpy_weights, read_spec, steps
 from vila_edge_export.checkpoint import CheckpointSpec, load_vision_weights, load_weights
 from vila_edge_export.onnx_graph import save
@@ -42,7 +45,10 @@ def graphs_stage(checkpoint: str, out_dir: str, opts, quantized: str | None = No
     with steps(opts.progress, 3, "graphs") as bar, atomic_dir(out_dir, prefix=".graphs-") as tmp:
         bar.set_postfix_str("vision"); bar.update()
         with checkpoint_faults(spec.root):
-            _save_vision(spec, tmp, dtype)
+            if spec.generation is not None:     # VILA-U: quantizing tower + the generation graphs
+                save_generation_graphs(spec, tmp, dtype, FILES["vision"], opts.progress)
+            else:
+                _save_vision(spec, tmp, dtype)
         bar.set_postfix_str("llm"); bar.update()
         if quantized is None:
             with checkpoint_faults(spec.root):
@@ -52,10 +58,11 @@ def graphs_stage(checkpoint: str, out_dir: str, opts, quantized: str | None = No
             info["accuracy_level"] = opts.int4_accuracy_level if opts.graph == "fused" else None
         check_finite(weights, spec.path("llm"))
         with checkpoint_faults(spec.root):
+            hidden = spec.generation is not None       # VILA-U's depth head reads the last hidden state
             if opts.graph == "fused":
-                graph = build_llm_fused(spec.llm, weights, dtype, quant, opts.int4_accuracy_level)
+                graph = build_llm_fused(spec.llm, weights, dtype, quant, opts.int4_accuracy_level, hidden_output=hidden)
             else:
-                graph = build_llm(spec.llm, weights, dtype, quant)
+                graph = build_llm(spec.llm, weights, dtype, quant, hidden_output=hidden)
             llm_model = graph.model()
         del graph
         save(llm_model, os.path.join(tmp, FILES["llm"]))
@@ -66,7 +73,8 @@ def graphs_stage(checkpoint: str, out_dir: str, opts, quantized: str | None = No
         embed_file, table_dtype = _save_embeddings(tmp, table, opts, dtype)
         sidecar = {"dtype": dtype, "graph": opts.graph, "quant": info,
                    "logits_size": int(lm_head_rows(weights, quant)), "embeddings": embed_file,
-                   "embeddings_dtype": table_dtype, "token_order": spec.projector.token_order}
+                   "embeddings_dtype": table_dtype, "token_order": spec.projector.token_order,
+                   **generation_fields(spec)}     # files / capabilities / generation: VILA-U's, else empty
         with open(os.path.join(tmp, SIDECAR), "w", encoding="utf-8") as f:
             json.dump(sidecar, f, indent=2)
     return out_dir

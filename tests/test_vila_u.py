@@ -1,0 +1,194 @@
+"""VILA-U: checkpoint reader, torch reference invariants, and (below) the runtime against the reference.
+
+Fixtures: vila_edge_export/fixtures_vila_u.py at the tiny (256-structure) and tiny-384 shapes.
+"""
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from vila_edge_export.checkpoint_vila_u import read_vila_u
+from vila_edge_export.fixtures import write_fixture
+from vila_edge.errors import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def vila_u(tmp_path_factory):
+    """vila_u(shape) -> checkpoint path, written once per module."""
+    root, made = tmp_path_factory.mktemp("vila_u"), {}
+
+    def get(shape="tiny"):
+        if shape not in made:
+            made[shape] = write_fixture(str(root / shape), kind="vila-u", shape=shape, seed=3)
+        return made[shape]
+    return get
+
+
+@pytest.fixture(scope="module")
+def ref(vila_u):
+    from vila_edge_export.reference_vila_u import VilaUReference
+    cache = {}
+
+    def get(shape="tiny"):
+        if shape not in cache:
+            cache[shape] = VilaUReference(read_vila_u(vila_u(shape)))
+        return cache[shape]
+    return get
+
+
+def test_reader_both_structures(vila_u):
+    s256, s384 = read_vila_u(vila_u("tiny")), read_vila_u(vila_u("tiny-384"))
+    assert (s256.siglip.grid, s256.depth, s256.decoder_latent) == (4, 3, None)
+    assert (s384.siglip.grid, s384.depth, s384.decoder_latent) == (3, 4, [2, 2])
+    assert s256.rope_factor == 2.0 and s256.llm.rope_theta == 10000.0
+    v = s256.llm.vocab_size
+    assert s256.special_ids == {"<im_start>": v - 4, "<im_end>": v - 3, "<vi_start>": v - 2, "<vi_end>": v - 1}
+    assert s256.head == (32, 2, 4) and s256.codebook_size == 32 and not s256.shared_codebook
+
+
+def _edit(src, tmp_path, edit):
+    dst = tmp_path / "edited"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(surprise=1), "config.json: unknown field 'surprise'"),
+    (lambda c: c["vision_tower_cfg"]["rqvaesiglip"].update(n_embed=64), "rqtransformer.vocab_size is 32; expected 64"),
+    (lambda c: (c["vision_tower_cfg"]["rqvaesiglip"].update(n_embed=64), c["vision_tower_cfg"]["rqtransformer"].update(
+        vocab_size=64)), "model.safetensors: rqvaesiglip.quantizer.codebooks.0.weight has shape (33, 64)"),
+    (lambda c: c["vision_tower_cfg"]["rqvaesiglip"]["ddconfig"].update(ch_mul=[1]), "ddconfig: unknown field 'ch_mul'"),
+    (lambda c: c["vision_tower_cfg"]["rqtransformer"].update(input_embed_dim_2=65), "input_embed_dim_2 is 65"),
+    (lambda c: c["vision_tower_cfg"]["rqvaesiglip"].update(code_shape=[5, 5, 3]), "code_shape[:2] is [5, 5]"),
+    (lambda c: c["llm_cfg"].update(rope_scaling={"type": "dynamic", "factor": 2.0}), "llm/config.json: rope_scaling type 'dynamic'"),
+    (lambda c: c.update(mm_use_im_patch_token=True), "mm_use_im_patch_token"),
+])
+def test_reader_names_file_and_field(vila_u, tmp_path, edit, message):
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        read_vila_u(_edit(vila_u("tiny"), tmp_path, edit))
+
+
+def test_reference_rope_scaling_is_honoured(ref):
+    """The fixture's linear x2 scaling reaches the reference LLM (positions halved)."""
+    llm = ref().llm
+    rope = llm.model.rotary_emb
+    x = torch.zeros(1, 1, llm.config.hidden_size)
+    cos2, _ = rope(x, torch.tensor([[4]]))
+    llm.config.rope_parameters = dict(llm.config.rope_parameters, factor=1.0)
+    try:
+        cos1, _ = type(rope)(llm.config)(x, torch.tensor([[2]]))
+    finally:
+        llm.config.rope_parameters = dict(llm.config.rope_parameters, factor=2.0)
+    assert torch.allclose(cos1, cos2)
+
+
+def test_reference_cfg_and_seed(ref):
+    r = ref()
+    on = r.generate_codes("a red cube", temperature=0)
+    off = r.generate_codes("a red cube", temperature=0, cfg=1.0)
+    assert on.shape == (1, 4, 4, 3) and (on != off).any()
+    a = r.generate_codes("a red cube", n=2, generator=torch.Generator().manual_seed(7))
+    b = r.generate_codes("a red cube", n=2, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    img = r.decode(on)
+    assert img.shape == (1, 8, 8, 3) and img.dtype.name == "uint8"
+    assert r.decode(r.generate_codes("a", temperature=0)).shape == (1, 8, 8, 3)
+    assert ref("tiny-384").decode(ref("tiny-384").generate_codes("a", temperature=0)).shape == (1, 4, 4, 3)
+
+
+# ---- engines and runtime against the reference --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe(vila_u, tmp_path_factory):
+    """pipe(shape) -> Pipeline on an fp32 engine of that fixture (make engines ... TARGET=cpu DTYPE=fp32)."""
+    from vila_edge_export.build import ExportOptions, export_engine
+    from vila_edge.pipeline import Pipeline
+    root, made = tmp_path_factory.mktemp("vila_u_engines"), {}
+
+    def get(shape="tiny"):
+        if shape not in made:
+            out = str(root / shape)
+            export_engine(vila_u(shape), out, ExportOptions(dtype="fp32", target="cpu", progress=False))
+            made[shape] = Pipeline(out, progress=False)
+        return made[shape]
+    return get
+
+
+def _noise(seed, w=40, h=30):
+    import numpy as np
+    from PIL import Image
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-384"])
+def test_understanding_greedy_equals_reference(pipe, ref, shape):
+    conv = pipe(shape).conversation()
+    try:
+        conv.send(_noise(1), "What is in the image?", max_new_tokens=12, temperature=0)
+        got = conv.last_ids
+    finally:
+        conv.close()
+    want = ref(shape).understand("What is in the image?", [_noise(1)], max_new_tokens=12)
+    assert got == [t for t in want if t not in ref(shape).spec.llm.eos_ids]
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-384"])
+def test_generation_argmax_codes_and_pixels_equal_reference(pipe, ref, shape):
+    import numpy as np
+    from vila_edge.imagine import generate_codes
+
+    p, r = pipe(shape), ref(shape)
+    codes = generate_codes(p, "a red cube on the left", temperature=0)
+    want = r.generate_codes("a red cube on the left", temperature=0).numpy()
+    np.testing.assert_array_equal(codes, want)
+    image = np.asarray(p.generate_image("a red cube on the left", temperature=0)[0]).astype(int)
+    assert image.shape == r.decode(torch.from_numpy(want))[0].shape
+    assert np.abs(image - r.decode(torch.from_numpy(want))[0].astype(int)).max() <= 2
+    assert p.llm.blocks.num_free_blocks == p.llm.runner.num_blocks      # both sequences released
+
+
+def test_seed_repeats_and_cfg_changes_codes(pipe):
+    import numpy as np
+    from vila_edge.imagine import generate_codes
+
+    p = pipe()
+    a = p.generate_image("a blue ball", n=2, seed=11)
+    b = p.generate_image("a blue ball", n=2, seed=11)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    on = generate_codes(p, "a blue ball", temperature=0, cfg_scale=3.0)
+    off = generate_codes(p, "a blue ball", temperature=0, cfg_scale=1.0)
+    assert (on != off).any()
+
+
+def test_bad_requests_fail_clearly(pipe, tmp_path):
+    from vila_edge.errors import PromptError, UsageError
+
+    p = pipe()
+    for kwargs, error, text in [({"prompt": ""}, PromptError, "empty"), ({"n": 0}, UsageError, "n=0"),
+                                ({"cfg_scale": -1.0}, UsageError, "cfg_scale"),
+                                ({"prompt": "x <im_start>"}, PromptError, "control token"),
+                                ({"prompt": "word " * 3000}, PromptError, "exceed the context")]:
+        with pytest.raises(error, match=text):
+            p.generate_image(**{"prompt": "a cube", **kwargs})
+
+
+def test_server_draws_with_a_vila_u_engine(pipe):
+    """POST /v1/images/generations finds the manifest capability and returns PNGs of the engine's size."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+    from vila_edge.server import ServerConfig, create_app
+
+    with TestClient(create_app(pipe(), ServerConfig(model_id="vila-u"))) as client:
+        caps = client.get("/v1/models").json()["data"][0]["capabilities"]
+        r = client.post("/v1/images/generations", json={"prompt": "a red cube", "n": 2, "seed": 3})
+    assert "generate_image" in caps and r.status_code == 200, r.text
+    images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in r.json()["data"]]
+    assert [im.size for im in images] == [(8, 8), (8, 8)]

@@ -1,0 +1,172 @@
+"""VILA-U image generation: the LLM writes one grid position per step, a depth transformer picks
+that position's residual codes, a convolutional decoder paints the grid.
+
+The loop of mit-han-lab/vila-u@096623c (vila_u/model/vila_u_arch.py:614-640,
+vila_u/train/transformers_replace/models/llama/modeling_llama.py:861-872,1045-1069,
+vila_u/model/multimodal_encoder/rqvaesigliptransformer/rqtransformer/modeling_rqtransformer.py:16-177):
+- the conditional prompt "<SYS> USER: {prompt} ASSISTANT: <im_start>" and the unconditional
+  "<SYS> USER:ASSISTANT: <im_start>" run as two sequences through the same paged KV cache (the
+  reference batches them, left-padded; this runtime's LLM graph takes one sequence per run, which
+  is the same arithmetic); the unconditional prompt's blocks are cached by the prefix cache and
+  reused across requests;
+- at each position: the final-norm hidden state of both sequences -> depth transformer, D times;
+  classifier-free guidance on the depth logits only, l_u + cfg (l_c - l_u); one sampled code shared
+  by both sequences; the next LLM input of both is projector(sum of the codes' codebook rows);
+- the reference's dummy text token per step (lm_head on the image input) is skipped;
+- cfg_scale 1 gives the conditional logits exactly, so the unconditional sequence is not run.
+"""
+import hashlib
+import time
+
+import numpy as np
+
+from vila_edge.errors import PromptError, UsageError
+from vila_edge.runner import Tokens
+
+# vicuna_v1 (vila_u/conversation.py:106-118); generation prompts vila_u/utils/tokenizer.py:56-57, the
+# negative prompt " " strips to "" and renders without the separator (vila_arch.py:622-623).
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.")
+COND, UNCOND = SYSTEM + " USER: {prompt} ASSISTANT: ", SYSTEM + " USER:ASSISTANT: "
+MAX_IMAGES = 16                  # per call: each image is grid^2 LLM steps on two sequences
+MAX_CFG = 20.0
+
+
+def _check(pipe, prompt, n, cfg_scale, temperature, top_k, top_p) -> None:
+    if "generate_image" not in pipe.manifest.capabilities or pipe.imager is None:
+        raise UsageError(f"{pipe.engine_dir}: this engine ({pipe.manifest.family}) cannot generate images; "
+                         f"export a VILA-U checkpoint")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptError("generate_image: the prompt is empty")
+    if not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+        raise UsageError(f"generate_image: n={n!r} out of range; expected an integer in 1..{MAX_IMAGES}")
+    if not 0.0 <= cfg_scale <= MAX_CFG:
+        raise UsageError(f"generate_image: cfg_scale={cfg_scale!r} out of range; expected 0..{MAX_CFG} (1 = off)")
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise UsageError(f"generate_image: temperature {temperature} >= 0, top_k {top_k} >= 0 and "
+                         f"top_p {top_p} in (0, 1] expected")
+
+
+def prompt_ids(pipe, prompt: str) -> tuple:
+    """(cond ids, uncond ids): [BOS] + text + <im_start>. User text never becomes control tokens."""
+    tok, gen = pipe.tokenizer, pipe.manifest.generation
+    specials = [t.content for t in tok.get_added_tokens_decoder().values()] + ["<image>"]
+    found = [s for s in specials if s in prompt]
+    if found:
+        raise PromptError(f"generate_image: the prompt contains the control token {found[0]!r}")
+    bos = [pipe.manifest.tokens.bos_id] if pipe.manifest.tokens.bos_id is not None else []
+    ids = lambda text: bos + tok.encode(text, add_special_tokens=False).ids + [gen["im_start_id"]]
+    return ids(COND.format(prompt=prompt.strip())), ids(UNCOND)
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng) -> int:
+    """modeling_rqtransformer.py:16-74 on one row: /T, top-k (ties kept), softmax, top-p keeping the
+    token that crosses p, renormalise, draw. temperature 0: argmax."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / temperature
+    if top_k and top_k < len(x):
+        x = np.where(x < np.partition(x, -top_k)[-top_k], -np.inf, x)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        before = np.cumsum(p[order]) - p[order]               # mass ranked above each token
+        p[order[before >= top_p]] = 0.0
+        p /= p.sum()
+    return int(min(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right"), len(p) - 1))
+
+
+def _code_key(codes: np.ndarray) -> int:
+    """Prefix-cache key of an image position: equal only for equal codes (negative: never a text id)."""
+    return -1 - int.from_bytes(hashlib.blake2b(b"vila-u" + codes.astype(np.int64).tobytes(), digest_size=7).digest(),
+                               "little")
+
+
+class _Rows:
+    """The cond (and uncond) sequences of one image in the LLM engine; released on every path."""
+    def __init__(self, pipe, id_lists: list, grow: int):
+        self.pipe, self.llm, self.ids, self.hidden = pipe, pipe.llm, [], []
+        try:
+            for ids in id_lists:
+                sid = pipe.new_seq_id()
+                arr = np.asarray(ids, np.int64)
+                self.llm.prefill(sid, Tokens(arr), arr, grow)
+                self.ids.append(sid)
+                self.hidden.append(self.llm.runner.last_hidden.copy())
+        except BaseException:
+            self.close()
+            raise
+
+    def feed(self, row: np.ndarray, key: int) -> None:
+        """One image position (the same input row) on every sequence."""
+        for j, sid in enumerate(self.ids):
+            self.llm.extend(sid, Tokens.from_embeds(row), np.array([key], np.int64))
+            self.hidden[j] = self.llm.runner.last_hidden.copy()
+
+    def close(self) -> None:
+        for sid in self.ids:
+            self.llm.release(sid)
+        self.ids = []
+
+
+def _position(imager, hidden: np.ndarray, depth: int, cfg: float, sampling, rng) -> np.ndarray:
+    """This position's D codes: depth steps over both rows, CFG on the logits, one code shared."""
+    codes, cache = np.zeros((len(hidden), 0), np.int64), imager.depth_cache(len(hidden))
+    for _ in range(depth):
+        logits, cache = imager.depth_logits(hidden, codes, cache)       # (rows, K)
+        guided = logits[0] if len(logits) == 1 else logits[1] + cfg * (logits[0] - logits[1])
+        code = sample(guided, *sampling, rng)
+        codes = np.concatenate([codes, np.full((len(hidden), 1), code, np.int64)], axis=1)
+    return codes[0]
+
+
+def generate_image(pipe, prompt: str, *, n=1, cfg_scale=3.0, temperature=1.0, top_k=900, top_p=0.96,
+                   seed=None, progress=None) -> list:
+    """n PIL images (H, W, RGB); pipe.last_image_stats: seconds in LLM steps, depth steps, decoder."""
+    from PIL import Image
+
+    codes = generate_codes(pipe, prompt, n=n, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed, progress=progress)
+    t0 = time.perf_counter()
+    images = [Image.fromarray(pipe.imager.decode(c[None])[0]) for c in codes]
+    pipe.last_image_stats["decoder_s"] = time.perf_counter() - t0
+    return images
+
+
+def generate_codes(pipe, prompt: str, *, n=1, cfg_scale=3.0, temperature=1.0, top_k=900, top_p=0.96,
+                   seed=None, progress=None) -> np.ndarray:
+    """-> codes (n, g, g, D) int64 in raster order."""
+    _check(pipe, prompt, n, cfg_scale, temperature, top_k, top_p)
+    gen = pipe.manifest.generation
+    g, depth = gen["grid"], gen["depth"]
+    T = g * g
+    cond, uncond = prompt_ids(pipe, prompt)
+    if len(cond) + T > pipe.max_context:
+        raise PromptError(f"generate_image: the prompt ({len(cond)} tokens) and the image's {T} positions exceed "
+                          f"the context of {pipe.max_context}")
+    rng = np.random.default_rng(seed)
+    sampling = (temperature, top_k, top_p)
+    rows = [cond] if cfg_scale == 1.0 else [cond, uncond]
+    out, done, stats = [], 0, {"llm_s": 0.0, "depth_s": 0.0, "decoder_s": 0.0}
+    for _ in range(n):
+        seqs = _Rows(pipe, rows, T)
+        try:
+            codes = np.zeros((T, depth), np.int64)
+            for t in range(T):
+                if t:
+                    t0 = time.perf_counter()
+                    seqs.feed(pipe.imager.embed_codes(codes[t - 1][None]), _code_key(codes[t - 1]))
+                    stats["llm_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                codes[t] = _position(pipe.imager, np.stack(seqs.hidden), depth, cfg_scale, sampling, rng)
+                stats["depth_s"] += time.perf_counter() - t0
+                done += 1
+                if progress:
+                    progress(done, n * T)
+        finally:
+            seqs.close()
+        out.append(codes.reshape(g, g, depth))
+    pipe.last_image_stats = stats
+    return np.stack(out)
+
