@@ -73,6 +73,24 @@ def test_reader_names_file_and_field(vila_u, tmp_path, edit, message):
         read_vila_u(_edit(vila_u("tiny"), tmp_path, edit))
 
 
+def test_registry_detects_vila_u_by_model_type(vila_u):
+    from vila_edge.families import detect_family
+    cfg = json.loads(open(f"{vila_u()}/config.json").read())
+    family, mode = detect_family(cfg)
+    assert (family.name, mode, family.generates_images) == ("vila-u", "resize", True)
+    # the same config under the three-folder model_type is not VILA-U
+    assert detect_family(dict(cfg, model_type="llava_llama"))[0].name == "vila1.5"
+
+
+def test_int4_export_refused_before_any_work(vila_u, tmp_path):
+    from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
+    from vila_edge.errors import ExportOptionError
+    out = tmp_path / "engine"
+    with pytest.raises(ExportOptionError, match="VILA-U engines export with --quant none only"):
+        export_engine(vila_u(), str(out), ExportOptions(quant=QuantOptions(method="rtn"), progress=False))
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_reference_rope_scaling_is_honoured(ref):
     """The fixture's linear x2 scaling reaches the reference LLM (positions halved)."""
     llm = ref().llm
@@ -123,6 +141,25 @@ def _noise(seed, w=40, h=30):
     import numpy as np
     from PIL import Image
     return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+def test_staged_export_records_generation_in_sidecar_and_manifest(vila_u, tmp_path):
+    """graphs stage -> graphs.json carries files/capabilities/generation; engine stage writes them,
+    verifies the extra graphs and the engine loads (Manifest.load field checks + engine_check)."""
+    from vila_edge_export.build import ExportOptions, engine_stage
+    from vila_edge_export.stage_graphs import SIDECAR, graphs_stage
+    from vila_edge.manifest import Manifest
+    from vila_edge.pipeline import Pipeline
+    opts = ExportOptions(progress=False)
+    graphs = graphs_stage(vila_u(), str(tmp_path / "graphs"), opts)
+    side = json.loads((tmp_path / "graphs" / SIDECAR).read_text())
+    assert side["files"] == {"code_embed": "code_embed.onnx", "depth": "depth.onnx", "decoder": "decoder.onnx"}
+    assert side["capabilities"] == ["generate_image"] and side["generation"]["grid"] == 4
+    engine_stage(vila_u(), graphs, str(tmp_path / "engine"), opts)
+    m = Manifest.load(str(tmp_path / "engine"))
+    assert m.capabilities == ["generate_image"] and m.generation == side["generation"]
+    assert {"code_embed", "depth", "decoder"} <= set(m.files)
+    assert Pipeline(str(tmp_path / "engine"), progress=False).manifest.generation["depth"] == 3
 
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny-384"])
