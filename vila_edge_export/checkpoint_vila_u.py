@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from vila_edge_export.checkpoint import _need, _read_json, _sub_config, read_llm, LLMSpec
 from vila_edge.errors import CheckpointError
+from vila_edge.families import detect_family
 
 ADDED_TOKENS = ("<im_start>", "<im_end>", "<vi_start>", "<vi_end>")
 # SigLIP towers a `pretrained_model` hub id names: hidden, intermediate, layers, heads, patch, image
@@ -209,14 +210,15 @@ def read_vila_u(root: str) -> VilaUSpec:
 
 
 def as_checkpoint_spec(root: str, template: str | None = None):
-    """The VILA checkpoint view export/build.py works from (understanding path), the VILA-U spec
-    riding along in `generation`."""
+    """The VILA checkpoint view the export stages work from (understanding path), the VILA-U spec
+    riding along in `generation`; family and image mode from the registry (vila_edge/families.py)."""
     from vila_edge_export.checkpoint import CheckpointSpec
     from vila_edge_export.onnx_vila_u import projector_spec, vision_spec
 
     vu = read_vila_u(root)
     if template not in (None, vu.template):
         raise CheckpointError(f"{root}: VILA-U uses the {vu.template} template, not {template!r}")
-    return CheckpointSpec(root=root, family="vila-u", image_mode="resize", template=vu.template, llm=vu.llm,
+    family, mode = detect_family(vu.config)
+    return CheckpointSpec(root=root, family=family.name, image_mode=mode, template=vu.template, llm=vu.llm,
                           vision=vision_spec(vu), projector=projector_spec(vu), num_video_frames=vu.num_video_frames,
                           min_tiles=1, max_tiles=1, config=vu.config, generation=vu)
