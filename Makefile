@@ -15,7 +15,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-3b bench-kv train-tiny evaluate clean
+.PHONY: help setup demo chat fixture engines test test-gpu kernels bench-kernels bench bench-peers bench-quality bench-3b bench-kv train-tiny evaluate clean
 
 help:  ## list every command
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -67,6 +67,10 @@ bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager and llama.cpp on
 	@test -f engines/smollm2-vila-fp32/manifest.json || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-fp32 --quiet
 	@test -f engines/smollm2-vila-int4/manifest.json || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant rtn --group-size 64 --no-quality-floor --quiet
 	$(BIN)/python benchmarks/bench_peers.py --checkpoint build/fixtures/smollm2-vila --engine engines/smollm2-vila-fp32 --engine-int4 engines/smollm2-vila-int4 --gguf smollm2
+
+bench-quality: $(VENV)/.bench  ## 4-bit quality on SmolLM2: vila_edge AWQ/RTN vs ORT GenAI int4 and llama.cpp Q4_1/Q4_K_M (same text)
+	@test -d build/fixtures/smollm2-vila || $(BIN)/python benchmarks/smollm2_vila.py build/fixtures/smollm2-vila
+	$(BIN)/python benchmarks/quality_peers.py --checkpoint build/fixtures/smollm2-vila
 
 BIG      := build/fixtures/vila1.5-3b
 bench-3b: $(VENV)/.bench  ## random weights at VILA1.5-3B shapes: vila-edge bench + peers (transformers eager, llama.cpp Q4_0); ~1 h on 2 cores, 20 GB RAM

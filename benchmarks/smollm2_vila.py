@@ -54,6 +54,9 @@ def write_smollm2_vila(out: str, vision: str = "tiny", seed: int = 0) -> str:
              if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
     save_file(state, os.path.join(llm_dir, "model.safetensors"), metadata={"format": "pt"})
     model.config.architectures = ["LlamaForCausalLM"]
+    # The weights written are dequantized fp32: a "gguf" quantization_config left in config.json
+    # makes other loaders (ORT GenAI's builder) refuse the folder as a quantized model.
+    model.config.quantization_config = None
     model.config.to_json_file(os.path.join(llm_dir, "config.json"))
     tok.save_pretrained(llm_dir)
 

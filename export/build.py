@@ -35,7 +35,7 @@ FILES = {"vision": "vision.onnx", "llm": "llm.onnx", "embeddings": "embed_tokens
 class ExportOptions:
     dtype: str = "fp32"
     quant: str = "none"
-    group_size: int = 128
+    group_size: int = 32                   # export/quantize.py DEFAULT_GROUP (4.5 bits per weight)
     lm_head_bits: int | None = None        # quant rtn/awq: 8 (default), 4 or 0 (float); quant none: float
     target: str = "cpu"
     template: str | None = None
@@ -43,9 +43,10 @@ class ExportOptions:
     progress: bool = True
     calib_dir: str | None = None           # AWQ calibration images (+ prompts.txt); default: synthetic scenes
     eval_tokens: int = 4096                # held-out text tokens of the 4-bit quality report (two passes)
-    # Quality floor of a 4-bit export on held-out text; None: report only, never stop.
-    max_ppl_increase_pct: float | None = 25.0
-    min_top1_agreement: float = 0.80
+    # Quality floor of a 4-bit export on held-out text (export/quality.py DEFAULT_FLOOR); None: report
+    # only, never stop.
+    max_ppl_increase_pct: float | None = 15.0
+    min_top1_agreement: float = 0.85
 
 
 def _tokenizer(spec: CheckpointSpec, out_dir: str):

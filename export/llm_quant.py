@@ -15,8 +15,9 @@ from PIL import Image, ImageDraw
 from export.awq import awq_quantize, text_calibration_embeds
 from export.calib_text import split_texts
 from export.checkpoint import CheckpointSpec
-from export.quality import QualityFloor, compare, float_size_bytes, forward_windows, quantized_size_bytes
-from export.quantize import DEFAULT_LM_HEAD_BITS, apply_quantized, rtn_quantize
+from export.quality import (DEFAULT_FLOOR, EVAL_WINDOW, QualityFloor, bits_per_weight, compare, float_size_bytes,
+                            forward_windows, quantized_size_bytes)
+from export.quantize import DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, apply_quantized, rtn_quantize
 from export.reference import ReferenceVLM, hf_pixels
 from vila_edge.families import DYNAMIC
 from vila_edge.preprocess import dynamic_tiles
@@ -31,14 +32,14 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 @dataclass
 class QuantOptions:
     method: str = "awq"
-    group_size: int = 128
+    group_size: int = DEFAULT_GROUP
     lm_head_bits: int = DEFAULT_LM_HEAD_BITS   # 8 / 4: quantized like the linears (groups along K); 0: float
     calib_dir: str | None = None     # images + optional prompts.txt (one prompt per line)
     n_images: int = 8
     n_text: int = 8                  # text calibration blocks of text_seqlen tokens
     text_seqlen: int = 256
     eval_tokens: int = 4096          # held-out text tokens for the quality report
-    floor: QualityFloor | None = QualityFloor(max_ppl_increase_pct=25.0, min_top1_agreement=0.80)
+    floor: QualityFloor | None = DEFAULT_FLOOR
 
 
 def default_images(n: int, size: int = 256) -> list:
@@ -87,25 +88,30 @@ def multimodal_embeds(ref: ReferenceVLM, template, images: list, prompts: list) 
     return out
 
 
-def _eval_ids(ref: ReferenceVLM, n_tokens: int) -> torch.Tensor:
-    ids = [i for t in split_texts("eval") for i in ref.tokenizer(t, add_special_tokens=False)["input_ids"]]
+def eval_ids(tokenizer, n_tokens: int) -> torch.Tensor:
+    """The first n_tokens ids of the held-out text: what every quality figure is measured on."""
+    ids = [i for t in split_texts("eval") for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
     return torch.tensor(ids[:n_tokens])
+
+
+def quantize_model(ref: ReferenceVLM, opts: QuantOptions, template_source: str | None, progress: bool):
+    """ref.llm (left as it is) -> QuantizedLLM with opts' method, group size and lm_head bits."""
+    model = ref.llm
+    if opts.method == "rtn":
+        return rtn_quantize(model, opts.group_size, auto_group=True, lm_head_bits=opts.lm_head_bits)
+    template = get_template(ref.spec.template, template_source)
+    images, prompts = _calib_inputs(opts)
+    calib = multimodal_embeds(ref, template, images[: opts.n_images], prompts)
+    if opts.n_text:
+        calib += text_calibration_embeds(model, ref.tokenizer, split_texts("calib"), opts.text_seqlen, opts.n_text)
+    return awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True,
+                        lm_head_bits=opts.lm_head_bits)
 
 
 def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str | None, progress: bool) -> tuple:
     """-> (float weights {name: np fp32}, {linear: (codes, scales, G, bits)}, report dict)."""
     ref = ReferenceVLM(spec, torch.float32)
-    model = ref.llm
-    if opts.method == "rtn":
-        qllm = rtn_quantize(model, opts.group_size, auto_group=True, lm_head_bits=opts.lm_head_bits)
-    else:
-        template = get_template(spec.template, template_source)
-        images, prompts = _calib_inputs(opts)
-        calib = multimodal_embeds(ref, template, images[: opts.n_images], prompts)
-        if opts.n_text:
-            calib += text_calibration_embeds(model, ref.tokenizer, split_texts("calib"), opts.text_seqlen, opts.n_text)
-        qllm = awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True,
-                            lm_head_bits=opts.lm_head_bits)
+    qllm = quantize_model(ref, opts, template_source, progress)
     report = _quality(ref, qllm, opts)
     weights = {k: v.float().numpy() for k, v in qllm.state_dict.items()}
     quant = {name: (q.codes.numpy(), q.scales.float().numpy(), q.group, q.bits) for name, q in qllm.linears.items()}
@@ -114,8 +120,8 @@ def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str 
 
 def _quality(ref: ReferenceVLM, qllm, opts: QuantOptions) -> dict:
     """The quality report of qllm against ref.llm on held-out text; leaves ref.llm quantized."""
-    window = min(256, ref.spec.llm.max_positions)
-    ids = _eval_ids(ref, opts.eval_tokens)
+    window = min(EVAL_WINDOW, ref.spec.llm.max_positions)
+    ids = eval_ids(ref.tokenizer, opts.eval_tokens)
     fp = forward_windows(ref.llm, ids, window, window // 2)
     float_bytes = float_size_bytes(ref.llm)
     # In place: ref.llm is not needed as float after this, and a copy of a 3B model in fp32 (12 GB)
@@ -127,6 +133,7 @@ def _quality(ref: ReferenceVLM, qllm, opts: QuantOptions) -> dict:
     result["groups"] = sorted({w.group for w in qllm.linears.values()})
     result["quantized_linears"] = len(qllm.linears)
     result["lm_head_bits"] = qllm.lm_head_bits
+    result["bits_per_weight"] = bits_per_weight(qllm)
     if opts.floor is not None:
         result["floor"] = asdict(opts.floor)
         opts.floor.check(report)     # raises QualityError: the export stops, nothing is written

@@ -25,7 +25,10 @@ LM_HEAD = "lm_head"
 # close to float at half its fp16 size, and ORT runs it as MatMulNBits(bits=8) instead of an fp32 MatMul.
 DEFAULT_LM_HEAD_BITS = 8
 LM_HEAD_BITS = (8, 4, 0)   # 0: float
-DEFAULT_GROUP = 128  # llm-awq --q_group_size 128, ModelOpt INT4_AWQ_CFG block_sizes {-1: 128}
+# G = 32 (4.5 bits per weight with fp16 scales): llm-awq and ModelOpt default to 128, but on SmolLM2-135M
+# AWQ at G = 64/128 falls short of the export's quality gate and G = 32 passes it
+# (benchmarks/results/smollm2-vila/quality_peers.md); ORT GenAI's int4 and llama.cpp's Q4 use 32 too.
+DEFAULT_GROUP = 32
 MIN_AUTO_GROUP = 16
 # llm-awq's pseudo_quantize_tensor clamps the group range at 1e-5 so all-zero groups get a finite scale.
 MIN_ABSMAX = 1e-5

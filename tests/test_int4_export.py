@@ -123,10 +123,26 @@ def test_int4_report_and_sizes(engine):
     assert embed.dtype == np.float16 and report["embeddings_dtype"] == "float16"
     assert report["file_bytes"]["embed_tokens.npy"] < embed.size * 2 + 4096
     assert r["size_bytes"] < r["size_ref_bytes"]
+    # default G = 32 divides every K of the fixture: int4 codes + one fp16 scale per 32 weights
+    assert r["groups"] == [32] and r["bits_per_weight"] == {"decoder": 4 + 16 / 32, "lm_head": 8 + 16 / 32}
     assert 0.0 <= r["top1_agreement"] <= 1.0 and r["n_eval_tokens"] > 0
     assert report["engine_bytes"] > 0
     # default accuracy level 4 (int8 activations) still answers
     assert isinstance(Pipeline(eng).chat(data("robot_scene.png"), "What is this?", max_new_tokens=4), str)
+
+
+def test_default_gate_is_issue_14s():
+    """The export (API and CLI) stops below 0.85 top-1 agreement or above +15 % perplexity, at G = 32."""
+    from export.build import ExportOptions
+    from export.llm_quant import QuantOptions
+    from export.quality import DEFAULT_FLOOR
+    from vila_edge.cli import parser
+    cli = parser().parse_args(["export", "ckpt", "out"])
+    api = ExportOptions()
+    assert (DEFAULT_FLOOR.min_top1_agreement, DEFAULT_FLOOR.max_ppl_increase_pct) == (0.85, 15.0)
+    assert (api.min_top1_agreement, api.max_ppl_increase_pct) == (cli.min_top1, cli.max_ppl_increase) == (0.85, 15.0)
+    assert api.group_size == cli.group_size == QuantOptions().group_size == 32
+    assert QuantOptions().floor == DEFAULT_FLOOR
 
 
 def test_quality_floor_stops_the_export(checkpoint, tmp_path):

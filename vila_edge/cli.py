@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     e.add_argument("--quant", choices=["none", "rtn", "awq"], default="none")
-    e.add_argument("--group-size", type=int, default=128)
+    e.add_argument("--group-size", type=int, default=32)
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
                    help="lm_head with --quant rtn/awq: symmetric int8 (default), int4, or 0 = float")
     e.add_argument("--target", default="cpu")
@@ -93,9 +93,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--token-order", choices=["row", "column"], default=None,
                    help="override the mlp_downsample token order (default from the checkpoint era)")
     e.add_argument("--calib-dir", default=None, help="AWQ calibration images (+ prompts.txt, one per line)")
-    e.add_argument("--max-ppl-increase", type=float, default=25.0,
+    e.add_argument("--max-ppl-increase", type=float, default=15.0,
                    help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text)")
-    e.add_argument("--min-top1", type=float, default=0.80, help="... or top-1 agreement falls below this")
+    e.add_argument("--min-top1", type=float, default=0.85, help="... or top-1 agreement falls below this")
     e.add_argument("--no-quality-floor", action="store_true", help="write the quality report but never stop")
     e.add_argument("--eval-tokens", type=int, default=4096,
                    help="held-out text tokens of the 4-bit quality report (a float and a quantized pass over "
