@@ -37,6 +37,7 @@ class ExportOptions:
     quant: str = "none"
     group_size: int = 32                   # export/quantize.py DEFAULT_GROUP (4.5 bits per weight)
     lm_head_bits: int | None = None        # quant rtn/awq: 8 (default), 4 or 0 (float); quant none: float
+    zero_point: bool = False               # int4 decoder linears with a zero point per group
     target: str = "cpu"
     template: str | None = None
     token_order: str | None = None
@@ -122,10 +123,11 @@ def _quantize(spec, opts):
     floor = (None if opts.max_ppl_increase_pct is None
              else QualityFloor(opts.max_ppl_increase_pct, opts.min_top1_agreement))
     qopts = QuantOptions(method=opts.quant, group_size=opts.group_size, lm_head_bits=_lm_head_bits(opts),
+                         zero_point=opts.zero_point,
                          calib_dir=opts.calib_dir, eval_tokens=opts.eval_tokens, floor=floor)
     jinja = _chat_template(spec, _tokenizer_config(spec))
     weights, quant, report = quantize_llm(spec, qopts, jinja, opts.progress)
-    return weights, quant, {"method": opts.quant, "group_size": opts.group_size, "bits": 4, "symmetric": True,
+    return weights, quant, {"method": opts.quant, "group_size": opts.group_size, "bits": 4, "symmetric": not opts.zero_point,
                             "lm_head_bits": qopts.lm_head_bits, "report": report}
 
 

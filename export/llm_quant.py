@@ -34,6 +34,7 @@ class QuantOptions:
     method: str = "awq"
     group_size: int = DEFAULT_GROUP
     lm_head_bits: int = DEFAULT_LM_HEAD_BITS   # 8 / 4: quantized like the linears (groups along K); 0: float
+    zero_point: bool = False         # int4 decoder linears with a zero point per group (lm_head stays symmetric)
     calib_dir: str | None = None     # images + optional prompts.txt (one prompt per line)
     n_images: int = 8
     n_text: int = 8                  # text calibration blocks of text_seqlen tokens
@@ -98,14 +99,15 @@ def quantize_model(ref: ReferenceVLM, opts: QuantOptions, template_source: str |
     """ref.llm (left as it is) -> QuantizedLLM with opts' method, group size and lm_head bits."""
     model = ref.llm
     if opts.method == "rtn":
-        return rtn_quantize(model, opts.group_size, auto_group=True, lm_head_bits=opts.lm_head_bits)
+        return rtn_quantize(model, opts.group_size, auto_group=True, lm_head_bits=opts.lm_head_bits,
+                            zero_point=opts.zero_point)
     template = get_template(ref.spec.template, template_source)
     images, prompts = _calib_inputs(opts)
     calib = multimodal_embeds(ref, template, images[: opts.n_images], prompts)
     if opts.n_text:
         calib += text_calibration_embeds(model, ref.tokenizer, split_texts("calib"), opts.text_seqlen, opts.n_text)
     return awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True,
-                        lm_head_bits=opts.lm_head_bits)
+                        lm_head_bits=opts.lm_head_bits, zero_point=opts.zero_point)
 
 
 def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str | None, progress: bool) -> tuple:
@@ -114,7 +116,9 @@ def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str 
     qllm = quantize_model(ref, opts, template_source, progress)
     report = _quality(ref, qllm, opts)
     weights = {k: v.float().numpy() for k, v in qllm.state_dict.items()}
-    quant = {name: (q.codes.numpy(), q.scales.float().numpy(), q.group, q.bits) for name, q in qllm.linears.items()}
+    # (codes, scales, G, bits), + zeros for a linear with zero points (export/onnx_graph.py Graph.linear)
+    quant = {name: (q.codes.numpy(), q.scales.float().numpy(), q.group, q.bits)
+             + (() if q.zeros is None else (q.zeros.numpy(),)) for name, q in qllm.linears.items()}
     return weights, quant, report
 
 

@@ -149,17 +149,20 @@ def float_size_bytes(model: nn.Module) -> int:
 
 def quantized_size_bytes(qllm: QuantizedLLM) -> int:
     floats = sum(t.numel() * FP16_BYTES for t in _unique(qllm.state_dict))
-    codes = sum(q.codes.numel() * q.bits // 8 + q.scales.numel() * FP16_BYTES for q in qllm.linears.values())
+    codes = sum(q.codes.numel() * q.bits // 8 + q.scales.numel() * FP16_BYTES
+                + (0 if q.zeros is None else q.zeros.numel() * q.bits // 8) for q in qllm.linears.values())
     return floats + codes
 
 
 def bits_per_weight(qllm: QuantizedLLM) -> dict:
     """Stored bits per weight of the quantized matrices: codes at their bits plus the fp16 scales of
-    every group, over the matrix's weights (16/G per weight at group size G). "decoder": the linears
-    of the decoder layers together; "lm_head": the vocab projection (None when it stays float)."""
+    every group plus its zero point at the codes' bits if any, over the matrix's weights (16/G, +4/G,
+    per weight at group size G). "decoder": the linears of the decoder layers together; "lm_head": the
+    vocab projection (None when it stays float)."""
     acc = {"decoder": [0, 0], "lm_head": [0, 0]}
     for name, q in qllm.linears.items():
         part = acc["lm_head" if name == LM_HEAD else "decoder"]
-        part[0] += q.codes.numel() * q.bits + q.scales.numel() * 8 * FP16_BYTES
+        part[0] += (q.codes.numel() * q.bits + q.scales.numel() * 8 * FP16_BYTES
+                    + (0 if q.zeros is None else q.zeros.numel() * q.bits))
         part[1] += q.codes.numel()
     return {k: (b / n if n else None) for k, (b, n) in acc.items()}

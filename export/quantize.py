@@ -48,6 +48,7 @@ class QuantizedWeight(NamedTuple):
     codes: Tensor   # int8 [N, K], values in CODE_RANGE[bits]
     scales: Tensor  # float32 [N, K // G]
     bits: int = 4
+    zeros: Tensor | None = None   # int8 [N, K // G] in CODE_RANGE[bits] (zero point); None: symmetric
 
     @property
     def group(self) -> int:
@@ -64,6 +65,7 @@ class QuantizedLLM:
     method: str                          # "rtn" | "awq"
     group: int                           # requested G; a linear's own G is linears[name].group
     lm_head_bits: int = DEFAULT_LM_HEAD_BITS
+    zero_point: bool = False             # int4 decoder linears with a zero point per group
 
 
 def resolve_group(name: str, k: int, group: int, auto_group: bool) -> int:
@@ -97,17 +99,45 @@ def quantize_symmetric(w: Tensor, group: int, bits: int = 4) -> tuple[Tensor, Te
     return codes.reshape(n, k), scales.reshape(n, k // group)
 
 
-def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
-    """(codes [N, K], scales [N, K/G]) -> float32 [N, K]."""
+def quantize_asymmetric(w: Tensor, group: int, bits: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+    """w [N, K] -> (codes, scales, zeros): W ~= (codes - zeros[:, k // G]) * scales[:, k // G], the
+    group's range mapped onto all 2^bits codes (llm-awq's zero-point quantizer), codes and zeros stored
+    signed in CODE_RANGE[bits] (the unsigned code is signed + 2^(bits-1)). The range always includes 0,
+    as ORT's MatMul4BitsQuantizer does, so the zero point is a code: a group of one sign is not
+    crushed onto the code range's end."""
+    n, k = w.shape
+    if k % group:
+        raise QuantConfigError(f"K={k} is not a multiple of group size G={group}")
+    qmin, qmax = CODE_RANGE[bits]
+    wg = w.detach().float().reshape(n, k // group, group)
+    lo, hi = wg.amin(dim=-1, keepdim=True).clamp(max=0), wg.amax(dim=-1, keepdim=True).clamp(min=0)
+    scales = ((hi - lo).clamp(min=MIN_ABSMAX) / (qmax - qmin)).to(SCALE_STORAGE_DTYPE).float()
+    zeros = torch.clamp(qmin - torch.round(lo / scales), qmin, qmax)
+    codes = torch.clamp(torch.round(wg / scales) + zeros, qmin, qmax).to(torch.int8)
+    return codes.reshape(n, k), scales.reshape(n, k // group), zeros.to(torch.int8).reshape(n, k // group)
+
+
+def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor | None = None) -> Tensor:
+    """(codes [N, K], scales [N, K/G], zeros [N, K/G] or None) -> float32 [N, K]."""
     n, k = codes.shape
     groups = scales.shape[1]
-    wg = codes.float().reshape(n, groups, k // groups) * scales.float().reshape(n, groups, 1)  # (N, K/G, G)
-    return wg.reshape(n, k)
+    wg = codes.float().reshape(n, groups, k // groups)
+    if zeros is not None:
+        wg = wg - zeros.float().reshape(n, groups, 1)
+    return (wg * scales.float().reshape(n, groups, 1)).reshape(n, k)  # (N, K/G, G) -> (N, K)
 
 
-def pseudo_quantize(w: Tensor, group: int) -> Tensor:
-    """dequantize(quantize_symmetric(w)), in w's dtype: the weight the engine will compute with."""
-    return dequantize(*quantize_symmetric(w, group)).to(w.dtype)
+def quantize_group(w: Tensor, group: int, bits: int = 4, zero_point: bool = False) -> QuantizedWeight:
+    if zero_point:
+        codes, scales, zeros = quantize_asymmetric(w, group, bits)
+        return QuantizedWeight(codes, scales, bits, zeros)
+    return QuantizedWeight(*quantize_symmetric(w, group, bits), bits)
+
+
+def pseudo_quantize(w: Tensor, group: int, zero_point: bool = False) -> Tensor:
+    """The int4 weight the engine will compute with, in w's dtype."""
+    q = quantize_group(w, group, 4, zero_point)
+    return dequantize(q.codes, q.scales, q.zeros).to(w.dtype)
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -131,14 +161,16 @@ def quantized_targets(model: nn.Module, lm_head_bits: int) -> dict[str, tuple[nn
 
 
 def quantize_linears(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: bool = False,
-                     method: str = "rtn", lm_head_bits: int = DEFAULT_LM_HEAD_BITS) -> QuantizedLLM:
+                     method: str = "rtn", lm_head_bits: int = DEFAULT_LM_HEAD_BITS,
+                     zero_point: bool = False) -> QuantizedLLM:
     """Quantize the decoder linears (and lm_head) of `model` as they are now (model is not modified).
     A tied lm_head is quantized from the float embedding table; the table itself stays float, rounded
     to EMBED_STORAGE_DTYPE."""
     linears = {}
     for name, (lin, bits) in quantized_targets(model, lm_head_bits).items():
         g = resolve_group(name, lin.in_features, group, auto_group)
-        linears[name] = QuantizedWeight(*quantize_symmetric(lin.weight, g, bits), bits)
+        # lm_head stays symmetric: int8 needs no zero point to stay close to float
+        linears[name] = quantize_group(lin.weight, g, bits, zero_point and name != LM_HEAD)
     skip = {f"{name}.weight" for name in linears}
     state, copies = {}, {}
     for key, t in model.state_dict().items():
@@ -149,13 +181,13 @@ def quantize_linears(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: b
         state[key] = copies[t.data_ptr()]
     with torch.no_grad():               # in place: a float lm_head tied to the table is rounded with it
         state[EMBED_KEY].copy_(state[EMBED_KEY].to(EMBED_STORAGE_DTYPE))
-    return QuantizedLLM(state, linears, method, group, lm_head_bits)
+    return QuantizedLLM(state, linears, method, group, lm_head_bits, zero_point)
 
 
 def rtn_quantize(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: bool = False,
-                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS) -> QuantizedLLM:
-    """Round-to-nearest baseline: the symmetric quantizer with no scale or clip search."""
-    return quantize_linears(model, group, auto_group, method="rtn", lm_head_bits=lm_head_bits)
+                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False) -> QuantizedLLM:
+    """Round-to-nearest baseline: the quantizer with no scale or clip search."""
+    return quantize_linears(model, group, auto_group, method="rtn", lm_head_bits=lm_head_bits, zero_point=zero_point)
 
 
 def apply_quantized(model: nn.Module, qllm: QuantizedLLM, in_place: bool = False) -> nn.Module:
@@ -173,5 +205,6 @@ def apply_quantized(model: nn.Module, qllm: QuantizedLLM, in_place: bool = False
         for name, qw in qllm.linears.items():
             lin = targets[name][0]
             # A new Parameter, not copy_: a tied lm_head would otherwise overwrite the embedding table.
-            lin.weight = nn.Parameter(dequantize(qw.codes, qw.scales).to(lin.weight.dtype), requires_grad=False)
+            lin.weight = nn.Parameter(dequantize(qw.codes, qw.scales, qw.zeros).to(lin.weight.dtype),
+                                      requires_grad=False)
     return out.eval()

@@ -112,6 +112,30 @@ def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
     np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
 
 
+def test_zero_point_engine_matches_reference(checkpoint, engine, tmp_path):
+    """--zero-point: every int4 DequantizeLinear carries an INT4 zero point [K/G, N], ORT still fuses
+    each into MatMulNBits, and the engine computes what the quantized reference with zero points does."""
+    name = "vila1.5-3b-downsample"
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, zero_point=True)
+    layers = Pipeline(eng).manifest.llm.layers
+    manifest = json.load(open(os.path.join(eng, "manifest.json")))
+    assert manifest["quant"]["symmetric"] is False
+    ops = [n.op_type for n in _optimized_ops(eng, tmp_path)]
+    assert ops.count("MatMulNBits") == MATMULS_PER_LAYER * layers + 1 and "DequantizeLinear" not in ops
+    source = onnx.load(os.path.join(eng, "llm.onnx"))
+    dql = [n for n in source.graph.node if n.op_type == "DequantizeLinear"]
+    assert sum(len(n.input) == 3 for n in dql) == MATMULS_PER_LAYER * layers   # lm_head (int8) stays symmetric
+    spec = read_checkpoint(checkpoint(name))
+    ref = ReferenceVLM(spec, torch.float32)
+    qllm = rtn_quantize(ref.llm, manifest["quant"]["group_size"], auto_group=True, zero_point=True)
+    assert all((q.zeros is None) == (n == "lm_head") for n, q in qllm.linears.items())
+    ref.llm = apply_quantized(ref.llm, qllm)
+    pipe = Pipeline(eng, int4_accuracy_level=0)
+    embeds = _reference_inputs(spec, ref, "<image>\nWhat is this?", _images()[:1], pipe)
+    logits, _ = pipe.llm.prefill("probe", embeds[0].numpy(), np.arange(embeds.shape[1]))
+    np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
+
+
 def test_int4_report_and_sizes(engine):
     eng = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None)
     report = json.load(open(os.path.join(eng, "export_report.json")))

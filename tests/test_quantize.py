@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from export.awq import awq_quantize, awq_transform
 from export.quality import QualityError, QualityFloor, QualityReport, windows
 from export.quantize import (LM_HEAD, QuantConfigError, apply_quantized, decoder_linears, dequantize,
-                             quantize_symmetric, resolve_group, rtn_quantize)
+                             quantize_asymmetric, quantize_symmetric, resolve_group, rtn_quantize)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             vocab_size=128, max_position_embeddings=256)
@@ -52,6 +52,20 @@ def test_quantize_hand_computed():
     assert codes.tolist() == [[7, -2, 2, -7], [0, 0, -7, 3]]
     torch.testing.assert_close(scales, torch.tensor([[0.5, 0.125], [zero_scale, 2.0]]), rtol=0, atol=0)
     assert dequantize(codes, scales).tolist() == [[3.5, -1.0, 0.25, -0.875], [0.0, 0.0, -14.0, 6.0]]
+
+
+def test_zero_point_hand_computed():
+    """The group's range, widened to include 0, onto the 16 codes: s = (hi - lo) / 15, z = -8 - round(lo / s)."""
+    w = torch.tensor([[-1.0, 2.0, 0.5, 1.0],
+                      [0.0, 7.5, -3.0, -3.0]])
+    codes, scales, zeros = quantize_asymmetric(w, group=2)
+    # [-1, 2]: s 0.2, z -3; [0.5, 1] -> [0, 1]: s 1/15, z -8; [0, 7.5]: s 0.5, z -8; [-3, -3] -> [-3, 0]: s 0.2, z 7
+    s0, s1 = (torch.tensor(v, dtype=torch.float16).item() for v in (0.2, 1 / 15))   # fp16-rounded scales
+    torch.testing.assert_close(scales, torch.tensor([[s0, s1], [0.5, s0]]), rtol=0, atol=0)
+    assert zeros.tolist() == [[-3, -8], [-8, 7]]
+    assert codes.tolist() == [[-8, 7, 0, 7], [-8, 7, -8, -8]]
+    expected = torch.tensor([[-5 * s0, 10 * s0, 8 * s1, 15 * s1], [0.0, 7.5, -15 * s0, -15 * s0]])
+    torch.testing.assert_close(dequantize(codes, scales, zeros), expected, rtol=0, atol=0)
 
 
 def test_codes_in_range_and_error_within_half_step():
