@@ -71,13 +71,14 @@ def _reference(model, ids, args, stride: int) -> tuple:
 # ---- vila_edge -------------------------------------------------------------------------------------
 
 def vila_edge_rows(ref_vlm, ids, args, ref) -> list:
-    from export.llm_quant import QuantOptions, quantize_model
+    from export.build import ExportOptions, quant_options
+    from export.llm_quant import quantize_model
     from export.quality import bits_per_weight
     from export.quantize import apply_quantized
 
     rows = []
-    for method in ("awq", "rtn"):
-        qllm = quantize_model(ref_vlm, QuantOptions(method=method), None, progress=True)
+    for method in ("awq", "rtn"):     # `vila-edge export --quant METHOD` with default options
+        qllm = quantize_model(ref_vlm, quant_options(ExportOptions(quant=method)), None, progress=True)
         model = apply_quantized(ref_vlm.llm, qllm)
         t0 = time.perf_counter()
         nll, top1 = score_windows(_torch_logits(model), ids, args.window, args.window // 2)
@@ -88,8 +89,10 @@ def vila_edge_rows(ref_vlm, ids, args, ref) -> list:
 
 
 def _describe(qllm) -> str:
-    kinds = sorted({(q.bits, q.group) for q in qllm.linears.values()})
-    return "symmetric " + ", ".join(f"int{b} g{g}" for b, g in kinds)
+    kinds = sorted({(q.bits, q.group, q.zeros is not None) for q in qllm.linears.values()})
+    int8 = sum(q.bits == 8 for n, q in qllm.linears.items() if n != "lm_head")
+    return (", ".join(f"int{b} g{g}{' zero point' if z else ''}" for b, g, z in kinds)
+            + f"; {int8} decoder linears int8")
 
 
 # ---- ONNX Runtime GenAI ----------------------------------------------------------------------------

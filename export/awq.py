@@ -216,13 +216,13 @@ def awq_transform(model: nn.Module, calib_embeds: list[Tensor], group: int = DEF
 
 def awq_quantize(model: nn.Module, calib_embeds: list[Tensor], group: int = DEFAULT_GROUP,
                  progress: bool = True, auto_group: bool = False,
-                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False) -> QuantizedLLM:
+                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False, int8: tuple = ()) -> QuantizedLLM:
     """AWQ scale + clip search on a copy of `model`, then symmetric int4 of every decoder linear and
     round-to-nearest of lm_head (llm-awq searches only inside the decoder blocks)."""
     folded = awq_transform(copy.deepcopy(model), calib_embeds, group, auto_group, clip=True, progress=progress,
                            zero_point=zero_point)
     return quantize_linears(folded, group, auto_group, method="awq", lm_head_bits=lm_head_bits,
-                            zero_point=zero_point)
+                            zero_point=zero_point, int8=int8)
 
 
 @torch.no_grad()

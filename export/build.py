@@ -35,9 +35,10 @@ FILES = {"vision": "vision.onnx", "llm": "llm.onnx", "embeddings": "embed_tokens
 class ExportOptions:
     dtype: str = "fp32"
     quant: str = "none"
-    group_size: int = 32                   # export/quantize.py DEFAULT_GROUP (4.5 bits per weight)
+    group_size: int | None = None          # None: export/quantize.py's default for the zero-point choice
     lm_head_bits: int | None = None        # quant rtn/awq: 8 (default), 4 or 0 (float); quant none: float
-    zero_point: bool = False               # int4 decoder linears with a zero point per group
+    zero_point: bool | None = None         # int4 linears with a zero point per group; None: the target's default
+    max_bpw: float | None = 4.5            # int8 for the outer down_projs while the decoder stays <= this; None: all int4
     target: str = "cpu"
     template: str | None = None
     token_order: str | None = None
@@ -114,21 +115,39 @@ def _np(tensors: dict, dtype: str) -> dict:
     return {k: tensors.pop(k).to(target).numpy() for k in list(tensors)}
 
 
-def _quantize(spec, opts):
-    """-> (float weights as numpy fp32, {linear: (codes, scales, G)}, quant info for the manifest)."""
-    from export.llm_quant import METHODS, QuantOptions, quantize_llm
+def quant_options(opts: ExportOptions):
+    """The quantizer's settings (export/llm_quant.py QuantOptions) an export with `opts` uses."""
+    from export.llm_quant import METHODS, QuantOptions
     from export.quality import QualityFloor
     if opts.quant not in METHODS:
         raise ValueError(f"quant {opts.quant!r} unknown; expected one of {METHODS}")
     floor = (None if opts.max_ppl_increase_pct is None
              else QualityFloor(opts.max_ppl_increase_pct, opts.min_top1_agreement))
-    qopts = QuantOptions(method=opts.quant, group_size=opts.group_size, lm_head_bits=_lm_head_bits(opts),
-                         zero_point=opts.zero_point,
-                         calib_dir=opts.calib_dir, eval_tokens=opts.eval_tokens, floor=floor)
+    zero_point, group = quant_defaults(opts.target, opts.zero_point, opts.group_size)
+    return QuantOptions(method=opts.quant, group_size=group, lm_head_bits=_lm_head_bits(opts),
+                        zero_point=zero_point, max_bpw=opts.max_bpw,
+                        calib_dir=opts.calib_dir, eval_tokens=opts.eval_tokens, floor=floor)
+
+
+def _quantize(spec, opts):
+    """-> (float weights as numpy fp32, {linear: (codes, scales, G, bits[, zeros])}, quant info for the manifest)."""
+    from export.llm_quant import quantize_llm
+    qopts = quant_options(opts)
     jinja = _chat_template(spec, _tokenizer_config(spec))
     weights, quant, report = quantize_llm(spec, qopts, jinja, opts.progress)
-    return weights, quant, {"method": opts.quant, "group_size": opts.group_size, "bits": 4, "symmetric": not opts.zero_point,
-                            "lm_head_bits": qopts.lm_head_bits, "report": report}
+    # int8_linears: decoder linears stored as symmetric int8 (mixed precision, QuantOptions.max_bpw)
+    return weights, quant, {"method": opts.quant, "group_size": qopts.group_size, "bits": 4,
+                            "symmetric": not qopts.zero_point,
+                            "lm_head_bits": qopts.lm_head_bits, "int8_linears": report["int8_linears"],
+                            "report": report}
+
+
+def quant_defaults(target: str, zero_point: bool | None, group: int | None) -> tuple[bool, int]:
+    """(zero_point, G) of a 4-bit export: zero points where the target's runtime takes them (ORT's
+    MatMulNBits does; TensorRT's int4 does not, contracts.md), G by that choice (export/quantize.py)."""
+    from export.quantize import DEFAULT_GROUP, DEFAULT_ZERO_POINT_GROUP, ZERO_POINT_TARGETS
+    zp = target in ZERO_POINT_TARGETS if zero_point is None else zero_point
+    return zp, group or (DEFAULT_ZERO_POINT_GROUP if zp else DEFAULT_GROUP)
 
 
 def _lm_head_bits(opts) -> int:

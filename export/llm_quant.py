@@ -17,7 +17,7 @@ from export.calib_text import split_texts
 from export.checkpoint import CheckpointSpec
 from export.quality import (DEFAULT_FLOOR, EVAL_WINDOW, QualityFloor, bits_per_weight, compare, float_size_bytes,
                             forward_windows, quantized_size_bytes)
-from export.quantize import DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, apply_quantized, rtn_quantize
+from export.quantize import DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, apply_quantized, int8_linears, rtn_quantize
 from export.reference import ReferenceVLM, hf_pixels
 from vila_edge.families import DYNAMIC
 from vila_edge.preprocess import dynamic_tiles
@@ -35,6 +35,7 @@ class QuantOptions:
     group_size: int = DEFAULT_GROUP
     lm_head_bits: int = DEFAULT_LM_HEAD_BITS   # 8 / 4: quantized like the linears (groups along K); 0: float
     zero_point: bool = False         # int4 decoder linears with a zero point per group (lm_head stays symmetric)
+    max_bpw: float | None = None     # int8 for the outer layers' down_proj while the decoder stays <= this
     calib_dir: str | None = None     # images + optional prompts.txt (one prompt per line)
     n_images: int = 8
     n_text: int = 8                  # text calibration blocks of text_seqlen tokens
@@ -98,16 +99,17 @@ def eval_ids(tokenizer, n_tokens: int) -> torch.Tensor:
 def quantize_model(ref: ReferenceVLM, opts: QuantOptions, template_source: str | None, progress: bool):
     """ref.llm (left as it is) -> QuantizedLLM with opts' method, group size and lm_head bits."""
     model = ref.llm
+    int8 = tuple(int8_linears(model, opts.group_size, True, opts.zero_point, opts.max_bpw))
     if opts.method == "rtn":
         return rtn_quantize(model, opts.group_size, auto_group=True, lm_head_bits=opts.lm_head_bits,
-                            zero_point=opts.zero_point)
+                            zero_point=opts.zero_point, int8=int8)
     template = get_template(ref.spec.template, template_source)
     images, prompts = _calib_inputs(opts)
     calib = multimodal_embeds(ref, template, images[: opts.n_images], prompts)
     if opts.n_text:
         calib += text_calibration_embeds(model, ref.tokenizer, split_texts("calib"), opts.text_seqlen, opts.n_text)
     return awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True,
-                        lm_head_bits=opts.lm_head_bits, zero_point=opts.zero_point)
+                        lm_head_bits=opts.lm_head_bits, zero_point=opts.zero_point, int8=int8)
 
 
 def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str | None, progress: bool) -> tuple:
@@ -138,6 +140,7 @@ def _quality(ref: ReferenceVLM, qllm, opts: QuantOptions) -> dict:
     result["quantized_linears"] = len(qllm.linears)
     result["lm_head_bits"] = qllm.lm_head_bits
     result["bits_per_weight"] = bits_per_weight(qllm)
+    result["int8_linears"] = sorted(n for n, q in qllm.linears.items() if q.bits == 8 and n != "lm_head")
     if opts.floor is not None:
         result["floor"] = asdict(opts.floor)
         opts.floor.check(report)     # raises QualityError: the export stops, nothing is written

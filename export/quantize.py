@@ -29,6 +29,10 @@ LM_HEAD_BITS = (8, 4, 0)   # 0: float
 # AWQ at G = 64/128 falls short of the export's quality gate and G = 32 passes it
 # (benchmarks/results/smollm2-vila/quality_peers.md); ORT GenAI's int4 and llama.cpp's Q4 use 32 too.
 DEFAULT_GROUP = 32
+# With a zero point per group (+4/G bits) G = 64: 4.3125 bits per weight, better than symmetric G = 32
+# (4.5) on SmolLM2, leaving room under the 4.5 budget for int8 outer down_projs (int8_linears).
+DEFAULT_ZERO_POINT_GROUP = 64
+ZERO_POINT_TARGETS = ("cpu",)     # engines run by ONNX Runtime (MatMulNBits takes uint4 zero points)
 MIN_AUTO_GROUP = 16
 # llm-awq's pseudo_quantize_tensor clamps the group range at 1e-5 so all-zero groups get a finite scale.
 MIN_ABSMAX = 1e-5
@@ -150,11 +154,44 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
             for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
-def quantized_targets(model: nn.Module, lm_head_bits: int) -> dict[str, tuple[nn.Linear, int]]:
-    """name -> (linear, bits): the decoder linears at 4 bits, plus lm_head unless lm_head_bits is 0."""
+def _bits_per_weight(bits: int, group: int, zero_point: bool) -> float:
+    return bits + (16 + (bits if zero_point else 0)) / group     # codes + fp16 scale (+ zero point)
+
+
+def int8_linears(model: nn.Module, group: int, auto_group: bool, zero_point: bool, max_bpw: float | None) -> list:
+    """Decoder linears that get int8 (symmetric) instead of int4 so that the decoder's bits per weight
+    stay <= max_bpw: mlp.down_proj of the layers at both ends of the stack, outermost first (0, L-1,
+    1, L-2, ...), as many as the budget holds. The first and last layers are the most sensitive to
+    quantization (llama.cpp's Q4_K_M gives ffn_down of the outer layers 6 bits, use_more_bits), and
+    down_proj is not fused with another linear in the graph. None or a budget the int4 weights already
+    exceed: no int8 linears."""
+    if max_bpw is None:
+        return []
+    lins = decoder_linears(model)
+    sizes = {n: lin.weight.numel() for n, lin in lins.items()}
+    total = sum(sizes.values())
+    bits = sum(sizes[n] * _bits_per_weight(4, resolve_group(n, lin.in_features, group, auto_group), zero_point)
+               for n, lin in lins.items())
+    n_layers = len(model.model.layers)
+    order = [i for pair in zip(range(n_layers), reversed(range(n_layers))) for i in pair][:n_layers]
+    chosen = []
+    for i in dict.fromkeys(order):
+        name = f"model.layers.{i}.mlp.down_proj"
+        g = resolve_group(name, lins[name].in_features, group, auto_group)
+        extra = sizes[name] * (_bits_per_weight(8, g, False) - _bits_per_weight(4, g, zero_point))
+        if (bits + extra) / total > max_bpw:
+            break
+        bits += extra
+        chosen.append(name)
+    return chosen
+
+
+def quantized_targets(model: nn.Module, lm_head_bits: int, int8: tuple = ()) -> dict[str, tuple[nn.Linear, int]]:
+    """name -> (linear, bits): the decoder linears at 4 bits (8 for those in `int8`), plus lm_head
+    unless lm_head_bits is 0."""
     if lm_head_bits not in LM_HEAD_BITS:
         raise QuantConfigError(f"lm_head_bits={lm_head_bits} unsupported; expected one of {LM_HEAD_BITS}")
-    targets = {name: (lin, 4) for name, lin in decoder_linears(model).items()}
+    targets = {name: (lin, 8 if name in int8 else 4) for name, lin in decoder_linears(model).items()}
     if lm_head_bits:
         targets[LM_HEAD] = (model.lm_head, lm_head_bits)
     return targets
@@ -162,15 +199,15 @@ def quantized_targets(model: nn.Module, lm_head_bits: int) -> dict[str, tuple[nn
 
 def quantize_linears(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: bool = False,
                      method: str = "rtn", lm_head_bits: int = DEFAULT_LM_HEAD_BITS,
-                     zero_point: bool = False) -> QuantizedLLM:
+                     zero_point: bool = False, int8: tuple = ()) -> QuantizedLLM:
     """Quantize the decoder linears (and lm_head) of `model` as they are now (model is not modified).
     A tied lm_head is quantized from the float embedding table; the table itself stays float, rounded
     to EMBED_STORAGE_DTYPE."""
     linears = {}
-    for name, (lin, bits) in quantized_targets(model, lm_head_bits).items():
+    for name, (lin, bits) in quantized_targets(model, lm_head_bits, tuple(int8)).items():
         g = resolve_group(name, lin.in_features, group, auto_group)
-        # lm_head stays symmetric: int8 needs no zero point to stay close to float
-        linears[name] = quantize_group(lin.weight, g, bits, zero_point and name != LM_HEAD)
+        # int8 (lm_head, the int8 decoder linears) stays symmetric: it needs no zero point to stay close to float
+        linears[name] = quantize_group(lin.weight, g, bits, zero_point and bits == 4)
     skip = {f"{name}.weight" for name in linears}
     state, copies = {}, {}
     for key, t in model.state_dict().items():
@@ -185,9 +222,10 @@ def quantize_linears(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: b
 
 
 def rtn_quantize(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: bool = False,
-                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False) -> QuantizedLLM:
+                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False, int8: tuple = ()) -> QuantizedLLM:
     """Round-to-nearest baseline: the quantizer with no scale or clip search."""
-    return quantize_linears(model, group, auto_group, method="rtn", lm_head_bits=lm_head_bits, zero_point=zero_point)
+    return quantize_linears(model, group, auto_group, method="rtn", lm_head_bits=lm_head_bits, zero_point=zero_point,
+                            int8=int8)
 
 
 def apply_quantized(model: nn.Module, qllm: QuantizedLLM, in_place: bool = False) -> nn.Module:

@@ -22,6 +22,8 @@ MATMULS_PER_LAYER = 4   # in the graph: qkv (fused), o, gate_up (fused), down
 # input and post-attention RMSNorm. ORT 1.31's CPU fusions give SimplifiedLayerNormalization; they
 # never form SkipSimplifiedLayerNormalization (its SkipLayerNormFusion matches LayerNormalization only).
 NORMS_PER_LAYER = 2
+# The standard-op graph TensorRT takes: symmetric int4 at G = 32, every decoder linear int4.
+SYMMETRIC = dict(zero_point=False, max_bpw=None)
 
 
 def _optimized_ops(eng, tmp_path) -> list:
@@ -32,7 +34,7 @@ def _optimized_ops(eng, tmp_path) -> list:
 
 @pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
 def test_matmulnbits_per_fused_linear(name, engine, tmp_path):
-    eng = engine(name, quant="rtn", max_ppl_increase_pct=None)
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, **SYMMETRIC)
     layers = Pipeline(eng).manifest.llm.layers
     nodes = _optimized_ops(eng, tmp_path)
     ops = [n.op_type for n in nodes]
@@ -73,7 +75,7 @@ def test_int4_packing_matches_onnx():
 @pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
 def test_int4_engine_matches_quantized_reference(name, checkpoint, engine):
     """Greedy tokens equal, first-step logits within 1e-4 (activations kept float: accuracy level 0)."""
-    eng = engine(name, quant="rtn", max_ppl_increase_pct=None)
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, **SYMMETRIC)
     spec = read_checkpoint(checkpoint(name))
     ref = ReferenceVLM(spec, torch.float32)
     manifest = json.load(open(os.path.join(eng, "manifest.json")))
@@ -97,7 +99,7 @@ def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
     """--lm-head-bits 4 runs lm_head as a 4-bit MatMulNBits, 0 keeps it a float MatMul; both compute
     what the quantized reference with the same lm_head computes."""
     name = "vila1.5-3b-downsample"
-    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, lm_head_bits=lm_head_bits)
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, lm_head_bits=lm_head_bits, **SYMMETRIC)
     layers = Pipeline(eng).manifest.llm.layers
     nodes = _optimized_ops(eng, tmp_path)
     n_nbits = sum(n.op_type == "MatMulNBits" for n in nodes)
@@ -112,43 +114,54 @@ def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
     np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
 
 
-def test_zero_point_engine_matches_reference(checkpoint, engine, tmp_path):
-    """--zero-point: every int4 DequantizeLinear carries an INT4 zero point [K/G, N], ORT still fuses
-    each into MatMulNBits, and the engine computes what the quantized reference with zero points does."""
+def test_default_cpu_engine_zero_points_and_int8_matches_reference(checkpoint, engine, tmp_path):
+    """The CPU default: int4 with an INT4 zero point [K/G, N] on every int4 DequantizeLinear, G = 64, and
+    (budget 5.0 bits here: the fixture's linears are small) layer 0's down_proj as symmetric int8. ORT
+    fuses all of them into MatMulNBits, and the engine computes what the quantized reference built from
+    the manifest's quant fields computes."""
     name = "vila1.5-3b-downsample"
-    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, zero_point=True)
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, max_bpw=5.0)
     layers = Pipeline(eng).manifest.llm.layers
-    manifest = json.load(open(os.path.join(eng, "manifest.json")))
-    assert manifest["quant"]["symmetric"] is False
-    ops = [n.op_type for n in _optimized_ops(eng, tmp_path)]
-    assert ops.count("MatMulNBits") == MATMULS_PER_LAYER * layers + 1 and "DequantizeLinear" not in ops
-    source = onnx.load(os.path.join(eng, "llm.onnx"))
-    dql = [n for n in source.graph.node if n.op_type == "DequantizeLinear"]
-    assert sum(len(n.input) == 3 for n in dql) == MATMULS_PER_LAYER * layers   # lm_head (int8) stays symmetric
+    q = json.load(open(os.path.join(eng, "manifest.json")))["quant"]
+    assert (q["symmetric"], q["group_size"], q["int8_linears"]) == (False, 64, ["model.layers.0.mlp.down_proj"])
+    nodes = _optimized_ops(eng, tmp_path)
+    bits = [next((a.i for a in n.attribute if a.name == "bits"), 4) for n in nodes if n.op_type == "MatMulNBits"]
+    assert bits.count(4) == MATMULS_PER_LAYER * layers - 1 and bits.count(8) == 2       # + lm_head
+    assert "DequantizeLinear" not in [n.op_type for n in nodes]
+    dql = [n for n in onnx.load(os.path.join(eng, "llm.onnx")).graph.node if n.op_type == "DequantizeLinear"]
+    assert sum(len(n.input) == 3 for n in dql) == MATMULS_PER_LAYER * layers - 1       # int8 ones: symmetric
     spec = read_checkpoint(checkpoint(name))
     ref = ReferenceVLM(spec, torch.float32)
-    qllm = rtn_quantize(ref.llm, manifest["quant"]["group_size"], auto_group=True, zero_point=True)
-    assert all((q.zeros is None) == (n == "lm_head") for n, q in qllm.linears.items())
-    ref.llm = apply_quantized(ref.llm, qllm)
+    ref.llm = apply_quantized(ref.llm, _manifest_quantization(ref.llm, q))
     pipe = Pipeline(eng, int4_accuracy_level=0)
     embeds = _reference_inputs(spec, ref, "<image>\nWhat is this?", _images()[:1], pipe)
     logits, _ = pipe.llm.prefill("probe", embeds[0].numpy(), np.arange(embeds.shape[1]))
     np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
 
 
+def _manifest_quantization(llm, q: dict):
+    """RTN with the settings an engine's manifest records."""
+    qllm = rtn_quantize(llm, q["group_size"], auto_group=True, lm_head_bits=q["lm_head_bits"],
+                        zero_point=not q["symmetric"], int8=tuple(q["int8_linears"]))
+    assert all((w.zeros is None) == (w.bits == 8) for w in qllm.linears.values())
+    return qllm
+
+
 def test_int4_report_and_sizes(engine):
     eng = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None)
     report = json.load(open(os.path.join(eng, "export_report.json")))
     q = report["quant"]
-    assert q["method"] == "rtn" and q["bits"] == 4 and q["symmetric"] and q["lm_head_bits"] == 8
+    assert q["method"] == "rtn" and q["bits"] == 4 and not q["symmetric"] and q["lm_head_bits"] == 8
     r = q["report"]
     assert r["quantized_linears"] == 2 * LINEARS_PER_LAYER + 1 and r["lm_head_bits"] == 8
     embed = np.load(os.path.join(eng, "embed_tokens.npy"), mmap_mode="r")
     assert embed.dtype == np.float16 and report["embeddings_dtype"] == "float16"
     assert report["file_bytes"]["embed_tokens.npy"] < embed.size * 2 + 4096
     assert r["size_bytes"] < r["size_ref_bytes"]
-    # default G = 32 divides every K of the fixture: int4 codes + one fp16 scale per 32 weights
-    assert r["groups"] == [32] and r["bits_per_weight"] == {"decoder": 4 + 16 / 32, "lm_head": 8 + 16 / 32}
+    # CPU default: G = 64 divides every K of the fixture; int4 codes + an fp16 scale and an int4 zero point
+    # per 64 weights; int8 lm_head: codes + an fp16 scale. No int8 down_proj fits 4.5 bits at this size.
+    assert r["groups"] == [64] and r["bits_per_weight"] == {"decoder": 4 + 20 / 64, "lm_head": 8 + 16 / 64}
+    assert r["int8_linears"] == [] == q["int8_linears"]
     assert 0.0 <= r["top1_agreement"] <= 1.0 and r["n_eval_tokens"] > 0
     assert report["engine_bytes"] > 0
     # default accuracy level 4 (int8 activations) still answers
@@ -156,8 +169,9 @@ def test_int4_report_and_sizes(engine):
 
 
 def test_default_gate_is_issue_14s():
-    """The export (API and CLI) stops below 0.85 top-1 agreement or above +15 % perplexity, at G = 32."""
-    from export.build import ExportOptions
+    """The export (API and CLI) stops below 0.85 top-1 agreement or above +15 % perplexity; CPU engines
+    default to zero points at G = 64 and the 4.5 bits-per-weight budget."""
+    from export.build import ExportOptions, quant_defaults
     from export.llm_quant import QuantOptions
     from export.quality import DEFAULT_FLOOR
     from vila_edge.cli import parser
@@ -165,7 +179,9 @@ def test_default_gate_is_issue_14s():
     api = ExportOptions()
     assert (DEFAULT_FLOOR.min_top1_agreement, DEFAULT_FLOOR.max_ppl_increase_pct) == (0.85, 15.0)
     assert (api.min_top1_agreement, api.max_ppl_increase_pct) == (cli.min_top1, cli.max_ppl_increase) == (0.85, 15.0)
-    assert api.group_size == cli.group_size == QuantOptions().group_size == 32
+    assert api.group_size is None is cli.group_size and api.zero_point is None is cli.zero_point
+    assert quant_defaults("cpu", None, None) == (True, 64) and quant_defaults("cpu", False, None) == (False, 32)
+    assert api.max_bpw == cli.max_bpw == 4.5
     assert QuantOptions().floor == DEFAULT_FLOOR
 
 

@@ -43,7 +43,7 @@ def _export(args) -> int:
 
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
         dtype=args.dtype, quant=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
-        zero_point=args.zero_point,
+        zero_point=args.zero_point, max_bpw=None if args.max_bpw == 0 else args.max_bpw,
         target=args.target, template=args.template, token_order=args.token_order, progress=not args.quiet,
         calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
         max_ppl_increase_pct=None if args.no_quality_floor else args.max_ppl_increase,
@@ -86,11 +86,16 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     e.add_argument("--quant", choices=["none", "rtn", "awq"], default="none")
-    e.add_argument("--group-size", type=int, default=32)
+    e.add_argument("--group-size", type=int, default=None,
+                   help="int4 group size (default 64 with zero points, 32 without)")
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
                    help="lm_head with --quant rtn/awq: symmetric int8 (default), int4, or 0 = float")
-    e.add_argument("--zero-point", action="store_true",
-                   help="int4 linears with a zero point per group (+4/G bits per weight; not for TensorRT)")
+    e.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
+                   help="int4 linears with a zero point per group, +4/G bits per weight (default: on for "
+                        "--target cpu; TensorRT takes none)")
+    e.add_argument("--max-bpw", type=float, default=4.5,
+                   help="int8 for the outermost layers' down_proj while the decoder's bits per weight stay "
+                        "<= this (0: every decoder linear int4)")
     e.add_argument("--target", default="cpu")
     e.add_argument("--template", default=None, help="override the chat template")
     e.add_argument("--token-order", choices=["row", "column"], default=None,
