@@ -109,9 +109,9 @@ def test_rtn_and_apply_quantized():
     assert not any(f"{n}.weight" in qllm.state_dict for n in qllm.linears)
     ref = apply_quantized(model, qllm)
     for name, lin in decoder_linears(ref).items():
-        codes, scales, bits = qllm.linears[name]
-        assert qllm.linears[name].group == GROUP
-        assert torch.equal(lin.weight, dequantize(codes, scales))
+        q = qllm.linears[name]
+        assert q.group == GROUP and q.zeros is None
+        assert torch.equal(lin.weight, dequantize(q.codes, q.scales))
     head = qllm.linears[LM_HEAD]
     assert torch.equal(head.codes, quantize_symmetric(model.lm_head.weight, GROUP, bits=8)[0])
     assert torch.equal(ref.lm_head.weight, dequantize(head.codes, head.scales))
