@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from export.awq import awq_quantize, awq_transform
 from export.quality import QualityError, QualityFloor, QualityReport, windows
-from export.quantize import (LM_HEAD, QuantConfigError, apply_quantized, decoder_linears, dequantize,
+from export.quantize import (LM_HEAD, QuantConfigError, apply_quantized, decoder_linears, dequantize, int8_linears,
                              quantize_asymmetric, quantize_symmetric, resolve_group, rtn_quantize)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -66,6 +66,21 @@ def test_zero_point_hand_computed():
     assert codes.tolist() == [[-8, 7, 0, 7], [-8, 7, -8, -8]]
     expected = torch.tensor([[-5 * s0, 10 * s0, 8 * s1, 15 * s1], [0.0, 7.5, -15 * s0, -15 * s0]])
     torch.testing.assert_close(dequantize(codes, scales, zeros), expected, rtol=0, atol=0)
+
+
+def test_int8_linears_fill_the_bit_budget():
+    """Tiny Llama, G = 32: 2 layers x 40,960 weights (q, k, v, o 4,096; gate, up, down 8,192) at
+    4 + 16/32 = 4.5 bits; each int8 down_proj (8.5 bits) adds 8,192 * 4 / 81,920 = 0.4 bits per weight."""
+    model = tiny_model("llama")
+    down = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    assert int8_linears(model, GROUP, False, False, None) == [] == int8_linears(model, GROUP, False, False, 4.89)
+    assert int8_linears(model, GROUP, False, False, 4.9) == down[:1]
+    assert int8_linears(model, GROUP, False, False, 5.3) == down            # outermost first: 0, then L-1
+    # zero points: 4 + 20/32 = 4.625 per int4 weight, int8 (symmetric) adds 8192 * 3.875 / 81920
+    assert int8_linears(model, GROUP, False, True, 4.625 + 0.3875) == down[:1]
+    qllm = rtn_quantize(model, GROUP, int8=tuple(down[:1]), zero_point=True)
+    assert qllm.linears[down[0]].bits == 8 and qllm.linears[down[0]].zeros is None
+    assert qllm.linears[down[1]].bits == 4 and qllm.linears[down[1]].zeros is not None
 
 
 def test_codes_in_range_and_error_within_half_step():
