@@ -141,18 +141,9 @@ def _fold_scale(prev: nn.Module, lins: list[nn.Linear], s: Tensor) -> None:
         lin.weight.mul_(s.view(1, -1))
 
 
-def _clip_bounds(wg: Tensor, zp: bool) -> tuple[Tensor, Tensor]:
-    """The range a clip ratio shrinks, per group (last axis): [-absmax, absmax] for the symmetric
-    quantizer (llm-awq); [min, max] with a zero point, so both ends are trimmed, not only the larger."""
-    if zp:
-        return wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
-    absmax = wg.abs().amax(dim=-1, keepdim=True)
-    return -absmax, absmax
-
-
 def _search_clip(w: Tensor, x: Tensor, group: int, zp: bool) -> Tensor:
-    """Per (out row, group) clip ratio r [N, K/G] (weights clamped to r * _clip_bounds) minimising the
-    error of that group's partial dot product over up to 512 sampled tokens (auto_clip_layer)."""
+    """Per (out row, group) clip value [N, K/G] minimising the error of that group's partial dot
+    product over up to 512 sampled tokens (auto_clip_layer)."""
     n, k = w.shape
     ng = k // group
     x = x[::max(1, x.shape[0] // N_SAMPLE_TOKENS)][:N_SAMPLE_TOKENS]
@@ -161,25 +152,23 @@ def _search_clip(w: Tensor, x: Tensor, group: int, zp: bool) -> Tensor:
     for start in range(0, n, OC_BATCH):
         wg = w[start:start + OC_BATCH].reshape(-1, ng, group).transpose(0, 1)  # (K/G, b, G)
         org_out = torch.bmm(xg, wg.transpose(1, 2))  # (K/G, T, b)
-        lo, hi = _clip_bounds(wg, zp)  # (K/G, b, 1)
-        best_ratio, min_err = torch.ones_like(hi), torch.full_like(hi, float("inf"))
+        org_max = wg.abs().amax(dim=-1, keepdim=True)  # (K/G, b, 1)
+        best_max, min_err = org_max.clone(), torch.full_like(org_max, float("inf"))
         for i in range(int(MAX_SHRINK * N_GRID)):
-            ratio = 1 - i / N_GRID
-            clamped = torch.clamp(wg, lo * ratio, hi * ratio).reshape(-1, group)
+            max_val = org_max * (1 - i / N_GRID)
+            clamped = torch.clamp(wg, -max_val, max_val).reshape(-1, group)
             q = pseudo_quantize(clamped, group, zp).reshape(wg.shape)
             err = (torch.bmm(xg, q.transpose(1, 2)) - org_out).pow(2).mean(dim=1).unsqueeze(-1)  # (K/G, b, 1)
             better = err < min_err
-            min_err[better], best_ratio[better] = err[better], ratio
-        best.append(best_ratio.squeeze(-1).transpose(0, 1))  # (b, K/G)
+            min_err[better], best_max[better] = err[better], max_val[better]
+        best.append(best_max.squeeze(-1).transpose(0, 1))  # (b, K/G)
     return torch.cat(best)
 
 
-def _clip(lin: nn.Linear, ratio: Tensor, zp: bool) -> None:
+def _clip(lin: nn.Linear, max_val: Tensor) -> None:
     n, k = lin.weight.shape
-    wg = lin.weight.data.reshape(n, ratio.shape[1], -1)  # (N, K/G, G)
-    lo, hi = _clip_bounds(wg, zp)
-    r = ratio.unsqueeze(-1)
-    lin.weight.data = torch.clamp(wg, lo * r, hi * r).reshape(n, k)
+    wg = lin.weight.data.reshape(n, max_val.shape[1], -1)  # (N, K/G, G)
+    lin.weight.data = torch.clamp(wg, -max_val.unsqueeze(-1), max_val.unsqueeze(-1)).reshape(n, k)
 
 
 def _awq_layer(layer: nn.Module, prefix: str, samples: list[_Sample], gsize: dict[str, int], clip: bool,
@@ -199,7 +188,7 @@ def _awq_layer(layer: nn.Module, prefix: str, samples: list[_Sample], gsize: dic
     if clip:
         for name, lin in mods.items():
             if isinstance(lin, nn.Linear) and not name.endswith(CLIP_SKIP):
-                _clip(lin, _search_clip(lin.weight.data, torch.cat(feats[name]), gsize[prefix + name], zp), zp)
+                _clip(lin, _search_clip(lin.weight.data, torch.cat(feats[name]), gsize[prefix + name], zp))
     # llm-awq (pre_quant.run_awq) computes the next layer's input with this layer before any scale
     # or clip is applied: the float outputs, not those of the scaled+clipped or quantized layer.
     for s, out in zip(samples, outs):
