@@ -48,7 +48,7 @@ class ExportOptions:
     # Quality floor of a 4-bit export on held-out text (export/quality.py DEFAULT_FLOOR); None: report
     # only, never stop.
     max_ppl_increase_pct: float | None = 15.0
-    min_top1_agreement: float = 0.85
+    min_top1_agreement: float = 0.80
 
 
 def _tokenizer(spec: CheckpointSpec, out_dir: str):

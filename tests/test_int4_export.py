@@ -169,7 +169,7 @@ def test_int4_report_and_sizes(engine):
 
 
 def test_default_gate_is_issue_14s():
-    """The export (API and CLI) stops below 0.85 top-1 agreement or above +15 % perplexity; CPU engines
+    """The export (API and CLI) stops below 0.80 top-1 agreement or above +15 % perplexity; CPU engines
     default to zero points at G = 64 and the 4.5 bits-per-weight budget."""
     from export.build import ExportOptions, quant_defaults
     from export.llm_quant import QuantOptions
@@ -177,8 +177,8 @@ def test_default_gate_is_issue_14s():
     from vila_edge.cli import parser
     cli = parser().parse_args(["export", "ckpt", "out"])
     api = ExportOptions()
-    assert (DEFAULT_FLOOR.min_top1_agreement, DEFAULT_FLOOR.max_ppl_increase_pct) == (0.85, 15.0)
-    assert (api.min_top1_agreement, api.max_ppl_increase_pct) == (cli.min_top1, cli.max_ppl_increase) == (0.85, 15.0)
+    assert (DEFAULT_FLOOR.min_top1_agreement, DEFAULT_FLOOR.max_ppl_increase_pct) == (0.80, 15.0)
+    assert (api.min_top1_agreement, api.max_ppl_increase_pct) == (cli.min_top1, cli.max_ppl_increase) == (0.80, 15.0)
     assert api.group_size is None is cli.group_size and api.zero_point is None is cli.zero_point
     assert quant_defaults("cpu", None, None) == (True, 64) and quant_defaults("cpu", False, None) == (False, 32)
     assert api.max_bpw == cli.max_bpw == 4.5

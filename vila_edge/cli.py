@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--calib-dir", default=None, help="AWQ calibration images (+ prompts.txt, one per line)")
     e.add_argument("--max-ppl-increase", type=float, default=15.0,
                    help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text)")
-    e.add_argument("--min-top1", type=float, default=0.85, help="... or top-1 agreement falls below this")
+    e.add_argument("--min-top1", type=float, default=0.80, help="... or top-1 agreement falls below this")
     e.add_argument("--no-quality-floor", action="store_true", help="write the quality report but never stop")
     e.add_argument("--eval-tokens", type=int, default=4096,
                    help="held-out text tokens of the 4-bit quality report (a float and a quantized pass over "
