@@ -9,8 +9,8 @@ the outermost layers' down_proj int8 within 4.5 bits per decoder weight, int8 lm
 8 synthetic scenes and 8 x 256 text tokens) is measured with the export's own protocol (windows of
 256, stride 128) and must pass the default gate (>= 0.80 top-1 agreement, <= +15 % perplexity),
 reach TOP1 (issue 14 asks 0.85; measured 0.845 on 1,024 tokens) and beat round-to-nearest with the
-same settings. Sized for ~3 minutes on 2 idle CPU cores (AWQ's
-search is most of it).
+same settings. Heavy: ~18 CPU-minutes on this machine (AWQ's search over ~2.5k calibration tokens is most
+of it), a candidate for the slow marker.
 """
 import dataclasses
 
@@ -30,7 +30,8 @@ EVAL_TOKENS = 2048
 # int4 zero point per 64 (4.3125) except 5 down_projs (884,736 weights each) int8 + fp16 scale per 64
 # (8.25): 4.3125 + 5 * 884736 * 3.9375 / (30 * 3538944) = 4.4765625 <= 4.5 (a 6th would give 4.509).
 DECODER_BPW = 4.4765625
-TOP1 = 0.83             # regression floor above the gate: 0.845 measured on 1,024 tokens (SE ~0.012)
+TOP1 = 0.82             # regression floor above the gate: 0.845 measured on 1,024 tokens (SE ~0.012)
+MAX_PPL_PCT = 13.0      # +10.3 % measured on 1,024 tokens
 INT8 = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1, 2, 28, 29)]
 
 
@@ -61,6 +62,6 @@ def test_default_awq_export_passes_the_gate(smollm2_vila):
     DEFAULT_FLOOR.check(awq)          # raises QualityError, as the export would
     assert bpw["awq"] == bpw["rtn"] == {"decoder": DECODER_BPW, "lm_head": 8 + 16 / 64}
     assert sorted(n for n, q in qllm.linears.items() if q.bits == 8 and n != "lm_head") == INT8
-    assert awq.top1_agreement >= TOP1 and awq.ppl_increase_pct <= 12.5      # +10.3 % measured on 1,024 tokens
+    assert awq.top1_agreement >= TOP1 and awq.ppl_increase_pct <= MAX_PPL_PCT
     assert awq.top1_agreement > rtn.top1_agreement
     assert awq.ppl_increase_pct < rtn.ppl_increase_pct
