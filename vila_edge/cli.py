@@ -202,14 +202,15 @@ def _export(args) -> int:
     from vila_edge.targets import NOTICES
     if args.target in NOTICES:
         print(f"vila-edge: {NOTICES[args.target]}", file=sys.stderr)
-    quant = QuantOptions(**_given(method=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
-                                  embed_bits=args.embed_bits, calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
-                                  zero_point=args.zero_point, max_bpw=args.max_bpw,
-                                  max_ppl_increase_pct=args.max_ppl_increase, min_top1_agreement=args.min_top1))
+    given = _given(method=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
+                   embed_bits=args.embed_bits, calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
+                   zero_point=args.zero_point, max_bpw=args.max_bpw,
+                   max_ppl_increase_pct=args.max_ppl_increase, min_top1_agreement=args.min_top1)
+    if args.max_bpw == 0:
+        given["max_bpw"] = None      # every decoder linear int4
+    quant = QuantOptions(**given)
     if args.no_quality_floor:
         quant.max_ppl_increase_pct = None
-    if args.max_bpw == 0:
-        quant.max_bpw = None         # every decoder linear int4
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
         **_given(dtype=args.dtype, target=args.target, int4_accuracy_level=args.int4_accuracy_level,
                  template=args.template, token_order=args.token_order),
