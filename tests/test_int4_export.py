@@ -181,7 +181,7 @@ def _manifest_quantization(llm, q: dict):
     """RTN with the settings an engine's manifest records."""
     qllm = rtn_quantize(llm, q["group_size"], auto_group=True, lm_head_bits=q["lm_head_bits"],
                         zero_point=not q["symmetric"], int8=tuple(q["int8_linears"]))
-    assert all((w.zeros is None) == (w.bits == 8) for w in qllm.linears.values())
+    assert all((w.zeros is None) == (w.bits == 8 or q["symmetric"]) for w in qllm.linears.values())
     return qllm
 
 
