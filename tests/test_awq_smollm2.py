@@ -11,7 +11,8 @@ measured with the export's own protocol (quality.score_windows) and must pass th
 Sized for CI (~3-4 minutes on 2 idle cores): AWQ calibrates on 1 synthetic scene and 2 x 128 text
 tokens (the export: 8 scenes, 8 x 256) and the evaluation reads 512 tokens in windows of 128 (the
 export: 4,096 in windows of 256); benchmarks/quality_peers.py (make bench-quality) measures the
-export's full settings.
+export's full settings. Measured here: AWQ top-1 0.822, ppl +9.0 %; RTN 0.744, +26.1 % (2 min 46 s wall,
+151 s user CPU, 2.2 GB RSS on the shared 2-core machine).
 """
 import dataclasses
 
