@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 QUANT_TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
-               "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+               "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -62,13 +62,17 @@ def test_quantized_directory_round_trips(checkpoint, tmp_path):
     weights, quant, _ = quantize_llm(spec, opts.quant, chat_template_source(spec), False)
     got_w, got_q, info = read_quantized(quantize_stage(ckpt, str(tmp_path / "q"), opts))
     assert info["method"] == "rtn" and info["group_size"] == 32 and info["lm_head_bits"] == 8
+    assert info["symmetric"] is False and info["int8_linears"] == []       # cpu default: zero points
     assert sorted(got_w) == sorted(weights) and sorted(got_q) == sorted(quant)
     for k in weights:
         np.testing.assert_array_equal(got_w[k], weights[k])
-    for k, (codes, scales, group, bits) in quant.items():
+    for k, (codes, scales, group, bits, *zeros) in quant.items():
         np.testing.assert_array_equal(got_q[k][0], codes)
         np.testing.assert_array_equal(got_q[k][1], scales)
-        assert got_q[k][2:] == (group, bits)
+        assert got_q[k][2:4] == (group, bits) and len(got_q[k]) == 4 + len(zeros)
+        assert len(zeros) == (k != "lm_head")          # zero points on the int4 linears, not on lm_head
+        if zeros:
+            np.testing.assert_array_equal(got_q[k][4], zeros[0])
 
 
 def test_graphs_stage_refuses_a_missing_quantize_output(checkpoint, tmp_path, capsys):

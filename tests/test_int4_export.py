@@ -22,6 +22,8 @@ MATMULS_PER_LAYER = 4   # in the graph: qkv (fused), o, gate_up (fused), down
 # input and post-attention RMSNorm. ORT 1.31's CPU fusions give SimplifiedLayerNormalization; they
 # never form SkipSimplifiedLayerNormalization (its SkipLayerNormFusion matches LayerNormalization only).
 NORMS_PER_LAYER = 2
+# The standard-op graph TensorRT takes: symmetric int4 at G = 32, every decoder linear int4.
+SYMMETRIC = dict(zero_point=False, max_bpw=None)
 
 
 def _optimized_ops(eng, tmp_path) -> list:
@@ -33,7 +35,7 @@ def _optimized_ops(eng, tmp_path) -> list:
 @pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
 def test_matmulnbits_per_fused_linear(name, engine, tmp_path):
     """The standard-op graph (--target orin): ORT fuses each DequantizeLinear -> MatMul at load."""
-    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, target="orin")
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, target="orin", **SYMMETRIC)
     layers = Pipeline(eng).manifest.llm.layers
     nodes = _optimized_ops(eng, tmp_path)
     ops = [n.op_type for n in nodes]
@@ -88,17 +90,25 @@ def test_int4_packing_matches_onnx():
     assert pack_onnx(np.array([1, -1, -8], np.int8)) == bytes([0xF1, 0x08])
 
 
-@pytest.mark.parametrize("target", ["cpu", "orin"])
-@pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
-def test_int4_engine_matches_quantized_reference(name, target, checkpoint, engine):
-    """Greedy tokens equal, first-step logits within 1e-4 (activations kept float: accuracy level 0)."""
-    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, target=target, int4_accuracy_level=0)
+# (checkpoint, target, zero points): both graph variants with and without zero points on one fixture,
+# the other fixture (3x3 downsample, NVILA-Lite) on its default per target
+REFERENCE_CASES = [("vila1.5-3b-downsample", "cpu", False), ("vila1.5-3b-downsample", "cpu", True),
+                   ("vila1.5-3b-downsample", "orin", False), ("vila1.5-3b-downsample", "orin", True),
+                   ("nvila-lite-3x3", "cpu", True), ("nvila-lite-3x3", "orin", False)]
+
+
+@pytest.mark.parametrize("name, target, zero_point", REFERENCE_CASES)
+def test_int4_engine_matches_quantized_reference(name, target, zero_point, checkpoint, engine):
+    """Greedy tokens equal, first-step logits within 1e-4 (activations kept float: accuracy level 0), on
+    the fused (cpu: MatMulNBits with zero_points) and standard (orin: DequantizeLinear with an int4
+    zero point) graphs."""
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, target=target, int4_accuracy_level=0,
+                 zero_point=zero_point, max_bpw=None)
     spec = read_checkpoint(checkpoint(name))
     ref = ReferenceVLM(spec, torch.float32)
     manifest = json.load(open(os.path.join(eng, "manifest.json")))
-    assert manifest["quant"]["lm_head_bits"] == 8
-    ref.llm = apply_quantized(ref.llm, rtn_quantize(ref.llm, manifest["quant"]["group_size"], auto_group=True,
-                                                    lm_head_bits=8))
+    assert manifest["quant"]["lm_head_bits"] == 8 and manifest["quant"]["symmetric"] is not zero_point
+    ref.llm = apply_quantized(ref.llm, _manifest_quantization(ref.llm, manifest["quant"]))
     pipe = Pipeline(eng, int4_accuracy_level=0)
     images = scene_images()
     prompt = "<image>\nCompare it with <image>\nWhat changed?"
@@ -117,7 +127,8 @@ def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
     """--lm-head-bits 4 runs lm_head as a 4-bit MatMulNBits, 0 keeps it a float MatMul; both compute
     what the quantized reference with the same lm_head computes."""
     name = "vila1.5-3b-downsample"
-    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, lm_head_bits=lm_head_bits, int4_accuracy_level=0)
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, lm_head_bits=lm_head_bits, int4_accuracy_level=0,
+                 **SYMMETRIC)
     layers = Pipeline(eng).manifest.llm.layers
     nodes = _optimized_ops(eng, tmp_path)
     n_nbits = sum(n.op_type == "MatMulNBits" for n in nodes)
@@ -132,17 +143,63 @@ def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
     np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("target", ["cpu", "orin"])
+def test_zero_points_and_int8_linears_match_reference(target, checkpoint, engine, tmp_path):
+    """Zero points at G = 64 on every int4 linear and (budget 5.0 bits here: the fixture's linears are
+    small) layer 0's down_proj as symmetric int8, on both graphs: cpu writes MatMulNBits with a
+    zero_points input on the int4 ones; orin writes DequantizeLinear with an int4 zero point, which ORT
+    fuses into MatMulNBits. Both compute what the quantized reference built from the manifest computes."""
+    name = "vila1.5-3b-downsample"
+    eng = engine(name, quant="rtn", max_ppl_increase_pct=None, target=target, zero_point=True, max_bpw=5.0,
+                 int4_accuracy_level=0)
+    layers = Pipeline(eng).manifest.llm.layers
+    q = json.load(open(os.path.join(eng, "manifest.json")))["quant"]
+    assert (q["symmetric"], q["group_size"], q["int8_linears"]) == (False, 64, ["model.layers.0.mlp.down_proj"])
+    nodes = _optimized_ops(eng, tmp_path)
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    bits = [next((a.i for a in n.attribute if a.name == "bits"), 4) for n in nbits]
+    assert bits.count(4) == MATMULS_PER_LAYER * layers - 1 and bits.count(8) == 2       # + lm_head
+    assert "DequantizeLinear" not in [n.op_type for n in nodes]
+    # a zero_points input (the 4th) on exactly the int4 ones
+    assert [len(n.input) > 3 and n.input[3] != "" for n in nbits] == [b == 4 for b in bits]
+    source = onnx.load(os.path.join(eng, "llm.onnx"), load_external_data=False).graph.node
+    if target == "orin":
+        dql = [n for n in source if n.op_type == "DequantizeLinear"]
+        assert sum(len(n.input) == 3 for n in dql) == MATMULS_PER_LAYER * layers - 1   # int8 ones: symmetric
+    else:
+        assert sum(n.op_type == "MatMulNBits" for n in source) == MATMULS_PER_LAYER * layers + 1
+    spec = read_checkpoint(checkpoint(name))
+    ref = ReferenceVLM(spec, torch.float32)
+    ref.llm = apply_quantized(ref.llm, _manifest_quantization(ref.llm, q))
+    pipe = Pipeline(eng, int4_accuracy_level=0)
+    embeds = reference_inputs(spec, ref, "<image>\nWhat is this?", scene_images()[:1], pipe)
+    logits, _ = pipe.llm.prefill("probe", embeds[0].numpy(), np.arange(embeds.shape[1]))
+    np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
+
+
+def _manifest_quantization(llm, q: dict):
+    """RTN with the settings an engine's manifest records."""
+    qllm = rtn_quantize(llm, q["group_size"], auto_group=True, lm_head_bits=q["lm_head_bits"],
+                        zero_point=not q["symmetric"], int8=tuple(q["int8_linears"]))
+    assert all((w.zeros is None) == (w.bits == 8 or q["symmetric"]) for w in qllm.linears.values())
+    return qllm
+
+
 def test_int4_report_and_sizes(engine):
     eng = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None)
     report = json.load(open(os.path.join(eng, "export_report.json")))
     q = report["quant"]
-    assert q["method"] == "rtn" and q["bits"] == 4 and q["symmetric"] and q["lm_head_bits"] == 8
+    assert q["method"] == "rtn" and q["bits"] == 4 and not q["symmetric"] and q["lm_head_bits"] == 8
     r = q["report"]
     assert r["quantized_linears"] == 2 * LINEARS_PER_LAYER + 1 and r["lm_head_bits"] == 8
     embed = np.load(os.path.join(eng, "embed_tokens.npy"), mmap_mode="r")
     assert embed.dtype == np.float16 and report["embeddings_dtype"] == "float16"
     assert report["file_bytes"]["embed_tokens.npy"] < embed.size * 2 + 4096
     assert r["size_bytes"] < r["size_ref_bytes"]
+    # CPU default: G = 64 divides every K of the fixture; int4 codes + an fp16 scale and an int4 zero point
+    # per 64 weights; int8 lm_head: codes + an fp16 scale. No int8 down_proj fits 4.5 bits at this size.
+    assert r["groups"] == [64] and r["bits_per_weight"] == {"decoder": 4 + 20 / 64, "lm_head": 8 + 16 / 64}
+    assert r["int8_linears"] == [] == q["int8_linears"]
     # int4 barely moves a 2-layer random model (measured: top-1 0.998, ppl +0.05 %); 4096 tokens give
     # 4095 next-token predictions
     assert r["top1_agreement"] >= 0.95 and r["ppl_increase_pct"] < 5.0 and r["n_eval_tokens"] == 4095
@@ -154,6 +211,24 @@ def test_int4_report_and_sizes(engine):
     level4 = Pipeline(eng).chat(*ask, max_new_tokens=1)
     level0 = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None, int4_accuracy_level=0)
     assert level4 == Pipeline(level0).chat(*ask, max_new_tokens=1)
+
+
+def test_default_gate_is_issue_14s():
+    """The export (API and CLI) stops below 0.80 top-1 agreement or above +15 % perplexity; CPU engines
+    default to zero points at G = 64 and the 4.5 bits-per-weight budget, other targets to symmetric G = 32."""
+    from vila_edge.cli import parser
+    from vila_edge_export.options import ExportOptions, QuantOptions, quant_defaults
+    from vila_edge_export.quality import DEFAULT_FLOOR
+    cli = parser().parse_args(["export", "ckpt", "out"])
+    api = ExportOptions(quant=QuantOptions(method="awq"))
+    assert (DEFAULT_FLOOR.min_top1_agreement, DEFAULT_FLOOR.max_ppl_increase_pct) == (0.80, 15.0)
+    assert (api.quant.min_top1_agreement, api.quant.max_ppl_increase_pct) == (0.80, 15.0)
+    assert cli.group_size is None and cli.zero_point is None and cli.max_bpw is None   # only flags given
+    assert (api.quant.zero_point, api.quant.group_size, api.quant.max_bpw) == (True, 64, 4.5)
+    orin = ExportOptions(target="orin", quant=QuantOptions(method="awq")).quant
+    assert (orin.zero_point, orin.group_size) == (False, 32)
+    assert quant_defaults("cpu", None, None) == (True, 64) and quant_defaults("cpu", False, None) == (False, 32)
+    assert quant_defaults("cpu", True, 128) == (True, 128)
 
 
 @pytest.mark.slow
@@ -168,24 +243,30 @@ def test_quality_floor_stops_the_export(checkpoint, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (4, 128), (8, 16), (8, 64)])
-def test_fused_linear_takes_bits_and_group_from_each_tensor(bits, group):
+@pytest.mark.parametrize("bits, group, k, zero_point", [(4, 32, 256, False), (4, 64, 256, False),
+                                                     (4, 128, 256, False), (8, 16, 256, False),
+                                                     (8, 64, 256, False), (4, 32, 256, True),
+                                                     (4, 64, 256, True), (4, 32, 224, True)])
+def test_fused_linear_takes_bits_and_group_from_each_tensor(bits, group, k, zero_point):
     """vila_edge_export/onnx_llm_fused.linear: MatMulNBits with the tensor's own bits and block size computes
-    x @ (codes * scales).T (accuracy level 0: float activations)."""
+    x @ W.T, W = (codes - zeros) * scales (zeros packed as MatMulNBits' uint4 zero_points, an odd block
+    count (224 / 32 = 7) padding each row to a whole byte), at accuracy level 0 (float activations)."""
     import onnxruntime as ort
 
     from vila_edge_export.onnx_graph import Graph
     from vila_edge_export.onnx_llm_fused import MS, linear
-    rng = np.random.default_rng(bits * group)
-    n, k = 48, 256
+    rng = np.random.default_rng(bits * group + k + zero_point)
+    n = 48
     lo, hi = (-8, 8) if bits == 4 else (-127, 128)
     codes = rng.integers(lo, hi, (n, k)).astype(np.int8)
     scales = (rng.random((n, k // group)) * 0.01 + 0.001).astype(np.float32)
+    zeros = rng.integers(-8, 8, (n, k // group)).astype(np.int8) if zero_point else np.zeros_like(scales, np.int8)
     g = Graph("t", "float32")
-    g.output(linear(g, g.input("x", "float32", [1, "T", k]), "w", None, None, (codes, scales, group, bits),
+    quant = (codes, scales, group, bits) + ((zeros,) if zero_point else ())
+    g.output(linear(g, g.input("x", "float32", [1, "T", k]), "w", None, None, quant,
                     accuracy_level=0), "y", "float32", [1, "T", n])
     g.opsets = {MS: 1}
     sess = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((1, 3, k)).astype(np.float32)
-    w = codes.astype(np.float32) * np.repeat(scales, group, axis=1)
+    w = (codes.astype(np.float32) - np.repeat(zeros, group, axis=1)) * np.repeat(scales, group, axis=1)
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w.T, atol=1e-4, rtol=1e-4)

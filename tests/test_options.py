@@ -4,7 +4,7 @@ import pytest
 import vila_edge_export.build as build
 from vila_edge import cli
 from vila_edge_export import stages
-from vila_edge_export.options import DEFAULT_GROUP, ExportOptions, QuantOptions
+from vila_edge_export.options import DEFAULT_GROUP, DEFAULT_ZERO_POINT_GROUP, ExportOptions, QuantOptions
 from vila_edge.errors import ExportOptionError
 
 
@@ -27,7 +27,24 @@ def captured(monkeypatch):
 def test_cli_export_defaults_are_the_dataclasses(captured):
     assert cli.main(["export", "ckpt", "out"]) == 0
     assert captured[0] == ExportOptions()
-    assert captured[0].quant.group_size == DEFAULT_GROUP == 128
+    # the cpu target: zero points at G = 64, int8 outer down_projs within 4.5 bits, the issue-14 gate
+    q = captured[0].quant
+    assert (q.zero_point, q.group_size, q.max_bpw) == (True, DEFAULT_ZERO_POINT_GROUP, 4.5) and DEFAULT_GROUP == 32
+    assert (q.max_ppl_increase_pct, q.min_top1_agreement) == (15.0, 0.80)
+
+
+@pytest.mark.parametrize("flags, zero_point, group, max_bpw", [
+    (["--no-zero-point"], False, 32, 4.5),
+    (["--no-zero-point", "--group-size", "128"], False, 128, 4.5),
+    (["--zero-point", "--target", "orin"], True, 64, 4.5),
+    (["--target", "orin"], False, 32, 4.5),
+    (["--max-bpw", "0"], True, 64, None),
+    (["--max-bpw", "5"], True, 64, 5.0),
+])
+def test_cli_zero_point_and_bpw_flags(captured, flags, zero_point, group, max_bpw):
+    assert cli.main(["export", "ckpt", "out", "--quant", "rtn", *flags]) == 0
+    q = captured[0].quant
+    assert (q.zero_point, q.group_size, q.max_bpw) == (zero_point, group, max_bpw)
 
 
 def test_cli_export_flags_reach_the_options(captured):
@@ -43,6 +60,9 @@ def test_cli_export_flags_reach_the_options(captured):
 def test_stage_flags_default_to_the_dataclasses():
     opts = stages.options(stages.parser().parse_args(["graphs", "ckpt", "out"]))
     assert opts == ExportOptions()
+    given = stages.options(stages.parser().parse_args(["graphs", "ckpt", "out", "--zero-point", "false",
+                                                       "--max-bpw", "none"]))
+    assert (given.quant.zero_point, given.quant.group_size, given.quant.max_bpw) == (False, 32, None)
 
 
 @pytest.mark.parametrize("make, words", [
@@ -50,6 +70,7 @@ def test_stage_flags_default_to_the_dataclasses():
     (lambda: QuantOptions("none", lm_head_bits=8), "needs quant rtn or awq"),
     (lambda: QuantOptions("rtn", lm_head_bits=3), "lm_head_bits 3 unknown"),
     (lambda: QuantOptions("rtn", group_size=0), "group_size"),
+    (lambda: QuantOptions("rtn", max_bpw=0), "max_bpw"),
     (lambda: ExportOptions(dtype="bf16"), "dtype 'bf16' unknown"),
     (lambda: ExportOptions(target="tpu"), "target 'tpu' unknown"),
     (lambda: ExportOptions(int4_accuracy_level=5), "int4_accuracy_level 5 unknown"),

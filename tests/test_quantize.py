@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from vila_edge_export.awq import awq_quantize, awq_transform
 from vila_edge_export.quality import QualityError, QualityFloor, QualityReport, windows
 from vila_edge_export.quantize import (LM_HEAD, QuantConfigError, apply_quantized, decoder_linears, dequantize,
-                             quantize_symmetric, resolve_group, rtn_quantize)
+                                       int8_linears, quantize_asymmetric, quantize_symmetric, resolve_group,
+                                       rtn_quantize)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             vocab_size=128, max_position_embeddings=256)
@@ -54,6 +55,35 @@ def test_quantize_hand_computed():
     assert dequantize(codes, scales).tolist() == [[3.5, -1.0, 0.25, -0.875], [0.0, 0.0, -14.0, 6.0]]
 
 
+def test_zero_point_hand_computed():
+    """The group's range, widened to include 0, onto the 16 codes: s = (hi - lo) / 15, z = -8 - round(lo / s)."""
+    w = torch.tensor([[-1.0, 2.0, 0.5, 1.0],
+                      [0.0, 7.5, -3.0, -3.0]])
+    codes, scales, zeros = quantize_asymmetric(w, group=2)
+    # [-1, 2]: s 0.2, z -3; [0.5, 1] -> [0, 1]: s 1/15, z -8; [0, 7.5]: s 0.5, z -8; [-3, -3] -> [-3, 0]: s 0.2, z 7
+    s0, s1 = (torch.tensor(v, dtype=torch.float16).item() for v in (0.2, 1 / 15))   # fp16-rounded scales
+    torch.testing.assert_close(scales, torch.tensor([[s0, s1], [0.5, s0]]), rtol=0, atol=0)
+    assert zeros.tolist() == [[-3, -8], [-8, 7]]
+    assert codes.tolist() == [[-8, 7, 0, 7], [-8, 7, -8, -8]]
+    expected = torch.tensor([[-5 * s0, 10 * s0, 8 * s1, 15 * s1], [0.0, 7.5, -15 * s0, -15 * s0]])
+    torch.testing.assert_close(dequantize(codes, scales, zeros), expected, rtol=0, atol=0)
+
+
+def test_int8_linears_fill_the_bit_budget():
+    """Tiny Llama, G = 32: 2 layers x 40,960 weights (q, k, v, o 4,096; gate, up, down 8,192) at
+    4 + 16/32 = 4.5 bits; each int8 down_proj (8.5 bits) adds 8,192 * 4 / 81,920 = 0.4 bits per weight."""
+    model = tiny_model("llama")
+    down = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    assert int8_linears(model, GROUP, False, False, None) == [] == int8_linears(model, GROUP, False, False, 4.89)
+    assert int8_linears(model, GROUP, False, False, 4.9) == down[:1]
+    assert int8_linears(model, GROUP, False, False, 5.3) == down            # outermost first: 0, then L-1
+    # zero points: 4 + 20/32 = 4.625 per int4 weight, int8 (symmetric) adds 8192 * 3.875 / 81920
+    assert int8_linears(model, GROUP, False, True, 4.625 + 0.3875) == down[:1]
+    qllm = rtn_quantize(model, GROUP, int8=tuple(down[:1]), zero_point=True)
+    assert qllm.linears[down[0]].bits == 8 and qllm.linears[down[0]].zeros is None
+    assert qllm.linears[down[1]].bits == 4 and qllm.linears[down[1]].zeros is not None
+
+
 def test_codes_in_range_and_error_within_half_step():
     torch.manual_seed(1)
     w = torch.randn(64, 256) * torch.logspace(-4, 2, 256)  # magnitudes over six decades across groups
@@ -95,9 +125,9 @@ def test_rtn_and_apply_quantized():
     assert not any(f"{n}.weight" in qllm.state_dict for n in qllm.linears)
     ref = apply_quantized(model, qllm)
     for name, lin in decoder_linears(ref).items():
-        codes, scales, bits = qllm.linears[name]
-        assert qllm.linears[name].group == GROUP
-        assert torch.equal(lin.weight, dequantize(codes, scales))
+        q = qllm.linears[name]
+        assert q.group == GROUP and q.zeros is None
+        assert torch.equal(lin.weight, dequantize(q.codes, q.scales))
     head = qllm.linears[LM_HEAD]
     assert torch.equal(head.codes, quantize_symmetric(model.lm_head.weight, GROUP, bits=8)[0])
     assert torch.equal(ref.lm_head.weight, dequantize(head.codes, head.scales))

@@ -157,9 +157,15 @@ def add_export(sub) -> None:
     e.add_argument("--quant", choices=["none", "rtn", "awq"], default=None,
                    help="4-bit LLM weights: none, round-to-nearest, or AWQ (calibrated)")
     e.add_argument("--group-size", type=_number(int, 1), default=None,
-                   help="int4 quantization group size (default 128)")
+                   help="int4 quantization group size (default 64 with zero points, 32 without)")
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
                    help="lm_head with --quant rtn/awq: symmetric int8 (default), int4, or 0 = float")
+    e.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
+                   help="int4 linears with a zero point per group, +4/G bits per weight (default: on for "
+                        "--target cpu; TensorRT takes none)")
+    e.add_argument("--max-bpw", type=_number(float, 0), default=None,
+                   help="int8 for the outermost layers' down_proj while the decoder's bits per weight stay "
+                        "<= this (default 4.5; 0: every decoder linear int4)")
     e.add_argument("--target", type=_target, default=None,
                    help=f"engine target (choices: {', '.join(TARGETS)}; default cpu); cpu: LLM graph of ONNX Runtime contrib "
                         "ops (fused); orin: standard ops (TensorRT's parser; TensorRT engines are not built yet)")
@@ -172,7 +178,7 @@ def add_export(sub) -> None:
                    help="override the mlp_downsample token order (default from the checkpoint era)")
     e.add_argument("--calib-dir", default=None, help="AWQ calibration images (+ prompts.txt, one per line)")
     e.add_argument("--max-ppl-increase", type=_number(float, 0), default=None,
-                   help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text; default 25)")
+                   help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text; default 15)")
     e.add_argument("--min-top1", type=_number(float, 0, 1), default=None,
                    help="... or top-1 agreement falls below this (default 0.8)")
     e.add_argument("--no-quality-floor", action="store_true", help="write the quality report but never stop")
@@ -196,9 +202,13 @@ def _export(args) -> int:
     from vila_edge.targets import NOTICES
     if args.target in NOTICES:
         print(f"vila-edge: {NOTICES[args.target]}", file=sys.stderr)
-    quant = QuantOptions(**_given(method=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
-                                  embed_bits=args.embed_bits, calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
-                                  max_ppl_increase_pct=args.max_ppl_increase, min_top1_agreement=args.min_top1))
+    given = _given(method=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
+                   embed_bits=args.embed_bits, calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
+                   zero_point=args.zero_point, max_bpw=args.max_bpw,
+                   max_ppl_increase_pct=args.max_ppl_increase, min_top1_agreement=args.min_top1)
+    if args.max_bpw == 0:
+        given["max_bpw"] = None      # every decoder linear int4
+    quant = QuantOptions(**given)
     if args.no_quality_floor:
         quant.max_ppl_increase_pct = None
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(

@@ -109,7 +109,7 @@ def _scale_groups(layer: nn.Module, samples: list[_Sample]) -> list[_ScaleGroup]
     return groups
 
 
-def _search_scale(group: _ScaleGroup, lins: list[nn.Linear], gsizes: list[int], x: Tensor) -> Tensor:
+def _search_scale(group: _ScaleGroup, lins: list[nn.Linear], gsizes: list[int], x: Tensor, zp: bool) -> Tensor:
     """Best s [K] over s = mean|x| ** ratio, ratio in {0, 1/20, ..., 19/20}; ratio 0 is plain RTN."""
     x_mean_abs = x.abs().mean(0)  # [K]
     org_out = group.inspect(x)
@@ -119,7 +119,7 @@ def _search_scale(group: _ScaleGroup, lins: list[nn.Linear], gsizes: list[int], 
         s = x_mean_abs.pow(i / N_GRID).clamp(min=MIN_SCALE)
         s = s / (s.max() * s.min()).sqrt()
         for lin, w, g in zip(lins, originals, gsizes):
-            lin.weight.data = pseudo_quantize(w * s, g) / s
+            lin.weight.data = pseudo_quantize(w * s, g, zp) / s
         loss = (org_out - group.inspect(x)).float().pow(2).mean().item()
         if loss < best_loss:
             best_loss, best_s = loss, s
@@ -142,7 +142,7 @@ def _fold_scale(prev: nn.Module, lins: list[nn.Linear], s: Tensor) -> None:
         lin.weight.mul_(s.view(1, -1))
 
 
-def _search_clip(w: Tensor, x: Tensor, group: int) -> Tensor:
+def _search_clip(w: Tensor, x: Tensor, group: int, zp: bool) -> Tensor:
     """Per (out row, group) clip value [N, K/G] minimising the error of that group's partial dot
     product over up to 512 sampled tokens (auto_clip_layer)."""
     n, k = w.shape
@@ -157,7 +157,8 @@ def _search_clip(w: Tensor, x: Tensor, group: int) -> Tensor:
         best_max, min_err = org_max.clone(), torch.full_like(org_max, float("inf"))
         for i in range(int(MAX_SHRINK * N_GRID)):
             max_val = org_max * (1 - i / N_GRID)
-            q = pseudo_quantize(torch.clamp(wg, -max_val, max_val).reshape(-1, group), group).reshape(wg.shape)
+            clamped = torch.clamp(wg, -max_val, max_val).reshape(-1, group)
+            q = pseudo_quantize(clamped, group, zp).reshape(wg.shape)
             err = (torch.bmm(xg, q.transpose(1, 2)) - org_out).pow(2).mean(dim=1).unsqueeze(-1)  # (K/G, b, 1)
             better = err < min_err
             min_err[better], best_max[better] = err[better], max_val[better]
@@ -171,14 +172,15 @@ def _clip(lin: nn.Linear, max_val: Tensor) -> None:
     lin.weight.data = torch.clamp(wg, -max_val.unsqueeze(-1), max_val.unsqueeze(-1)).reshape(n, k)
 
 
-def _awq_layer(layer: nn.Module, prefix: str, samples: list[_Sample], gsize: dict[str, int], clip: bool) -> None:
+def _awq_layer(layer: nn.Module, prefix: str, samples: list[_Sample], gsize: dict[str, int], clip: bool,
+               zp: bool) -> None:
     """Search, fold and clip one decoder layer; advance `samples` to the next layer's inputs."""
     feats, outs = _run_layer(layer, samples)
     mods = dict(layer.named_modules())
     groups = _scale_groups(layer, samples)
     # As llm-awq's auto_scale_block: search every group on the unmodified layer, then fold all.
     scales = [_search_scale(g, [mods[n] for n in g.names], [gsize[prefix + n] for n in g.names],
-                            torch.cat(feats[g.feat]))
+                            torch.cat(feats[g.feat]), zp)
               for g in groups]
     for g, s in zip(groups, scales):
         _fold_scale(g.prev, [mods[n] for n in g.names], s)
@@ -187,7 +189,7 @@ def _awq_layer(layer: nn.Module, prefix: str, samples: list[_Sample], gsize: dic
     if clip:
         for name, lin in mods.items():
             if isinstance(lin, nn.Linear) and not name.endswith(CLIP_SKIP):
-                _clip(lin, _search_clip(lin.weight.data, torch.cat(feats[name]), gsize[prefix + name]))
+                _clip(lin, _search_clip(lin.weight.data, torch.cat(feats[name]), gsize[prefix + name], zp))
     # llm-awq (pre_quant.run_awq) computes the next layer's input with this layer before any scale
     # or clip is applied: the float outputs, not those of the scaled+clipped or quantized layer.
     for s, out in zip(samples, outs):
@@ -196,7 +198,8 @@ def _awq_layer(layer: nn.Module, prefix: str, samples: list[_Sample], gsize: dic
 
 @torch.no_grad()
 def awq_transform(model: nn.Module, calib_embeds: list[Tensor], group: int = DEFAULT_GROUP,
-                  auto_group: bool = False, clip: bool = True, progress: bool = True) -> nn.Module:
+                  auto_group: bool = False, clip: bool = True, progress: bool = True,
+                  zero_point: bool = False) -> nn.Module:
     """Fold AWQ scales (and, with clip, clamp weights) into `model` in place; returns it. Without
     clip the result computes the same function as before (up to float rounding)."""
     if type(model).__name__ not in SUPPORTED:
@@ -208,17 +211,19 @@ def awq_transform(model: nn.Module, calib_embeds: list[Tensor], group: int = DEF
              for name, lin in decoder_linears(model).items()}
     samples = _capture_first_inputs(model, calib_embeds)
     for i, layer in enumerate(tqdm(model.model.layers, desc="AWQ layers", disable=not progress)):
-        _awq_layer(layer, f"model.layers.{i}.", samples, gsize, clip)
+        _awq_layer(layer, f"model.layers.{i}.", samples, gsize, clip, zero_point)
     return model
 
 
 def awq_quantize(model: nn.Module, calib_embeds: list[Tensor], group: int = DEFAULT_GROUP,
                  progress: bool = True, auto_group: bool = False,
-                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS) -> QuantizedLLM:
+                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False, int8: tuple = ()) -> QuantizedLLM:
     """AWQ scale + clip search on a copy of `model`, then symmetric int4 of every decoder linear and
     round-to-nearest of lm_head (llm-awq searches only inside the decoder blocks)."""
-    folded = awq_transform(copy.deepcopy(model), calib_embeds, group, auto_group, clip=True, progress=progress)
-    return quantize_linears(folded, group, auto_group, method="awq", lm_head_bits=lm_head_bits)
+    folded = awq_transform(copy.deepcopy(model), calib_embeds, group, auto_group, clip=True, progress=progress,
+                           zero_point=zero_point)
+    return quantize_linears(folded, group, auto_group, method="awq", lm_head_bits=lm_head_bits,
+                            zero_point=zero_point, int8=int8)
 
 
 @torch.no_grad()

@@ -15,9 +15,10 @@ from PIL import Image, ImageDraw
 from vila_edge_export.awq import awq_quantize, text_calibration_embeds
 from vila_edge_export.calib_text import split_texts
 from vila_edge_export.checkpoint import CheckpointSpec
-from vila_edge_export.options import QuantOptions
-from vila_edge_export.quality import QualityFloor, compare, float_size_bytes, forward_windows, quantized_size_bytes
-from vila_edge_export.quantize import apply_quantized, rtn_quantize
+from vila_edge_export.options import QuantOptions, quant_options
+from vila_edge_export.quality import (EVAL_WINDOW, QualityFloor, bits_per_weight, compare, float_size_bytes,
+                                      forward_windows, quantized_size_bytes)
+from vila_edge_export.quantize import apply_quantized, int8_linears, rtn_quantize
 from vila_edge_export.reference import ReferenceVLM, hf_pixels
 from vila_edge_export.reference_s2 import image_features
 from vila_edge.families import DYNAMIC, PLACEHOLDER
@@ -77,35 +78,45 @@ def multimodal_embeds(ref: ReferenceVLM, template, images: list, prompts: list) 
     return out
 
 
-def _eval_ids(ref: ReferenceVLM, n_tokens: int) -> torch.Tensor:
-    ids = [i for t in split_texts("eval") for i in ref.tokenizer(t, add_special_tokens=False)["input_ids"]]
+def eval_ids(tokenizer, n_tokens: int) -> torch.Tensor:
+    """The first n_tokens ids of the held-out text: what every quality figure is measured on."""
+    ids = [i for t in split_texts("eval") for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
     return torch.tensor(ids[:n_tokens])
+
+
+def quantize_model(ref: ReferenceVLM, opts: QuantOptions, template_source: str | None, progress: bool):
+    """ref.llm (left as it is) -> QuantizedLLM with opts' method, group size and lm_head bits."""
+    model = ref.llm
+    opts = quant_options(opts)       # a bare QuantOptions: the CPU target's zero-point choice and group
+    int8 = tuple(int8_linears(model, opts.group_size, True, opts.zero_point, opts.max_bpw))
+    if opts.method == "rtn":
+        return rtn_quantize(model, opts.group_size, auto_group=True, lm_head_bits=opts.lm_head_bits,
+                            zero_point=opts.zero_point, int8=int8)
+    template = get_template(ref.spec.template, template_source)
+    images, prompts = _calib_inputs(opts)
+    calib = multimodal_embeds(ref, template, images[: opts.n_images], prompts)
+    if opts.n_text:
+        calib += text_calibration_embeds(model, ref.tokenizer, split_texts("calib"), opts.text_seqlen, opts.n_text)
+    return awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True,
+                        lm_head_bits=opts.lm_head_bits, zero_point=opts.zero_point, int8=int8)
 
 
 def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str | None, progress: bool) -> tuple:
     """-> (float weights {name: np fp32}, {linear: (codes, scales, G, bits)}, report dict)."""
     ref = ReferenceVLM(spec, torch.float32)
-    model = ref.llm
-    if opts.method == "rtn":
-        qllm = rtn_quantize(model, opts.group_size, auto_group=True, lm_head_bits=opts.lm_head_bits)
-    else:
-        template = get_template(spec.template, template_source)
-        images, prompts = _calib_inputs(opts)
-        calib = multimodal_embeds(ref, template, images[: opts.n_images], prompts)
-        if opts.n_text:
-            calib += text_calibration_embeds(model, ref.tokenizer, split_texts("calib"), opts.text_seqlen, opts.n_text)
-        qllm = awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True,
-                            lm_head_bits=opts.lm_head_bits)
+    qllm = quantize_model(ref, opts, template_source, progress)
     report = _quality(ref, qllm, opts)
     weights = {k: v.float().numpy() for k, v in qllm.state_dict.items()}
-    quant = {name: (q.codes.numpy(), q.scales.float().numpy(), q.group, q.bits) for name, q in qllm.linears.items()}
+    # (codes, scales, G, bits), + zeros for a linear with zero points (export/onnx_graph.py Graph.linear)
+    quant = {name: (q.codes.numpy(), q.scales.float().numpy(), q.group, q.bits)
+             + (() if q.zeros is None else (q.zeros.numpy(),)) for name, q in qllm.linears.items()}
     return weights, quant, report
 
 
 def _quality(ref: ReferenceVLM, qllm, opts: QuantOptions) -> dict:
     """The quality report of qllm against ref.llm on held-out text; leaves ref.llm quantized."""
-    window = min(256, ref.spec.llm.max_positions)
-    ids = _eval_ids(ref, opts.eval_tokens)
+    window = min(EVAL_WINDOW, ref.spec.llm.max_positions)
+    ids = eval_ids(ref.tokenizer, opts.eval_tokens)
     fp = forward_windows(ref.llm, ids, window, window // 2)
     float_bytes = float_size_bytes(ref.llm)
     # In place: ref.llm is not needed as float after this, and a copy of a 3B model in fp32 (12 GB)
@@ -117,6 +128,8 @@ def _quality(ref: ReferenceVLM, qllm, opts: QuantOptions) -> dict:
     result["groups"] = sorted({w.group for w in qllm.linears.values()})
     result["quantized_linears"] = len(qllm.linears)
     result["lm_head_bits"] = qllm.lm_head_bits
+    result["bits_per_weight"] = bits_per_weight(qllm)
+    result["int8_linears"] = sorted(n for n, q in qllm.linears.items() if q.bits == 8 and n != "lm_head")
     if opts.max_ppl_increase_pct is not None:
         floor = QualityFloor(opts.max_ppl_increase_pct, opts.min_top1_agreement)
         result["floor"] = asdict(floor)

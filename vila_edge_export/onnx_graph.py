@@ -80,15 +80,20 @@ class Graph:
 
     def linear(self, x: str, name: str, weight: np.ndarray, bias=None, quant=None) -> str:
         """x @ W.T (+ b). `weight` is [N, K] (nn.Linear); `quant` = (codes int8 [N,K], scales [N,K/G], G,
-        bits) stores it as symmetric int4/int8 DequantizeLinear(block_size=G) -> MatMul instead."""
+        bits[, zeros int8 [N,K/G]]) stores it as int4/int8 DequantizeLinear(block_size=G) -> MatMul
+        instead: symmetric, or with a zero point of the codes' type when `zeros` is given (not None)."""
         if quant is None:
             w = self.weight(name + ".weight", np.asarray(weight).T)                 # (K, N)
         else:
-            codes, scales, group, bits = quant
+            codes, scales, group, bits = quant[:4]
+            zeros = quant[4] if len(quant) > 4 else None
             q = name + ".qweight"
             self.inits.append(QUANT_TENSORS[bits](q, np.asarray(codes).T))          # (K, N) int4 / int8
-            s = self.weight(name + ".scales", np.asarray(scales).T)                 # (K/G, N)
-            w = self.op("DequantizeLinear", [q, s], axis=0, block_size=group)
+            inputs = [q, self.weight(name + ".scales", np.asarray(scales).T)]       # (K/G, N)
+            if zeros is not None:
+                inputs.append(name + ".zeros")
+                self.inits.append(QUANT_TENSORS[bits](inputs[-1], np.asarray(zeros).T))   # (K/G, N)
+            w = self.op("DequantizeLinear", inputs, axis=0, block_size=group)
         y = self.op("MatMul", [x, w])
         return y if bias is None else self.op("Add", [y, self.weight(name + ".bias", bias)])
 

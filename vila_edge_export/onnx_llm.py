@@ -78,9 +78,13 @@ def _concat_linears(w: dict, quant: dict, names: list) -> tuple:
     rows concatenated along N. int4 codes and scales concatenate exactly since groups run along K."""
     qs = [quant.get(n) for n in names]
     if any(q is not None for q in qs):
-        if any(q is None for q in qs) or len({q[2:] for q in qs}) != 1:
-            raise ValueError(f"{names}: fused linears need the same quantization (group size, bits)")
-        fused_q = (np.concatenate([q[0] for q in qs]), np.concatenate([q[1] for q in qs])) + qs[0][2:]
+        zeros = [q[4] if len(q) > 4 else None for q in qs if q is not None]
+        if (any(q is None for q in qs) or len({q[2:4] for q in qs}) != 1
+                or len({z is None for z in zeros}) != 1):
+            raise ValueError(f"{names}: fused linears need the same quantization (group size, bits, zero point)")
+        fused_q = (np.concatenate([q[0] for q in qs]), np.concatenate([q[1] for q in qs])) + qs[0][2:4]
+        if zeros[0] is not None:                                        # zero points run along N too
+            fused_q += (np.concatenate(zeros),)
         weight = None
     else:
         fused_q, weight = None, np.concatenate([w[n + ".weight"] for n in names])

@@ -32,7 +32,7 @@ DEFAULT_ACCURACY_LEVEL = 4
 
 
 def _pack_nbits(codes: np.ndarray, group: int, bits: int) -> tuple:
-    """Symmetric codes int8 [N, K] -> MatMulNBits' B uint8 [N, K/G, G*bits/8] with the default zero
+    """Codes int8 [N, K] (signed code range) -> MatMulNBits' B uint8 [N, K/G, G*bits/8] with the default zero
     point 2^(bits-1) added (unsigned codes), int4 two per byte, the even k in the low nibble."""
     n, k = codes.shape
     u = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8).reshape(n, k // group, group)
@@ -41,17 +41,34 @@ def _pack_nbits(codes: np.ndarray, group: int, bits: int) -> tuple:
     return np.ascontiguousarray(u)
 
 
+def _pack_zero_points(zeros: np.ndarray, bits: int) -> np.ndarray:
+    """Zero points int8 [N, K/G] (in the signed code range, W = (codes - zeros) * scales) -> MatMulNBits'
+    zero_points uint8 [N * ceil(K/G * bits / 8)]: shifted by 2^(bits-1) like the codes (B - zp is then
+    codes - zeros), int4 two blocks per byte, the even block in the low nibble, each row padded to a
+    whole byte (onnxruntime contrib_defs MatMulNBits; onnxruntime.quantization matmul_nbits_quantizer
+    packs its zero points the same way)."""
+    u = (zeros.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 4:
+        if u.shape[1] % 2:
+            u = np.pad(u, ((0, 0), (0, 1)), constant_values=8)         # the pad nibble: no block reads it
+        u = u[:, 0::2] | (u[:, 1::2] << 4)
+    return np.ascontiguousarray(u).reshape(-1)
+
+
 def linear(g: Graph, x: str, name: str, weight, bias=None, quant=None, accuracy_level=DEFAULT_ACCURACY_LEVEL) -> str:
-    """x @ W.T (+ b): MatMulNBits for a quantized weight (codes [N, K], scales [N, K/G], G, bits),
-    a MatMul on [K, N] otherwise."""
+    """x @ W.T (+ b): MatMulNBits for a quantized weight (codes [N, K], scales [N, K/G], G, bits[, zeros
+    int8 [N, K/G]]: W = (codes - zeros) * scales, symmetric without), a MatMul on [K, N] otherwise."""
     if quant is None:
         y = g.op("MatMul", [x, g.weight(name + ".weight", np.asarray(weight).T)])
     else:
-        codes, scales, group, bits = quant
+        codes, scales, group, bits = quant[:4]
+        zeros = quant[4] if len(quant) > 4 else None
         n, k = codes.shape
-        b = g.init(name + ".qweight", _pack_nbits(np.asarray(codes), group, bits))
-        s = g.weight(name + ".scales", np.asarray(scales).reshape(-1))           # (N * K/G,)
-        y = g.op("MatMulNBits", [x, b, s], domain=MS, K=k, N=n, bits=bits, block_size=group,
+        inputs = [x, g.init(name + ".qweight", _pack_nbits(np.asarray(codes), group, bits)),
+                  g.weight(name + ".scales", np.asarray(scales).reshape(-1))]       # (N * K/G,)
+        if zeros is not None:
+            inputs.append(g.init(name + ".zero_points", _pack_zero_points(np.asarray(zeros), bits)))
+        y = g.op("MatMulNBits", inputs, domain=MS, K=k, N=n, bits=bits, block_size=group,
                  accuracy_level=accuracy_level)
     return y if bias is None else g.op("Add", [y, g.weight(name + ".bias", bias)])
 

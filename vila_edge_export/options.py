@@ -4,14 +4,26 @@ Torch-free, so the command lines read their defaults from here without loading t
 `vila-edge export` passes only the flags a user gave, `python -m vila_edge_export.stages` makes
 one flag per field.
 """
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from vila_edge.errors import ExportOptionError
 from vila_edge.targets import TARGETS
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 METHODS = ("none", "rtn", "awq")
-DEFAULT_GROUP = 128  # llm-awq --q_group_size 128, ModelOpt INT4_AWQ_CFG block_sizes {-1: 128}
+# G = 32 (4.5 bits per weight with fp16 scales): llm-awq and ModelOpt default to 128, but on SmolLM2-135M
+# AWQ at G = 64/128 falls short of the export's quality gate and G = 32 passes it
+# (benchmarks/results/smollm2-vila/quality_peers.md); ORT GenAI's int4 and llama.cpp's Q4 use 32 too.
+DEFAULT_GROUP = 32
+# With a zero point per group (+4/G bits) G = 64: 4.3125 bits per weight, better than symmetric G = 32
+# (4.5) on SmolLM2, leaving room under the 4.5 budget for int8 outer down_projs (int8_linears).
+DEFAULT_ZERO_POINT_GROUP = 64
+ZERO_POINT_TARGETS = ("cpu",)     # engines run by ONNX Runtime (MatMulNBits takes uint4 zero points)
+DEFAULT_MAX_BPW = 4.5             # decoder bits per weight the int8 down_projs may spend (int8_linears)
+# The quality gate of a 4-bit export (issue 14): perplexity within +15 % of float, top-1 agreement
+# >= 0.80 (the default export measures 0.845 on SmolLM2); vila_edge_export/quality.py DEFAULT_FLOOR.
+DEFAULT_MAX_PPL_INCREASE_PCT = 15.0
+DEFAULT_MIN_TOP1 = 0.80
 # lm_head bits of a quantized export: int8 keeps the vocab projection (the most error-sensitive layer)
 # close to float at half its fp16 size, and ORT runs it as MatMulNBits(bits=8) instead of an fp32 MatMul.
 DEFAULT_LM_HEAD_BITS = 8
@@ -22,11 +34,18 @@ INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)   # MatMulNBits accuracy_level (ONNX Runt
 
 @dataclass
 class QuantOptions:
-    method: str = "none"             # "none" keeps every weight float; "rtn" / "awq": symmetric int4 linears
-    group_size: int = DEFAULT_GROUP
+    method: str = "none"             # "none" keeps every weight float; "rtn" / "awq": int4 linears
+    # None: DEFAULT_ZERO_POINT_GROUP with zero points, DEFAULT_GROUP without (quant_options)
+    group_size: int | None = None
     # 8 / 4: lm_head quantized like the linears (groups along K); 0: float. None: DEFAULT_LM_HEAD_BITS
     # for rtn/awq, 0 for none.
     lm_head_bits: int | None = None
+    # int4 decoder linears with a zero point per group (lm_head stays symmetric); None: on for the
+    # ZERO_POINT_TARGETS (quant_options)
+    zero_point: bool | None = None
+    # int8 for the outermost layers' down_proj while the decoder stays <= this many bits per weight;
+    # None: every decoder linear int4
+    max_bpw: float | None = DEFAULT_MAX_BPW
     embed_bits: int = 0              # 8 / 4: the token embedding table group-quantized (rtn/awq only); 0: float
     calib_dir: str | None = None     # AWQ calibration images + optional prompts.txt; default: synthetic scenes
     n_images: int = 8
@@ -35,13 +54,13 @@ class QuantOptions:
     eval_tokens: int = 4096          # held-out text tokens of the quality report (a float and a 4-bit pass)
     # Quality floor on held-out text: the export stops when perplexity rises more than this % over
     # float, or top-1 agreement falls below min_top1_agreement. None: report only, never stop.
-    max_ppl_increase_pct: float | None = 25.0
-    min_top1_agreement: float = 0.80
+    max_ppl_increase_pct: float | None = DEFAULT_MAX_PPL_INCREASE_PCT
+    min_top1_agreement: float = DEFAULT_MIN_TOP1
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ExportOptionError(f"quant {self.method!r} unknown; expected one of {METHODS}")
-        if self.group_size < 1:
+        if self.group_size is not None and self.group_size < 1:
             raise ExportOptionError(f"group_size must be >= 1, got {self.group_size}")
         if self.lm_head_bits is None:
             self.lm_head_bits = DEFAULT_LM_HEAD_BITS if self.method != "none" else 0
@@ -52,6 +71,8 @@ class QuantOptions:
                              f"weight float)")
         if self.embed_bits not in EMBED_BITS or (self.embed_bits and self.method == "none"):
             raise ExportOptionError(f"embed_bits {self.embed_bits!r}: expected 0 (float), or 8 / 4 with quant rtn or awq")
+        if self.max_bpw is not None and self.max_bpw <= 0:
+            raise ExportOptionError(f"max_bpw must be > 0 (or None: every decoder linear int4), got {self.max_bpw}")
         if self.eval_tokens < 2:
             raise ExportOptionError(f"eval_tokens must be >= 2, got {self.eval_tokens}")
 
@@ -81,6 +102,7 @@ class ExportOptions:
         if not isinstance(self.quant, QuantOptions):
             raise TypeError(f"quant must be a QuantOptions, got {type(self.quant).__name__} "
                             f"(e.g. ExportOptions(quant=QuantOptions(method='awq')))")
+        self.quant = quant_options(self.quant, self.target)
 
     @property
     def graph(self) -> str:
@@ -102,3 +124,17 @@ class ExportOptions:
         if quant:
             given["quant"] = QuantOptions(**quant)
         return cls(**given)
+
+
+def quant_defaults(target: str, zero_point: bool | None, group: int | None) -> tuple[bool, int]:
+    """(zero_point, G) of a 4-bit export: zero points where the target's runtime takes them (ORT's
+    MatMulNBits does; TensorRT's int4 does not, docs/contracts.md), G by that choice."""
+    zp = target in ZERO_POINT_TARGETS if zero_point is None else zero_point
+    return zp, group or (DEFAULT_ZERO_POINT_GROUP if zp else DEFAULT_GROUP)
+
+
+def quant_options(quant: QuantOptions, target: str = "cpu") -> QuantOptions:
+    """The one place export options become quantizer settings: `quant` with the target's zero-point
+    choice and group size filled in (unchanged when both are given)."""
+    zero_point, group = quant_defaults(target, quant.zero_point, quant.group_size)
+    return replace(quant, zero_point=zero_point, group_size=group)

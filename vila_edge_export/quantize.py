@@ -35,6 +35,7 @@ class QuantizedWeight(NamedTuple):
     codes: Tensor   # int8 [N, K], values in CODE_RANGE[bits]
     scales: Tensor  # float32 [N, K // G]
     bits: int = 4
+    zeros: Tensor | None = None   # int8 [N, K // G] in CODE_RANGE[bits] (zero point); None: symmetric
 
     @property
     def group(self) -> int:
@@ -51,6 +52,7 @@ class QuantizedLLM:
     method: str                          # "rtn" | "awq"
     group: int                           # requested G; a linear's own G is linears[name].group
     lm_head_bits: int = DEFAULT_LM_HEAD_BITS
+    zero_point: bool = False             # int4 decoder linears with a zero point per group
 
 
 def resolve_group(name: str, k: int, group: int, auto_group: bool) -> int:
@@ -84,17 +86,45 @@ def quantize_symmetric(w: Tensor, group: int, bits: int = 4) -> tuple[Tensor, Te
     return codes.reshape(n, k), scales.reshape(n, k // group)
 
 
-def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
-    """(codes [N, K], scales [N, K/G]) -> float32 [N, K]."""
+def quantize_asymmetric(w: Tensor, group: int, bits: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+    """w [N, K] -> (codes, scales, zeros): W ~= (codes - zeros[:, k // G]) * scales[:, k // G], the
+    group's range mapped onto all 2^bits codes (llm-awq's zero-point quantizer), codes and zeros stored
+    signed in CODE_RANGE[bits] (the unsigned code is signed + 2^(bits-1)). The range always includes 0,
+    as ORT's MatMul4BitsQuantizer does, so the zero point is a code: a group of one sign is not
+    crushed onto the code range's end."""
+    n, k = w.shape
+    if k % group:
+        raise QuantConfigError(f"K={k} is not a multiple of group size G={group}")
+    qmin, qmax = CODE_RANGE[bits]
+    wg = w.detach().float().reshape(n, k // group, group)
+    lo, hi = wg.amin(dim=-1, keepdim=True).clamp(max=0), wg.amax(dim=-1, keepdim=True).clamp(min=0)
+    scales = ((hi - lo).clamp(min=MIN_ABSMAX) / (qmax - qmin)).to(SCALE_STORAGE_DTYPE).float()
+    zeros = torch.clamp(qmin - torch.round(lo / scales), qmin, qmax)
+    codes = torch.clamp(torch.round(wg / scales) + zeros, qmin, qmax).to(torch.int8)
+    return codes.reshape(n, k), scales.reshape(n, k // group), zeros.to(torch.int8).reshape(n, k // group)
+
+
+def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor | None = None) -> Tensor:
+    """(codes [N, K], scales [N, K/G], zeros [N, K/G] or None) -> float32 [N, K]."""
     n, k = codes.shape
     groups = scales.shape[1]
-    wg = codes.float().reshape(n, groups, k // groups) * scales.float().reshape(n, groups, 1)  # (N, K/G, G)
-    return wg.reshape(n, k)
+    wg = codes.float().reshape(n, groups, k // groups)
+    if zeros is not None:
+        wg = wg - zeros.float().reshape(n, groups, 1)
+    return (wg * scales.float().reshape(n, groups, 1)).reshape(n, k)  # (N, K/G, G) -> (N, K)
 
 
-def pseudo_quantize(w: Tensor, group: int) -> Tensor:
-    """dequantize(quantize_symmetric(w)), in w's dtype: the weight the engine will compute with."""
-    return dequantize(*quantize_symmetric(w, group)).to(w.dtype)
+def quantize_group(w: Tensor, group: int, bits: int = 4, zero_point: bool = False) -> QuantizedWeight:
+    if zero_point:
+        codes, scales, zeros = quantize_asymmetric(w, group, bits)
+        return QuantizedWeight(codes, scales, bits, zeros)
+    return QuantizedWeight(*quantize_symmetric(w, group, bits), bits)
+
+
+def pseudo_quantize(w: Tensor, group: int, zero_point: bool = False) -> Tensor:
+    """The int4 weight the engine will compute with, in w's dtype."""
+    q = quantize_group(w, group, 4, zero_point)
+    return dequantize(q.codes, q.scales, q.zeros).to(w.dtype)
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -107,25 +137,60 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
             for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
-def quantized_targets(model: nn.Module, lm_head_bits: int) -> dict[str, tuple[nn.Linear, int]]:
-    """name -> (linear, bits): the decoder linears at 4 bits, plus lm_head unless lm_head_bits is 0."""
+def _bits_per_weight(bits: int, group: int, zero_point: bool) -> float:
+    return bits + (16 + (bits if zero_point else 0)) / group     # codes + fp16 scale (+ zero point)
+
+
+def int8_linears(model: nn.Module, group: int, auto_group: bool, zero_point: bool, max_bpw: float | None) -> list:
+    """Decoder linears that get int8 (symmetric) instead of int4 so that the decoder's bits per weight
+    stay <= max_bpw: mlp.down_proj of the layers at both ends of the stack, outermost first (0, L-1,
+    1, L-2, ...), as many as the budget holds. The first and last layers are the most sensitive to
+    quantization (llama.cpp's Q4_K_M gives ffn_down of the outer layers 6 bits, use_more_bits), and
+    down_proj is not fused with another linear in the graph. None or a budget the int4 weights already
+    exceed: no int8 linears."""
+    if max_bpw is None:
+        return []
+    lins = decoder_linears(model)
+    sizes = {n: lin.weight.numel() for n, lin in lins.items()}
+    total = sum(sizes.values())
+    bits = sum(sizes[n] * _bits_per_weight(4, resolve_group(n, lin.in_features, group, auto_group), zero_point)
+               for n, lin in lins.items())
+    n_layers = len(model.model.layers)
+    order = [i for pair in zip(range(n_layers), reversed(range(n_layers))) for i in pair][:n_layers]
+    chosen = []
+    for i in dict.fromkeys(order):
+        name = f"model.layers.{i}.mlp.down_proj"
+        g = resolve_group(name, lins[name].in_features, group, auto_group)
+        extra = sizes[name] * (_bits_per_weight(8, g, False) - _bits_per_weight(4, g, zero_point))
+        if (bits + extra) / total > max_bpw:
+            break
+        bits += extra
+        chosen.append(name)
+    return chosen
+
+
+def quantized_targets(model: nn.Module, lm_head_bits: int, int8: tuple = ()) -> dict[str, tuple[nn.Linear, int]]:
+    """name -> (linear, bits): the decoder linears at 4 bits (8 for those in `int8`), plus lm_head
+    unless lm_head_bits is 0."""
     if lm_head_bits not in LM_HEAD_BITS:
         raise QuantConfigError(f"lm_head_bits={lm_head_bits} unsupported; expected one of {LM_HEAD_BITS}")
-    targets = {name: (lin, 4) for name, lin in decoder_linears(model).items()}
+    targets = {name: (lin, 8 if name in int8 else 4) for name, lin in decoder_linears(model).items()}
     if lm_head_bits:
         targets[LM_HEAD] = (model.lm_head, lm_head_bits)
     return targets
 
 
 def quantize_linears(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: bool = False,
-                     method: str = "rtn", lm_head_bits: int = DEFAULT_LM_HEAD_BITS) -> QuantizedLLM:
+                     method: str = "rtn", lm_head_bits: int = DEFAULT_LM_HEAD_BITS,
+                     zero_point: bool = False, int8: tuple = ()) -> QuantizedLLM:
     """Quantize the decoder linears (and lm_head) of `model` as they are now (model is not modified).
     A tied lm_head is quantized from the float embedding table; the table itself stays float, rounded
     to EMBED_STORAGE_DTYPE."""
     linears = {}
-    for name, (lin, bits) in quantized_targets(model, lm_head_bits).items():
+    for name, (lin, bits) in quantized_targets(model, lm_head_bits, tuple(int8)).items():
         g = resolve_group(name, lin.in_features, group, auto_group)
-        linears[name] = QuantizedWeight(*quantize_symmetric(lin.weight, g, bits), bits)
+        # int8 (lm_head, the int8 decoder linears) stays symmetric: it needs no zero point to stay close to float
+        linears[name] = quantize_group(lin.weight, g, bits, zero_point and bits == 4)
     skip = {f"{name}.weight" for name in linears}
     state, copies = {}, {}
     for key, t in model.state_dict().items():
@@ -136,13 +201,14 @@ def quantize_linears(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: b
         state[key] = copies[t.data_ptr()]
     with torch.no_grad():               # in place: a float lm_head tied to the table is rounded with it
         state[EMBED_KEY].copy_(state[EMBED_KEY].to(EMBED_STORAGE_DTYPE))
-    return QuantizedLLM(state, linears, method, group, lm_head_bits)
+    return QuantizedLLM(state, linears, method, group, lm_head_bits, zero_point)
 
 
 def rtn_quantize(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: bool = False,
-                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS) -> QuantizedLLM:
-    """Round-to-nearest baseline: the symmetric quantizer with no scale or clip search."""
-    return quantize_linears(model, group, auto_group, method="rtn", lm_head_bits=lm_head_bits)
+                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False, int8: tuple = ()) -> QuantizedLLM:
+    """Round-to-nearest baseline: the quantizer with no scale or clip search."""
+    return quantize_linears(model, group, auto_group, method="rtn", lm_head_bits=lm_head_bits, zero_point=zero_point,
+                            int8=int8)
 
 
 def apply_quantized(model: nn.Module, qllm: QuantizedLLM, in_place: bool = False) -> nn.Module:
@@ -160,5 +226,6 @@ def apply_quantized(model: nn.Module, qllm: QuantizedLLM, in_place: bool = False
         for name, qw in qllm.linears.items():
             lin = targets[name][0]
             # A new Parameter, not copy_: a tied lm_head would otherwise overwrite the embedding table.
-            lin.weight = nn.Parameter(dequantize(qw.codes, qw.scales).to(lin.weight.dtype), requires_grad=False)
+            lin.weight = nn.Parameter(dequantize(qw.codes, qw.scales, qw.zeros).to(lin.weight.dtype),
+                                      requires_grad=False)
     return out.eval()

@@ -5,7 +5,8 @@
 QUANT_DIR holds two files:
   llm.safetensors     every float tensor of the LLM (folded norms, embeddings, biases, a float
                       lm_head) as fp32, and per quantized linear `<name>.qcodes` (int8 [N, K], values
-                      in the code range of its bits) and `<name>.qscales` (fp32 [N, K // G])
+                      in the code range of its bits), `<name>.qscales` (fp32 [N, K // G]) and, for a
+                      linear with zero points, `<name>.qzeros` (int8 [N, K // G] in [-8, 7])
   quant_config.json   method, group size, bits, lm_head bits, each linear's bits, the quality report
 The directory is written beside QUANT_DIR under a temporary name and renamed into place, so a
 stopped run (Ctrl-C, a quality floor) leaves nothing that looks finished.
@@ -21,17 +22,20 @@ from vila_edge.errors import CheckpointError
 
 WEIGHTS = "llm.safetensors"
 CONFIG = "quant_config.json"
-CODES, SCALES = ".qcodes", ".qscales"
+CODES, SCALES, ZEROS = ".qcodes", ".qscales", ".qzeros"
 
 
 def write_quantized(out_dir: str, weights: dict, quant: dict, info: dict) -> None:
-    """weights {name: np fp32}, quant {linear: (codes, scales, G, bits)}, info: the manifest's quant entry."""
+    """weights {name: np fp32}, quant {linear: (codes, scales, G, bits[, zeros])}, info: the manifest's
+    quant entry."""
     from safetensors.numpy import save_file
 
     tensors = {k: np.ascontiguousarray(v) for k, v in weights.items()}
-    for name, (codes, scales, _, _) in quant.items():
+    for name, (codes, scales, *rest) in quant.items():
         tensors[name + CODES] = np.ascontiguousarray(codes, dtype=np.int8)
         tensors[name + SCALES] = np.ascontiguousarray(scales, dtype=np.float32)
+        if len(rest) > 2:
+            tensors[name + ZEROS] = np.ascontiguousarray(rest[2], dtype=np.int8)
     save_file(tensors, os.path.join(out_dir, WEIGHTS))
     config = dict(info, linears={name: {"bits": int(q[3]), "group": int(q[2])} for name, q in quant.items()})
     with open(os.path.join(out_dir, CONFIG), "w", encoding="utf-8") as f:
@@ -39,7 +43,8 @@ def write_quantized(out_dir: str, weights: dict, quant: dict, info: dict) -> Non
 
 
 def read_quantized(quant_dir: str) -> tuple:
-    """-> (weights {name: np fp32}, {linear: (codes, scales, G, bits)}, info) as write_quantized took them."""
+    """-> (weights {name: np fp32}, {linear: (codes, scales, G, bits[, zeros])}, info) as write_quantized
+    took them."""
     from safetensors.numpy import load_file
 
     paths = [os.path.join(quant_dir, f) for f in (WEIGHTS, CONFIG)]
@@ -56,7 +61,10 @@ def read_quantized(quant_dir: str) -> tuple:
         if codes.shape[1] != scales.shape[1] * q["group"]:
             raise CheckpointError(f"{paths[0]}: {name} codes {codes.shape} and scales {scales.shape} do not match "
                                   f"group {q['group']} of {paths[1]}")
-        quant[name] = (codes, scales, q["group"], q["bits"])
+        zeros = tensors.pop(name + ZEROS, None)
+        if zeros is not None and zeros.shape != scales.shape:
+            raise CheckpointError(f"{paths[0]}: {name} zero points {zeros.shape} and scales {scales.shape} differ")
+        quant[name] = (codes, scales, q["group"], q["bits"]) + (() if zeros is None else (zeros,))
     return tensors, quant, info
 
 
@@ -69,8 +77,9 @@ def quantize_stage(checkpoint: str, out_dir: str, opts) -> str:
         raise ValueError("quant none has nothing to quantize: run the graphs stage on the checkpoint")
     spec = read_spec(checkpoint, opts)
     weights, quant, report = quantize_llm(spec, qopts, chat_template_source(spec), opts.progress)
-    info = {"method": qopts.method, "group_size": qopts.group_size, "bits": 4, "symmetric": True,
-            "lm_head_bits": qopts.lm_head_bits, "report": report}
+    # int8_linears: decoder linears stored as symmetric int8 (mixed precision, QuantOptions.max_bpw)
+    info = {"method": qopts.method, "group_size": qopts.group_size, "bits": 4, "symmetric": not qopts.zero_point,
+            "lm_head_bits": qopts.lm_head_bits, "int8_linears": report["int8_linears"], "report": report}
     with atomic_dir(out_dir, prefix=".quantize-") as tmp:
         write_quantized(tmp, weights, quant, info)
     return out_dir

@@ -23,6 +23,8 @@ def _flag_type(field: dataclasses.Field):
     kinds = [a for a in typing.get_args(field.type) if a is not type(None)]
     if not kinds:
         return field.type
+    if kinds[0] is bool:         # bool("false") is True: parse the word
+        return lambda text: None if text.lower() == "none" else text.lower() in ("1", "true", "yes", "on")
     return lambda text: None if text.lower() == "none" else kinds[0](text)
 
 
