@@ -12,6 +12,8 @@ from vila_edge.errors import GrammarError, IncompleteOutput
 from vila_edge.pipeline import Pipeline
 from vila_edge.sampling import GenerationConfig, Sampler
 
+from serving import tiny  # noqa: E402,F401  (the bundled model's engine, exported once per module)
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXAMPLE = os.path.join(ROOT, "models", "vila-tiny-shapes", "examples", "color.png")
 SCHEMA = {"type": "object", "properties": {
@@ -21,13 +23,6 @@ SCHEMA = {"type": "object", "properties": {
     "required": ["color", "count", "shapes"], "additionalProperties": False}
 
 
-@pytest.fixture(scope="module")
-def tiny(workdir):
-    from vila_edge_export.build import ExportOptions, export_engine
-    out = str(workdir / "engines" / "vila-tiny-shapes")
-    if not os.path.isfile(os.path.join(out, "manifest.json")):
-        export_engine(os.path.join(ROOT, "models", "vila-tiny-shapes"), out, ExportOptions(progress=False))
-    return out
 
 
 def _walk(grammars, cfg, vocab, seed, never=()):

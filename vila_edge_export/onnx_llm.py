@@ -143,18 +143,25 @@ def lm_head_rows(weights: dict, quant: dict) -> int:
     return weights.get("lm_head.weight", weights["model.embed_tokens.weight"]).shape[0]
 
 
-def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = None, hidden_output: bool = False) -> Graph:
-    """`weights`: HF state dict as numpy fp32; `quant`: linear name -> (codes, scales, group, bits),
-    "lm_head" included when the vocab projection is quantized (its float weight is then absent)."""
-    quant = quant or {}
-    g = Graph("vila_edge_llm", dtype)
-    hkv, d = spec.kv_heads, spec.head_dim
+def llm_inputs(g: Graph, spec: LLMSpec, dtype: str) -> dict:
+    """The LLM graph's inputs, the same in every variant (docs/contracts.md): embeddings [1, T, C],
+    positions, the past length and per layer the past K/V rows [P, Hkv, D]."""
     io = {"inputs_embeds": g.input("inputs_embeds", dtype, [1, "T", spec.hidden]),
           "position_ids": g.input("position_ids", "int64", [1, "T"]),
           "past_len": g.input("past_len", "int64", [])}
     for l in range(spec.layers):
         for kv in "kv":
-            io[f"past_{kv}_{l}"] = g.input(f"past_{kv}_{l}", dtype, ["P", hkv, d])
+            io[f"past_{kv}_{l}"] = g.input(f"past_{kv}_{l}", dtype, ["P", spec.kv_heads, spec.head_dim])
+    return io
+
+
+def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = None, hidden_output: bool = False) -> Graph:
+    """`weights`: HF state dict as numpy fp32; `quant`: linear name -> (codes, scales, group, bits),
+    "lm_head" included when the vocab projection is quantized (its float weight is then absent)."""
+    quant = quant or {}
+    g = Graph("vila_edge_llm", dtype)
+    hkv = spec.kv_heads
+    io = llm_inputs(g, spec, dtype)
     x = io["inputs_embeds"]
     n_new = g.op("Gather", [g.op("Shape", [x]), g.const(1)], axis=0)                     # scalar T
     n_past = g.op("Gather", [g.op("Shape", [io["past_k_0"]]), g.const(0)], axis=0)         # scalar P

@@ -20,7 +20,7 @@ import numpy as np
 
 from vila_edge_export.checkpoint import LLMSpec
 from vila_edge_export.onnx_graph import Graph
-from vila_edge_export.onnx_llm import SLICE_END, _concat_linears, _mask, _rms_norm, _rope_tables, _rotate, lm_head_rows
+from vila_edge_export.onnx_llm import SLICE_END, _concat_linears, _mask, _rms_norm, _rope_tables, _rotate, llm_inputs, lm_head_rows
 from vila_edge_export.quantize import LM_HEAD
 
 MS = "com.microsoft"
@@ -144,13 +144,8 @@ def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None
     MatMulNBits' (fixed in the file: ORT has no session option for explicit MatMulNBits nodes)."""
     quant = quant or {}
     g = Graph("vila_edge_llm_fused", dtype)
-    hkv, d = spec.kv_heads, spec.head_dim
-    io = {"inputs_embeds": g.input("inputs_embeds", dtype, [1, "T", spec.hidden]),
-          "position_ids": g.input("position_ids", "int64", [1, "T"]),
-          "past_len": g.input("past_len", "int64", [])}
-    for l in range(spec.layers):
-        for kv in "kv":
-            io[f"past_{kv}_{l}"] = g.input(f"past_{kv}_{l}", dtype, ["P", hkv, d])
+    hkv = spec.kv_heads
+    io = llm_inputs(g, spec, dtype)
     x = io["inputs_embeds"]
     n_new = g.op("Gather", [g.op("Shape", [x]), g.const(1)], axis=0)
     n_past = g.op("Gather", [g.op("Shape", [io["past_k_0"]]), g.const(0)], axis=0)
