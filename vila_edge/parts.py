@@ -29,7 +29,6 @@ from vila_edge.errors import ImageError, PromptError
 from vila_edge.text_ids import Segment
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-PLACEHOLDER = "<image>"
 
 
 @dataclass(frozen=True)
