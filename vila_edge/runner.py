@@ -42,6 +42,16 @@ class Tokens:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One sequence's part of a batched forward pass: its new positions start..start+len(tokens)-1,
+    the KV rows they write (`slots`) and the sequence's block table (its past)."""
+    tokens: Tokens
+    start: int
+    table: list
+    slots: np.ndarray
+
+
+@dataclass(frozen=True)
 class Buffer:
     """A runner allocation the memory ledger counts (vila_edge/memory.py)."""
     name: str
@@ -58,6 +68,15 @@ class LLMRunner(ABC):
     def forward(self, tokens: Tokens, start: int, table: list, slots: np.ndarray) -> np.ndarray:
         """Positions start..start+T-1 (their KV rows at `slots`, past in `table`'s blocks);
         returns the last position's logits [V'] float32."""
+
+    # Sequences one forward_batch call runs in one pass of the graph (1: a loop over forward).
+    max_batch: int = 1
+
+    def forward_batch(self, steps: list) -> np.ndarray:
+        """[Step] of different sequences -> each one's last-position logits [B, V'] float32, rows in
+        the order of `steps`. This default runs them one after another; a runner whose graph takes
+        several sequences at once overrides it (and `max_batch`)."""
+        return np.stack([self.forward(s.tokens, s.start, s.table, s.slots) for s in steps])
 
     @abstractmethod
     def copy_block(self, src: int, dst: int) -> None:
