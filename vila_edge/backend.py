@@ -1,8 +1,8 @@
 """The one small interface every inference backend implements: load a graph, run it on arrays.
 
-ONNX Runtime (CPU here, any ORT execution provider elsewhere) is the only backend today. The CUDA
-kernels (vila_edge/cuda) do not sit behind `run(feeds)`: they take device buffers and a stream and
-are not yet wired into the pipeline; TensorRT engines are not implemented.
+ONNX Runtime is the backend: its CPU provider, and its CUDA and TensorRT execution providers through
+the device runner (vila_edge/ort_device_runner.py, `run_with_iobinding` on device buffers). The CUDA
+kernels (vila_edge/cuda) do not sit behind `run(feeds)`: they take device buffers and a stream.
 """
 import os
 
@@ -49,6 +49,14 @@ class OrtSession:
         except self._errors as e:
             raise EngineError(f"{self.name}: ONNX Runtime failed to run this graph ({str(e)[:300]}); the engine "
                               f"file may be corrupt or from another model: rebuild the engine") from e
+
+    def run_with_iobinding(self, io, where: str = "") -> None:
+        """Run on buffers bound to `io` (vila_edge/ort_device_runner.py); outputs land where bound."""
+        try:
+            self.session.run_with_iobinding(io)
+        except self._errors as e:
+            raise EngineError(f"{self.name}: ONNX Runtime failed to run this graph{where} ({str(e)[:300]}); the "
+                              f"engine file may be corrupt or from another model: rebuild the engine") from e
 
     def input_dtype(self, name: str) -> np.dtype:
         for i in self.session.get_inputs():

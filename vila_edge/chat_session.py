@@ -39,7 +39,7 @@ class ChatSession:
         from vila_edge.pipeline import Pipeline
         a = self.args
         pipe = Pipeline(None if a.model == "bundled" else a.model, threads=a.threads, max_context=a.max_context,
-                        kv=KVConfig(block_size=a.block_size, budget=a.kv_budget))
+                        kv=KVConfig(block_size=a.block_size, budget=a.kv_budget), device=a.device)
         self.conv = pipe.conversation(a.system)
         try:
             if a.prompt is not None:

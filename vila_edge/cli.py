@@ -95,6 +95,10 @@ def add_chat(sub) -> None:
                    help="stop when the answer contains TEXT (repeatable; the model's stop tokens always apply)")
     c.add_argument("--threads", type=_number(int, 1), default=None,
                    help="ONNX Runtime threads (default: all CPUs)")
+    from vila_edge.devices import DEVICES
+    c.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the model runs: cpu (default); cuda / tensorrt on ONNX Runtime's GPU providers "
+                        "(experimental); cpu-iobinding: the GPU runner's code path on the CPU")
     c.add_argument("--block-size", type=_number(int, 1), default=kv["block_size"],
                    help=f"KV cache block size in tokens (default {kv['block_size']})")
     c.add_argument("--max-context", type=_number(int, 1), default=None,

@@ -105,3 +105,9 @@ class QuantConfigError(VilaEdgeError):
 
 class QualityError(VilaEdgeError):
     """A quantized model is below the configured quality floor."""
+
+
+class DeviceUnavailable(VilaEdgeError):
+    """A requested device (cuda, tensorrt) is not usable here: the message names what is missing
+    (onnxruntime-gpu, its CUDA or TensorRT execution provider, cuda-python, a GPU). Never a silent
+    fallback to the CPU."""

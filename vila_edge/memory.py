@@ -102,7 +102,7 @@ def plan(engine_dir: str, manifest, budget, block_size: int, max_context: int,
     """The ledger of an engine at these sizes; `budget`: KVConfig.budget (None, bytes, a preset name or a
     Target). Raises KVBudgetError when a device cannot hold one full context."""
     opts = opts or RunnerOptions()
-    runner = backend(manifest)
+    runner = backend(manifest, opts.device)
     weights = weight_files(engine_dir, manifest)
     fixed = [b for b in runner.llm_buffers(manifest, 0, block_size, max_context, opts) if b.name != "kv pool"]
     rows = fixed + [Buffer("activations (prefill chunk)", activation_bytes(manifest, max_context)),

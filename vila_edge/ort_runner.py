@@ -155,14 +155,15 @@ class OrtLLMRunner(LLMRunner):
 
 
 class OrtVisionRunner(VisionRunner):
-    def __init__(self, engine_dir: str, manifest, opts: RunnerOptions):
-        self.session = OrtSession(os.path.join(engine_dir, manifest.files["vision"]), opts.threads)
+    def __init__(self, engine_dir: str, manifest, opts: RunnerOptions, providers=("CPUExecutionProvider",)):
+        self.session = OrtSession(os.path.join(engine_dir, manifest.files["vision"]), opts.threads, providers)
         self.dtype = np.dtype(manifest.dtype)
         # Multi-scale engines: vision.onnx is the tower alone, projector.onnx projects merged maps.
         self.projector = None
         self._out = "image_features"
         if "projector" in manifest.files:
-            self.projector = OrtSession(os.path.join(engine_dir, manifest.files["projector"]), opts.threads)
+            self.projector = OrtSession(os.path.join(engine_dir, manifest.files["projector"]), opts.threads,
+                                        providers)
             self._out = "tower_features"
         else:
             engine_check.check_vision(self.session.session, manifest, os.path.join(engine_dir, manifest.files["vision"]),

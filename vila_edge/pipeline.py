@@ -71,9 +71,12 @@ def _release_held(llm, held: list) -> None:
 class Pipeline:
     def __init__(self, model: str | os.PathLike | None = None, *, threads: int | None = None,
                  max_context: int | None = None, kv: KVConfig | None = None, int4_accuracy_level: int | None = None,
-                 export_options: dict | None = None, progress: bool = True):
+                 export_options: dict | None = None, progress: bool = True, device: str = "cpu"):
         """`model`: None (the bundled model), an engine directory, or a checkpoint directory, exported
-        once (with `export_options`, e.g. {"dtype": "fp16"}) into a cache (vila_edge/cache.py)."""
+        once (with `export_options`, e.g. {"dtype": "fp16"}) into a cache (vila_edge/cache.py).
+        `device`: "cpu", or "cuda" / "tensorrt" (experimental, vila_edge/devices.py)."""
+        from vila_edge.devices import check_name
+        check_name(device)
         engine_dir = resolve_engine(model, export_options, progress)
         m = self.manifest = Manifest.load(engine_dir)
         self.engine_dir = engine_dir
@@ -87,10 +90,10 @@ class Pipeline:
         v = m.vision
         self.max_context = min(max_context or DEFAULT_CONTEXT, m.llm.max_positions)
         kv = kv or KVConfig()
-        opts = RunnerOptions(threads, int4_accuracy_level)
+        opts = RunnerOptions(threads, int4_accuracy_level, device=device)
         # One ledger sizes the pool: weights (every loaded file), runner buffers, activations, vision.
         self.memory = plan(engine_dir, m, kv.budget, kv.block_size, self.max_context, opts)
-        runners = backend(m)
+        runners = backend(m, device)
         self.vision = open_vision(m, runners.vision(engine_dir, m, opts))
         self.llm = LLMEngine(runners.llm(engine_dir, m, self.memory.num_blocks, kv.block_size, self.max_context,
                                          opts), kv)

@@ -105,6 +105,7 @@ class RunnerOptions:
     # graphs, whose DequantizeLinear -> MatMul ORT fuses at load; fused graphs fix it at export).
     int4_accuracy_level: int | None = None
     staging_contexts: int = 1        # full-context staging buffers for scattered block tables
+    device: str = "cpu"              # vila_edge/devices.py: cpu, cpu-iobinding, cuda, tensorrt
 
 
 def _ort():
@@ -115,11 +116,23 @@ def _ort():
 # target -> module factory with llm(engine_dir, manifest, num_blocks, block_size, max_context, opts),
 # vision(engine_dir, manifest, opts), llm_buffers(manifest, num_blocks, block_size, max_context, opts)
 # and image(engine_dir, manifest, opts) (VILA-U's generation graphs, vila_edge/ort_image_runner.py).
-RUNNERS = {"cpu": _ort, "orin": _ort}   # orin: ORT until the TensorRT runner lands
+RUNNERS = {"cpu": _ort, "orin": _ort}
 
 
-def backend(manifest):
-    """The runner module for an engine's target."""
+def _ort_device():
+    from vila_edge import ort_device_runner
+    return ort_device_runner
+
+
+# device (other than "cpu") -> module factory, the same functions as RUNNERS' (vila_edge/devices.py).
+DEVICE_RUNNERS = {"cpu-iobinding": _ort_device, "cuda": _ort_device, "tensorrt": _ort_device}
+
+
+def backend(manifest, device: str = "cpu"):
+    """The runner module for an engine's target on `device` ("cpu": by the engine's target)."""
+    if device != "cpu":
+        from vila_edge.devices import check_name
+        return DEVICE_RUNNERS[check_name(device)]()
     target = manifest.build.get("target", "cpu")
     if target not in RUNNERS:
         raise EngineError(f"engine target {target!r} has no runner in this build of vila_edge "
