@@ -203,9 +203,10 @@ def _export(args) -> int:
     if args.calib_dir is not None and not os.path.isdir(args.calib_dir):
         raise_usage(f"--calib-dir {args.calib_dir}: no such directory")
     read_checkpoint(args.checkpoint, args.template, args.token_order)    # its errors before any progress bar
-    from vila_edge.targets import NOTICES
-    if args.target in NOTICES:
-        print(f"vila-edge: {NOTICES[args.target]}", file=sys.stderr)
+    from vila_edge.targets import notice
+    line = notice(args.target or "cpu")
+    if line:
+        print(f"vila-edge: {line}", file=sys.stderr)
     given = _given(method=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
                    embed_bits=args.embed_bits, calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
                    zero_point=args.zero_point, max_bpw=args.max_bpw,

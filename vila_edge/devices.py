@@ -50,6 +50,19 @@ def tensorrt_found() -> bool:
     return ctypes.util.find_library("nvinfer") is not None
 
 
+def trt_builder_missing() -> str | None:
+    """None when this machine can build TensorRT engines through ORT (the export builds the cache),
+    else why not, as a phrase."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT is not installed here (no `import tensorrt`)"
+    import onnxruntime as ort
+    if PROVIDER["tensorrt"] not in ort.get_available_providers():
+        return f"this onnxruntime {ort.__version__} has no TensorRT execution provider"
+    return None
+
+
 def require(device: str) -> None:
     """Raise DeviceUnavailable unless everything `device` needs is installed and a GPU answers."""
     check_name(device)

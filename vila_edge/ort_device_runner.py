@@ -186,6 +186,9 @@ class DeviceVisionRunner(OrtVisionRunner):
         profile = None
         if opts.device == "tensorrt":
             from vila_edge.trt_profile import engine_profile
+            if "projector" in manifest.files:      # its profile would need the tower's width: not in the manifest
+                raise EngineError(f"{engine_dir}: multi-scale engines ({manifest.vision.multiscale}) do not run on "
+                                  f"device 'tensorrt' yet; use device 'cuda'")
             profile = engine_profile(engine_dir, manifest)["vision"]
         super().__init__(engine_dir, manifest, opts, providers(opts.device, engine_dir, manifest, profile))
         check_active(self.session.session, opts.device, os.path.join(engine_dir, manifest.files["vision"]))

@@ -173,7 +173,36 @@ def engine_stage(checkpoint: str, graphs: str, out: str, opts: ExportOptions, mo
         with open(os.path.join(tmp, FILES["report"]), "w") as f:
             json.dump({"quant": sidecar["quant"], "engine_bytes": sum(sizes.values()), "file_bytes": sizes,
                        "embeddings_dtype": sidecar["embeddings_dtype"]}, f, indent=2)
+    if opts.target == "orin":
+        build_trt_cache(out, manifest)     # after publishing: TensorRT keys its cache by the graph's path
     return manifest
+
+
+def tensorrt_profile(manifest: Manifest) -> dict:
+    """min/opt/max of every dynamic axis for TensorRT (vila_edge/trt_profile.py), for the runtime's
+    defaults: its context length (capped by the model), prefill chunk and KV block size."""
+    from vila_edge.llm import PREFILL_CHUNK, KVConfig
+    from vila_edge.pipeline import DEFAULT_CONTEXT
+    from vila_edge.trt_profile import profiles
+
+    return profiles(manifest, min(DEFAULT_CONTEXT, manifest.llm.max_positions), PREFILL_CHUNK, KVConfig().block_size)
+
+
+def build_trt_cache(engine_dir: str, manifest: Manifest) -> bool:
+    """Where TensorRT is installed, load the graphs on ORT's TensorRT provider once: that builds the
+    engine cache (engine_dir/trt_cache). False (nothing done) elsewhere: the first load on the device
+    builds it (vila_edge/targets.py says so). Experimental: not yet run on a machine with TensorRT."""
+    from vila_edge.backend import OrtSession
+    from vila_edge.devices import check_active, providers, trt_builder_missing
+
+    if trt_builder_missing() is not None:
+        return False
+    profile = manifest.build["tensorrt"]
+    for role in ("vision", "llm"):
+        path = os.path.join(engine_dir, manifest.files[role])
+        session = OrtSession(path, None, providers("tensorrt", engine_dir, manifest, profile[role]))
+        check_active(session.session, "tensorrt", path)
+    return True
 
 
 def _write_metadata(spec, tmp, sidecar: dict, opts) -> Manifest:
@@ -217,6 +246,8 @@ def _write_metadata(spec, tmp, sidecar: dict, opts) -> Manifest:
                "onnxruntime": onnxruntime.__version__,
                "checkpoint": os.path.abspath(spec.root), "projector": proj.kind,
                "special_tokens": list(special)})
+    if opts.target == "orin":
+        manifest.build["tensorrt"] = tensorrt_profile(manifest)
     manifest.write(tmp)
     return manifest
 
