@@ -11,13 +11,15 @@ CHECKPOINT ?= models/vila-tiny-shapes
 FIXTURE  ?= build/fixtures/vila1.5-3b-tiny
 OUT      ?= engines/$(notdir $(CHECKPOINT))-$(DTYPE)
 TARGET   ?= cpu
-DTYPE    ?= fp32
-QUANT    ?= none
+# TARGET=orin: the engine meant for TensorRT on the Jetson: fp16 activations (vision in fp16) and an
+# AWQ int4 LLM in the standard-op graph, unless DTYPE / QUANT say otherwise.
+DTYPE    ?= $(if $(filter orin,$(TARGET)),fp16,fp32)
+QUANT    ?= $(if $(filter orin,$(TARGET)),awq,none)
 LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak kernels bench-kernels bench bench-peers bench-quality bench-3b bench-nvila bench-kv train-tiny evaluate clean serve bench-serve bench-constrain engines-staged test-fast bench-vila-u
+.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak kernels bench-kernels bench bench-peers bench-quality bench-3b bench-nvila bench-kv train-tiny evaluate clean serve device-check bench-serve bench-constrain engines-staged test-fast bench-vila-u
 # Succeeds when $(1) is an engine this runtime reads (present, current format): stale engines are rebuilt.
 ENGINE_OK = $(BIN)/python -c "import sys; from vila_edge.manifest import Manifest; Manifest.load(sys.argv[1])" $(1) 2>/dev/null
 
@@ -41,7 +43,7 @@ setup: $(VENV)/.installed  ## create .venv and install vila_edge with its export
 fixture: setup  ## write a random-weight checkpoint: make fixture FIXTURE=build/fixtures/x KIND=nvila-lite|nvila|vila1.5-s2 SHAPE=tiny|vila1.5-3b|nvila-8b
 	$(BIN)/vila-edge fixture $(FIXTURE) --kind $(or $(KIND),vila1.5) --shape $(or $(SHAPE),tiny)
 
-engines: setup  ## checkpoint -> engine dir: make engines CHECKPOINT=dir OUT=engines/name TARGET=cpu DTYPE=fp32|fp16 QUANT=none|rtn|awq LM_HEAD_BITS=8|4|0
+engines: setup  ## checkpoint -> engine dir: make engines CHECKPOINT=dir OUT=engines/name TARGET=cpu|orin DTYPE=fp32|fp16 QUANT=none|rtn|awq LM_HEAD_BITS=8|4|0 (orin: fp16 + awq, TensorRT profile, cache where TensorRT is)
 	$(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --target $(TARGET) --dtype $(DTYPE) --quant $(QUANT) $(if $(LM_HEAD_BITS),--lm-head-bits $(LM_HEAD_BITS))
 
 $(RUNTIME_VENV)/.installed: pyproject.toml
@@ -165,6 +167,10 @@ kernels: setup  ## compile the CUDA kernels for sm_87 (Orin) and sm_90; prints r
 
 bench-kernels: kernels  ## kernel GB/s against the device's measured memcpy peak (needs a GPU)
 	$(BIN)/python -m benchmarks.bench_kernels
+
+# No venv and no pip: a bare GPU machine (CUDA, python3 with numpy, torch, cuda-python) runs it as is.
+device-check:  ## on a GPU machine: build kernels, GPU tests vs oracles, projector+splice vs the CPU engine, kernel GB/s JSON (< 8 min); elsewhere: what it can, and what it skipped
+	$(PYTHON) -m benchmarks.device_check $(if $(DEVICE_CHECK_OUT),--out $(DEVICE_CHECK_OUT))
 
 clean:  ## remove build outputs (engines, fixtures, compiled kernels)
 	rm -rf build engines/*/ 

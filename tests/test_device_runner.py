@@ -117,3 +117,29 @@ def test_pipeline_greedy_identical():
         for q in ["What color is the square?", "How many stars are there?"]:
             assert cb.send(EX + "color.png", q) == ca.send(EX + "color.png", q)
             assert cb.last_ids == ca.last_ids
+
+
+def test_device_image_spans_are_projected_into_the_bound_buffer(bundled_pair):
+    """The projector + splice launch path: a DeviceImage span (tower features in device memory) gives
+    the logits of the same image's projected rows passed from the host, whole and cut by a chunk.
+    HostProjector is GpuProjector's numpy twin (same call), so on a GPU only the kernel differs."""
+    from vila_edge.cuda import reference as ref
+    from vila_edge.device_splice import DeviceImage, HostProjector
+    z = np.load("tests/data/projector_bundled.npz")
+    w = ref.ProjectorWeights(int(z["merge"]), *[z[k] for k in ("ln0_g", "ln0_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b")])
+    tower = z["tower"][1:2]                                               # [1, S*S, C]
+    proj = HostProjector(w, int(np.sqrt(tower.shape[1])), str(z["order"]))
+    rows = ref.projector(tower, w, str(z["order"]), fp16_intermediates=True).astype(np.float16)[0]
+    _, dev = bundled_pair
+    x = dev.memory.alloc(tower.shape, np.float16)
+    dev.memory.upload(x.ptr, tower)
+    ids = np.array([1, 5, 6] + [-1] * len(rows) + [7, 8], np.int64)
+    on_host, on_device = Tokens(ids, ((3, rows),)), Tokens(ids, ((3, DeviceImage(x, proj)),))
+    for cuts in ([0, len(ids)], [0, 6, len(ids)]):                       # whole; cut inside the image
+        logits = []
+        for toks, table in ((on_host, [0, 1, 2, 3]), (on_device, [4, 5, 6, 7])):
+            for lo, hi in zip(cuts, cuts[1:]):
+                out = dev.forward(toks.slice(lo, hi), lo, table, slots_of(table, lo, hi - lo))
+            logits.append(out)
+        np.testing.assert_array_equal(logits[1], logits[0])
+    assert len(DeviceImage(x, proj)[2:5]) == 3 and DeviceImage(x, proj)[2:5].lo == 2

@@ -46,7 +46,7 @@ def test_tensorrt_provider_missing(monkeypatch):
 def test_cuda_python_missing(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: GPU_PROVIDERS)
     monkeypatch.setitem(__import__("sys").modules, "vila_edge.cuda.driver", None)     # import fails
-    with pytest.raises(DeviceUnavailable, match="device 'cuda': cuda-python is not installed.*vila-edge\\[gpu\\]"):
+    with pytest.raises(DeviceUnavailable, match="device 'cuda': cuda-python is not installed.*vila-edge\\[cuda\\]"):
         devices.require("cuda")
 
 

@@ -25,7 +25,7 @@ PROVIDER = {"cpu": "CPUExecutionProvider", "cpu-iobinding": "CPUExecutionProvide
 TRT_CACHE_DIR = "trt_cache"          # inside the engine directory (or the user cache when read-only)
 # TensorRT's runtime library names (TensorRT 10 and 8), for a check that needs no Python binding.
 TRT_LIBS = ("libnvinfer.so.10", "libnvinfer.so.8")
-GPU_EXTRA = "pip install 'vila-edge[gpu]' (cuda-python)"
+GPU_EXTRA = "pip install 'vila-edge[cuda]' (cuda-python)"
 
 
 def check_name(device: str) -> str:

@@ -13,6 +13,9 @@ the last position's logits row; the KV never leaves the device:
   output may share rows with the past input beyond past_len: those rows are masked (additive finite
   mask, vila_edge_export/onnx_llm.py), so what the graph reads there never reaches the result.
 Pool layout as docs/contracts.md: [L, 2, NB, BS, Hkv, D]; the (layer, K|V) slabs are `pitch` bytes apart.
+- image rows: a span given as a DeviceImage (vila_edge/device_splice.py) is projected by the projector
+  + splice kernel straight into the bound inputs_embeds buffer (GpuProjector on cuda, its numpy twin
+  on cpu-iobinding).
 """
 import os
 import threading
@@ -21,6 +24,8 @@ import numpy as np
 
 from vila_edge import engine_check
 from vila_edge.backend import OrtSession
+from vila_edge.device_memory import Region
+from vila_edge.device_splice import DeviceImage
 from vila_edge.devices import check_active, providers, require
 from vila_edge.embeddings import EmbeddingTable
 from vila_edge.errors import EngineError
@@ -100,6 +105,7 @@ class DeviceLLMRunner(LLMRunner):
         self._logits = np.zeros((1, m.llm.logits_size), ORT_DTYPES[outs["logits"].type])
         self._hidden_out = np.zeros((1, m.llm.hidden), np.float32) if "hidden" in outs else None
         self._thread = threading.local()
+        self._image_rows = None            # scratch for device images a prefill chunk cuts (_project)
         self._lock = threading.Lock()      # one set of I/O buffers and one stream: one pass at a time
 
     @property
@@ -140,11 +146,18 @@ class DeviceLLMRunner(LLMRunner):
         T, bs = len(tokens), self.layout.block_size
         if not 1 <= T <= PREFILL_CHUNK or len(slots) != T:
             raise EngineError(f"device runner: {T} positions with {len(slots)} slots; a pass takes 1..{PREFILL_CHUNK}")
+        # Spans of device images are projected on the device after the upload (zeros hold their place).
+        on_device = [(o, r) for o, r in tokens.spans if isinstance(r, DeviceImage)]
+        if on_device:
+            tokens = Tokens(tokens.ids, tuple((o, np.zeros((len(r), self.embeddings.width), self.embeds_dtype))
+                                              if isinstance(r, DeviceImage) else (o, r) for o, r in tokens.spans))
         embeds = self.embed(tokens)
         n = max(1, -(-start // bs))          # the graph's past is never empty: >= 1 block
         with self._lock:
             self.memory.make_current()
             self.memory.upload(self.embeds_buffer.ptr, embeds)
+            for offset, image in on_device:
+                self._project(image, offset)
             past, past_pitch = self._past(list(table[:n]))
             new, new_pitch, scatter = self._new_rows(np.asarray(slots))
             io = self._bind(T, start, n * bs, past, past_pitch, new, new_pitch)
@@ -156,6 +169,26 @@ class DeviceLLMRunner(LLMRunner):
                                        new_pitch, count * self._row, self._slabs)
             self._thread.value = None if self._hidden_out is None else self._hidden_out[0].copy()
             return self._logits[0].astype(np.float32)
+
+    def _project(self, image: DeviceImage, offset: int) -> None:
+        """The projector kernel writes image rows at `offset` of the bound inputs_embeds buffer; a cut
+        image goes whole into scratch first and the chunk's rows are copied from there."""
+        if self.embeds_dtype != np.float16:
+            raise EngineError(f"{self.engine_dir}: the projector kernel writes fp16 rows; this engine's LLM takes "
+                              f"{np.dtype(self.embeds_dtype).name} (export with --dtype fp16)")
+        H = self.embeddings.width
+        stream = getattr(self.memory, "stream", None)
+        emb = Region(self.embeds_buffer.ptr, (PREFILL_CHUNK, H), np.dtype(np.float16), None)
+        if image.whole:
+            image.projector(image.x, emb, np.array([offset], np.int32), stream)
+            return
+        T = image.projector.tokens_per_image
+        if self._image_rows is None or self._image_rows.shape[0] < T:
+            self._image_rows = self.memory.alloc((T, H), np.float16)      # once per image size, not per step
+        scratch = Region(self._image_rows.ptr, (T, H), np.dtype(np.float16), None)
+        image.projector(image.x, scratch, np.array([0], np.int32), stream)
+        row = H * 2
+        self.memory.copy2d(emb.ptr + offset * row, 0, scratch.ptr + image.lo * row, 0, len(image) * row, 1)
 
     def _bind(self, T: int, start: int, P: int, past: int, past_pitch: int, new: int, new_pitch: int):
         mem, dev, kv = self.memory, self.memory.device_type, self._kv
