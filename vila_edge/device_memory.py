@@ -79,6 +79,11 @@ class CudaMemory:
         from cuda.bindings import driver as cu
 
         from vila_edge.cuda.driver import check
+        if height == 1:
+            check(cu.cuMemcpyDtoDAsync(dst, src, width, self.stream.handle), f"cuMemcpyDtoDAsync({width} bytes)")
+            return
+        # Pitches are per-(layer, K|V) slabs of the pool: below the driver's 2 GiB pitch limit for
+        # pools up to 2 GiB per layer.
         p = cu.CUDA_MEMCPY2D()
         p.srcMemoryType = p.dstMemoryType = cu.CUmemorytype.CU_MEMORYTYPE_DEVICE
         p.srcDevice, p.srcPitch, p.dstDevice, p.dstPitch = src, spitch, dst, dpitch

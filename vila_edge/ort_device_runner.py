@@ -162,6 +162,7 @@ class DeviceLLMRunner(LLMRunner):
             new, new_pitch, scatter = self._new_rows(np.asarray(slots))
             io = self._bind(T, start, n * bs, past, past_pitch, new, new_pitch)
             self.session.run_with_iobinding(io, f" on device {self.opts.device!r}")
+            io.synchronize_outputs()         # the host-bound logits row is complete before it is read
             if scatter is not None:
                 pool_pitch = self.num_blocks * self._block
                 for k, slot, count in scatter:
@@ -187,8 +188,8 @@ class DeviceLLMRunner(LLMRunner):
             self._image_rows = self.memory.alloc((T, H), np.float16)      # once per image size, not per step
         scratch = Region(self._image_rows.ptr, (T, H), np.dtype(np.float16), None)
         image.projector(image.x, scratch, np.array([0], np.int32), stream)
-        row = H * 2
-        self.memory.copy2d(emb.ptr + offset * row, 0, scratch.ptr + image.lo * row, 0, len(image) * row, 1)
+        row, width = H * 2, len(image) * H * 2
+        self.memory.copy2d(emb.ptr + offset * row, width, scratch.ptr + image.lo * row, width, width, 1)
 
     def _bind(self, T: int, start: int, P: int, past: int, past_pitch: int, new: int, new_pitch: int):
         mem, dev, kv = self.memory, self.memory.device_type, self._kv
