@@ -35,7 +35,8 @@ class HostMemory:
 
     def alloc(self, shape, dtype) -> Region:
         import onnxruntime as ort
-        a = np.zeros(shape, dtype)             # touch every page now, as the numpy pool does
+        a = np.empty(shape, dtype)
+        a.fill(0)                              # touch every page now (np.zeros would map them lazily)
         return Region(a.ctypes.data, tuple(shape), np.dtype(dtype), ort.OrtValue.ortvalue_from_numpy(a))
 
     def upload(self, dst: int, host: np.ndarray) -> None:
