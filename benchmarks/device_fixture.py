@@ -47,9 +47,10 @@ def main(argv=None) -> int:
         tower = ReferenceVLM(spec).tower_features(torch.from_numpy(pixels.astype(np.float32))).numpy()  # [N, S*S, C]
     vision = OrtSession(os.path.join(engine, m.files["vision"]), 1)
     features = vision.run({"pixel_values": pixels})["image_features"]   # [N, T, H]
-    weights = {KEYS[k]: v.float().numpy().astype(np.float16) for k, v in load_weights(spec.path("mm_projector")).items()}
-    np.savez_compressed(args.out, pixels=pixels, tower=tower.astype(np.float16), engine_features=features.astype(np.float16),
-                        merge=spec.projector.merge, order=spec.projector.token_order, engine_dtype=m.dtype, **weights)
+    weights = {KEYS[k]: v.float().numpy().astype(np.float16)
+               for k, v in load_weights(spec.path("mm_projector")).items()}
+    np.savez_compressed(args.out, pixels=pixels, tower=tower.astype(np.float16),
+                        engine_features=features.astype(np.float16), merge=spec.projector.merge, order=spec.projector.token_order, engine_dtype=m.dtype, **weights)
     print(f"wrote {args.out}: {len(IMAGES)} images, tower {list(tower.shape)}, features {list(features.shape)}")
     return 0
 

@@ -52,7 +52,8 @@ def test_cuda_python_missing(monkeypatch):
 
 def test_silent_cpu_fallback_is_refused():
     fell_back = types.SimpleNamespace(get_providers=lambda: ["CPUExecutionProvider"])
-    with pytest.raises(DeviceUnavailable, match="did not start CUDAExecutionProvider .*running on CPUExecutionProvider"):
+    with pytest.raises(DeviceUnavailable,
+                       match="did not start CUDAExecutionProvider .*running on CPUExecutionProvider"):
         devices.check_active(fell_back, "cuda", "llm.onnx")
     devices.check_active(types.SimpleNamespace(get_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]),
                          "cuda", "llm.onnx")
@@ -76,7 +77,8 @@ def test_profile_shapes_by_hand():
     assert len(p["llm"]) == 2 + 2 * 4
     assert p["vision"] == {"pixel_values": {"min": [1, 3, 96, 96], "opt": [1, 3, 96, 96], "max": [1, 3, 96, 96]}}
     assert profiles(m, 100, 512, 16)["llm"]["inputs_embeds"]["max"] == [1, 100, 256]   # chunk <= context
-    opts = provider_shapes({"a": {"min": [1, 2], "opt": [3, 2], "max": [9, 2]}, "b": {"min": [1], "opt": [1], "max": [4]}})
+    opts = provider_shapes({"a": {"min": [1, 2], "opt": [3, 2], "max": [9, 2]},
+                            "b": {"min": [1], "opt": [1], "max": [4]}})
     assert opts == {"trt_profile_min_shapes": "a:1x2,b:1", "trt_profile_opt_shapes": "a:3x2,b:1",
                     "trt_profile_max_shapes": "a:9x2,b:4"}
 
