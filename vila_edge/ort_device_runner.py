@@ -12,10 +12,11 @@ the last position's logits row; the KV never leaves the device:
   they are consecutive, else to a scratch buffer scattered into the pool after the run. A bound
   output may share rows with the past input beyond past_len: those rows are masked (additive finite
   mask, vila_edge_export/onnx_llm.py), so what the graph reads there never reaches the result.
-Pool layout as docs/contracts.md: [L, 2, NB, BS, Hkv, D]; the (layer, K|V) slabs are `pitch` bytes apart.
 - image rows: a span given as a DeviceImage (vila_edge/device_splice.py) is projected by the projector
   + splice kernel straight into the bound inputs_embeds buffer (GpuProjector on cuda, its numpy twin
   on cpu-iobinding).
+Pool layout as docs/contracts.md: [L, 2, NB, BS, Hkv, D]; the (layer, K|V) slabs are `pitch` bytes apart.
+All passes hold one lock: the I/O buffers and the stream are shared (forward_batch loops forward).
 """
 import os
 import threading
