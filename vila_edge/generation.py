@@ -6,9 +6,8 @@ top-k/p, seed, grammar), the ids it has seen (repetition penalty), its stop ids,
 row of logits; the request's own thread reads the events it produces from `events`.
 """
 import queue
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,7 +28,6 @@ class Request:
     cached: int = 0          # prompt positions whose KV came from the prefix cache
     cancelled: bool = False  # set by the caller (Scheduler.cancel): free at the next step
     outcome: str = ""        # "done" (the caller owns the sequence now), "error", "cancelled"
-    released: threading.Event = field(default_factory=threading.Event)   # set with `outcome`
 
 
 class Generation:

@@ -272,10 +272,8 @@ class Conversation:
                     raise value
                 else:
                     break
-        finally:
-            if not req.released.is_set():   # a closed stream, an error in the caller: stop it
-                pipe.scheduler.cancel(req)
-            if req.outcome == "done":       # the sequence is this conversation's until the next turn
+        finally:   # finished: the sequence is this conversation's until the next turn; else stop it
+            if pipe.scheduler.cancel(req):
                 self.seq = seq
         reply = self._finish(gen, t0, constraint, cfg)
         self.turns = messages + [("assistant", [Segment(reply.strip())])]   # model text: untrusted too

@@ -55,15 +55,14 @@ class Scheduler:
             self._cond.notify()
         return req
 
-    def cancel(self, req: Request) -> None:
-        """Stop a request; its blocks are freed at the next step. Waits for that unless called on
-        the engine thread itself (a generator the garbage collector closes there)."""
-        req.cancelled = True
-        with self._cond:
+    def cancel(self, req: Request) -> bool:
+        """Stop a request; the engine frees its blocks at its next step. Never waits (a stream the
+        garbage collector closes may call this anywhere, even inside a BlockManager call). Returns
+        True when the request had already finished: its sequence is then the caller's to keep or free."""
+        with self._cond:    # against _end: a request is either handed over or freed, never neither
+            req.cancelled = True
             self._cond.notify()
-            engine = self._thread
-        if engine is not threading.current_thread():
-            req.released.wait()
+            return req.outcome == "done"
 
     def stats(self) -> dict:
         return {"waiting": len(self._incoming) + len(self._waiting), "prefilling": len(self._prefilling),
@@ -226,11 +225,13 @@ class Scheduler:
         """Hand the request back: "done" gives its sequence to the caller (a conversation keeps
         it), "error" and "cancelled" free it."""
         self._stalled.pop(req.seq_id, None)
+        with self._cond:
+            if outcome == "done" and req.cancelled:     # nobody would take the sequence
+                outcome, free = "cancelled", True
+            req.outcome = outcome
         if free:
             try:
                 self.blocks.free(req.seq_id)
             except UnknownSequence:
                 pass
-        req.outcome = outcome
-        req.released.set()
         req.gen.events.put(("error", error) if outcome == "error" else (outcome, None))
