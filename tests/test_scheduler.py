@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from test_kv_cache import check_invariants
-from vila_edge import KVCacheFull, KVConfig, Pipeline
+from vila_edge import KVCacheFull, KVConfig, Pipeline, scheduler
 from vila_edge.errors import EngineError
 
 BLOCK_BYTES = 2 * 2 * 16 * 2 * 16 * 4      # the fixture: layers x (K, V) x BS x Hkv x D x fp32
@@ -100,7 +100,10 @@ def _join(threads):
     assert not any(t.is_alive() for t in threads), "a request hung"
 
 
-def test_batched_requests_equal_each_alone(engine):
+def test_batched_requests_equal_each_alone(engine, monkeypatch):
+    # Prompts prefill in chunks of 16 (alone too: the same chunks), so the long ones interleave
+    # their chunks with the decode steps of the others.
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 16)
     eng = engine(FIXTURE)
     reqs = _requests()
     alone = Pipeline(eng)
@@ -115,7 +118,8 @@ def test_batched_requests_equal_each_alone(engine):
     hold.set()
     _join(threads)
     assert results == expected
-    assert max(rec.sizes) == 3 and shared.scheduler.counters["decode_rows"] > shared.scheduler.counters["decode_steps"]
+    c = shared.scheduler.counters
+    assert max(rec.sizes) == 3 and c["decode_rows"] > c["decode_steps"] and c["prefill_steps"] > 2 * len(reqs)
     assert shared.llm.blocks.stats().used == 0
 
 
