@@ -87,7 +87,9 @@ class Scheduler:
                 self._take_incoming()
             for req in [e_[0] for e_ in self._waiting] + [e_[0] for e_ in self._prefilling] + self._running:
                 self._end(req, "error", e, free=req.seq_id in self.blocks.sequences())
-            self._waiting.clear(), self._prefilling.clear(), self._running.clear()
+            self._waiting.clear()
+            self._prefilling.clear()
+            self._running.clear()
             raise
 
     def _take_incoming(self) -> bool:
