@@ -223,3 +223,26 @@ def test_sampler_error_fails_only_its_request(engine):
     assert results[0] == expected
     assert isinstance(results[1], EngineError) and "NaN" in str(results[1])
     assert pipe.llm.blocks.stats().used == 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_bug_in_the_engine_thread_fails_requests_instead_of_hanging(engine):
+    """An unexpected error in the scheduler itself reaches every caller; the next request starts a
+    fresh engine thread and runs normally."""
+    eng = engine(FIXTURE)
+    expected = Pipeline(eng).chat(None, "Short one?", max_new_tokens=6)
+    pipe = Pipeline(eng)
+    real_admit, broken = pipe.scheduler._admit, []
+
+    def admit_once_broken():
+        if not broken:
+            broken.append(True)
+            real_admit()
+            raise RuntimeError("scheduler bug")
+        real_admit()
+    pipe.scheduler._admit = admit_once_broken
+    threads, results = _concurrently(lambda i: pipe.chat(None, "Short one?", max_new_tokens=6), 1)
+    _join(threads)
+    assert isinstance(results[0], RuntimeError) and pipe.llm.blocks.stats().used == 0
+    assert pipe.chat(None, "Short one?", max_new_tokens=6) == expected
+    assert pipe.llm.blocks.stats().used == 0
