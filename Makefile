@@ -19,7 +19,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak kernels bench-kernels bench bench-peers bench-quality bench-3b bench-nvila bench-kv train-tiny evaluate clean serve device-check bench-serve bench-constrain engines-staged test-fast bench-vila-u
+.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak kernels bench-kernels bench bench-peers bench-concurrency bench-quality bench-3b bench-nvila bench-kv train-tiny evaluate clean serve device-check bench-serve bench-constrain engines-staged test-fast bench-vila-u
 # Succeeds when $(1) is an engine this runtime reads (present, current format): stale engines are rebuilt.
 ENGINE_OK = $(BIN)/python -c "import sys; from vila_edge.manifest import Manifest; Manifest.load(sys.argv[1])" $(1) 2>/dev/null
 
@@ -105,6 +105,19 @@ bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager, llama.cpp and O
 	@$(call ENGINE_OK,engines/smollm2-vila-int4) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant rtn --group-size 64 --no-quality-floor --quiet
 	$(BIN)/python -m benchmarks.genai_export build/fixtures/smollm2-vila/llm build/genai/smollm2-vila-int4
 	$(BIN)/python -m benchmarks.bench_peers --checkpoint build/fixtures/smollm2-vila --engine engines/smollm2-vila-fp32 --engine-int4 engines/smollm2-vila-int4 --gguf smollm2 --genai build/genai/smollm2-vila-int4
+
+# VILA1.5-3B widths at CONC_3B_LAYERS of its 32 LLM layers (random weights; 0 skips it): a 4-layer
+# int4 engine and GGUF fit a shared 2-core machine, and per-layer decode cost scales linearly.
+CONC_3B_LAYERS ?= 4
+CONC_3B := vila1.5-3b-L$(CONC_3B_LAYERS)
+bench-concurrency: $(VENV)/.bench  ## aggregate decode tok/s, 1 vs 4 greedy streams through the scheduler vs llama.cpp's batch: SmolLM2 int4 + VILA1.5-3B widths int4 (CONC_3B_LAYERS=4)
+	@test -d build/fixtures/smollm2-vila || $(BIN)/python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila
+	@$(call ENGINE_OK,engines/smollm2-vila-int4) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant rtn --group-size 64 --no-quality-floor --quiet
+	$(BIN)/python -m benchmarks.bench_concurrency --engine engines/smollm2-vila-int4 --gguf smollm2
+	@test "$(CONC_3B_LAYERS)" = 0 || test -d build/fixtures/$(CONC_3B) || $(BIN)/python -m vila_edge_export.fixtures build/fixtures/$(CONC_3B) --kind vila1.5 --shape vila1.5-3b --llm-layers $(CONC_3B_LAYERS) --vision-layers 1
+	@test "$(CONC_3B_LAYERS)" = 0 || $(call ENGINE_OK,engines/$(CONC_3B)-int4) || $(BIN)/vila-edge export build/fixtures/$(CONC_3B) engines/$(CONC_3B)-int4 --quant rtn --no-quality-floor --eval-tokens 512 --quiet
+	@test "$(CONC_3B_LAYERS)" = 0 || test -f build/$(CONC_3B)-q4_0.gguf || $(BIN)/python -m benchmarks.hf_to_gguf build/fixtures/$(CONC_3B)/llm build/$(CONC_3B)-q4_0.gguf --type q4_0
+	test "$(CONC_3B_LAYERS)" = 0 || $(BIN)/python -m benchmarks.bench_concurrency --engine engines/$(CONC_3B)-int4 --gguf build/$(CONC_3B)-q4_0.gguf --note "VILA1.5-3B widths, $(CONC_3B_LAYERS) of 32 LLM layers, random weights"
 
 bench-quality: $(VENV)/.bench  ## 4-bit quality on SmolLM2: vila_edge AWQ/RTN vs ORT GenAI int4 and llama.cpp Q4_1/Q4_K_M (same text)
 	@test -d build/fixtures/smollm2-vila || $(BIN)/python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila

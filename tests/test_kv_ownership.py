@@ -20,20 +20,20 @@ def _pipe(engine, blocks: int, max_context: int = 128, wait_s: float = 0.0) -> P
 
 
 def test_kv_full_during_decode_frees_the_sequence(engine):
-    """Another request takes the last free blocks between two decode steps: the append in extend
+    """Another request takes the last free blocks between two decode steps: the decode step's append
     raises, and the failing sequence must not keep its blocks (it did: append ran outside the try)."""
     pipe = _pipe(engine, 16)
     blocks, hog = pipe.llm.blocks, []
-    real_extend = pipe.llm.extend
+    real_append = blocks.append
 
-    def extend_after_a_hog(seq, embeds, keys):
+    def append_after_a_hog(seq, keys, **kw):
         if not hog:
             free = blocks.num_free_blocks
             blocks.allocate("hog", list(range(free * blocks.block_size)))
             hog.append("hog")
-        return real_extend(seq, embeds, keys)
+        return real_append(seq, keys, **kw)
 
-    pipe.llm.extend = extend_after_a_hog
+    blocks.append = append_after_a_hog     # the scheduler reserves each decode token here
     conv = pipe.conversation(system="S")
     with pytest.raises(KVCacheFull, match="append"):
         # 16 tokens in: the prompt's last block fills after a few steps and the next append needs one more.

@@ -303,7 +303,7 @@ def add_serve(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface")
     s.add_argument("--port", type=_number(int, 0, 65535), default=8000, help="TCP port; 0 picks a free one (default 8000)")
     s.add_argument("--model-id", default=None, help="the model name clients use (default: the engine dir's name)")
-    s.add_argument("--workers", type=_number(int, 1), default=2, help="requests generating at once (default 2)")
+    s.add_argument("--workers", type=_number(int, 1), default=4, help="requests generating at once, their decode steps batched (default 4)")
     s.add_argument("--max-queue", type=_number(int, 0), default=64,
                    help="requests waiting beyond those; more get 429 (default 64)")
     s.add_argument("--max-images", type=_number(int, 0), default=8, help="images per request (default 8)")

@@ -149,6 +149,11 @@ class BlockManager:
                                  f"{len(seq.keys)} reserved positions")
             return self._slots(seq.block_table, start, count)
 
+    def sequences(self) -> set:
+        """Ids of the sequences that hold blocks now."""
+        with self._locked():
+            return set(self._seqs)
+
     def stats(self) -> KVStats:
         with self._locked():
             c = self._counters
@@ -158,11 +163,13 @@ class BlockManager:
 
     # -- state changes: each checks everything first, then mutates, so a failure changes nothing
 
-    def allocate(self, seq_id: Hashable, keys: Sequence[int], grow: int = 0) -> AllocResult:
+    def allocate(self, seq_id: Hashable, keys: Sequence[int], grow: int = 0,
+                 wait_s: float | None = None) -> AllocResult:
         """Reserve positions 0..len(keys)-1 for a new sequence, reusing cached full blocks. `grow`:
         positions the sequence expects to append (a generation budget); its blocks are placed,
         where the pool allows, with that much unreferenced room after them, so that decode grows
-        the table in place. Nothing is reserved: the room stays available to others."""
+        the table in place. Nothing is reserved: the room stays available to others. `wait_s`
+        overrides the manager's (the scheduler's thread passes 0: it is the one that frees)."""
         keys = _checked_keys(keys)
         if not keys:
             raise KVSequenceError(f"allocate({seq_id!r}): a sequence needs at least one key")
@@ -172,7 +179,7 @@ class BlockManager:
         max_hits = (len(keys) - 1) // self.block_size
         with self._locked():
             total = self._blocks_for(len(keys))
-            deadline = time.monotonic() + self.wait_s
+            deadline = time.monotonic() + (self.wait_s if wait_s is None else wait_s)
             while True:
                 if seq_id in self._seqs:
                     raise KVSequenceError(f"allocate: sequence {seq_id!r} already exists")
@@ -193,11 +200,12 @@ class BlockManager:
             self._seqs[seq_id] = _Seq(keys, table, hashes, cached)
             return AllocResult(list(table), cached, self._slots(table, cached, len(keys) - cached))
 
-    def append(self, seq_id: Hashable, keys: Sequence[int]) -> np.ndarray:
-        """Reserve len(keys) more positions (decode steps, a next turn); returns their slots."""
+    def append(self, seq_id: Hashable, keys: Sequence[int], wait_s: float | None = None) -> np.ndarray:
+        """Reserve len(keys) more positions (decode steps, a next turn); returns their slots.
+        `wait_s` overrides the manager's, as in allocate."""
         keys = _checked_keys(keys)
         with self._locked():
-            deadline = time.monotonic() + self.wait_s
+            deadline = time.monotonic() + (self.wait_s if wait_s is None else wait_s)
             while True:  # re-read the sequence after a wait: another thread may have freed it
                 seq = self._seq(seq_id)
                 n_old, n_new = len(seq.keys), len(seq.keys) + len(keys)

@@ -18,12 +18,14 @@ from vila_edge.cache import resolve_engine
 from vila_edge.constrain import Grammars
 from vila_edge.errors import EngineError, GenerationConfigError, IncompleteOutput, PromptError, VilaEdgeError
 from vila_edge.families import FAMILIES, get_family
+from vila_edge.generation import Generation, Request
 from vila_edge.llm import KVConfig, LLMEngine
 from vila_edge.manifest import REBUILD, Manifest
 from vila_edge.memory import plan
 from vila_edge.parts import image_list, join_parts
 from vila_edge.runner import RunnerOptions, Tokens, backend
 from vila_edge.sampling import GenerationConfig, Sampler, SeenIds
+from vila_edge.scheduler import Scheduler
 from vila_edge.sources import sample_frames
 from vila_edge.splice import PLACEHOLDER, Splicer, placeholder_segments
 from vila_edge.streamer import TextStreamer
@@ -97,6 +99,9 @@ class Pipeline:
         self.vision = open_vision(m, runners.vision(engine_dir, m, opts))
         self.llm = LLMEngine(runners.llm(engine_dir, m, self.memory.num_blocks, kv.block_size, self.max_context,
                                          opts), kv)
+        # Every chat's LLM work (any thread) runs on the scheduler, decode steps batched;
+        # generate_image (imagine.py) still drives self.llm directly, outside it.
+        self.scheduler = Scheduler(self.llm)
         engine_check.check_token_ids(m, self.llm.runner.embeddings.rows, self.tokenizer.get_vocab_size(True), fix)
         self.splicer = Splicer(self.tokenizer, self.family, m.tokens, v.tokens_per_image, v.image_mode)
         self.grammars = Grammars(os.path.join(engine_dir, m.files["tokenizer"]), m.llm.vocab_size,
@@ -256,64 +261,43 @@ class Conversation:
         # The previous turn's blocks go back before the new allocation: their full blocks stay
         # cached for the prefix hit, and a thread never waits for blocks while holding others.
         self.close()
-        logits, cached = pipe.llm.prefill(seq, embeds, sp.keys, budget)
-        self.seq = seq
-        self.tiles, self.digests, self.tiles_per_image = tiles, digests, counts
+        gen = self._generation(sp, cfg, constraint)
+        req = pipe.scheduler.submit(Request(seq, embeds, sp.keys, budget, gen))
         try:
-            reply = yield from self._generate(logits, sp, cfg, budget, t0, constraint)
-        finally:
-            self.last_stats.update(prompt_tokens=len(sp.ids), cached_tokens=cached, vision_s=t_vision)
+            while True:     # the scheduler's thread prefills, decodes and samples; text comes here
+                kind, value = gen.events.get()
+                if kind == "text":
+                    yield value
+                elif kind == "admitted":    # the prompt's KV is in the pool (as prefill returning was)
+                    self.tiles, self.digests, self.tiles_per_image = tiles, digests, counts
+                    self.last_stats = {"prompt_tokens": len(sp.ids), "cached_tokens": value, "vision_s": t_vision}
+                elif kind == "error":
+                    raise value
+                else:
+                    break
+        finally:   # finished: the sequence is this conversation's until the next turn; else stop it
+            if pipe.scheduler.cancel(req):
+                self.seq = seq
+        reply = self._finish(gen, t0, constraint, cfg)
         self.turns = messages + [("assistant", [Segment(reply.strip())])]   # model text: untrusted too
 
-    def _generate(self, logits, sp, cfg: GenerationConfig, budget: int, t0: float, constraint=None):
-        """The decode loop: ids in, ids out; text comes from the streamer beside it."""
+    def _generation(self, sp, cfg: GenerationConfig, constraint) -> Generation:
+        """The per-sequence decode state the scheduler steps: ids in, ids out, text beside."""
         pipe = self.pipe
         tokens = pipe.manifest.tokens
         sampler = Sampler(cfg, pipe.manifest.llm.vocab_size, tokens.never_sample, constraint)
         seen = SeenIds(pipe.manifest.llm.vocab_size, sp.ids[sp.ids >= 0] if cfg.repetition_penalty != 1.0 else ())
-        stops = set(tokens.stop_ids)
         # A grammar lets an answer open with one space (constrain.py): it is not part of the answer.
         text = TextStreamer(pipe.tokenizer, cfg.stop, drop_leading_space=constraint is not None)
-        out_ids = []
-        t_first, t_last, sampled, reason = None, None, 0, "length"
-        for step in range(budget):
-            nxt = sampler(logits, seen)
-            t_last, sampled = time.perf_counter(), sampled + 1
-            t_first = t_first or t_last
-            if nxt in stops:
-                reason = "stop"
-                break
-            out_ids.append(nxt)
-            seen.add(nxt)
-            piece = text.push(nxt)
-            if text.stopped:
-                reason = "stop"
-            if piece:
-                yield piece
-            if text.stopped:
-                break
-            if step + 1 < budget:
-                try:
-                    logits = pipe.llm.step(self.seq, nxt)
-                except BaseException:
-                    self.seq = None   # the engine dropped the sequence
-                    raise
-        rest = text.finish()
-        if rest:
-            yield rest
-        t_end = time.perf_counter()
-        self.last_ids = out_ids
-        # Decode speed: tokens sampled after the first (a final stop token included, since computing
-        # it took a decode step) per second between the first and the last; None when no decode
-        # step ran (max_new_tokens=1).
-        self.last_stats = {"finish_reason": reason, "new_tokens": len(out_ids),
-                           "ttft_s": (t_first or t_end) - t0,
-                           "decode_tok_s": (sampled - 1) / (t_last - t_first) if sampled > 1 and t_last > t_first
-                           else None}
-        if constraint is not None and reason == "length":
+        return Generation(sampler, tokens.stop_ids, text, seen)
+
+    def _finish(self, gen: Generation, t0: float, constraint, cfg: GenerationConfig) -> str:
+        self.last_ids = list(gen.ids)
+        self.last_stats.update(gen.stats(), ttft_s=(gen.times[0] if gen.times else time.perf_counter()) - t0)
+        if constraint is not None and gen.reason == "length":
             raise IncompleteOutput(f"max_new_tokens={cfg.max_new_tokens} ended the answer before its "
-                                   f"json_schema/choices/regex was complete: raise max_new_tokens", text.text)
-        return text.text
+                                   f"json_schema/choices/regex was complete: raise max_new_tokens", gen.text.text)
+        return gen.text.text
 
     def close(self) -> None:
         if self.seq is not None:

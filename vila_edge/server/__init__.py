@@ -25,7 +25,7 @@ SHUTDOWN_GRACE_S = 30.0
 __all__ = ["ServerConfig", "Limits", "ImagePolicy", "create_app", "can_generate_images", "build", "serve"]
 
 
-def build(engine: str, *, model_id: str | None = None, workers: int = 2, max_queue: int = 64,
+def build(engine: str, *, model_id: str | None = None, workers: int = 4, max_queue: int = 64,
           max_images: int = 8, max_image_bytes: int = 20 * 2**20, max_prompt_tokens: int | None = None,
           allow_dir: str | None = None, allow_remote: bool = False, threads: int | None = None,
           max_context: int | None = None, kv_budget=None, block_size: int = 16, api_key: str | None = None):

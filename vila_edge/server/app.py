@@ -32,7 +32,7 @@ IMAGE_CAPABILITY = "generate_image"
 @dataclass(frozen=True)
 class ServerConfig:
     model_id: str
-    workers: int = 2
+    workers: int = 4                     # requests generating at once: the scheduler's decode batch
     max_queue: int = 64
     limits: Limits = field(default_factory=Limits)
     api_key: str | None = None           # when set, /v1/* needs "Authorization: Bearer <key>"
@@ -242,7 +242,7 @@ def install_info_routes(app: FastAPI, pipe, cfg: ServerConfig, sched, metrics: M
 
     async def health():
         kv = pipe.llm.blocks.stats()
-        return {"status": "ok", "model": cfg.model_id, **sched.stats(),
+        return {"status": "ok", "model": cfg.model_id, **sched.stats(), "engine": pipe.scheduler.stats(),
                 "kv_blocks": {"total": kv.num_blocks, "used": kv.used, "cached": kv.cached, "free": kv.free}}
 
     async def prometheus():

@@ -2,10 +2,12 @@
 
 A Job carries one request's task (chat.ChatTask: history, question, generation options, as data)
 and the events it produces ("text" pieces, then "done" or "error") to the asyncio side.
-ThreadScheduler runs each task whole (task.run) on one of `workers` threads sharing the Pipeline
-(its KV pool and ORT sessions are thread-safe). A batched scheduler that steps many sequences per
-forward pass replaces it behind the same submit/stats/shutdown: it reads the ChatTasks' fields,
-emits the same events, and honours job.cancelled between steps.
+ThreadScheduler runs each task (task.run) on one of `workers` threads sharing the Pipeline: a
+worker decodes images, renders the prompt and relays text, while the LLM work of every worker's
+request goes to the Pipeline's scheduler (vila_edge/scheduler.py), which runs the decode steps of
+all of them as one batch per step. `workers` is therefore the most requests generating at once
+(the batch); a job cancelled between pieces closes its stream, and the scheduler frees its KV
+blocks at its next step.
 """
 import asyncio
 import threading
