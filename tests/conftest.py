@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
+from vila_edge_export.build import ExportOptions, export_engine
 from vila_edge_export.fixtures import write_fixture
 
 # name: (fixture kind, projector, shape, extra write options)
@@ -55,6 +55,17 @@ def engine(workdir, checkpoint):
             made[key] = out
         return made[key]
     return get
+
+
+def env_without(tmp_path, *modules: str) -> dict:
+    """An environment for a child process in which `modules` cannot be imported (stub packages that
+    raise ImportError, first on PYTHONPATH) and this checkout's code can."""
+    stubs = tmp_path / "stubs"
+    for module in modules:
+        (stubs / module).mkdir(parents=True, exist_ok=True)
+        (stubs / module / "__init__.py").write_text(f"raise ImportError('{module} hidden by the test')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(stubs), root]))
 
 
 def data(name: str) -> str:
