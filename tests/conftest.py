@@ -28,6 +28,13 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bundled_pipeline():
+    """Pipeline() on the shipped engine, loaded once for every module that only asks it questions."""
+    from vila_edge import Pipeline
+    return Pipeline()
+
+
+@pytest.fixture(scope="session")
 def checkpoint(workdir):
     """checkpoint(name) -> path, written on first use."""
     made = {}

@@ -19,6 +19,7 @@ SMALL = ["--contexts", "32,64", "--images", "1", "--prefill-tokens", "32", "--de
          "--warmup", "0"]
 
 
+@pytest.mark.slow   # 256 MiB bandwidth probes; test_vila_edge_bench_needs_only_the_runtime stays fast
 def test_engine_report_writes_json_markdown_and_plot(engine, tmp_path):
     from benchmarks import engine as report
 

@@ -25,8 +25,8 @@ HELDOUT = 40
 
 
 @pytest.fixture(scope="module")
-def bundled():
-    return Pipeline()
+def bundled(bundled_pipeline):
+    return bundled_pipeline
 
 
 def _answers(pipe) -> list:
@@ -117,6 +117,7 @@ def test_model_argument_errors(tmp_path):
         Pipeline(cache.BUNDLED_ENGINE, export_options={"dtype": "fp32"})
 
 
+@pytest.mark.slow   # a full export of the bundled checkpoint
 def test_stale_shipped_engine_falls_back_to_the_bundled_checkpoint(own_cache, tmp_path, monkeypatch):
     """After an engine format bump, a source checkout still runs Pipeline() (exported into the cache)."""
     stale = tmp_path / "stale"
@@ -141,6 +142,7 @@ def test_decode_speed_of_short_answers(bundled):
     conv.close()
 
 
+@pytest.mark.slow   # two processes, one export with torch
 def test_two_processes_export_a_new_checkpoint_once(own_cache):
     code = ("import sys; from vila_edge import Pipeline; "
             "print(Pipeline(sys.argv[1], export_options={'dtype': 'fp16'}).engine_dir, 'torch' in sys.modules)")
