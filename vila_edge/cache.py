@@ -20,6 +20,7 @@ import sys
 import tempfile
 
 from vila_edge import errors
+from vila_edge.atomic import write_text
 from vila_edge.errors import EngineError, ExportError, ExportOptionError, VilaEdgeError
 from vila_edge.extras import require_extra
 from vila_edge.manifest import FORMAT_VERSION, MANIFEST
@@ -240,7 +241,4 @@ def _read_memo(path: str) -> dict:
 
 def _write_memo(path: str, memo: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(memo, f)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(memo))
