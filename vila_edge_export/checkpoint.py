@@ -256,10 +256,10 @@ def read_checkpoint(root: str, template: str | None = None, token_order: str | N
 
 
 def _read_vila_u(root: str, top: dict, family: Family, mode: str, template: str | None, token_order: str | None):
-    """VILA-U's own tower layout: vila_edge_export/checkpoint_vila_u.py (it imports this module)."""
+    """VILA-U's own tower layout: vila_edge_export/checkpoint_vila_u.py (it imports this module). Its
+    mlp2x_gelu projector keeps the grid's order: token_order (the stages pass the recorded one) has
+    nothing to reorder."""
     from vila_edge_export.checkpoint_vila_u import as_checkpoint_spec
-    if token_order is not None:
-        raise CheckpointError(f"{root}: --token-order applies to mlp_downsample projectors; VILA-U has mlp2x_gelu")
     return as_checkpoint_spec(root, template)
 
 
