@@ -95,9 +95,9 @@ $(VENV)/.bench: $(VENV)/.installed pyproject.toml
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install -q llama-cpp-python
 	touch $@
 
-bench: setup  ## engine speed + decode roofline -> benchmarks/results/: make bench OUT=engines/name
+bench: setup  ## engine speed + decode roofline -> benchmarks/results/: make bench OUT=engines/name (on a device: vila-edge bench ENGINE)
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
-	$(BIN)/vila-edge bench $(OUT)
+	$(BIN)/python -m benchmarks.engine $(OUT)
 
 bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager, llama.cpp and ORT GenAI on SmolLM2 (same weights, threads)
 	@test -d build/fixtures/smollm2-vila || $(BIN)/python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila
@@ -124,14 +124,14 @@ bench-quality: $(VENV)/.bench  ## 4-bit quality on SmolLM2: vila_edge AWQ/RTN vs
 	$(BIN)/python -m benchmarks.quality_peers --checkpoint build/fixtures/smollm2-vila
 
 BIG      := build/fixtures/vila1.5-3b
-bench-3b: $(VENV)/.bench  ## random weights at VILA1.5-3B shapes: vila-edge bench + peers (transformers eager, llama.cpp Q4_0, ORT GenAI); ~1 h on 2 cores, 20 GB RAM
+bench-3b: $(VENV)/.bench  ## random weights at VILA1.5-3B shapes: benchmarks.engine + peers (transformers eager, llama.cpp Q4_0, ORT GenAI); ~1 h on 2 cores, 20 GB RAM
 	@test -d $(BIG) || $(BIN)/vila-edge fixture $(BIG) --shape vila1.5-3b
 	@$(call ENGINE_OK,engines/vila1.5-3b-fp16) || $(BIN)/vila-edge export $(BIG) engines/vila1.5-3b-fp16 --dtype fp16 --quiet
 	@$(call ENGINE_OK,engines/vila1.5-3b-int4) || $(BIN)/vila-edge export $(BIG) engines/vila1.5-3b-int4 --quant rtn --no-quality-floor --eval-tokens 512 --quiet
 	@test -f build/vila1.5-3b-q4_0.gguf || $(BIN)/python -m benchmarks.hf_to_gguf $(BIG)/llm build/vila1.5-3b-q4_0.gguf --type q4_0
 	$(BIN)/python -m benchmarks.genai_export $(BIG)/llm build/genai/vila1.5-3b-int4
 	$(BIN)/python -m benchmarks.bench_peers --checkpoint $(BIG) --engine engines/vila1.5-3b-fp16 --engine-int4 engines/vila1.5-3b-int4 --gguf build/vila1.5-3b-q4_0.gguf --genai build/genai/vila1.5-3b-int4 --name vila1.5-3b --repeats 2
-	$(BIN)/vila-edge bench engines/vila1.5-3b-int4
+	$(BIN)/python -m benchmarks.engine engines/vila1.5-3b-int4
 
 # NVILA-8B widths (Qwen2 3584 / 28 heads / 4 KV heads, SigLIP-448 x 1152, 3456-channel projector) at a
 # depth that fits RAM: the full 28-layer LLM is 30 GB in fp32. Per-layer costs scale linearly.
@@ -141,7 +141,7 @@ NVILA    := nvila-8b-L$(NVILA_LLM_LAYERS)V$(NVILA_VISION_LAYERS)
 bench-nvila: setup  ## NVILA-8B shapes (dynamic_s2): vision ms per image by tile count, TTFT, decode; NVILA_LLM_LAYERS=4 NVILA_VISION_LAYERS=27 set depth
 	@test -d build/fixtures/$(NVILA) || $(BIN)/vila-edge fixture build/fixtures/$(NVILA) --kind nvila --shape nvila-8b --llm-layers $(NVILA_LLM_LAYERS) --vision-layers $(NVILA_VISION_LAYERS)
 	@test -f engines/$(NVILA)-fp32/manifest.json || $(BIN)/vila-edge export build/fixtures/$(NVILA) engines/$(NVILA)-fp32 --quiet
-	$(BIN)/vila-edge bench engines/$(NVILA)-fp32 --contexts 512,2048 --images 1,4 --repeats 2 --decode-steps 8 --note "NVILA-8B widths, $(NVILA_LLM_LAYERS) of 28 LLM layers, $(NVILA_VISION_LAYERS) of 27 SigLIP layers"
+	$(BIN)/python -m benchmarks.engine engines/$(NVILA)-fp32 --contexts 512,2048 --images 1,4 --repeats 2 --decode-steps 8 --note "NVILA-8B widths, $(NVILA_LLM_LAYERS) of 28 LLM layers, $(NVILA_VISION_LAYERS) of 27 SigLIP layers"
 
 VILAU_LLM_LAYERS  ?= 1
 VILAU_HEAD_LAYERS ?= 1

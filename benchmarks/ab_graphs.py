@@ -19,10 +19,10 @@ import time
 import numpy as np
 
 
-from vila_edge.bench import bench_ttft, kv_config  # noqa: E402
-from vila_edge.manifest import Manifest  # noqa: E402
-from vila_edge.pipeline import Pipeline  # noqa: E402
-from vila_edge.runner import Tokens  # noqa: E402
+from benchmarks.common import bench_ttft, kv_config
+from vila_edge.manifest import Manifest
+from vila_edge.pipeline import Pipeline
+from vila_edge.runner import Tokens
 
 
 class _VilaEdge:

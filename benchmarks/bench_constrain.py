@@ -23,8 +23,8 @@ import time
 import numpy as np
 
 
-from vila_edge.bench import machine_info, save_report  # noqa: E402
-from vila_edge.constrain import JSON_OPTIONS, _load_tokenizer  # noqa: E402
+from benchmarks.common import finish, machine_info
+from vila_edge.constrain import JSON_OPTIONS, grammar_tokenizer
 
 SCHEMA = {"type": "object", "properties": {
     "objects": {"type": "array", "items": {"type": "object", "properties": {
@@ -119,7 +119,7 @@ def bench_tokenizer(path: str, steps: int, rounds: int) -> list:
     vocab = len(spec["model"]["vocab"])
     eos = next(t["id"] for t in spec["added_tokens"] if t["content"] in ("</s>", "<|endoftext|>", "<|im_end|>"))
     t = time.perf_counter()
-    tok = _load_tokenizer(path, [eos])          # llguidance's tokenizer: once per engine
+    tok = grammar_tokenizer(path, [eos])          # llguidance's tokenizer: once per engine
     tokenizer_ms = (time.perf_counter() - t) * 1e3
     rows = []
     for name, (ll_grammar, oc_regex) in _constraints().items():
@@ -176,8 +176,7 @@ def main(argv=None) -> int:
          "machine": machine_info(1), "steps": args.steps, "rounds": args.rounds,
          "versions": {"llguidance": llguidance.__version__, "outlines-core": version("outlines_core")},
          "rows": rows}
-    paths = save_report(r, args.out, "constrain", markdown(r))
-    print(paths["md"])
+    finish(r, args.out, "constrain", markdown)
     return 0
 
 

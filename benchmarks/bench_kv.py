@@ -23,8 +23,9 @@ import time
 import numpy as np
 
 
-from vila_edge.bench import save_report, BLOCK_SIZE, fill_context, kv_config, machine_info, random_images
-from vila_edge.kv_cache import KVLayout, KVPool
+from benchmarks.common import (BLOCK_SIZE, current_rss_bytes, fill_context, finish, kv_config, kv_layout, machine_info,
+                               random_images)
+from vila_edge.kv_cache import KVPool
 from vila_edge.llm import LLMEngine
 from vila_edge.manifest import Manifest
 from vila_edge.pipeline import Pipeline
@@ -99,22 +100,17 @@ def bench_paged_vs_contiguous(engine, threads, ctx, steps, runs, seed) -> dict:
     return rows
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        return int(next(l.split()[1] for l in f if l.startswith("VmRSS"))) * 1024
-
-
 def bench_pool_memory(engine, budgets) -> list:
     from vila_edge.kv_budget import blocks_for_budget, parse_budget
 
     m = Manifest.load(engine)
-    layout = KVLayout(m.llm.layers, m.llm.kv_heads, m.llm.head_dim, BLOCK_SIZE, np.dtype(m.dtype).name)
+    layout = kv_layout(m)
     out = []
     for text in budgets:
         budget = parse_budget(text)
-        before = _rss()
+        before = current_rss_bytes()
         pool = KVPool(layout, blocks_for_budget(layout, budget))
-        grew = _rss() - before
+        grew = current_rss_bytes() - before
         out.append({"budget": text, "budget_bytes": budget, "pool_bytes": pool.nbytes, "blocks": pool.num_blocks,
                     "pct_of_budget": 100 * pool.nbytes / budget, "rss_growth_bytes": grew,
                     "tokens": pool.num_blocks * BLOCK_SIZE})
@@ -175,10 +171,7 @@ def main(argv=None) -> int:
     del pipe
     r["decode"] = bench_paged_vs_contiguous(args.engine, threads, args.context, args.decode_steps, args.repeats,
                                             args.seed)
-    r["machine"]["loadavg_end"] = list(os.getloadavg())
-    text = markdown(r)
-    save_report(r, os.path.join(args.out, name), "kv", text)
-    sys.stdout.write(text)
+    finish(r, os.path.join(args.out, name), "kv", markdown)
     return 0
 
 

@@ -33,8 +33,8 @@ import numpy as np
 
 
 from benchmarks import roofline as rl
-from vila_edge.bench import (save_report, PROMPT, bench_decode, bench_ttft, kv_config, llm_weight_bytes,
-                             machine_info, random_images)
+from benchmarks.common import (PROMPT, bench_decode, bench_ttft, finish, kv_config, llm_weight_bytes, machine_info,
+                               random_images, spread, timed)
 from vila_edge_export.checkpoint import read_checkpoint
 from vila_edge.manifest import Manifest
 from vila_edge.families import get_family
@@ -58,6 +58,13 @@ def vila_edge_rows(engine, threads, contexts, steps, runs, images: bool, seed) -
     out["decode"] = [bench_decode(pipe.llm, rng, pipe.manifest.llm.hidden, c, steps, runs, 1, synthetic=False)
                      for c in contexts]
     return out
+
+
+def decode_row(ctx: int, step, n: int) -> dict:
+    """A peer's decode row: the median of n timed calls of step() (one decode step each) after one
+    untimed call, at context ctx."""
+    s = spread(timed(step, n))["median_s"]
+    return {"context": ctx, "step_s": s, "tok_s": 1 / s, "steps": n}
 
 
 def hf_rows(checkpoint, engine, threads, contexts, steps, runs, seed) -> dict:
@@ -94,16 +101,12 @@ def hf_rows(checkpoint, engine, threads, contexts, steps, runs, seed) -> dict:
     hidden = spec.llm.hidden
     with torch.no_grad():
         for ctx in contexts:
-            past = ref.llm(inputs_embeds=torch.randn(1, ctx, hidden), use_cache=True).past_key_values
-            step = torch.randn(1, 1, hidden)
-            times = []
-            for i in range(1 + runs * steps):
-                t = time.perf_counter()
-                past = ref.llm(inputs_embeds=step, past_key_values=past, use_cache=True).past_key_values
-                if i:
-                    times.append(time.perf_counter() - t)
-            s = float(np.median(times))
-            out["decode"].append({"context": ctx, "step_s": s, "tok_s": 1 / s, "steps": len(times)})
+            state = {"past": ref.llm(inputs_embeds=torch.randn(1, ctx, hidden), use_cache=True).past_key_values}
+            x = torch.randn(1, 1, hidden)
+
+            def step():
+                state["past"] = ref.llm(inputs_embeds=x, past_key_values=state["past"], use_cache=True).past_key_values
+            out["decode"].append(decode_row(ctx, step, runs * steps))
     return out
 
 
@@ -119,15 +122,8 @@ def llama_cpp_rows(gguf, threads, contexts, steps, runs, seed) -> dict:
     for ctx in contexts:
         llm.reset()
         llm.eval(rng.integers(10, vocab, ctx).tolist())
-        times = []
-        for i in range(1 + runs * steps):
-            tok = int(rng.integers(10, vocab))
-            t = time.perf_counter()
-            llm.eval([tok])
-            if i:
-                times.append(time.perf_counter() - t)
-        s = float(np.median(times))
-        out["decode"].append({"context": ctx, "step_s": s, "tok_s": 1 / s, "steps": len(times)})
+        tokens = iter(rng.integers(10, vocab, 1 + runs * steps).tolist())
+        out["decode"].append(decode_row(ctx, lambda: llm.eval([next(tokens)]), runs * steps))
     return out
 
 
@@ -152,14 +148,7 @@ def genai_rows(model_dir, threads, contexts, steps, runs, seed) -> dict:
         params.set_search_options(max_length=ctx + (runs + 1) * steps + 8, do_sample=False)
         gen = og.Generator(model, params)
         gen.append_tokens(rng.integers(10, vocab, ctx).astype(np.int32))
-        times = []
-        for i in range(1 + runs * steps):
-            t = time.perf_counter()
-            gen.generate_next_token()
-            if i:
-                times.append(time.perf_counter() - t)
-        s = float(np.median(times))
-        out["decode"].append({"context": ctx, "step_s": s, "tok_s": 1 / s, "steps": len(times)})
+        out["decode"].append(decode_row(ctx, gen.generate_next_token, runs * steps))
     return out
 
 
@@ -325,10 +314,7 @@ def main(argv=None) -> int:
     group = Manifest.load(args.engine_int4).quant.get("group_size") if args.engine_int4 else None
     r["roofline"] = roofline(r, read_checkpoint(args.checkpoint), args.engine_int4 if "llama_cpp" in r else None,
                              isolated(rl.ceilings, threads, group))
-    r["machine"]["loadavg_end"] = list(os.getloadavg())
-    text = markdown(r)
-    save_report(r, os.path.join(args.out, name), "peers", text)
-    sys.stdout.write(text)
+    finish(r, os.path.join(args.out, name), "peers", markdown)
     return 0
 
 

@@ -28,9 +28,8 @@ import time
 import httpx
 
 
-from vila_edge.bench import machine_info, save_report  # noqa: E402
+from benchmarks.common import ROOT, env_with_root, finish, machine_info
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "models", "vila-tiny-shapes", "examples")
 QUESTIONS = {"color.png": "What color is the square?", "count.png": "How many stars are there?",
              "shape.png": "What shape is the blue object?", "where.png": "Where is the triangle?"}
@@ -122,8 +121,7 @@ def run(engine: str, clients: int, per_client: int, workers: int, threads: int |
     cmd = [sys.executable, "-m", "vila_edge.cli", "serve", engine, "--port", str(port), "--model-id", model,
            "--workers", str(workers), "--max-queue", str(clients * 2), "--log-level", "warning"]
     cmd += ["--threads", str(threads)] if threads else []
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env_with_root())
     try:
         _wait_ready(base, proc)
         server = psutil.Process(proc.pid)
@@ -179,9 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "serve"))
     args = ap.parse_args(argv)
     r = run(args.engine, args.clients, args.requests, args.workers, args.threads)
-    paths = save_report(r, args.out, "serve", markdown(r))
-    print(markdown(r))
-    print(paths["md"])
+    finish(r, args.out, "serve", markdown)
     return 0 if r["load"]["failed"] == 0 and r["kv_blocks_after"]["used"] == 0 else 1
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 import torch
 
+from benchmarks.common import ROOT, save_report
 from vila_edge_export.quality import EVAL_WINDOW, score_windows
 
 BUILD = "build/quality_peers"
@@ -287,12 +288,8 @@ def main(argv=None) -> int:
     meta = {"model": args.name, "n_scored": int(ref[0].numel()), "window": args.window, "stride": stride,
             "ppl_ref": rows[0]["ppl"], "gate": DEFAULT_FLOOR.__dict__,
             "command": "python -m benchmarks.quality_peers " + " ".join(argv if argv is not None else sys.argv[1:])}
-    out = os.path.join("benchmarks", "results", args.name)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "quality_peers.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    with open(os.path.join(out, "quality_peers.md"), "w") as f:
-        f.write(markdown(rows, meta))
+    save_report({"meta": meta, "rows": rows}, os.path.join(ROOT, "benchmarks", "results", args.name), "quality_peers",
+                markdown(rows, meta))
     print(markdown(rows, meta))
     return 0
 

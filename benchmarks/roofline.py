@@ -13,7 +13,7 @@ Achieved = work / measured time. Bounds = work / ceiling.
 import numpy as np
 
 from vila_edge_export.onnx_graph import IR_VERSION, OPSET
-from vila_edge.bench import best_seconds, host_read_gbs
+from benchmarks.common import best_seconds, host_read_gbs
 from vila_edge.kv_cache import KVLayout
 
 GEMM_SHAPE = (1024, 2560, 2560)           # M, K, N: a 3B-class prefill matmul

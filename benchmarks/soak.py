@@ -34,11 +34,9 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from vila_edge import Pipeline, VilaEdgeError  # noqa: E402
-from vila_edge.bench import machine_info, save_report  # noqa: E402
-from vila_edge.manifest import Manifest  # noqa: E402
+from benchmarks.common import ROOT, current_rss_bytes, env_with_root, finish, machine_info
+from vila_edge import Pipeline, VilaEdgeError
+from vila_edge.manifest import Manifest
 
 WARMUP = 400    # requests: by then the vision feature cache and the KV prefix cache are full
 # A second, later start: RSS keeps rising by a few MiB of high-water marks (allocator arenas, ORT's
@@ -54,8 +52,7 @@ BAD = ["bad_option", "corrupt_image", "too_long", "surrogate", "typed_controls",
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return int(next(l.split()[1] for l in f if l.startswith("VmRSS"))) / 1024
+    return current_rss_bytes() / 2**20
 
 
 def _trimmed_rss_mib() -> float:
@@ -74,10 +71,6 @@ def _cli(*args) -> list:
     return [sys.executable, "-m", "vila_edge.cli", *args]
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
 def _engine(path: str | None, work: str) -> str:
     if path:
         return path
@@ -85,7 +78,7 @@ def _engine(path: str | None, work: str) -> str:
         if os.path.isfile(os.path.join(cand, "manifest.json")):
             return cand
     subprocess.run(_cli("export", os.path.join(ROOT, "models", "vila-tiny-shapes"), cand, "--quiet"),
-                   check=True, env=_env())
+                   check=True, env=env_with_root())
     return cand
 
 
@@ -209,7 +202,7 @@ def _export(ckpt: str, out: str, parent: str, kill_at: float | None = None) -> t
     """Run `vila-edge export`, polling for its temp dir. kill_at: SIGKILL that many seconds after
     the temp dir appears (the export's own work, after imports). Returns (killed, build window s:
     from the temp dir's appearance to its rename into OUT)."""
-    proc = subprocess.Popen(_cli("export", ckpt, out, "--quiet"), env=_env(),
+    proc = subprocess.Popen(_cli("export", ckpt, out, "--quiet"), env=env_with_root(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     before, appeared, window = set(_leftovers(parent)), None, 0.0
     while proc.poll() is None:
@@ -235,7 +228,7 @@ def kill_exports(work: str, kills: int, seed: int) -> dict:
     shutil.rmtree(parent, ignore_errors=True)
     os.makedirs(parent)
     if not os.path.isdir(ckpt):
-        subprocess.run(_cli("fixture", ckpt), check=True, env=_env(), capture_output=True)
+        subprocess.run(_cli("fixture", ckpt), check=True, env=env_with_root(), capture_output=True)
     window = min(_export(ckpt, os.path.join(parent, name), parent)[1] for name in ("full", "full2"))
     runs = []
     for i in range(kills):
@@ -269,7 +262,7 @@ def markdown(r: dict) -> str:
              "| soak | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
              row("requests (threads)", lambda s: f"{s['requests']} ({s['threads']}) in {s['wall_s']} s"),
              row("errors: VilaEdgeError / foreign", lambda s: f"{s['vila_edge_errors']} / **{s['foreign_errors']}**"),
-             row(f"RSS after warm-up -> end, MiB", lambda s: f"{s['rss_mib_after_warmup']} -> {s['rss_mib_end']}"),
+             row("RSS after warm-up -> end, MiB", lambda s: f"{s['rss_mib_after_warmup']} -> {s['rss_mib_end']}"),
              row("RSS growth after warm-up", lambda s: f"**{s['rss_growth_pct']:+.2f}%**"),
              row("RSS from the late start -> end, MiB (growth)", lambda s: f"{s['rss_mib_after_late_warmup']} -> "
                  f"{s['rss_mib_end']} (**{s['rss_growth_after_late_warmup_pct']:+.2f}%** over "
@@ -333,7 +326,7 @@ def main(argv=None) -> int:
         path = os.path.join(args.work, "soak-child.json")
         subprocess.run([sys.executable, "-m", "benchmarks.soak", "--engine", engine, "--requests", str(args.requests),
                         "--threads", str(args.threads), "--work", args.work, "--child-json", path],
-                       check=True, cwd=ROOT, env={**_env(), **env})
+                       check=True, cwd=ROOT, env={**env_with_root(), **env})
         with open(path) as f:
             soaks[name] = json.load(f)
         s = soaks[name]
@@ -342,9 +335,7 @@ def main(argv=None) -> int:
     faults = kill_exports(args.work, args.kills, args.seed)
     r = {"engine": os.path.relpath(engine, ROOT), "command": "make soak", "machine": machine_info(1),
          "soak": soaks, "faults": faults}
-    paths = save_report(r, args.out, "soak", markdown(r))
-    print(markdown(r))
-    print(f"wrote {paths['json']} and {paths['md']}")
+    finish(r, args.out, "soak", markdown)
     ok = all(s["foreign_errors"] == 0 and s["kv_used_end"] == 0 for s in soaks.values()) \
         and faults["out_broken"] == 0 and faults["engine_lost"] == 0 and faults["leftover_dirs_after_next_export"] == 0
     return 0 if ok else 1

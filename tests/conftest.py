@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
+from vila_edge_export.build import ExportOptions, export_engine
 from vila_edge_export.fixtures import write_fixture
 
 # name: (fixture kind, projector, shape, extra write options)
@@ -25,6 +25,13 @@ CHECKPOINTS = {
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("vila_edge")
+
+
+@pytest.fixture(scope="session")
+def bundled_pipeline():
+    """Pipeline() on the shipped engine, loaded once for every module that only asks it questions."""
+    from vila_edge import Pipeline
+    return Pipeline()
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +62,17 @@ def engine(workdir, checkpoint):
             made[key] = out
         return made[key]
     return get
+
+
+def env_without(tmp_path, *modules: str) -> dict:
+    """An environment for a child process in which `modules` cannot be imported (stub packages that
+    raise ImportError, first on PYTHONPATH) and this checkout's code can."""
+    stubs = tmp_path / "stubs"
+    for module in modules:
+        (stubs / module).mkdir(parents=True, exist_ok=True)
+        (stubs / module / "__init__.py").write_text(f"raise ImportError('{module} hidden by the test')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(stubs), root]))
 
 
 def data(name: str) -> str:

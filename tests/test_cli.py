@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import env_without
 from vila_edge import cli
 from vila_edge.cache import BUNDLED_CHECKPOINT
 from vila_edge.llm import KVConfig
@@ -66,6 +67,8 @@ ERRORS = [
      ["--calib-dir no/dir"]),
     (["fixture", "/tmp/never-written", "--shape", "huge"], ["--shape", "huge"]),
     (["bench"], ["engine"]),
+    (["bench", "vila_edge/bundled/vila-tiny-shapes", "--repeats", "0"], ["--repeats", ">= 1"]),
+    (["bench", "vila_edge/bundled/vila-tiny-shapes", "--contexts", "128,x"], ["--contexts", "'x'"]),
     ([], ["COMMAND"]),
     (["frobnicate"], ["frobnicate"]),
 ]
@@ -83,26 +86,14 @@ def test_no_traceback_from_the_installed_entry_point():
     assert_user_error(run("chat", "bundled", "q", "--image", "nope.png"), "nope.png")
 
 
-def _without(module: str, tmp_path) -> dict:
-    """An environment in which `module` cannot be imported (a stub package that raises)."""
-    stub = tmp_path / "stubs" / module
-    stub.mkdir(parents=True)
-    (stub / "__init__.py").write_text(f"raise ImportError('{module} hidden by the test')\n")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "stubs"), ROOT])
-    return env
-
-
 def test_missing_extras_name_the_pip_command(tmp_path, monkeypatch, capsys):
     from vila_edge import extras
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))      # no engine cached from elsewhere
-    monkeypatch.setattr(extras, "EXTRAS", {**extras.EXTRAS, "export": ("no_such_module_torch",),
-                                           "bench": ("no_such_module_mpl",)})
+    monkeypatch.setattr(extras, "EXTRAS", {**extras.EXTRAS, "export": ("no_such_module_torch",)})
     for argv, extra in ((["export", "models/vila-tiny-shapes", str(tmp_path / "e")], "export"),
                         (["fixture", str(tmp_path / "f")], "export"),
-                        (["chat", "models/vila-tiny-shapes", "What?"], "export"),     # a checkpoint to export
-                        (["bench", "vila_edge/bundled/vila-tiny-shapes"], "bench")):
+                        (["chat", "models/vila-tiny-shapes", "What?"], "export")):     # a checkpoint to export
         assert_user_error(run_here(capsys, *argv), f"pip install 'vila-edge[{extra}]'")
     assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
 
@@ -110,7 +101,7 @@ def test_missing_extras_name_the_pip_command(tmp_path, monkeypatch, capsys):
 def test_missing_video_extra_is_one_line(tmp_path):
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"\0" * 64)
-    assert_user_error(run("chat", "bundled", "What happens?", "--video", str(clip), env=_without("av", tmp_path)),
+    assert_user_error(run("chat", "bundled", "What happens?", "--video", str(clip), env=env_without(tmp_path, "av")),
                       "pip install 'vila-edge[video]'")
 
 

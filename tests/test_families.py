@@ -30,6 +30,7 @@ def test_detect_family(config, name, mode):
     ({"image_aspect_ratio": "dynamic", "dynamic_s2": True}, "dynamic_s2"),
     ({"image_aspect_ratio": "resize", "ps3": True}, "ps3"),
     ({"image_aspect_ratio": "anyres"}, "'anyres' not supported"),
+    ({"model_type": "llava_qwen"}, r"model_type 'llava_qwen' not supported; expected one of \['llava_llama', 'vila_u_llama'\]"),
 ])
 def test_detect_family_refuses(config, words):
     with pytest.raises(CheckpointError, match=words):

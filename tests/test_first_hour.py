@@ -25,8 +25,8 @@ HELDOUT = 40
 
 
 @pytest.fixture(scope="module")
-def bundled():
-    return Pipeline()
+def bundled(bundled_pipeline):
+    return bundled_pipeline
 
 
 def _answers(pipe) -> list:
@@ -90,8 +90,7 @@ def test_checkpoint_is_exported_once_into_the_cache(own_cache, monkeypatch, caps
     pipe = Pipeline(own_cache, progress=False, export_options={"dtype": "fp16"})
     assert pipe.engine_dir.startswith(os.path.join(os.environ["XDG_CACHE_HOME"], "vila_edge", "engines"))
     assert pipe.chat(os.path.join(EXAMPLES, "color.png"), "What color is the square?") == "green"
-    import vila_edge_export.build
-    monkeypatch.setattr(vila_edge_export.build, "export_engine", lambda *a, **k: pytest.fail("exported twice"))
+    monkeypatch.setattr(cache, "run_export", lambda *a, **k: pytest.fail("exported twice"))
     assert Pipeline(own_cache, export_options={"dtype": "fp16"}).engine_dir == pipe.engine_dir
     # Other options, or other content, are another engine.
     key = cache.cache_key(own_cache, {"dtype": "fp16"})
@@ -118,6 +117,7 @@ def test_model_argument_errors(tmp_path):
         Pipeline(cache.BUNDLED_ENGINE, export_options={"dtype": "fp32"})
 
 
+@pytest.mark.slow   # a full export of the bundled checkpoint
 def test_stale_shipped_engine_falls_back_to_the_bundled_checkpoint(own_cache, tmp_path, monkeypatch):
     """After an engine format bump, a source checkout still runs Pipeline() (exported into the cache)."""
     stale = tmp_path / "stale"
@@ -142,26 +142,32 @@ def test_decode_speed_of_short_answers(bundled):
     conv.close()
 
 
-def test_bench_memory_is_the_engines(tmp_path):
-    """The bandwidth probes' buffers (COPY_BYTES each) are never in the memory figures."""
-    from vila_edge.bench import COPY_BYTES
-    args = [cache.BUNDLED_ENGINE, "--out", str(tmp_path), "--name", "b", "--contexts", "32", "--images", "1",
-            "--prefill-tokens", "16", "--decode-steps", "2", "--repeats", "1", "--warmup", "0"]
-    r = subprocess.run([sys.executable, "-m", "vila_edge.cli", "bench", *args], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr
-    mem = json.loads((tmp_path / "b" / "bench.json").read_text())["memory"]
-    assert mem["engine_peak_bytes"] == mem["peak_rss_bytes"] - mem["rss_before_load_bytes"]
-    assert 0 < mem["engine_peak_bytes"] < COPY_BYTES, mem      # the 7.7 MB engine: ~65 MiB with ORT's arenas
-
-
+@pytest.mark.slow   # two processes, one export with torch
 def test_two_processes_export_a_new_checkpoint_once(own_cache):
     code = ("import sys; from vila_edge import Pipeline; "
-            "print(Pipeline(sys.argv[1], export_options={'dtype': 'fp16'}).engine_dir)")
+            "print(Pipeline(sys.argv[1], export_options={'dtype': 'fp16'}).engine_dir, 'torch' in sys.modules)")
     env = dict(os.environ, PYTHONPATH=ROOT)
     procs = [subprocess.Popen([sys.executable, "-c", code, own_cache], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, cwd=ROOT, env=env) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    assert outs[0][0] == outs[1][0]
+    assert outs[0][0] == outs[1][0] and outs[0][0].split()[1] == "False"     # the export ran in a child: no torch here
     assert sum(err.count("vila_edge: exporting") for _, err in outs) == 1, outs
+
+
+def test_export_errors_come_back_as_the_same_error(own_cache):
+    """The export's child process reports a user error; Pipeline raises the same class and message."""
+    from vila_edge.errors import CheckpointError, ExportOptionError
+    with pytest.raises(ExportOptionError, match="fp8"):
+        Pipeline(own_cache, progress=False, export_options={"dtype": "fp8"})
+    with pytest.raises(ExportOptionError, match="colour"):
+        Pipeline(own_cache, progress=False, export_options={"colour": 1})
+    cfg = os.path.join(own_cache, "config.json")
+    with open(cfg) as f:
+        broken = dict(json.load(f), image_aspect_ratio="stretch")
+    with open(cfg, "w") as f:
+        json.dump(broken, f)
+    with pytest.raises(CheckpointError, match=r"config.json: image_aspect_ratio 'stretch' not supported"):
+        Pipeline(own_cache, progress=False)
+    assert not os.listdir(os.path.join(os.environ["XDG_CACHE_HOME"], "vila_edge", "engines")) or all(
+        n.endswith(".lock") for n in os.listdir(os.path.join(os.environ["XDG_CACHE_HOME"], "vila_edge", "engines")))

@@ -189,6 +189,7 @@ def test_fuzz_prompt_encoding(pipe):
     run_all(run, calls, 500)
 
 
+@pytest.mark.slow   # the longest fuzz run (~1 min on 2 loaded cores); make test runs it
 def test_fuzz_call_forms(pipe, tmp):
     small = st.one_of(st.just(np.zeros((20, 30, 3), np.uint8)), images(tmp))
 

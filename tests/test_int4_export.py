@@ -32,7 +32,7 @@ def _optimized_ops(eng, tmp_path) -> list:
     return list(onnx.load(optimized, load_external_data=False).graph.node)
 
 
-@pytest.mark.parametrize("name", ["vila1.5-3b-downsample", "nvila-lite-3x3"])
+@pytest.mark.parametrize("name", ["vila1.5-3b-downsample", pytest.param("nvila-lite-3x3", marks=pytest.mark.slow)])
 def test_matmulnbits_per_fused_linear(name, engine, tmp_path):
     """The standard-op graph (--target orin): ORT fuses each DequantizeLinear -> MatMul at load."""
     eng = engine(name, quant="rtn", max_ppl_increase_pct=None, target="orin", **SYMMETRIC)
@@ -50,6 +50,7 @@ def test_matmulnbits_per_fused_linear(name, engine, tmp_path):
     assert not any(n.domain for n in source.graph.node)    # standard ops only (TensorRT parses the file)
 
 
+@pytest.mark.slow   # its own int4 export (G = 32)
 def test_fused_graph_ops(engine, tmp_path):
     """--target cpu: the file itself holds MatMulNBits (bits and block size of each quantized
     tensor), Skip/SimplifiedLayerNormalization and RotaryEmbedding; ORT adds nothing to undo."""
@@ -91,10 +92,15 @@ def test_int4_packing_matches_onnx():
 
 
 # (checkpoint, target, zero points): both graph variants with and without zero points on one fixture,
-# the other fixture (3x3 downsample, NVILA-Lite) on its default per target
-REFERENCE_CASES = [("vila1.5-3b-downsample", "cpu", False), ("vila1.5-3b-downsample", "cpu", True),
-                   ("vila1.5-3b-downsample", "orin", False), ("vila1.5-3b-downsample", "orin", True),
-                   ("nvila-lite-3x3", "cpu", True), ("nvila-lite-3x3", "orin", False)]
+# the other fixture (3x3 downsample, NVILA-Lite) on its default per target. make test-fast keeps the
+# CPU default (zero points); each other case is an export of its own (slow).
+SLOW = pytest.mark.slow
+REFERENCE_CASES = [pytest.param("vila1.5-3b-downsample", "cpu", False, marks=SLOW),
+                   ("vila1.5-3b-downsample", "cpu", True),
+                   pytest.param("vila1.5-3b-downsample", "orin", False, marks=SLOW),
+                   pytest.param("vila1.5-3b-downsample", "orin", True, marks=SLOW),
+                   pytest.param("nvila-lite-3x3", "cpu", True, marks=SLOW),
+                   pytest.param("nvila-lite-3x3", "orin", False, marks=SLOW)]
 
 
 @pytest.mark.parametrize("name, target, zero_point", REFERENCE_CASES)
@@ -143,6 +149,7 @@ def test_lm_head_bits_option(lm_head_bits, checkpoint, engine, tmp_path):
     np.testing.assert_allclose(logits, ref.logits(embeds).numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow      # two int4 exports of their own; test-fast keeps the default cpu case above
 @pytest.mark.parametrize("target", ["cpu", "orin"])
 def test_zero_points_and_int8_linears_match_reference(target, checkpoint, engine, tmp_path):
     """Zero points at G = 64 on every int4 linear and (budget 5.0 bits here: the fixture's linears are
@@ -185,6 +192,7 @@ def _manifest_quantization(llm, q: dict):
     return qllm
 
 
+@pytest.mark.slow   # two int4 exports with the 4096-token quality report
 def test_int4_report_and_sizes(engine):
     eng = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None)
     report = json.load(open(os.path.join(eng, "export_report.json")))

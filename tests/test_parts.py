@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from vila_edge import Image, ImageError, Pipeline, PromptError, Text
+from vila_edge import Image, ImageError, PromptError, Text
 from vila_edge.cache import BUNDLED_CHECKPOINT
 from vila_edge.families import FAMILIES
 from vila_edge.splice import placeholder_segments
@@ -19,8 +19,8 @@ COLOR = os.path.join(EXAMPLES, "color.png")
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return Pipeline()
+def pipe(bundled_pipeline):
+    return bundled_pipeline
 
 
 def _turn(pipe, images, prompt=None):

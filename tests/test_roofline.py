@@ -9,7 +9,7 @@ import pytest
 from benchmarks import roofline as rl
 from benchmarks.bench_peers import roofline, roofline_markdown
 from vila_edge_export.checkpoint import read_checkpoint
-from vila_edge.bench import llm_weight_bytes
+from benchmarks.common import llm_weight_bytes
 from vila_edge.manifest import Manifest
 
 LLM = SimpleNamespace(hidden=4, layers=1, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab_size=10)

@@ -88,6 +88,7 @@ def test_quantized_embedding_rows_by_hand(bits):
     assert np.abs(rows - table[ids]).max() <= np.abs(table).max() / qmax
 
 
+@pytest.mark.slow   # its own int4 + int8-table export
 def test_int8_embedding_engine(engine):
     eng = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None, embed_bits=8)
     m = json.load(open(os.path.join(eng, "manifest.json")))

@@ -105,6 +105,7 @@ def test_reference_rope_scaling_is_honoured(ref):
     assert torch.allclose(cos1, cos2)
 
 
+@pytest.mark.slow   # the torch reference draws whole images; make test runs it
 def test_reference_cfg_and_seed(ref):
     r = ref()
     on = r.generate_codes("a red cube", temperature=0)

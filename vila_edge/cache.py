@@ -15,9 +15,13 @@ import contextlib
 import hashlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 
-from vila_edge.errors import CheckpointError, EngineError
+from vila_edge import errors
+from vila_edge.atomic import write_text
+from vila_edge.errors import EngineError, ExportError, ExportOptionError, VilaEdgeError
 from vila_edge.extras import require_extra
 from vila_edge.manifest import FORMAT_VERSION, MANIFEST
 from vila_edge.version import __version__
@@ -87,11 +91,6 @@ def cached_export(checkpoint: str, export_options: dict, progress: bool = True) 
     if os.path.isfile(os.path.join(out, MANIFEST)):
         return out
     require_extra("export", f"{checkpoint}: exporting a checkpoint")
-    from vila_edge_export.build import ExportOptions, export_engine
-    try:
-        opts = ExportOptions.flat(progress=progress, **export_options)
-    except TypeError as e:
-        raise CheckpointError(f"export options {sorted(export_options)}: {e}") from e
     # Two processes starting on the same new checkpoint (two robot nodes) export it once: the
     # second waits for the first's engine instead of doubling an export's memory.
     with _exclusive(out + ".lock"):
@@ -99,8 +98,63 @@ def cached_export(checkpoint: str, export_options: dict, progress: bool = True) 
             if progress:
                 print(f"vila_edge: exporting {checkpoint} -> {out} (once; later runs reuse it)", file=sys.stderr,
                       flush=True)
-            export_engine(checkpoint, out, opts)
+            run_export(checkpoint, out, export_options, progress)
     return out
+
+
+def run_export(checkpoint: str, out: str, export_options: dict, progress: bool) -> None:
+    """`python -m vila_edge_export` in a child process: torch, the float weights and the ONNX
+    graphs being written never enter this (the robot's) process, and their memory is the OS's
+    again when the export ends. Its progress bars are passed on to sys.stderr; a user error it
+    reports is raised here as the same VilaEdgeError subclass with the same message."""
+    try:
+        options = json.dumps(export_options)
+    except (TypeError, ValueError) as e:
+        raise ExportOptionError(f"export options {sorted(export_options)}: not JSON values ({e})") from None
+    with tempfile.TemporaryDirectory(prefix="vila_edge-export-") as tmp:
+        error_file = os.path.join(tmp, "error.json")
+        cmd = [sys.executable, "-m", "vila_edge_export", checkpoint, out, "--options", options,
+               "--error-file", error_file] + ([] if progress else ["--quiet"])
+        with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=_child_env()) as proc:
+            try:
+                tail = _pass_on(proc.stderr, sys.stderr if progress else None)
+            except BaseException:       # Ctrl-C, a closed stderr: no export left running on its own
+                proc.kill()
+                raise
+        if proc.returncode == 0:
+            return
+        if os.path.isfile(error_file):
+            with open(error_file, encoding="utf-8") as f:
+                err = json.load(f)
+            cls = getattr(errors, err["type"], None)
+            if isinstance(cls, type) and issubclass(cls, VilaEdgeError):
+                raise cls(err["message"])
+            raise ExportError(err["message"])
+    last = next((line for line in reversed(tail.splitlines()) if line.strip()), "no message")
+    how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"failed (exit status {proc.returncode})"
+    raise ExportError(f"exporting {checkpoint} {how}: {last.strip()}")
+
+
+def _pass_on(stream, sink, keep: int = 1 << 16) -> str:
+    """Copy a child's stderr to `sink` (None: drop it) as it arrives, unbuffered so that progress
+    bars redraw; returns its last `keep` characters (the message of a crash)."""
+    tail = ""
+    while chunk := os.read(stream.fileno(), 8192):
+        text = chunk.decode("utf-8", "replace")
+        if sink is not None:
+            sink.write(text)
+            sink.flush()
+        tail = (tail + text)[-keep:]
+    return tail
+
+
+def _child_env() -> dict:
+    """This process's environment, with the folder this vila_edge was imported from first on the
+    path: the child imports the same vila_edge and, beside it, vila_edge_export (a source checkout
+    run from anywhere, or an installed package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
 
 
 @contextlib.contextmanager
@@ -187,7 +241,4 @@ def _read_memo(path: str) -> dict:
 
 def _write_memo(path: str, memo: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(memo, f)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(memo))

@@ -281,18 +281,17 @@ def _fixture(args) -> int:
 
 
 def add_bench(sub) -> None:
-    from vila_edge import bench
-    b = sub.add_parser("bench", help="measure an engine: latency, tokens/s, memory, decode GB/s ([bench] extra)",
-                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_arguments(b)
+    from vila_edge import measure
+    b = sub.add_parser("bench", help="measure an engine here: vision latency, TTFT, tokens/s, memory",
+                       description=measure.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    measure.add_arguments(b)
+    b.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
     b.set_defaults(func=_bench)
 
 
 def _bench(args) -> int:
-    from vila_edge import bench
-    from vila_edge.extras import require_extra
-    require_extra("bench", "vila-edge bench")
-    return bench.run_cli(args)
+    from vila_edge import measure
+    return measure.run_cli(args)
 
 
 def add_serve(sub) -> None:

@@ -70,7 +70,7 @@ def grammar_source(json_schema=None, choices=None, regex=None) -> str | None:
         raise GrammarError(f"cannot compile the {given[0]}: {e}") from e
 
 
-def _load_tokenizer(path: str, stop_ids: list):
+def grammar_tokenizer(path: str, stop_ids: list):
     """llguidance's view of a tokenizer.json: read natively where llguidance knows the decoder
     (byte-level BPE as in Qwen2/SmolLM2, SentencePiece byte fallback as in Llama-2), else through
     the token-bytes wrapper below (the bundled model's Metaspace BPE without byte fallback)."""
@@ -141,7 +141,7 @@ class Grammars:
     def tokenizer(self):
         with self._lock:
             if self._tok is None:
-                self._tok = _load_tokenizer(self.tokenizer_path, self.stop_ids)
+                self._tok = grammar_tokenizer(self.tokenizer_path, self.stop_ids)
             return self._tok
 
     def constraint(self, cfg) -> "Constraint | None":

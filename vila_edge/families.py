@@ -35,6 +35,10 @@ PLACEHOLDER = "<image>"  # where an image goes in prompt text, in every family
 # VILA1.5's IMAGE_TOKEN_INDEX (llava/constants.py at 1c88211): never a real vocabulary id.
 IMAGE_TOKEN_INDEX = -200
 
+# config.json model_type: each names a checkpoint layout, and the exporter has one reader per layout.
+LLAVA = "llava_llama"         # the three-folder VILA layout (llm/, vision_tower/, mm_projector/)
+VILA_U = "vila_u_llama"       # VILA-U: an RQ-VAE tower + depth transformer in vision_tower/ (mit-han-lab/vila-u@096623c)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -61,7 +65,7 @@ class Family:
     config_switch: str | None = None
     # config.json model_type: the three-folder VILA layout, or a family's own (VILA-U: vila_u_llama,
     # its RQ-VAE tower in vision_tower/; vila_edge_export/checkpoint_vila_u.py).
-    model_type: str = "llava_llama"   # LLAVA
+    model_type: str = LLAVA
     # Writes images too (VILA-U): a depth transformer over the LLM's last hidden state picks residual
     # codes, a pixel decoder paints them (vila_edge/imagine.py).
     generates_images: bool = False
@@ -96,19 +100,22 @@ FAMILIES = {
     # <im_start> wrapper at inference (mit-han-lab/vila-u@096623c:vila_u/utils/media.py:87-93),
     # vicuna_v1 for both resolutions (vila_u/conversation.py:126-129).
     "vila-u": Family("vila-u", SENTINEL, (RESIZE,), ROW_MAJOR, "", "<image>\n", "<image>",
-                     default_template="vicuna_v1", model_type="vila_u_llama",
+                     default_template="vicuna_v1", model_type=VILA_U,
                      generates_images=True),
 }
 # Config switches of VILA variants with no family here yet, and what they are. (`s2`, VILA1.5-3b-s2's
 # multi-scale tower, is a vila1.5 checkpoint: vila_edge_export/checkpoint.py reads its scales.)
 UNSUPPORTED = {"ps3": "PS3, the high-resolution vision tower"}
-LLAVA = "llava_llama"           # model_type of the three-folder VILA layout
 DEFAULT_TRANSFORMERS = "4.36.2"  # VILA1.5's configs predate the field
 
 
 def detect_family(config: dict) -> tuple[Family, str]:
     """A checkpoint's top-level config.json -> (family, image mode)."""
     mode = config.get("image_aspect_ratio", RESIZE)
+    layouts = sorted({f.model_type for f in FAMILIES.values()})
+    if config.get("model_type", LLAVA) not in layouts:
+        raise CheckpointError(f"config.json: model_type {config.get('model_type')!r} not supported; expected one of "
+                              f"{layouts}")
     own_layout = [f for f in FAMILIES.values() if f.model_type != LLAVA and f.model_type == config.get("model_type")]
     if own_layout:                 # a family with its own model_type (VILA-U) is decided by it alone
         return own_layout[0], mode

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from vila_edge.errors import CheckpointError
-from vila_edge.families import COLUMN_MAJOR, DYNAMIC_S2, RESIZE, ROW_MAJOR, S2, Family, detect_family
+from vila_edge.families import COLUMN_MAJOR, DYNAMIC_S2, LLAVA, RESIZE, ROW_MAJOR, S2, VILA_U, Family, detect_family
 
 SUBDIRS = ("llm", "vision_tower", "mm_projector")
 LLM_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -241,21 +241,31 @@ def read_projector(root: str, top: dict, family: Family, llm_hidden: int, order:
 
 
 def read_checkpoint(root: str, template: str | None = None, token_order: str | None = None) -> CheckpointSpec:
-    """Parse and cross-check a checkpoint's configs. Weights are read later by `load_weights`."""
+    """Parse and cross-check a checkpoint's configs. Weights are read later by `load_weights`.
+    The registry tells the family from config.json (families.detect_family); the family's layout
+    (its model_type) picks the reader."""
     if not os.path.isdir(root):
         raise CheckpointError(f"{root}: not a directory")
     top = _read_json(os.path.join(root, "config.json"))
     for sub in SUBDIRS:
         if not os.path.isdir(os.path.join(root, sub)):
             raise CheckpointError(f"{root}: missing subfolder {sub}/ (a VILA checkpoint has {', '.join(SUBDIRS)})")
-    mtype = top.get("model_type")
-    if mtype == "vila_u_llama":            # VILA-U: its own tower layout (vila_edge_export/checkpoint_vila_u.py)
-        from vila_edge_export.checkpoint_vila_u import as_checkpoint_spec
-        return as_checkpoint_spec(root, template)
-    if mtype != "llava_llama":
-        raise CheckpointError(f"config.json: model_type {mtype!r} not supported; expected 'llava_llama' "
-                              f"(the three-folder VILA layout)")
+    _need(top, "model_type", "config.json", str)
     family, mode = detect_family(top)
+    return READERS[family.model_type](root, top, family, mode, template, token_order)
+
+
+def _read_vila_u(root: str, top: dict, family: Family, mode: str, template: str | None, token_order: str | None):
+    """VILA-U's own tower layout: vila_edge_export/checkpoint_vila_u.py (it imports this module). Its
+    mlp2x_gelu projector keeps the grid's order: token_order (the stages pass the recorded one) has
+    nothing to reorder."""
+    from vila_edge_export.checkpoint_vila_u import as_checkpoint_spec
+    return as_checkpoint_spec(root, template)
+
+
+def _read_llava(root: str, top: dict, family: Family, mode: str, template: str | None,
+                token_order: str | None) -> CheckpointSpec:
+    """The three-folder VILA layout: llm/ + vision_tower/ (SigLIP) + mm_projector/."""
     llm = read_llm(_sub_config(root, top, "llm"), "llm/config.json")
     if top.get("hidden_size", llm.hidden) != llm.hidden:
         raise CheckpointError(f"config.json: hidden_size {top['hidden_size']} != llm hidden_size {llm.hidden}")
@@ -275,6 +285,10 @@ def read_checkpoint(root: str, template: str | None = None, token_order: str | N
         root=root, family=family.name, image_mode=mode, template=_template(root, top, family, template), llm=llm,
         vision=vision, projector=projector, num_video_frames=int(top.get("num_video_frames", 8)),
         min_tiles=int(top.get("min_tiles", 1)), max_tiles=int(top.get("max_tiles", 12)), config=top, scales=scales)
+
+
+# One reader per checkpoint layout the registry knows (Family.model_type).
+READERS = {LLAVA: _read_llava, VILA_U: _read_vila_u}
 
 
 def read_scales(top: dict, mode: str, vision: VisionSpec) -> ScalesSpec:

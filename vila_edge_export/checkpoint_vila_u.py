@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from vila_edge_export.checkpoint import _need, _read_json, _sub_config, read_llm, LLMSpec
 from vila_edge.errors import CheckpointError
-from vila_edge.families import detect_family
+from vila_edge.families import VILA_U, detect_family
 
 ADDED_TOKENS = ("<im_start>", "<im_end>", "<vi_start>", "<vi_end>")
 # SigLIP towers a `pretrained_model` hub id names: hidden, intermediate, layers, heads, patch, image
@@ -152,8 +152,8 @@ def read_vila_u(root: str) -> VilaUSpec:
     if not os.path.isdir(root):
         raise CheckpointError(f"{root}: not a directory")
     top = _read_json(os.path.join(root, "config.json"))
-    if top.get("model_type") != "vila_u_llama":
-        raise CheckpointError(f"config.json: model_type {top.get('model_type')!r} is not 'vila_u_llama'")
+    if top.get("model_type") != VILA_U:
+        raise CheckpointError(f"config.json: model_type {top.get('model_type')!r} is not {VILA_U!r}")
     _unknown(top, TOP_KEYS, "config.json")
     if top.get("mm_use_im_patch_token"):
         raise CheckpointError("config.json: mm_use_im_patch_token true is not supported (it shifts the added ids)")

@@ -13,9 +13,8 @@ by the saver) and the module trees of RQS/ (= vila_u/model/multimodal_encoder/rq
 """
 import json
 import os
-import shutil
-import tempfile
 
+from vila_edge.atomic import atomic_dir
 from vila_edge_export.fixtures import CORPUS, MARKER
 
 ADDED_TOKENS = ("<im_start>", "<im_end>", "<vi_start>", "<vi_end>")   # vila_u_arch.py:540-545 add order
@@ -253,17 +252,10 @@ def write_fixture(out: str, shape: str = "tiny", dtype: str = "bfloat16", seed: 
     torch.manual_seed(seed)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".fixture-", dir=parent)
-    try:
+    with atomic_dir(out, prefix=".fixture-") as tmp:
         write_vila_u(tmp, shape, dtype, llm_layers, vision_layers, head_layers)
         with open(os.path.join(tmp, MARKER), "w") as f:
             f.write(f"random weights: kind vila-u, shape {shape}, seed {seed}\n")
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -73,6 +73,8 @@ class ReferenceVLM:
         tok = self.tokenizer
         if self.family.splice != SENTINEL:
             return tok(prompt).input_ids
+        # VILA's own loop again, not vila_edge.splice.join_image_chunks: the oracle stays independent
+        # of the runtime it checks (tests/test_equivalence.py).
         chunks = [tok(c).input_ids for c in prompt.split("<image>")]
         ids, offset = [], 0
         if chunks and chunks[0] and chunks[0][0] == tok.bos_token_id:

@@ -1,16 +1,16 @@
-"""Multi-scale rows of `vila-edge bench`: vision time per image by tile count (NVILA dynamic_s2, S2).
+"""Multi-scale measures of `vila-edge bench`: vision time per image by tile count (NVILA dynamic_s2, S2).
 
 Each row encodes fresh noise images whose aspect ratio picks a known last-scale grid (dynamic_s2:
 3x3, 5x2, 4x3 -> 14, 15, 17 tiles of the tower's size), feature cache cleared before every image,
 and splits the time into the tower (one batch per image) and the rest (tiling, scale merge,
 projector). The several-images path (one square tile per image) is the 1-tile row.
 """
-import statistics
 import time
 
 import numpy as np
 
-from vila_edge.families import DYNAMIC_S2
+from vila_edge.families import DYNAMIC, DYNAMIC_S2
+from vila_edge.measure import spread
 
 DYNAMIC_GRIDS = ((3, 3), (5, 2), (4, 3))     # (cols, rows) of the last scale: 9, 10, 12 tiles
 
@@ -19,7 +19,7 @@ def max_tokens_per_image(v) -> int:
     """An upper bound of one image's feature tokens (+ end text), for sizing the bench's context."""
     if v.multiscale == DYNAMIC_S2:
         return v.tokens_per_image * max(v.max_tiles, 1) + 1
-    return v.tokens_per_image * (v.max_tiles + 1 if v.image_mode == "dynamic" else 1)
+    return v.tokens_per_image * (v.max_tiles + 1 if v.image_mode == DYNAMIC else 1)
 
 
 def _cases(v) -> list:
@@ -46,16 +46,7 @@ def bench_vision_by_tiles(pipe, rng, runs: int, warmup: int) -> list:
                 total.append(time.perf_counter() - t)
                 tower.append(enc.tower_seconds)
             tokens = sum(len(f) for f in feats)
-        out.append({"case": label, "tokens": tokens, "runs": len(total), "p50_s": statistics.median(total),
-                    "p90_s": float(np.percentile(total, 90)), "tower_p50_s": statistics.median(tower)})
+        s = spread(total)
+        out.append({"case": label, "tokens": tokens, "runs": s["runs"], "p50_s": s["median_s"], "p90_s": s["p90_s"],
+                    "tower_p50_s": spread(tower)["median_s"]})
     return out
-
-
-def markdown_rows(rows: list) -> list:
-    lines = ["", "Vision per image by tile count (feature cache cleared; tower = SigLIP on all tiles in one batch, "
-                 "rest = tiling, scale merge, projector):", "",
-             "| image | tokens | p50 ms | p90 ms | tower p50 ms | rest p50 ms |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['case']} | {r['tokens']} | {r['p50_s'] * 1e3:.0f} | {r['p90_s'] * 1e3:.0f} "
-                     f"| {r['tower_p50_s'] * 1e3:.0f} | {(r['p50_s'] - r['tower_p50_s']) * 1e3:.0f} |")
-    return lines
