@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from benchmarks.bench_peers import isolated
-from vila_edge.bench import kv_config, machine_info, save_report
+from benchmarks.common import kv_config, machine_info, save_report
 
 
 def _window_rate(times: list) -> float:
