@@ -154,8 +154,8 @@ def add_export(sub) -> None:
     e.add_argument("checkpoint", help="VILA checkpoint directory (config.json, llm/, vision_tower/, mm_projector/)")
     e.add_argument("out", help="engine directory to write (replaced only when the new one is complete)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], default=None, help="activation and weight dtype (default fp32)")
-    e.add_argument("--quant", choices=["none", "rtn", "awq"], default=None,
-                   help="4-bit LLM weights: none, round-to-nearest, or AWQ (calibrated)")
+    e.add_argument("--quant", choices=["none", "rtn", "awq", "gptq"], default=None,
+                   help="4-bit LLM weights: none, round-to-nearest, AWQ or GPTQ (both calibrated)")
     e.add_argument("--group-size", type=_number(int, 1), default=None,
                    help="int4 quantization group size (default 64 with zero points, 32 without)")
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
