@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from vila_edge_export.gptq import gptq_quantize, hessian
+from vila_edge_export.gptq import gptq_quantize, hessian, inverse_hessian
 from vila_edge_export.quantize import (DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, QuantConfigError, QuantizedLLM, QuantizedWeight,
                              apply_quantized, decoder_linears, pseudo_quantize, quantize_linears,
                              resolve_group, rtn_quantize)
@@ -187,19 +187,23 @@ def _awq_layer(layer: nn.Module, prefix: str, samples: list[_Sample], gsize: dic
               for g in groups]
     for g, s in zip(groups, scales):
         _fold_scale(g.prev, [mods[n] for n in g.names], s)
+        scaled = [x / s for x in feats[g.feat]]        # every linear of a group reads the same input
         for n in g.names:
-            feats[n] = [x / s for x in feats[n]]
+            feats[n] = scaled
     if clip and search:
         for name, lin in mods.items():
             if isinstance(lin, nn.Linear) and not name.endswith(CLIP_SKIP):
                 _clip(lin, _search_clip(lin.weight.data, torch.cat(feats[name]), gsize[prefix + name], zp))
     rounded = {}
     if gptq_bits is not None:
+        inverses = {}         # q/k/v and gate/up read one input: one H^-1 each
         for name, lin in mods.items():
             if isinstance(lin, nn.Linear):
-                bits = gptq_bits[prefix + name]
-                rounded[prefix + name] = gptq_quantize(lin.weight.data, hessian(torch.cat(feats[name])),
-                                                       gsize[prefix + name], bits, zp and bits == 4)
+                key, bits = (feats[name][0].data_ptr(), feats[name][0].shape), gptq_bits[prefix + name]
+                if key not in inverses:
+                    inverses[key] = inverse_hessian(hessian(torch.cat(feats[name])))
+                rounded[prefix + name] = gptq_quantize(lin.weight.data, inverses[key], gsize[prefix + name],
+                                                       bits, zp and bits == 4)
     # llm-awq (pre_quant.run_awq) computes the next layer's input with this layer before any scale
     # or clip is applied: the float outputs, not those of the scaled+clipped or quantized layer.
     for s, out in zip(samples, outs):

@@ -27,13 +27,16 @@ def hessian(x: Tensor) -> Tensor:
     return (x.T @ x).double() * (2.0 / x.shape[0])
 
 
-def _inverse_cholesky(h: Tensor) -> Tensor:
-    """Upper Cholesky factor of H^-1 after damping (gptq.py), float64 [K, K]."""
-    h = h.clone()
+def inverse_hessian(h: Tensor) -> tuple[Tensor, Tensor]:
+    """H [K, K] -> (upper Cholesky factor of the damped H^-1 (gptq.py), float64 [K, K]; dead inputs
+    bool [K]), what gptq_quantize needs of H: linears reading the same input share it."""
+    h = h.double().clone()
+    dead = h.diagonal() == 0                       # inputs never active: H made invertible there
+    h[dead, dead] = 1
     diag = torch.arange(h.shape[0])
     h[diag, diag] += DAMP * h.diagonal().mean()
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(hinv, upper=True)
+    return torch.linalg.cholesky(hinv, upper=True), dead
 
 
 @contextmanager
@@ -49,27 +52,23 @@ def _one_thread():
 
 
 @torch.no_grad()
-def gptq_quantize(w: Tensor, h: Tensor, group: int, bits: int = 4, zero_point: bool = False,
+def gptq_quantize(w: Tensor, h: Tensor | tuple, group: int, bits: int = 4, zero_point: bool = False,
                   block: int = BLOCK) -> QuantizedWeight:
-    """w [N, K] float, h [K, K] the Hessian of its inputs -> QuantizedWeight (codes [N, K], scales
-    [N, K/G], zeros [N, K/G] or None) in the layout of quantize.quantize_group. Float64 throughout
+    """w [N, K] float, h [K, K] the Hessian of its inputs (or inverse_hessian(h)) -> QuantizedWeight
+    (codes [N, K], scales [N, K/G], zeros [N, K/G] or None) in the layout of quantize.quantize_group. Float64 throughout
     (the error feedback sums K updates per weight); `block`: columns per lazy update, rounded to whole
     groups so that a group's scale sees every update of its own columns."""
     n, k = w.shape
     if k % group:
         raise ValueError(f"K={k} is not a multiple of group size G={group}")
     w = w.detach().double().clone()
-    h = h.double().clone()
-    dead = h.diagonal() == 0                       # inputs never active: any code will do
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    hinv = _inverse_cholesky(h)
     codes = torch.zeros(n, k, dtype=torch.int8)
     scales = torch.zeros(n, k // group)
     zeros = torch.zeros(n, k // group, dtype=torch.int8) if zero_point else None
-    block = group * max(1, block // group)
     with _one_thread():
-        _columns(w, hinv, codes, scales, zeros, group, bits, block)
+        hinv, dead = inverse_hessian(h) if isinstance(h, Tensor) else h
+        w[:, dead] = 0                             # inputs never active: any code will do
+        _columns(w, hinv, codes, scales, zeros, group, bits, group * max(1, block // group))
     return QuantizedWeight(codes, scales, bits, zeros)
 
 
