@@ -79,7 +79,8 @@ def vila_edge_rows(ref_vlm, ids, args, ref) -> list:
     rows = []
     for method in args.methods.split(","):     # `vila-edge export --quant METHOD` with default options
         t0 = time.perf_counter()
-        qllm = quantize_model(ref_vlm, ExportOptions(quant=QuantOptions(method=method)).quant, None, progress=True)
+        quant = QuantOptions(method=method, **({} if args.lm_head_bits is None else {"lm_head_bits": args.lm_head_bits}))
+        qllm = quantize_model(ref_vlm, ExportOptions(quant=quant).quant, None, progress=True)
         quant_s = time.perf_counter() - t0
         model = apply_quantized(ref_vlm.llm, qllm)
         t0 = time.perf_counter()
@@ -261,6 +262,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--systems", default="vila_edge,genai,llama.cpp",
                     help="comma list of vila_edge, genai, llama.cpp")
+    ap.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
+                    help="vila_edge rows: the export's --lm-head-bits (default: the export's, int8)")
     ap.add_argument("--methods", default="awq,gptq,rtn", help="comma list of the export's --quant methods")
     ap.add_argument("--name", default="smollm2-vila")
     args = ap.parse_args(argv)
