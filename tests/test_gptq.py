@@ -81,3 +81,24 @@ def test_bits_per_weight_hand_computed():
     bpw = bits_per_weight(QuantizedLLM({}, linears, "rtn", 32, 8, True))
     assert bpw == {"decoder": (2048 + 256 + 64 + 4096 + 128) / 1024, "lm_head": (4096 + 128) / 512}
     assert bpw["decoder"] == 6.4375
+
+
+@pytest.mark.parametrize("search", [False, True])
+def test_calibrated_gptq_beats_rtn_on_a_tiny_decoder(search):
+    """awq_quantize(gptq=True): GPTQ alone (`--quant gptq`, search False) or after AWQ's scale search
+    (search True): every decoder linear GPTQ-rounded on its calibration inputs, int8 where asked
+    (symmetric), and the logits on held-out inputs closer to float than round-to-nearest's."""
+    from test_quantize import GROUP, _logit_error, outlier_embeds, tiny_model
+    from vila_edge_export.awq import awq_quantize
+    from vila_edge_export.quantize import rtn_quantize
+    model = tiny_model("llama")
+    int8 = ("model.layers.0.mlp.down_proj",)
+    q = awq_quantize(model, outlier_embeds(seed=4, n=4), GROUP, progress=False, zero_point=True, int8=int8,
+                     gptq=True, search=search)
+    assert q.method == ("awq+gptq" if search else "gptq")
+    assert {n: (w.bits, w.zeros is None) for n, w in q.linears.items() if n != "lm_head"} == \
+        {n: ((8, True) if n in int8 else (4, False)) for n in q.linears if n != "lm_head"}
+    rtn = rtn_quantize(model, GROUP, zero_point=True, int8=int8)
+    held_out = outlier_embeds(seed=5, n=4)
+    err_gptq, err_rtn = _logit_error(model, q, held_out), _logit_error(model, rtn, held_out)
+    assert err_gptq < err_rtn, (err_gptq, err_rtn)
