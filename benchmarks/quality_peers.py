@@ -79,7 +79,8 @@ def vila_edge_rows(ref_vlm, ids, args, ref) -> list:
     rows = []
     for method in args.methods.split(","):     # `vila-edge export --quant METHOD` with default options
         t0 = time.perf_counter()
-        quant = QuantOptions(method=method, **({} if args.lm_head_bits is None else {"lm_head_bits": args.lm_head_bits}))
+        head = {} if args.lm_head_bits is None else {"lm_head_bits": args.lm_head_bits}
+        quant = QuantOptions(method=method, **head)
         qllm = quantize_model(ref_vlm, ExportOptions(quant=quant).quant, None, progress=True)
         quant_s = time.perf_counter() - t0
         model = apply_quantized(ref_vlm.llm, qllm)

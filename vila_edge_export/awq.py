@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from vila_edge_export.gptq import gptq_quantize, hessian, inverse_hessian
-from vila_edge_export.quantize import (DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, QuantConfigError, QuantizedLLM, QuantizedWeight,
-                             apply_quantized, decoder_linears, pseudo_quantize, quantize_linears,
+from vila_edge_export.quantize import (DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, QuantConfigError, QuantizedLLM,
+                             QuantizedWeight, apply_quantized, decoder_linears, pseudo_quantize, quantize_linears,
                              resolve_group, rtn_quantize)
 
 __all__ = ["awq_quantize", "awq_transform", "text_calibration_embeds", "rtn_quantize", "apply_quantized"]
