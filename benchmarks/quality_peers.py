@@ -9,8 +9,10 @@ sequence; per scored position the next-token nll and the argmax. Every system is
 fp32 torch reference of the checkpoint's LLM (transformers eager): top-1 agreement (same argmax) and
 perplexity increase.
 Systems (each built here from the checkpoint's llm/ unless already under build/quality_peers/):
-  vila_edge awq / rtn   the export's quantizer with its default options (torch: what the engine computes
-                        at int4 accuracy level 0, within 1e-4, tests/test_int4_export.py)
+  vila_edge awq / gptq / rtn   the export's quantizer (`--quant METHOD`) with its default options (torch:
+                        what the engine computes at int4 accuracy level 0, within 1e-4,
+                        tests/test_int4_export.py); "quantize s" is the quantizer's wall time
+                        (calibration, search / rounding), the export's quality passes left out
   ort-genai int4        `python -m onnxruntime_genai.models.builder -p int4 -e cpu` (RTN), its
                         model.onnx run by onnxruntime as built (MatMulNBits accuracy level 4: int8
                         activations) and with accuracy level 0 (float activations: the weights alone)
@@ -76,13 +78,18 @@ def vila_edge_rows(ref_vlm, ids, args, ref) -> list:
     from vila_edge_export.quantize import apply_quantized
 
     rows = []
-    for method in ("awq", "rtn"):     # `vila-edge export --quant METHOD` with default options
-        qllm = quantize_model(ref_vlm, ExportOptions(quant=QuantOptions(method=method)).quant, None, progress=True)
+    for method in args.methods.split(","):     # `vila-edge export --quant METHOD` with default options
+        t0 = time.perf_counter()
+        head = {} if args.lm_head_bits is None else {"lm_head_bits": args.lm_head_bits}
+        quant = QuantOptions(method=method, **head)
+        qllm = quantize_model(ref_vlm, ExportOptions(quant=quant).quant, None, progress=True)
+        quant_s = time.perf_counter() - t0
         model = apply_quantized(ref_vlm.llm, qllm)
         t0 = time.perf_counter()
         nll, top1 = score_windows(_torch_logits(model), ids, args.window, args.window // 2)
         rows.append(_row(f"vila_edge {method} (export defaults)", nll, top1, ref, bits_per_weight(qllm),
                          time.perf_counter() - t0, _describe(qllm)))
+        rows[-1]["quantize_seconds"] = quant_s
         del model
     return rows
 
@@ -234,12 +241,12 @@ def markdown(rows: list, meta: dict) -> str:
              f"(stride {meta['stride']}), against the fp32 torch reference (ppl {meta['ppl_ref']:.3f})", "",
              f"Gate of the export: top-1 >= {meta['gate']['min_top1_agreement']}, "
              f"perplexity <= +{meta['gate']['max_ppl_increase_pct']} %.", "",
-             "| system | bpw decoder | bpw lm_head | top-1 agreement | perplexity | ppl increase | notes |",
-             "|---|---|---|---|---|---|---|"]
+             "| system | bpw decoder | bpw lm_head | top-1 agreement | perplexity | ppl increase | quantize s | notes |",
+             "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     for r in rows:
         lines.append(f"| {r['system']} | {fmt(r['bpw_decoder'])} | {fmt(r['bpw_lm_head'])} | {r['top1_agreement']:.4f} | "
-                     f"{r['ppl']:.3f} | {r['ppl_increase_pct']:+.2f} % | {r['note']} |")
+                     f"{r['ppl']:.3f} | {r['ppl_increase_pct']:+.2f} % | {fmt(r.get('quantize_seconds'))} | {r['note']} |")
     lines += ["", f"Command: `{meta['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -257,6 +264,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--systems", default="vila_edge,genai,llama.cpp",
                     help="comma list of vila_edge, genai, llama.cpp")
+    ap.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
+                    help="vila_edge rows: the export's --lm-head-bits (default: the export's, int8)")
+    ap.add_argument("--methods", default="awq,gptq,rtn", help="comma list of the export's --quant methods")
     ap.add_argument("--name", default="smollm2-vila")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

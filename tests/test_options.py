@@ -66,7 +66,7 @@ def test_stage_flags_default_to_the_dataclasses():
 
 
 @pytest.mark.parametrize("make, words", [
-    (lambda: QuantOptions("gptq"), "quant 'gptq' unknown"),
+    (lambda: QuantOptions("gptq2"), "quant 'gptq2' unknown"),
     (lambda: QuantOptions("none", lm_head_bits=8), "needs quant rtn or awq"),
     (lambda: QuantOptions("rtn", lm_head_bits=3), "lm_head_bits 3 unknown"),
     (lambda: QuantOptions("rtn", group_size=0), "group_size"),

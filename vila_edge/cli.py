@@ -2,7 +2,7 @@
 
     vila-edge chat bundled "What color is the square?" --image models/vila-tiny-shapes/examples/color.png
     vila-edge chat ENGINE_OR_CHECKPOINT "What is on the table?" --image photo.jpg -i
-    vila-edge export CHECKPOINT OUT [--dtype fp16] [--quant none|rtn|awq] [--lm-head-bits 8|4|0]
+    vila-edge export CHECKPOINT OUT [--dtype fp16] [--quant none|rtn|awq|gptq] [--lm-head-bits 8|4|0]
     vila-edge fixture OUT --kind nvila-lite
     vila-edge bench ENGINE_DIR
     vila-edge serve ENGINE_DIR [--host 127.0.0.1 --port 8000 --allow-dir DIR]
@@ -158,12 +158,12 @@ def add_export(sub) -> None:
     e.add_argument("checkpoint", help="VILA checkpoint directory (config.json, llm/, vision_tower/, mm_projector/)")
     e.add_argument("out", help="engine directory to write (replaced only when the new one is complete)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], default=None, help="activation and weight dtype (default fp32)")
-    e.add_argument("--quant", choices=["none", "rtn", "awq"], default=None,
-                   help="4-bit LLM weights: none, round-to-nearest, or AWQ (calibrated)")
+    e.add_argument("--quant", choices=["none", "rtn", "awq", "gptq"], default=None,
+                   help="4-bit LLM weights: none, round-to-nearest, AWQ or GPTQ (both calibrated)")
     e.add_argument("--group-size", type=_number(int, 1), default=None,
                    help="int4 quantization group size (default 64 with zero points, 32 without)")
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
-                   help="lm_head with --quant rtn/awq: symmetric int8 (default), int4, or 0 = float")
+                   help="lm_head with --quant rtn/awq/gptq: symmetric int8 (default), int4, or 0 = float")
     e.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
                    help="int4 linears with a zero point per group, +4/G bits per weight (default: on for "
                         "--target cpu; TensorRT takes none)")
@@ -176,11 +176,11 @@ def add_export(sub) -> None:
     e.add_argument("--int4-accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=None,
                    help="--target cpu: MatMulNBits activations (4 (default): int8 per block, fastest; 0: float)")
     e.add_argument("--embed-bits", type=int, choices=[8, 4, 0], default=None,
-                   help="with --quant rtn/awq: store the token embedding table as int8/int4 groups (0, the default: fp16)")
+                   help="with --quant rtn/awq/gptq: store the token embedding table as int8/int4 groups (0, the default: fp16)")
     e.add_argument("--template", default=None, help="override the chat template (e.g. vicuna_v1, llama_3, auto)")
     e.add_argument("--token-order", choices=["row", "column"], default=None,
                    help="override the mlp_downsample token order (default from the checkpoint era)")
-    e.add_argument("--calib-dir", default=None, help="AWQ calibration images (+ prompts.txt, one per line)")
+    e.add_argument("--calib-dir", default=None, help="AWQ / GPTQ calibration images (+ prompts.txt, one per line)")
     e.add_argument("--max-ppl-increase", type=_number(float, 0), default=None,
                    help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text; default 15)")
     e.add_argument("--min-top1", type=_number(float, 0, 1), default=None,

@@ -78,7 +78,7 @@ class Manifest:
     template: str
     dtype: str             # activation dtype of the graphs: float32 / float16
     kv_dtype: str          # numpy dtype name of the KV pool's rows (the graph's past/new K and V)
-    quant: dict            # {"method": "none"|"rtn"|"awq", "group_size": G, ...}
+    quant: dict            # {"method": "none"|"rtn"|"awq"|"gptq", "group_size": G, ...}
     num_video_frames: int
     llm: LLMInfo
     vision: VisionInfo

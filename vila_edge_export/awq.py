@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from vila_edge_export.gptq import gptq_quantize, hessian, inverse_hessian
 from vila_edge_export.quantize import (DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, QuantConfigError, QuantizedLLM,
-                             apply_quantized, decoder_linears, pseudo_quantize, quantize_linears,
+                             QuantizedWeight, apply_quantized, decoder_linears, pseudo_quantize, quantize_linears,
                              resolve_group, rtn_quantize)
 
 __all__ = ["awq_quantize", "awq_transform", "text_calibration_embeds", "rtn_quantize", "apply_quantized"]
@@ -173,35 +174,56 @@ def _clip(lin: nn.Linear, max_val: Tensor) -> None:
 
 
 def _awq_layer(layer: nn.Module, prefix: str, samples: list[_Sample], gsize: dict[str, int], clip: bool,
-               zp: bool) -> None:
-    """Search, fold and clip one decoder layer; advance `samples` to the next layer's inputs."""
+               zp: bool, gptq_bits: dict[str, int] | None, search: bool = True) -> dict[str, QuantizedWeight]:
+    """Search, fold and clip one decoder layer (search False: neither); advance `samples` to the next
+    layer's inputs. With gptq_bits ({name: bits}): its linears rounded by GPTQ on their (scaled)
+    inputs ({name: weight})."""
     feats, outs = _run_layer(layer, samples)
     mods = dict(layer.named_modules())
-    groups = _scale_groups(layer, samples)
+    groups = _scale_groups(layer, samples) if search else []
     # As llm-awq's auto_scale_block: search every group on the unmodified layer, then fold all.
     scales = [_search_scale(g, [mods[n] for n in g.names], [gsize[prefix + n] for n in g.names],
                             torch.cat(feats[g.feat]), zp)
               for g in groups]
     for g, s in zip(groups, scales):
         _fold_scale(g.prev, [mods[n] for n in g.names], s)
+        scaled = [x / s for x in feats[g.feat]]        # every linear of a group reads the same input
         for n in g.names:
-            feats[n] = [x / s for x in feats[n]]
-    if clip:
+            feats[n] = scaled
+    if clip and search:
         for name, lin in mods.items():
             if isinstance(lin, nn.Linear) and not name.endswith(CLIP_SKIP):
                 _clip(lin, _search_clip(lin.weight.data, torch.cat(feats[name]), gsize[prefix + name], zp))
+    rounded = {}
+    if gptq_bits is not None:
+        inverses = {}         # q/k/v and gate/up read one input: one H^-1 each
+        for name, lin in mods.items():
+            if isinstance(lin, nn.Linear):
+                key, bits = (feats[name][0].data_ptr(), feats[name][0].shape), gptq_bits[prefix + name]
+                if key not in inverses:
+                    inverses[key] = inverse_hessian(hessian(torch.cat(feats[name])))
+                rounded[prefix + name] = gptq_quantize(lin.weight.data, inverses[key], gsize[prefix + name],
+                                                       bits, zp and bits == 4)
     # llm-awq (pre_quant.run_awq) computes the next layer's input with this layer before any scale
     # or clip is applied: the float outputs, not those of the scaled+clipped or quantized layer.
     for s, out in zip(samples, outs):
         s.hidden = out
+    return rounded
 
 
-@torch.no_grad()
 def awq_transform(model: nn.Module, calib_embeds: list[Tensor], group: int = DEFAULT_GROUP,
                   auto_group: bool = False, clip: bool = True, progress: bool = True,
                   zero_point: bool = False) -> nn.Module:
     """Fold AWQ scales (and, with clip, clamp weights) into `model` in place; returns it. Without
     clip the result computes the same function as before (up to float rounding)."""
+    return _transform(model, calib_embeds, group, auto_group, clip, progress, zero_point, None)[0]
+
+
+@torch.no_grad()
+def _transform(model: nn.Module, calib_embeds: list[Tensor], group: int, auto_group: bool, clip: bool,
+               progress: bool, zero_point: bool, gptq_bits: dict[str, int] | None, search: bool = True) -> tuple:
+    """awq_transform, and with gptq_bits ({decoder linear: bits}) each linear GPTQ-rounded as its layer
+    is done -> (model, {name: QuantizedWeight})."""
     if type(model).__name__ not in SUPPORTED:
         raise QuantConfigError(f"AWQ supports {SUPPORTED}, got {type(model).__name__}")
     if not calib_embeds:
@@ -210,20 +232,29 @@ def awq_transform(model: nn.Module, calib_embeds: list[Tensor], group: int = DEF
     gsize = {name: resolve_group(name, lin.in_features, group, auto_group)
              for name, lin in decoder_linears(model).items()}
     samples = _capture_first_inputs(model, calib_embeds)
-    for i, layer in enumerate(tqdm(model.model.layers, desc="AWQ layers", disable=not progress)):
-        _awq_layer(layer, f"model.layers.{i}.", samples, gsize, clip, zero_point)
-    return model
+    rounded = {}
+    desc = ("AWQ" if search else "GPTQ") + " layers"
+    for i, layer in enumerate(tqdm(model.model.layers, desc=desc, disable=not progress)):
+        rounded.update(_awq_layer(layer, f"model.layers.{i}.", samples, gsize, clip, zero_point, gptq_bits, search))
+    return model, rounded
 
 
 def awq_quantize(model: nn.Module, calib_embeds: list[Tensor], group: int = DEFAULT_GROUP,
                  progress: bool = True, auto_group: bool = False,
-                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False, int8: tuple = ()) -> QuantizedLLM:
-    """AWQ scale + clip search on a copy of `model`, then symmetric int4 of every decoder linear and
-    round-to-nearest of lm_head (llm-awq searches only inside the decoder blocks)."""
-    folded = awq_transform(copy.deepcopy(model), calib_embeds, group, auto_group, clip=True, progress=progress,
-                           zero_point=zero_point)
-    return quantize_linears(folded, group, auto_group, method="awq", lm_head_bits=lm_head_bits,
-                            zero_point=zero_point, int8=int8)
+                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False, int8: tuple = (),
+                 gptq: bool = False, clip: bool = True, search: bool = True) -> QuantizedLLM:
+    """AWQ scale (+ clip) search on a copy of `model` (search False: neither, GPTQ alone), then int4 of
+    every decoder linear (int8 for those in `int8`), rounded to nearest or by GPTQ on the (scaled)
+    calibration inputs, and round-to-nearest of lm_head (llm-awq searches only inside the decoder
+    blocks)."""
+    if not (search or gptq):
+        raise QuantConfigError("neither the AWQ search nor GPTQ: that is rtn_quantize")
+    bits = {name: 8 if name in int8 else 4 for name in decoder_linears(model)} if gptq else None
+    folded, rounded = _transform(copy.deepcopy(model) if search else model, calib_embeds, group, auto_group, clip,
+                                 progress, zero_point, bits, search)
+    method = "gptq" if not search else "awq+gptq" if gptq else "awq"
+    return quantize_linears(folded, group, auto_group, method=method,
+                            lm_head_bits=lm_head_bits, zero_point=zero_point, int8=int8, rounded=rounded)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """checkpoint -> engine directory: vision.onnx, llm.onnx, embeddings, tokenizer, template, manifest.
 
-    vila-edge export CHECKPOINT OUT [--dtype fp32|fp16] [--quant none|rtn|awq] [--lm-head-bits 8|4|0] [--target cpu|orin] [--embed-bits 8|4|0]
+    vila-edge export CHECKPOINT OUT [--dtype fp32|fp16] [--quant none|rtn|awq|gptq] [--lm-head-bits 8|4|0] [--target cpu|orin] [--embed-bits 8|4|0]
 
 `export_engine` chains three stages, each a command that reads files and writes files
 (`python -m vila_edge_export.stages`): quantize (stage_quantize.py: int4 codes, scales and a quant

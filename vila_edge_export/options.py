@@ -10,7 +10,7 @@ from vila_edge.errors import ExportOptionError
 from vila_edge.targets import TARGETS
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
-METHODS = ("none", "rtn", "awq")
+METHODS = ("none", "rtn", "awq", "gptq")
 # G = 32 (4.5 bits per weight with fp16 scales): llm-awq and ModelOpt default to 128, but on SmolLM2-135M
 # AWQ at G = 64/128 falls short of the export's quality gate and G = 32 passes it
 # (benchmarks/results/smollm2-vila/quality_peers.md); ORT GenAI's int4 and llama.cpp's Q4 use 32 too.
@@ -34,7 +34,9 @@ INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)   # MatMulNBits accuracy_level (ONNX Runt
 
 @dataclass
 class QuantOptions:
-    method: str = "none"             # "none" keeps every weight float; "rtn" / "awq": int4 linears
+    # "none" keeps every weight float; int4 linears: "rtn" rounds to nearest, "awq" searches scales and
+    # clips on calibration data first, "gptq" rounds with error feedback on calibration data (gptq.py)
+    method: str = "none"
     # None: DEFAULT_ZERO_POINT_GROUP with zero points, DEFAULT_GROUP without (quant_options)
     group_size: int | None = None
     # 8 / 4: lm_head quantized like the linears (groups along K); 0: float. None: DEFAULT_LM_HEAD_BITS

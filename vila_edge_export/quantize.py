@@ -49,7 +49,7 @@ class QuantizedLLM:
     biases, a float lm_head) except the weights of the linears in `linears`."""
     state_dict: dict[str, Tensor]
     linears: dict[str, QuantizedWeight]  # "model.layers.0.self_attn.q_proj" / "lm_head" -> (codes, scales, bits)
-    method: str                          # "rtn" | "awq"
+    method: str                          # "rtn" | "awq" | "gptq" | "awq+gptq"
     group: int                           # requested G; a linear's own G is linears[name].group
     lm_head_bits: int = DEFAULT_LM_HEAD_BITS
     zero_point: bool = False             # int4 decoder linears with a zero point per group
@@ -182,12 +182,14 @@ def quantized_targets(model: nn.Module, lm_head_bits: int, int8: tuple = ()) -> 
 
 def quantize_linears(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: bool = False,
                      method: str = "rtn", lm_head_bits: int = DEFAULT_LM_HEAD_BITS,
-                     zero_point: bool = False, int8: tuple = ()) -> QuantizedLLM:
+                     zero_point: bool = False, int8: tuple = (), rounded: dict | None = None) -> QuantizedLLM:
     """Quantize the decoder linears (and lm_head) of `model` as they are now (model is not modified).
     A tied lm_head is quantized from the float embedding table; the table itself stays float, rounded
-    to EMBED_STORAGE_DTYPE."""
-    linears = {}
+    to EMBED_STORAGE_DTYPE. `rounded`: linears already quantized (GPTQ), taken as they are."""
+    linears = dict(rounded or {})
     for name, (lin, bits) in quantized_targets(model, lm_head_bits, tuple(int8)).items():
+        if name in linears:
+            continue
         g = resolve_group(name, lin.in_features, group, auto_group)
         # int8 (lm_head, the int8 decoder linears) stays symmetric: it needs no zero point to stay close to float
         linears[name] = quantize_group(lin.weight, g, bits, zero_point and bits == 4)

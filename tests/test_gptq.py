@@ -1,0 +1,104 @@
+"""GPTQ rounding (vila_edge_export/gptq.py) against an independent reference on tiny shapes, and the
+bits-per-weight accounting of the quality report, hand-computed."""
+import pytest
+import torch
+
+from vila_edge_export.gptq import DAMP, gptq_quantize, hessian
+from vila_edge_export.quality import bits_per_weight
+from vila_edge_export.quantize import CODE_RANGE, QuantizedLLM, dequantize, quantize_group
+
+
+def _inputs(seed: int, t: int, k: int) -> torch.Tensor:
+    """Correlated activations with a mean, as LLM activations are: x [T, K]."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(t, k, generator=g) @ torch.randn(k, k, generator=g) * 0.3 + torch.randn(k, generator=g)
+
+
+def _obs_reference(w: torch.Tensor, h: torch.Tensor, group: int, bits: int, zero_point: bool) -> tuple:
+    """Optimal Brain Quantization in its first form (Frantar & Alistarh 2022, eq. 2-3), one column at a
+    time with the explicit inverse Hessian downdated after each column; no Cholesky, no lazy blocks.
+    A group's scale / zero point come from its columns as they stand when its first column is reached."""
+    qmin, qmax = CODE_RANGE[bits]
+    w, k = w.double().clone(), w.shape[1]
+    h = h.double() + DAMP * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    codes = torch.zeros(w.shape, dtype=torch.int8)
+    for i in range(k):
+        if i % group == 0:
+            q = quantize_group(w[:, i:i + group], group, bits, zero_point)
+            s, z = q.scales[:, 0].double(), (q.zeros[:, 0].double() if zero_point else 0.0)
+        c = torch.clamp(torch.round(w[:, i] / s) + z, qmin, qmax)
+        codes[:, i] = c.to(torch.int8)
+        w[:, i:] -= torch.outer((w[:, i] - (c - z) * s) / hinv[i, i], hinv[i, i:])
+        hinv -= torch.outer(hinv[:, i], hinv[i, :]) / hinv[i, i]      # drop column i from the problem
+    return codes
+
+
+@pytest.mark.parametrize("bits, group, zero_point, block", [(4, 16, False, 128), (4, 16, True, 128),
+                                                            (4, 16, True, 32), (8, 32, False, 32)])
+def test_gptq_matches_the_obq_reference(bits, group, zero_point, block):
+    """Same codes as column-by-column OBQ with an explicit inverse; block 32 < K = 96 runs the lazy
+    updates between blocks."""
+    w = torch.randn(12, 96, generator=torch.Generator().manual_seed(bits + group))
+    h = hessian(_inputs(7, 256, 96))
+    q = gptq_quantize(w, h, group, bits, zero_point, block=block)
+    assert q.codes.shape == (12, 96) and q.scales.shape == (12, 96 // group)
+    assert (q.zeros is not None) == zero_point
+    ref = _obs_reference(w, h, group, bits, zero_point)
+    assert torch.equal(q.codes, ref)
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    """A diagonal Hessian couples no columns: GPTQ rounds each weight to nearest, as quantize_group does."""
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    h = torch.diag(torch.rand(64, generator=torch.Generator().manual_seed(4)) + 0.5)
+    for zp in (False, True):
+        q, rtn = gptq_quantize(w, h, 16, 4, zp), quantize_group(w, 16, 4, zp)
+        assert torch.equal(q.codes, rtn.codes) and torch.equal(q.scales, rtn.scales)
+        assert zp is False or torch.equal(q.zeros, rtn.zeros)
+
+
+def test_gptq_lowers_the_output_error():
+    """On held-out activations of the same distribution, ||x (W - W_q)^T||^2 well below round-to-nearest's."""
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(5))
+    x = _inputs(8, 1280, 128)
+    x_calib, x_test = x[:1024], x[1024:]
+    for zp in (False, True):
+        err = lambda q: (x_test @ (w - dequantize(q.codes, q.scales, q.zeros)).T).pow(2).mean().item()
+        gptq, rtn = err(gptq_quantize(w, hessian(x_calib), 32, 4, zp)), err(quantize_group(w, 32, 4, zp))
+        assert gptq < 0.7 * rtn, (zp, gptq, rtn)
+
+
+def test_bits_per_weight_hand_computed():
+    """Every stored bit over the matrix's weights: codes at their bits, an fp16 scale per group, a zero
+    point at the codes' bits per group (counted unpacked: MatMulNBits pads each row's zero points to a
+    whole byte, 4 bits per row at an odd group count, which the report leaves out)."""
+    def q(n, k, g, bits, zp):
+        return quantize_group(torch.randn(n, k), g, bits, zp)
+    linears = {"model.layers.0.self_attn.q_proj": q(4, 128, 32, 4, True),     # 512 w: 2048 + 16*16 + 16*4
+               "model.layers.0.mlp.down_proj": q(2, 256, 64, 8, False),       # 512 w: 4096 + 8*16
+               "lm_head": q(8, 64, 64, 8, False)}                             # 512 w: 4096 + 8*16
+    bpw = bits_per_weight(QuantizedLLM({}, linears, "rtn", 32, 8, True))
+    assert bpw == {"decoder": (2048 + 256 + 64 + 4096 + 128) / 1024, "lm_head": (4096 + 128) / 512}
+    assert bpw["decoder"] == 6.4375
+
+
+@pytest.mark.parametrize("search", [False, True])
+def test_calibrated_gptq_beats_rtn_on_a_tiny_decoder(search):
+    """awq_quantize(gptq=True): GPTQ alone (`--quant gptq`, search False) or after AWQ's scale search
+    (search True): every decoder linear GPTQ-rounded on its calibration inputs, int8 where asked
+    (symmetric), and the logits on held-out inputs closer to float than round-to-nearest's."""
+    from test_quantize import GROUP, _logit_error, outlier_embeds, tiny_model
+    from vila_edge_export.awq import awq_quantize
+    from vila_edge_export.quantize import rtn_quantize
+    model = tiny_model("llama")
+    int8 = ("model.layers.0.mlp.down_proj",)
+    q = awq_quantize(model, outlier_embeds(seed=4, n=4), GROUP, progress=False, zero_point=True, int8=int8,
+                     gptq=True, search=search)
+    assert q.method == ("awq+gptq" if search else "gptq")
+    assert {n: (w.bits, w.zeros is None) for n, w in q.linears.items() if n != "lm_head"} == \
+        {n: ((8, True) if n in int8 else (4, False)) for n in q.linears if n != "lm_head"}
+    rtn = rtn_quantize(model, GROUP, zero_point=True, int8=int8)
+    held_out = outlier_embeds(seed=5, n=4)
+    err_gptq, err_rtn = _logit_error(model, q, held_out), _logit_error(model, rtn, held_out)
+    assert err_gptq < err_rtn, (err_gptq, err_rtn)
