@@ -20,7 +20,7 @@ ORT_ERRORS = ("Fail", "InvalidArgument", "RuntimeException", "InvalidGraph", "EP
 
 class OrtSession:
     def __init__(self, path: str, threads: int | None = None, providers=("CPUExecutionProvider",),
-                 int4_accuracy_level: int = 4, optimized_path: str | None = None):
+                 int4_accuracy_level: int = 4, optimized_path: str | None = None, ops_library: str | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -30,6 +30,8 @@ class OrtSession:
             opts.optimized_model_filepath = optimized_path
         if threads:
             opts.intra_op_num_threads = threads
+        if ops_library:                  # vila_edge's custom ops (vila_edge/ops), for graphs that use them
+            opts.register_custom_ops_library(ops_library)
         if not os.access(path, os.R_OK):
             raise EngineError(f"{path}: permission denied; make the engine directory readable by this user "
                               f"(chmod -R a+rX {os.path.dirname(path) or '.'})")
@@ -50,9 +52,17 @@ class OrtSession:
             raise EngineError(f"{self.name}: ONNX Runtime failed to run this graph ({str(e)[:300]}); the engine "
                               f"file may be corrupt or from another model: rebuild the engine") from e
 
+    def run_binding(self, binding) -> None:
+        """Run on an IOBinding (inputs and outputs bound by the caller)."""
+        try:
+            self.session.run_with_iobinding(binding)
+        except self._errors as e:
+            raise EngineError(f"{self.name}: ONNX Runtime failed to run this graph ({str(e)[:300]}); the engine "
+                              f"file may be corrupt or from another model: rebuild the engine") from e
+
     def input_dtype(self, name: str) -> np.dtype:
         for i in self.session.get_inputs():
             if i.name == name:
                 return np.dtype({"tensor(float)": "float32", "tensor(float16)": "float16",
-                                 "tensor(int64)": "int64"}[i.type])
+                                 "tensor(int64)": "int64", "tensor(int32)": "int32"}[i.type])
         raise KeyError(name)

@@ -1,0 +1,180 @@
+// vila_edge::PagedAttention: causal GQA attention of a varlen batch over a paged KV pool (CPU).
+//
+// The inputs follow vLLM's paged attention metadata (vllm-project/vllm@v0.6.0:vllm/attention/backends/
+// abstract.py), so a TensorRT plugin of the same name can serve the same graph on Orin:
+//   0 query            [.., T, Hq * D]    T tokens of B sequences, flattened, after RoPE
+//   1 key, 2 value     [.., T, Hkv * D]   the tokens' new K (after RoPE) and V
+//   3 key_cache,       [NB, BS, Hkv, D]   one layer's pool blocks; the new rows are written IN PLACE
+//   4 value_cache                         at slot_mapping, then attended with the past
+//   5 block_tables     [B, max_blocks] int32: sequence b's position p lives in block table[b][p / BS]
+//   6 seq_lens         [B] int32: context length of each sequence, its new tokens included
+//   7 query_start_loc  [B + 1] int32: tokens of sequence b are qsl[b] .. qsl[b+1]-1
+//   8 slot_mapping     [T] int32: pool row (block * BS + row) of each new token
+// Output: [.., T, Hq * D], the query's shape. Query token i of sequence b sits at position
+// seq_lens[b] - n_b + i and attends positions 0..that one (causal). Head h reads KV head h / (Hq / Hkv).
+// Attributes: num_heads, num_kv_heads, scale (0: 1 / sqrt(D)). Types: float and float16 (accumulated
+// in float32, as the softmax of the standard-op graphs is).
+//
+// Writing an input in place: ORT's CPU provider hands a custom op the caller's buffer (an OrtValue
+// bound over the runtime's numpy pool), and nothing else in the graph reads the pools, so the write
+// is visible to the runtime after the run and to later layers of no one else.
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_lite_custom_op.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace {
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(Ort::Float16_t x) { return x.ToFloat(); }
+inline void from_f32(float x, float* out) { *out = x; }
+inline void from_f32(float x, Ort::Float16_t* out) { *out = Ort::Float16_t(x); }
+
+template <typename T>
+struct Work {
+  const T* q;
+  const T* kc;
+  const T* vc;
+  T* out;
+  const int32_t* tables;
+  const int32_t* seq_lens;
+  const int32_t* qsl;
+  int64_t batch, max_blocks, block_size, hq, hkv, d, tokens;
+  float scale;
+};
+
+// One (token, query head) pair: scores over its visible positions, softmax, weighted sum of V.
+template <typename T>
+void attend_one(void* data, size_t index) {
+  const Work<T>& w = *static_cast<const Work<T>*>(data);
+  const int64_t t = static_cast<int64_t>(index) / w.hq, h = static_cast<int64_t>(index) % w.hq;
+  int64_t b = 0;
+  while (b + 1 < w.batch && w.qsl[b + 1] <= t) ++b;             // B is small: a scan beats a search
+  const int64_t n_new = w.qsl[b + 1] - w.qsl[b];
+  const int64_t pos = w.seq_lens[b] - n_new + (t - w.qsl[b]);  // this token's position
+  const int64_t kvh = h / (w.hq / w.hkv), row = w.hkv * w.d;     // floats per pool row
+  const int32_t* table = w.tables + b * w.max_blocks;
+  thread_local std::vector<float> buf;
+  buf.resize(static_cast<size_t>(pos + 1 + 2 * w.d));
+  float* qf = buf.data();
+  float* acc = qf + w.d;
+  float* scores = acc + w.d;
+  const T* qrow = w.q + (t * w.hq + h) * w.d;
+  for (int64_t i = 0; i < w.d; ++i) qf[i] = to_f32(qrow[i]) * w.scale;
+  float top = -INFINITY;
+  for (int64_t p = 0; p <= pos; ++p) {
+    const T* k = w.kc + (int64_t(table[p / w.block_size]) * w.block_size + p % w.block_size) * row + kvh * w.d;
+    float s = 0.f;
+    for (int64_t i = 0; i < w.d; ++i) s += qf[i] * to_f32(k[i]);
+    scores[p] = s;
+    top = s > top ? s : top;
+  }
+  float total = 0.f;
+  for (int64_t p = 0; p <= pos; ++p) total += (scores[p] = std::exp(scores[p] - top));
+  std::memset(acc, 0, sizeof(float) * w.d);
+  for (int64_t p = 0; p <= pos; ++p) {
+    const T* v = w.vc + (int64_t(table[p / w.block_size]) * w.block_size + p % w.block_size) * row + kvh * w.d;
+    const float pr = scores[p];
+    for (int64_t i = 0; i < w.d; ++i) acc[i] += pr * to_f32(v[i]);
+  }
+  T* o = w.out + (t * w.hq + h) * w.d;
+  for (int64_t i = 0; i < w.d; ++i) from_f32(acc[i] / total, o + i);
+}
+
+template <typename T>
+struct PagedAttention {
+  PagedAttention(const OrtApi* api, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    hq_ = ki.GetAttribute<int64_t>("num_heads");
+    hkv_ = ki.GetAttribute<int64_t>("num_kv_heads");
+    scale_ = ki.GetAttribute<float>("scale");
+    if (hq_ < 1 || hkv_ < 1 || hq_ % hkv_)
+      ORT_CXX_API_THROW("PagedAttention: num_heads must be a positive multiple of num_kv_heads", ORT_INVALID_ARGUMENT);
+  }
+
+  void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<T>& query, const Ort::Custom::Tensor<T>& key,
+               const Ort::Custom::Tensor<T>& value, const Ort::Custom::Tensor<T>& key_cache,
+               const Ort::Custom::Tensor<T>& value_cache, const Ort::Custom::Tensor<int32_t>& block_tables,
+               const Ort::Custom::Tensor<int32_t>& seq_lens, const Ort::Custom::Tensor<int32_t>& query_start_loc,
+               const Ort::Custom::Tensor<int32_t>& slot_mapping, Ort::Custom::Tensor<T>& output) {
+    const auto& cshape = key_cache.Shape();
+    if (cshape.size() != 4 || value_cache.Shape() != cshape || cshape[2] != hkv_)
+      ORT_CXX_API_THROW("PagedAttention: key_cache and value_cache must both be [NB, BS, num_kv_heads, D]",
+                        ORT_INVALID_ARGUMENT);
+    const int64_t nb = cshape[0], bs = cshape[1], d = cshape[3];
+    const int64_t tokens = slot_mapping.NumberOfElement(), batch = seq_lens.NumberOfElement();
+    if (query.NumberOfElement() != tokens * hq_ * d || key.NumberOfElement() != tokens * hkv_ * d ||
+        value.NumberOfElement() != tokens * hkv_ * d)
+      ORT_CXX_API_THROW("PagedAttention: query/key/value sizes do not match slot_mapping's T tokens", ORT_INVALID_ARGUMENT);
+    const auto& tshape = block_tables.Shape();
+    if (tshape.size() != 2 || tshape[0] != batch || query_start_loc.NumberOfElement() != batch + 1)
+      ORT_CXX_API_THROW("PagedAttention: block_tables [B, max_blocks], seq_lens [B], query_start_loc [B+1]",
+                        ORT_INVALID_ARGUMENT);
+    const int32_t* qsl = query_start_loc.Data();
+    const int32_t* lens = seq_lens.Data();
+    const int32_t* tables = block_tables.Data();
+    const int32_t* slots = slot_mapping.Data();
+    if (qsl[0] != 0 || qsl[batch] != tokens)
+      ORT_CXX_API_THROW("PagedAttention: query_start_loc must run from 0 to T", ORT_INVALID_ARGUMENT);
+    for (int64_t b = 0; b < batch; ++b) {       // every read below stays inside the pool and the tables
+      const int64_t n = qsl[b + 1] - qsl[b];
+      if (n < 0 || lens[b] < n || lens[b] > tshape[1] * bs)
+        ORT_CXX_API_THROW("PagedAttention: seq_lens must cover each sequence's new tokens and fit its table",
+                          ORT_INVALID_ARGUMENT);
+      for (int64_t i = 0; i < (lens[b] + bs - 1) / bs; ++i)
+        if (tables[b * tshape[1] + i] < 0 || tables[b * tshape[1] + i] >= nb)
+          ORT_CXX_API_THROW("PagedAttention: block_tables names a block outside the pool", ORT_INVALID_ARGUMENT);
+    }
+    const int64_t row = hkv_ * d;
+    T* kc = const_cast<T*>(key_cache.Data());       // in place: see the file comment
+    T* vc = const_cast<T*>(value_cache.Data());
+    for (int64_t t = 0; t < tokens; ++t) {
+      if (slots[t] < 0 || slots[t] >= nb * bs)
+        ORT_CXX_API_THROW("PagedAttention: slot_mapping names a row outside the pool", ORT_INVALID_ARGUMENT);
+      std::memcpy(kc + slots[t] * row, key.Data() + t * row, sizeof(T) * row);
+      std::memcpy(vc + slots[t] * row, value.Data() + t * row, sizeof(T) * row);
+    }
+    Work<T> w{query.Data(), kc, vc, output.Allocate(query.Shape()), tables, lens, qsl, batch, tshape[1], bs,
+              hq_, hkv_, d, tokens, scale_ > 0 ? scale_ : 1.f / std::sqrt(float(d))};
+    const size_t total = static_cast<size_t>(tokens * hq_);
+    Ort::KernelContext ctx(context);
+    if (total > 1) ctx.ParallelFor(attend_one<T>, total, 0, &w);
+    else if (total == 1) attend_one<T>(&w, 0);
+  }
+
+  int64_t hq_, hkv_;
+  float scale_;
+};
+
+}  // namespace
+
+static const char* kDomain = "vila_edge";
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  // One domain and op set for the process: ORT keeps pointers to them for every session.
+  static Ort::CustomOpDomain domain{nullptr};
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> ops[2];
+  static std::once_flag once;
+  try {
+    std::call_once(once, [] {
+      domain = Ort::CustomOpDomain(kDomain);
+      ops[0].reset(Ort::Custom::CreateLiteCustomOp<PagedAttention<float>>("PagedAttention", "CPUExecutionProvider"));
+      ops[1].reset(Ort::Custom::CreateLiteCustomOp<PagedAttention<Ort::Float16_t>>("PagedAttention",
+                                                                                     "CPUExecutionProvider"));
+      domain.Add(ops[0].get());
+      domain.Add(ops[1].get());
+    });
+    Ort::UnownedSessionOptions(options).Add(domain);
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  }
+  return nullptr;
+}
