@@ -20,7 +20,8 @@ ORT_ERRORS = ("Fail", "InvalidArgument", "RuntimeException", "InvalidGraph", "EP
 
 class OrtSession:
     def __init__(self, path: str, threads: int | None = None, providers=("CPUExecutionProvider",),
-                 int4_accuracy_level: int = 4, optimized_path: str | None = None, ops_library: str | None = None):
+                 int4_accuracy_level: int = 4, optimized_path: str | None = None, ops_library: str | None = None,
+                 configure=None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -32,6 +33,8 @@ class OrtSession:
             opts.intra_op_num_threads = threads
         if ops_library:                  # vila_edge's custom ops (vila_edge/ops), for graphs that use them
             opts.register_custom_ops_library(ops_library)
+        if configure:                    # benchmarks: profiling, spinning (benchmarks/ab_paged.py)
+            configure(opts)
         if not os.access(path, os.R_OK):
             raise EngineError(f"{path}: permission denied; make the engine directory readable by this user "
                               f"(chmod -R a+rX {os.path.dirname(path) or '.'})")
