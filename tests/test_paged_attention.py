@@ -15,15 +15,19 @@ from vila_edge import EngineError, Pipeline, ops
 from vila_edge.runner import Step, Tokens
 
 HQ, HKV, D, BS, NB = 6, 2, 16, 4, 12
-INPUTS = ["query", "key", "value", "key_cache", "value_cache"]
+INPUTS = ["qkv", "key_cache", "value_cache"]
 META = ["block_tables", "seq_lens", "query_start_loc", "slot_mapping"]
+ROPE = ["cos_cache", "sin_cache"]
+MAX_POS = 64
 
 
-def _session(dtype):
+def _session(dtype, rotary=False):
+    """rotary: q and k are rotated inside, from the cos/sin inputs."""
     t = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}[dtype]
     ins = [helper.make_tensor_value_info(n, t, None) for n in INPUTS] + \
-          [helper.make_tensor_value_info(n, TensorProto.INT32, None) for n in META]
-    node = helper.make_node("PagedAttention", INPUTS + META, ["out"], domain=ops.DOMAIN, num_heads=HQ,
+          [helper.make_tensor_value_info(n, TensorProto.INT32, None) for n in META] + \
+          [helper.make_tensor_value_info(n, t, None) for n in (ROPE if rotary else [])]
+    node = helper.make_node("PagedAttention", [i.name for i in ins], ["out"], domain=ops.DOMAIN, num_heads=HQ,
                             num_kv_heads=HKV, scale=0.0)
     graph = helper.make_graph([node], "paged", ins, [helper.make_tensor_value_info("out", t, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ops.DOMAIN, 1)])
@@ -45,6 +49,14 @@ def _batch(rng, past: list, new: list):
     return tables, np.array(past, np.int32) + np.array(new, np.int32), qsl, np.array(slots, np.int32)
 
 
+def _rope(x, heads, positions, cos, sin):
+    """x [T, heads * D] rotated at positions: halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) (HF's rotate_half)."""
+    x = x.reshape(len(positions), heads, D).astype(np.float64)
+    c, s = cos[positions][:, None].astype(np.float64), sin[positions][:, None].astype(np.float64)
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(len(positions), heads * D)
+
+
 def _oracle(q, k, v, kc, vc, tables, seq_lens, qsl, slots):
     kr, vr = kc.reshape(-1, HKV, D).astype(np.float64), vc.reshape(-1, HKV, D).astype(np.float64)
     kr[slots], vr[slots] = k.reshape(-1, HKV, D), v.reshape(-1, HKV, D)
@@ -62,21 +74,34 @@ def _oracle(q, k, v, kc, vc, tables, seq_lens, qsl, slots):
     return out.reshape(len(slots), HQ * D), kr.reshape(kc.shape), vr.reshape(vc.shape)
 
 
+@pytest.mark.parametrize("rotary", [False, True])
 @pytest.mark.parametrize("dtype, atol", [(np.float32, 1e-5), (np.float16, 2e-3)])
 @pytest.mark.parametrize("past, new", [([0], [7]),                       # causal prefill of one sequence
                                        ([9], [1]),                       # a decode step
                                        ([5, 0, 13, 3], [1, 6, 1, 4])])   # varlen: decode, prefill, extend
-def test_op_equals_numpy_oracle(dtype, atol, past, new):
+def test_op_equals_numpy_oracle(dtype, atol, past, new, rotary):
     rng = np.random.default_rng(len(past) * 10 + sum(new))
     tables, seq_lens, qsl, slots = _batch(rng, past, new)
     t = len(slots)
     q, k, v = (rng.standard_normal((t, h * D)).astype(dtype) for h in (HQ, HKV, HKV))
     kc, vc = (rng.standard_normal((NB, BS, HKV, D)).astype(dtype) for _ in range(2))
-    want, want_kc, want_vc = _oracle(q, k, v, kc, vc, tables, seq_lens, qsl, slots)
-    out = _session(dtype).run(None, dict(zip(INPUTS + META, [q, k, v, kc, vc, tables, seq_lens, qsl, slots])))[0]
+    meta = [tables, seq_lens, qsl, slots]
+    feeds = dict(zip(INPUTS + META, [np.concatenate([q, k, v], 1), kc, vc, *meta]))
+    if rotary:
+        positions = np.concatenate([np.arange(s - n, s) for s, n in zip(seq_lens, new)])
+        angles = np.arange(MAX_POS)[:, None] / 100.0 ** (np.arange(D // 2) / (D // 2))   # [MAX_POS, D/2]
+        cos, sin = np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+        want, want_kc, want_vc = _oracle(_rope(q, HQ, positions, cos, sin), _rope(k, HKV, positions, cos, sin), v,
+                                         kc, vc, *meta)
+        feeds.update(cos_cache=cos, sin_cache=sin)
+        kc_atol = 1e-6 if dtype == np.float32 else 2e-3    # rotated K is rounded to the pool's dtype
+    else:
+        want, want_kc, want_vc = _oracle(q, k, v, kc, vc, *meta)
+        kc_atol = 0
+    out = _session(dtype, rotary).run(None, feeds)[0]
     np.testing.assert_allclose(out.astype(np.float64), want, atol=atol, rtol=0)
     # The pools were written in place, at the slots only (the caller's arrays, no copy).
-    np.testing.assert_array_equal(kc.astype(np.float64), want_kc)
+    np.testing.assert_allclose(kc.astype(np.float64), want_kc, atol=kc_atol, rtol=0)
     np.testing.assert_array_equal(vc.astype(np.float64), want_vc)
 
 
@@ -84,10 +109,10 @@ def test_op_refuses_a_block_outside_the_pool():
     rng = np.random.default_rng(0)
     tables, seq_lens, qsl, slots = _batch(rng, [3], [1])
     tables[0, 0] = NB
-    q, k, v = (np.zeros((1, h * D), np.float32) for h in (HQ, HKV, HKV))
+    qkv = np.zeros((1, (HQ + 2 * HKV) * D), np.float32)
     kc = np.zeros((NB, BS, HKV, D), np.float32)
     with pytest.raises(Exception, match="block_tables names a block outside the pool"):
-        _session(np.float32).run(None, dict(zip(INPUTS + META, [q, k, v, kc, kc.copy(), tables, seq_lens, qsl, slots])))
+        _session(np.float32).run(None, dict(zip(INPUTS + META, [qkv, kc, kc.copy(), tables, seq_lens, qsl, slots])))
 
 
 def test_missing_library_names_the_build_command(monkeypatch):

@@ -1,20 +1,20 @@
-"""llm.onnx for ONNX Runtime targets: the decoder of onnx_llm.py written with ORT's contrib ops.
+"""llm.onnx for ONNX Runtime targets: the decoder of onnx_llm.py in ORT's contrib ops and our own
+attention op, taking B sequences per pass (docs/contracts.md: `paged_inputs`).
 
-Same inputs and outputs as the standard-op graph (docs/contracts.md: inputs_embeds, position_ids,
-past_len, past_k_l/past_v_l [P, Hkv, D] rows of the paged pool; logits, k_new_l/v_new_l), so the
-runtime's paged KV cache, prefix reuse and image-content keys are unchanged. What changes is the op
-count per layer, which bounds decode speed on small models (per-op dispatch, not bandwidth):
+The op count per layer bounds decode speed on small models (per-op dispatch, not bandwidth), so a
+layer is 8 nodes (4 MatMulNBits, PagedAttention, 2 SkipSimplifiedLayerNormalization, SiLU-and-Mul):
   MatMulNBits                        int4/int8 weights, one per fused linear (q|k|v, gate|up, o, down,
                                      lm_head), block size and bits taken from each quantized tensor;
   SimplifiedLayerNormalization,      RMSNorm, and the residual add folded into the next RMSNorm
   SkipSimplifiedLayerNormalization   (as ORT GenAI's builder writes Llama: onnxruntime-genai@v0.18.0:
                                      src/python/py/models/builder.py make_layernorm);
-  RotaryEmbedding                    on q and k at once, from cos/sin caches of max_positions rows.
+  vila_edge::PagedAttention          (vila_edge/ops/csrc/paged_attention.cc) RoPE on q and k from
+                                     cos/sin caches of max_positions rows, the new K/V written into
+                                     the layer's pool blocks in place, causal GQA over the blocks.
+ORT's own fused attention on CPU (GroupQueryAttention, MultiHeadAttention) reads the past as one
+[B, Hkv, P, D] tensor, which the paged pool [NB, BS, Hkv, D] only yields by a copy of the whole
+context per layer and step, and its PagedAttention is CUDA-only (ORT 1.32): hence our own op.
 fp16 graphs keep the standard-op RMSNorm and RoPE (HF's fp16 roundings; see _skip_norm).
-Attention stays standard ops over the pool's rows: ORT's fused attention ops on CPU
-(GroupQueryAttention, MultiHeadAttention) read the past as one [B, Hkv, P, D] tensor, which the
-paged pool [NB, BS, Hkv, D] only yields by a copy of the whole context per layer and step, and
-PagedAttention, which reads our pool layout, is CUDA-only in ORT 1.32.
 """
 import numpy as np
 
@@ -89,22 +89,19 @@ def _rope_caches(g: Graph, spec: LLMSpec) -> tuple:
 
 
 def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, shared: dict, io: dict, quant, level: int) -> str:
+    """qkv projection -> PagedAttention (writes this layer's new K/V into its pool blocks in place, RoPE
+    inside from the cos/sin caches) -> o_proj: 3 nodes, as GroupQueryAttention with do_rotary makes it."""
     hq, hkv, d = spec.heads, spec.kv_heads, spec.head_dim
     p = f"model.layers.{l}.self_attn."
     qkv = _fused_linear(g, h, w, quant, p, ["q_proj", "k_proj", "v_proj"], level)          # (1, T, (Hq+2Hkv)*D)
-    qk, v = g.op("Split", [qkv, g.const([(hq + hkv) * d, hkv * d])], axis=-1, n_out=2)
-    if shared["hf_rounding"]:
+    rope = [shared["cos"], shared["sin"]]
+    if shared["hf_rounding"]:                 # RoPE in standard ops (HF's fp16 roundings), then repacked
+        qk, v = g.op("Split", [qkv, g.const([(hq + hkv) * d, hkv * d])], axis=-1, n_out=2)
         qk = _rotate(g, g.reshape(qk, [-1, hq + hkv, d]), shared["cos"], shared["sin"], d)   # (T, Hq+Hkv, D)
-        q, k = g.op("Split", [qk, g.const([hq, hkv])], axis=1, n_out=2)
-    else:
-        qk = g.op("RotaryEmbedding", [qk, shared["positions"], shared["cos"], shared["sin"]], domain=MS,
-                  num_heads=hq + hkv, interleaved=0)                                # RoPE on q and k at once
-        q, k = g.op("Split", [qk, g.const([hq * d, hkv * d])], axis=-1, n_out=2)     # (1, T, Hq*D | Hkv*D)
-    # Writes k and v into this layer's pool blocks at slot_mapping, then attends (ops/csrc/paged_attention.cc).
-    ctx = g.op("PagedAttention", [q, k, v, io[f"key_cache_{l}"], io[f"value_cache_{l}"], *shared["paged"]],
-               domain=OPS_DOMAIN, num_heads=hq, num_kv_heads=hkv, scale=0.0)           # q's shape
-    if shared["hf_rounding"]:
-        ctx = g.reshape(ctx, [1, -1, hq * d])
+        qkv = g.reshape(g.op("Concat", [qk, g.reshape(v, [-1, hkv, d])], axis=1), [1, -1, (hq + 2 * hkv) * d])
+        rope = []
+    ctx = g.op("PagedAttention", [qkv, io[f"key_cache_{l}"], io[f"value_cache_{l}"], *shared["paged"], *rope],
+               domain=OPS_DOMAIN, num_heads=hq, num_kv_heads=hkv, scale=0.0)           # (1, T, Hq*D)
     return linear(g, ctx, p + "o_proj", w.get(p + "o_proj.weight"), None, quant.get(p + "o_proj"), level)
 
 

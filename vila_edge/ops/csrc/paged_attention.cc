@@ -2,15 +2,18 @@
 //
 // The inputs follow vLLM's paged attention metadata (vllm-project/vllm@v0.6.0:vllm/attention/backends/
 // abstract.py), so a TensorRT plugin of the same name can serve the same graph on Orin:
-//   0 query            [.., T, Hq * D]    T tokens of B sequences, flattened, after RoPE
-//   1 key, 2 value     [.., T, Hkv * D]   the tokens' new K (after RoPE) and V
-//   3 key_cache,       [NB, BS, Hkv, D]   one layer's pool blocks; the new rows are written IN PLACE
-//   4 value_cache                         at slot_mapping, then attended with the past
-//   5 block_tables     [B, max_blocks] int32: sequence b's position p lives in block table[b][p / BS]
-//   6 seq_lens         [B] int32: context length of each sequence, its new tokens included
-//   7 query_start_loc  [B + 1] int32: tokens of sequence b are qsl[b] .. qsl[b+1]-1
-//   8 slot_mapping     [T] int32: pool row (block * BS + row) of each new token
-// Output: [.., T, Hq * D], the query's shape. Query token i of sequence b sits at position
+//   0 qkv              [.., T, (Hq + 2 Hkv) * D]  T tokens of B sequences, flattened: each row [q | k | v]
+//                                         (packed as GroupQueryAttention takes it: one input, no Split)
+//   1 key_cache,       [NB, BS, Hkv, D]   one layer's pool blocks; the new K and V rows are written IN
+//   2 value_cache                         PLACE at slot_mapping, then attended with the past
+//   3 block_tables     [B, max_blocks] int32: sequence b's position p lives in block table[b][p / BS]
+//   4 seq_lens         [B] int32: context length of each sequence, its new tokens included
+//   5 query_start_loc  [B + 1] int32: tokens of sequence b are qsl[b] .. qsl[b+1]-1
+//   6 slot_mapping     [T] int32: pool row (block * BS + row) of each new token
+//   7 cos_cache,       [max_positions, D / 2] (optional, both or neither): q and k are rotated here
+//   8 sin_cache        (RoPE, halves not interleaved: RotaryEmbedding's interleaved=0) at their
+//                      positions; without them q and k arrive rotated
+// Output: [.., T, Hq * D]. Query token i of sequence b sits at position
 // seq_lens[b] - n_b + i and attends positions 0..that one (causal). Head h reads KV head h / (Hq / Hkv).
 // Attributes: num_heads, num_kv_heads, scale (0: 1 / sqrt(D)). Types: float and float16 (accumulated
 // in float32, as the softmax of the standard-op graphs is).
@@ -26,6 +29,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,15 +42,14 @@ inline void from_f32(float x, Ort::Float16_t* out) { *out = Ort::Float16_t(x); }
 
 template <typename T>
 struct Work {
-  const T* q;
+  const float* q;         // [T, Hq, D] float32, rotated and scaled
   const T* kc;
   const T* vc;
   T* out;
   const int32_t* tables;
   const int32_t* seq_lens;
   const int32_t* qsl;
-  int64_t batch, max_blocks, block_size, hq, hkv, d, tokens;
-  float scale;
+  int64_t batch, max_blocks, block_size, hq, hkv, d;
 };
 
 // One (token, query head) pair: scores over its visible positions, softmax, weighted sum of V.
@@ -58,15 +61,13 @@ void attend_one(void* data, size_t index) {
   while (b + 1 < w.batch && w.qsl[b + 1] <= t) ++b;             // B is small: a scan beats a search
   const int64_t n_new = w.qsl[b + 1] - w.qsl[b];
   const int64_t pos = w.seq_lens[b] - n_new + (t - w.qsl[b]);  // this token's position
-  const int64_t kvh = h / (w.hq / w.hkv), row = w.hkv * w.d;     // floats per pool row
+  const int64_t kvh = h / (w.hq / w.hkv), row = w.hkv * w.d;     // elements per pool row
   const int32_t* table = w.tables + b * w.max_blocks;
   thread_local std::vector<float> buf;
-  buf.resize(static_cast<size_t>(pos + 1 + 2 * w.d));
-  float* qf = buf.data();
-  float* acc = qf + w.d;
+  buf.resize(static_cast<size_t>(pos + 1 + w.d));
+  float* acc = buf.data();
   float* scores = acc + w.d;
-  const T* qrow = w.q + (t * w.hq + h) * w.d;
-  for (int64_t i = 0; i < w.d; ++i) qf[i] = to_f32(qrow[i]) * w.scale;
+  const float* qf = w.q + (t * w.hq + h) * w.d;
   float top = -INFINITY;
   for (int64_t p = 0; p <= pos; ++p) {
     const T* k = w.kc + (int64_t(table[p / w.block_size]) * w.block_size + p % w.block_size) * row + kvh * w.d;
@@ -87,6 +88,25 @@ void attend_one(void* data, size_t index) {
   for (int64_t i = 0; i < w.d; ++i) from_f32(acc[i] / total, o + i);
 }
 
+// heads rows of D values from src to float dst, rotated at `pos` when cos is given (x1 c - x2 s, x2 c + x1 s).
+template <typename T>
+void load_heads(const T* src, int64_t heads, int64_t d, const T* cos, const T* sin, int64_t pos, float mul,
+                float* dst) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < heads; ++h, src += d, dst += d) {
+    if (!cos) {
+      for (int64_t i = 0; i < d; ++i) dst[i] = to_f32(src[i]) * mul;
+      continue;
+    }
+    for (int64_t i = 0; i < half; ++i) {
+      const float c = to_f32(cos[pos * half + i]), s = to_f32(sin[pos * half + i]);
+      const float x1 = to_f32(src[i]), x2 = to_f32(src[i + half]);
+      dst[i] = (x1 * c - x2 * s) * mul;
+      dst[i + half] = (x2 * c + x1 * s) * mul;
+    }
+  }
+}
+
 template <typename T>
 struct PagedAttention {
   PagedAttention(const OrtApi* api, const OrtKernelInfo* info) {
@@ -98,20 +118,26 @@ struct PagedAttention {
       ORT_CXX_API_THROW("PagedAttention: num_heads must be a positive multiple of num_kv_heads", ORT_INVALID_ARGUMENT);
   }
 
-  void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<T>& query, const Ort::Custom::Tensor<T>& key,
-               const Ort::Custom::Tensor<T>& value, const Ort::Custom::Tensor<T>& key_cache,
-               const Ort::Custom::Tensor<T>& value_cache, const Ort::Custom::Tensor<int32_t>& block_tables,
-               const Ort::Custom::Tensor<int32_t>& seq_lens, const Ort::Custom::Tensor<int32_t>& query_start_loc,
-               const Ort::Custom::Tensor<int32_t>& slot_mapping, Ort::Custom::Tensor<T>& output) {
+  void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<T>& query, const Ort::Custom::Tensor<T>& key_cache, const Ort::Custom::Tensor<T>& value_cache,
+               const Ort::Custom::Tensor<int32_t>& block_tables, const Ort::Custom::Tensor<int32_t>& seq_lens,
+               const Ort::Custom::Tensor<int32_t>& query_start_loc, const Ort::Custom::Tensor<int32_t>& slot_mapping,
+               std::optional<const Ort::Custom::Tensor<T>*> cos_cache,
+               std::optional<const Ort::Custom::Tensor<T>*> sin_cache, Ort::Custom::Tensor<T>& output) {
     const auto& cshape = key_cache.Shape();
     if (cshape.size() != 4 || value_cache.Shape() != cshape || cshape[2] != hkv_)
       ORT_CXX_API_THROW("PagedAttention: key_cache and value_cache must both be [NB, BS, num_kv_heads, D]",
                         ORT_INVALID_ARGUMENT);
-    const int64_t nb = cshape[0], bs = cshape[1], d = cshape[3];
+    const int64_t nb = cshape[0], bs = cshape[1], d = cshape[3], row = hkv_ * d;
     const int64_t tokens = slot_mapping.NumberOfElement(), batch = seq_lens.NumberOfElement();
-    if (query.NumberOfElement() != tokens * hq_ * d || key.NumberOfElement() != tokens * hkv_ * d ||
-        value.NumberOfElement() != tokens * hkv_ * d)
-      ORT_CXX_API_THROW("PagedAttention: query/key/value sizes do not match slot_mapping's T tokens", ORT_INVALID_ARGUMENT);
+    if (query.NumberOfElement() != tokens * (hq_ + 2 * hkv_) * d)
+      ORT_CXX_API_THROW("PagedAttention: qkv is not [T, (num_heads + 2 num_kv_heads) * D] for slot_mapping's T tokens",
+                        ORT_INVALID_ARGUMENT);
+    const bool rotary = cos_cache.has_value() && sin_cache.has_value();
+    if (cos_cache.has_value() != sin_cache.has_value() ||
+        (rotary && ((*cos_cache)->Shape().size() != 2 || (*cos_cache)->Shape()[1] != d / 2 ||
+                    (*sin_cache)->Shape() != (*cos_cache)->Shape())))
+      ORT_CXX_API_THROW("PagedAttention: cos_cache and sin_cache go together, each [max_positions, D / 2]",
+                        ORT_INVALID_ARGUMENT);
     const auto& tshape = block_tables.Shape();
     if (tshape.size() != 2 || tshape[0] != batch || query_start_loc.NumberOfElement() != batch + 1)
       ORT_CXX_API_THROW("PagedAttention: block_tables [B, max_blocks], seq_lens [B], query_start_loc [B+1]",
@@ -122,26 +148,51 @@ struct PagedAttention {
     const int32_t* slots = slot_mapping.Data();
     if (qsl[0] != 0 || qsl[batch] != tokens)
       ORT_CXX_API_THROW("PagedAttention: query_start_loc must run from 0 to T", ORT_INVALID_ARGUMENT);
-    for (int64_t b = 0; b < batch; ++b) {       // every read below stays inside the pool and the tables
+    const int64_t max_pos = rotary ? (*cos_cache)->Shape()[0] : INT64_MAX;
+    for (int64_t b = 0; b < batch; ++b) {       // every read below stays inside the pool, tables and caches
       const int64_t n = qsl[b + 1] - qsl[b];
-      if (n < 0 || lens[b] < n || lens[b] > tshape[1] * bs)
-        ORT_CXX_API_THROW("PagedAttention: seq_lens must cover each sequence's new tokens and fit its table",
-                          ORT_INVALID_ARGUMENT);
+      if (n < 0 || lens[b] < n || lens[b] > tshape[1] * bs || lens[b] > max_pos)
+        ORT_CXX_API_THROW("PagedAttention: seq_lens must cover each sequence's new tokens and fit its table "
+                          "(and the rotary caches)", ORT_INVALID_ARGUMENT);
       for (int64_t i = 0; i < (lens[b] + bs - 1) / bs; ++i)
         if (tables[b * tshape[1] + i] < 0 || tables[b * tshape[1] + i] >= nb)
           ORT_CXX_API_THROW("PagedAttention: block_tables names a block outside the pool", ORT_INVALID_ARGUMENT);
     }
-    const int64_t row = hkv_ * d;
-    T* kc = const_cast<T*>(key_cache.Data());       // in place: see the file comment
-    T* vc = const_cast<T*>(value_cache.Data());
-    for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t t = 0; t < tokens; ++t)
       if (slots[t] < 0 || slots[t] >= nb * bs)
         ORT_CXX_API_THROW("PagedAttention: slot_mapping names a row outside the pool", ORT_INVALID_ARGUMENT);
-      std::memcpy(kc + slots[t] * row, key.Data() + t * row, sizeof(T) * row);
-      std::memcpy(vc + slots[t] * row, value.Data() + t * row, sizeof(T) * row);
+
+    // New rows: q to float (rotated, scaled), k (rotated) and v into the pool in place (file comment).
+    const int64_t qstride = (hq_ + 2 * hkv_) * d, kstride = qstride;
+    const T* qsrc = query.Data();
+    const T* ksrc = qsrc + hq_ * d;
+    const T* vsrc = ksrc + hkv_ * d;
+    const T* cos = rotary ? (*cos_cache)->Data() : nullptr;
+    const T* sin = rotary ? (*sin_cache)->Data() : nullptr;
+    T* kc = const_cast<T*>(key_cache.Data());
+    T* vc = const_cast<T*>(value_cache.Data());
+    const float scale = scale_ > 0 ? scale_ : 1.f / std::sqrt(float(d));
+    // Per calling thread: one kernel object serves every concurrent Run of the session.
+    thread_local std::vector<float> qf_, kf_;
+    qf_.resize(static_cast<size_t>(tokens * hq_ * d));
+    kf_.resize(static_cast<size_t>(row));
+    for (int64_t b = 0, t = 0; b < batch; ++b) {
+      for (; t < qsl[b + 1]; ++t) {
+        const int64_t pos = lens[b] - (qsl[b + 1] - t);
+        load_heads(qsrc + t * qstride, hq_, d, cos, sin, pos, scale, qf_.data() + t * hq_ * d);
+        T* krow = kc + int64_t(slots[t]) * row;
+        if (rotary) {
+          load_heads(ksrc + t * kstride, hkv_, d, cos, sin, pos, 1.f, kf_.data());
+          for (int64_t i = 0; i < row; ++i) from_f32(kf_[i], krow + i);
+        } else {
+          std::memcpy(krow, ksrc + t * kstride, sizeof(T) * row);
+        }
+        std::memcpy(vc + int64_t(slots[t]) * row, vsrc + t * kstride, sizeof(T) * row);
+      }
     }
-    Work<T> w{query.Data(), kc, vc, output.Allocate(query.Shape()), tables, lens, qsl, batch, tshape[1], bs,
-              hq_, hkv_, d, tokens, scale_ > 0 ? scale_ : 1.f / std::sqrt(float(d))};
+    std::vector<int64_t> oshape = query.Shape();
+    oshape.back() = hq_ * d;
+    Work<T> w{qf_.data(), kc, vc, output.Allocate(oshape), tables, lens, qsl, batch, tshape[1], bs, hq_, hkv_, d};
     const size_t total = static_cast<size_t>(tokens * hq_);
     Ort::KernelContext ctx(context);
     if (total > 1) ctx.ParallelFor(attend_one<T>, total, 0, &w);
