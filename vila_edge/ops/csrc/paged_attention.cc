@@ -29,6 +29,9 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#if defined(__x86_64__) && !defined(VILA_EDGE_OPS_NO_AVX2)   // the macro: test the portable path here
+#include <immintrin.h>
+#endif
 #include <optional>
 #include <string>
 #include <vector>
@@ -39,6 +42,73 @@ inline float to_f32(float x) { return x; }
 inline float to_f32(Ort::Float16_t x) { return x.ToFloat(); }
 inline void from_f32(float x, float* out) { *out = x; }
 inline void from_f32(float x, Ort::Float16_t* out) { *out = Ort::Float16_t(x); }
+
+// Float dot products and y += a x over head rows: AVX2+FMA when this CPU has them (chosen at run time,
+// so the library itself stays portable: no -march), else loops of independent lanes that any
+// compiler vectorises at its baseline (SSE2, NEON) without reassociating a reduction.
+constexpr int kLanes = 8;
+
+float dot_lanes(const float* a, const float* b, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
+  float s = 0.f;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < kLanes; ++j) s += lanes[j];
+  return s;
+}
+
+void axpy_lanes(float a, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+#if defined(__x86_64__) && !defined(VILA_EDGE_OPS_NO_AVX2)   // the macro: test the portable path here
+__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  s0 = _mm256_add_ps(s0, s1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+  h = _mm_hadd_ps(h, h);
+  h = _mm_hadd_ps(h, h);
+  float s = _mm_cvtss_f32(h);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) void axpy_avx2(float a, const float* x, float* y, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+#endif
+
+struct Kernels {
+  float (*dot)(const float*, const float*, int64_t);
+  void (*axpy)(float, const float*, float*, int64_t);
+};
+
+Kernels pick_kernels() {
+#if defined(__x86_64__) && !defined(VILA_EDGE_OPS_NO_AVX2)   // the macro: test the portable path here
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {dot_avx2, axpy_avx2};
+#endif
+  return {dot_lanes, axpy_lanes};
+}
+
+const Kernels kKernels = pick_kernels();
+
+// A pool row of one head as float: the row itself (float pools), or converted into tmp (float16).
+inline const float* as_f32(const float* x, float*, int64_t) { return x; }
+inline const float* as_f32(const Ort::Float16_t* x, float* tmp, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) tmp[i] = x[i].ToFloat();
+  return tmp;
+}
 
 template <typename T>
 struct Work {
@@ -52,40 +122,47 @@ struct Work {
   int64_t batch, max_blocks, block_size, hq, hkv, d;
 };
 
-// One (token, query head) pair: scores over its visible positions, softmax, weighted sum of V.
+// One (token, KV head) pair and the Hq / Hkv query heads that share it (GQA: each K and V row is
+// read once for all of them): scores over the visible positions, softmax, weighted sum of V.
 template <typename T>
 void attend_one(void* data, size_t index) {
   const Work<T>& w = *static_cast<const Work<T>*>(data);
-  const int64_t t = static_cast<int64_t>(index) / w.hq, h = static_cast<int64_t>(index) % w.hq;
+  const int64_t t = static_cast<int64_t>(index) / w.hkv, kvh = static_cast<int64_t>(index) % w.hkv;
   int64_t b = 0;
   while (b + 1 < w.batch && w.qsl[b + 1] <= t) ++b;             // B is small: a scan beats a search
   const int64_t n_new = w.qsl[b + 1] - w.qsl[b];
-  const int64_t pos = w.seq_lens[b] - n_new + (t - w.qsl[b]);  // this token's position
-  const int64_t kvh = h / (w.hq / w.hkv), row = w.hkv * w.d;     // elements per pool row
+  const int64_t n = w.seq_lens[b] - n_new + (t - w.qsl[b]) + 1;   // visible positions 0..n-1
+  const int64_t rep = w.hq / w.hkv, d = w.d, row = w.hkv * d;     // elements per pool row
   const int32_t* table = w.tables + b * w.max_blocks;
   thread_local std::vector<float> buf;
-  buf.resize(static_cast<size_t>(pos + 1 + w.d));
-  float* acc = buf.data();
-  float* scores = acc + w.d;
-  const float* qf = w.q + (t * w.hq + h) * w.d;
-  float top = -INFINITY;
-  for (int64_t p = 0; p <= pos; ++p) {
-    const T* k = w.kc + (int64_t(table[p / w.block_size]) * w.block_size + p % w.block_size) * row + kvh * w.d;
-    float s = 0.f;
-    for (int64_t i = 0; i < w.d; ++i) s += qf[i] * to_f32(k[i]);
-    scores[p] = s;
-    top = s > top ? s : top;
+  buf.resize(static_cast<size_t>(rep * (n + d + 1) + d));
+  float* acc = buf.data();                 // [rep, D]
+  float* scores = acc + rep * d;           // [rep, n]
+  float* tmp = scores + rep * n;           // [D]: a float16 row as float
+  float* total = tmp + d;                  // [rep]: softmax denominators
+  const float* qf = w.q + (t * w.hq + kvh * rep) * d;            // heads kvh*rep .. kvh*rep+rep-1
+  const auto offset = [&](int64_t p) { return (int64_t(table[p / w.block_size]) * w.block_size + p % w.block_size) * row + kvh * d; };
+  for (int64_t p = 0; p < n; ++p) {
+    const float* k = as_f32(w.kc + offset(p), tmp, d);
+    for (int64_t r = 0; r < rep; ++r) scores[r * n + p] = kKernels.dot(qf + r * d, k, d);
   }
-  float total = 0.f;
-  for (int64_t p = 0; p <= pos; ++p) total += (scores[p] = std::exp(scores[p] - top));
-  std::memset(acc, 0, sizeof(float) * w.d);
-  for (int64_t p = 0; p <= pos; ++p) {
-    const T* v = w.vc + (int64_t(table[p / w.block_size]) * w.block_size + p % w.block_size) * row + kvh * w.d;
-    const float pr = scores[p];
-    for (int64_t i = 0; i < w.d; ++i) acc[i] += pr * to_f32(v[i]);
+  for (int64_t r = 0; r < rep; ++r) {
+    float* s = scores + r * n;
+    float top = -INFINITY;
+    for (int64_t p = 0; p < n; ++p) top = s[p] > top ? s[p] : top;
+    float sum = 0.f;
+    for (int64_t p = 0; p < n; ++p) sum += (s[p] = std::exp(s[p] - top));
+    total[r] = sum;
   }
-  T* o = w.out + (t * w.hq + h) * w.d;
-  for (int64_t i = 0; i < w.d; ++i) from_f32(acc[i] / total, o + i);
+  std::memset(acc, 0, sizeof(float) * rep * d);
+  for (int64_t p = 0; p < n; ++p) {
+    const float* v = as_f32(w.vc + offset(p), tmp, d);
+    for (int64_t r = 0; r < rep; ++r) kKernels.axpy(scores[r * n + p], v, acc + r * d, d);
+  }
+  for (int64_t r = 0; r < rep; ++r) {
+    T* o = w.out + (t * w.hq + kvh * rep + r) * d;
+    for (int64_t i = 0; i < d; ++i) from_f32(acc[r * d + i] / total[r], o + i);
+  }
 }
 
 // heads rows of D values from src to float dst, rotated at `pos` when cos is given (x1 c - x2 s, x2 c + x1 s).
@@ -193,7 +270,7 @@ struct PagedAttention {
     std::vector<int64_t> oshape = query.Shape();
     oshape.back() = hq_ * d;
     Work<T> w{qf_.data(), kc, vc, output.Allocate(oshape), tables, lens, qsl, batch, tshape[1], bs, hq_, hkv_, d};
-    const size_t total = static_cast<size_t>(tokens * hq_);
+    const size_t total = static_cast<size_t>(tokens * hkv_);
     Ort::KernelContext ctx(context);
     if (total > 1) ctx.ParallelFor(attend_one<T>, total, 0, &w);
     else if (total == 1) attend_one<T>(&w, 0);
