@@ -25,6 +25,7 @@
 #include "onnxruntime_lite_custom_op.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -43,70 +44,83 @@ inline float to_f32(Ort::Float16_t x) { return x.ToFloat(); }
 inline void from_f32(float x, float* out) { *out = x; }
 inline void from_f32(float x, Ort::Float16_t* out) { *out = Ort::Float16_t(x); }
 
-// Float dot products and y += a x over head rows: AVX2+FMA when this CPU has them (chosen at run time,
-// so the library itself stays portable: no -march), else loops of independent lanes that any
-// compiler vectorises at its baseline (SSE2, NEON) without reassociating a reduction.
-constexpr int kLanes = 8;
-
-float dot_lanes(const float* a, const float* b, int64_t n) {
-  float lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
-  float s = 0.f;
-  for (; i < n; ++i) s += a[i] * b[i];
-  for (int j = 0; j < kLanes; ++j) s += lanes[j];
-  return s;
+// The two inner loops over a run of `count` consecutive positions of one block (rows `stride` floats
+// apart), for the `rep` query heads of one KV head:
+//   qk: scores[r * n + j] = q[r] . k[j]          pv: acc[r] += sum_j scores[r * n + j] v[j]
+// AVX2+FMA when this CPU has them (chosen at run time, so the library stays portable: no -march),
+// else plain loops any compiler vectorises at its baseline (SSE2, NEON).
+void qk_plain(const float* q, int64_t rep, int64_t d, const float* k, int64_t stride, int64_t count,
+              float* scores, int64_t n) {
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t r = 0; r < rep; ++r) {
+      float lanes[8] = {};
+      int64_t i = 0;
+      for (; i + 8 <= d; i += 8)
+        for (int l = 0; l < 8; ++l) lanes[l] += q[r * d + i + l] * k[j * stride + i + l];
+      float s = 0.f;
+      for (; i < d; ++i) s += q[r * d + i] * k[j * stride + i];
+      for (int l = 0; l < 8; ++l) s += lanes[l];
+      scores[r * n + j] = s;
+    }
 }
 
-void axpy_lanes(float a, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+void pv_plain(const float* scores, int64_t n, int64_t rep, int64_t d, const float* v, int64_t stride,
+              int64_t count, float* acc) {
+  for (int64_t r = 0; r < rep; ++r)
+    for (int64_t j = 0; j < count; ++j)
+      for (int64_t i = 0; i < d; ++i) acc[r * d + i] += scores[r * n + j] * v[j * stride + i];
 }
 
 #if defined(__x86_64__) && !defined(VILA_EDGE_OPS_NO_AVX2)   // the macro: test the portable path here
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t n) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-  }
-  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-  s0 = _mm256_add_ps(s0, s1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
-  h = _mm_hadd_ps(h, h);
-  h = _mm_hadd_ps(h, h);
-  float s = _mm_cvtss_f32(h);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
+__attribute__((target("avx2,fma"))) void qk_avx2(const float* q, int64_t rep, int64_t d, const float* k,
+                                                int64_t stride, int64_t count, float* scores, int64_t n) {
+  if (d % 8) return qk_plain(q, rep, d, k, stride, count, scores, n);
+  for (int64_t j = 0; j < count; ++j, k += stride)
+    for (int64_t r = 0; r < rep; ++r) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t i = 0; i < d; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * d + i), _mm256_loadu_ps(k + i), a);
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+      scores[r * n + j] = _mm_cvtss_f32(h);
+    }
 }
 
-__attribute__((target("avx2,fma"))) void axpy_avx2(float a, const float* x, float* y, int64_t n) {
-  const __m256 av = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
+__attribute__((target("avx2,fma"))) void pv_avx2(const float* scores, int64_t n, int64_t rep, int64_t d,
+                                                const float* v, int64_t stride, int64_t count, float* acc) {
+  if (d % 8) return pv_plain(scores, n, rep, d, v, stride, count, acc);
+  for (int64_t r = 0; r < rep; ++r)
+    for (int64_t i = 0; i < d; i += 8) {
+      __m256 a = _mm256_loadu_ps(acc + r * d + i);
+      for (int64_t j = 0; j < count; ++j)
+        a = _mm256_fmadd_ps(_mm256_set1_ps(scores[r * n + j]), _mm256_loadu_ps(v + j * stride + i), a);
+      _mm256_storeu_ps(acc + r * d + i, a);
+    }
 }
 #endif
 
 struct Kernels {
-  float (*dot)(const float*, const float*, int64_t);
-  void (*axpy)(float, const float*, float*, int64_t);
+  void (*qk)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+  void (*pv)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, float*);
 };
 
 Kernels pick_kernels() {
-#if defined(__x86_64__) && !defined(VILA_EDGE_OPS_NO_AVX2)   // the macro: test the portable path here
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {dot_avx2, axpy_avx2};
+#if defined(__x86_64__) && !defined(VILA_EDGE_OPS_NO_AVX2)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {qk_avx2, pv_avx2};
 #endif
-  return {dot_lanes, axpy_lanes};
+  return {qk_plain, pv_plain};
 }
 
 const Kernels kKernels = pick_kernels();
 
-// A pool row of one head as float: the row itself (float pools), or converted into tmp (float16).
-inline const float* as_f32(const float* x, float*, int64_t) { return x; }
-inline const float* as_f32(const Ort::Float16_t* x, float* tmp, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) tmp[i] = x[i].ToFloat();
+// `count` rows of one head from a pool block as float: the rows in place (float pools, `stride` apart),
+// or converted into tmp (float16 pools; then d apart).
+inline const float* rows_f32(const float* x, int64_t, int64_t, int64_t, float*, int64_t* stride) { return x; }
+inline const float* rows_f32(const Ort::Float16_t* x, int64_t count, int64_t d, int64_t row, float* tmp,
+                             int64_t* stride) {
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t i = 0; i < d; ++i) tmp[j * d + i] = x[j * row + i].ToFloat();
+  *stride = d;
   return tmp;
 }
 
@@ -134,17 +148,19 @@ void attend_one(void* data, size_t index) {
   const int64_t n = w.seq_lens[b] - n_new + (t - w.qsl[b]) + 1;   // visible positions 0..n-1
   const int64_t rep = w.hq / w.hkv, d = w.d, row = w.hkv * d;     // elements per pool row
   const int32_t* table = w.tables + b * w.max_blocks;
+  const int64_t bs = w.block_size;
   thread_local std::vector<float> buf;
-  buf.resize(static_cast<size_t>(rep * (n + d + 1) + d));
+  buf.resize(static_cast<size_t>(rep * (n + d + 1) + bs * d));
   float* acc = buf.data();                 // [rep, D]
   float* scores = acc + rep * d;           // [rep, n]
-  float* tmp = scores + rep * n;           // [D]: a float16 row as float
-  float* total = tmp + d;                  // [rep]: softmax denominators
+  float* total = scores + rep * n;         // [rep]: softmax denominators
+  float* tmp = total + rep;                // [BS, D]: a float16 block's rows as float
   const float* qf = w.q + (t * w.hq + kvh * rep) * d;            // heads kvh*rep .. kvh*rep+rep-1
-  const auto offset = [&](int64_t p) { return (int64_t(table[p / w.block_size]) * w.block_size + p % w.block_size) * row + kvh * d; };
-  for (int64_t p = 0; p < n; ++p) {
-    const float* k = as_f32(w.kc + offset(p), tmp, d);
-    for (int64_t r = 0; r < rep; ++r) scores[r * n + p] = kKernels.dot(qf + r * d, k, d);
+  for (int64_t p0 = 0; p0 < n; p0 += bs) {                        // block by block: rows `row` apart
+    int64_t stride = row;
+    const int64_t count = std::min(bs, n - p0);
+    const float* k = rows_f32(w.kc + int64_t(table[p0 / bs]) * bs * row + kvh * d, count, d, row, tmp, &stride);
+    kKernels.qk(qf, rep, d, k, stride, count, scores + p0, n);
   }
   for (int64_t r = 0; r < rep; ++r) {
     float* s = scores + r * n;
@@ -155,9 +171,11 @@ void attend_one(void* data, size_t index) {
     total[r] = sum;
   }
   std::memset(acc, 0, sizeof(float) * rep * d);
-  for (int64_t p = 0; p < n; ++p) {
-    const float* v = as_f32(w.vc + offset(p), tmp, d);
-    for (int64_t r = 0; r < rep; ++r) kKernels.axpy(scores[r * n + p], v, acc + r * d, d);
+  for (int64_t p0 = 0; p0 < n; p0 += bs) {
+    int64_t stride = row;
+    const int64_t count = std::min(bs, n - p0);
+    const float* v = rows_f32(w.vc + int64_t(table[p0 / bs]) * bs * row + kvh * d, count, d, row, tmp, &stride);
+    kKernels.pv(scores + p0, n, rep, d, v, stride, count, acc);
   }
   for (int64_t r = 0; r < rep; ++r) {
     T* o = w.out + (t * w.hq + kvh * rep + r) * d;
@@ -272,8 +290,11 @@ struct PagedAttention {
     Work<T> w{qf_.data(), kc, vc, output.Allocate(oshape), tables, lens, qsl, batch, tshape[1], bs, hq_, hkv_, d};
     const size_t total = static_cast<size_t>(tokens * hkv_);
     Ort::KernelContext ctx(context);
-    if (total > 1) ctx.ParallelFor(attend_one<T>, total, 0, &w);
-    else if (total == 1) attend_one<T>(&w, 0);
+    if (tokens > 1) {                  // prefill and batches; one token's Hkv heads run inline (measured:
+      ctx.ParallelFor(attend_one<T>, total, 0, &w);   // ParallelFor costs more than it saves there)
+    } else {
+      for (size_t i = 0; i < total; ++i) attend_one<T>(&w, i);
+    }
   }
 
   int64_t hq_, hkv_;
