@@ -14,11 +14,11 @@ from onnx import TensorProto, helper
 from vila_edge import EngineError, Pipeline, ops
 from vila_edge.runner import Step, Tokens
 
-HQ, HKV, D, BS, NB = 6, 2, 16, 4, 12
+HQ, HKV, D, BS, NB = 6, 2, 16, 4, 96
 INPUTS = ["qkv", "key_cache", "value_cache"]
 META = ["block_tables", "seq_lens", "query_start_loc", "slot_mapping"]
 ROPE = ["cos_cache", "sin_cache"]
-MAX_POS = 64
+MAX_POS = 384
 
 
 def _session(dtype, rotary=False):
@@ -78,6 +78,7 @@ def _oracle(q, k, v, kc, vc, tables, seq_lens, qsl, slots):
 @pytest.mark.parametrize("dtype, atol", [(np.float32, 1e-5), (np.float16, 2e-3)])
 @pytest.mark.parametrize("past, new", [([0], [7]),                       # causal prefill of one sequence
                                        ([9], [1]),                       # a decode step
+                                       ([300], [1]),                     # a long one: split in parts, merged
                                        ([5, 0, 13, 3], [1, 6, 1, 4])])   # varlen: decode, prefill, extend
 def test_op_equals_numpy_oracle(dtype, atol, past, new, rotary):
     rng = np.random.default_rng(len(past) * 10 + sum(new))

@@ -134,52 +134,92 @@ struct Work {
   const int32_t* seq_lens;
   const int32_t* qsl;
   int64_t batch, max_blocks, block_size, hq, hkv, d;
+  int64_t splits;         // parts of the context per (token, KV head), each one work item
+  float* partial;         // splits > 1: per item [rep] max, [rep] sum, [rep, D] unnormalised output
 };
 
-// One (token, KV head) pair and the Hq / Hkv query heads that share it (GQA: each K and V row is
-// read once for all of them): scores over the visible positions, softmax, weighted sum of V.
+// One (token, KV head, split) item: the Hq / Hkv query heads that share the KV head (GQA: each K and
+// V row is read once for all of them) over the split's blocks of the visible positions: scores,
+// softmax, weighted sum of V. One split writes the output; several (a decode token: its few heads
+// would leave threads idle) leave (max, sum, output) partials that `merge` combines.
 template <typename T>
 void attend_one(void* data, size_t index) {
   const Work<T>& w = *static_cast<const Work<T>*>(data);
-  const int64_t t = static_cast<int64_t>(index) / w.hkv, kvh = static_cast<int64_t>(index) % w.hkv;
+  const int64_t split = static_cast<int64_t>(index) % w.splits, item = static_cast<int64_t>(index) / w.splits;
+  const int64_t t = item / w.hkv, kvh = item % w.hkv;
   int64_t b = 0;
   while (b + 1 < w.batch && w.qsl[b + 1] <= t) ++b;             // B is small: a scan beats a search
   const int64_t n_new = w.qsl[b + 1] - w.qsl[b];
-  const int64_t n = w.seq_lens[b] - n_new + (t - w.qsl[b]) + 1;   // visible positions 0..n-1
+  const int64_t n_all = w.seq_lens[b] - n_new + (t - w.qsl[b]) + 1;   // visible positions 0..n_all-1
   const int64_t rep = w.hq / w.hkv, d = w.d, row = w.hkv * d;     // elements per pool row
   const int32_t* table = w.tables + b * w.max_blocks;
-  const int64_t bs = w.block_size;
+  const int64_t bs = w.block_size, blocks = (n_all + bs - 1) / bs;
+  const int64_t lo = blocks * split / w.splits * bs, hi = std::min(n_all, blocks * (split + 1) / w.splits * bs);
+  const int64_t n = std::max<int64_t>(hi - lo, 0);
   thread_local std::vector<float> buf;
-  buf.resize(static_cast<size_t>(rep * (n + d + 1) + bs * d));
+  buf.resize(static_cast<size_t>(rep * (n + d + 2) + bs * d));
   float* acc = buf.data();                 // [rep, D]
   float* scores = acc + rep * d;           // [rep, n]
-  float* total = scores + rep * n;         // [rep]: softmax denominators
+  float* top = scores + rep * n;           // [rep]: score maxima
+  float* total = top + rep;                // [rep]: softmax denominators
   float* tmp = total + rep;                // [BS, D]: a float16 block's rows as float
   const float* qf = w.q + (t * w.hq + kvh * rep) * d;            // heads kvh*rep .. kvh*rep+rep-1
-  for (int64_t p0 = 0; p0 < n; p0 += bs) {                        // block by block: rows `row` apart
+  for (int64_t p0 = lo; p0 < hi; p0 += bs) {                      // block by block: rows `row` apart
     int64_t stride = row;
-    const int64_t count = std::min(bs, n - p0);
+    const int64_t count = std::min(bs, hi - p0);
     const float* k = rows_f32(w.kc + int64_t(table[p0 / bs]) * bs * row + kvh * d, count, d, row, tmp, &stride);
-    kKernels.qk(qf, rep, d, k, stride, count, scores + p0, n);
+    kKernels.qk(qf, rep, d, k, stride, count, scores + (p0 - lo), n);
   }
   for (int64_t r = 0; r < rep; ++r) {
-    float* s = scores + r * n;
-    float top = -INFINITY;
-    for (int64_t p = 0; p < n; ++p) top = s[p] > top ? s[p] : top;
+    float* sc = scores + r * n;
+    top[r] = -INFINITY;
+    for (int64_t p = 0; p < n; ++p) top[r] = sc[p] > top[r] ? sc[p] : top[r];
     float sum = 0.f;
-    for (int64_t p = 0; p < n; ++p) sum += (s[p] = std::exp(s[p] - top));
+    for (int64_t p = 0; p < n; ++p) sum += (sc[p] = std::exp(sc[p] - top[r]));
     total[r] = sum;
   }
   std::memset(acc, 0, sizeof(float) * rep * d);
-  for (int64_t p0 = 0; p0 < n; p0 += bs) {
+  for (int64_t p0 = lo; p0 < hi; p0 += bs) {
     int64_t stride = row;
-    const int64_t count = std::min(bs, n - p0);
+    const int64_t count = std::min(bs, hi - p0);
     const float* v = rows_f32(w.vc + int64_t(table[p0 / bs]) * bs * row + kvh * d, count, d, row, tmp, &stride);
-    kKernels.pv(scores + p0, n, rep, d, v, stride, count, acc);
+    kKernels.pv(scores + (p0 - lo), n, rep, d, v, stride, count, acc);
+  }
+  if (w.splits > 1) {
+    float* out = w.partial + static_cast<int64_t>(index) * rep * (d + 2);
+    std::memcpy(out, top, sizeof(float) * rep);
+    std::memcpy(out + rep, total, sizeof(float) * rep);
+    std::memcpy(out + 2 * rep, acc, sizeof(float) * rep * d);
+    return;
   }
   for (int64_t r = 0; r < rep; ++r) {
     T* o = w.out + (t * w.hq + kvh * rep + r) * d;
     for (int64_t i = 0; i < d; ++i) from_f32(acc[r * d + i] / total[r], o + i);
+  }
+}
+
+// Splits' partials -> output: each rescaled by exp(its max - the overall max) (flash-decoding).
+template <typename T>
+void merge(const Work<T>& w, int64_t tokens) {
+  const int64_t rep = w.hq / w.hkv, d = w.d, size = rep * (d + 2);
+  std::vector<float> acc(static_cast<size_t>(d));
+  for (int64_t item = 0; item < tokens * w.hkv; ++item) {
+    const float* part = w.partial + item * w.splits * size;
+    for (int64_t r = 0; r < rep; ++r) {
+      float top = -INFINITY, total = 0.f;
+      for (int64_t s = 0; s < w.splits; ++s) top = std::max(top, part[s * size + r]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t s = 0; s < w.splits; ++s) {
+        const float* p = part + s * size;
+        if (p[rep + r] == 0.f) continue;                    // an empty split
+        const float scale = std::exp(p[r] - top);
+        total += p[rep + r] * scale;
+        for (int64_t i = 0; i < d; ++i) acc[i] += p[2 * rep + r * d + i] * scale;
+      }
+      const int64_t t = item / w.hkv, kvh = item % w.hkv;
+      T* o = w.out + (t * w.hq + kvh * rep + r) * d;
+      for (int64_t i = 0; i < d; ++i) from_f32(acc[i] / total, o + i);
+    }
   }
 }
 
@@ -201,6 +241,9 @@ void load_heads(const T* src, int64_t heads, int64_t d, const T* cos, const T* s
     }
   }
 }
+
+constexpr int64_t kDecodeSplits = 4;    // context parts per KV head of a decode token
+constexpr int64_t kSplitFrom = 256;     // context length from which a decode token is split
 
 template <typename T>
 struct PagedAttention {
@@ -287,14 +330,22 @@ struct PagedAttention {
     }
     std::vector<int64_t> oshape = query.Shape();
     oshape.back() = hq_ * d;
-    Work<T> w{qf_.data(), kc, vc, output.Allocate(oshape), tables, lens, qsl, batch, tshape[1], bs, hq_, hkv_, d};
-    const size_t total = static_cast<size_t>(tokens * hkv_);
+    // A lone decode token over a long context: its Hkv heads alone would leave threads idle, so
+    // each is split in kDecodeSplits parts of the context. Short contexts run inline: there the
+    // thread pool's wake-up costs more than it saves (measured, benchmarks/results/paged-op-*).
+    const int64_t splits = tokens == 1 && lens[0] >= kSplitFrom ? kDecodeSplits : 1;
+    thread_local std::vector<float> partial;
+    partial.resize(static_cast<size_t>(splits > 1 ? tokens * hkv_ * splits * (hq_ / hkv_) * (d + 2) : 0));
+    Work<T> w{qf_.data(), kc, vc, output.Allocate(oshape), tables, lens, qsl, batch, tshape[1], bs, hq_, hkv_, d,
+              splits, partial.data()};
+    const size_t total = static_cast<size_t>(tokens * hkv_ * splits);
     Ort::KernelContext ctx(context);
-    if (tokens > 1) {                  // prefill and batches; one token's Hkv heads run inline (measured:
-      ctx.ParallelFor(attend_one<T>, total, 0, &w);   // ParallelFor costs more than it saves there)
+    if (tokens > 1 || splits > 1) {
+      ctx.ParallelFor(attend_one<T>, total, 0, &w);
     } else {
       for (size_t i = 0; i < total; ++i) attend_one<T>(&w, i);
     }
+    if (splits > 1) merge(w, tokens);
   }
 
   int64_t hq_, hkv_;
