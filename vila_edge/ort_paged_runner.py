@@ -15,7 +15,6 @@ import numpy as np
 from vila_edge import engine_check, ops
 from vila_edge.backend import OrtSession
 from vila_edge.embeddings import EmbeddingTable
-from vila_edge.errors import EngineError
 from vila_edge.kv_cache import KVPool
 from vila_edge.manifest import REBUILD
 from vila_edge.ort_runner import OrtLLMRunner, _accuracy_level, kv_layout
