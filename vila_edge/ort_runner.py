@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from vila_edge import engine_check
+from vila_edge import engine_check, ops
 from vila_edge.backend import OrtSession
 from vila_edge.embeddings import EmbeddingTable
 from vila_edge.errors import EngineError
@@ -159,7 +159,10 @@ class OrtLLMRunner(LLMRunner):
 
 class OrtVisionRunner(VisionRunner):
     def __init__(self, engine_dir: str, manifest, opts: RunnerOptions):
-        self.session = OrtSession(os.path.join(engine_dir, manifest.files["vision"]), opts.threads)
+        # The op library where built: a vision.onnx swapped with llm.onnx then fails engine_check's
+        # clear I/O check rather than ORT's "not a registered op".
+        self.session = OrtSession(os.path.join(engine_dir, manifest.files["vision"]), opts.threads,
+                                  ops_library=ops.built())
         self.dtype = np.dtype(manifest.dtype)
         # Multi-scale engines: vision.onnx is the tower alone, projector.onnx projects merged maps.
         self.projector = None

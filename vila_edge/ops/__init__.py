@@ -13,13 +13,19 @@ BUILD = ("build it with `pip install -e .` in the source tree (or `python setup.
          "an installed wheel carries it")
 
 
+def built() -> str | None:
+    """The compiled op library's path, None when it is not built."""
+    found = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "_vila_edge_ops*.so")))
+    return found[-1] if found else None
+
+
 def library_path() -> str:
     """The compiled op library, or EngineError saying how to build it."""
-    found = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "_vila_edge_ops*.so")))
+    found = built()
     if not found:
         raise EngineError(f"this engine's LLM graph needs vila_edge's ONNX Runtime op library "
                           f"(vila_edge/ops/_vila_edge_ops*.so), which is not built: {BUILD}")
-    return found[-1]
+    return found
 
 
 def register(options) -> None:
