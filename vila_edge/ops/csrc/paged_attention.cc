@@ -35,6 +35,7 @@
 #endif
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -43,6 +44,10 @@ inline float to_f32(float x) { return x; }
 inline float to_f32(Ort::Float16_t x) { return x.ToFloat(); }
 inline void from_f32(float x, float* out) { *out = x; }
 inline void from_f32(float x, Ort::Float16_t* out) { *out = Ort::Float16_t(x); }
+// float16 graphs round where transformers' fp16 eager attention does (scores, scaled scores, probs),
+// so greedy picks match the reference (docs/contracts.md); float graphs keep float32 throughout.
+inline float round_as(float x, const float*) { return x; }
+inline float round_as(float x, const Ort::Float16_t*) { return Ort::Float16_t(x).ToFloat(); }
 
 // The two inner loops over a run of `count` consecutive positions of one block (rows `stride` floats
 // apart), for the `rep` query heads of one KV head:
@@ -136,6 +141,7 @@ struct Work {
   int64_t batch, max_blocks, block_size, hq, hkv, d;
   int64_t splits;         // parts of the context per (token, KV head), each one work item
   float* partial;         // splits > 1: per item [rep] max, [rep] sum, [rep, D] unnormalised output
+  float scale;            // float16: applied to the rounded scores (q arrives unscaled); float: 1 (q prescaled)
 };
 
 // One (token, KV head, split) item: the Hq / Hkv query heads that share the KV head (GQA: each K and
@@ -170,13 +176,20 @@ void attend_one(void* data, size_t index) {
     const float* k = rows_f32(w.kc + int64_t(table[p0 / bs]) * bs * row + kvh * d, count, d, row, tmp, &stride);
     kKernels.qk(qf, rep, d, k, stride, count, scores + (p0 - lo), n);
   }
+  constexpr bool half = !std::is_same<T, float>::value;
   for (int64_t r = 0; r < rep; ++r) {
     float* sc = scores + r * n;
+    if (half)
+      for (int64_t p = 0; p < n; ++p) sc[p] = round_as(round_as(sc[p], w.kc) * w.scale, w.kc);
     top[r] = -INFINITY;
     for (int64_t p = 0; p < n; ++p) top[r] = sc[p] > top[r] ? sc[p] : top[r];
     float sum = 0.f;
     for (int64_t p = 0; p < n; ++p) sum += (sc[p] = std::exp(sc[p] - top[r]));
     total[r] = sum;
+    if (half) {                 // probabilities rounded, as softmax(..., dtype=float32).to(float16)
+      for (int64_t p = 0; p < n; ++p) sc[p] = round_as(sc[p] / sum, w.kc);
+      total[r] = 1.f;
+    }
   }
   std::memset(acc, 0, sizeof(float) * rep * d);
   for (int64_t p0 = lo; p0 < hi; p0 += bs) {
@@ -310,6 +323,7 @@ struct PagedAttention {
     T* kc = const_cast<T*>(key_cache.Data());
     T* vc = const_cast<T*>(value_cache.Data());
     const float scale = scale_ > 0 ? scale_ : 1.f / std::sqrt(float(d));
+    constexpr bool half = !std::is_same<T, float>::value;     // float16 normalises per split: never split
     // Per calling thread: one kernel object serves every concurrent Run of the session.
     thread_local std::vector<float> qf_, kf_;
     qf_.resize(static_cast<size_t>(tokens * hq_ * d));
@@ -317,7 +331,7 @@ struct PagedAttention {
     for (int64_t b = 0, t = 0; b < batch; ++b) {
       for (; t < qsl[b + 1]; ++t) {
         const int64_t pos = lens[b] - (qsl[b + 1] - t);
-        load_heads(qsrc + t * qstride, hq_, d, cos, sin, pos, scale, qf_.data() + t * hq_ * d);
+        load_heads(qsrc + t * qstride, hq_, d, cos, sin, pos, half ? 1.f : scale, qf_.data() + t * hq_ * d);
         T* krow = kc + int64_t(slots[t]) * row;
         if (rotary) {
           load_heads(ksrc + t * kstride, hkv_, d, cos, sin, pos, 1.f, kf_.data());
@@ -333,11 +347,11 @@ struct PagedAttention {
     // A lone decode token over a long context: its Hkv heads alone would leave threads idle, so
     // each is split in kDecodeSplits parts of the context. Short contexts run inline: there the
     // thread pool's wake-up costs more than it saves (measured, benchmarks/results/paged-op-*).
-    const int64_t splits = tokens == 1 && lens[0] >= kSplitFrom ? kDecodeSplits : 1;
+    const int64_t splits = !half && tokens == 1 && lens[0] >= kSplitFrom ? kDecodeSplits : 1;
     thread_local std::vector<float> partial;
     partial.resize(static_cast<size_t>(splits > 1 ? tokens * hkv_ * splits * (hq_ / hkv_) * (d + 2) : 0));
     Work<T> w{qf_.data(), kc, vc, output.Allocate(oshape), tables, lens, qsl, batch, tshape[1], bs, hq_, hkv_, d,
-              splits, partial.data()};
+              splits, partial.data(), half ? scale : 1.f};
     const size_t total = static_cast<size_t>(tokens * hkv_ * splits);
     Ort::KernelContext ctx(context);
     if (tokens > 1 || splits > 1) {
