@@ -19,7 +19,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak kernels bench-kernels bench bench-peers bench-concurrency bench-quality bench-3b bench-nvila bench-kv train-tiny evaluate clean serve device-check bench-serve bench-constrain engines-staged test-fast bench-vila-u
+.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak ops kernels bench-kernels bench bench-peers bench-concurrency bench-quality bench-3b bench-nvila bench-kv train-tiny evaluate clean serve device-check bench-serve bench-constrain engines-staged test-fast bench-vila-u
 # Succeeds when $(1) is an engine this runtime reads (present, current format): stale engines are rebuilt.
 ENGINE_OK = $(BIN)/python -c "import sys; from vila_edge.manifest import Manifest; Manifest.load(sys.argv[1])" $(1) 2>/dev/null
 # The int4 engine bench-peers times is the default 4-bit export (`--quant $(INT4_DEFAULT)`, every other option
@@ -179,6 +179,9 @@ train-tiny: setup  ## retrain the small VILA-architecture model on generated sce
 
 evaluate: setup  ## held-out accuracy of a checkpoint or engine: make evaluate OUT=engines/name
 	$(BIN)/python -m trainers.tiny_shapes.evaluate $(OUT)
+
+ops: setup  ## recompile vila_edge/ops (the ONNX Runtime custom ops; pip install builds them too) after editing csrc/
+	$(BIN)/python setup.py -q build_ext --inplace --force
 
 kernels: setup  ## compile the CUDA kernels for sm_87 (Orin) and sm_90; prints registers and spills
 	$(BIN)/python kernels/build.py

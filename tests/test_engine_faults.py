@@ -30,7 +30,7 @@ def _edit(eng, section, key, value):
     ("llm", "vocab_size", 500, r"llm.vocab_size 500 exceeds llm.logits_size 400"),
     ("llm", "logits_size", 300, r"logits have 400 rows but manifest.json llm.logits_size says 300"),
     ("llm", "hidden", 32, r"image_features has shape \[None, 16, 64\] .* implies \[None, 16, 32\]"),
-    ("llm", "layers", 3, r"2 layers of past keys .* llm.layers says 3"),
+    ("llm", "layers", 3, r"2 layers of (key_cache|past_k)_\* inputs .* llm.layers says 3"),
     (None, "dtype", "float16", r"is float32 but manifest.json dtype says float16"),
     ("tokens", "stop_ids", [123456], r"stop_ids \[123456\] are outside"),
 ])

@@ -14,6 +14,7 @@ from vila_edge_export.onnx_graph import int4_tensor
 from vila_edge_export.quantize import apply_quantized, rtn_quantize
 from vila_edge_export.reference import ReferenceVLM
 from vila_edge import Pipeline
+from vila_edge import ops as vila_ops
 from vila_edge.backend import OrtSession
 from vila_edge.int4 import pack_onnx
 
@@ -28,7 +29,7 @@ SYMMETRIC = dict(zero_point=False, max_bpw=None)
 
 def _optimized_ops(eng, tmp_path) -> list:
     optimized = str(tmp_path / "llm.opt.onnx")
-    OrtSession(os.path.join(eng, "llm.onnx"), optimized_path=optimized)
+    OrtSession(os.path.join(eng, "llm.onnx"), optimized_path=optimized, ops_library=vila_ops.library_path())
     return list(onnx.load(optimized, load_external_data=False).graph.node)
 
 
@@ -53,7 +54,7 @@ def test_matmulnbits_per_fused_linear(name, engine, tmp_path):
 @pytest.mark.slow   # its own int4 export (G = 32)
 def test_fused_graph_ops(engine, tmp_path):
     """--target cpu: the file itself holds MatMulNBits (bits and block size of each quantized
-    tensor), Skip/SimplifiedLayerNormalization and RotaryEmbedding; ORT adds nothing to undo."""
+    tensor), Skip/SimplifiedLayerNormalization and our PagedAttention (RoPE inside); ORT adds nothing to undo."""
     eng = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None, group_size=32)
     layers = Pipeline(eng).manifest.llm.layers
     source = onnx.load(os.path.join(eng, "llm.onnx"), load_external_data=False)
@@ -64,7 +65,8 @@ def test_fused_graph_ops(engine, tmp_path):
     ops = [n.op_type for n in _optimized_ops(eng, tmp_path)]
     assert ops.count("SkipSimplifiedLayerNormalization") == NORMS_PER_LAYER * layers   # + final, - first
     assert ops.count("SimplifiedLayerNormalization") == 1
-    assert ops.count("RotaryEmbedding") == layers                  # q and k rotated by one node
+    assert ops.count("PagedAttention") == layers and "RotaryEmbedding" not in ops   # RoPE, KV write, attention
+    assert ops.count("Split") == layers                            # gate | up only: qkv goes in packed
     assert "DequantizeLinear" not in ops
 
 

@@ -57,18 +57,23 @@ def test_3b_fp16_on_orin_nano_is_refused_with_the_plan(tmp_path):
         plan(eng, Manifest.load(eng), "orin-nano", 16, 4096)
 
 
-def test_runner_allocates_what_the_ledger_counts(engine):
-    """A small board preset: the pool the runner allocates plus its staging buffer are the ledger's
-    rows, and with weights, activations and vision they fill the board to within one block."""
-    eng = engine("vila1.5-3b-downsample")
+@pytest.mark.parametrize("target", ["cpu", "orin"])
+def test_runner_allocates_what_the_ledger_counts(engine, target):
+    """A small board preset: the pool the runner allocates plus its staging buffer (standard graph;
+    the fused graph reads and writes the pool in place: none) are the ledger's rows, and with
+    weights, activations and vision they fill the board to within one block."""
+    eng = engine("vila1.5-3b-downsample", target=target)
     board = Target("test-board", 64 * MiB, 16 * MiB)
     pipe = Pipeline(eng, max_context=256, kv=KVConfig(budget=board))
     runner, p = pipe.llm.runner, pipe.memory
     rows = {b.name: b.nbytes for b in p.rows}
     assert runner.pool.data.nbytes == p.pool_bytes == p.num_blocks * runner.layout.bytes_per_block
-    stage = runner._staging.get()
-    assert stage.nbytes == rows["kv staging"]
-    runner._staging.put(stage)
+    if target == "orin":
+        stage = runner._staging.get()
+        assert stage.nbytes == rows["kv staging"]
+        runner._staging.put(stage)
+    else:
+        assert "kv staging" not in rows and not hasattr(runner, "_staging")
     assert pipe.llm.blocks.num_blocks == p.num_blocks
     assert p.weights["llm.onnx"] == os.path.getsize(os.path.join(eng, "llm.onnx"))
     assert 0 <= board.dram_bytes - board.reserve_bytes - p.total_bytes < runner.layout.bytes_per_block
@@ -78,6 +83,6 @@ def test_plan_cli(engine, capsys):
     eng = engine("vila1.5-3b-downsample")
     assert main(["plan", eng, "--device", "orin-nano", "--max-context", "512"]) == 0
     out = capsys.readouterr().out
-    for row in ("weights", "llm.onnx", "kv staging", "activations", "vision buffers", "kv pool", "unplanned"):
+    for row in ("weights", "llm.onnx", "activations", "vision buffers", "kv pool", "unplanned"):
         assert row in out
     assert main(["plan", eng, "--device", "12 bananas"]) == 2

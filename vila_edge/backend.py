@@ -20,7 +20,8 @@ ORT_ERRORS = ("Fail", "InvalidArgument", "RuntimeException", "InvalidGraph", "EP
 
 class OrtSession:
     def __init__(self, path: str, threads: int | None = None, providers=("CPUExecutionProvider",),
-                 int4_accuracy_level: int = 4, optimized_path: str | None = None):
+                 int4_accuracy_level: int = 4, optimized_path: str | None = None, ops_library: str | None = None,
+                 configure=None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -30,6 +31,10 @@ class OrtSession:
             opts.optimized_model_filepath = optimized_path
         if threads:
             opts.intra_op_num_threads = threads
+        if ops_library:                  # vila_edge's custom ops (vila_edge/ops), for graphs that use them
+            opts.register_custom_ops_library(ops_library)
+        if configure:                    # benchmarks: profiling, spinning (benchmarks/ab_paged.py)
+            configure(opts)
         if not os.access(path, os.R_OK):
             raise EngineError(f"{path}: permission denied; make the engine directory readable by this user "
                               f"(chmod -R a+rX {os.path.dirname(path) or '.'})")
@@ -62,5 +67,5 @@ class OrtSession:
         for i in self.session.get_inputs():
             if i.name == name:
                 return np.dtype({"tensor(float)": "float32", "tensor(float16)": "float16",
-                                 "tensor(int64)": "int64"}[i.type])
+                                 "tensor(int64)": "int64", "tensor(int32)": "int32"}[i.type])
         raise KeyError(name)

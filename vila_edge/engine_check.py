@@ -11,7 +11,8 @@ import numpy as np
 
 from vila_edge.errors import EngineError
 
-ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(int32)": "int32"}
 EMBED_DTYPES = ("float32", "float16")
 
 
@@ -45,17 +46,39 @@ def check_vision(session, manifest, path: str, fix: str) -> None:
 
 
 def check_llm(session, manifest, path: str, fix: str) -> None:
-    io_in, io_out = _io(session, "inputs"), _io(session, "outputs")
+    """The standard-op graph: one sequence, the past as rows (docs/contracts.md)."""
+    io_in = _io(session, "inputs")
     m = manifest.llm
     _expect(io_in, "inputs_embeds", [1, None, m.hidden], manifest.dtype, path, "llm.hidden", fix)
-    past = sorted(n for n in io_in if n.startswith("past_k_"))
-    if len(past) != m.layers:
-        raise EngineError(f"{path}: {len(past)} layers of past keys but manifest.json llm.layers says "
+    _check_layers(io_in, manifest, path, fix, "past_k_", ("past_k", "past_v"), [None, m.kv_heads, m.head_dim])
+    _check_logits(_io(session, "outputs"), manifest, path, fix)
+
+
+def check_paged_llm(session, manifest, path: str, fix: str) -> None:
+    """The fused graph: B sequences' flattened tokens over the pool's blocks (docs/contracts.md)."""
+    io_in = _io(session, "inputs")
+    m = manifest.llm
+    _expect(io_in, "inputs_embeds", [None, m.hidden], manifest.dtype, path, "llm.hidden", fix)
+    for name in ("block_tables", "seq_lens", "query_start_loc", "slot_mapping"):
+        _expect(io_in, name, [None] * (2 if name == "block_tables" else 1), "int32", path, "build.graph", fix)
+    _check_layers(io_in, manifest, path, fix, "key_cache_", ("key_cache", "value_cache"),
+                  [None, None, m.kv_heads, m.head_dim])
+    _check_logits(_io(session, "outputs"), manifest, path, fix)
+
+
+def _check_layers(io_in: dict, manifest, path: str, fix: str, prefix: str, kinds: tuple, shape: list) -> None:
+    m = manifest.llm
+    found = sorted(n for n in io_in if n.startswith(prefix))
+    if len(found) != m.layers:
+        raise EngineError(f"{path}: {len(found)} layers of {prefix}* inputs but manifest.json llm.layers says "
                           f"{m.layers}; {fix}")
     for layer in range(m.layers):
-        for kind in ("past_k", "past_v"):
-            _expect(io_in, f"{kind}_{layer}", [None, m.kv_heads, m.head_dim], manifest.dtype, path,
-                    "llm.kv_heads, llm.head_dim", fix)
+        for kind in kinds:
+            _expect(io_in, f"{kind}_{layer}", shape, manifest.dtype, path, "llm.kv_heads, llm.head_dim", fix)
+
+
+def _check_logits(io_out: dict, manifest, path: str, fix: str) -> None:
+    m = manifest.llm
     logits = io_out.get("logits")
     if logits is None:
         raise EngineError(f"{path} has no 'logits' output: this is not the engine's llm graph; {fix}")

@@ -16,7 +16,9 @@ from vila_edge.version import __version__
 # 2: llm.onnx takes past_k_l/past_v_l rows, not the pool and a block table
 # 3: kv_dtype field; files lists every file the runtime loads (llm.onnx.data); build.graph names the
 #    LLM graph variant (fused contrib ops for ORT targets, standard ops for TensorRT's parser)
-FORMAT_VERSION = 3
+# 4: the fused graph (target cpu) runs B sequences' flattened tokens over the pool's blocks with
+#    vila_edge::PagedAttention, which writes new K/V into the pool in place; logits [B, V]
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 GRAPH_DTYPES = ("float32", "float16")
 IMAGE_MODES = (RESIZE, PAD, DYNAMIC, DYNAMIC_S2)

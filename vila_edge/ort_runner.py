@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from vila_edge import engine_check
+from vila_edge import engine_check, ops
 from vila_edge.backend import OrtSession
 from vila_edge.embeddings import EmbeddingTable
 from vila_edge.errors import EngineError
@@ -31,6 +31,9 @@ def kv_layout(manifest, block_size: int) -> KVLayout:
 
 def llm_buffers(manifest, num_blocks: int, block_size: int, max_context: int, opts: RunnerOptions) -> list:
     """[Buffer] the LLM runner allocates for these sizes, computed without allocating (the ledger)."""
+    if _paged(manifest):
+        from vila_edge.ort_paged_runner import paged_llm_buffers
+        return paged_llm_buffers(manifest, num_blocks, block_size, max_context, opts)
     layout = kv_layout(manifest, block_size)
     max_blocks = -(-max_context // block_size)
     return [Buffer("kv pool", layout.bytes_per_block * num_blocks),
@@ -156,7 +159,10 @@ class OrtLLMRunner(LLMRunner):
 
 class OrtVisionRunner(VisionRunner):
     def __init__(self, engine_dir: str, manifest, opts: RunnerOptions, providers=("CPUExecutionProvider",)):
-        self.session = OrtSession(os.path.join(engine_dir, manifest.files["vision"]), opts.threads, providers)
+        # The op library where built: a vision.onnx swapped with llm.onnx then fails engine_check's
+        # clear I/O check rather than ORT's "not a registered op".
+        self.session = OrtSession(os.path.join(engine_dir, manifest.files["vision"]), opts.threads, providers,
+                                  ops_library=ops.built())
         self.dtype = np.dtype(manifest.dtype)
         # Multi-scale engines: vision.onnx is the tower alone, projector.onnx projects merged maps.
         self.projector = None
@@ -178,7 +184,15 @@ class OrtVisionRunner(VisionRunner):
         return self.projector.run({"tower_features": features.astype(self.dtype, copy=False)})["image_features"]
 
 
+def _paged(manifest) -> bool:
+    """The fused graph (target cpu) is the paged, batched one (vila_edge/ort_paged_runner.py)."""
+    return manifest.build.get("graph") == "fused"
+
+
 def llm(engine_dir: str, manifest, num_blocks: int, block_size: int, max_context: int, opts: RunnerOptions):
+    if _paged(manifest):
+        from vila_edge import ort_paged_runner
+        return ort_paged_runner.llm(engine_dir, manifest, num_blocks, block_size, max_context, opts)
     return OrtLLMRunner(engine_dir, manifest, num_blocks, block_size, max_context, opts)
 
 

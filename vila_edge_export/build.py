@@ -260,10 +260,13 @@ def _verify(engine_dir: str) -> None:
     """Every graph must load in ONNX Runtime before the directory counts as an engine."""
     import onnxruntime as ort
 
+    from vila_edge import ops
     from vila_edge_export.build_vila_u import FILES as GENERATION_FILES
 
     optional = (PROJECTOR_FILE, *GENERATION_FILES.values())     # present only for some families
+    options = ort.SessionOptions()
+    ops.register(options)            # the fused LLM graph's PagedAttention
     for name in (FILES["vision"], FILES["llm"], *optional):
         path = os.path.join(engine_dir, name)
         if name not in optional or os.path.isfile(path):
-            ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

@@ -14,7 +14,7 @@ OPSET = 21
 # ORT 1.31 reads IR <= 13 ("max supported IR version: 13") and onnx 1.23 writes 14 by default;
 # ModelOpt uses 10.
 IR_VERSION = 10
-ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
                "bool": TensorProto.BOOL}
 # Weights stored outside the .onnx file once a graph is this large (protobuf caps files at 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30

@@ -1,26 +1,27 @@
-"""llm.onnx for ONNX Runtime targets: the decoder of onnx_llm.py written with ORT's contrib ops.
+"""llm.onnx for ONNX Runtime targets: the decoder of onnx_llm.py in ORT's contrib ops and our own
+attention op, taking B sequences per pass (docs/contracts.md: `paged_inputs`).
 
-Same inputs and outputs as the standard-op graph (docs/contracts.md: inputs_embeds, position_ids,
-past_len, past_k_l/past_v_l [P, Hkv, D] rows of the paged pool; logits, k_new_l/v_new_l), so the
-runtime's paged KV cache, prefix reuse and image-content keys are unchanged. What changes is the op
-count per layer, which bounds decode speed on small models (per-op dispatch, not bandwidth):
+The op count per layer bounds decode speed on small models (per-op dispatch, not bandwidth), so a
+layer is 8 nodes (4 MatMulNBits, PagedAttention, 2 SkipSimplifiedLayerNormalization, SiLU-and-Mul):
   MatMulNBits                        int4/int8 weights, one per fused linear (q|k|v, gate|up, o, down,
                                      lm_head), block size and bits taken from each quantized tensor;
   SimplifiedLayerNormalization,      RMSNorm, and the residual add folded into the next RMSNorm
   SkipSimplifiedLayerNormalization   (as ORT GenAI's builder writes Llama: onnxruntime-genai@v0.18.0:
                                      src/python/py/models/builder.py make_layernorm);
-  RotaryEmbedding                    on q and k at once, from cos/sin caches of max_positions rows.
+  vila_edge::PagedAttention          (vila_edge/ops/csrc/paged_attention.cc) RoPE on q and k from
+                                     cos/sin caches of max_positions rows, the new K/V written into
+                                     the layer's pool blocks in place, causal GQA over the blocks.
+ORT's own fused attention on CPU (GroupQueryAttention, MultiHeadAttention) reads the past as one
+[B, Hkv, P, D] tensor, which the paged pool [NB, BS, Hkv, D] only yields by a copy of the whole
+context per layer and step, and its PagedAttention is CUDA-only (ORT 1.32): hence our own op.
 fp16 graphs keep the standard-op RMSNorm and RoPE (HF's fp16 roundings; see _skip_norm).
-Attention stays standard ops over the pool's rows: ORT's fused attention ops on CPU
-(GroupQueryAttention, MultiHeadAttention) read the past as one [B, Hkv, P, D] tensor, which the
-paged pool [NB, BS, Hkv, D] only yields by a copy of the whole context per layer and step, and
-PagedAttention, which reads our pool layout, is CUDA-only in ORT 1.32.
 """
 import numpy as np
 
 from vila_edge_export.checkpoint import LLMSpec
 from vila_edge_export.onnx_graph import Graph
-from vila_edge_export.onnx_llm import SLICE_END, _concat_linears, _mask, _rms_norm, _rope_tables, _rotate, llm_inputs, lm_head_rows
+from vila_edge.ops import DOMAIN as OPS_DOMAIN
+from vila_edge_export.onnx_llm import _concat_linears, _rms_norm, _rope_tables, _rotate, lm_head_rows
 from vila_edge_export.quantize import LM_HEAD
 
 MS = "com.microsoft"
@@ -88,31 +89,19 @@ def _rope_caches(g: Graph, spec: LLMSpec) -> tuple:
 
 
 def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, shared: dict, io: dict, quant, level: int) -> str:
+    """qkv projection -> PagedAttention (writes this layer's new K/V into its pool blocks in place, RoPE
+    inside from the cos/sin caches) -> o_proj: 3 nodes, as GroupQueryAttention with do_rotary makes it."""
     hq, hkv, d = spec.heads, spec.kv_heads, spec.head_dim
     p = f"model.layers.{l}.self_attn."
     qkv = _fused_linear(g, h, w, quant, p, ["q_proj", "k_proj", "v_proj"], level)          # (1, T, (Hq+2Hkv)*D)
-    qk, v = g.op("Split", [qkv, g.const([(hq + hkv) * d, hkv * d])], axis=-1, n_out=2)
-    if shared["hf_rounding"]:
-        qk = _rotate(g, g.reshape(qk, [-1, hq + hkv, d]), shared["cos"], shared["sin"], d)
-    else:
-        qk = g.op("RotaryEmbedding", [qk, io["position_ids"], shared["cos"], shared["sin"]], domain=MS,
-                  num_heads=hq + hkv, interleaved=0)                                # RoPE on q and k at once
-        qk = g.reshape(qk, [-1, hq + hkv, d])                                       # (T, Hq+Hkv, D)
-    q, k = g.op("Split", [qk, g.const([hq, hkv])], axis=1, out=[None, f"k_new_{l}"])
-    v = g.op("Reshape", [v, g.const([-1, hkv, d])], out=f"v_new_{l}")              # (T, Hkv, D)
-    g.output(k, k, g.dtype, ["T", hkv, d])
-    g.output(v, v, g.dtype, ["T", hkv, d])
-    past_k, past_v = io[f"past_k_{l}"], io[f"past_v_{l}"]                           # (P, Hkv, D)
-    q = g.reshape(g.op("Transpose", [q], perm=[1, 0, 2]), [hkv, -1, d])              # (Hkv, rep*T, D)
-    keys = lambda x: g.op("Transpose", [x], perm=[1, 2, 0])                           # (Hkv, D, S')
-    vals = lambda x: g.op("Transpose", [x], perm=[1, 0, 2])                           # (Hkv, S', D)
-    scaled = lambda x: g.op("Mul", [g.op("MatMul", [q, keys(x)]), g.scalar(d ** -0.5)])
-    scores = g.op("Concat", [scaled(past_k), scaled(k)], axis=-1)                     # (Hkv, rep*T, P+T)
-    probs = g.from_float32(g.op("Softmax", [g.op("Add", [g.to_float32(scores), shared["mask"]])], axis=-1))
-    probs_past = g.op("Slice", [probs, g.const([0]), shared["n_past"], g.const([-1])])
-    probs_new = g.op("Slice", [probs, shared["n_past"], g.const([SLICE_END]), g.const([-1])])
-    ctx = g.op("Add", [g.op("MatMul", [probs_past, vals(past_v)]), g.op("MatMul", [probs_new, vals(v)])])
-    ctx = g.reshape(g.op("Transpose", [g.reshape(ctx, [hq, -1, d])], perm=[1, 0, 2]), [1, -1, hq * d])
+    rope = [shared["cos"], shared["sin"]]
+    if shared["hf_rounding"]:                 # RoPE in standard ops (HF's fp16 roundings), then repacked
+        qk, v = g.op("Split", [qkv, g.const([(hq + hkv) * d, hkv * d])], axis=-1, n_out=2)
+        qk = _rotate(g, g.reshape(qk, [-1, hq + hkv, d]), shared["cos"], shared["sin"], d)   # (T, Hq+Hkv, D)
+        qkv = g.reshape(g.op("Concat", [qk, g.reshape(v, [-1, hkv, d])], axis=1), [1, -1, (hq + 2 * hkv) * d])
+        rope = []
+    ctx = g.op("PagedAttention", [qkv, io[f"key_cache_{l}"], io[f"value_cache_{l}"], *shared["paged"], *rope],
+               domain=OPS_DOMAIN, num_heads=hq, num_kv_heads=hkv, scale=0.0)           # (1, T, Hq*D)
     return linear(g, ctx, p + "o_proj", w.get(p + "o_proj.weight"), None, quant.get(p + "o_proj"), level)
 
 
@@ -138,22 +127,38 @@ def _skip_norm(g: Graph, x: str, skip: str, weight: np.ndarray, eps: float, name
     return normed, total
 
 
+def paged_inputs(g: Graph, spec: LLMSpec, dtype: str) -> dict:
+    """The fused graph's inputs (docs/contracts.md): B sequences' T new positions flattened, and the
+    paged-attention metadata of vila_edge/ops/csrc/paged_attention.cc over each layer's pool blocks."""
+    kv = [spec.kv_heads, spec.head_dim]
+    io = {"inputs_embeds": g.input("inputs_embeds", dtype, ["T", spec.hidden]),
+          "position_ids": g.input("position_ids", "int64", ["T"]),
+          "block_tables": g.input("block_tables", "int32", ["B", "max_blocks"]),
+          "seq_lens": g.input("seq_lens", "int32", ["B"]),
+          "query_start_loc": g.input("query_start_loc", "int32", ["B1"]),
+          "slot_mapping": g.input("slot_mapping", "int32", ["T"]),
+          "logits_indices": g.input("logits_indices", "int64", ["B"])}
+    for l in range(spec.layers):
+        for which in ("key", "value"):
+            io[f"{which}_cache_{l}"] = g.input(f"{which}_cache_{l}", dtype, ["NB", "BS", *kv])
+    return io
+
+
 def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = None,
                     accuracy_level: int = DEFAULT_ACCURACY_LEVEL, hidden_output: bool = False) -> Graph:
-    """As onnx_llm.build_llm (same arguments, same I/O), in ORT contrib ops; `accuracy_level`: every
-    MatMulNBits' (fixed in the file: ORT has no session option for explicit MatMulNBits nodes)."""
+    """As onnx_llm.build_llm (same weights and arguments) with the paged, batched I/O of `paged_inputs`:
+    logits [B, V] at logits_indices (+ hidden [B, C]); `accuracy_level`: every MatMulNBits' (fixed in
+    the file: ORT has no session option for explicit MatMulNBits nodes)."""
     quant = quant or {}
     g = Graph("vila_edge_llm_fused", dtype)
-    hkv = spec.kv_heads
-    io = llm_inputs(g, spec, dtype)
-    x = io["inputs_embeds"]
-    n_new = g.op("Gather", [g.op("Shape", [x]), g.const(1)], axis=0)
-    n_past = g.op("Gather", [g.op("Shape", [io["past_k_0"]]), g.const(0)], axis=0)
-    mask = g.op("Tile", [_mask(g, io["past_len"], n_past, n_new), g.const([spec.heads // hkv, 1])])
+    io = paged_inputs(g, spec, dtype)
+    x = g.reshape(io["inputs_embeds"], [1, -1, spec.hidden])                     # (1, T, C): the contrib ops' rank
+    positions = g.reshape(io["position_ids"], [1, -1])                          # (1, T)
     # fp16 graphs keep HF's fp16 roundings in RoPE and RMSNorm (see _skip_norm): standard ops there.
     hf_rounding = dtype == "float16"
-    cos, sin = _rope_tables(g, spec, io["position_ids"]) if hf_rounding else _rope_caches(g, spec)
-    shared = {"cos": cos, "sin": sin, "mask": mask, "n_past": g.reshape(n_past, [1]), "hf_rounding": hf_rounding}
+    cos, sin = _rope_tables(g, spec, positions) if hf_rounding else _rope_caches(g, spec)
+    paged = [io[n] for n in ("block_tables", "seq_lens", "query_start_loc", "slot_mapping")]
+    shared = {"cos": cos, "sin": sin, "positions": positions, "paged": paged, "hf_rounding": hf_rounding}
     norm = lambda l, which: weights[f"model.layers.{l}.{which}.weight"]
     first = "model.layers.0.input_layernorm.weight"
     if hf_rounding:
@@ -169,12 +174,13 @@ def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None
         if l + 1 < spec.layers:
             h, x = _skip_norm(g, mlp, x, norm(l + 1, "input_layernorm"), spec.rms_eps,
                               f"model.layers.{l + 1}.input_layernorm.weight")
-    last = lambda t: g.op("Slice", [t, g.const([-1]), g.const([SLICE_END]), g.const([1])])  # (1, 1, C)
+    last = lambda t: g.op("Gather", [t, io["logits_indices"]], axis=1)              # (1, B, C)
     h, _ = _skip_norm(g, last(mlp), last(x), weights["model.norm.weight"], spec.rms_eps, "model.norm.weight")
     head = None if LM_HEAD in quant else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    logits = linear(g, h, LM_HEAD, head, None, quant.get(LM_HEAD), accuracy_level)    # (1, 1, V)
-    g.output(g.to_float32(g.reshape(logits, [1, -1])), "logits", "float32", [1, lm_head_rows(weights, quant)])
+    logits = linear(g, h, LM_HEAD, head, None, quant.get(LM_HEAD), accuracy_level)    # (1, B, V)
+    g.output(g.to_float32(g.reshape(logits, [-1, lm_head_rows(weights, quant)])), "logits", "float32",
+             ["B", lm_head_rows(weights, quant)])
     if hidden_output:     # VILA-U: the depth transformer reads the final-norm hidden state
-        g.output(g.to_float32(g.reshape(h, [1, -1])), "hidden", "float32", [1, spec.hidden])
-    g.opsets = {MS: 1}
+        g.output(g.to_float32(g.reshape(h, [-1, spec.hidden])), "hidden", "float32", ["B", spec.hidden])
+    g.opsets = {MS: 1, OPS_DOMAIN: 1}
     return g

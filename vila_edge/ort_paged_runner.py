@@ -1,0 +1,128 @@
+"""ONNX Runtime runner of the paged, batched LLM graph (build.graph "fused", target cpu).
+
+The graph (vila_edge_export/onnx_llm_fused.py) takes B sequences' new positions flattened into T rows
+and vLLM's paged-attention metadata; its PagedAttention nodes (vila_edge/ops) write each layer's new
+K/V rows into the pool IN PLACE and attend over the pool blocks the block tables name. So the pool
+is bound once, per thread, as OrtValues over the numpy pool (no copy: ORT's CPU provider reads and
+writes the caller's memory), and a step binds only its small inputs: no past views, no staging
+buffer, no scatter after the run.
+"""
+import os
+import threading
+
+import numpy as np
+
+from vila_edge import engine_check, ops
+from vila_edge.backend import OrtSession
+from vila_edge.embeddings import EmbeddingTable
+from vila_edge.kv_cache import KVPool
+from vila_edge.manifest import REBUILD
+from vila_edge.ort_runner import OrtLLMRunner, _accuracy_level, kv_layout
+from vila_edge.runner import Buffer, LLMRunner, RunnerOptions, Step
+
+# Sequences per pass: the graph takes any B; this bounds what one forward_batch call may ask.
+MAX_BATCH = 64
+
+
+def paged_llm_buffers(manifest, num_blocks: int, block_size: int, max_context: int, opts: RunnerOptions) -> list:
+    """Only the pool: the graph reads and writes it in place (the ledger, vila_edge/memory.py)."""
+    return [Buffer("kv pool", kv_layout(manifest, block_size).bytes_per_block * num_blocks)]
+
+
+class OrtPagedLLMRunner(LLMRunner):
+    max_batch = MAX_BATCH
+    embed = OrtLLMRunner.embed      # table rows for ids, span rows at their offsets: the same checks
+
+    def __init__(self, engine_dir: str, manifest, num_blocks: int, block_size: int, max_context: int,
+                 opts: RunnerOptions, session: OrtSession | None = None):
+        m = manifest
+        path = os.path.join(engine_dir, m.files["llm"])
+        self.session = session or OrtSession(path, opts.threads, int4_accuracy_level=_accuracy_level(engine_dir, m, opts),
+                                             ops_library=ops.library_path())
+        if session is None:
+            engine_check.check_paged_llm(self.session.session, m, path, REBUILD.format(out=engine_dir))
+        self.engine_dir, self.manifest, self.opts, self.max_context = engine_dir, m, opts, max_context
+        self.embeds_dtype = self.session.input_dtype("inputs_embeds")
+        self.embeddings = EmbeddingTable.load(engine_dir, m)
+        self.vocab_rows = self.embeddings.rows
+        self.layout = kv_layout(m, block_size)
+        self.num_blocks = num_blocks
+        self.pool = KVPool(self.layout, num_blocks)
+        self._max_blocks = -(-max_context // block_size)
+        self._outputs = ["logits"] + (["hidden"] if "hidden" in self.session.output_names else [])
+        self._local = threading.local()      # per thread: its IOBinding and last hidden state
+
+    @property
+    def last_hidden(self):
+        """Final-norm hidden state of this thread's last pass: [C] after forward, [B, C] after
+        forward_batch (None: the graph has none)."""
+        return getattr(self._local, "hidden", None)
+
+    def share(self, num_blocks: int, block_size: int, max_context: int) -> "OrtPagedLLMRunner":
+        """Another runner with its own pool over this one's session (weights loaded once)."""
+        return OrtPagedLLMRunner(self.engine_dir, self.manifest, num_blocks, block_size, max_context, self.opts,
+                                 self.session)
+
+    def buffers(self) -> list:
+        return paged_llm_buffers(self.manifest, self.num_blocks, self.layout.block_size, self.max_context, self.opts)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.pool.copy_block(src, dst)
+
+    def _binding(self):
+        """This thread's IOBinding, the pool's layers bound once (an IOBinding is not thread-safe)."""
+        io = getattr(self._local, "io", None)
+        if io is None:
+            import onnxruntime as ort
+            io = self.session.session.io_binding()
+            for layer in range(self.layout.num_layers):
+                for name, blocks in zip(("key_cache", "value_cache"), self.pool.layer(layer)):
+                    io.bind_ortvalue_input(f"{name}_{layer}", ort.OrtValue.ortvalue_from_numpy(blocks))
+            self._local.io = io
+        return io
+
+    def forward(self, tokens, start: int, table: list, slots: np.ndarray) -> np.ndarray:
+        logits = self.forward_batch([Step(tokens, start, table, slots)])
+        if self.last_hidden is not None:
+            self._local.hidden = self._local.hidden[0]
+        return logits[0]
+
+    def forward_batch(self, steps: list) -> np.ndarray:
+        if not 1 <= len(steps) <= self.max_batch:
+            raise ValueError(f"forward_batch takes 1..{self.max_batch} steps, got {len(steps)}")
+        lens = np.array([len(s.tokens) for s in steps], np.int32)
+        starts = np.array([s.start for s in steps], np.int32)
+        qsl = np.zeros(len(steps) + 1, np.int32)
+        np.cumsum(lens, out=qsl[1:])
+        if len(steps) == 1:
+            s = steps[0]
+            embeds, slots = self.embed(s.tokens), np.asarray(s.slots, np.int32)
+            positions = np.arange(s.start, s.start + lens[0], dtype=np.int64)
+        else:
+            embeds = np.concatenate([self.embed(s.tokens) for s in steps])
+            slots = np.concatenate([np.asarray(s.slots, np.int32) for s in steps])
+            positions = np.concatenate([np.arange(s.start, s.start + n, dtype=np.int64) for s, n in zip(steps, lens)])
+        seq_lens = starts + lens
+        need = -(-seq_lens // self.layout.block_size)                 # blocks each sequence reads
+        tables = np.zeros((len(steps), int(need.max())), np.int32)
+        for b, s in enumerate(steps):
+            if len(s.table) < need[b]:
+                raise ValueError(f"step {b}: {seq_lens[b]} positions need {need[b]} blocks, its table has {len(s.table)}")
+            tables[b, : need[b]] = s.table[: need[b]]
+        if len(slots) != len(embeds):
+            raise ValueError(f"forward_batch: {len(embeds)} positions but {len(slots)} slots")
+        feeds = {"inputs_embeds": embeds, "position_ids": positions, "block_tables": tables, "seq_lens": seq_lens,
+                 "query_start_loc": qsl, "slot_mapping": slots, "logits_indices": (qsl[1:] - 1).astype(np.int64)}
+        io = self._binding()
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        for name in self._outputs:
+            io.bind_output(name)
+        self.session.run_with_iobinding(io)
+        out = io.copy_outputs_to_cpu()
+        self._local.hidden = out[1] if len(out) > 1 else None
+        return out[0]
+
+
+def llm(engine_dir: str, manifest, num_blocks: int, block_size: int, max_context: int, opts: RunnerOptions):
+    return OrtPagedLLMRunner(engine_dir, manifest, num_blocks, block_size, max_context, opts)
