@@ -115,7 +115,7 @@ def test_version_and_help_on_every_flag():
         for action in sub._actions:
             assert action.help, f"vila-edge {name} {action.option_strings or action.dest} has no help"
     text = subs["export"].format_help()
-    assert "{fp32,fp16}" in text and "{none,rtn,awq}" in text and "choices: cpu" in text
+    assert "{fp32,fp16}" in text and "{none,rtn,awq,gptq}" in text and "choices: cpu" in text
     assert "orin-nano" in subs["chat"].format_help()
 
 
