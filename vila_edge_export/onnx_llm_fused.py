@@ -22,6 +22,7 @@ from vila_edge_export.checkpoint import LLMSpec
 from vila_edge_export.onnx_graph import Graph
 from vila_edge_export.onnx_llm import SLICE_END, _concat_linears, _mask, _rms_norm, _rope_tables, _rotate, llm_inputs, lm_head_rows
 from vila_edge_export.quantize import LM_HEAD
+from vila_edge_export.onnx_vila_u import head_rows
 
 MS = "com.microsoft"
 # MatMulNBits activations quantized to int8 per block (onnxruntime contrib_defs MatMulNBits:
@@ -172,8 +173,10 @@ def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None
     last = lambda t: g.op("Slice", [t, g.const([-1]), g.const([SLICE_END]), g.const([1])])  # (1, 1, C)
     h, _ = _skip_norm(g, last(mlp), last(x), weights["model.norm.weight"], spec.rms_eps, "model.norm.weight")
     head = None if LM_HEAD in quant else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    logits = linear(g, h, LM_HEAD, head, None, quant.get(LM_HEAD), accuracy_level)    # (1, 1, V)
-    g.output(g.to_float32(g.reshape(logits, [1, -1])), "logits", "float32", [1, lm_head_rows(weights, quant)])
+    head_in = head_rows(g, h) if hidden_output else h    # VILA-U: lm_head skippable (onnx_vila_u.head_rows)
+    logits = linear(g, head_in, LM_HEAD, head, None, quant.get(LM_HEAD), accuracy_level)  # (1, r, V)
+    g.output(g.to_float32(g.reshape(logits, [-1, lm_head_rows(weights, quant)])), "logits", "float32",
+             ["R" if hidden_output else 1, lm_head_rows(weights, quant)])
     if hidden_output:     # VILA-U: the depth transformer reads the final-norm hidden state
         g.output(g.to_float32(g.reshape(h, [1, -1])), "hidden", "float32", [1, spec.hidden])
     g.opsets = {MS: 1}

@@ -63,6 +63,19 @@ def _code_sum(g: Graph, vu, books: str, codes: str) -> str:
     return total
 
 
+LOGITS_ROWS = "logits_rows"
+
+
+def head_rows(g: Graph, h: str) -> str:
+    """VILA-U's llm.onnx: the final hidden state (1, 1, C) cut to (1, r, C) before lm_head, r from the
+    optional input `logits_rows` (default 1: an initializer of the same name). Image steps feed 0:
+    the reference's dummy text token per step (TR/models/llama/modeling_llama.py:1058-1073) is never
+    computed, and lm_head's weights are never read. Text steps feed nothing and get logits as usual."""
+    g.input(LOGITS_ROWS, "int64", [1])
+    g.init(LOGITS_ROWS, np.array([1], np.int64))
+    return g.op("Slice", [h, g.const([0]), LOGITS_ROWS, g.const([1])])
+
+
 def build_vision_vila_u(vu, tower: dict, projector: dict, dtype: str) -> Graph:
     g = Graph("vila_u_vision", dtype)
     spec, T, C = vision_spec(vu), vu.image_tokens, vu.siglip.hidden

@@ -188,10 +188,15 @@ def understanding_prompt(query: str, images: int) -> str:
     return f"{SYSTEM} USER: " + "<image>\n" * images + f"{query.strip()} ASSISTANT:"
 
 
-def generation_prompts(prompt: str) -> tuple[str, str]:
-    """(cond, uncond): vila_u/utils/tokenizer.py:56-57; the negative prompt " " strips to "" and
-    renders without the separator (vila_arch.py:622-623 + conversation.py:54-55)."""
-    return f"{SYSTEM} USER: {prompt.strip()} ASSISTANT: <im_start>", f"{SYSTEM} USER:ASSISTANT: <im_start>"
+def generation_prompts(prompt: str, video: bool = False) -> tuple[str, str]:
+    """(cond, uncond): vila_u/utils/tokenizer.py:56-59 (video ends in <vi_start>); the negative prompt
+    " " strips to "" and renders without the separator (vila_arch.py:622-623 + conversation.py:54-55);
+    the video negative prompt ending in <vi_start> too is [inferred]."""
+    start = "<vi_start>" if video else "<im_start>"
+    return f"{SYSTEM} USER: {prompt.strip()} ASSISTANT: {start}", f"{SYSTEM} USER:ASSISTANT: {start}"
+
+
+VIDEO_FRAMES = 8     # GENERATION_VIDEO_FRAMES, vila_arch.py:642-671
 
 
 def tokenize(tokenizer, prompt: str) -> list:
@@ -302,9 +307,11 @@ class VilaUReference:
 
     @torch.no_grad()
     def generate_codes(self, prompt: str, n: int = 1, cfg: float = 3.0, temperature: float = 1.0,
-                       top_k: int = 900, top_p: float = 0.96, generator=None):
-        """-> codes (n, g, g, D). Rows: n cond then n uncond, left-padded with id 0 and mask 0."""
-        cond, uncond = (tokenize(self.tokenizer, p) for p in generation_prompts(prompt))
+                       top_k: int = 900, top_p: float = 0.96, generator=None, video: bool = False):
+        """-> codes (n, g, g, D); video: (n, VIDEO_FRAMES, g, g, D), max_new_tokens = T * frames and
+        frame f = positions f*T .. f*T+T-1 (vila_arch.py:642-671). Rows: n cond then n uncond,
+        left-padded with id 0 and mask 0."""
+        cond, uncond = (tokenize(self.tokenizer, p) for p in generation_prompts(prompt, video))
         rows = [cond] * n + [uncond] * n
         width = max(map(len, rows))
         ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
@@ -312,7 +319,8 @@ class VilaUReference:
         pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)      # TR/models/llama/modeling_llama.py:1107-1113
         out = self.llm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         codes = []
-        for t in range(self.spec.image_tokens):
+        frames = VIDEO_FRAMES if video else 1
+        for t in range(self.spec.image_tokens * frames):
             if t:
                 x = self.projector(self.code_sum(torch.cat([codes[-1], codes[-1]])))[:, None]   # (2n, 1, hidden)
                 mask = torch.cat([mask, torch.ones(2 * n, 1, dtype=mask.dtype)], 1)
@@ -321,7 +329,8 @@ class VilaUReference:
                                      past_key_values=out.past_key_values, use_cache=True)
             codes.append(self._depth(out.last_hidden_state[:, -1], n, cfg, temperature, top_k, top_p, generator))
         g = self.spec.siglip.grid
-        return torch.stack(codes, 1).reshape(n, g, g, self.spec.depth)
+        shape = (n, frames, g, g, self.spec.depth) if video else (n, g, g, self.spec.depth)
+        return torch.stack(codes, 1).reshape(shape)
 
     def _depth(self, h, n, cfg, temperature, top_k, top_p, generator):
         """One position's D codes (n, D): CFG on the depth logits only; the codes are shared by both rows."""
