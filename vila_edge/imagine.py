@@ -94,14 +94,14 @@ def _code_key(codes: np.ndarray) -> int:
                                "little")
 
 
-def _position(imager, hidden: np.ndarray, depth: int, cfg: float, sampling, rng) -> np.ndarray:
-    """This position's D codes: depth steps over both rows, CFG on the logits, one code shared."""
+def _position(imager, hidden: np.ndarray, depth: int, cfg: float, pick) -> np.ndarray:
+    """This position's D codes: depth steps over both rows, CFG on the logits, one code shared;
+    pick(d, guided logits) -> the code at depth d."""
     codes, cache = np.zeros((len(hidden), 0), np.int64), imager.depth_cache(len(hidden))
-    for _ in range(depth):
+    for d in range(depth):
         logits, cache = imager.depth_logits(hidden, codes, cache)       # (rows, K)
         guided = logits[0] if len(logits) == 1 else logits[1] + cfg * (logits[0] - logits[1])
-        code = sample(guided, *sampling, rng)
-        codes = np.concatenate([codes, np.full((len(hidden), 1), code, np.int64)], axis=1)
+        codes = np.concatenate([codes, np.full((len(hidden), 1), pick(d, guided), np.int64)], axis=1)
     return codes[0]
 
 
@@ -144,31 +144,68 @@ def generate_codes(pipe, prompt: str, *, n=1, cfg_scale=3.0, temperature=1.0, to
         raise PromptError(f"{what}: the prompt ({len(cond)} tokens) and the {T} positions to generate exceed "
                           f"the context of {pipe.max_context}")
     rng = np.random.default_rng(seed)
-    sampling = (temperature, top_k, top_p)
+    pick = lambda t, d, logits: sample(logits, temperature, top_k, top_p, rng)
     rows = [cond] if cfg_scale == 1.0 else [cond, uncond]
-    out, done = [], 0
     stats = {"llm_s": 0.0, "depth_s": 0.0, "decoder_s": 0.0, "cached_tokens": []}
-    for _ in range(n):
-        t0 = time.perf_counter()
-        seqs = Rows(pipe, rows, T)
-        stats["llm_s"] += time.perf_counter() - t0
-        stats["cached_tokens"].append(seqs.cached)        # per row: prompt positions the prefix cache had
-        try:
-            codes = np.zeros((T, depth), np.int64)
-            for t in range(T):
-                if t:
-                    t0 = time.perf_counter()
-                    seqs.feed(pipe.imager.embed_codes(codes[t - 1][None]), _code_key(codes[t - 1]))
-                    stats["llm_s"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                codes[t] = _position(pipe.imager, seqs.hidden, depth, cfg_scale, sampling, rng)
-                stats["depth_s"] += time.perf_counter() - t0
-                done += 1
-                if progress:
-                    progress(done, n * T)
-        finally:
-            seqs.close()
-        out.append(codes.reshape(frames or 1, g, g, depth))
+    counter = _Progress(progress, n * T)
+    out = np.stack([_codes(pipe, rows, T, cfg_scale, pick, stats, counter).reshape(frames or 1, g, g, depth)
+                    for _ in range(n)])
     pipe.last_image_stats = stats
-    out = np.stack(out)
     return out[:, 0] if frames is None else out
+
+
+def forced_argmax(pipe, prompt: str, codes: np.ndarray, *, cfg_scale=3.0, video=False) -> np.ndarray:
+    """Teacher forcing: feed `codes` ((g, g, D), or (frames, g, g, D) for video: another runtime's
+    output) as the history and return this engine's argmax code at every (position, depth) given
+    that history, shaped like `codes`. Agreement with `codes` measures an engine (int4, fp16)
+    against the reference without one early disagreement changing every later position."""
+    what = "generate_video" if video else "generate_image"
+    _check(pipe, what, prompt, 1, cfg_scale, 0.0, 0, 1.0)
+    gen = pipe.manifest.generation
+    want = ((VIDEO_FRAMES,) if video else ()) + (gen["grid"], gen["grid"], gen["depth"])
+    if np.shape(codes) != want:
+        raise UsageError(f"forced_argmax: codes of shape {list(np.shape(codes))}; this engine's are {list(want)}")
+    flat = np.asarray(codes, np.int64).reshape(-1, gen["depth"])
+    best = np.zeros_like(flat)
+
+    def pick(t, d, logits):
+        best[t, d] = int(np.argmax(logits))
+        return int(flat[t, d])
+    cond, uncond = prompt_ids(pipe, prompt, video)
+    pipe.last_image_stats = {"llm_s": 0.0, "depth_s": 0.0, "decoder_s": 0.0, "cached_tokens": []}
+    _codes(pipe, [cond] if cfg_scale == 1.0 else [cond, uncond], len(flat), cfg_scale, pick,
+           pipe.last_image_stats, _Progress(None, len(flat)))
+    return best.reshape(np.shape(codes))
+
+
+class _Progress:
+    def __init__(self, callback, total: int):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def step(self) -> None:
+        self.done += 1
+        if self.callback:
+            self.callback(self.done, self.total)
+
+
+def _codes(pipe, rows: list, T: int, cfg: float, pick, stats: dict, counter: _Progress) -> np.ndarray:
+    """One image's (or video's) T positions -> codes (T, D); pick(t, d, guided logits) -> code."""
+    depth = pipe.manifest.generation["depth"]
+    t0 = time.perf_counter()
+    seqs = Rows(pipe, rows, T)
+    stats["llm_s"] += time.perf_counter() - t0
+    stats["cached_tokens"].append(seqs.cached)        # per row: prompt positions the prefix cache had
+    try:
+        codes = np.zeros((T, depth), np.int64)
+        for t in range(T):
+            if t:
+                t0 = time.perf_counter()
+                seqs.feed(pipe.imager.embed_codes(codes[t - 1][None]), _code_key(codes[t - 1]))
+                stats["llm_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            codes[t] = _position(pipe.imager, seqs.hidden, depth, cfg, lambda d, logits: pick(t, d, logits))
+            stats["depth_s"] += time.perf_counter() - t0
+            counter.step()
+    finally:
+        seqs.close()
+    return codes

@@ -70,8 +70,8 @@ class OrtLLMRunner(LLMRunner):
         self._outputs = [(f"k_new_{l}", f"v_new_{l}") for l in range(m.llm.layers)]
         self._max_blocks = -(-max_context // block_size)
         self._hidden = threading.local()
-        sess = self.session.session          # inputs with a default (initializer) count too
-        self._inputs = {i.name for i in sess.get_inputs()} | {i.name for i in sess.get_overridable_initializers()}
+        # VILA-U graphs take `logits_rows` (1: logits, 0: hidden state only; hidden_only())
+        self._head_switch = "logits_rows" in {i.name for i in self.session.session.get_inputs()}
         # Scattered tables are gathered into one of these (allocated once, counted by the ledger);
         # a run that finds none free waits for one.
         self._staging = queue.Queue()
@@ -100,7 +100,7 @@ class OrtLLMRunner(LLMRunner):
     def hidden_only(self):
         """VILA-U image steps on this thread: the graph skips its lm_head (its `logits_rows` input, 0)
         and forward returns empty logits [0]; graphs without that input run as usual."""
-        self._hidden.skip_head = "logits_rows" in self._inputs
+        self._hidden.skip_head = self._head_switch
         try:
             yield self
         finally:
@@ -169,8 +169,8 @@ class OrtLLMRunner(LLMRunner):
         t = len(embeds)
         feeds.update(inputs_embeds=embeds[None], position_ids=np.arange(start, start + t, dtype=np.int64)[None],
                      past_len=np.array(start, np.int64))
-        if getattr(self._hidden, "skip_head", False):
-            feeds["logits_rows"] = np.array([0], np.int64)
+        if self._head_switch:
+            feeds["logits_rows"] = np.array([0 if getattr(self._hidden, "skip_head", False) else 1], np.int64)
         out = self.session.run(feeds)
         # VILA-U graphs also return the last position's final-norm hidden state (vila_edge/imagine.py);
         # per thread, as the server runs requests on several threads over one runner.

@@ -288,13 +288,19 @@ class VilaUReference:
         return ((x.float() + 1) * 127.5).clamp(0, 255).permute(0, 2, 3, 1).numpy().astype("uint8")
 
     @torch.no_grad()
-    def understand(self, query: str, images: list, max_new_tokens: int = 16) -> list:
-        """Greedy reply ids (stops after EOS) for a one-turn question about `images`."""
+    def prompt_embeds(self, query: str, images: list) -> torch.Tensor:
+        """(1, T, hidden): a one-turn question about `images`, each -200 spliced with the projector
+        of that image's z_q (vila_arch.py:285-338). Also AWQ's calibration input (llm_quant.py)."""
         ids = tokenize(self.tokenizer, understanding_prompt(query, len(images)))
         embed = self.llm.get_input_embeddings()
         feats = iter(self.projector(self.encode(self.pixels(im))[1].flatten(1, 2))[0] for im in images)
         parts = [next(feats) if t == IMAGE_TOKEN_INDEX else embed(torch.tensor([t]))[0:1] for t in ids]
-        x = torch.cat([p if p.dim() == 2 else p[None] for p in parts])[None]
+        return torch.cat([p if p.dim() == 2 else p[None] for p in parts])[None]
+
+    @torch.no_grad()
+    def understand(self, query: str, images: list, max_new_tokens: int = 16) -> list:
+        """Greedy reply ids (stops after EOS) for a one-turn question about `images`."""
+        x = self.prompt_embeds(query, images)
         out, past, reply = self.llm(inputs_embeds=x, use_cache=True), None, []
         for _ in range(max_new_tokens):
             past = out.past_key_values
