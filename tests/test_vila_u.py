@@ -333,3 +333,20 @@ def test_rows_run_as_one_batch_and_reuse_the_uncond_prefix(pipe, monkeypatch):
     finally:
         conv.close()
     assert len(heads) > before and set(heads[before:]) == {p.manifest.llm.logits_size}
+
+
+def test_cli_imagine_video_strip_and_errors(pipe, tmp_path, capsys):
+    """`vila-edge imagine --video` writes the 8 frames side by side; a non-generating request is one line, exit 2."""
+    import numpy as np
+    from PIL import Image
+    from vila_edge.cli import main
+
+    p = pipe()
+    out = tmp_path / "ball.png"
+    assert main(["imagine", p.engine_dir, "a ball rolling", "-o", str(out), "--video", "--temperature", "0"]) == 0
+    strip = np.asarray(Image.open(out))
+    frames = p.generate_video("a ball rolling", temperature=0)[0]
+    np.testing.assert_array_equal(strip, np.concatenate([np.asarray(f) for f in frames], axis=1))
+    assert "s per video" in capsys.readouterr().out
+    assert main(["imagine", p.engine_dir, "a ball", "--n", "5", "--video"]) == 2
+    assert capsys.readouterr().err.strip().endswith("expected an integer in 1..4")

@@ -121,6 +121,16 @@ def generate_video(pipe, prompt: str, *, n=1, cfg_scale=3.0, temperature=1.0, to
     return _decode(pipe, codes)
 
 
+def strip(frames: list):
+    """Frames side by side in one PIL image (mit-han-lab/vila-u@096623c:inference.py:17-24)."""
+    from PIL import Image
+
+    out = Image.new("RGB", (sum(f.width for f in frames), frames[0].height))
+    for i, f in enumerate(frames):
+        out.paste(f, (i * f.width, 0))
+    return out
+
+
 def _decode(pipe, codes: np.ndarray) -> list:
     """codes (n, frames, g, g, D) -> n lists of PIL images, one decoder pass per frame."""
     from PIL import Image
