@@ -7,7 +7,8 @@
                 rqvaesigliptransformer)
 - code_embed.onnx  codes (B,D) -> projector(sum_d codebook_d[code_d]) (B,hidden): the next LLM input
                 (TR/models/llama/modeling_llama.py:861-872, TR = vila_u/train/transformers_replace)
-- depth.onnx    h (B,hidden), codes (B,d) of this position so far, past_k/v_i (B,H,d,Dh) -> logits (B,K)
+- depth.onnx    h (B,hidden) at depth 0 and (0,hidden) after, codes (B,d) of this position so far,
+                past_k/v_i (B,H,d,Dh) -> logits (B,K)
                 for depth d, present_k/v_i (B,H,d+1,Dh): a KV cache per position, where the reference
                 reruns the whole length-(d+1) sequence (RQS/rqtransformer/modeling_rqtransformer.py:126-177,
                 attention.py:15-105; causal masking makes the two equal)
@@ -148,14 +149,17 @@ def build_depth(vu, tower: dict, dtype: str, quant: tuple | None = None) -> Grap
     g = Graph("vila_u_depth", dtype)
     E, n_layer, heads = vu.head
     w = {k[len("rqtransformer."):]: v for k, v in tower.items() if k.startswith("rqtransformer.")}
-    h = g.input("hidden", dtype, ["B", vu.llm.hidden])
+    # hidden: (B, C) at depth 0, (0, C) after: in_mlp_2 (C x E, C = the LLM width) is read once per
+    # position, not D times; the newest row is in_mlp_2(h) at depth 0, else in_mlp_1(sum of codes so far).
+    h = g.input("hidden", dtype, ["H", vu.llm.hidden])
     codes = g.input("codes", "int64", ["B", "d"])
-    s0 = g.op("Unsqueeze", [_lin(g, h, w, "in_mlp_2", quant), g.const([1])])                 # (B, 1, E)
     partial = g.op("CumSum", [_code_rows(g, vu, _books(g, vu, tower), codes), g.const(1)])   # (B, d, C)
-    x = g.op("Concat", [s0, _lin(g, partial, w, "in_mlp_1", quant)], axis=1)                 # (B, d+1, E)
-    n = g.op("Shape", [x], start=1, end=2)                                            # [d+1]
-    last_row = lambda t: g.op("Slice", [t, g.op("Sub", [n, g.const([1])]), n, g.const([1])])
-    x = g.op("Add", [last_row(x), last_row(g.weight("pos_emb_d", w["pos_emb_d"]))])    # (B, 1, E): depth d only
+    newest = g.reshape(g.op("Slice", [partial, g.const([-1]), g.const([2 ** 62]), g.const([1])]),
+                       [-1, vu.siglip.hidden])                                        # (B or 0, C)
+    x = g.op("Concat", [_lin(g, h, w, "in_mlp_2", quant), _lin(g, newest, w, "in_mlp_1", quant)], axis=0)  # (B, E)
+    d = g.op("Shape", [codes], start=1, end=2)                                        # [d]
+    pos = g.op("Slice", [g.weight("pos_emb_d", w["pos_emb_d"]), d, g.op("Add", [d, g.const([1])]), g.const([1])])
+    x = g.op("Add", [g.op("Unsqueeze", [x, g.const([1])]), pos])                      # (B, 1, E): depth d only
     dh = E // heads
     for i in range(n_layer):
         past = tuple(g.input(f"past_{kv}_{i}", dtype, ["B", heads, "d", dh]) for kv in "kv")
