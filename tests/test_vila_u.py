@@ -350,3 +350,20 @@ def test_cli_imagine_video_strip_and_errors(pipe, tmp_path, capsys):
     assert "s per video" in capsys.readouterr().out
     assert main(["imagine", p.engine_dir, "a ball", "--n", "5", "--video"]) == 2
     assert capsys.readouterr().err.strip().endswith("expected an integer in 1..4")
+
+
+def test_sampler_matches_the_reference_distribution():
+    """imagine.sample (top-k candidates only) draws from the torch reference's top-k/top-p distribution."""
+    import numpy as np
+    from vila_edge.imagine import sample
+    from vila_edge_export.reference_vila_u import sample_codes
+
+    logits = np.random.RandomState(0).randn(512).astype(np.float32) * 2
+    logits[7] = logits[9] = np.sort(logits)[-10]                 # a tie at the k-th value: both kept
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    ours = np.bincount([sample(logits, 0.9, 10, 0.8, rng) for _ in range(3000)], minlength=512) / 3000
+    theirs = np.bincount(sample_codes(torch.from_numpy(logits)[None].repeat(3000, 1), 0.9, 10, 0.8, gen).numpy(),
+                         minlength=512) / 3000
+    assert set(np.flatnonzero(ours)) == set(np.flatnonzero(theirs))
+    assert np.abs(ours - theirs).max() < 0.04
+    assert sample(logits, 0, 10, 0.8, rng) == int(np.argmax(logits))

@@ -72,20 +72,20 @@ def prompt_ids(pipe, prompt: str, video: bool = False) -> tuple:
 
 def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng) -> int:
     """modeling_rqtransformer.py:16-74 on one row: /T, top-k (ties kept), softmax, top-p keeping the
-    token that crosses p, renormalise, draw. temperature 0: argmax."""
+    token that crosses p, renormalise, draw. temperature 0: argmax. Works on the top-k candidates
+    only (in index order, as the full row would be): K = 16384 codes, ~1000 draws per image."""
     if temperature == 0:
         return int(np.argmax(logits))
     x = logits.astype(np.float64) / temperature
-    if top_k and top_k < len(x):
-        x = np.where(x < np.partition(x, -top_k)[-top_k], -np.inf, x)
-    p = np.exp(x - x.max())
+    keep = np.flatnonzero(x >= np.partition(x, -top_k)[-top_k]) if top_k and top_k < len(x) else np.arange(len(x))
+    p = np.exp(x[keep] - x[keep].max())
     p /= p.sum()
     if top_p < 1.0:
         order = np.argsort(-p, kind="stable")
         before = np.cumsum(p[order]) - p[order]               # mass ranked above each token
         p[order[before >= top_p]] = 0.0
         p /= p.sum()
-    return int(min(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right"), len(p) - 1))
+    return int(keep[min(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right"), len(p) - 1)])
 
 
 def _code_key(codes: np.ndarray) -> int:
@@ -201,6 +201,13 @@ class _Progress:
 def _codes(pipe, rows: list, T: int, cfg: float, pick, stats: dict, counter: _Progress) -> np.ndarray:
     """One image's (or video's) T positions -> codes (T, D); pick(t, d, guided logits) -> code."""
     depth = pipe.manifest.generation["depth"]
+    stats.setdefault("sample_s", 0.0)
+
+    def timed(t, d, logits):          # sampling's share of depth_s
+        t0 = time.perf_counter()
+        code = pick(t, d, logits)
+        stats["sample_s"] += time.perf_counter() - t0
+        return code
     t0 = time.perf_counter()
     seqs = Rows(pipe, rows, T)
     stats["llm_s"] += time.perf_counter() - t0
@@ -213,7 +220,7 @@ def _codes(pipe, rows: list, T: int, cfg: float, pick, stats: dict, counter: _Pr
                 seqs.feed(pipe.imager.embed_codes(codes[t - 1][None]), _code_key(codes[t - 1]))
                 stats["llm_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            codes[t] = _position(pipe.imager, seqs.hidden, depth, cfg, lambda d, logits: pick(t, d, logits))
+            codes[t] = _position(pipe.imager, seqs.hidden, depth, cfg, lambda d, logits: timed(t, d, logits))
             stats["depth_s"] += time.perf_counter() - t0
             counter.step()
     finally:
