@@ -367,3 +367,13 @@ def test_sampler_matches_the_reference_distribution():
     assert set(np.flatnonzero(ours)) == set(np.flatnonzero(theirs))
     assert np.abs(ours - theirs).max() < 0.04
     assert sample(logits, 0, 10, 0.8, rng) == int(np.argmax(logits))
+
+
+def test_generate_on_a_text_engine_fails_clearly(engine):
+    from vila_edge.errors import UsageError
+    from vila_edge.pipeline import Pipeline
+
+    p = Pipeline(engine("vila1.5-3b-linear"), progress=False)
+    for draw in (p.generate_image, p.generate_video):
+        with pytest.raises(UsageError, match="cannot generate images or videos; export a VILA-U checkpoint"):
+            draw("a cube")
