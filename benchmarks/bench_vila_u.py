@@ -8,8 +8,9 @@ Each side runs in its own process, one after the other (two 7B-256-width models 
 machine's per-process budget together). Every side samples with the reference's settings (cfg 3,
 temperature 1, top-k 900, top-p 0.96, seed r for repeat r); rows: total and vila_edge's split into
 LLM passes (prefill + 255 steps, cond and uncond rows), depth-transformer passes (+ sampling) and
-the pixel decoder. --reference-json reuses a reference side measured earlier by `--side reference`
-(its JSON line), for machines where one job must stay short; the table then says so.
+the pixel decoder (sampling's share of the depth time is in the JSON, sample_s). --reference-json /
+--engine-json reuse sides measured by separate `--side reference|engine` runs (their JSON line), for
+machines where one job must stay short; the table then says so.
 Writes benchmarks/results/<name>/vila_u.json and .md.
 """
 import argparse
@@ -69,7 +70,8 @@ def _table(args, ours: dict, ref: dict) -> str:
     lines = [f"# VILA-U image generation ({args.name}; {args.note})", "",
              f"{first['positions']} positions x depth {first['depth']}, cfg 3 (two rows per LLM pass), "
              f"{args.threads} threads, {args.repeats} repeat(s): median [min-max]; the split is repeat 0's."
-             + (" Reference side from an earlier run of the same command (--reference-json)." if args.reference_json else ""),
+             + (" Sides measured in separate runs of `--side` (--reference-json / --engine-json), one after another."
+                if args.reference_json or args.engine_json else ""),
              "", "| runtime | s / image | LLM passes s | depth passes s | decoder s | speedup vs reference |",
              "|---|---|---|---|---|---|"]
     for engine, r in ours.items():
@@ -91,6 +93,8 @@ def main(argv=None):
     ap.add_argument("--name", default="vila-u-7b-256")
     ap.add_argument("--note", default="")
     ap.add_argument("--reference-json", help="the reference side's JSON (a `--side reference` run) instead of running it")
+    ap.add_argument("--engine-json", action="append", default=[],
+                    help="an engine side's JSON (a `--side engine` run), one per --engine in order, instead of running it")
     ap.add_argument("--side", choices=["engine", "reference"], help="run one side in this process, print its JSON")
     args = ap.parse_args(argv)
     if args.side == "engine":
@@ -100,7 +104,11 @@ def main(argv=None):
         print(json.dumps(run_reference(args.checkpoint, args.threads, args.repeats)))
         return
     ours = {}
-    for engine in args.engine:
+    for i, engine in enumerate(args.engine):
+        if i < len(args.engine_json):
+            with open(args.engine_json[i]) as f:
+                ours[engine] = json.loads(f.read().strip().splitlines()[-1])
+            continue
         ours[engine] = _child("engine", args, engine)
         print(f"{engine}: {ours[engine]['seconds']}", file=sys.stderr)
     if args.reference_json:
@@ -110,7 +118,7 @@ def main(argv=None):
         ref = _child("reference", args)
     result = {"checkpoint": args.checkpoint, "threads": args.threads, "repeats": args.repeats, "note": args.note,
               "prompt": PROMPT, "vila_edge": ours, "reference": ref,
-              "reference_reused": bool(args.reference_json),
+              "sides_reused": bool(args.reference_json or args.engine_json),
               "speedup": {e: _med(ref["seconds"]) / _med(r["seconds"]) for e, r in ours.items()}}
     out_dir = os.path.join("benchmarks", "results", args.name)
     os.makedirs(out_dir, exist_ok=True)
