@@ -23,14 +23,27 @@ import time
 PROMPT = "a red cube on the left and a blue ball on the right"
 
 
-def run_engine(engine: str, threads: int, repeats: int) -> dict:
+def run_engine(engine: str, threads: int, repeats: int, positions: int = 0) -> dict:
+    import numpy as np
+    from vila_edge import imagine
     from vila_edge.pipeline import Pipeline
 
     pipe = Pipeline(engine, threads=threads, progress=False)
     times, stats = [], []
     for r in range(repeats):
         t0 = time.perf_counter()
-        pipe.generate_image(PROMPT, seed=r)
+        if positions:       # the first `positions` of the image (generate_image's loop), then one decode
+            rng, s = np.random.default_rng(r), {"llm_s": 0.0, "depth_s": 0.0, "decoder_s": 0.0, "cached_tokens": []}
+            imagine._codes(pipe, list(imagine.prompt_ids(pipe, PROMPT)), positions, 3.0,
+                           lambda t, d, logits: imagine.sample(logits, 1.0, 900, 0.96, rng), s,
+                           imagine._Progress(None, positions))
+            g, D = pipe.manifest.generation["grid"], pipe.manifest.generation["depth"]
+            t1 = time.perf_counter()
+            pipe.imager.decode(np.zeros((1, g, g, D), np.int64))
+            s["decoder_s"] = time.perf_counter() - t1
+            pipe.last_image_stats = s
+        else:
+            pipe.generate_image(PROMPT, seed=r)
         times.append(time.perf_counter() - t0)
         stats.append(pipe.last_image_stats)
     m = pipe.manifest
@@ -39,7 +52,7 @@ def run_engine(engine: str, threads: int, repeats: int) -> dict:
                     f"{'int4' if m.generation.get('depth_bits') else m.dtype}"}
 
 
-def run_reference(checkpoint: str, threads: int, repeats: int) -> dict:
+def run_reference(checkpoint: str, threads: int, repeats: int, positions: int = 0) -> dict:
     import torch
     from vila_edge_export.checkpoint_vila_u import read_vila_u
     from vila_edge_export.reference_vila_u import VilaUReference
@@ -49,14 +62,20 @@ def run_reference(checkpoint: str, threads: int, repeats: int) -> dict:
     times = []
     for r in range(repeats):
         t0 = time.perf_counter()
-        ref.decode(ref.generate_codes(PROMPT, generator=torch.Generator().manual_seed(r)))
+        if positions:
+            ref.generate_codes(PROMPT, generator=torch.Generator().manual_seed(r), positions=positions)
+            g, D = ref.spec.siglip.grid, ref.spec.depth
+            ref.decode(torch.zeros(1, g, g, D, dtype=torch.int64))
+        else:
+            ref.decode(ref.generate_codes(PROMPT, generator=torch.Generator().manual_seed(r)))
         times.append(time.perf_counter() - t0)
     return {"seconds": times}
 
 
 def _child(side: str, args, engine: str = "") -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_vila_u", "--side", side, "--checkpoint", args.checkpoint,
-           "--engine", engine or "-", "--threads", str(args.threads), "--repeats", str(args.repeats)]
+           "--engine", engine or "-", "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--positions", str(args.positions)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -68,11 +87,13 @@ def _med(xs: list) -> float:
 def _table(args, ours: dict, ref: dict) -> str:
     first = next(iter(ours.values()))
     lines = [f"# VILA-U image generation ({args.name}; {args.note})", "",
-             f"{first['positions']} positions x depth {first['depth']}, cfg 3 (two rows per LLM pass), "
+             (f"the first {args.positions} of " if args.positions else "")
+             + f"{first['positions']} positions x depth {first['depth']} (+ one decoder pass), cfg 3 (two rows per LLM pass), "
              f"{args.threads} threads, {args.repeats} repeat(s): median [min-max]; the split is repeat 0's."
              + (" Sides measured in separate runs of `--side` (--reference-json / --engine-json), one after another."
                 if args.reference_json or args.engine_json else ""),
-             "", "| runtime | s / image | LLM passes s | depth passes s | decoder s | speedup vs reference |",
+             "", f"| runtime | s / {'image' if not args.positions else f'{args.positions} positions'} | LLM passes s "
+                 f"| depth passes s | decoder s | speedup vs reference |",
              "|---|---|---|---|---|---|"]
     for engine, r in ours.items():
         s = r["split"][0]
@@ -95,13 +116,15 @@ def main(argv=None):
     ap.add_argument("--reference-json", help="the reference side's JSON (a `--side reference` run) instead of running it")
     ap.add_argument("--engine-json", action="append", default=[],
                     help="an engine side's JSON (a `--side engine` run), one per --engine in order, instead of running it")
+    ap.add_argument("--positions", type=int, default=0,
+                    help="time only the first N grid positions (+ one decoder pass) on every side; 0: the whole image")
     ap.add_argument("--side", choices=["engine", "reference"], help="run one side in this process, print its JSON")
     args = ap.parse_args(argv)
     if args.side == "engine":
-        print(json.dumps(run_engine(args.engine[-1], args.threads, args.repeats)))
+        print(json.dumps(run_engine(args.engine[-1], args.threads, args.repeats, args.positions)))
         return
     if args.side == "reference":
-        print(json.dumps(run_reference(args.checkpoint, args.threads, args.repeats)))
+        print(json.dumps(run_reference(args.checkpoint, args.threads, args.repeats, args.positions)))
         return
     ours = {}
     for i, engine in enumerate(args.engine):
@@ -117,7 +140,7 @@ def main(argv=None):
     else:
         ref = _child("reference", args)
     result = {"checkpoint": args.checkpoint, "threads": args.threads, "repeats": args.repeats, "note": args.note,
-              "prompt": PROMPT, "vila_edge": ours, "reference": ref,
+              "prompt": PROMPT, "positions": args.positions or "all", "vila_edge": ours, "reference": ref,
               "sides_reused": bool(args.reference_json or args.engine_json),
               "speedup": {e: _med(ref["seconds"]) / _med(r["seconds"]) for e, r in ours.items()}}
     out_dir = os.path.join("benchmarks", "results", args.name)

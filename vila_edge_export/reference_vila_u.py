@@ -313,10 +313,11 @@ class VilaUReference:
 
     @torch.no_grad()
     def generate_codes(self, prompt: str, n: int = 1, cfg: float = 3.0, temperature: float = 1.0,
-                       top_k: int = 900, top_p: float = 0.96, generator=None, video: bool = False):
+                       top_k: int = 900, top_p: float = 0.96, generator=None, video: bool = False,
+                       positions: int | None = None):
         """-> codes (n, g, g, D); video: (n, VIDEO_FRAMES, g, g, D), max_new_tokens = T * frames and
         frame f = positions f*T .. f*T+T-1 (vila_arch.py:642-671). Rows: n cond then n uncond,
-        left-padded with id 0 and mask 0."""
+        left-padded with id 0 and mask 0. positions: stop after that many (benchmarks; codes (n, positions, D))."""
         cond, uncond = (tokenize(self.tokenizer, p) for p in generation_prompts(prompt, video))
         rows = [cond] * n + [uncond] * n
         width = max(map(len, rows))
@@ -326,7 +327,7 @@ class VilaUReference:
         out = self.llm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         codes = []
         frames = VIDEO_FRAMES if video else 1
-        for t in range(self.spec.image_tokens * frames):
+        for t in range(positions or self.spec.image_tokens * frames):
             if t:
                 x = self.projector(self.code_sum(torch.cat([codes[-1], codes[-1]])))[:, None]   # (2n, 1, hidden)
                 mask = torch.cat([mask, torch.ones(2 * n, 1, dtype=mask.dtype)], 1)
@@ -334,6 +335,8 @@ class VilaUReference:
                 out = self.llm.model(inputs_embeds=x, attention_mask=mask, position_ids=pos,
                                      past_key_values=out.past_key_values, use_cache=True)
             codes.append(self._depth(out.last_hidden_state[:, -1], n, cfg, temperature, top_k, top_p, generator))
+        if positions:
+            return torch.stack(codes, 1)
         g = self.spec.siglip.grid
         shape = (n, frames, g, g, self.spec.depth) if video else (n, g, g, self.spec.depth)
         return torch.stack(codes, 1).reshape(shape)
