@@ -1,11 +1,16 @@
-"""VILA-U image generation: seconds per image, vila_edge (ORT engine) vs the torch reference's eager
-loop (vila_edge_export/reference_vila_u.py), same checkpoint, same thread count, one run.
+"""VILA-U image generation: seconds per image, vila_edge (ORT engines: fp32, int4, ...) vs the torch
+reference's eager loop (vila_edge_export/reference_vila_u.py), same checkpoint, same thread count.
 
-    python -m benchmarks.bench_vila_u --checkpoint CKPT --engine ENGINE [--threads 2] [--repeats 1]
+    python -m benchmarks.bench_vila_u --checkpoint CKPT --engine ENGINE [--engine ENGINE2 ...]
+        [--threads 2] [--repeats 1] [--reference-json FILE]
 
-Each side runs in its own process, one after the other (both at the 7B-256 widths do not fit this
-machine's per-process budget together). Both sample with the reference's settings (cfg 3,
-temperature 1, top-k 900, top-p 0.96); rows: total, and vila_edge's LLM / depth / decoder split.
+Each side runs in its own process, one after the other (two 7B-256-width models do not fit this
+machine's per-process budget together). Every side samples with the reference's settings (cfg 3,
+temperature 1, top-k 900, top-p 0.96, seed r for repeat r); rows: total and vila_edge's split into
+LLM passes (prefill + 255 steps, cond and uncond rows), depth-transformer passes (+ sampling) and
+the pixel decoder (sampling's share of the depth time is in the JSON, sample_s). --reference-json /
+--engine-json reuse sides measured by separate `--side reference|engine` runs (their JSON line), for
+machines where one job must stay short; the table then says so.
 Writes benchmarks/results/<name>/vila_u.json and .md.
 """
 import argparse
@@ -18,76 +23,147 @@ import time
 PROMPT = "a red cube on the left and a blue ball on the right"
 
 
-def run_engine(engine: str, threads: int, repeats: int) -> dict:
+def run_engine(engine: str, threads: int, repeats: int, positions: int = 0) -> dict:
+    import numpy as np
+    from vila_edge import imagine
     from vila_edge.pipeline import Pipeline
 
     pipe = Pipeline(engine, threads=threads, progress=False)
     times, stats = [], []
     for r in range(repeats):
         t0 = time.perf_counter()
-        pipe.generate_image(PROMPT, seed=r)
+        if positions:       # the first `positions` of the image (generate_image's loop), then one decode
+            rng, s = np.random.default_rng(r), {"llm_s": 0.0, "depth_s": 0.0, "decoder_s": 0.0, "cached_tokens": []}
+            imagine._codes(pipe, list(imagine.prompt_ids(pipe, PROMPT)), positions, 3.0,
+                           lambda t, d, logits: imagine.sample(logits, 1.0, 900, 0.96, rng), s,
+                           imagine._Progress(None, positions))
+            g, D = pipe.manifest.generation["grid"], pipe.manifest.generation["depth"]
+            t1 = time.perf_counter()
+            pipe.imager.decode(np.zeros((1, g, g, D), np.int64))
+            s["decoder_s"] = time.perf_counter() - t1
+            pipe.last_image_stats = s
+        else:
+            pipe.generate_image(PROMPT, seed=r)
         times.append(time.perf_counter() - t0)
         stats.append(pipe.last_image_stats)
-    return {"seconds": times, "split": stats, "positions": pipe.manifest.generation["grid"] ** 2,
-            "depth": pipe.manifest.generation["depth"]}
+    m = pipe.manifest
+    return {"seconds": times, "split": stats, "positions": m.generation["grid"] ** 2, "depth": m.generation["depth"],
+            "kind": f"{m.dtype} LLM {m.quant.get('method', 'none')}, depth "
+                    f"{'int4' if m.generation.get('depth_bits') else m.dtype}"}
 
 
-def run_reference(checkpoint: str, threads: int, repeats: int) -> dict:
+def run_reference(checkpoint: str, threads: int, repeats: int, positions: int = 0) -> dict:
     import torch
     from vila_edge_export.checkpoint_vila_u import read_vila_u
     from vila_edge_export.reference_vila_u import VilaUReference
 
     torch.set_num_threads(threads)
     ref = VilaUReference(read_vila_u(checkpoint))
-    times = []
+    times, split = [], []
     for r in range(repeats):
         t0 = time.perf_counter()
-        ref.decode(ref.generate_codes(PROMPT, generator=torch.Generator().manual_seed(r)))
+        codes = ref.generate_codes(PROMPT, generator=torch.Generator().manual_seed(r), positions=positions or None)
+        t1 = time.perf_counter()
+        g, D = ref.spec.siglip.grid, ref.spec.depth
+        ref.decode(torch.zeros(1, g, g, D, dtype=torch.int64) if positions else codes)
         times.append(time.perf_counter() - t0)
-    return {"seconds": times}
+        split.append({"loop_s": t1 - t0, "decoder_s": time.perf_counter() - t1})
+    return {"seconds": times, "split": split}
 
 
-def _child(side: str, args) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.bench_vila_u", "--side", side, "--checkpoint", args.checkpoint, "--engine", args.engine,
-           "--threads", str(args.threads), "--repeats", str(args.repeats)]
+def per_image(side: dict, positions: int, total: int) -> float:
+    """Seconds per whole image from a run of the first `positions`: the position loop scaled to
+    `total` positions (each costs about the same: the LLM's context grows by < 2x), plus the decoder."""
+    s = side["split"][0]
+    loop = s["loop_s"] if "loop_s" in s else side["seconds"][0] - s["decoder_s"]
+    return loop * total / positions + s["decoder_s"]
+
+
+def _child(side: str, args, engine: str = "") -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_vila_u", "--side", side, "--checkpoint", args.checkpoint,
+           "--engine", engine or "-", "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--positions", str(args.positions)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _med(xs: list) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def _table(args, ours: dict, ref: dict) -> str:
+    first = next(iter(ours.values()))
+    lines = [f"# VILA-U image generation ({args.name}; {args.note})", "",
+             (f"the first {args.positions} of " if args.positions else "")
+             + f"{first['positions']} positions x depth {first['depth']} (+ one decoder pass), cfg 3 (two rows per LLM pass), "
+             f"{args.threads} threads, {args.repeats} repeat(s): median [min-max]; the split is repeat 0's."
+             + (" Sides measured in separate runs of `--side` (--reference-json / --engine-json), one after another."
+                if args.reference_json or args.engine_json else ""),
+             "", f"| runtime | s / {'image' if not args.positions else f'{args.positions} positions'} | LLM passes s "
+                 f"| depth passes s | decoder s | speedup vs reference |",
+             "|---|---|---|---|---|---|"]
+    for engine, r in ours.items():
+        s = r["split"][0]
+        lines.append(f"| vila_edge {os.path.basename(engine.rstrip('/'))} ({r['kind']}) | {_med(r['seconds']):.1f} "
+                     f"[{min(r['seconds']):.1f}-{max(r['seconds']):.1f}] | {s['llm_s']:.1f} | {s['depth_s']:.1f} | "
+                     f"{s['decoder_s']:.1f} | {_med(ref['seconds']) / _med(r['seconds']):.2f}x |")
+    lines.append(f"| torch reference (eager fp32) | {_med(ref['seconds']):.1f} [{min(ref['seconds']):.1f}-"
+                 f"{max(ref['seconds']):.1f}] | | | {ref.get('split', [{}])[0].get('decoder_s', 0):.1f} | 1.00x |")
+    if args.positions and "split" in ref:
+        total = first["positions"]
+        want = per_image(ref, args.positions, total)
+        lines += ["", f"Per whole image, extrapolated (position loop x {total}/{args.positions} + decoder):", "",
+                  "| runtime | s / image (extrapolated) | speedup vs reference |", "|---|---|---|"]
+        for engine, r in ours.items():
+            mine = per_image(r, args.positions, total)
+            lines.append(f"| vila_edge {os.path.basename(engine.rstrip('/'))} | {mine:.0f} | {want / mine:.2f}x |")
+        lines.append(f"| torch reference (eager fp32) | {want:.0f} | 1.00x |")
+    return "\n".join(lines + [""])
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--engine", required=True)
+    ap.add_argument("--engine", action="append", required=True, help="an engine dir (repeat for several)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--name", default="vila-u-7b-256")
     ap.add_argument("--note", default="")
-    ap.add_argument("--side", choices=["engine", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--reference-json", help="the reference side's JSON (a `--side reference` run) instead of running it")
+    ap.add_argument("--engine-json", action="append", default=[],
+                    help="an engine side's JSON (a `--side engine` run), one per --engine in order, instead of running it")
+    ap.add_argument("--positions", type=int, default=0,
+                    help="time only the first N grid positions (+ one decoder pass) on every side; 0: the whole image")
+    ap.add_argument("--side", choices=["engine", "reference"], help="run one side in this process, print its JSON")
     args = ap.parse_args(argv)
     if args.side == "engine":
-        print(json.dumps(run_engine(args.engine, args.threads, args.repeats)))
+        print(json.dumps(run_engine(args.engine[-1], args.threads, args.repeats, args.positions)))
         return
     if args.side == "reference":
-        print(json.dumps(run_reference(args.checkpoint, args.threads, args.repeats)))
+        print(json.dumps(run_reference(args.checkpoint, args.threads, args.repeats, args.positions)))
         return
-    ours, ref = _child("engine", args), _child("reference", args)
-    med = lambda xs: sorted(xs)[len(xs) // 2]
-    result = {"checkpoint": args.checkpoint, "engine": args.engine, "threads": args.threads, "note": args.note,
-              "vila_edge": ours, "reference": ref, "speedup": med(ref["seconds"]) / med(ours["seconds"])}
+    ours = {}
+    for i, engine in enumerate(args.engine):
+        if i < len(args.engine_json):
+            with open(args.engine_json[i]) as f:
+                ours[engine] = json.loads(f.read().strip().splitlines()[-1])
+            continue
+        ours[engine] = _child("engine", args, engine)
+        print(f"{engine}: {ours[engine]['seconds']}", file=sys.stderr)
+    if args.reference_json:
+        with open(args.reference_json) as f:
+            ref = json.loads(f.read().strip().splitlines()[-1])
+    else:
+        ref = _child("reference", args)
+    result = {"checkpoint": args.checkpoint, "threads": args.threads, "repeats": args.repeats, "note": args.note,
+              "prompt": PROMPT, "positions": args.positions or "all", "vila_edge": ours, "reference": ref,
+              "sides_reused": bool(args.reference_json or args.engine_json),
+              "speedup": {e: _med(ref["seconds"]) / _med(r["seconds"]) for e, r in ours.items()}}
     out_dir = os.path.join("benchmarks", "results", args.name)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "vila_u.json"), "w") as f:
         json.dump(result, f, indent=2)
-    split = ours["split"][0]
-    table = "\n".join([
-        f"# VILA-U image generation ({args.name}; {args.note})", "",
-        f"{ours['positions']} positions x depth {ours['depth']}, cfg 3 (two sequences), {args.threads} threads, "
-        f"{args.repeats} repeat(s), median.", "",
-        "| runtime | s / image | LLM steps s | depth steps s | decoder s |", "|---|---|---|---|---|",
-        f"| vila_edge (ORT fp32) | {med(ours['seconds']):.2f} | {split['llm_s']:.2f} | {split['depth_s']:.2f} | "
-        f"{split['decoder_s']:.2f} |",
-        f"| torch reference (eager) | {med(ref['seconds']):.2f} | | | |", "",
-        f"speedup: {result['speedup']:.2f}x", ""])
+    table = _table(args, ours, ref)
     with open(os.path.join(out_dir, "vila_u.md"), "w") as f:
         f.write(table)
     print(table)

@@ -349,6 +349,8 @@ def add_imagine(sub) -> None:
     p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=0.96, help="code top-p (default 0.96)")
     p.add_argument("--seed", type=int, default=None, help="seed: the same seed draws the same images")
     p.add_argument("--threads", type=_number(int, 1), default=None, help="ONNX Runtime threads (default: all CPUs)")
+    p.add_argument("--video", action="store_true",
+                   help="draw a video instead: its 8 frames side by side in one PNG (as upstream inference.py)")
     p.set_defaults(func=_imagine)
 
 
@@ -363,14 +365,18 @@ def _imagine(args) -> int:
         def progress(done, total):
             bar.total = total
             bar.update(done - bar.n)
-        images = pipe.generate_image(args.prompt, n=args.n, cfg_scale=args.cfg_scale, temperature=args.temperature,
-                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress)
+        draw = pipe.generate_video if args.video else pipe.generate_image
+        images = draw(args.prompt, n=args.n, cfg_scale=args.cfg_scale, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress)
     seconds = (time.perf_counter() - t0) / len(images)
+    if args.video:
+        from vila_edge.imagine import strip
+        images = [strip(frames) for frames in images]
     root, ext = os.path.splitext(args.out)
     paths = [args.out] if len(images) == 1 else [f"{root}-{i}{ext or '.png'}" for i in range(len(images))]
     for image, path in zip(images, paths):
         image.save(path)
-        print(f"{path}: {image.width}x{image.height}, {seconds:.2f} s per image")
+        print(f"{path}: {image.width}x{image.height}, {seconds:.2f} s per {'video' if args.video else 'image'}")
     return 0
 
 

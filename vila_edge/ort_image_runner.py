@@ -22,6 +22,9 @@ class OrtImageRunner:
         # The depth graph's per-position KV cache: past_{k,v}_i (B, heads, d, head_dim) per layer.
         self._past = [(i.name, i.shape[1], i.shape[3]) for i in self.depth.session.get_inputs()
                       if i.name.startswith("past_")]
+        # Graphs whose `hidden` has its own row axis ("H") read it at depth 0 only (onnx_vila_u.build_depth);
+        # older exports take it at every depth.
+        self._hidden_once = next(i.shape[0] for i in self.depth.session.get_inputs() if i.name == "hidden") == "H"
 
     def embed_codes(self, codes: np.ndarray) -> np.ndarray:
         """codes (B, D) int64 -> LLM input rows (B, hidden)."""
@@ -34,6 +37,8 @@ class OrtImageRunner:
     def depth_logits(self, hidden: np.ndarray, codes: np.ndarray, cache: dict) -> tuple:
         """hidden (B, hidden), this position's codes so far (B, d), the cache of depths < d ->
         (float32 logits (B, K) for depth d, the cache extended by depth d)."""
+        if self._hidden_once and codes.shape[1]:
+            hidden = hidden[:0]
         out = self.depth.run({"hidden": hidden.astype(self.dtype), "codes": codes.astype(np.int64), **cache})
         return out["logits"], {name: out["present" + name[len("past"):]] for name in cache}
 

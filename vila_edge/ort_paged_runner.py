@@ -7,6 +7,7 @@ is bound once, per thread, as OrtValues over the numpy pool (no copy: ORT's CPU 
 writes the caller's memory), and a step binds only its small inputs: no past views, no staging
 buffer, no scatter after the run.
 """
+import contextlib
 import os
 import threading
 
@@ -51,6 +52,8 @@ class OrtPagedLLMRunner(LLMRunner):
         self._max_blocks = -(-max_context // block_size)
         self._outputs = ["logits"] + (["hidden"] if "hidden" in self.session.output_names else [])
         self._local = threading.local()      # per thread: its IOBinding and last hidden state
+        # VILA-U graphs take `logits_rows` (B: logits of every row, 0: hidden state only; hidden_only())
+        self._head_switch = "logits_rows" in {i.name for i in self.session.session.get_inputs()}
 
     @property
     def last_hidden(self):
@@ -81,11 +84,21 @@ class OrtPagedLLMRunner(LLMRunner):
             self._local.io = io
         return io
 
+    @contextlib.contextmanager
+    def hidden_only(self):
+        """VILA-U image steps on this thread: the graph skips its lm_head (`logits_rows` 0) and
+        forward_batch returns logits [0, V']; graphs without that input run as usual."""
+        self._local.skip_head = True
+        try:
+            yield self
+        finally:
+            self._local.skip_head = False
+
     def forward(self, tokens, start: int, table: list, slots: np.ndarray) -> np.ndarray:
         logits = self.forward_batch([Step(tokens, start, table, slots)])
         if self.last_hidden is not None:
             self._local.hidden = self._local.hidden[0]
-        return logits[0]
+        return logits.reshape(-1)
 
     def forward_batch(self, steps: list) -> np.ndarray:
         if not 1 <= len(steps) <= self.max_batch:
@@ -113,6 +126,8 @@ class OrtPagedLLMRunner(LLMRunner):
             raise ValueError(f"forward_batch: {len(embeds)} positions but {len(slots)} slots")
         feeds = {"inputs_embeds": embeds, "position_ids": positions, "block_tables": tables, "seq_lens": seq_lens,
                  "query_start_loc": qsl, "slot_mapping": slots, "logits_indices": (qsl[1:] - 1).astype(np.int64)}
+        if self._head_switch:     # VILA-U graphs: logits for all B rows, or none (hidden_only)
+            feeds["logits_rows"] = np.array([0 if getattr(self._local, "skip_head", False) else len(steps)], np.int64)
         io = self._binding()
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)

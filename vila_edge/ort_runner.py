@@ -9,6 +9,7 @@ buffer otherwise. The graph returns the new rows, written at the slots the Block
 Both graph variants (vila_edge_export/onnx_llm.py standard ops, vila_edge_export/onnx_llm_fused.py contrib ops) share
 this I/O contract (docs/contracts.md).
 """
+import contextlib
 import os
 import queue
 import threading
@@ -72,6 +73,8 @@ class OrtLLMRunner(LLMRunner):
         self._outputs = [(f"k_new_{l}", f"v_new_{l}") for l in range(m.llm.layers)]
         self._max_blocks = -(-max_context // block_size)
         self._hidden = threading.local()
+        # VILA-U graphs take `logits_rows` (1: logits, 0: hidden state only; hidden_only())
+        self._head_switch = "logits_rows" in {i.name for i in self.session.session.get_inputs()}
         # Scattered tables are gathered into one of these (allocated once, counted by the ledger);
         # a run that finds none free waits for one.
         self._staging = queue.Queue()
@@ -83,8 +86,28 @@ class OrtLLMRunner(LLMRunner):
 
     @property
     def last_hidden(self):
-        """The final-norm hidden state [hidden] of this thread's last forward (None: the graph has none)."""
+        """The final-norm hidden state of this thread's last forward ([hidden]) or forward_batch
+        ([B, hidden]); None: the graph has no hidden output."""
         return getattr(self._hidden, "value", None)
+
+    def forward_batch(self, steps: list) -> np.ndarray:
+        """The seam's loop over forward, plus last_hidden stacked [B, hidden] (VILA-U's rows)."""
+        logits, hidden = [], []
+        for s in steps:
+            logits.append(self.forward(s.tokens, s.start, s.table, s.slots))
+            hidden.append(self.last_hidden)
+        self._hidden.value = None if hidden[0] is None else np.stack(hidden)
+        return np.stack(logits)
+
+    @contextlib.contextmanager
+    def hidden_only(self):
+        """VILA-U image steps on this thread: the graph skips its lm_head (its `logits_rows` input, 0)
+        and forward returns empty logits [0]; graphs without that input run as usual."""
+        self._hidden.skip_head = self._head_switch
+        try:
+            yield self
+        finally:
+            self._hidden.skip_head = False
 
     def share(self, num_blocks: int, block_size: int, max_context: int) -> "OrtLLMRunner":
         """Another runner with its own pool over this one's session (weights loaded once)."""
@@ -149,12 +172,14 @@ class OrtLLMRunner(LLMRunner):
         t = len(embeds)
         feeds.update(inputs_embeds=embeds[None], position_ids=np.arange(start, start + t, dtype=np.int64)[None],
                      past_len=np.array(start, np.int64))
+        if self._head_switch:
+            feeds["logits_rows"] = np.array([0 if getattr(self._hidden, "skip_head", False) else 1], np.int64)
         out = self.session.run(feeds)
         # VILA-U graphs also return the last position's final-norm hidden state (vila_edge/imagine.py);
         # per thread, as the server runs requests on several threads over one runner.
         self._hidden.value = out["hidden"][0] if "hidden" in out else None
         self.pool.write([out[k] for k, _ in self._outputs], [out[v] for _, v in self._outputs], slots)
-        return out["logits"][0]
+        return out["logits"].reshape(-1)
 
 
 class OrtVisionRunner(VisionRunner):

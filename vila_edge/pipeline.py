@@ -145,6 +145,13 @@ class Pipeline:
         return generate_image(self, prompt, n=n, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
                               top_p=top_p, seed=seed, progress=progress)
 
+    def generate_video(self, prompt: str, *, n: int = 1, cfg_scale: float = 3.0, temperature: float = 1.0,
+                       top_k: int = 900, top_p: float = 0.96, seed: int | None = None, progress=None) -> list:
+        """VILA-U: `n` videos for `prompt`, each a list of 8 PIL frames (vila_edge/imagine.py)."""
+        from vila_edge.imagine import generate_video
+        return generate_video(self, prompt, n=n, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, progress=progress)
+
     def new_seq_id(self) -> int:
         with self._ids_lock:
             return next(self._seq_ids)

@@ -22,7 +22,7 @@ from vila_edge_export.options import DTYPES, TARGETS, ExportOptions, QuantOption
 from vila_edge_export.output_dir import check_output, make_temp_dir
 from vila_edge_export.weights_check import checkpoint_faults
 from vila_edge.atomic import atomic_dir, publish  # noqa: F401 (publish: callers' name)
-from vila_edge.errors import CheckpointError, ExportOptionError
+from vila_edge.errors import CheckpointError
 from vila_edge.families import MEDIA_TOKEN, get_family
 from vila_edge.manifest import FORMAT_VERSION, LLMInfo, Manifest, TokenInfo, VisionInfo
 from vila_edge.templates import get_template
@@ -118,12 +118,7 @@ def steps(progress: bool, total: int, desc: str):
 
 def read_spec(checkpoint: str, opts: ExportOptions, token_order: str | None = None) -> CheckpointSpec:
     """The checkpoint, validated against the options that depend on its family."""
-    spec = read_checkpoint(checkpoint, opts.template, token_order or opts.token_order)
-    if spec.generation is not None and opts.quant.quantized:
-        # The calibration/quality path builds VILA's SigLIP tower from vision_tower/config.json,
-        # which for VILA-U is the RQ-VAE tower: not wired yet.
-        raise ExportOptionError(f"{checkpoint}: VILA-U engines export with --quant none only (int4 not supported yet)")
-    return spec
+    return read_checkpoint(checkpoint, opts.template, token_order or opts.token_order)
 
 
 def export_engine(checkpoint: str, out: str, opts: ExportOptions | None = None) -> Manifest:

@@ -15,9 +15,10 @@ FILES = {"code_embed": "code_embed.onnx", "depth": "depth.onnx", "decoder": "dec
 CAPABILITIES = ["generate_image"]      # vila_edge/server/app.py IMAGE_CAPABILITY
 
 
-def save_graphs(spec, tmp: str, dtype: str, vision_file: str, progress: bool = True) -> None:
+def save_graphs(spec, tmp: str, dtype: str, vision_file: str, progress: bool = True, depth_quant=None) -> None:
     """vision.onnx (tower + quantizer + projector) and the three generation graphs, each loaded in
-    ONNX Runtime once written (a graph ORT cannot load never reaches a published engine)."""
+    ONNX Runtime once written (a graph ORT cannot load never reaches a published engine).
+    depth_quant: None, or (group, zero_point) for an int4 depth transformer (quantized engines)."""
     import numpy as np
     import onnxruntime as ort
     from tqdm import tqdm
@@ -28,7 +29,7 @@ def save_graphs(spec, tmp: str, dtype: str, vision_file: str, progress: bool = T
     projector = {k: v.float().numpy().astype(np.dtype(dtype)) for k, v in load_weights(spec.path("mm_projector")).items()}
     stages = [(vision_file, lambda: build_vision_vila_u(vu, tower, projector, dtype)),
               (FILES["code_embed"], lambda: build_code_embed(vu, tower, projector, dtype)),
-              (FILES["depth"], lambda: build_depth(vu, tower, dtype)),
+              (FILES["depth"], lambda: build_depth(vu, tower, dtype, depth_quant)),
               (FILES["decoder"], lambda: build_decoder(vu, tower, dtype))]
     with tqdm(stages, desc="vila-u graphs", unit="graph", disable=not progress, leave=False) as bar:
         for name, build in bar:
@@ -38,7 +39,7 @@ def save_graphs(spec, tmp: str, dtype: str, vision_file: str, progress: bool = T
             ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
-def manifest_fields(spec) -> dict:
+def manifest_fields(spec, depth_quant=None) -> dict:
     """files, capabilities and generation facts for the manifest (empty for other families)."""
     vu = spec.generation
     if vu is None:
@@ -47,4 +48,7 @@ def manifest_fields(spec) -> dict:
     return {"files": dict(FILES), "capabilities": list(CAPABILITIES),
             "generation": {"depth": vu.depth, "codebook_size": vu.codebook_size, "grid": vu.siglip.grid,
                            "image_size": side, "im_start_id": vu.special_ids["<im_start>"],
-                           "vi_start_id": vu.special_ids["<vi_start>"]}}
+                           "vi_start_id": vu.special_ids["<vi_start>"],
+                           # the depth transformer's linears: 4 (int4 RTN, group <= depth_group) or float
+                           "depth_bits": 4 if depth_quant else 0,
+                           "depth_group": depth_quant[0] if depth_quant else 0}}

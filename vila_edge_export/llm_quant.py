@@ -94,7 +94,10 @@ def quantize_model(ref: ReferenceVLM, opts: QuantOptions, template_source: str |
                             zero_point=opts.zero_point, int8=int8)
     template = get_template(ref.spec.template, template_source)
     images, prompts = _calib_inputs(opts)
-    calib = multimodal_embeds(ref, template, images[: opts.n_images], prompts)
+    if hasattr(ref, "prompt_embeds"):        # VILA-U (reference_vila_u.py): its own tower and splice
+        calib = [ref.prompt_embeds(p, [im]) for im, p in zip(images[: opts.n_images], prompts * len(images))]
+    else:
+        calib = multimodal_embeds(ref, template, images[: opts.n_images], prompts)
     if opts.n_text:
         calib += text_calibration_embeds(model, ref.tokenizer, split_texts("calib"), opts.text_seqlen, opts.n_text)
     return awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True,
@@ -104,7 +107,11 @@ def quantize_model(ref: ReferenceVLM, opts: QuantOptions, template_source: str |
 
 def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str | None, progress: bool) -> tuple:
     """-> (float weights {name: np fp32}, {linear: (codes, scales, G, bits)}, report dict)."""
-    ref = ReferenceVLM(spec, torch.float32)
+    if spec.generation is not None:          # VILA-U: its RQ-VAE tower is not VILA's SigLIP
+        from vila_edge_export.reference_vila_u import VilaUReference
+        ref = VilaUReference(spec.generation)
+    else:
+        ref = ReferenceVLM(spec, torch.float32)
     qllm = quantize_model(ref, opts, template_source, progress)
     report = _quality(ref, qllm, opts)
     weights = {k: v.float().numpy() for k, v in qllm.state_dict.items()}

@@ -14,6 +14,7 @@ import numpy as np
 from vila_edge_export.checkpoint import LLMSpec
 from vila_edge_export.onnx_graph import Graph
 from vila_edge_export.quantize import LM_HEAD
+from vila_edge_export.onnx_vila_u import head_rows
 
 # Additive mask value for excluded keys: finite, so a fully masked row could never produce NaN.
 MASK_VALUE = float(np.finfo(np.float32).min)
@@ -178,8 +179,10 @@ def build_llm(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = Non
     last = g.op("Slice", [x, g.const([-1]), g.const([SLICE_END]), g.const([1])])       # (1, 1, C)
     h = _rms_norm(g, last, weights["model.norm.weight"], spec.rms_eps, "model.norm.weight")
     head = None if LM_HEAD in quant else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    logits = g.linear(h, LM_HEAD, head, None, quant.get(LM_HEAD))                   # (1, 1, V)
-    g.output(g.to_float32(g.reshape(logits, [1, -1])), "logits", "float32", [1, lm_head_rows(weights, quant)])
+    head_in = head_rows(g, h) if hidden_output else h    # VILA-U: lm_head skippable (onnx_vila_u.head_rows)
+    logits = g.linear(head_in, LM_HEAD, head, None, quant.get(LM_HEAD))      # (1, r, V)
+    g.output(g.to_float32(g.reshape(logits, [-1, lm_head_rows(weights, quant)])), "logits", "float32",
+             ["R" if hidden_output else 1, lm_head_rows(weights, quant)])
     if hidden_output:     # VILA-U: the depth transformer reads the final-norm hidden state
         g.output(g.to_float32(g.reshape(h, [1, -1])), "hidden", "float32", [1, spec.hidden])
     return g

@@ -23,6 +23,7 @@ from vila_edge_export.onnx_graph import Graph
 from vila_edge.ops import DOMAIN as OPS_DOMAIN
 from vila_edge_export.onnx_llm import _concat_linears, _rms_norm, _rope_tables, _rotate, lm_head_rows
 from vila_edge_export.quantize import LM_HEAD
+from vila_edge_export.onnx_vila_u import head_rows
 
 MS = "com.microsoft"
 # MatMulNBits activations quantized to int8 per block (onnxruntime contrib_defs MatMulNBits:
@@ -177,9 +178,11 @@ def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None
     last = lambda t: g.op("Gather", [t, io["logits_indices"]], axis=1)              # (1, B, C)
     h, _ = _skip_norm(g, last(mlp), last(x), weights["model.norm.weight"], spec.rms_eps, "model.norm.weight")
     head = None if LM_HEAD in quant else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    logits = linear(g, h, LM_HEAD, head, None, quant.get(LM_HEAD), accuracy_level)    # (1, B, V)
+    # VILA-U: lm_head skippable, `logits_rows` of the B rows get logits (onnx_vila_u.head_rows: B or 0)
+    head_in = head_rows(g, h) if hidden_output else h
+    logits = linear(g, head_in, LM_HEAD, head, None, quant.get(LM_HEAD), accuracy_level)  # (1, B or r, V)
     g.output(g.to_float32(g.reshape(logits, [-1, lm_head_rows(weights, quant)])), "logits", "float32",
-             ["B", lm_head_rows(weights, quant)])
+             ["R" if hidden_output else "B", lm_head_rows(weights, quant)])
     if hidden_output:     # VILA-U: the depth transformer reads the final-norm hidden state
         g.output(g.to_float32(g.reshape(h, [-1, spec.hidden])), "hidden", "float32", ["B", spec.hidden])
     g.opsets = {MS: 1, OPS_DOMAIN: 1}

@@ -7,7 +7,8 @@
                 rqvaesigliptransformer)
 - code_embed.onnx  codes (B,D) -> projector(sum_d codebook_d[code_d]) (B,hidden): the next LLM input
                 (TR/models/llama/modeling_llama.py:861-872, TR = vila_u/train/transformers_replace)
-- depth.onnx    h (B,hidden), codes (B,d) of this position so far, past_k/v_i (B,H,d,Dh) -> logits (B,K)
+- depth.onnx    h (B,hidden) at depth 0 and (0,hidden) after, codes (B,d) of this position so far,
+                past_k/v_i (B,H,d,Dh) -> logits (B,K)
                 for depth d, present_k/v_i (B,H,d+1,Dh): a KV cache per position, where the reference
                 reruns the whole length-(d+1) sequence (RQS/rqtransformer/modeling_rqtransformer.py:126-177,
                 attention.py:15-105; causal masking makes the two equal)
@@ -63,6 +64,19 @@ def _code_sum(g: Graph, vu, books: str, codes: str) -> str:
     return total
 
 
+LOGITS_ROWS = "logits_rows"
+
+
+def head_rows(g: Graph, h: str) -> str:
+    """VILA-U's llm.onnx: the final hidden state (1, 1, C) cut to (1, r, C) before lm_head, r from the
+    input `logits_rows` [1]: text steps feed 1 and get logits [1, V]; image steps feed 0, so the
+    reference's dummy text token per step (TR/models/llama/modeling_llama.py:1058-1073) is never
+    computed and lm_head's weights are never read (logits [0, V]). A required input, not a default
+    initializer: ORT would warn at every load and stop folding constants around it."""
+    g.input(LOGITS_ROWS, "int64", [1])
+    return g.op("Slice", [h, g.const([0]), LOGITS_ROWS, g.const([1])])
+
+
 def build_vision_vila_u(vu, tower: dict, projector: dict, dtype: str) -> Graph:
     g = Graph("vila_u_vision", dtype)
     spec, T, C = vision_spec(vu), vu.image_tokens, vu.siglip.hidden
@@ -95,16 +109,28 @@ def build_code_embed(vu, tower: dict, projector: dict, dtype: str) -> Graph:
     return g
 
 
-def _lin(g, x, w, name):
-    return g.linear(x, name, w[name + ".weight"], w[name + ".bias"])
+def _lin(g, x, w, name, quant=None):
+    """nn.Linear `name` of w; with quant = (group, zero_point): int4 by round-to-nearest in groups
+    of K (the largest power of two <= group dividing K), DequantizeLinear -> MatMul, which ORT runs as
+    MatMulNBits. The depth transformer has no calibration data of its own: RTN, as its linears are
+    small next to the LLM's and the tests measure the code agreement it costs."""
+    if quant is None:
+        return g.linear(x, name, w[name + ".weight"], w[name + ".bias"])
+    import torch
+    from vila_edge_export.quantize import quantize_group, resolve_group
+
+    weight = torch.from_numpy(np.asarray(w[name + ".weight"], np.float32))
+    q = quantize_group(weight, resolve_group(name, weight.shape[1], quant[0], True), 4, quant[1])
+    packed = (q.codes.numpy(), q.scales.numpy(), q.group, 4) + (() if q.zeros is None else (q.zeros.numpy(),))
+    return g.linear(x, name, None, w[name + ".bias"], packed)
 
 
-def _block(g: Graph, x: str, w: dict, p: str, E: int, heads: int, past: tuple, present: tuple) -> str:
+def _block(g: Graph, x: str, w: dict, p: str, E: int, heads: int, past: tuple, present: tuple, quant=None) -> str:
     """One pre-LN block on the newest row x (B, 1, E); past K/V (B, H, d, Dh) come in, the
     concatenated (B, H, d+1, Dh) go out. The newest row sees every earlier row: the causal mask of
     the reference's full rerun (attention.py:15-77) changes nothing for it."""
     h = _layer_norm(g, x, w, p + "ln1", 1e-5)
-    split = lambda n: g.op("Transpose", [g.reshape(_lin(g, h, w, p + "attn." + n), [0, 0, heads, E // heads])],
+    split = lambda n: g.op("Transpose", [g.reshape(_lin(g, h, w, p + "attn." + n, quant), [0, 0, heads, E // heads])],
                            perm=[0, 2, 1, 3])                                          # (B, H, 1, Dh)
     q = split("query")
     k = g.op("Concat", [past[0], split("key")], axis=2, out=present[0])                 # (B, H, d+1, Dh)
@@ -112,33 +138,38 @@ def _block(g: Graph, x: str, w: dict, p: str, E: int, heads: int, past: tuple, p
     att = g.op("Div", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])]), g.scalar(math.sqrt(E // heads))])
     att = g.from_float32(g.op("Softmax", [g.to_float32(att)], axis=-1))
     ctx = g.reshape(g.op("Transpose", [g.op("MatMul", [att, v])], perm=[0, 2, 1, 3]), [0, 0, E])
-    x = g.op("Add", [x, _lin(g, ctx, w, p + "attn.proj")])
-    h = _lin(g, _gelu(g, _lin(g, _layer_norm(g, x, w, p + "ln2", 1e-5), w, p + "mlp.0"), False), w, p + "mlp.2")
+    x = g.op("Add", [x, _lin(g, ctx, w, p + "attn.proj", quant)])
+    h = _lin(g, _gelu(g, _lin(g, _layer_norm(g, x, w, p + "ln2", 1e-5), w, p + "mlp.0", quant), False), w, p + "mlp.2",
+             quant)
     return g.op("Add", [x, h])
 
 
-def build_depth(vu, tower: dict, dtype: str) -> Graph:
+def build_depth(vu, tower: dict, dtype: str, quant: tuple | None = None) -> Graph:
+    """quant: None (float) or (group, zero_point): every linear int4 (_lin)."""
     g = Graph("vila_u_depth", dtype)
     E, n_layer, heads = vu.head
     w = {k[len("rqtransformer."):]: v for k, v in tower.items() if k.startswith("rqtransformer.")}
-    h = g.input("hidden", dtype, ["B", vu.llm.hidden])
+    # hidden: (B, C) at depth 0, (0, C) after: in_mlp_2 (C x E, C = the LLM width) is read once per
+    # position, not D times; the newest row is in_mlp_2(h) at depth 0, else in_mlp_1(sum of codes so far).
+    h = g.input("hidden", dtype, ["H", vu.llm.hidden])
     codes = g.input("codes", "int64", ["B", "d"])
-    s0 = g.op("Unsqueeze", [_lin(g, h, w, "in_mlp_2"), g.const([1])])                 # (B, 1, E)
     partial = g.op("CumSum", [_code_rows(g, vu, _books(g, vu, tower), codes), g.const(1)])   # (B, d, C)
-    x = g.op("Concat", [s0, _lin(g, partial, w, "in_mlp_1")], axis=1)                 # (B, d+1, E)
-    n = g.op("Shape", [x], start=1, end=2)                                            # [d+1]
-    last_row = lambda t: g.op("Slice", [t, g.op("Sub", [n, g.const([1])]), n, g.const([1])])
-    x = g.op("Add", [last_row(x), last_row(g.weight("pos_emb_d", w["pos_emb_d"]))])    # (B, 1, E): depth d only
+    newest = g.reshape(g.op("Slice", [partial, g.const([-1]), g.const([2 ** 62]), g.const([1])]),
+                       [-1, vu.siglip.hidden])                                        # (B or 0, C)
+    x = g.op("Concat", [_lin(g, h, w, "in_mlp_2", quant), _lin(g, newest, w, "in_mlp_1", quant)], axis=0)  # (B, E)
+    d = g.op("Shape", [codes], start=1, end=2)                                        # [d]
+    pos = g.op("Slice", [g.weight("pos_emb_d", w["pos_emb_d"]), d, g.op("Add", [d, g.const([1])]), g.const([1])])
+    x = g.op("Add", [g.op("Unsqueeze", [x, g.const([1])]), pos])                      # (B, 1, E): depth d only
     dh = E // heads
     for i in range(n_layer):
         past = tuple(g.input(f"past_{kv}_{i}", dtype, ["B", heads, "d", dh]) for kv in "kv")
         present = (f"present_k_{i}", f"present_v_{i}")
-        x = _block(g, x, w, f"head_transformer.blocks.{i}.", E, heads, past, present)
+        x = _block(g, x, w, f"head_transformer.blocks.{i}.", E, heads, past, present, quant)
         for name in present:
             g.outputs.append(helper.make_tensor_value_info(
                 name, TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16, ["B", heads, "d1", dh]))
     last = g.op("Squeeze", [x, g.const([1])])
-    logits = _lin(g, _layer_norm(g, last, w, "classifier_mlp.layer_norm", 1e-5), w, "classifier_mlp.linear")
+    logits = _lin(g, _layer_norm(g, last, w, "classifier_mlp.layer_norm", 1e-5), w, "classifier_mlp.linear", quant)
     g.output(g.to_float32(logits), "logits", "float32", ["B", vu.codebook_size])
     return g
 

@@ -188,10 +188,15 @@ def understanding_prompt(query: str, images: int) -> str:
     return f"{SYSTEM} USER: " + "<image>\n" * images + f"{query.strip()} ASSISTANT:"
 
 
-def generation_prompts(prompt: str) -> tuple[str, str]:
-    """(cond, uncond): vila_u/utils/tokenizer.py:56-57; the negative prompt " " strips to "" and
-    renders without the separator (vila_arch.py:622-623 + conversation.py:54-55)."""
-    return f"{SYSTEM} USER: {prompt.strip()} ASSISTANT: <im_start>", f"{SYSTEM} USER:ASSISTANT: <im_start>"
+def generation_prompts(prompt: str, video: bool = False) -> tuple[str, str]:
+    """(cond, uncond): vila_u/utils/tokenizer.py:56-59 (video ends in <vi_start>); the negative prompt
+    " " strips to "" and renders without the separator (vila_arch.py:622-623 + conversation.py:54-55);
+    the video negative prompt ending in <vi_start> too is [inferred]."""
+    start = "<vi_start>" if video else "<im_start>"
+    return f"{SYSTEM} USER: {prompt.strip()} ASSISTANT: {start}", f"{SYSTEM} USER:ASSISTANT: {start}"
+
+
+VIDEO_FRAMES = 8     # GENERATION_VIDEO_FRAMES, vila_arch.py:642-671
 
 
 def tokenize(tokenizer, prompt: str) -> list:
@@ -283,13 +288,19 @@ class VilaUReference:
         return ((x.float() + 1) * 127.5).clamp(0, 255).permute(0, 2, 3, 1).numpy().astype("uint8")
 
     @torch.no_grad()
-    def understand(self, query: str, images: list, max_new_tokens: int = 16) -> list:
-        """Greedy reply ids (stops after EOS) for a one-turn question about `images`."""
+    def prompt_embeds(self, query: str, images: list) -> torch.Tensor:
+        """(1, T, hidden): a one-turn question about `images`, each -200 spliced with the projector
+        of that image's z_q (vila_arch.py:285-338). Also AWQ's calibration input (llm_quant.py)."""
         ids = tokenize(self.tokenizer, understanding_prompt(query, len(images)))
         embed = self.llm.get_input_embeddings()
         feats = iter(self.projector(self.encode(self.pixels(im))[1].flatten(1, 2))[0] for im in images)
         parts = [next(feats) if t == IMAGE_TOKEN_INDEX else embed(torch.tensor([t]))[0:1] for t in ids]
-        x = torch.cat([p if p.dim() == 2 else p[None] for p in parts])[None]
+        return torch.cat([p if p.dim() == 2 else p[None] for p in parts])[None]
+
+    @torch.no_grad()
+    def understand(self, query: str, images: list, max_new_tokens: int = 16) -> list:
+        """Greedy reply ids (stops after EOS) for a one-turn question about `images`."""
+        x = self.prompt_embeds(query, images)
         out, past, reply = self.llm(inputs_embeds=x, use_cache=True), None, []
         for _ in range(max_new_tokens):
             past = out.past_key_values
@@ -302,9 +313,12 @@ class VilaUReference:
 
     @torch.no_grad()
     def generate_codes(self, prompt: str, n: int = 1, cfg: float = 3.0, temperature: float = 1.0,
-                       top_k: int = 900, top_p: float = 0.96, generator=None):
-        """-> codes (n, g, g, D). Rows: n cond then n uncond, left-padded with id 0 and mask 0."""
-        cond, uncond = (tokenize(self.tokenizer, p) for p in generation_prompts(prompt))
+                       top_k: int = 900, top_p: float = 0.96, generator=None, video: bool = False,
+                       positions: int | None = None):
+        """-> codes (n, g, g, D); video: (n, VIDEO_FRAMES, g, g, D), max_new_tokens = T * frames and
+        frame f = positions f*T .. f*T+T-1 (vila_arch.py:642-671). Rows: n cond then n uncond,
+        left-padded with id 0 and mask 0. positions: stop after that many (benchmarks; codes (n, positions, D))."""
+        cond, uncond = (tokenize(self.tokenizer, p) for p in generation_prompts(prompt, video))
         rows = [cond] * n + [uncond] * n
         width = max(map(len, rows))
         ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
@@ -312,7 +326,8 @@ class VilaUReference:
         pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)      # TR/models/llama/modeling_llama.py:1107-1113
         out = self.llm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         codes = []
-        for t in range(self.spec.image_tokens):
+        frames = VIDEO_FRAMES if video else 1
+        for t in range(positions or self.spec.image_tokens * frames):
             if t:
                 x = self.projector(self.code_sum(torch.cat([codes[-1], codes[-1]])))[:, None]   # (2n, 1, hidden)
                 mask = torch.cat([mask, torch.ones(2 * n, 1, dtype=mask.dtype)], 1)
@@ -320,8 +335,11 @@ class VilaUReference:
                 out = self.llm.model(inputs_embeds=x, attention_mask=mask, position_ids=pos,
                                      past_key_values=out.past_key_values, use_cache=True)
             codes.append(self._depth(out.last_hidden_state[:, -1], n, cfg, temperature, top_k, top_p, generator))
+        if positions:
+            return torch.stack(codes, 1)
         g = self.spec.siglip.grid
-        return torch.stack(codes, 1).reshape(n, g, g, self.spec.depth)
+        shape = (n, frames, g, g, self.spec.depth) if video else (n, g, g, self.spec.depth)
+        return torch.stack(codes, 1).reshape(shape)
 
     def _depth(self, h, n, cfg, temperature, top_k, top_p, generator):
         """One position's D codes (n, D): CFG on the depth logits only; the codes are shared by both rows."""

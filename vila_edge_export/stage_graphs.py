@@ -46,7 +46,7 @@ def graphs_stage(checkpoint: str, out_dir: str, opts, quantized: str | None = No
         bar.set_postfix_str("vision"); bar.update()
         with checkpoint_faults(spec.root):
             if spec.generation is not None:     # VILA-U: quantizing tower + the generation graphs
-                save_generation_graphs(spec, tmp, dtype, FILES["vision"], opts.progress)
+                save_generation_graphs(spec, tmp, dtype, FILES["vision"], opts.progress, _depth_quant(opts))
             else:
                 _save_vision(spec, tmp, dtype)
         bar.set_postfix_str("llm"); bar.update()
@@ -74,10 +74,19 @@ def graphs_stage(checkpoint: str, out_dir: str, opts, quantized: str | None = No
         sidecar = {"dtype": dtype, "graph": opts.graph, "quant": info,
                    "logits_size": int(lm_head_rows(weights, quant)), "embeddings": embed_file,
                    "embeddings_dtype": table_dtype, "token_order": spec.projector.token_order,
-                   **generation_fields(spec)}     # files / capabilities / generation: VILA-U's, else empty
+                   **generation_fields(spec, _depth_quant(opts))}   # files / capabilities / generation: VILA-U's
         with open(os.path.join(tmp, SIDECAR), "w", encoding="utf-8") as f:
             json.dump(sidecar, f, indent=2)
     return out_dir
+
+
+def _depth_quant(opts) -> tuple | None:
+    """VILA-U's depth transformer follows the LLM: int4 (group, zero point) when the LLM is quantized."""
+    if not opts.quant.quantized:
+        return None
+    from vila_edge_export.options import quant_options
+    q = quant_options(opts.quant, opts.target)
+    return q.group_size, bool(q.zero_point)
 
 
 def _save_vision(spec: CheckpointSpec, tmp: str, dtype: str) -> None:
