@@ -8,10 +8,12 @@ ONNX Runtime GPU or TensorRT; under 8 minutes on a desktop GPU. Steps, each pass
   gpu tests     tests/gpu (every kernel against its numpy oracle at the VILA1.5-3B and NVILA-Lite-2B
                 shapes), with pytest when it is installed
   oracle        the numpy projector oracle on the tower features of the bundled model's examples ==
-                the CPU engine's vision output (tests/data/projector_bundled.npz): the reference the
-                kernel is held to is the engine's own (runs anywhere)
+                the vision output of its --target orin engine, the one the device runners take, on
+                ONNX Runtime's CPU provider (tests/data/projector_bundled.npz, written by
+                benchmarks/device_fixture.py): the kernel is held to the engine's own reference
+                (runs anywhere)
   kernel splice the CUDA projector + splice kernel on the same features, written into an embedding
-                buffer between text rows == the CPU engine's vision output, text rows untouched
+                buffer between text rows == that engine's vision output, text rows untouched
   benchmark     benchmarks/bench_kernels.py: GB/s of each kernel against the measured copy peak, JSON
 
 Without a GPU it runs what it can and lists what it skipped and why; exit 1 only when a step fails.

@@ -35,6 +35,15 @@ def bundled_pipeline():
 
 
 @pytest.fixture(scope="session")
+def bundled_orin(workdir):
+    """The bundled model's checkpoint exported --target orin (the standard-op graph the device runners
+    take; the bundled engine is target cpu's fused graph), fp16 and --quant none like the bundled one
+    (the projector + splice kernel writes fp16 rows). Once per session, a few seconds."""
+    from benchmarks.device_fixture import export_orin
+    return export_orin(str(workdir / "engines" / "vila-tiny-shapes-orin"))
+
+
+@pytest.fixture(scope="session")
 def checkpoint(workdir):
     """checkpoint(name) -> path, written on first use."""
     made = {}

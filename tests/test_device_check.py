@@ -39,15 +39,19 @@ def test_oracle_step_fails_on_a_wrong_engine_output(tmp_path, monkeypatch):
     assert summary["failed"] == ["oracle"]
 
 
-def test_fixture_matches_the_bundled_engine():
-    """The fixture's engine output is what today's bundled engine computes (rerun
-    `python -m benchmarks.device_fixture` after `make bundled-engine`)."""
+def test_fixture_matches_the_bundled_engine(bundled_orin):
+    """The fixture's engine output is what today's export of the bundled checkpoint for the device
+    runners (--target orin) computes, and the bundled engine (target cpu) too: the vision graph is the
+    target's LLM-independent part (rerun `python -m benchmarks.device_fixture` after an exporter change)."""
     z = np.load(device_check.FIXTURE)
-    engine = bundled_engine()
-    m = Manifest.load(engine)
-    got = OrtSession(os.path.join(engine, m.files["vision"]), 1).run({"pixel_values": z["pixels"]})["image_features"]
-    np.testing.assert_allclose(got.astype(np.float32), z["engine_features"].astype(np.float32), rtol=1e-3, atol=1e-3)
-    assert z["tower"].shape == (len(got), m.vision.grid ** 2, z["ln0_g"].shape[0] // 4)
+    for engine in (bundled_orin, bundled_engine()):
+        m = Manifest.load(engine)
+        assert str(z["engine_dtype"]) == m.dtype
+        vision = OrtSession(os.path.join(engine, m.files["vision"]), 1)
+        got = vision.run({"pixel_values": z["pixels"]})["image_features"].astype(np.float32)
+        np.testing.assert_allclose(got, z["engine_features"].astype(np.float32), rtol=1e-3, atol=1e-3)
+        assert z["tower"].shape == (len(got), m.vision.grid ** 2, z["ln0_g"].shape[0] // 4)
+    assert Manifest.load(bundled_orin).build["graph"] == "standard"
 
 
 BLOCKED = """

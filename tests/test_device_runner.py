@@ -3,7 +3,10 @@
 The CUDA/TensorRT devices run the same code with device buffers; here "cpu-iobinding" proves the
 pointer arithmetic, the bindings, the gather of scattered tables, the scatter of scattered slots and
 copy_block: every pass's logits must match the numpy runner's and the pool rows written must be
-bit-identical (same graph, same inputs; only masked rows may differ).
+bit-identical (same graph, same inputs; only masked rows may differ). The device runners take
+--target orin engines (the standard-op graph): the bundled model's checkpoint exported so (conftest
+`bundled_orin`, fp16 like the bundled engine); the bundled engine itself (target cpu, fused graph with
+vila_edge::PagedAttention) is refused.
 """
 import ctypes
 
@@ -12,6 +15,8 @@ import pytest
 
 from vila_edge import Pipeline, ort_device_runner, ort_runner
 from vila_edge.cache import bundled_engine
+from vila_edge.cli import main
+from vila_edge.errors import EngineError
 from vila_edge.manifest import Manifest
 from vila_edge.ort_device_runner import runs
 from vila_edge.runner import RunnerOptions, Tokens
@@ -48,7 +53,7 @@ def run_both(cpu, dev, table, lengths, seed=0):
         slots = slots_of(table, start, T)
         a = cpu.forward(toks, start, table, slots)
         b = dev.forward(toks, start, table, slots)
-        # Same graph and inputs: equal up to float reassociation (the fused graph's threads).
+        # Same graph and inputs: equal up to float reassociation (ORT's kernels may split work differently).
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
         assert int(np.argmax(a)) == int(np.argmax(b))
         start += T
@@ -60,8 +65,8 @@ def run_both(cpu, dev, table, lengths, seed=0):
 
 
 @pytest.fixture(scope="module")
-def bundled_pair():
-    return runner_pair(bundled_engine())
+def bundled_pair(bundled_orin):
+    return runner_pair(bundled_orin)
 
 
 def test_runs():
@@ -108,8 +113,8 @@ def test_standard_graph_on_device_runner(engine):
     run_both(cpu, dev, [3, 1, 8, 0, 2], [5, 1, 1, 4, 1])
 
 
-def test_pipeline_greedy_identical():
-    a, b = Pipeline(threads=1), Pipeline(threads=1, device="cpu-iobinding")
+def test_pipeline_greedy_identical(bundled_orin):
+    a, b = Pipeline(bundled_orin, threads=1), Pipeline(bundled_orin, threads=1, device="cpu-iobinding")
     assert type(b.llm.runner).__name__ == "DeviceLLMRunner"
     for img, q in [("color.png", "What color is the square?"), ("where.png", "Where is the circle?")]:
         assert b.chat(EX + img, q, max_new_tokens=12) == a.chat(EX + img, q, max_new_tokens=12)
@@ -143,3 +148,26 @@ def test_device_image_spans_are_projected_into_the_bound_buffer(bundled_pair):
             logits.append(out)
         np.testing.assert_array_equal(logits[1], logits[0])
     assert len(DeviceImage(x, proj)[2:5]) == 3 and DeviceImage(x, proj)[2:5].lo == 2
+
+
+REFUSED = ("device 'cpu-iobinding' needs the standard-op LLM graph TensorRT parses; this engine's is 'fused' "
+           "\\(target cpu: its vila_edge::PagedAttention op runs on ORT's CPU provider only\\): export the "
+           "checkpoint with --target orin")
+
+
+def test_fused_graph_engine_is_refused(capsys):
+    """A target cpu engine (the bundled one) on a device runner: one EngineError naming the graph and
+    the export that fixes it, from the runners, the Pipeline and the CLI (one line, exit 2)."""
+    engine = bundled_engine()
+    m = Manifest.load(engine)
+    assert m.build["graph"] == "fused"
+    opts = RunnerOptions(threads=1, device="cpu-iobinding")
+    with pytest.raises(EngineError, match=REFUSED):
+        ort_device_runner.llm(engine, m, NB, BS, CTX, opts)
+    with pytest.raises(EngineError, match=REFUSED):
+        ort_device_runner.vision(engine, m, opts)
+    with pytest.raises(EngineError, match=REFUSED):
+        Pipeline(device="cpu-iobinding")
+    assert main(["chat", "bundled", "What color is the square?", "--device", "cpu-iobinding"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vila-edge: error: ") and "--target orin" in err

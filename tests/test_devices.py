@@ -60,8 +60,8 @@ def test_silent_cpu_fallback_is_refused():
 
 
 @pytest.mark.skipif(not NO_CUDA_EP, reason="this onnxruntime has a CUDA provider")
-def test_cli_device_cuda_one_line_exit_2(capsys):
-    rc = main(["chat", "bundled", "What color is the square?", "--device", "cuda"])
+def test_cli_device_cuda_one_line_exit_2(capsys, bundled_orin):
+    rc = main(["chat", bundled_orin, "What color is the square?", "--device", "cuda"])     # an engine it takes
     err = capsys.readouterr().err
     assert rc == 2
     assert err.count("\n") == 1 and "onnxruntime-gpu" in err and err.startswith("vila-edge: error: device 'cuda'")

@@ -98,7 +98,8 @@ def add_chat(sub) -> None:
     from vila_edge.devices import DEVICES
     c.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where the model runs: cpu (default); cuda / tensorrt on ONNX Runtime's GPU providers "
-                        "(experimental); cpu-iobinding: the GPU runner's code path on the CPU")
+                        "(experimental); cpu-iobinding: the GPU runner's code path on the CPU; all but cpu take "
+                        "--target orin engines")
     c.add_argument("--block-size", type=_number(int, 1), default=kv["block_size"],
                    help=f"KV cache block size in tokens (default {kv['block_size']})")
     c.add_argument("--max-context", type=_number(int, 1), default=None,

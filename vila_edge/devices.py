@@ -16,7 +16,6 @@ import hashlib
 import os
 
 from vila_edge.errors import DeviceUnavailable, EngineError, UsageError
-from vila_edge.manifest import REBUILD
 
 DEVICES = ("cpu", "cpu-iobinding", "cuda", "tensorrt")
 GPU_DEVICES = ("cuda", "tensorrt")
@@ -112,6 +111,19 @@ def trt_cache_dir(engine_dir: str) -> str:
     return os.path.join(base, "vila_edge", "trt", f"{os.path.basename(os.path.abspath(engine_dir))}-{key}")
 
 
+def check_graph(device: str, engine_dir: str, manifest) -> None:
+    """The device runner (every device but cpu) binds the LLM graph's past_k_l/past_v_l rows and its
+    k_new_l/v_new_l outputs: the standard-op graph of --target orin engines, the one TensorRT parses.
+    The fused graph of target cpu engines (vila_edge::PagedAttention over the pool, a CPU op) is refused."""
+    graph = manifest.build.get("graph")
+    if graph == "standard":
+        return
+    why = " (target cpu: its vila_edge::PagedAttention op runs on ORT's CPU provider only)" if graph == "fused" else ""
+    raise EngineError(f"{engine_dir}: device {device!r} needs the standard-op LLM graph TensorRT parses; this "
+                      f"engine's is {graph!r}{why}: export the checkpoint with --target orin (make engines "
+                      f"TARGET=orin ...), or run this engine on device 'cpu'")
+
+
 def providers(device: str, engine_dir: str, manifest, profile: dict | None = None, stream: int | None = None):
     """The provider list of one session: `profile` ({input: {min, opt, max}}) for TensorRT, `stream`
     (a CUstream handle) to run ORT's work on the caller's stream."""
@@ -122,10 +134,7 @@ def providers(device: str, engine_dir: str, manifest, profile: dict | None = Non
         cuda["user_compute_stream"] = str(int(stream))   # implies has_user_compute_stream
     if device == "cuda":
         return [(PROVIDER["cuda"], cuda)]
-    if manifest.build.get("graph") != "standard":
-        raise EngineError(f"{engine_dir}: device 'tensorrt' needs the standard-op LLM graph TensorRT parses; this "
-                          f"engine's is {manifest.build.get('graph')!r}: export it with --target orin "
-                          f"(make engines TARGET=orin ...); " + REBUILD.format(out=engine_dir))
+    check_graph(device, engine_dir, manifest)
     from vila_edge.trt_profile import provider_shapes
     cache = trt_cache_dir(engine_dir)
     os.makedirs(cache, exist_ok=True)

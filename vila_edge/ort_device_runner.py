@@ -2,6 +2,8 @@
 
 Devices (vila_edge/devices.py): `cuda` and `tensorrt` on a GPU; `cpu-iobinding`, the same code on
 ORT's CPU provider, which is how CI checks it against the numpy runner (vila_edge/ort_runner.py).
+Every device takes `--target orin` engines only (the standard-op LLM graph, TensorRT's form; contract
+in docs/contracts.md): a target cpu engine's fused graph (vila_edge::PagedAttention) raises EngineError.
 
 Per forward pass the host sends the new positions' input rows (a decode step: one row) and gets back
 the last position's logits row; the KV never leaves the device:
@@ -27,7 +29,7 @@ from vila_edge import engine_check
 from vila_edge.backend import OrtSession
 from vila_edge.device_memory import Region
 from vila_edge.device_splice import DeviceImage
-from vila_edge.devices import check_active, providers, require
+from vila_edge.devices import check_active, check_graph, providers, require
 from vila_edge.embeddings import EmbeddingTable
 from vila_edge.errors import EngineError
 from vila_edge.llm import PREFILL_CHUNK
@@ -72,6 +74,7 @@ class DeviceLLMRunner(LLMRunner):
                  opts: RunnerOptions):
         m, device = manifest, opts.device
         require(device)
+        check_graph(device, engine_dir, m)
         path = os.path.join(engine_dir, m.files["llm"])
         self.memory = memory_for(device)
         profile = None
@@ -218,6 +221,7 @@ class DeviceVisionRunner(OrtVisionRunner):
 
     def __init__(self, engine_dir: str, manifest, opts: RunnerOptions):
         require(opts.device)
+        check_graph(opts.device, engine_dir, manifest)       # the LLM would refuse it: say so before loading
         profile = None
         if opts.device == "tensorrt":
             from vila_edge.trt_profile import engine_profile

@@ -1,6 +1,7 @@
-"""The device runner on ONNX Runtime's CUDA provider against the numpy runner on the bundled engine.
-Needs onnxruntime-gpu, cuda-python and a GPU (make device-check's bare machine has no ORT GPU: there
-it skips)."""
+"""The device runner on ONNX Runtime's CUDA provider against the numpy runner, on the bundled model's
+checkpoint exported --target orin (the device runners' engine; the bundled one is target cpu's fused
+graph). Needs onnxruntime-gpu, cuda-python, a GPU and the export extra (torch) (make device-check's
+bare machine has no ORT GPU: there it skips)."""
 import numpy as np
 import pytest
 
@@ -21,15 +22,22 @@ pytestmark = pytest.mark.gpu
 EX = "models/vila-tiny-shapes/examples/"
 
 
-def test_cuda_greedy_equals_cpu():
-    cpu, gpu = Pipeline(), Pipeline(device="cuda")
+@pytest.fixture(scope="module")
+def orin(tmp_path_factory):
+    pytest.importorskip("torch", reason="the --target orin export needs the export extra (torch)")
+    from benchmarks.device_fixture import export_orin
+    return export_orin(str(tmp_path_factory.mktemp("orin") / "engine"))
+
+
+def test_cuda_greedy_equals_cpu(orin):
+    cpu, gpu = Pipeline(orin), Pipeline(orin, device="cuda")
     assert type(gpu.llm.runner).__name__ == "DeviceLLMRunner"
     for img, q in [("color.png", "What color is the square?"), ("count.png", "How many stars are there?")]:
         assert gpu.chat(EX + img, q, max_new_tokens=12) == cpu.chat(EX + img, q, max_new_tokens=12)
 
 
-def test_cuda_logits_close():
-    cpu, gpu = Pipeline(), Pipeline(device="cuda")
+def test_cuda_logits_close(orin):
+    cpu, gpu = Pipeline(orin), Pipeline(orin, device="cuda")
     ids = np.array([1, 5, 6, 7, 8, 9], np.int64)
     a = cpu.llm.prefill(0, cpu.embed(ids, [], []), ids)[0]
     b = gpu.llm.prefill(0, gpu.embed(ids, [], []), ids)[0]
