@@ -9,6 +9,7 @@ BUNDLED_VILA_U_EXPORT. fp32: the VILA-U generation graphs have no fp16 variant o
 import argparse
 import json
 import os
+import shutil
 
 from vila_edge_export.build import ExportOptions, export_engine
 from vila_edge.manifest import MANIFEST
@@ -21,6 +22,8 @@ BUNDLED_VILA_U_EXPORT = {"dtype": "fp32"}
 
 
 def build(out: str = ENGINE, progress: bool = True) -> str:
+    if os.path.isfile(os.path.join(out, MANIFEST)):    # the export's output check does not know VILA-U's extra graphs
+        shutil.rmtree(out)
     export_engine(CHECKPOINT, out, ExportOptions.flat(progress=progress, **BUNDLED_VILA_U_EXPORT))
     path = os.path.join(out, MANIFEST)          # the build machine's path means nothing in a wheel
     with open(path, encoding="utf-8") as f:
