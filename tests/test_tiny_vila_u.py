@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from trainers.tiny_shapes import scenes
 from trainers.tiny_vila_u import evaluate, prompts

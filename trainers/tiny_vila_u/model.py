@@ -12,8 +12,8 @@ Understanding reuses trainers/tiny_shapes/model.py's TinyVila (splicing at -200,
 prompts the runtime renders, the question loss); only the image features differ: projector(sum of
 the chosen codebook rows), as VILA-U reads them (RQS/rqvaesiglip/modeling_rqvaesiglip.py:48-68).
 """
-import json
 import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +169,6 @@ class TinyVilaU(TinyVila):
         with atomic_dir(root) as tmp:
             self._write(tmp)
             for name, src in keep.items():
-                import shutil
                 (shutil.copytree if os.path.isdir(src) else shutil.copyfile)(src, os.path.join(tmp, name))
 
     def _write(self, tmp: str) -> None:
