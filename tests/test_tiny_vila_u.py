@@ -15,7 +15,7 @@ from vila_edge_export.bundle_vila_u import CHECKPOINT, ENGINE
 # test_evaluation_slice_stays_above_floors); a random-weight engine answers nothing right and
 # reconstructs at ~7 dB. Generation faithfulness is too low yet to floor usefully (the model's
 # README); the generation path is held to the torch reference code for code instead.
-FLOORS = {"understanding": 0.6, "psnr_db": 22.0}   # measured on this slice: 0.81, 25.2 dB (fp32 engine)
+FLOORS = {"understanding": 0.6, "psnr_db": 22.0}   # measured on this slice: 0.75, 25.2 dB (fp32 engine)
 
 
 @pytest.fixture(scope="module")
