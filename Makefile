@@ -19,7 +19,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak ops kernels bench-kernels bench bench-peers bench-concurrency bench-quality bench-3b bench-nvila bench-kv train-tiny evaluate clean serve device-check bench-serve bench-constrain engines-staged test-fast bench-vila-u
+.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak ops kernels bench-kernels bench bench-peers bench-concurrency bench-quality bench-3b bench-nvila bench-kv train-tiny evaluate train-vila-u evaluate-vila-u demo-imagine bundled-vila-u-engine clean serve device-check bench-serve bench-constrain engines-staged test-fast bench-vila-u
 # Succeeds when $(1) is an engine this runtime reads (present, current format): stale engines are rebuilt.
 ENGINE_OK = $(BIN)/python -c "import sys; from vila_edge.manifest import Manifest; Manifest.load(sys.argv[1])" $(1) 2>/dev/null
 # The int4 engine bench-peers times is the default 4-bit export (`--quant $(INT4_DEFAULT)`, every other option
@@ -184,6 +184,23 @@ evaluate: setup  ## held-out accuracy of a checkpoint or engine: make evaluate O
 
 ops: setup  ## recompile vila_edge/ops (the ONNX Runtime custom ops; pip install builds them too) after editing csrc/
 	$(BIN)/python setup.py -q build_ext --inplace --force
+
+# The bundled VILA-U: VILA-U's architecture trained on shape scenes (trainers/tiny_vila_u/train.py).
+VILAU_MODEL  := models/vila-u-tiny-shapes
+VILAU_ENGINE := vila_edge/bundled/vila-u-tiny-shapes
+DRAW     ?= a red circle at the top left
+DRAW_OUT ?= imagine.png
+train-vila-u: setup  ## retrain the small VILA-U on generated scenes -> models/vila-u-tiny-shapes (then: make bundled-vila-u-engine)
+	nice -n 10 $(BIN)/python -m trainers.tiny_vila_u.train --out $(VILAU_MODEL)
+
+evaluate-vila-u: setup  ## understanding, PSNR, generation faithfulness (cfg 3 and 1) of a VILA-U engine or checkpoint: make evaluate-vila-u OUT=dir
+	$(BIN)/python -m trainers.tiny_vila_u.evaluate $(if $(filter command line,$(origin OUT)),$(OUT),$(VILAU_ENGINE))
+
+bundled-vila-u-engine: setup  ## regenerate the VILA-U engine shipped in vila_edge/bundled/ from models/vila-u-tiny-shapes
+	$(BIN)/python -m vila_edge_export.bundle_vila_u
+
+demo-imagine: runtime  ## draw DRAW ("a red circle at the top left") with the bundled VILA-U, runtime only -> DRAW_OUT (imagine.png)
+	$(RUNTIME_VENV)/bin/vila-edge imagine $(VILAU_ENGINE) "$(DRAW)" -o $(DRAW_OUT) --seed 0
 
 kernels: setup  ## compile the CUDA kernels for sm_87 (Orin) and sm_90; prints registers and spills
 	$(BIN)/python kernels/build.py

@@ -1,0 +1,103 @@
+"""Stage 1 of trainers/tiny_vila_u/train.py: what trains the tower (SigLIP + residual quantizer) and,
+beside stage 2, the pixel decoder; and the PSNR probe that ends stage 1b."""
+import torch
+import torch.nn.functional as F
+
+from trainers.tiny_shapes import scenes
+from trainers.tiny_shapes.teachers import stacked_labels
+from trainers.tiny_shapes.train import PROBE_SEED
+from trainers.tiny_vila_u.model import K
+
+COMMIT = 0.25                 # latent_loss_weight (vila-u.md §1.6)
+CONTRASTIVE = 0.1
+CAPTION_TOKENS = 48           # the text model's positions; captions are padded/cut to this
+
+
+def scene_pixels(model, scene_list: list) -> torch.Tensor:
+    return model.pixels([scenes.render(sc) for sc in scene_list])
+
+
+class GeometryProbe(torch.nn.Module):
+    """Per cell: the object's offset, radius and tint (regressed) and the background (classified),
+    from the quantized token of that cell (a 3x3 grid: token t is cell t)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.geo = torch.nn.Linear(c, 6)
+        self.bg = torch.nn.Linear(c, len(scenes.BACKGROUNDS))
+
+    def loss(self, z, geo, present, bg):
+        err = ((self.geo(z) - geo) ** 2).mean(-1)                             # (N, T)
+        return (err * present).sum() / present.sum().clamp(min=1) + F.cross_entropy(
+            self.bg(z).flatten(0, 1), bg[:, None].expand(-1, z.shape[1]).flatten())
+
+
+def geometry_labels(scs: list) -> tuple:
+    cells = scenes.GRID * scenes.GRID
+    geo, present = torch.zeros(len(scs), cells, 6), torch.zeros(len(scs), cells)
+    for i, sc in enumerate(scs):
+        for o in sc.objects:
+            k = o.cell[0] * scenes.GRID + o.cell[1]
+            geo[i, k] = torch.tensor([10 * o.offset[0], 10 * o.offset[1], 10 * (o.radius - 0.34)] +
+                                     [t / 12 for t in o.tint])
+            present[i, k] = 1
+    bg = torch.tensor([sorted(scenes.BACKGROUNDS).index(sc.background) for sc in scs])
+    return geo, present, bg
+
+
+def tower_loss(model, heads, probe, gen: torch.Generator):
+    rq = model.rq
+
+    def loss(pixels, captions, labels, geometry):
+        x = rq.features(pixels)
+        if not rq.quantizer.codebooks[0].cluster_size_ema.any():
+            _init_codebooks(rq, x.detach(), gen)
+        codes, agg, residuals = rq.quantize(x)
+        for d, book in enumerate(rq.quantizer.codebooks):
+            book.ema_update(residuals[d], codes[..., d].flatten(), gen)
+        z = x + (agg - x).detach()                                           # straight-through
+        commit = F.mse_loss(x, agg.detach())
+        v = F.normalize(rq.pooled(z), dim=-1)
+        t = F.normalize(rq.siglip_model.text_model(input_ids=captions).pooler_output, dim=-1)
+        sm = rq.siglip_model
+        logits = t @ v.T * sm.logit_scale.exp() + sm.logit_bias
+        target = 2 * torch.eye(len(v)) - 1
+        contrastive = -F.logsigmoid(target * logits).sum() / len(v)          # SigLIP's sigmoid loss
+        return COMMIT * commit + CONTRASTIVE * contrastive + heads.loss(z, *labels) + probe.loss(z, *geometry)
+    return loss
+
+
+@torch.no_grad()
+def _init_codebooks(rq, x, gen) -> None:
+    r = x.reshape(-1, x.shape[-1])
+    for book in rq.quantizer.codebooks:
+        book.init_from(r, gen)
+        c = book.weight[:K]
+        r = r - c[torch.cdist(r, c).argmin(1)]
+
+
+def tower_batch(model, stream, bs):
+    tok = model.tokenizer
+    scs = [sc for _ in range(bs) for sc in stream.next().scenes][:bs]
+    captions = torch.zeros(bs, CAPTION_TOKENS, dtype=torch.long)
+    for i, sc in enumerate(scs):
+        ids = tok(scenes.describe(sc)).input_ids[:CAPTION_TOKENS]
+        captions[i, :len(ids)] = torch.tensor(ids)
+    return scene_pixels(model, scs), captions, stacked_labels(scs), geometry_labels(scs)
+
+
+def decoder_loss(model):
+    def loss(pixels):
+        with torch.no_grad():
+            z = model.rq.quantize(model.rq.features(pixels))[1]
+        return F.mse_loss(model.rq.decode(z), pixels)
+    return loss
+
+
+@torch.no_grad()
+def psnr_probe(model, n: int = 64) -> float:
+    scs = [scenes.make_sample(PROBE_SEED, i).scenes[0] for i in range(n)]
+    px = scene_pixels(model, scs)
+    z = model.rq.quantize(model.rq.features(px))[1]
+    mse = F.mse_loss((model.rq.decode(z).clamp(-1, 1) + 1) * 127.5, (px + 1) * 127.5)
+    return float(10 * torch.log10(255 ** 2 / mse))

@@ -1,0 +1,273 @@
+"""Train vila-u-tiny-shapes: VILA-U's recipe in miniature, on CPU, seeded.
+
+    python -m trainers.tiny_vila_u.train --out models/vila-u-tiny-shapes          # make train-vila-u
+    python -m trainers.tiny_vila_u.train --part decoder --work build/vila-u-stages  # one stage alone
+
+VILA-U (arXiv 2409.04429) trains its tower first, then the LLM with the tower frozen:
+  1 tower   SigLIP + residual quantizer (commitment, EMA codebooks with dead-code restarts) with
+            text-image alignment (SigLIP's sigmoid contrastive loss on the quantized features against
+            scene captions); standing in for SigLIP's pretraining (the tower starts random here),
+            trainers/tiny_shapes/teachers.VisionHeads reads each cell's shape and colour, and a
+            geometry probe each object's offset, size and tint, off the quantized features.
+  1b decoder  post_quant_conv + the pixel decoder on reconstruction (MSE) from the frozen codes.
+            VILA-U trains the decoder jointly with the encoder; on a 2-core CPU the decoder's
+            convolutions cost 10x the rest of the tower step, so here the encoder learns what
+            reconstruction needs from the geometry probe, and 1b runs beside stage 2 (both read
+            only the frozen stage-1 codes; --part all runs them as two processes).
+  2 llm     projector + LLM + depth transformer on a mixture: understanding (the question mixture of
+            trainers/tiny_shapes, one and two images, few-shot; answer loss plus its attention
+            supervision) and generation (prompt -> the scene's codes, depth-transformer loss),
+            the unconditional prompt for UNCOND_SHARE of generation samples (classifier-free guidance).
+Each stage logs its loss with an ETA and ends with a probe on unseen scenes.
+"""
+import argparse
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from trainers.tiny_shapes import scenes
+from trainers.tiny_shapes.model import build_tokenizer
+from trainers.tiny_shapes.attention_targets import KEY_HEAD, attention_terms
+from trainers.tiny_shapes.teachers import VisionHeads, stacked_labels
+from trainers.tiny_shapes.train import (LLM_LR, PROBE_SEED, QK_INIT_STD, Stream, answer_probe, freeze, pixel_tokens,
+                                        qa_batch, qa_stage_loss, pixel_features, tokenizer_corpus)
+from trainers.tiny_vila_u import prompts
+from trainers.tiny_vila_u.tower import GeometryProbe, decoder_loss, psnr_probe, scene_pixels, tower_batch, tower_loss
+from trainers.tiny_vila_u.model import ADDED_TOKENS, D, K, SIGLIP, TinyVilaU, build_configs
+from vila_edge_export.reference_vila_u import generation_prompts, tokenize
+
+GEN_SEED = 11                 # generation samples; understanding samples come from tiny_shapes' TRAIN_SEED
+UNCOND_SHARE = 0.15
+TOWER_LR = 2e-3
+
+
+def make_tokenizer():
+    corpus = tokenizer_corpus(2000) + [s.text for s in prompts.all_specs()] + list(generation_prompts("x"))
+    tok = build_tokenizer(corpus, 512)
+    tok.add_special_tokens({"additional_special_tokens": list(ADDED_TOKENS)})   # the last four ids
+    return tok
+
+
+def timed_stage(name, params, lr, budget_s, max_steps, make_batch, loss_fn, log_every=10) -> int:
+    """AdamW with warmup + cosine over the stage's wall-clock budget (or its step cap, whichever ends
+    first): on a shared machine the step rate varies, and the schedule still ends at a low rate.
+    -> steps run."""
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    t0, avg, step = time.time(), None, 0
+    while step < max_steps and time.time() - t0 < budget_s:
+        done = max(step / max_steps, (time.time() - t0) / budget_s)
+        opt.param_groups[0]["lr"] = lr * max(0.05, min(1.0, (step + 1) / 20, 0.5 * (1 + math.cos(math.pi * done))))
+        loss = loss_fn(*make_batch())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
+        opt.step()
+        step += 1
+        avg = loss.item() if avg is None else 0.9 * avg + 0.1 * loss.item()
+        if step % log_every == 0:
+            print(f"[stage {name}] step {step} loss {avg:.4f} ({time.time() - t0:.0f}s of {budget_s:.0f}s, "
+                  f"{100 * done:.0f}% of the schedule)", flush=True)
+    print(f"[stage {name}] done: {step} steps in {time.time() - t0:.0f}s, loss {avg:.4f}", flush=True)
+    return step
+
+
+# ---- stage 1: the tower -------------------------------------------------------------------------
+# ---- stage 2: LLM + depth transformer ---------------------------------------------------------------
+def gen_batch(model, rng: random.Random, pool: list, bs: int):
+    """-> (prompt id lists, pixels): the conditional prompt of a training spec or, for UNCOND_SHARE,
+    the unconditional one (reference_vila_u.generation_prompts), each ending in <im_start>."""
+    ids, scs = [], []
+    for _ in range(bs):
+        spec = prompts.train_spec(rng, pool)
+        cond, uncond = generation_prompts(spec.text)
+        ids.append(tokenize(model.tokenizer, uncond if rng.random() < UNCOND_SHARE else cond))
+        scs.append(prompts.scene_for(spec, rng))
+    return ids, scene_pixels(model, scs)
+
+
+def prompt_words(tok, ids: list) -> list:
+    """Positions of the user's words in generation prompt ids (between "USER:" and "ASSISTANT:");
+    empty for the unconditional prompt."""
+    user, assistant = tok.convert_tokens_to_ids("▁USER"), tok.convert_tokens_to_ids("▁ASSISTANT")
+    if user not in ids or assistant not in ids:                                # "USER:ASSISTANT:"
+        return []
+    start = ids.index(user) + 2                                                # past "▁USER" ":"
+    return list(range(start, len(ids) - 1 - ids[::-1].index(assistant)))
+
+
+def gen_loss(model, ids: list, pixels: torch.Tensor) -> torch.Tensor:
+    """Left-padded prompts + the image's first T-1 positions (projector(sum of their codebook rows));
+    the final hidden states at <im_start> and those positions predict every position's D codes."""
+    codes = model.encode(pixels)                                              # (B, T, D)
+    B, T, _ = codes.shape
+    image = model.projector(model.rq.code_sum(codes[:, :-1]))                 # (B, T-1, H)
+    table = model.llm.get_input_embeddings()
+    width = max(map(len, ids))
+    embeds = torch.zeros(B, width + T - 1, image.shape[-1])
+    mask = torch.zeros(B, width + T - 1, dtype=torch.long)
+    for b, row in enumerate(ids):
+        embeds[b, width - len(row):width] = table(torch.tensor(row))
+        mask[b, width - len(row):] = 1
+    embeds[:, width:] = image
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, output_attentions=True)
+    h = out.last_hidden_state[:, -T:]
+    logits = model.depth_logits(h.reshape(B * T, -1), codes.reshape(B * T, D))
+    loss = F.cross_entropy(logits.reshape(-1, K), codes.reshape(-1))
+    # Attention supervision, as for the questions (trainers/tiny_shapes/attention_targets.py): from
+    # every image position, KEY_HEAD looks at the prompt's words (a from-scratch LLM otherwise
+    # draws unconditionally for hundreds of steps: measured, held-out colour 0.11 after 764 steps).
+    targets = [(*KEY_HEAD, q, [width - len(row) + k for k in prompt_words(model.tokenizer, row)])
+               for row in ids for q in range(width - 1, width + T - 1)]
+    rows = [[t for t in targets[b * T:(b + 1) * T] if t[3]] for b in range(B)]
+    att, n = attention_terms(out.attentions, rows)
+    return loss + (att / n if n else 0.0)
+
+
+def llm_stage(model, args) -> None:
+    stream, rng = Stream(20_000_000), random.Random(GEN_SEED)
+    pool = prompts.specs(heldout=False)
+    cells = list(range(scenes.GRID * scenes.GRID))      # image token t covers scene cell t (row-major)
+    qa_loss = qa_stage_loss(model, pixel_features(model), args.attention)
+
+    def batch():
+        return qa_batch(model, stream, args.bs, args.rounds, cells), gen_batch(model, rng, pool, args.gen_bs)
+
+    def loss(qa, gen):
+        return qa_loss(qa) + gen_loss(model, *gen)
+
+    params = list(model.projector.parameters()) + list(model.llm.parameters()) + list(model.depth_head.parameters())
+    timed_stage("2 llm", params, args.lr, 60 * args.llm_minutes, args.llm_steps, batch, loss)
+
+
+def new_model(args) -> TinyVilaU:
+    torch.manual_seed(args.seed)
+    tok = make_tokenizer()
+    llm_cfg, siglip_cfg = build_configs(len(tok))
+    model = TinyVilaU(llm_cfg, siglip_cfg, tok)
+    for layer in model.llm.model.layers:     # see trainers/tiny_shapes/train.py QK_INIT_STD
+        torch.nn.init.normal_(layer.self_attn.q_proj.weight, std=QK_INIT_STD)
+        torch.nn.init.normal_(layer.self_attn.k_proj.weight, std=QK_INIT_STD)
+    return model
+
+
+def part_tower(args) -> None:
+    model = new_model(args)
+    gen = torch.Generator().manual_seed(args.seed)
+    n = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"   # noqa: E731
+    print(f"vocab {len(model.tokenizer)}; params: tower {n(model.rq)}, depth {n(model.depth_head)}, "
+          f"llm {n(model.llm)}", flush=True)
+    model.train()
+    heads = VisionHeads(SIGLIP["hidden"], SIGLIP["image_size"], SIGLIP["patch"])
+    probe = GeometryProbe(SIGLIP["hidden"])
+    stream = Stream(0)
+    encoder = [p for name, p in model.rq.named_parameters() if not name.startswith(("decoder.", "post_quant_conv."))]
+    timed_stage("1 tower", encoder + list(heads.parameters()) + list(probe.parameters()), TOWER_LR,
+                60 * args.tower_minutes, args.tower_steps, lambda: tower_batch(model, stream, args.tower_bs),
+                tower_loss(model, heads, probe, gen))
+    model.eval()
+    with torch.no_grad():
+        scs = [scenes.make_sample(PROBE_SEED, i).scenes[0] for i in range(64)]
+        z = model.rq.quantize(model.rq.features(scene_pixels(model, scs)))[1]
+    acc = heads.accuracy(z, *stacked_labels(scs))
+    print("[stage 1 tower] probe on unseen scenes: " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
+    torch.save(model.state_dict(), os.path.join(args.work, "tower.pt"))
+
+
+def load_stage(args, *parts) -> TinyVilaU:
+    model = new_model(args)
+    for part in parts:
+        model.load_state_dict(torch.load(os.path.join(args.work, part + ".pt")), strict=False)
+    return model
+
+
+def part_decoder(args) -> None:
+    model = load_stage(args, "tower")
+    freeze(model.rq)
+    freeze(model.rq.decoder, model.rq.post_quant_conv, on=True)
+    model.train()
+    stream = Stream(40_000_000)
+
+    def batch():
+        return (scene_pixels(model, [sc for _ in range(args.tower_bs) for sc in stream.next().scenes][:args.tower_bs]),)
+
+    timed_stage("1b decoder", list(model.rq.decoder.parameters()) + list(model.rq.post_quant_conv.parameters()),
+                TOWER_LR, 60 * args.decoder_minutes, args.decoder_steps, batch, decoder_loss(model))
+    model.eval()
+    print(f"[stage 1b decoder] reconstruction PSNR on unseen scenes: {psnr_probe(model):.2f} dB", flush=True)
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(("rq.decoder.", "rq.post_quant_conv."))}
+    torch.save(state, os.path.join(args.work, "decoder.pt"))
+
+
+def part_llm(args) -> None:
+    model = load_stage(args, "tower", *(["llm"] if args.resume else []))
+    freeze(model.rq)
+    model.train()
+    model.rq.eval()
+    llm_stage(model, args)
+    model.eval()
+    print(f"[stage 2 llm] answers on unseen scenes: {answer_probe(model, pixel_tokens(model))}", flush=True)
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(("llm.", "projector.", "depth_head."))}
+    torch.save(state, os.path.join(args.work, "llm.pt"))
+
+
+def part_save(args) -> None:
+    model = load_stage(args, "tower", "decoder", "llm").eval()
+    model.save(args.out)
+    print(f"saved {args.out} after {time.time() - args.start:.0f}s", flush=True)
+    from trainers.tiny_vila_u.examples import write_examples
+    write_examples(args.out)
+
+
+def part_all(args, argv: list) -> None:
+    """tower, then decoder and llm as two processes (one thread each), then save."""
+    part_tower(args)
+    cmd = [sys.executable, "-m", "trainers.tiny_vila_u.train", *argv, "--threads", "1", "--part"]
+    procs = [subprocess.Popen(cmd + [p]) for p in ("decoder", "llm")]
+    if any(p.wait() for p in procs):
+        raise SystemExit("a stage failed")
+    part_save(args)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="models/vila-u-tiny-shapes")
+    ap.add_argument("--seed", type=int, default=0)
+    # One thread per process: on the shared 2-core machine (load ~15) a tower step took 13 s with 2
+    # torch threads and 0.3 s with 1 (OpenMP barriers stall when threads are not co-scheduled);
+    # the two cores are used by running stages 1b and 2 side by side.
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tower-bs", type=int, default=16)
+    ap.add_argument("--tower-steps", type=int, default=500)
+    ap.add_argument("--tower-minutes", type=float, default=5, help="wall-clock budget of stage 1")
+    ap.add_argument("--bs", type=int, default=12, help="understanding conversations per step")
+    ap.add_argument("--gen-bs", type=int, default=12, help="generation samples per step")
+    ap.add_argument("--rounds", type=int, default=3, help="extra question rounds per single-image conversation")
+    ap.add_argument("--decoder-steps", type=int, default=3000)
+    ap.add_argument("--decoder-minutes", type=float, default=20, help="wall-clock budget of stage 1b")
+    ap.add_argument("--llm-steps", type=int, default=1500)
+    ap.add_argument("--llm-minutes", type=float, default=20, help="wall-clock budget of stage 2")
+    ap.add_argument("--lr", type=float, default=LLM_LR)
+    ap.add_argument("--resume", action="store_true", help="--part llm: continue from the work dir's llm.pt")
+    ap.add_argument("--attention", type=float, default=1.0, help="weight of the attention supervision")
+    ap.add_argument("--work", default="build/vila-u-stages", help="each stage's weights (tower.pt, decoder.pt, llm.pt)")
+    ap.add_argument("--part", choices=["all", "tower", "decoder", "llm", "save"], default="all")
+    argv = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(argv)
+    args.start = time.time()
+    os.makedirs(args.work, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    if args.part == "all":
+        part_all(args, [a for a in argv if a not in ("--part", "all")])
+    else:
+        globals()["part_" + args.part](args)
+
+
+if __name__ == "__main__":
+    main()
