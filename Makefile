@@ -197,7 +197,7 @@ evaluate-vila-u: setup  ## understanding, PSNR, generation faithfulness (cfg 3 a
 	$(BIN)/python -m trainers.tiny_vila_u.evaluate $(if $(filter command line,$(origin OUT)),$(OUT),$(VILAU_ENGINE))
 
 bundled-vila-u-engine: setup  ## regenerate the VILA-U engine shipped in vila_edge/bundled/ from models/vila-u-tiny-shapes
-	$(BIN)/python -m vila_edge_export.bundle_vila_u
+	$(BIN)/python -m vila_edge_export.bundle --vila-u
 
 demo-imagine: runtime  ## draw DRAW ("a red circle at the top left") with the bundled VILA-U, runtime only -> DRAW_OUT (imagine.png)
 	$(RUNTIME_VENV)/bin/vila-edge imagine $(VILAU_ENGINE) "$(DRAW)" -o $(DRAW_OUT) --seed 0

@@ -9,7 +9,7 @@ import pytest
 
 from trainers.tiny_shapes import scenes
 from trainers.tiny_vila_u import evaluate, prompts
-from vila_edge_export.bundle_vila_u import CHECKPOINT, ENGINE
+from vila_edge_export.bundle import VILA_U_CHECKPOINT as CHECKPOINT, VILA_U_ENGINE as ENGINE
 
 # Floors of the slice below, the trained engine's own slice scores less a margin (measured: see
 # test_evaluation_slice_stays_above_floors); a random-weight engine answers nothing right and

@@ -30,7 +30,6 @@ from vila_edge.backend import OrtSession
 from vila_edge.device_memory import Region
 from vila_edge.device_splice import DeviceImage
 from vila_edge.devices import check_active, check_graph, providers, require
-from vila_edge.embeddings import EmbeddingTable
 from vila_edge.errors import EngineError
 from vila_edge.llm import PREFILL_CHUNK
 from vila_edge.manifest import REBUILD
@@ -68,6 +67,7 @@ def llm_buffers(manifest, num_blocks: int, block_size: int, max_context: int, op
 
 
 class DeviceLLMRunner(LLMRunner):
+    _tables = OrtLLMRunner._tables
     embed = OrtLLMRunner.embed        # the same host-side gather of text rows and feature spans
 
     def __init__(self, engine_dir: str, manifest, num_blocks: int, block_size: int, max_context: int,
@@ -88,12 +88,7 @@ class DeviceLLMRunner(LLMRunner):
                                   int4_accuracy_level=_accuracy_level(engine_dir, m, opts))
         check_active(self.session.session, device, path)
         engine_check.check_llm(self.session.session, m, path, REBUILD.format(out=engine_dir))
-        self.engine_dir, self.manifest, self.opts, self.max_context = engine_dir, m, opts, max_context
-        self.embeds_dtype = self.session.input_dtype("inputs_embeds")
-        self.embeddings = EmbeddingTable.load(engine_dir, m)
-        self.vocab_rows = self.embeddings.rows
-        self.layout = kv_layout(m, block_size)
-        self.num_blocks = num_blocks
+        self._tables(engine_dir, m, opts, num_blocks, block_size, max_context)
         L, H, D = m.llm.layers, m.llm.kv_heads, m.llm.head_dim
         self._kv = np.dtype(m.kv_dtype)
         self._row = H * D * self._kv.itemsize                     # bytes of one position of one (layer, K|V)

@@ -15,7 +15,6 @@ import numpy as np
 
 from vila_edge import engine_check, ops
 from vila_edge.backend import OrtSession
-from vila_edge.embeddings import EmbeddingTable
 from vila_edge.kv_cache import KVPool
 from vila_edge.manifest import REBUILD
 from vila_edge.ort_runner import OrtLLMRunner, _accuracy_level, kv_layout
@@ -32,6 +31,7 @@ def paged_llm_buffers(manifest, num_blocks: int, block_size: int, max_context: i
 
 class OrtPagedLLMRunner(LLMRunner):
     max_batch = MAX_BATCH
+    _tables = OrtLLMRunner._tables
     embed = OrtLLMRunner.embed      # table rows for ids, span rows at their offsets: the same checks
 
     def __init__(self, engine_dir: str, manifest, num_blocks: int, block_size: int, max_context: int,
@@ -42,12 +42,7 @@ class OrtPagedLLMRunner(LLMRunner):
                                              ops_library=ops.library_path())
         if session is None:
             engine_check.check_paged_llm(self.session.session, m, path, REBUILD.format(out=engine_dir))
-        self.engine_dir, self.manifest, self.opts, self.max_context = engine_dir, m, opts, max_context
-        self.embeds_dtype = self.session.input_dtype("inputs_embeds")
-        self.embeddings = EmbeddingTable.load(engine_dir, m)
-        self.vocab_rows = self.embeddings.rows
-        self.layout = kv_layout(m, block_size)
-        self.num_blocks = num_blocks
+        self._tables(engine_dir, m, opts, num_blocks, block_size, max_context)
         self.pool = KVPool(self.layout, num_blocks)
         self._max_blocks = -(-max_context // block_size)
         self._outputs = ["logits"] + (["hidden"] if "hidden" in self.session.output_names else [])

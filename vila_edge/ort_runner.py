@@ -59,15 +59,10 @@ class OrtLLMRunner(LLMRunner):
         m = manifest
         self.session = session or OrtSession(os.path.join(engine_dir, m.files["llm"]), opts.threads,
                                              int4_accuracy_level=_accuracy_level(engine_dir, m, opts))
-        self.engine_dir, self.manifest, self.opts, self.max_context = engine_dir, m, opts, max_context
         if session is None:
             engine_check.check_llm(self.session.session, m, os.path.join(engine_dir, m.files["llm"]),
                                    REBUILD.format(out=engine_dir))
-        self.embeds_dtype = self.session.input_dtype("inputs_embeds")
-        self.embeddings = EmbeddingTable.load(engine_dir, m)
-        self.vocab_rows = self.embeddings.rows
-        self.layout = kv_layout(m, block_size)
-        self.num_blocks = num_blocks
+        self._tables(engine_dir, m, opts, num_blocks, block_size, max_context)
         self.pool = KVPool(self.layout, num_blocks)
         self._names = [(f"past_k_{l}", f"past_v_{l}") for l in range(m.llm.layers)]
         self._outputs = [(f"k_new_{l}", f"v_new_{l}") for l in range(m.llm.layers)]
@@ -119,6 +114,16 @@ class OrtLLMRunner(LLMRunner):
 
     def copy_block(self, src: int, dst: int) -> None:
         self.pool.copy_block(src, dst)
+
+    def _tables(self, engine_dir: str, m, opts: RunnerOptions, num_blocks: int, block_size: int, max_context: int):
+        """What every ORT LLM runner (this one, the paged and the device runner) keeps beside its
+        session: the engine's identity, the embedding table it gathers from, the KV layout."""
+        self.engine_dir, self.manifest, self.opts, self.max_context = engine_dir, m, opts, max_context
+        self.embeds_dtype = self.session.input_dtype("inputs_embeds")
+        self.embeddings = EmbeddingTable.load(engine_dir, m)
+        self.vocab_rows = self.embeddings.rows
+        self.layout = kv_layout(m, block_size)
+        self.num_blocks = num_blocks
 
     def embed(self, tokens: Tokens) -> np.ndarray:
         """[T, C] graph inputs: table rows for text ids, span rows at their offsets."""

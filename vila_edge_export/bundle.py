@@ -1,6 +1,9 @@
-"""Regenerate the engine shipped inside the package (vila_edge/bundled/), which `Pipeline()` runs.
+"""Regenerate the engines shipped inside the package (vila_edge/bundled/): the VILA1.5-architecture
+model `Pipeline()` runs, and the VILA-U one `make demo-imagine` draws from (no torch needed to run
+either).
 
-    make bundled-engine        # = python -m vila_edge_export.bundle
+    make bundled-engine           # = python -m vila_edge_export.bundle
+    make bundled-vila-u-engine    # = python -m vila_edge_export.bundle --vila-u
 
 The engine is the bundled checkpoint (models/vila-tiny-shapes) exported with cache.BUNDLED_EXPORT
 (fp16: 7.6 MB, the same answers as fp32 on the held-out set). Rerun it whenever the engine format
@@ -15,9 +18,18 @@ from vila_edge.cache import BUNDLED_CHECKPOINT, BUNDLED_ENGINE, BUNDLED_EXPORT
 from vila_edge.manifest import MANIFEST
 
 
-def build_bundled(out: str = BUNDLED_ENGINE, progress: bool = True) -> str:
-    checkpoint = os.path.normpath(BUNDLED_CHECKPOINT)
-    export_engine(checkpoint, out, ExportOptions.flat(progress=progress, **BUNDLED_EXPORT))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VILA_U_NAME = "vila-u-tiny-shapes"
+# models/vila-u-tiny-shapes (trained by `make train-vila-u`): fp32, as its README's figures.
+VILA_U_CHECKPOINT = os.path.join(ROOT, "models", VILA_U_NAME)
+VILA_U_ENGINE = os.path.join(ROOT, "vila_edge", "bundled", VILA_U_NAME)
+VILA_U_EXPORT = {"dtype": "fp32"}
+
+
+def build_bundled(out: str = BUNDLED_ENGINE, progress: bool = True, checkpoint: str = BUNDLED_CHECKPOINT,
+                  options: dict = BUNDLED_EXPORT) -> str:
+    checkpoint = os.path.normpath(checkpoint)
+    export_engine(checkpoint, out, ExportOptions.flat(progress=progress, **options))
     # The build machine's absolute path means nothing in a wheel: record the repository's.
     path = os.path.join(out, MANIFEST)
     with open(path, encoding="utf-8") as f:
@@ -30,10 +42,14 @@ def build_bundled(out: str = BUNDLED_ENGINE, progress: bool = True) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=BUNDLED_ENGINE, help="engine directory to write (default: the package's)")
+    ap.add_argument("--out", help="engine directory to write (default: the package's)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--vila-u", action="store_true", help=f"the bundled VILA-U instead (default out: {VILA_U_ENGINE})")
     args = ap.parse_args(argv)
-    print(build_bundled(args.out, not args.quiet))
+    if args.vila_u:
+        print(build_bundled(args.out or VILA_U_ENGINE, not args.quiet, VILA_U_CHECKPOINT, VILA_U_EXPORT))
+    else:
+        print(build_bundled(args.out or BUNDLED_ENGINE, not args.quiet))
     return 0
 
 

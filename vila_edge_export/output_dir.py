@@ -16,9 +16,11 @@ from vila_edge.errors import ExportError
 from vila_edge.manifest import MANIFEST
 
 TMP_PREFIX = ".export-"
-# Every file an export may leave in an engine directory (build.FILES, the manifest, the template).
+# Every file an export may leave in an engine directory (build.FILES, VILA-U's generation graphs
+# build_vila_u.FILES, the manifest, the template).
 ENGINE_FILES = frozenset({MANIFEST, "vision.onnx", "llm.onnx", "llm.onnx.data", "projector.onnx", "embed_tokens.npy",
-                          "embed_tokens.npz", "tokenizer.json", "export_report.json", "chat_template.jinja"})
+                          "embed_tokens.npz", "tokenizer.json", "export_report.json", "chat_template.jinja",
+                          "code_embed.onnx", "depth.onnx", "decoder.onnx"})
 
 
 def _inside(path: str, root: str) -> bool:
