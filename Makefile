@@ -117,7 +117,7 @@ CONC_3B_LAYERS ?= 4
 CONC_3B := vila1.5-3b-L$(CONC_3B_LAYERS)
 bench-concurrency: $(VENV)/.bench  ## aggregate decode tok/s, 1 vs 4 greedy streams through the scheduler vs llama.cpp's batch: SmolLM2 int4 + VILA1.5-3B widths int4 (CONC_3B_LAYERS=4)
 	@test -d build/fixtures/smollm2-vila || $(BIN)/python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila
-	@$(call ENGINE_OK,engines/smollm2-vila-int4) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant rtn --group-size 64 --no-quality-floor --quiet
+	@$(call INT4_DEFAULT_OK,engines/smollm2-vila-int4) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant $(INT4_DEFAULT) --no-quality-floor --quiet
 	$(BIN)/python -m benchmarks.bench_concurrency --engine engines/smollm2-vila-int4 --gguf smollm2
 	@test "$(CONC_3B_LAYERS)" = 0 || test -d build/fixtures/$(CONC_3B) || $(BIN)/python -m vila_edge_export.fixtures build/fixtures/$(CONC_3B) --kind vila1.5 --shape vila1.5-3b --llm-layers $(CONC_3B_LAYERS) --vision-layers 1
 	@test "$(CONC_3B_LAYERS)" = 0 || $(call ENGINE_OK,engines/$(CONC_3B)-int4) || $(BIN)/vila-edge export build/fixtures/$(CONC_3B) engines/$(CONC_3B)-int4 --quant rtn --no-quality-floor --eval-tokens 512 --quiet
@@ -153,9 +153,9 @@ VILAU_HEAD_LAYERS ?= 1
 VILAU := vila-u-7b-256-L$(VILAU_LLM_LAYERS)H$(VILAU_HEAD_LAYERS)
 bench-vila-u: setup  ## VILA-U 7B-256 widths (fewer LLM / SigLIP / depth layers): s per 256-px image, engine vs torch reference
 	@test -d build/fixtures/$(VILAU) || $(BIN)/python -m vila_edge_export.fixtures_vila_u build/fixtures/$(VILAU) --shape vila-u-7b-256 --llm-layers $(VILAU_LLM_LAYERS) --vision-layers 3 --head-layers $(VILAU_HEAD_LAYERS)
-	@test -f engines/$(VILAU)-fp32/manifest.json || $(BIN)/vila-edge export build/fixtures/$(VILAU) engines/$(VILAU)-fp32 --quiet
+	@$(call ENGINE_OK,engines/$(VILAU)-fp32) || $(BIN)/vila-edge export build/fixtures/$(VILAU) engines/$(VILAU)-fp32 --quiet
 	@# random weights: int4's perplexity floor is meaningless here (--no-quality-floor keeps the report)
-	@test -f engines/$(VILAU)-int4/manifest.json || $(BIN)/vila-edge export build/fixtures/$(VILAU) engines/$(VILAU)-int4 --quant rtn --no-quality-floor --quiet
+	@$(call ENGINE_OK,engines/$(VILAU)-int4) || $(BIN)/vila-edge export build/fixtures/$(VILAU) engines/$(VILAU)-int4 --quant rtn --no-quality-floor --quiet
 	$(BIN)/python -m benchmarks.bench_vila_u --checkpoint build/fixtures/$(VILAU) --engine engines/$(VILAU)-fp32 --engine engines/$(VILAU)-int4 --threads 2 --note "vila-u-7b-256 widths; $(VILAU_LLM_LAYERS) of 32 LLM layers, 3 of 24 SigLIP layers, $(VILAU_HEAD_LAYERS) of 6 depth layers"
 
 bench-kv: $(VENV)/.bench  ## paged KV: repeated-query TTFT, paged vs contiguous decode at 2k, pool vs budget
