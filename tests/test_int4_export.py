@@ -11,6 +11,7 @@ import torch
 from conftest import data, reference_inputs, scene_images
 from vila_edge_export.checkpoint import read_checkpoint
 from vila_edge_export.onnx_graph import int4_tensor
+from vila_edge_export.options import DEFAULT_GROUP_PLAN, parse_group_plan
 from vila_edge_export.quantize import apply_quantized, rtn_quantize
 from vila_edge_export.reference import ReferenceVLM
 from vila_edge import Pipeline
@@ -189,7 +190,8 @@ def test_zero_points_and_int8_linears_match_reference(target, checkpoint, engine
 def _manifest_quantization(llm, q: dict):
     """RTN with the settings an engine's manifest records."""
     qllm = rtn_quantize(llm, q["group_size"], auto_group=True, lm_head_bits=q["lm_head_bits"],
-                        zero_point=not q["symmetric"], int8=tuple(q["int8_linears"]))
+                        zero_point=not q["symmetric"], int8=tuple(q["int8_linears"]),
+                        plan=parse_group_plan(q.get("group_plan")))
     assert all((w.zeros is None) == (w.bits == 8 or q["symmetric"]) for w in qllm.linears.values())
     return qllm
 
@@ -206,9 +208,12 @@ def test_int4_report_and_sizes(engine):
     assert embed.dtype == np.float16 and report["embeddings_dtype"] == "float16"
     assert report["file_bytes"]["embed_tokens.npy"] < embed.size * 2 + 4096
     assert r["size_bytes"] < r["size_ref_bytes"]
-    # CPU default: G = 64 divides every K of the fixture; int4 codes + an fp16 scale and an int4 zero point
-    # per 64 weights; int8 lm_head: codes + an fp16 scale. No int8 down_proj fits 4.5 bits at this size.
-    assert r["groups"] == [64] and r["bits_per_weight"] == {"decoder": 4 + 20 / 64, "lm_head": 8 + 16 / 64}
+    # CPU default: the mixed group plan (options.DEFAULT_GROUP_PLAN) with zero points. Per layer of the fixture
+    # (hidden 64, 2 KV heads of 16, intermediate 128): q 4,096 + k, v 2,048 each + gate, up 8,192 each at
+    # G = 32 (4 + 20/32 bits), o 4,096 at 64 (4 + 20/64), down 8,192 at 128 (4 + 20/128): 165,376 bits over
+    # 36,864 weights; int8 lm_head at G = 64: codes + an fp16 scale. No int8 down_proj fits 4.5 bits.
+    assert r["groups"] == [32, 64, 128] and r["group_plan"] == DEFAULT_GROUP_PLAN
+    assert r["bits_per_weight"] == {"decoder": 165376 / 36864, "lm_head": 8 + 16 / 64}
     assert r["int8_linears"] == [] == q["int8_linears"]
     # int4 barely moves a 2-layer random model (measured: top-1 0.998, ppl +0.05 %); 4096 tokens give
     # 4095 next-token predictions
@@ -224,15 +229,15 @@ def test_int4_report_and_sizes(engine):
 
 
 def test_default_gate_is_issue_14s():
-    """The export (API and CLI) stops below 0.80 top-1 agreement or above +15 % perplexity; CPU engines
+    """The export (API and CLI) stops below 0.85 top-1 agreement or above +15 % perplexity; CPU engines
     default to zero points at G = 64 and the 4.5 bits-per-weight budget, other targets to symmetric G = 32."""
     from vila_edge.cli import parser
     from vila_edge_export.options import ExportOptions, QuantOptions, quant_defaults
     from vila_edge_export.quality import DEFAULT_FLOOR
     cli = parser().parse_args(["export", "ckpt", "out"])
     api = ExportOptions(quant=QuantOptions(method="awq"))
-    assert (DEFAULT_FLOOR.min_top1_agreement, DEFAULT_FLOOR.max_ppl_increase_pct) == (0.80, 15.0)
-    assert (api.quant.min_top1_agreement, api.quant.max_ppl_increase_pct) == (0.80, 15.0)
+    assert (DEFAULT_FLOOR.min_top1_agreement, DEFAULT_FLOOR.max_ppl_increase_pct) == (0.85, 15.0)
+    assert (api.quant.min_top1_agreement, api.quant.max_ppl_increase_pct) == (0.85, 15.0)
     assert cli.group_size is None and cli.zero_point is None and cli.max_bpw is None   # only flags given
     assert (api.quant.zero_point, api.quant.group_size, api.quant.max_bpw) == (True, 64, 4.5)
     orin = ExportOptions(target="orin", quant=QuantOptions(method="awq")).quant

@@ -30,7 +30,7 @@ def test_cli_export_defaults_are_the_dataclasses(captured):
     # the cpu target: zero points at G = 64, int8 outer down_projs within 4.5 bits, the issue-14 gate
     q = captured[0].quant
     assert (q.zero_point, q.group_size, q.max_bpw) == (True, DEFAULT_ZERO_POINT_GROUP, 4.5) and DEFAULT_GROUP == 32
-    assert (q.max_ppl_increase_pct, q.min_top1_agreement) == (15.0, 0.80)
+    assert (q.max_ppl_increase_pct, q.min_top1_agreement) == (15.0, 0.85)
 
 
 @pytest.mark.parametrize("flags, zero_point, group, max_bpw", [
@@ -94,3 +94,26 @@ def test_lm_head_bits_follow_the_method():
     assert QuantOptions("none").lm_head_bits == 0
     assert QuantOptions("rtn").lm_head_bits == 8
     assert QuantOptions("awq", lm_head_bits=0).lm_head_bits == 0
+
+
+def test_group_plan_default_and_overrides(captured):
+    """Mixed groups are the default of a zero-point export whose G is not given; an explicit G (or a
+    symmetric target) means one G for every linear unless a plan is given too."""
+    from vila_edge_export.options import DEFAULT_GROUP_PLAN, parse_group_plan
+    assert ExportOptions(quant=QuantOptions("awq")).quant.group_plan == DEFAULT_GROUP_PLAN
+    assert parse_group_plan(DEFAULT_GROUP_PLAN) == {"q_proj": 32, "k_proj": 32, "v_proj": 32, "o_proj": 64,
+                                                    "gate_proj": 32, "up_proj": 32, "down_proj": 128}
+    assert ExportOptions(quant=QuantOptions("awq", group_size=64)).quant.group_plan == ""
+    assert ExportOptions(target="orin", quant=QuantOptions("awq")).quant.group_plan == ""
+    given = ExportOptions(quant=QuantOptions("rtn", group_size=128, group_plan="o_proj=32")).quant
+    assert (given.group_size, given.group_plan) == (128, "o_proj=32")
+    flags = stages.options(stages.parser().parse_args(["graphs", "ckpt", "out", "--group-plan", "down_proj=64"]))
+    assert flags.quant.group_plan == "down_proj=64"
+    for plan in ("", "o_proj=32"):       # '' turns the default plan off: every linear at G = 64
+        assert cli.main(["export", "ckpt", "out", "--quant", "rtn", "--group-plan", plan]) == 0
+        assert (captured[-1].quant.group_size, captured[-1].quant.group_plan) == (64, plan)
+    for bad in ("q_proj", "q_proj=0", "=32", "q_proj=x"):
+        with pytest.raises(ExportOptionError, match="group_plan item"):
+            QuantOptions("rtn", group_plan=bad)
+    with pytest.raises(ExportOptionError, match="gate_proj, up_proj run as one fused linear"):
+        ExportOptions(quant=QuantOptions("rtn", group_size=64, group_plan="gate_proj=32"))

@@ -229,3 +229,29 @@ def test_apply_quantized_in_place_is_the_same_reference():
     assert same is model and copy_ is not model
     for (k, a), (_, b) in zip(copy_.state_dict().items(), same.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_group_plan_sets_each_linears_group_and_the_bit_budget():
+    """Tiny Llama, base G = 32 with zero points, plan q_proj=16, down_proj=128. Per layer: q 4,096 weights
+    at 4 + 20/16 = 5.25 bits, k/v/o 3 x 4,096 and gate/up 2 x 8,192 at 4.625, down 8,192 at 4 + 20/128 =
+    4.15625: 188,160 bits over 40,960 weights = 4.59375. An int8 down_proj (symmetric, 8 + 16/128) adds
+    8,192 x 3.96875 = 32,512 bits: 0.396875 bits per weight over both layers."""
+    from vila_edge_export.options import parse_group_plan
+    from vila_edge_export.quality import bits_per_weight
+    from vila_edge_export.quantize import linear_groups
+    model = tiny_model("llama")
+    plan = parse_group_plan("q_proj=16, down_proj=128")
+    assert plan == {"q_proj": 16, "down_proj": 128}
+    groups = linear_groups(model, GROUP, False, plan)
+    kinds = {n.rsplit(".", 1)[1]: g for n, g in groups.items() if n.startswith("model.layers.1.")}
+    assert kinds == {"q_proj": 16, "k_proj": 32, "v_proj": 32, "o_proj": 32, "gate_proj": 32, "up_proj": 32,
+                     "down_proj": 128}
+    down = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    assert int8_linears(model, GROUP, False, True, 4.9905, plan) == []
+    assert int8_linears(model, GROUP, False, True, 4.9907, plan) == down[:1]
+    qllm = rtn_quantize(model, GROUP, zero_point=True, plan=plan)
+    assert {n: q.group for n, q in qllm.linears.items() if n != LM_HEAD} == groups
+    assert qllm.linears[LM_HEAD].group == GROUP              # lm_head keeps the base G
+    assert bits_per_weight(qllm)["decoder"] == 4.59375
+    awq = awq_quantize(model, outlier_embeds(3, 1, 32), GROUP, progress=False, zero_point=True, plan=plan)
+    assert {n: q.group for n, q in awq.linears.items() if n != LM_HEAD} == groups

@@ -162,7 +162,11 @@ def add_export(sub) -> None:
     e.add_argument("--quant", choices=["none", "rtn", "awq", "gptq"], default=None,
                    help="4-bit LLM weights: none, round-to-nearest, AWQ or GPTQ (both calibrated)")
     e.add_argument("--group-size", type=_number(int, 1), default=None,
-                   help="int4 quantization group size (default 64 with zero points, 32 without)")
+                   help="int4 quantization group size (default 64 with zero points, 32 without); alone, every "
+                        "linear at this G")
+    e.add_argument("--group-plan", default=None, metavar="KIND=G,...",
+                   help="G per decoder linear kind, e.g. q_proj=32,down_proj=128; '' for none (default with zero "
+                        "points and no --group-size: vila_edge_export/options.py DEFAULT_GROUP_PLAN)")
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
                    help="lm_head with --quant rtn/awq/gptq: symmetric int8 (default), int4, or 0 = float")
     e.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
@@ -185,7 +189,7 @@ def add_export(sub) -> None:
     e.add_argument("--max-ppl-increase", type=_number(float, 0), default=None,
                    help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text; default 15)")
     e.add_argument("--min-top1", type=_number(float, 0, 1), default=None,
-                   help="... or top-1 agreement falls below this (default 0.8)")
+                   help="... or top-1 agreement falls below this (default 0.85)")
     e.add_argument("--no-quality-floor", action="store_true", help="write the quality report but never stop")
     e.add_argument("--eval-tokens", type=_number(int, 1), default=None,
                    help="held-out text tokens of the 4-bit quality report (a float and a quantized pass over "
@@ -208,7 +212,8 @@ def _export(args) -> int:
     line = notice(args.target or "cpu")
     if line:
         print(f"vila-edge: {line}", file=sys.stderr)
-    given = _given(method=args.quant, group_size=args.group_size, lm_head_bits=args.lm_head_bits,
+    given = _given(method=args.quant, group_size=args.group_size, group_plan=args.group_plan,
+                   lm_head_bits=args.lm_head_bits,
                    embed_bits=args.embed_bits, calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
                    zero_point=args.zero_point, max_bpw=args.max_bpw,
                    max_ppl_increase_pct=args.max_ppl_increase, min_top1_agreement=args.min_top1)

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from vila_edge_export.gptq import gptq_quantize, hessian, inverse_hessian
 from vila_edge_export.quantize import (DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, QuantConfigError, QuantizedLLM,
-                             QuantizedWeight, apply_quantized, decoder_linears, pseudo_quantize, quantize_linears,
-                             resolve_group, rtn_quantize)
+                             QuantizedWeight, apply_quantized, decoder_linears, linear_groups, pseudo_quantize,
+                             quantize_linears, rtn_quantize)
 
 __all__ = ["awq_quantize", "awq_transform", "text_calibration_embeds", "rtn_quantize", "apply_quantized"]
 
@@ -221,16 +221,16 @@ def awq_transform(model: nn.Module, calib_embeds: list[Tensor], group: int = DEF
 
 @torch.no_grad()
 def _transform(model: nn.Module, calib_embeds: list[Tensor], group: int, auto_group: bool, clip: bool,
-               progress: bool, zero_point: bool, gptq_bits: dict[str, int] | None, search: bool = True) -> tuple:
+               progress: bool, zero_point: bool, gptq_bits: dict[str, int] | None, search: bool = True,
+               plan: dict | None = None) -> tuple:
     """awq_transform, and with gptq_bits ({decoder linear: bits}) each linear GPTQ-rounded as its layer
-    is done -> (model, {name: QuantizedWeight})."""
+    is done -> (model, {name: QuantizedWeight}). plan: G per linear kind (quantize.linear_groups)."""
     if type(model).__name__ not in SUPPORTED:
         raise QuantConfigError(f"AWQ supports {SUPPORTED}, got {type(model).__name__}")
     if not calib_embeds:
         raise QuantConfigError("calib_embeds is empty")
     model.eval()
-    gsize = {name: resolve_group(name, lin.in_features, group, auto_group)
-             for name, lin in decoder_linears(model).items()}
+    gsize = linear_groups(model, group, auto_group, plan)
     samples = _capture_first_inputs(model, calib_embeds)
     rounded = {}
     desc = ("AWQ" if search else "GPTQ") + " layers"
@@ -242,19 +242,19 @@ def _transform(model: nn.Module, calib_embeds: list[Tensor], group: int, auto_gr
 def awq_quantize(model: nn.Module, calib_embeds: list[Tensor], group: int = DEFAULT_GROUP,
                  progress: bool = True, auto_group: bool = False,
                  lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False, int8: tuple = (),
-                 gptq: bool = False, clip: bool = True, search: bool = True) -> QuantizedLLM:
+                 gptq: bool = False, clip: bool = True, search: bool = True, plan: dict | None = None) -> QuantizedLLM:
     """AWQ scale (+ clip) search on a copy of `model` (search False: neither, GPTQ alone), then int4 of
     every decoder linear (int8 for those in `int8`), rounded to nearest or by GPTQ on the (scaled)
     calibration inputs, and round-to-nearest of lm_head (llm-awq searches only inside the decoder
-    blocks)."""
+    blocks). plan: G per decoder linear kind (quantize.linear_groups), searched and stored at that G."""
     if not (search or gptq):
         raise QuantConfigError("neither the AWQ search nor GPTQ: that is rtn_quantize")
     bits = {name: 8 if name in int8 else 4 for name in decoder_linears(model)} if gptq else None
     folded, rounded = _transform(copy.deepcopy(model) if search else model, calib_embeds, group, auto_group, clip,
-                                 progress, zero_point, bits, search)
+                                 progress, zero_point, bits, search, plan)
     method = "gptq" if not search else "awq+gptq" if gptq else "awq"
     return quantize_linears(folded, group, auto_group, method=method,
-                            lm_head_bits=lm_head_bits, zero_point=zero_point, int8=int8, rounded=rounded)
+                            lm_head_bits=lm_head_bits, zero_point=zero_point, int8=int8, rounded=rounded, plan=plan)
 
 
 @torch.no_grad()

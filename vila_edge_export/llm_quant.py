@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from vila_edge_export.awq import awq_quantize, text_calibration_embeds
 from vila_edge_export.calib_text import split_texts
 from vila_edge_export.checkpoint import CheckpointSpec
-from vila_edge_export.options import QuantOptions, quant_options
+from vila_edge_export.options import QuantOptions, parse_group_plan, quant_options
 from vila_edge_export.quality import (EVAL_WINDOW, QualityFloor, bits_per_weight, compare, float_size_bytes,
                                       forward_windows, quantized_size_bytes)
 from vila_edge_export.quantize import apply_quantized, int8_linears, rtn_quantize
@@ -88,10 +88,11 @@ def quantize_model(ref: ReferenceVLM, opts: QuantOptions, template_source: str |
     """ref.llm (left as it is) -> QuantizedLLM with opts' method, group size and lm_head bits."""
     model = ref.llm
     opts = quant_options(opts)       # a bare QuantOptions: the CPU target's zero-point choice and group
-    int8 = tuple(int8_linears(model, opts.group_size, True, opts.zero_point, opts.max_bpw))
+    plan = parse_group_plan(opts.group_plan)
+    int8 = tuple(int8_linears(model, opts.group_size, True, opts.zero_point, opts.max_bpw, plan))
     if opts.method == "rtn":
         return rtn_quantize(model, opts.group_size, auto_group=True, lm_head_bits=opts.lm_head_bits,
-                            zero_point=opts.zero_point, int8=int8)
+                            zero_point=opts.zero_point, int8=int8, plan=plan)
     template = get_template(ref.spec.template, template_source)
     images, prompts = _calib_inputs(opts)
     if hasattr(ref, "prompt_embeds"):        # VILA-U (reference_vila_u.py): its own tower and splice
@@ -102,7 +103,7 @@ def quantize_model(ref: ReferenceVLM, opts: QuantOptions, template_source: str |
         calib += text_calibration_embeds(model, ref.tokenizer, split_texts("calib"), opts.text_seqlen, opts.n_text)
     return awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True,
                         lm_head_bits=opts.lm_head_bits, zero_point=opts.zero_point, int8=int8,
-                        gptq=opts.method == "gptq", search=opts.method == "awq")
+                        gptq=opts.method == "gptq", search=opts.method == "awq", plan=plan)
 
 
 def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str | None, progress: bool) -> tuple:
@@ -134,6 +135,7 @@ def _quality(ref: ReferenceVLM, qllm, opts: QuantOptions) -> dict:
     report = compare(qllm.method, q, fp, quantized_size_bytes(qllm), float_bytes, window, window // 2)
     result = asdict(report)
     result["groups"] = sorted({w.group for w in qllm.linears.values()})
+    result["group_plan"] = opts.group_plan
     result["quantized_linears"] = len(qllm.linears)
     result["lm_head_bits"] = qllm.lm_head_bits
     result["bits_per_weight"] = bits_per_weight(qllm)

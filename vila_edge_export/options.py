@@ -18,12 +18,20 @@ DEFAULT_GROUP = 32
 # With a zero point per group (+4/G bits) G = 64: 4.3125 bits per weight, better than symmetric G = 32
 # (4.5) on SmolLM2, leaving room under the 4.5 budget for int8 outer down_projs (int8_linears).
 DEFAULT_ZERO_POINT_GROUP = 64
+# Mixed group sizes, the default of a zero-point export whose G is not given (QuantOptions.group_plan):
+# G per linear kind, "kind=G,...". G = 32 (4.625 bits per weight) where SmolLM2 gains most from small
+# groups, o_proj at 64 (4.3125) and down_proj at 128 (4.15625): 4.4785 bits per decoder weight at
+# SmolLM2's shapes, so no int8 down_proj fits the budget beside it (benchmarks/results/smollm2-vila-mixed-1k).
+DEFAULT_GROUP_PLAN = "q_proj=32,k_proj=32,v_proj=32,o_proj=64,gate_proj=32,up_proj=32,down_proj=128"
+# Linears the LLM graphs run as one MatMulNBits (vila_edge_export/onnx_llm.py _concat_linears): one G each.
+FUSED_KINDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 ZERO_POINT_TARGETS = ("cpu",)     # engines run by ONNX Runtime (MatMulNBits takes uint4 zero points)
 DEFAULT_MAX_BPW = 4.5             # decoder bits per weight the int8 down_projs may spend (int8_linears)
 # The quality gate of a 4-bit export (issue 14): perplexity within +15 % of float, top-1 agreement
-# >= 0.80 (the default export measures 0.845 on SmolLM2); vila_edge_export/quality.py DEFAULT_FLOOR.
+# >= 0.85 (the default export, AWQ with DEFAULT_GROUP_PLAN, measures 0.859 / +9.0 % on SmolLM2 at 4.479
+# bits per decoder weight: benchmarks/results/smollm2-vila-mixed-1k); vila_edge_export/quality.py DEFAULT_FLOOR.
 DEFAULT_MAX_PPL_INCREASE_PCT = 15.0
-DEFAULT_MIN_TOP1 = 0.80
+DEFAULT_MIN_TOP1 = 0.85
 # lm_head bits of a quantized export: int8 keeps the vocab projection (the most error-sensitive layer)
 # close to float at half its fp16 size, and ORT runs it as MatMulNBits(bits=8) instead of an fp32 MatMul.
 DEFAULT_LM_HEAD_BITS = 8
@@ -39,6 +47,9 @@ class QuantOptions:
     method: str = "none"
     # None: DEFAULT_ZERO_POINT_GROUP with zero points, DEFAULT_GROUP without (quant_options)
     group_size: int | None = None
+    # G per decoder linear kind ("q_proj=32,down_proj=128"; a kind not named gets group_size; "": every
+    # linear at group_size). None: DEFAULT_GROUP_PLAN with zero points and no group_size given, else "".
+    group_plan: str | None = None
     # 8 / 4: lm_head quantized like the linears (groups along K); 0: float. None: DEFAULT_LM_HEAD_BITS
     # for rtn/awq, 0 for none.
     lm_head_bits: int | None = None
@@ -64,6 +75,8 @@ class QuantOptions:
             raise ExportOptionError(f"quant {self.method!r} unknown; expected one of {METHODS}")
         if self.group_size is not None and self.group_size < 1:
             raise ExportOptionError(f"group_size must be >= 1, got {self.group_size}")
+        if self.group_plan is not None:
+            parse_group_plan(self.group_plan)        # raises on a malformed plan
         if self.lm_head_bits is None:
             self.lm_head_bits = DEFAULT_LM_HEAD_BITS if self.method != "none" else 0
         if self.lm_head_bits not in LM_HEAD_BITS:
@@ -128,6 +141,17 @@ class ExportOptions:
         return cls(**given)
 
 
+def parse_group_plan(plan: str | None) -> dict[str, int]:
+    """"q_proj=32,down_proj=128" -> {"q_proj": 32, "down_proj": 128}; None or "" -> {}."""
+    out = {}
+    for item in filter(None, (p.strip() for p in (plan or "").split(","))):
+        kind, _, g = item.partition("=")
+        if not kind.strip() or not g.strip().isdigit() or int(g) < 1:
+            raise ExportOptionError(f"group_plan item {item!r}: expected KIND=G with G >= 1 (e.g. down_proj=128)")
+        out[kind.strip()] = int(g)
+    return out
+
+
 def quant_defaults(target: str, zero_point: bool | None, group: int | None) -> tuple[bool, int]:
     """(zero_point, G) of a 4-bit export: zero points where the target's runtime takes them (ORT's
     MatMulNBits does; TensorRT's int4 does not, docs/contracts.md), G by that choice."""
@@ -137,6 +161,15 @@ def quant_defaults(target: str, zero_point: bool | None, group: int | None) -> t
 
 def quant_options(quant: QuantOptions, target: str = "cpu") -> QuantOptions:
     """The one place export options become quantizer settings: `quant` with the target's zero-point
-    choice and group size filled in (unchanged when both are given)."""
+    choice, group size and group plan filled in (unchanged when all three are given). An explicit
+    group_size means every linear at that G unless a group_plan is given too."""
     zero_point, group = quant_defaults(target, quant.zero_point, quant.group_size)
-    return replace(quant, zero_point=zero_point, group_size=group)
+    plan = quant.group_plan
+    if plan is None:
+        plan = DEFAULT_GROUP_PLAN if zero_point and quant.group_size is None else ""
+    given = parse_group_plan(plan)
+    for kinds in FUSED_KINDS:
+        if len({given.get(k, group) for k in kinds}) > 1:
+            raise ExportOptionError(f"group_plan {plan!r}: {', '.join(kinds)} run as one fused linear and need one "
+                                    f"group size")
+    return replace(quant, zero_point=zero_point, group_size=group, group_plan=plan)

@@ -137,30 +137,40 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
             for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
+def linear_groups(model: nn.Module, group: int, auto_group: bool, plan: dict | None = None) -> dict[str, int]:
+    """G of every decoder linear: plan's G for its kind (the last part of its name, "down_proj"), else
+    `group`, resolved against its K (resolve_group). The graphs read G per linear (MatMulNBits
+    block_size per node), so the kinds may differ."""
+    plan = plan or {}
+    return {name: resolve_group(name, lin.in_features, plan.get(name.rsplit(".", 1)[-1], group), auto_group)
+            for name, lin in decoder_linears(model).items()}
+
+
 def _bits_per_weight(bits: int, group: int, zero_point: bool) -> float:
     return bits + (16 + (bits if zero_point else 0)) / group     # codes + fp16 scale (+ zero point)
 
 
-def int8_linears(model: nn.Module, group: int, auto_group: bool, zero_point: bool, max_bpw: float | None) -> list:
+def int8_linears(model: nn.Module, group: int, auto_group: bool, zero_point: bool, max_bpw: float | None,
+                 plan: dict | None = None) -> list:
     """Decoder linears that get int8 (symmetric) instead of int4 so that the decoder's bits per weight
     stay <= max_bpw: mlp.down_proj of the layers at both ends of the stack, outermost first (0, L-1,
     1, L-2, ...), as many as the budget holds. The first and last layers are the most sensitive to
     quantization (llama.cpp's Q4_K_M gives ffn_down of the outer layers 6 bits, use_more_bits), and
     down_proj is not fused with another linear in the graph. None or a budget the int4 weights already
-    exceed: no int8 linears."""
+    exceed: no int8 linears. plan: G per linear kind (linear_groups)."""
     if max_bpw is None:
         return []
     lins = decoder_linears(model)
+    groups = linear_groups(model, group, auto_group, plan)
     sizes = {n: lin.weight.numel() for n, lin in lins.items()}
     total = sum(sizes.values())
-    bits = sum(sizes[n] * _bits_per_weight(4, resolve_group(n, lin.in_features, group, auto_group), zero_point)
-               for n, lin in lins.items())
+    bits = sum(sizes[n] * _bits_per_weight(4, groups[n], zero_point) for n in lins)
     n_layers = len(model.model.layers)
     order = [i for pair in zip(range(n_layers), reversed(range(n_layers))) for i in pair][:n_layers]
     chosen = []
     for i in dict.fromkeys(order):
         name = f"model.layers.{i}.mlp.down_proj"
-        g = resolve_group(name, lins[name].in_features, group, auto_group)
+        g = groups[name]
         extra = sizes[name] * (_bits_per_weight(8, g, False) - _bits_per_weight(4, g, zero_point))
         if (bits + extra) / total > max_bpw:
             break
@@ -182,15 +192,18 @@ def quantized_targets(model: nn.Module, lm_head_bits: int, int8: tuple = ()) -> 
 
 def quantize_linears(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: bool = False,
                      method: str = "rtn", lm_head_bits: int = DEFAULT_LM_HEAD_BITS,
-                     zero_point: bool = False, int8: tuple = (), rounded: dict | None = None) -> QuantizedLLM:
+                     zero_point: bool = False, int8: tuple = (), rounded: dict | None = None,
+                     plan: dict | None = None) -> QuantizedLLM:
     """Quantize the decoder linears (and lm_head) of `model` as they are now (model is not modified).
     A tied lm_head is quantized from the float embedding table; the table itself stays float, rounded
-    to EMBED_STORAGE_DTYPE. `rounded`: linears already quantized (GPTQ), taken as they are."""
+    to EMBED_STORAGE_DTYPE. `rounded`: linears already quantized (GPTQ), taken as they are. plan: G per
+    decoder linear kind (linear_groups); lm_head takes `group`."""
     linears = dict(rounded or {})
+    groups = linear_groups(model, group, auto_group, plan)
     for name, (lin, bits) in quantized_targets(model, lm_head_bits, tuple(int8)).items():
         if name in linears:
             continue
-        g = resolve_group(name, lin.in_features, group, auto_group)
+        g = groups.get(name) or resolve_group(name, lin.in_features, group, auto_group)
         # int8 (lm_head, the int8 decoder linears) stays symmetric: it needs no zero point to stay close to float
         linears[name] = quantize_group(lin.weight, g, bits, zero_point and bits == 4)
     skip = {f"{name}.weight" for name in linears}
@@ -207,10 +220,11 @@ def quantize_linears(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: b
 
 
 def rtn_quantize(model: nn.Module, group: int = DEFAULT_GROUP, auto_group: bool = False,
-                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False, int8: tuple = ()) -> QuantizedLLM:
+                 lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False, int8: tuple = (),
+                 plan: dict | None = None) -> QuantizedLLM:
     """Round-to-nearest baseline: the quantizer with no scale or clip search."""
     return quantize_linears(model, group, auto_group, method="rtn", lm_head_bits=lm_head_bits, zero_point=zero_point,
-                            int8=int8)
+                            int8=int8, plan=plan)
 
 
 def apply_quantized(model: nn.Module, qllm: QuantizedLLM, in_place: bool = False) -> nn.Module:
