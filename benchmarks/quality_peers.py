@@ -80,8 +80,9 @@ def vila_edge_rows(ref_vlm, ids, args, ref) -> list:
     rows = []
     for method in args.methods.split(","):     # `vila-edge export --quant METHOD` with default options
         t0 = time.perf_counter()
-        head = {} if args.lm_head_bits is None else {"lm_head_bits": args.lm_head_bits}
-        quant = QuantOptions(method=method, **head)
+        given = {k: v for k, v in (("lm_head_bits", args.lm_head_bits), ("group_plan", args.group_plan))
+                 if v is not None}
+        quant = QuantOptions(method=method, **given)
         qllm = quantize_model(ref_vlm, ExportOptions(quant=quant).quant, None, progress=True)
         quant_s = time.perf_counter() - t0
         model = apply_quantized(ref_vlm.llm, qllm)
@@ -266,6 +267,8 @@ def main(argv=None) -> int:
                     help="comma list of vila_edge, genai, llama.cpp")
     ap.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
                     help="vila_edge rows: the export's --lm-head-bits (default: the export's, int8)")
+    ap.add_argument("--group-plan", default=None, metavar="KIND=G,...",
+                    help="vila_edge rows: the export's --group-plan (default: options.DEFAULT_GROUP_PLAN)")
     ap.add_argument("--methods", default="awq,gptq,rtn", help="comma list of the export's --quant methods")
     ap.add_argument("--name", default="smollm2-vila")
     args = ap.parse_args(argv)

@@ -8,8 +8,9 @@ of pydoc_data.topics (vila_edge_export/calib_text.py). The export's own quantize
 the mixed group sizes of DEFAULT_GROUP_PLAN, int8 lm_head) is measured with the export's own protocol
 (quality.score_windows, windows of 256, the export's calibration: 8 scenes and 8 x 256 text tokens) on
 1,024 held-out tokens and must pass the default gate (>= 0.85 top-1 agreement, <= +15 % perplexity) and beat
-round-to-nearest with the same settings. Measured: AWQ top-1 0.859, ppl +9.0 %
-(benchmarks/results/smollm2-vila-mixed-1k); ~5 min of CPU (an AWQ pass over 30 layers).
+round-to-nearest with the same settings. Measured: AWQ top-1 0.859, ppl +9.0 % (as
+benchmarks/results/smollm2-vila-mixed-1k); RTN 0.759, +27.6 % (10 min 50 s wall, 657 s user CPU, 2.3 GB
+RSS on the shared 2-core machine at load ~4-6).
 """
 import dataclasses
 
