@@ -7,7 +7,7 @@ of pydoc_data.topics (vila_edge_export/calib_text.py). The export's own quantize
 `vila-edge export --quant awq` (vila_edge_export/options.py quant_options: AWQ with a zero point per group and
 the mixed group sizes of DEFAULT_GROUP_PLAN, int8 lm_head) is measured with the export's own protocol
 (quality.score_windows, windows of 256, the export's calibration: 8 scenes and 8 x 256 text tokens) on
-1,024 held-out tokens and must pass the default gate (>= 0.85 top-1 agreement, <= +15 % perplexity) and beat
+1,024 held-out tokens and must pass the default gate and issue 14's figures (>= 0.85 top-1 agreement, <= +15 % perplexity) and beat
 round-to-nearest with the same settings. Measured: AWQ top-1 0.859, ppl +9.0 % (as
 benchmarks/results/smollm2-vila-mixed-1k); RTN 0.759, +27.6 % (10 min 50 s wall, 657 s user CPU, 2.3 GB
 RSS on the shared 2-core machine at load ~4-6).
@@ -49,8 +49,8 @@ def test_default_awq_export_passes_the_gate(smollm2_vila):
     opts = ExportOptions(quant=QuantOptions(method="awq", eval_tokens=EVAL_TOKENS)).quant
     assert opts.method == "awq" and opts.zero_point and opts.group_size == 64 and opts.max_bpw == 4.5
     assert opts.group_plan == DEFAULT_GROUP_PLAN
-    assert (opts.max_ppl_increase_pct, opts.min_top1_agreement) == (15.0, 0.85)
-    assert (DEFAULT_FLOOR.min_top1_agreement, DEFAULT_FLOOR.max_ppl_increase_pct) == (0.85, 15.0)
+    assert (opts.max_ppl_increase_pct, opts.min_top1_agreement) == (15.0, 0.80)
+    assert (DEFAULT_FLOOR.min_top1_agreement, DEFAULT_FLOOR.max_ppl_increase_pct) == (0.80, 15.0)
     ids = eval_ids(ref.tokenizer, EVAL_TOKENS)
     fp = forward_windows(ref.llm, ids, WINDOW, WINDOW // 2)
     reports, bpw = {}, {}
@@ -64,6 +64,7 @@ def test_default_awq_export_passes_the_gate(smollm2_vila):
     awq, rtn = reports["awq"], reports["rtn"]
     assert awq.n_eval_tokens == EVAL_TOKENS - 1
     DEFAULT_FLOOR.check(awq)          # raises QualityError, as the export would
+    assert awq.top1_agreement >= 0.85 and awq.ppl_increase_pct <= 15.0   # issue 14's figures on this text
     assert bpw["awq"] == bpw["rtn"] == {"decoder": DECODER_BPW, "lm_head": 8 + 16 / 64}
     assert sorted(n for n, q in qllm.linears.items() if q.bits == 8 and n != "lm_head") == INT8
     assert awq.top1_agreement > rtn.top1_agreement

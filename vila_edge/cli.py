@@ -189,7 +189,7 @@ def add_export(sub) -> None:
     e.add_argument("--max-ppl-increase", type=_number(float, 0), default=None,
                    help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text; default 15)")
     e.add_argument("--min-top1", type=_number(float, 0, 1), default=None,
-                   help="... or top-1 agreement falls below this (default 0.85)")
+                   help="... or top-1 agreement falls below this (default 0.80)")
     e.add_argument("--no-quality-floor", action="store_true", help="write the quality report but never stop")
     e.add_argument("--eval-tokens", type=_number(int, 1), default=None,
                    help="held-out text tokens of the 4-bit quality report (a float and a quantized pass over "
