@@ -78,6 +78,16 @@ def pipeline_backend(engine_dir: str, max_new_tokens: int = 8, threads: int | No
     return answer
 
 
+def write_report(report: dict, out: str | None) -> None:
+    """The evaluation's JSON to `out`, or to stdout without one."""
+    text = json.dumps(report, indent=1)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", help="a checkpoint (torch model) or an engine directory (vila_edge.Pipeline)")
@@ -95,12 +105,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         backend = torch_backend(args.checkpoint)
     report = evaluate(backend, n=args.n, seed=args.seed, keep_items=args.items)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
+    write_report(report, args.out)
     print(f"overall {report['overall']:.3f} ({report['correct']}/{report['n']})", file=sys.stderr)
 
 

@@ -14,7 +14,6 @@
   on the real scenes for those prompts give each attribute's ceiling ("judge on real scenes").
 """
 import argparse
-import json
 import os
 import random
 import sys
@@ -23,7 +22,7 @@ import time
 import numpy as np
 
 from trainers.tiny_shapes import scenes
-from trainers.tiny_shapes.evaluate import EVAL_SEED, evaluate as understanding
+from trainers.tiny_shapes.evaluate import EVAL_SEED, evaluate as understanding, write_report
 from trainers.tiny_vila_u import prompts
 
 PALETTE_TOLERANCE = 45        # max |channel - palette| of a pixel of that colour (tint is +-12)
@@ -231,12 +230,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     report = run(args.target, args.n, args.recon_n, args.samples, args.threads,
                  tuple(args.only or ("understanding", "reconstruction", "generation")))
-    text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
+    write_report(report, args.out)
     print(summary(report), file=sys.stderr)
 
 
