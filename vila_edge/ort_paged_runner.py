@@ -31,7 +31,8 @@ def paged_llm_buffers(manifest, num_blocks: int, block_size: int, max_context: i
 
 class OrtPagedLLMRunner(LLMRunner):
     max_batch = MAX_BATCH
-    _tables = OrtLLMRunner._tables
+    # The same as the numpy-pool runner's: tables, another runner over one session, pool block copies.
+    _tables, share, copy_block = OrtLLMRunner._tables, OrtLLMRunner.share, OrtLLMRunner.copy_block
     embed = OrtLLMRunner.embed      # table rows for ids, span rows at their offsets: the same checks
 
     def __init__(self, engine_dir: str, manifest, num_blocks: int, block_size: int, max_context: int,
@@ -56,16 +57,8 @@ class OrtPagedLLMRunner(LLMRunner):
         forward_batch (None: the graph has none)."""
         return getattr(self._local, "hidden", None)
 
-    def share(self, num_blocks: int, block_size: int, max_context: int) -> "OrtPagedLLMRunner":
-        """Another runner with its own pool over this one's session (weights loaded once)."""
-        return OrtPagedLLMRunner(self.engine_dir, self.manifest, num_blocks, block_size, max_context, self.opts,
-                                 self.session)
-
     def buffers(self) -> list:
         return paged_llm_buffers(self.manifest, self.num_blocks, self.layout.block_size, self.max_context, self.opts)
-
-    def copy_block(self, src: int, dst: int) -> None:
-        self.pool.copy_block(src, dst)
 
     def _binding(self):
         """This thread's IOBinding, the pool's layers bound once (an IOBinding is not thread-safe)."""

@@ -105,8 +105,8 @@ class OrtLLMRunner(LLMRunner):
             self._hidden.skip_head = False
 
     def share(self, num_blocks: int, block_size: int, max_context: int) -> "OrtLLMRunner":
-        """Another runner with its own pool over this one's session (weights loaded once)."""
-        return OrtLLMRunner(self.engine_dir, self.manifest, num_blocks, block_size, max_context, self.opts,
+        """Another runner of this class with its own pool over this one's session (weights loaded once)."""
+        return type(self)(self.engine_dir, self.manifest, num_blocks, block_size, max_context, self.opts,
                             self.session)
 
     def buffers(self) -> list:
