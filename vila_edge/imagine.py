@@ -210,6 +210,7 @@ def _codes(pipe, rows: list, T: int, cfg: float, pick, stats: dict, counter: _Pr
         return code
     t0 = time.perf_counter()
     seqs = Rows(pipe, rows, T)
+    stats["prefill_s"] = stats.get("prefill_s", 0.0) + time.perf_counter() - t0      # part of llm_s
     stats["llm_s"] += time.perf_counter() - t0
     stats["cached_tokens"].append(seqs.cached)        # per row: prompt positions the prefix cache had
     try:

@@ -13,6 +13,7 @@ The LLM is transformers' Llama with eager attention (the reference runs flash-at
 swaps in eager causal attention plus the padding mask, vila-u.md §8).
 """
 import math
+import time
 
 import torch
 import torch.nn as nn
@@ -314,17 +315,23 @@ class VilaUReference:
     @torch.no_grad()
     def generate_codes(self, prompt: str, n: int = 1, cfg: float = 3.0, temperature: float = 1.0,
                        top_k: int = 900, top_p: float = 0.96, generator=None, video: bool = False,
-                       positions: int | None = None):
+                       positions: int | None = None, timing: dict | None = None, text_head: bool = False):
         """-> codes (n, g, g, D); video: (n, VIDEO_FRAMES, g, g, D), max_new_tokens = T * frames and
         frame f = positions f*T .. f*T+T-1 (vila_arch.py:642-671). Rows: n cond then n uncond,
-        left-padded with id 0 and mask 0. positions: stop after that many (benchmarks; codes (n, positions, D))."""
+        left-padded with id 0 and mask 0. positions: stop after that many (benchmarks; codes (n, positions, D)).
+        Benchmarks: timing (a dict) gets prefill_s and, with text_head, text_head_s: the official loop's
+        dummy text token at every step (_text_head), which does not change the codes."""
         cond, uncond = (tokenize(self.tokenizer, p) for p in generation_prompts(prompt, video))
         rows = [cond] * n + [uncond] * n
         width = max(map(len, rows))
         ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)      # TR/models/llama/modeling_llama.py:1107-1113
+        t0 = time.perf_counter()
         out = self.llm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        timing = {} if timing is None else timing
+        timing["prefill_s"], timing["text_head_s"] = time.perf_counter() - t0, 0.0
+        text_rng = torch.Generator().manual_seed(0)
         codes = []
         frames = VIDEO_FRAMES if video else 1
         for t in range(positions or self.spec.image_tokens * frames):
@@ -335,11 +342,30 @@ class VilaUReference:
                 out = self.llm.model(inputs_embeds=x, attention_mask=mask, position_ids=pos,
                                      past_key_values=out.past_key_values, use_cache=True)
             codes.append(self._depth(out.last_hidden_state[:, -1], n, cfg, temperature, top_k, top_p, generator))
+            if text_head:
+                self._text_head(out.last_hidden_state, codes[-1], text_rng, timing)
         if positions:
             return torch.stack(codes, 1)
         g = self.spec.siglip.grid
         shape = (n, frames, g, g, self.spec.depth) if video else (n, g, g, self.spec.depth)
         return torch.stack(codes, 1).reshape(shape)
+
+    def _text_head(self, hidden, codes, rng, timing: dict) -> None:
+        """The official loop's dummy text token, whose cost the official loop pays at every position
+        (TR/models/llama/modeling_llama.py:1045-1073; TR/generation/utils.py:2884-2909 `sample`):
+        lm_head over the LLM output with its last row replaced by projector(z_q of this position's
+        codes), then the llm's generation_config sampler (temperature 0.9, top-k 50 -- transformers'
+        default --, top-p 0.6) on the last row and one draw per row. The token is discarded (vila-u.md
+        §5.6), drawn from its own generator so the codes' random stream is the same with or without it."""
+        from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                            TopKLogitsWarper, TopPLogitsWarper)
+        t0 = time.perf_counter()
+        warp = LogitsProcessorList([TemperatureLogitsWarper(0.9), TopKLogitsWarper(50), TopPLogitsWarper(0.6)])
+        z = self.projector(self.code_sum(torch.cat([codes, codes])))[:, None]               # (2n, 1, hidden)
+        logits = self.llm.lm_head(torch.cat([hidden[:, :-1], z], 1)).float()
+        scores = warp(None, logits[:, -1])
+        torch.multinomial(scores.softmax(-1), 1, generator=rng)
+        timing["text_head_s"] += time.perf_counter() - t0
 
     def _depth(self, h, n, cfg, temperature, top_k, top_p, generator):
         """One position's D codes (n, D): CFG on the depth logits only; the codes are shared by both rows."""
