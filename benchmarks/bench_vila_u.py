@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks import vila_u_scale
+
 PROMPT = "a red cube on the left and a blue ball on the right"
 # Every side first runs WARMUP positions of another prompt and one decoder pass, untimed: first-call costs
 # (ORT's arena growth, oneDNN primitive creation) are paid once per process, not once per image, and the
@@ -87,8 +89,8 @@ def run_reference(checkpoint: str, threads: int, repeats: int, positions: int = 
             t1 = time.perf_counter()
             ref.decode(torch.zeros(1, g, g, D, dtype=torch.int64) if positions else codes)
         times.append(time.perf_counter() - t0)
-        split.append({"loop_s": t1 - t0, "decoder_s": time.perf_counter() - t1, "prefill_s": timing["prefill_s"],
-                      "text_head_s": timing["text_head_s"]})
+        split.append({"loop_s": t1 - t0, "decoder_s": time.perf_counter() - t1,
+                      **{k: timing[k] for k in ("prefill_s", "llm_s", "depth_s", "text_head_s")}})
     return {"seconds": times, "split": split}
 
 
@@ -171,7 +173,42 @@ def _table(args, ours: dict, ref: dict) -> str:
         lo, hi = min(per_image_all(ref, args.positions, total)), max(per_image_all(ref, args.positions, total))
         lines.append(f"| torch reference (eager fp32, official loop) | {want:.0f} [{lo:.0f}-{hi:.0f}] | 1.00x | |")
         lines.append(f"| torch reference without its text token | {want_bare:.0f} | | 1.00x |")
-    return "\n".join(lines + [""])
+    return "\n".join(lines + _scaled_lines(args, ours, ref) + [""])
+
+
+def _scales(args, ref: dict) -> bool:
+    """A 7B-256-width checkpoint and a reference side that recorded its split (older JSON did not)."""
+    from vila_edge_export.checkpoint_vila_u import read_vila_u
+
+    return all("llm_s" in s for s in ref.get("split", [{}])) and vila_u_scale.applies(read_vila_u(args.checkpoint))
+
+
+def scaled(args, side: dict, total: int) -> list:
+    """Per-image seconds of every repeat at the full 7B-256 layer counts (benchmarks/vila_u_scale.py)."""
+    from vila_edge_export.checkpoint_vila_u import read_vila_u
+
+    f = vila_u_scale.factors(read_vila_u(args.checkpoint))
+    return [vila_u_scale.scaled_image(t, s, args.positions or total, total, f) for t, s in zip(side["seconds"], side["split"])]
+
+
+def _scaled_lines(args, ours: dict, ref: dict) -> list:
+    if not _scales(args, ref):
+        return []
+    total = next(iter(ours.values()))["positions"]
+    want, want_bare = _med(scaled(args, ref, total)), _med(scaled(args, without_head(ref), total))
+    L, H = vila_u_scale.FULL_LLM_LAYERS, vila_u_scale.FULL_DEPTH_LAYERS
+    lines = ["", f"Per whole image at the full vila-u-7b-256 depth ({L} LLM layers, {H} depth-transformer layers), "
+                 "each part scaled per layer by the weight bytes it reads (benchmarks/vila_u_scale.py):", "",
+             "| runtime | s / image (scaled), median [min-max] | speedup vs reference | vs reference without its text token |",
+             "|---|---|---|---|"]
+    for engine, r in ours.items():
+        xs = scaled(args, r, total)
+        lines.append(f"| vila_edge {os.path.basename(engine.rstrip('/'))} | {_med(xs):.0f} [{min(xs):.0f}-{max(xs):.0f}] "
+                     f"| {want / _med(xs):.2f}x | {want_bare / _med(xs):.2f}x |")
+    xs = scaled(args, ref, total)
+    lines.append(f"| torch reference (eager fp32, official loop) | {want:.0f} [{min(xs):.0f}-{max(xs):.0f}] | 1.00x | |")
+    lines.append(f"| torch reference without its text token | {want_bare:.0f} | | 1.00x |")
+    return lines
 
 
 def main(argv=None):
@@ -220,6 +257,13 @@ def main(argv=None):
             "reference": per_image(ref, args.positions, total),
             "reference_without_text_token": per_image(without_head(ref), args.positions, total),
             **{e: per_image(r, args.positions, total) for e, r in ours.items()}}
+    if _scales(args, ref):
+        total = next(iter(ours.values()))["positions"]
+        result["per_image_full_depth_scaled"] = {
+            "layers": [vila_u_scale.FULL_LLM_LAYERS, vila_u_scale.FULL_DEPTH_LAYERS],
+            "reference": _med(scaled(args, ref, total)),
+            "reference_without_text_token": _med(scaled(args, without_head(ref), total)),
+            **{e: _med(scaled(args, r, total)) for e, r in ours.items()}}
     out_dir = os.path.join("benchmarks", "results", args.name)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "vila_u.json"), "w") as f:

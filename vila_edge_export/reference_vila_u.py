@@ -319,7 +319,8 @@ class VilaUReference:
         """-> codes (n, g, g, D); video: (n, VIDEO_FRAMES, g, g, D), max_new_tokens = T * frames and
         frame f = positions f*T .. f*T+T-1 (vila_arch.py:642-671). Rows: n cond then n uncond,
         left-padded with id 0 and mask 0. positions: stop after that many (benchmarks; codes (n, positions, D)).
-        Benchmarks: timing (a dict) gets prefill_s and, with text_head, text_head_s: the official loop's
+        Benchmarks: timing (a dict) gets prefill_s, llm_s (prefill + steps + their projector inputs),
+        depth_s (depth transformer + sampling) and, with text_head, text_head_s: the official loop's
         dummy text token at every step (_text_head), which does not change the codes."""
         cond, uncond = (tokenize(self.tokenizer, p) for p in generation_prompts(prompt, video))
         rows = [cond] * n + [uncond] * n
@@ -330,18 +331,23 @@ class VilaUReference:
         t0 = time.perf_counter()
         out = self.llm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         timing = {} if timing is None else timing
-        timing["prefill_s"], timing["text_head_s"] = time.perf_counter() - t0, 0.0
+        took = time.perf_counter() - t0
+        timing.update(prefill_s=took, llm_s=took, depth_s=0.0, text_head_s=0.0)
         text_rng = torch.Generator().manual_seed(0)
         codes = []
         frames = VIDEO_FRAMES if video else 1
         for t in range(positions or self.spec.image_tokens * frames):
+            t0 = time.perf_counter()
             if t:
                 x = self.projector(self.code_sum(torch.cat([codes[-1], codes[-1]])))[:, None]   # (2n, 1, hidden)
                 mask = torch.cat([mask, torch.ones(2 * n, 1, dtype=mask.dtype)], 1)
                 pos = pos[:, -1:] + 1
                 out = self.llm.model(inputs_embeds=x, attention_mask=mask, position_ids=pos,
                                      past_key_values=out.past_key_values, use_cache=True)
+            t1 = time.perf_counter()
             codes.append(self._depth(out.last_hidden_state[:, -1], n, cfg, temperature, top_k, top_p, generator))
+            timing["llm_s"] += t1 - t0
+            timing["depth_s"] += time.perf_counter() - t1
             if text_head:
                 self._text_head(out.last_hidden_state, codes[-1], text_rng, timing)
         if positions:
