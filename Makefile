@@ -150,13 +150,15 @@ bench-nvila: setup  ## NVILA-8B shapes (dynamic_s2): vision ms per image by tile
 
 VILAU_LLM_LAYERS  ?= 1
 VILAU_HEAD_LAYERS ?= 1
+VILAU_POSITIONS   ?= 0# >0: time the first N grid positions per side and extrapolate (a loaded machine)
+VILAU_REPEATS     ?= 1
 VILAU := vila-u-7b-256-L$(VILAU_LLM_LAYERS)H$(VILAU_HEAD_LAYERS)
 bench-vila-u: setup  ## VILA-U 7B-256 widths (fewer LLM / SigLIP / depth layers): s per 256-px image, engine vs torch reference
 	@test -d build/fixtures/$(VILAU) || $(BIN)/python -m vila_edge_export.fixtures_vila_u build/fixtures/$(VILAU) --shape vila-u-7b-256 --llm-layers $(VILAU_LLM_LAYERS) --vision-layers 3 --head-layers $(VILAU_HEAD_LAYERS)
 	@$(call ENGINE_OK,engines/$(VILAU)-fp32) || $(BIN)/vila-edge export build/fixtures/$(VILAU) engines/$(VILAU)-fp32 --quiet
 	@# random weights: int4's perplexity floor is meaningless here (--no-quality-floor keeps the report)
 	@$(call ENGINE_OK,engines/$(VILAU)-int4) || $(BIN)/vila-edge export build/fixtures/$(VILAU) engines/$(VILAU)-int4 --quant rtn --no-quality-floor --quiet
-	$(BIN)/python -m benchmarks.bench_vila_u --checkpoint build/fixtures/$(VILAU) --engine engines/$(VILAU)-fp32 --engine engines/$(VILAU)-int4 --threads 2 --note "vila-u-7b-256 widths; $(VILAU_LLM_LAYERS) of 32 LLM layers, 3 of 24 SigLIP layers, $(VILAU_HEAD_LAYERS) of 6 depth layers"
+	$(BIN)/python -m benchmarks.bench_vila_u --checkpoint build/fixtures/$(VILAU) --engine engines/$(VILAU)-fp32 --engine engines/$(VILAU)-int4 --threads 2 --positions $(VILAU_POSITIONS) --repeats $(VILAU_REPEATS) --note "vila-u-7b-256 widths; $(VILAU_LLM_LAYERS) of 32 LLM layers, 3 of 24 SigLIP layers, $(VILAU_HEAD_LAYERS) of 6 depth layers"
 
 bench-kv: $(VENV)/.bench  ## paged KV: repeated-query TTFT, paged vs contiguous decode at 2k, pool vs budget
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
