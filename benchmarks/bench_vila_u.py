@@ -153,8 +153,9 @@ def _table(args, ours: dict, ref: dict) -> str:
                      f"| {s['llm_s']:.1f} | {s['depth_s']:.1f} | {s['decoder_s']:.1f} "
                      f"| {_med(ref['seconds']) / _med(r['seconds']):.2f}x | {_med(bare['seconds']) / _med(r['seconds']):.2f}x |")
     rs = ref.get("split", [{}])[0]
-    lines.append(f"| torch reference (eager fp32, official loop) | {spread(ref['seconds'])} | | | "
-                 f"{rs.get('decoder_s', 0):.1f} | 1.00x | |")
+    part = lambda k: f"{rs[k]:.1f}" if k in rs else ""
+    lines.append(f"| torch reference (eager fp32, official loop) | {spread(ref['seconds'])} | {part('llm_s')} "
+                 f"| {part('depth_s')} | {rs.get('decoder_s', 0):.1f} | 1.00x | |")
     lines.append(f"| torch reference without its text token ({rs.get('text_head_s', 0):.1f} s) | "
                  f"{spread(bare['seconds'])} | | | {rs.get('decoder_s', 0):.1f} | | 1.00x |")
     if args.positions and "split" in ref:
