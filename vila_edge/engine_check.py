@@ -62,11 +62,12 @@ def check_paged_llm(session, manifest, path: str, fix: str) -> None:
     for name in ("block_tables", "seq_lens", "query_start_loc", "slot_mapping"):
         _expect(io_in, name, [None] * (2 if name == "block_tables" else 1), "int32", path, "build.graph", fix)
     _check_layers(io_in, manifest, path, fix, "key_cache_", ("key_cache", "value_cache"),
-                  [None, None, m.kv_heads, m.head_dim])
+                  [None, None, m.kv_heads, m.head_dim], manifest.kv_dtype)
     _check_logits(_io(session, "outputs"), manifest, path, fix)
 
 
-def _check_layers(io_in: dict, manifest, path: str, fix: str, prefix: str, kinds: tuple, shape: list) -> None:
+def _check_layers(io_in: dict, manifest, path: str, fix: str, prefix: str, kinds: tuple, shape: list,
+                  dtype: str | None = None) -> None:
     m = manifest.llm
     found = sorted(n for n in io_in if n.startswith(prefix))
     if len(found) != m.layers:
@@ -74,7 +75,7 @@ def _check_layers(io_in: dict, manifest, path: str, fix: str, prefix: str, kinds
                           f"{m.layers}; {fix}")
     for layer in range(m.layers):
         for kind in kinds:
-            _expect(io_in, f"{kind}_{layer}", shape, manifest.dtype, path, "llm.kv_heads, llm.head_dim", fix)
+            _expect(io_in, f"{kind}_{layer}", shape, dtype or manifest.dtype, path, "llm.kv_heads, llm.head_dim", fix)
 
 
 def _check_logits(io_out: dict, manifest, path: str, fix: str) -> None:
