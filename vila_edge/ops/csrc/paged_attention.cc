@@ -15,8 +15,15 @@
 //                      positions; without them q and k arrive rotated
 // Output: [.., T, Hq * D]. Query token i of sequence b sits at position
 // seq_lens[b] - n_b + i and attends positions 0..that one (causal). Head h reads KV head h / (Hq / Hkv).
-// Attributes: num_heads, num_kv_heads, scale (0: 1 / sqrt(D)). Types: float and float16 (accumulated
-// in float32, as the softmax of the standard-op graphs is).
+// Attributes: num_heads, num_kv_heads, scale (0: 1 / sqrt(D)). Types (qkv/output, pools): float/float,
+// float/float16 (the pool at half the bytes a decode step reads: rows converted as read, new rows
+// rounded to float16 as written) and float16/float16; accumulated in float32, as the softmax of the
+// standard-op graphs is.
+//
+// Work items: (token, part of its context), every head inside, so a pool block is read as one run and
+// each K and V row once for the query heads sharing it. A decode token alone over a long context is
+// cut in parts that run on ORT's intra-op threads and merge as in flash-decoding; batches (several
+// tokens) spread over tokens. Inner loops: attention_kernels.h (AVX2/FMA/F16C or portable).
 //
 // Writing an input in place: ORT's CPU provider hands a custom op the caller's buffer (an OrtValue
 // bound over the runtime's numpy pool), and nothing else in the graph reads the pools, so the write
