@@ -104,7 +104,7 @@ class ExportOptions:
     target: str = "cpu"              # vila_edge/targets.py: which LLM graph (fused contrib ops / standard ops)
     int4_accuracy_level: int = 4     # fused graphs: MatMulNBits activations (4: int8 per block; 0: float)
     # KV pool rows: None as dtype; "fp16" under an fp32 fused graph halves the KV bytes every decode step
-    # reads (vila_edge::PagedAttention converts them; numerics: tests/test_paged_attention.py)
+    # reads (vila_edge::PagedAttention converts them; numerics: tests/test_kv_dtype.py)
     kv_dtype: str | None = None
     template: str | None = None      # chat template; None: from the checkpoint
     token_order: str | None = None   # mlp_downsample token order; None: the checkpoint era's
