@@ -66,13 +66,22 @@ def test_export_refuses_a_pool_the_graph_cannot_read(given):
         ExportOptions.flat(progress=False, **given)
 
 
-def test_load_refuses_fp16_kv_on_a_standard_graph(engine, tmp_path):
-    src = engine(NAME, target="orin")
+def _edited(src: str, tmp_path, kv_dtype: str) -> str:
     out = str(tmp_path / "edited")
     shutil.copytree(src, out)
     raw = json.load(open(os.path.join(out, "manifest.json")))
-    raw["kv_dtype"] = "float16"
+    raw["kv_dtype"] = kv_dtype
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(raw, f)
-    with pytest.raises(EngineError, match="kv_dtype"):
-        Manifest.load(out)
+    return out
+
+
+def test_load_refuses_fp16_kv_on_a_standard_graph(engine, tmp_path):
+    with pytest.raises(EngineError, match="field kv_dtype is 'float16'"):
+        Manifest.load(_edited(engine(NAME, target="orin"), tmp_path, "float16"))
+
+
+def test_load_refuses_a_manifest_kv_dtype_the_graph_does_not_take(engine, tmp_path):
+    """An fp32-KV engine whose manifest says float16: the graph's pool inputs are checked, one line."""
+    with pytest.raises(EngineError, match="key_cache_0 is float32 but manifest.json kv_dtype says float16"):
+        Pipeline(_edited(engine(NAME), tmp_path, "float16"))
