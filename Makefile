@@ -19,7 +19,7 @@ LM_HEAD_BITS ?=
 IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
-.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak ops kernels bench-kernels bench bench-peers bench-concurrency bench-quality bench-3b bench-nvila bench-kv train-tiny evaluate train-vila-u evaluate-vila-u demo-imagine bundled-vila-u-engine clean serve device-check bench-serve bench-constrain engines-staged test-fast bench-vila-u
+.PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak ops kernels bench-kernels bench bench-peers bench-concurrency bench-quality bench-3b bench-nvila bench-kv train-tiny evaluate train-vila-u evaluate-vila-u demo-imagine bundled-vila-u-engine clean serve device-check bench-serve bench-constrain engines-staged test-fast bench-vila-u bench-attention
 # Succeeds when $(1) is an engine this runtime reads (present, current format): stale engines are rebuilt.
 ENGINE_OK = $(BIN)/python -c "import sys; from vila_edge.manifest import Manifest; Manifest.load(sys.argv[1])" $(1) 2>/dev/null
 # The int4 engine bench-peers times is the default 4-bit export (`--quant $(INT4_DEFAULT)`, every other option
@@ -103,6 +103,9 @@ $(VENV)/.bench: $(VENV)/.installed pyproject.toml
 bench: setup  ## engine speed + decode roofline -> benchmarks/results/: make bench OUT=engines/name (on a device: vila-edge bench ENGINE)
 	@test -f $(OUT)/manifest.json || $(BIN)/vila-edge export $(CHECKPOINT) $(OUT) --dtype $(DTYPE)
 	$(BIN)/python -m benchmarks.engine $(OUT)
+
+bench-attention: setup  ## vila_edge::PagedAttention alone at SmolLM2's shape, 30 layers' pools, fp32 vs fp16 KV (OPS_A=old.so adds a build to compare)
+	$(BIN)/python -m benchmarks.bench_attention $(if $(OPS_A),--lib $(OPS_A)) --out benchmarks/results/attention
 
 bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager, llama.cpp and ORT GenAI on SmolLM2 (same weights, threads)
 	@test -d build/fixtures/smollm2-vila || $(BIN)/python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila

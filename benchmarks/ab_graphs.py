@@ -1,34 +1,42 @@
 """A/B: decode speed of engines of the same checkpoint (graph variants, export options), in one process.
 
     python -m benchmarks.ab_graphs engines/smollm2-int4-cpu engines/smollm2-int4-orin \
-        [genai:build/genai/smollm2-vila-int4] [--contexts 128,512]
+        [genai:build/genai/smollm2-vila-int4] [engines/x@/tmp/old_ops.so] [--contexts 128,512]
 
 Each engine holds one sequence per context (a real prefill of random text ids); rounds of `steps`
 decode steps (LLMEngine.step: embedding gather + forward + KV write, no sampling) alternate between
-the engines, so load from other processes hits all of them alike. "genai:DIR" adds ORT GenAI's own
+the engines, so load from other processes hits all of them alike. "ENGINE@LIB.so" runs ENGINE with
+another build of vila_edge's op library (a copy of LIB at its own path, so two builds load side by side). "genai:DIR" adds ORT GenAI's own
 export of the same LLM (Generator.generate_next_token: forward + greedy pick) to the rotation. Then cold time to first token with one fresh image, alternating the same way (vila_edge engines).
 Reports each engine's median step
 over all rounds, the spread of the per-round medians, and the ratio to the first engine.
 """
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 
 
 from benchmarks.common import bench_ttft, kv_config
+from vila_edge import ops
 from vila_edge.manifest import Manifest
 from vila_edge.pipeline import Pipeline
 from vila_edge.runner import Tokens
 
 
 class _VilaEdge:
-    def __init__(self, engine: str, threads: int, max_context: int):
-        self.pipe = Pipeline(engine, threads=threads, max_context=max_context,
-                             kv=kv_config(Manifest.load(engine), max_context))
+    def __init__(self, spec: str, threads: int, max_context: int):
+        engine, _, lib = spec.partition("@")
+        with _ops_library(lib):
+            self.pipe = Pipeline(engine, threads=threads, max_context=max_context,
+                                 kv=kv_config(Manifest.load(engine), max_context))
         self.graph, self.vocab = self.pipe.manifest.build.get("graph"), self.pipe.manifest.llm.vocab_size
 
     def start(self, prompt: np.ndarray, grow: int) -> None:
@@ -63,6 +71,18 @@ class _GenAI:
 
     def stop(self) -> None:
         self.gen = None
+
+
+@contextlib.contextmanager
+def _ops_library(lib: str):
+    """Sessions created inside load `lib` (copied to a path of its own) as vila_edge's op library."""
+    if not lib:
+        yield
+        return
+    copy = os.path.join(tempfile.mkdtemp(prefix="ab_graphs_ops_"), os.path.basename(lib))
+    shutil.copy(lib, copy)
+    with mock.patch.object(ops, "library_path", lambda: copy):
+        yield
 
 
 def run(engines: list, contexts: list, steps: int, rounds: int, threads: int, seed: int) -> dict:

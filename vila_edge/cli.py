@@ -159,6 +159,8 @@ def add_export(sub) -> None:
     e.add_argument("checkpoint", help="VILA checkpoint directory (config.json, llm/, vision_tower/, mm_projector/)")
     e.add_argument("out", help="engine directory to write (replaced only when the new one is complete)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], default=None, help="activation and weight dtype (default fp32)")
+    e.add_argument("--kv-dtype", choices=["fp32", "fp16"], default=None,
+                   help="KV pool rows (default: --dtype); fp16 under an fp32 --target cpu graph halves the KV bytes")
     e.add_argument("--quant", choices=["none", "rtn", "awq", "gptq"], default=None,
                    help="4-bit LLM weights: none, round-to-nearest, AWQ or GPTQ (both calibrated)")
     e.add_argument("--group-size", type=_number(int, 1), default=None,
@@ -223,7 +225,7 @@ def _export(args) -> int:
     if args.no_quality_floor:
         quant.max_ppl_increase_pct = None
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
-        **_given(dtype=args.dtype, target=args.target, int4_accuracy_level=args.int4_accuracy_level,
+        **_given(dtype=args.dtype, kv_dtype=args.kv_dtype, target=args.target, int4_accuracy_level=args.int4_accuracy_level,
                  template=args.template, token_order=args.token_order),
         progress=not args.quiet, quant=quant))
     print(f"{args.out}: {manifest.family} engine, {manifest.dtype}, quant {manifest.quant.get('method')}")

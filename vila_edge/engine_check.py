@@ -23,14 +23,15 @@ def _io(session, what: str) -> dict:
             for a in args}
 
 
-def _expect(io: dict, name: str, shape: list, dtype: str, graph: str, field_hint: str, fix: str) -> None:
+def _expect(io: dict, name: str, shape: list, dtype: str, graph: str, field_hint: str, fix: str,
+            dtype_field: str = "dtype") -> None:
     """io[name] must exist with `dtype` and, where both are known, `shape` (None: any size)."""
     if name not in io:
         raise EngineError(f"{graph} has no {name!r} (it has {sorted(io)[:6]}): this is not the engine's "
                           f"{graph.split('/')[-1]} graph (copied or swapped files?); {fix}")
     got_shape, got_dtype = io[name]
     if got_dtype != dtype:
-        raise EngineError(f"{graph}: {name} is {got_dtype} but manifest.json dtype says {dtype}; {fix}")
+        raise EngineError(f"{graph}: {name} is {got_dtype} but manifest.json {dtype_field} says {dtype}; {fix}")
     if len(got_shape) != len(shape) or any(g is not None and w is not None and g != w
                                            for g, w in zip(got_shape, shape)):
         raise EngineError(f"{graph}: {name} has shape {got_shape} but manifest.json ({field_hint}) implies "
@@ -62,11 +63,12 @@ def check_paged_llm(session, manifest, path: str, fix: str) -> None:
     for name in ("block_tables", "seq_lens", "query_start_loc", "slot_mapping"):
         _expect(io_in, name, [None] * (2 if name == "block_tables" else 1), "int32", path, "build.graph", fix)
     _check_layers(io_in, manifest, path, fix, "key_cache_", ("key_cache", "value_cache"),
-                  [None, None, m.kv_heads, m.head_dim])
+                  [None, None, m.kv_heads, m.head_dim], manifest.kv_dtype)
     _check_logits(_io(session, "outputs"), manifest, path, fix)
 
 
-def _check_layers(io_in: dict, manifest, path: str, fix: str, prefix: str, kinds: tuple, shape: list) -> None:
+def _check_layers(io_in: dict, manifest, path: str, fix: str, prefix: str, kinds: tuple, shape: list,
+                  dtype: str | None = None) -> None:
     m = manifest.llm
     found = sorted(n for n in io_in if n.startswith(prefix))
     if len(found) != m.layers:
@@ -74,7 +76,8 @@ def _check_layers(io_in: dict, manifest, path: str, fix: str, prefix: str, kinds
                           f"{m.layers}; {fix}")
     for layer in range(m.layers):
         for kind in kinds:
-            _expect(io_in, f"{kind}_{layer}", shape, manifest.dtype, path, "llm.kv_heads, llm.head_dim", fix)
+            _expect(io_in, f"{kind}_{layer}", shape, dtype or manifest.dtype, path, "llm.kv_heads, llm.head_dim", fix,
+                    "kv_dtype" if dtype else "dtype")
 
 
 def _check_logits(io_out: dict, manifest, path: str, fix: str) -> None:

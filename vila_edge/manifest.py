@@ -169,6 +169,11 @@ def _check_fields(obj, prefix: str, path: str, engine_dir: str) -> None:
             bad(f.name, value, "3 finite numbers (std non-zero)")
     if isinstance(obj, Manifest) and obj.dtype not in GRAPH_DTYPES:
         bad("dtype", obj.dtype, f"one of {GRAPH_DTYPES}")
+    if isinstance(obj, Manifest) and (obj.kv_dtype not in GRAPH_DTYPES or (
+            obj.kv_dtype != obj.dtype and obj.build.get("graph") != "fused")):
+        # only vila_edge::PagedAttention (fused graphs) reads a pool of another dtype than its graph's;
+        # which pairs a fused graph takes, the engine check compares with the graph's inputs
+        bad("kv_dtype", obj.kv_dtype, f"dtype ({obj.dtype}), or float16 under a float32 fused graph")
     if isinstance(obj, VisionInfo):
         if not obj.min_tiles <= obj.max_tiles <= MAX_TILES:
             bad("max_tiles", obj.max_tiles, f"min_tiles ({obj.min_tiles}) <= max_tiles <= {MAX_TILES}")

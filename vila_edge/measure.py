@@ -165,7 +165,7 @@ def llm_weight_bytes(engine_dir: str, manifest) -> int:
 
 
 def kv_layout(m, block_size: int = BLOCK_SIZE) -> KVLayout:
-    return KVLayout(m.llm.layers, m.llm.kv_heads, m.llm.head_dim, block_size, np.dtype(m.dtype).name)
+    return KVLayout(m.llm.layers, m.llm.kv_heads, m.llm.head_dim, block_size, np.dtype(m.kv_dtype).name)
 
 
 def kv_config(m, max_context: int, block_size: int = BLOCK_SIZE) -> KVConfig:

@@ -225,7 +225,7 @@ def _write_metadata(spec, tmp, sidecar: dict, opts) -> Manifest:
     llm, vis, proj, scales = spec.llm, spec.vision, spec.projector, spec.scales
     manifest = Manifest(
         format_version=FORMAT_VERSION, exporter_version=__version__, family=spec.family, template=spec.template,
-        dtype=dtype, kv_dtype=dtype, quant=sidecar["quant"], num_video_frames=spec.num_video_frames,
+        dtype=dtype, kv_dtype=sidecar.get("kv_dtype", dtype), quant=sidecar["quant"], num_video_frames=spec.num_video_frames,
         llm=LLMInfo(hidden=llm.hidden, layers=llm.layers, heads=llm.heads, kv_heads=llm.kv_heads,
                     head_dim=llm.head_dim, vocab_size=llm.vocab_size, logits_size=int(sidecar["logits_size"]),
                     max_positions=llm.max_positions, intermediate=llm.intermediate),

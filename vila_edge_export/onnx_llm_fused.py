@@ -128,9 +128,10 @@ def _skip_norm(g: Graph, x: str, skip: str, weight: np.ndarray, eps: float, name
     return normed, total
 
 
-def paged_inputs(g: Graph, spec: LLMSpec, dtype: str) -> dict:
+def paged_inputs(g: Graph, spec: LLMSpec, dtype: str, kv_dtype: str | None = None) -> dict:
     """The fused graph's inputs (docs/contracts.md): B sequences' T new positions flattened, and the
-    paged-attention metadata of vila_edge/ops/csrc/paged_attention.cc over each layer's pool blocks."""
+    paged-attention metadata of vila_edge/ops/csrc/paged_attention.cc over each layer's pool blocks
+    (of kv_dtype: default dtype; float16 under a float32 graph)."""
     kv = [spec.kv_heads, spec.head_dim]
     io = {"inputs_embeds": g.input("inputs_embeds", dtype, ["T", spec.hidden]),
           "position_ids": g.input("position_ids", "int64", ["T"]),
@@ -141,18 +142,19 @@ def paged_inputs(g: Graph, spec: LLMSpec, dtype: str) -> dict:
           "logits_indices": g.input("logits_indices", "int64", ["B"])}
     for l in range(spec.layers):
         for which in ("key", "value"):
-            io[f"{which}_cache_{l}"] = g.input(f"{which}_cache_{l}", dtype, ["NB", "BS", *kv])
+            io[f"{which}_cache_{l}"] = g.input(f"{which}_cache_{l}", kv_dtype or dtype, ["NB", "BS", *kv])
     return io
 
 
 def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = None,
-                    accuracy_level: int = DEFAULT_ACCURACY_LEVEL, hidden_output: bool = False) -> Graph:
+                    accuracy_level: int = DEFAULT_ACCURACY_LEVEL, hidden_output: bool = False,
+                    kv_dtype: str | None = None) -> Graph:
     """As onnx_llm.build_llm (same weights and arguments) with the paged, batched I/O of `paged_inputs`:
     logits [B, V] at logits_indices (+ hidden [B, C]); `accuracy_level`: every MatMulNBits' (fixed in
     the file: ORT has no session option for explicit MatMulNBits nodes)."""
     quant = quant or {}
     g = Graph("vila_edge_llm_fused", dtype)
-    io = paged_inputs(g, spec, dtype)
+    io = paged_inputs(g, spec, dtype, kv_dtype)
     x = g.reshape(io["inputs_embeds"], [1, -1, spec.hidden])                     # (1, T, C): the contrib ops' rank
     positions = g.reshape(io["position_ids"], [1, -1])                          # (1, T)
     # fp16 graphs keep HF's fp16 roundings in RoPE and RMSNorm (see _skip_norm): standard ops there.

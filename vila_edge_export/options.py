@@ -103,6 +103,9 @@ class ExportOptions:
     dtype: str = "fp32"
     target: str = "cpu"              # vila_edge/targets.py: which LLM graph (fused contrib ops / standard ops)
     int4_accuracy_level: int = 4     # fused graphs: MatMulNBits activations (4: int8 per block; 0: float)
+    # KV pool rows: None as dtype; "fp16" under an fp32 fused graph halves the KV bytes every decode step
+    # reads (vila_edge::PagedAttention converts them; numerics: tests/test_kv_dtype.py)
+    kv_dtype: str | None = None
     template: str | None = None      # chat template; None: from the checkpoint
     token_order: str | None = None   # mlp_downsample token order; None: the checkpoint era's
     progress: bool = True
@@ -116,6 +119,14 @@ class ExportOptions:
         if self.int4_accuracy_level not in INT4_ACCURACY_LEVELS:
             raise ExportOptionError(f"int4_accuracy_level {self.int4_accuracy_level!r} unknown; expected one of "
                                     f"{INT4_ACCURACY_LEVELS}")
+        if self.kv_dtype is None:
+            self.kv_dtype = self.dtype
+        if self.kv_dtype not in DTYPES:
+            raise ExportOptionError(f"kv_dtype {self.kv_dtype!r} unknown; expected one of {sorted(DTYPES)}")
+        if self.kv_dtype != self.dtype and not (self.graph == "fused" and self.dtype == "fp32"):
+            raise ExportOptionError(f"kv_dtype {self.kv_dtype} with dtype {self.dtype}, target {self.target}: a KV pool "
+                                    f"of another dtype than the graph's needs dtype fp32 and a fused-graph target "
+                                    f"(kv_dtype fp16 there)")
         if not isinstance(self.quant, QuantOptions):
             raise TypeError(f"quant must be a QuantOptions, got {type(self.quant).__name__} "
                             f"(e.g. ExportOptions(quant=QuantOptions(method='awq')))")

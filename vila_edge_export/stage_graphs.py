@@ -60,7 +60,8 @@ def graphs_stage(checkpoint: str, out_dir: str, opts, quantized: str | None = No
         with checkpoint_faults(spec.root):
             hidden = spec.generation is not None       # VILA-U's depth head reads the last hidden state
             if opts.graph == "fused":
-                graph = build_llm_fused(spec.llm, weights, dtype, quant, opts.int4_accuracy_level, hidden_output=hidden)
+                graph = build_llm_fused(spec.llm, weights, dtype, quant, opts.int4_accuracy_level, hidden_output=hidden,
+                                        kv_dtype=DTYPES[opts.kv_dtype])
             else:
                 graph = build_llm(spec.llm, weights, dtype, quant, hidden_output=hidden)
             llm_model = graph.model()
@@ -71,7 +72,7 @@ def graphs_stage(checkpoint: str, out_dir: str, opts, quantized: str | None = No
         with checkpoint_faults(spec.root):
             table = weights["model.embed_tokens.weight"][: spec.llm.vocab_size]
         embed_file, table_dtype = _save_embeddings(tmp, table, opts, dtype)
-        sidecar = {"dtype": dtype, "graph": opts.graph, "quant": info,
+        sidecar = {"dtype": dtype, "kv_dtype": DTYPES[opts.kv_dtype], "graph": opts.graph, "quant": info,
                    "logits_size": int(lm_head_rows(weights, quant)), "embeddings": embed_file,
                    "embeddings_dtype": table_dtype, "token_order": spec.projector.token_order,
                    **generation_fields(spec, _depth_quant(opts))}   # files / capabilities / generation: VILA-U's

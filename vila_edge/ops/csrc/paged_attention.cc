@@ -15,8 +15,15 @@
 //                      positions; without them q and k arrive rotated
 // Output: [.., T, Hq * D]. Query token i of sequence b sits at position
 // seq_lens[b] - n_b + i and attends positions 0..that one (causal). Head h reads KV head h / (Hq / Hkv).
-// Attributes: num_heads, num_kv_heads, scale (0: 1 / sqrt(D)). Types: float and float16 (accumulated
-// in float32, as the softmax of the standard-op graphs is).
+// Attributes: num_heads, num_kv_heads, scale (0: 1 / sqrt(D)). Types (qkv/output, pools): float/float,
+// float/float16 (the pool at half the bytes a decode step reads: rows converted as read, new rows
+// rounded to float16 as written) and float16/float16; accumulated in float32, as the softmax of the
+// standard-op graphs is.
+//
+// Work items: (token, part of its context), every head inside, so a pool block is read as one run and
+// each K and V row once for the query heads sharing it. A decode token alone over a long context is
+// cut in parts that run on ORT's intra-op threads and merge as in flash-decoding; batches (several
+// tokens) spread over tokens. Inner loops: attention_kernels.h (AVX2/FMA/F16C or portable).
 //
 // Writing an input in place: ORT's CPU provider hands a custom op the caller's buffer (an OrtValue
 // bound over the runtime's numpy pool), and nothing else in the graph reads the pools, so the write
@@ -30,207 +37,138 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
-#if defined(__x86_64__) && !defined(VILA_EDGE_OPS_NO_AVX2)   // the macro: test the portable path here
-#include <immintrin.h>
-#endif
 #include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "attention_kernels.h"
+
 namespace {
 
-inline float to_f32(float x) { return x; }
-inline float to_f32(Ort::Float16_t x) { return x.ToFloat(); }
+using vila_edge_kernels::Kernels;
+using vila_edge_kernels::kernels;
+using vila_edge_kernels::to_f32;
 inline void from_f32(float x, float* out) { *out = x; }
 inline void from_f32(float x, Ort::Float16_t* out) { *out = Ort::Float16_t(x); }
 // float16 graphs round where transformers' fp16 eager attention does (scores, scaled scores, probs),
 // so greedy picks match the reference (docs/contracts.md); float graphs keep float32 throughout.
-inline float round_as(float x, const float*) { return x; }
-inline float round_as(float x, const Ort::Float16_t*) { return Ort::Float16_t(x).ToFloat(); }
+inline float round_f16(float x) { return Ort::Float16_t(x).ToFloat(); }
 
-// The two inner loops over a run of `count` consecutive positions of one block (rows `stride` floats
-// apart), for the `rep` query heads of one KV head:
-//   qk: scores[r * n + j] = q[r] . k[j]          pv: acc[r] += sum_j scores[r * n + j] v[j]
-// AVX2+FMA when this CPU has them (chosen at run time, so the library stays portable: no -march),
-// else plain loops any compiler vectorises at its baseline (SSE2, NEON).
-void qk_plain(const float* q, int64_t rep, int64_t d, const float* k, int64_t stride, int64_t count,
-              float* scores, int64_t n) {
-  for (int64_t j = 0; j < count; ++j)
-    for (int64_t r = 0; r < rep; ++r) {
-      float lanes[8] = {};
-      int64_t i = 0;
-      for (; i + 8 <= d; i += 8)
-        for (int l = 0; l < 8; ++l) lanes[l] += q[r * d + i + l] * k[j * stride + i + l];
-      float s = 0.f;
-      for (; i < d; ++i) s += q[r * d + i] * k[j * stride + i];
-      for (int l = 0; l < 8; ++l) s += lanes[l];
-      scores[r * n + j] = s;
-    }
-}
-
-void pv_plain(const float* scores, int64_t n, int64_t rep, int64_t d, const float* v, int64_t stride,
-              int64_t count, float* acc) {
-  for (int64_t r = 0; r < rep; ++r)
-    for (int64_t j = 0; j < count; ++j)
-      for (int64_t i = 0; i < d; ++i) acc[r * d + i] += scores[r * n + j] * v[j * stride + i];
-}
-
-#if defined(__x86_64__) && !defined(VILA_EDGE_OPS_NO_AVX2)   // the macro: test the portable path here
-__attribute__((target("avx2,fma"))) void qk_avx2(const float* q, int64_t rep, int64_t d, const float* k,
-                                                int64_t stride, int64_t count, float* scores, int64_t n) {
-  if (d % 8) return qk_plain(q, rep, d, k, stride, count, scores, n);
-  for (int64_t j = 0; j < count; ++j, k += stride)
-    for (int64_t r = 0; r < rep; ++r) {
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t i = 0; i < d; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * d + i), _mm256_loadu_ps(k + i), a);
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-      scores[r * n + j] = _mm_cvtss_f32(h);
-    }
-}
-
-__attribute__((target("avx2,fma"))) void pv_avx2(const float* scores, int64_t n, int64_t rep, int64_t d,
-                                                const float* v, int64_t stride, int64_t count, float* acc) {
-  if (d % 8) return pv_plain(scores, n, rep, d, v, stride, count, acc);
-  for (int64_t r = 0; r < rep; ++r)
-    for (int64_t i = 0; i < d; i += 8) {
-      __m256 a = _mm256_loadu_ps(acc + r * d + i);
-      for (int64_t j = 0; j < count; ++j)
-        a = _mm256_fmadd_ps(_mm256_set1_ps(scores[r * n + j]), _mm256_loadu_ps(v + j * stride + i), a);
-      _mm256_storeu_ps(acc + r * d + i, a);
-    }
-}
-#endif
-
-struct Kernels {
-  void (*qk)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t);
-  void (*pv)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, float*);
-};
-
-Kernels pick_kernels() {
-#if defined(__x86_64__) && !defined(VILA_EDGE_OPS_NO_AVX2)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {qk_avx2, pv_avx2};
-#endif
-  return {qk_plain, pv_plain};
-}
-
-const Kernels kKernels = pick_kernels();
-
-// `count` rows of one head from a pool block as float: the rows in place (float pools, `stride` apart),
-// or converted into tmp (float16 pools; then d apart).
-inline const float* rows_f32(const float* x, int64_t, int64_t, int64_t, float*, int64_t* stride) { return x; }
-inline const float* rows_f32(const Ort::Float16_t* x, int64_t count, int64_t d, int64_t row, float* tmp,
-                             int64_t* stride) {
-  for (int64_t j = 0; j < count; ++j)
-    for (int64_t i = 0; i < d; ++i) tmp[j * d + i] = x[j * row + i].ToFloat();
-  *stride = d;
-  return tmp;
-}
-
-template <typename T>
+template <typename T, typename C>      // T: the graph's dtype (qkv, output); C: the pool's
 struct Work {
-  const float* q;         // [T, Hq, D] float32, rotated and scaled
-  const T* kc;
-  const T* vc;
+  const float* q;         // [T, Hq, D] float32, rotated (and scaled in float graphs)
+  const C* kc;
+  const C* vc;
   T* out;
   const int32_t* tables;
   const int32_t* seq_lens;
   const int32_t* qsl;
   int64_t batch, max_blocks, block_size, hq, hkv, d;
-  int64_t splits;         // parts of the context per (token, KV head), each one work item
-  float* partial;         // splits > 1: per item [rep] max, [rep] sum, [rep, D] unnormalised output
-  float scale;            // float16: applied to the rounded scores (q arrives unscaled); float: 1 (q prescaled)
+  int64_t splits;         // parts of the context per token, each one work item
+  float* partial;         // splits > 1: per item [Hq] max, [Hq] sum, [Hq, D] unnormalised output
+  float scale;            // float16 graphs: applied to the rounded scores (q arrives unscaled); else 1
 };
 
-// One (token, KV head, split) item: the Hq / Hkv query heads that share the KV head (GQA: each K and
-// V row is read once for all of them) over the split's blocks of the visible positions: scores,
-// softmax, weighted sum of V. One split writes the output; several (a decode token: its few heads
-// would leave threads idle) leave (max, sum, output) partials that `merge` combines.
-template <typename T>
+// Hint the next block (all its KV heads: one contiguous run of the pool) into cache while this one
+// is computed: blocks are scattered, so the hardware prefetcher cannot guess the jump.
+template <typename C>
+inline void prefetch_block(const C* p, int64_t elements) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t at = 0; at < elements * int64_t(sizeof(C)); at += 64) __builtin_prefetch(c + at);
+}
+
+// One (token, split) item: every query head over the split's blocks of the token's visible positions.
+// Block by block, KV head by KV head, so each block is read as one run and each K and V row once for
+// the Hq / Hkv query heads that share it (GQA). Then softmax and the weighted sum of V. One split
+// writes the output; several (a decode token over a long context: alone it would leave threads idle)
+// leave (max, sum, output) partials that `merge` combines.
+template <typename T, typename C>
 void attend_one(void* data, size_t index) {
-  const Work<T>& w = *static_cast<const Work<T>*>(data);
-  const int64_t split = static_cast<int64_t>(index) % w.splits, item = static_cast<int64_t>(index) / w.splits;
-  const int64_t t = item / w.hkv, kvh = item % w.hkv;
+  const Work<T, C>& w = *static_cast<const Work<T, C>*>(data);
+  const Kernels<C>& kern = kernels<C>();
+  constexpr bool half_graph = std::is_same<T, Ort::Float16_t>::value;
+  const int64_t split = static_cast<int64_t>(index) % w.splits, t = static_cast<int64_t>(index) / w.splits;
   int64_t b = 0;
   while (b + 1 < w.batch && w.qsl[b + 1] <= t) ++b;             // B is small: a scan beats a search
   const int64_t n_new = w.qsl[b + 1] - w.qsl[b];
   const int64_t n_all = w.seq_lens[b] - n_new + (t - w.qsl[b]) + 1;   // visible positions 0..n_all-1
-  const int64_t rep = w.hq / w.hkv, d = w.d, row = w.hkv * d;     // elements per pool row
+  const int64_t hq = w.hq, rep = hq / w.hkv, d = w.d, row = w.hkv * d;  // elements per pool row
   const int32_t* table = w.tables + b * w.max_blocks;
   const int64_t bs = w.block_size, blocks = (n_all + bs - 1) / bs;
   const int64_t lo = blocks * split / w.splits * bs, hi = std::min(n_all, blocks * (split + 1) / w.splits * bs);
   const int64_t n = std::max<int64_t>(hi - lo, 0);
-  thread_local std::vector<float> buf;
-  buf.resize(static_cast<size_t>(rep * (n + d + 2) + bs * d));
-  float* acc = buf.data();                 // [rep, D]
-  float* scores = acc + rep * d;           // [rep, n]
-  float* top = scores + rep * n;           // [rep]: score maxima
-  float* total = top + rep;                // [rep]: softmax denominators
-  float* tmp = total + rep;                // [BS, D]: a float16 block's rows as float
-  const float* qf = w.q + (t * w.hq + kvh * rep) * d;            // heads kvh*rep .. kvh*rep+rep-1
-  for (int64_t p0 = lo; p0 < hi; p0 += bs) {                      // block by block: rows `row` apart
-    int64_t stride = row;
+  thread_local std::vector<float> buf;        // grows to the longest context once, then reused
+  buf.resize(static_cast<size_t>(hq * (n + d + 2)));
+  float* acc = buf.data();                 // [Hq, D]
+  float* scores = acc + hq * d;            // [Hq, n]
+  float* top = scores + hq * n;            // [Hq]: score maxima
+  float* total = top + hq;                 // [Hq]: softmax denominators
+  const float* qf = w.q + t * hq * d;
+  const int64_t block_elems = bs * row;
+  for (int64_t p0 = lo; p0 < hi; p0 += bs) {
+    const C* k = w.kc + int64_t(table[p0 / bs]) * block_elems;
+    if (p0 + bs < hi) prefetch_block(w.kc + int64_t(table[p0 / bs + 1]) * block_elems, std::min(bs, hi - p0 - bs) * row);
     const int64_t count = std::min(bs, hi - p0);
-    const float* k = rows_f32(w.kc + int64_t(table[p0 / bs]) * bs * row + kvh * d, count, d, row, tmp, &stride);
-    kKernels.qk(qf, rep, d, k, stride, count, scores + (p0 - lo), n);
+    for (int64_t kvh = 0; kvh < w.hkv; ++kvh)
+      kern.qk(qf + kvh * rep * d, rep, d, k + kvh * d, row, count, scores + kvh * rep * n + (p0 - lo), n);
   }
-  constexpr bool half = !std::is_same<T, float>::value;
-  for (int64_t r = 0; r < rep; ++r) {
-    float* sc = scores + r * n;
-    if (half)
-      for (int64_t p = 0; p < n; ++p) sc[p] = round_as(round_as(sc[p], w.kc) * w.scale, w.kc);
-    top[r] = -INFINITY;
-    for (int64_t p = 0; p < n; ++p) top[r] = sc[p] > top[r] ? sc[p] : top[r];
-    float sum = 0.f;
-    for (int64_t p = 0; p < n; ++p) sum += (sc[p] = std::exp(sc[p] - top[r]));
-    total[r] = sum;
-    if (half) {                 // probabilities rounded, as softmax(..., dtype=float32).to(float16)
-      for (int64_t p = 0; p < n; ++p) sc[p] = round_as(sc[p] / sum, w.kc);
-      total[r] = 1.f;
+  if (n > 0 && lo < hi)      // V's first block on its way while the softmax runs
+    prefetch_block(w.vc + int64_t(table[lo / bs]) * block_elems, std::min(bs, n) * row);
+  for (int64_t h = 0; h < hq; ++h) {
+    float* sc = scores + h * n;
+    if (half_graph) {          // rounded as softmax(q k^T fp16 * scale fp16, dtype=float32).to(float16)
+      top[h] = -INFINITY;
+      for (int64_t p = 0; p < n; ++p) top[h] = std::max(top[h], sc[p] = round_f16(round_f16(sc[p]) * w.scale));
+      float sum = 0.f;
+      for (int64_t p = 0; p < n; ++p) sum += (sc[p] = std::exp(sc[p] - top[h]));
+      for (int64_t p = 0; p < n; ++p) sc[p] = round_f16(sc[p] / sum);
+      total[h] = 1.f;
+    } else {
+      top[h] = kern.top(sc, n);
+      total[h] = kern.exp_sum(sc, n, top[h]);
     }
   }
-  std::memset(acc, 0, sizeof(float) * rep * d);
+  std::memset(acc, 0, sizeof(float) * hq * d);
   for (int64_t p0 = lo; p0 < hi; p0 += bs) {
-    int64_t stride = row;
+    const C* v = w.vc + int64_t(table[p0 / bs]) * block_elems;
+    if (p0 + bs < hi) prefetch_block(w.vc + int64_t(table[p0 / bs + 1]) * block_elems, std::min(bs, hi - p0 - bs) * row);
     const int64_t count = std::min(bs, hi - p0);
-    const float* v = rows_f32(w.vc + int64_t(table[p0 / bs]) * bs * row + kvh * d, count, d, row, tmp, &stride);
-    kKernels.pv(scores + (p0 - lo), n, rep, d, v, stride, count, acc);
+    for (int64_t kvh = 0; kvh < w.hkv; ++kvh)
+      kern.pv(scores + kvh * rep * n + (p0 - lo), n, rep, d, v + kvh * d, row, count, acc + kvh * rep * d);
   }
   if (w.splits > 1) {
-    float* out = w.partial + static_cast<int64_t>(index) * rep * (d + 2);
-    std::memcpy(out, top, sizeof(float) * rep);
-    std::memcpy(out + rep, total, sizeof(float) * rep);
-    std::memcpy(out + 2 * rep, acc, sizeof(float) * rep * d);
+    float* out = w.partial + static_cast<int64_t>(index) * hq * (d + 2);
+    std::memcpy(out, top, sizeof(float) * hq);
+    std::memcpy(out + hq, total, sizeof(float) * hq);
+    std::memcpy(out + 2 * hq, acc, sizeof(float) * hq * d);
     return;
   }
-  for (int64_t r = 0; r < rep; ++r) {
-    T* o = w.out + (t * w.hq + kvh * rep + r) * d;
-    for (int64_t i = 0; i < d; ++i) from_f32(acc[r * d + i] / total[r], o + i);
-  }
+  T* o = w.out + t * hq * d;
+  for (int64_t h = 0; h < hq; ++h)
+    for (int64_t i = 0; i < d; ++i) from_f32(acc[h * d + i] / total[h], o + h * d + i);
 }
 
 // Splits' partials -> output: each rescaled by exp(its max - the overall max) (flash-decoding).
-template <typename T>
-void merge(const Work<T>& w, int64_t tokens) {
-  const int64_t rep = w.hq / w.hkv, d = w.d, size = rep * (d + 2);
-  std::vector<float> acc(static_cast<size_t>(d));
-  for (int64_t item = 0; item < tokens * w.hkv; ++item) {
-    const float* part = w.partial + item * w.splits * size;
-    for (int64_t r = 0; r < rep; ++r) {
+template <typename T, typename C>
+void merge(const Work<T, C>& w, int64_t tokens) {
+  const int64_t hq = w.hq, d = w.d, size = hq * (d + 2);
+  thread_local std::vector<float> acc;
+  acc.resize(static_cast<size_t>(d));
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* part = w.partial + t * w.splits * size;
+    for (int64_t h = 0; h < hq; ++h) {
       float top = -INFINITY, total = 0.f;
-      for (int64_t s = 0; s < w.splits; ++s) top = std::max(top, part[s * size + r]);
+      for (int64_t s = 0; s < w.splits; ++s) top = std::max(top, part[s * size + h]);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t s = 0; s < w.splits; ++s) {
         const float* p = part + s * size;
-        if (p[rep + r] == 0.f) continue;                    // an empty split
-        const float scale = std::exp(p[r] - top);
-        total += p[rep + r] * scale;
-        for (int64_t i = 0; i < d; ++i) acc[i] += p[2 * rep + r * d + i] * scale;
+        if (p[hq + h] == 0.f) continue;                     // an empty split
+        const float scale = std::exp(p[h] - top);
+        total += p[hq + h] * scale;
+        for (int64_t i = 0; i < d; ++i) acc[i] += p[2 * hq + h * d + i] * scale;
       }
-      const int64_t t = item / w.hkv, kvh = item % w.hkv;
-      T* o = w.out + (t * w.hq + kvh * rep + r) * d;
+      T* o = w.out + (t * hq + h) * d;
       for (int64_t i = 0; i < d; ++i) from_f32(acc[i] / total, o + i);
     }
   }
@@ -255,10 +193,13 @@ void load_heads(const T* src, int64_t heads, int64_t d, const T* cos, const T* s
   }
 }
 
-constexpr int64_t kDecodeSplits = 4;    // context parts per KV head of a decode token
-constexpr int64_t kSplitFrom = 256;     // context length from which a decode token is split
+// A lone decode token's context is cut in parts of >= kSplitLen positions (at most kMaxSplits) run
+// in parallel; below 2 parts it runs inline: there the thread pool's wake-up costs more than it
+// saves (measured: benchmarks/results/paged-op-*, benchmarks/results/attention/).
+constexpr int64_t kSplitLen = 128;
+constexpr int64_t kMaxSplits = 16;
 
-template <typename T>
+template <typename T, typename C>
 struct PagedAttention {
   PagedAttention(const OrtApi* api, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
@@ -269,7 +210,8 @@ struct PagedAttention {
       ORT_CXX_API_THROW("PagedAttention: num_heads must be a positive multiple of num_kv_heads", ORT_INVALID_ARGUMENT);
   }
 
-  void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<T>& query, const Ort::Custom::Tensor<T>& key_cache, const Ort::Custom::Tensor<T>& value_cache,
+  void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<T>& query, const Ort::Custom::Tensor<C>& key_cache,
+               const Ort::Custom::Tensor<C>& value_cache,
                const Ort::Custom::Tensor<int32_t>& block_tables, const Ort::Custom::Tensor<int32_t>& seq_lens,
                const Ort::Custom::Tensor<int32_t>& query_start_loc, const Ort::Custom::Tensor<int32_t>& slot_mapping,
                std::optional<const Ort::Custom::Tensor<T>*> cos_cache,
@@ -314,50 +256,48 @@ struct PagedAttention {
         ORT_CXX_API_THROW("PagedAttention: slot_mapping names a row outside the pool", ORT_INVALID_ARGUMENT);
 
     // New rows: q to float (rotated, scaled), k (rotated) and v into the pool in place (file comment).
-    const int64_t qstride = (hq_ + 2 * hkv_) * d, kstride = qstride;
+    const int64_t qstride = (hq_ + 2 * hkv_) * d;
     const T* qsrc = query.Data();
     const T* ksrc = qsrc + hq_ * d;
     const T* vsrc = ksrc + hkv_ * d;
     const T* cos = rotary ? (*cos_cache)->Data() : nullptr;
     const T* sin = rotary ? (*sin_cache)->Data() : nullptr;
-    T* kc = const_cast<T*>(key_cache.Data());
-    T* vc = const_cast<T*>(value_cache.Data());
+    C* kc = const_cast<C*>(key_cache.Data());
+    C* vc = const_cast<C*>(value_cache.Data());
     const float scale = scale_ > 0 ? scale_ : 1.f / std::sqrt(float(d));
-    constexpr bool half = !std::is_same<T, float>::value;     // float16 normalises per split: never split
+    constexpr bool half_graph = std::is_same<T, Ort::Float16_t>::value;   // normalises per split: never split
     // Per calling thread: one kernel object serves every concurrent Run of the session.
-    thread_local std::vector<float> qf_, kf_;
-    qf_.resize(static_cast<size_t>(tokens * hq_ * d));
-    kf_.resize(static_cast<size_t>(row));
+    thread_local std::vector<float> qf, kf;
+    qf.resize(static_cast<size_t>(tokens * hq_ * d));
+    kf.resize(static_cast<size_t>(row));
     for (int64_t b = 0, t = 0; b < batch; ++b) {
       for (; t < qsl[b + 1]; ++t) {
         const int64_t pos = lens[b] - (qsl[b + 1] - t);
-        load_heads(qsrc + t * qstride, hq_, d, cos, sin, pos, half ? 1.f : scale, qf_.data() + t * hq_ * d);
-        T* krow = kc + int64_t(slots[t]) * row;
-        if (rotary) {
-          load_heads(ksrc + t * kstride, hkv_, d, cos, sin, pos, 1.f, kf_.data());
-          for (int64_t i = 0; i < row; ++i) from_f32(kf_[i], krow + i);
+        load_heads(qsrc + t * qstride, hq_, d, cos, sin, pos, half_graph ? 1.f : scale, qf.data() + t * hq_ * d);
+        load_heads(ksrc + t * qstride, hkv_, d, cos, sin, pos, 1.f, kf.data());   // rounded to C once, below
+        C* krow = kc + int64_t(slots[t]) * row;
+        C* vrow = vc + int64_t(slots[t]) * row;
+        for (int64_t i = 0; i < row; ++i) from_f32(kf[i], krow + i);
+        if constexpr (std::is_same<T, C>::value) {
+          std::memcpy(vrow, vsrc + t * qstride, sizeof(C) * row);
         } else {
-          std::memcpy(krow, ksrc + t * kstride, sizeof(T) * row);
+          for (int64_t i = 0; i < row; ++i) from_f32(to_f32(vsrc[t * qstride + i]), vrow + i);
         }
-        std::memcpy(vc + int64_t(slots[t]) * row, vsrc + t * kstride, sizeof(T) * row);
       }
     }
     std::vector<int64_t> oshape = query.Shape();
     oshape.back() = hq_ * d;
-    // A lone decode token over a long context: its Hkv heads alone would leave threads idle, so
-    // each is split in kDecodeSplits parts of the context. Short contexts run inline: there the
-    // thread pool's wake-up costs more than it saves (measured, benchmarks/results/paged-op-*).
-    const int64_t splits = !half && tokens == 1 && lens[0] >= kSplitFrom ? kDecodeSplits : 1;
+    const int64_t splits = !half_graph && tokens == 1 ? std::clamp<int64_t>(lens[0] / kSplitLen, 1, kMaxSplits) : 1;
     thread_local std::vector<float> partial;
-    partial.resize(static_cast<size_t>(splits > 1 ? tokens * hkv_ * splits * (hq_ / hkv_) * (d + 2) : 0));
-    Work<T> w{qf_.data(), kc, vc, output.Allocate(oshape), tables, lens, qsl, batch, tshape[1], bs, hq_, hkv_, d,
-              splits, partial.data(), half ? scale : 1.f};
-    const size_t total = static_cast<size_t>(tokens * hkv_ * splits);
+    partial.resize(static_cast<size_t>(splits > 1 ? tokens * splits * hq_ * (d + 2) : 0));
+    Work<T, C> w{qf.data(), kc, vc, output.Allocate(oshape), tables, lens, qsl, batch, tshape[1], bs, hq_, hkv_, d,
+                 splits, partial.data(), half_graph ? scale : 1.f};
+    const size_t total = static_cast<size_t>(tokens * splits);
     Ort::KernelContext ctx(context);
-    if (tokens > 1 || splits > 1) {
-      ctx.ParallelFor(attend_one<T>, total, 0, &w);
+    if (total > 1) {
+      ctx.ParallelFor(attend_one<T, C>, total, 0, &w);
     } else {
-      for (size_t i = 0; i < total; ++i) attend_one<T>(&w, i);
+      attend_one<T, C>(&w, 0);
     }
     if (splits > 1) merge(w, tokens);
   }
@@ -375,16 +315,16 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
   // One domain and op set for the process: ORT keeps pointers to them for every session.
   static Ort::CustomOpDomain domain{nullptr};
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> ops[2];
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> ops[3];
   static std::once_flag once;
   try {
     std::call_once(once, [] {
       domain = Ort::CustomOpDomain(kDomain);
-      ops[0].reset(Ort::Custom::CreateLiteCustomOp<PagedAttention<float>>("PagedAttention", "CPUExecutionProvider"));
-      ops[1].reset(Ort::Custom::CreateLiteCustomOp<PagedAttention<Ort::Float16_t>>("PagedAttention",
-                                                                                     "CPUExecutionProvider"));
-      domain.Add(ops[0].get());
-      domain.Add(ops[1].get());
+      using F16 = Ort::Float16_t;     // (graph, pool) dtypes: float/float, float/float16 (half the KV bytes), fp16/fp16
+      ops[0].reset(Ort::Custom::CreateLiteCustomOp<PagedAttention<float, float>>("PagedAttention", "CPUExecutionProvider"));
+      ops[1].reset(Ort::Custom::CreateLiteCustomOp<PagedAttention<float, F16>>("PagedAttention", "CPUExecutionProvider"));
+      ops[2].reset(Ort::Custom::CreateLiteCustomOp<PagedAttention<F16, F16>>("PagedAttention", "CPUExecutionProvider"));
+      for (auto& op : ops) domain.Add(op.get());
     });
     Ort::UnownedSessionOptions(options).Add(domain);
   } catch (const Ort::Exception& e) {
