@@ -148,6 +148,21 @@ def pipe(vila_u, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def fp32_video(pipe):
+    """fp32_video(prompt) -> the fp32 engine's greedy video (frames of the one row), drawn once per module:
+    the reference test and the CLI test both hold results against it."""
+    drawn = {}
+
+    def get(prompt):
+        if prompt not in drawn:
+            videos = pipe().generate_video(prompt, temperature=0)
+            assert len(videos) == 1
+            drawn[prompt] = videos[0]
+        return drawn[prompt]
+    return get
+
+
 def _noise(seed, w=40, h=30):
     import numpy as np
     from PIL import Image
@@ -285,7 +300,7 @@ def test_forced_argmax_is_exact_on_fp32(pipe, ref_codes):
     np.testing.assert_array_equal(forced_argmax(pipe(), PROMPTS[1], want), want)
 
 
-def test_video_argmax_codes_equal_reference(pipe, ref):
+def test_video_argmax_codes_equal_reference(pipe, ref, fp32_video):
     import numpy as np
     from vila_edge.imagine import VIDEO_FRAMES, generate_codes
 
@@ -294,10 +309,10 @@ def test_video_argmax_codes_equal_reference(pipe, ref):
     assert want.shape == (1, VIDEO_FRAMES, 4, 4, 3)
     got = generate_codes(p, "a ball rolling", temperature=0, frames=VIDEO_FRAMES)
     np.testing.assert_array_equal(got, want)
-    frames = p.generate_video("a ball rolling", temperature=0)
-    assert len(frames) == 1 and len(frames[0]) == VIDEO_FRAMES
+    frames = fp32_video("a ball rolling")
+    assert len(frames) == VIDEO_FRAMES
     for f in range(VIDEO_FRAMES):
-        assert np.abs(np.asarray(frames[0][f]).astype(int) - r.decode(torch.from_numpy(want[:, f]))[0].astype(int)).max() <= 2
+        assert np.abs(np.asarray(frames[f]).astype(int) - r.decode(torch.from_numpy(want[:, f]))[0].astype(int)).max() <= 2
     assert p.llm.blocks.num_free_blocks == p.llm.runner.num_blocks
 
 
@@ -346,7 +361,7 @@ def test_rows_run_as_one_batch_and_reuse_the_uncond_prefix(pipe, monkeypatch):
     assert len(heads) > before and set(heads[before:]) == {p.manifest.llm.logits_size}
 
 
-def test_cli_imagine_video_strip_and_errors(pipe, tmp_path, capsys):
+def test_cli_imagine_video_strip_and_errors(pipe, fp32_video, tmp_path, capsys):
     """`vila-edge imagine --video` writes the 8 frames side by side; a non-generating request is one line, exit 2."""
     import numpy as np
     from PIL import Image
@@ -356,7 +371,7 @@ def test_cli_imagine_video_strip_and_errors(pipe, tmp_path, capsys):
     out = tmp_path / "ball.png"
     assert main(["imagine", p.engine_dir, "a ball rolling", "-o", str(out), "--video", "--temperature", "0"]) == 0
     strip = np.asarray(Image.open(out))
-    frames = p.generate_video("a ball rolling", temperature=0)[0]
+    frames = fp32_video("a ball rolling")
     np.testing.assert_array_equal(strip, np.concatenate([np.asarray(f) for f in frames], axis=1))
     assert "s per video" in capsys.readouterr().out
     assert main(["imagine", p.engine_dir, "a ball", "--n", "5", "--video"]) == 2
