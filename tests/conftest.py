@@ -13,6 +13,7 @@ import sys
 # the same). Tests of real-size models set their own count for their module (restored below).
 # `OMP_NUM_THREADS=2 make test` overrides.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+TORCH_THREADS = int(os.environ["OMP_NUM_THREADS"].split(",")[0] or 1)     # "4,2": nested OpenMP levels
 
 import pytest  # noqa: E402
 
@@ -37,7 +38,7 @@ def _torch_threads_restored():
     slice) leaves the next modules on the count set above."""
     yield
     if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        sys.modules["torch"].set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture(scope="session")
