@@ -4,11 +4,21 @@ Built once per test session under pytest's temp dir; every family and projector 
 supports has one.
 """
 import os
+import sys
 
-import pytest
+# torch's intra-op pool (and numpy's OpenBLAS) on one thread, here and in the export/CLI processes
+# the tests start; set before either is imported. The tests' models are tiny, so each op is
+# microseconds of work behind an OpenMP fork/join: on 2 cores the torch reference drew a VILA-U
+# video in 1.7-3 s on one thread and 40 s on two (host under load; vila_edge_export/gptq.py measured
+# the same). Tests of real-size models set their own count for their module (restored below).
+# `OMP_NUM_THREADS=2 make test` overrides.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+TORCH_THREADS = int(os.environ["OMP_NUM_THREADS"].split(",")[0] or 1)     # "4,2": nested OpenMP levels
 
-from vila_edge_export.build import ExportOptions, export_engine
-from vila_edge_export.fixtures import write_fixture
+import pytest  # noqa: E402
+
+from vila_edge_export.build import ExportOptions, export_engine  # noqa: E402
+from vila_edge_export.fixtures import write_fixture  # noqa: E402
 
 # name: (fixture kind, projector, shape, extra write options)
 CHECKPOINTS = {
@@ -20,6 +30,15 @@ CHECKPOINTS = {
     "nvila-s2": ("nvila", "mlp_downsample", "tiny-448", {}),          # dynamic_s2, scales 112,224,336
     "vila1.5-3b-s2": ("vila1.5-s2", "mlp_downsample", "tiny", {}),    # s2wrapper, scales 104,208
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_threads_restored():
+    """A module that sets torch's thread count for a real-size model (test_awq_smollm2, test_tiny_model's
+    slice) leaves the next modules on the count set above."""
+    yield
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture(scope="session")

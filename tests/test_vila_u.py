@@ -39,6 +39,20 @@ def ref(vila_u):
     return get
 
 
+@pytest.fixture(scope="module")
+def ref_codes(ref):
+    """ref_codes(prompt, shape="tiny", video=False) -> the reference's greedy (temperature 0) codes as a
+    numpy array, drawn once per module: greedy decoding is deterministic, and several tests hold
+    engines against the same prompts (a reference video is 128 positions of the torch model)."""
+    drawn = {}
+
+    def get(prompt, shape="tiny", video=False):
+        if (prompt, shape, video) not in drawn:
+            drawn[prompt, shape, video] = ref(shape).generate_codes(prompt, temperature=0, video=video).numpy()
+        return drawn[prompt, shape, video].copy()
+    return get
+
+
 def test_reader_both_structures(vila_u):
     s256, s384 = read_vila_u(vila_u("tiny")), read_vila_u(vila_u("tiny-384"))
     assert (s256.siglip.grid, s256.depth, s256.decoder_latent) == (4, 3, None)
@@ -134,6 +148,21 @@ def pipe(vila_u, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def fp32_video(pipe):
+    """fp32_video(prompt) -> the fp32 engine's greedy video (frames of the one row), drawn once per module:
+    the reference test and the CLI test both hold results against it."""
+    drawn = {}
+
+    def get(prompt):
+        if prompt not in drawn:
+            videos = pipe().generate_video(prompt, temperature=0)
+            assert len(videos) == 1
+            drawn[prompt] = videos[0]
+        return drawn[prompt]
+    return get
+
+
 def _noise(seed, w=40, h=30):
     import numpy as np
     from PIL import Image
@@ -172,13 +201,13 @@ def test_understanding_greedy_equals_reference(pipe, ref, shape):
 
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny-384"])
-def test_generation_argmax_codes_and_pixels_equal_reference(pipe, ref, shape):
+def test_generation_argmax_codes_and_pixels_equal_reference(pipe, ref, ref_codes, shape):
     import numpy as np
     from vila_edge.imagine import generate_codes
 
     p, r = pipe(shape), ref(shape)
     codes = generate_codes(p, "a red cube on the left", temperature=0)
-    want = r.generate_codes("a red cube on the left", temperature=0).numpy()
+    want = ref_codes("a red cube on the left", shape)
     np.testing.assert_array_equal(codes, want)
     image = np.asarray(p.generate_image("a red cube on the left", temperature=0)[0]).astype(int)
     assert image.shape == r.decode(torch.from_numpy(want))[0].shape
@@ -231,31 +260,31 @@ def test_server_draws_with_a_vila_u_engine(pipe):
 PROMPTS = ("a red cube on the left", "a blue ball", "two green trees")
 
 
-def test_fp16_engine_generates_the_reference_codes_and_pixels(pipe, ref):
+def test_fp16_engine_generates_the_reference_codes_and_pixels(pipe, ref, ref_codes):
     import numpy as np
     from vila_edge.imagine import generate_codes
 
     p, r = pipe("tiny", "fp16"), ref()
     assert p.manifest.dtype == "float16"
     for prompt in PROMPTS:
-        want = r.generate_codes(prompt, temperature=0).numpy()
+        want = ref_codes(prompt)
         np.testing.assert_array_equal(generate_codes(p, prompt, temperature=0), want)   # measured: 3 of 3 equal
     image = np.asarray(p.generate_image(PROMPTS[0], temperature=0)[0]).astype(int)
-    want = r.decode(r.generate_codes(PROMPTS[0], temperature=0))[0].astype(int)
+    want = r.decode(torch.from_numpy(ref_codes(PROMPTS[0])))[0].astype(int)
     assert np.abs(image - want).max() <= 2
 
 
-def test_int4_engine_codes_agree_with_the_reference(pipe, ref):
+def test_int4_engine_codes_agree_with_the_reference(pipe, ref_codes):
     """int4 LLM and depth transformer: teacher-forced argmax agreement with the fp32 reference's codes.
     Measured on these random weights: 0.50-0.60 per prompt (chance: 1/32); a broken graph scores ~0.03."""
     import numpy as np
     from vila_edge.imagine import forced_argmax, generate_codes
 
-    p, r = pipe("tiny", "int4"), ref()
+    p = pipe("tiny", "int4")
     assert p.manifest.quant["method"] == "rtn" and p.manifest.generation["depth_bits"] == 4
     agree = []
     for prompt in PROMPTS:
-        want = r.generate_codes(prompt, temperature=0).numpy()[0]
+        want = ref_codes(prompt)[0]
         agree.append(float((forced_argmax(p, prompt, want) == want).mean()))
     assert min(agree) >= 0.35, agree
     a, b = (generate_codes(p, PROMPTS[0], temperature=0) for _ in range(2))
@@ -263,15 +292,15 @@ def test_int4_engine_codes_agree_with_the_reference(pipe, ref):
     assert np.asarray(p.generate_image(PROMPTS[0], temperature=0)[0]).shape == (8, 8, 3)
 
 
-def test_forced_argmax_is_exact_on_fp32(pipe, ref):
+def test_forced_argmax_is_exact_on_fp32(pipe, ref_codes):
     import numpy as np
     from vila_edge.imagine import forced_argmax
 
-    want = ref().generate_codes(PROMPTS[1], temperature=0).numpy()[0]
+    want = ref_codes(PROMPTS[1])[0]
     np.testing.assert_array_equal(forced_argmax(pipe(), PROMPTS[1], want), want)
 
 
-def test_video_argmax_codes_equal_reference(pipe, ref):
+def test_video_argmax_codes_equal_reference(pipe, ref, fp32_video):
     import numpy as np
     from vila_edge.imagine import VIDEO_FRAMES, generate_codes
 
@@ -280,10 +309,10 @@ def test_video_argmax_codes_equal_reference(pipe, ref):
     assert want.shape == (1, VIDEO_FRAMES, 4, 4, 3)
     got = generate_codes(p, "a ball rolling", temperature=0, frames=VIDEO_FRAMES)
     np.testing.assert_array_equal(got, want)
-    frames = p.generate_video("a ball rolling", temperature=0)
-    assert len(frames) == 1 and len(frames[0]) == VIDEO_FRAMES
+    frames = fp32_video("a ball rolling")
+    assert len(frames) == VIDEO_FRAMES
     for f in range(VIDEO_FRAMES):
-        assert np.abs(np.asarray(frames[0][f]).astype(int) - r.decode(torch.from_numpy(want[:, f]))[0].astype(int)).max() <= 2
+        assert np.abs(np.asarray(frames[f]).astype(int) - r.decode(torch.from_numpy(want[:, f]))[0].astype(int)).max() <= 2
     assert p.llm.blocks.num_free_blocks == p.llm.runner.num_blocks
 
 
@@ -332,7 +361,7 @@ def test_rows_run_as_one_batch_and_reuse_the_uncond_prefix(pipe, monkeypatch):
     assert len(heads) > before and set(heads[before:]) == {p.manifest.llm.logits_size}
 
 
-def test_cli_imagine_video_strip_and_errors(pipe, tmp_path, capsys):
+def test_cli_imagine_video_strip_and_errors(pipe, fp32_video, tmp_path, capsys):
     """`vila-edge imagine --video` writes the 8 frames side by side; a non-generating request is one line, exit 2."""
     import numpy as np
     from PIL import Image
@@ -342,7 +371,7 @@ def test_cli_imagine_video_strip_and_errors(pipe, tmp_path, capsys):
     out = tmp_path / "ball.png"
     assert main(["imagine", p.engine_dir, "a ball rolling", "-o", str(out), "--video", "--temperature", "0"]) == 0
     strip = np.asarray(Image.open(out))
-    frames = p.generate_video("a ball rolling", temperature=0)[0]
+    frames = fp32_video("a ball rolling")
     np.testing.assert_array_equal(strip, np.concatenate([np.asarray(f) for f in frames], axis=1))
     assert "s per video" in capsys.readouterr().out
     assert main(["imagine", p.engine_dir, "a ball", "--n", "5", "--video"]) == 2
