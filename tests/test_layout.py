@@ -3,6 +3,7 @@ its packages is named there, and every file, module and directory it names exist
 import glob
 import os
 import re
+import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Packages whose subdirectories the section names one by one.
@@ -16,10 +17,28 @@ def layout_bullets() -> list:
     return [re.findall(r"`([^`]+)`", b) for b in re.split(r"^- ", section, flags=re.M)[1:]]
 
 
+def tracked_dirs() -> set:
+    """Directories holding files git tracks, so local outputs (a stray engine folder) do not count;
+    None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    dirs = set()
+    for path in out.splitlines():
+        parts = path.split("/")[:-1]
+        dirs.update(os.path.join(ROOT, *parts[:i]) for i in range(1, len(parts) + 1))
+    return dirs
+
+
+TRACKED = tracked_dirs()
+
+
 def directories(path: str) -> list:
     """Subdirectories that hold the project's own files (not caches, build outputs or egg-info)."""
     return sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))
-                  and not n.startswith((".", "_")) and not n.endswith(".egg-info") and n != "build")
+                  and not n.startswith((".", "_")) and not n.endswith(".egg-info") and n != "build"
+                  and (TRACKED is None or os.path.join(path, n) in TRACKED))
 
 
 def exists(name: str, bases: list) -> bool:
