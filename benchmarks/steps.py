@@ -1,0 +1,39 @@
+"""Run one build step of a benchmark and log its wall time and peak RSS (the Makefile's bench-3b).
+
+    python -m benchmarks.steps LOG NAME -- command [args...]
+
+Appends {"step", "wall_s", "peak_rss_bytes", "command", "returncode"} as one JSON line to LOG and prints it.
+Peak RSS is the largest resident set of the command or any process it waited for (Linux folds every
+reaped descendant's peak into RUSAGE_CHILDREN's ru_maxrss): the figure that must fit the machine.
+Exits with the command's status.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def run_step(log: str, name: str, command: list) -> dict:
+    t = time.perf_counter()
+    rc = subprocess.run(command).returncode
+    row = {"step": name, "wall_s": time.perf_counter() - t, "command": " ".join(command), "returncode": rc,
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}   # KiB on Linux
+    os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
+    with open(log, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"[{name}] {row['wall_s']:.0f} s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
+          + ("" if rc == 0 else f", exit status {rc}"), file=sys.stderr, flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 4 or argv[2] != "--":
+        sys.exit(__doc__)
+    return run_step(argv[0], argv[1], argv[3:])["returncode"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
