@@ -139,7 +139,6 @@ BENCH_3B_FIT_LAYERS ?= 4
 B3       = vila1.5-3b-L$${L}V27
 B3_STEP  = $(BIN)/python -m benchmarks.steps build/bench-3b/steps.jsonl
 bench-3b: $(VENV)/.bench  ## VILA1.5-3B widths, int4: vila_edge vs ORT GenAI, llama.cpp Q4_0, transformers eager at 2 LLM depths + a per-layer estimate at 32 (BENCH_3B_LAYERS=8 BENCH_3B_FIT_LAYERS=4)
-	@rm -f build/bench-3b/steps.jsonl
 	@for L in $(BENCH_3B_FIT_LAYERS) $(BENCH_3B_LAYERS); do \
 	  test -d build/fixtures/$(B3) || $(B3_STEP) "fixture L$$L" -- $(BIN)/python -m vila_edge_export.fixtures build/fixtures/$(B3) --kind vila1.5 --shape vila1.5-3b --llm-layers $$L || exit 1; \
 	  $(call ENGINE_OK,engines/$(B3)-int4) || $(B3_STEP) "vila_edge int4 export L$$L" -- $(BIN)/vila-edge export build/fixtures/$(B3) engines/$(B3)-int4 --quant rtn --no-quality-floor --eval-tokens 128 --max-bpw 0 --quiet || exit 1; \

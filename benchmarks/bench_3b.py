@@ -33,7 +33,8 @@ import numpy as np
 
 from benchmarks import bench_3b_report as report
 from benchmarks.bench_peers import decode_row, genai_rows, isolated, llama_cpp_rows, vila_edge_rows
-from benchmarks.common import PROMPT, finish, machine_info, peak_rss_bytes, random_images, spread
+from benchmarks.steps import latest_steps
+from benchmarks.common import PROMPT, finish, save_report, machine_info, peak_rss_bytes, random_images, spread
 
 FULL_LAYERS = 32          # Efficient-Large-Model/VILA1.5-3b llm/config.json num_hidden_layers
 
@@ -160,6 +161,7 @@ def measure_depth(layers, paths, run, seed, hf_vision, log) -> dict:
     for key, fn, args, kwargs in jobs:
         t = time.perf_counter()
         r[key] = isolated(with_peak, fn, *args, **kwargs)
+        r[key]["wall_s"] = time.perf_counter() - t
         log(f"  L{layers} {key}: {time.perf_counter() - t:.0f} s, peak RSS {r[key]['peak_rss_bytes'] / 2**30:.2f} GiB")
     hf = r["hf"]
     hf["ttft_1_image"] = {"median_s": hf_vision["vision_s"]["median_s"] + hf["llm_prefill_s"]["median_s"],
@@ -196,16 +198,18 @@ def main(argv=None) -> int:
              for d in depths}
     t = time.perf_counter()
     r["hf_vision"] = isolated(with_peak, hf_vision_rows, paths[depths[-1]]["checkpoint"], threads, args.repeats, args.seed)
+    r["hf_vision"]["wall_s"] = time.perf_counter() - t
     log(f"  transformers vision: {time.perf_counter() - t:.0f} s, peak RSS {r['hf_vision']['peak_rss_bytes'] / 2**30:.2f} GiB")
     r["depths"] = [measure_depth(d, paths[d], run, args.seed, r["hf_vision"], log) for d in depths]
     r["estimate"] = report.estimates(r)
     if args.baseline:
         with open(args.baseline) as f:
             r["baseline"] = report.baseline_rows(json.load(f), args.baseline)
-    if args.steps and os.path.isfile(args.steps):
-        with open(args.steps) as f:
-            r["build_steps"] = [json.loads(line) for line in f if line.strip()]
-    finish(r, os.path.join(args.out, args.name), "peers3b", report.markdown)
+    if args.steps:
+        r["build_steps"] = latest_steps(args.steps)
+    out = os.path.join(args.out, args.name)
+    save_report(r, out, "peers3b", "")        # the measurements survive a failing report
+    finish(r, out, "peers3b", report.markdown)
     return 0
 
 

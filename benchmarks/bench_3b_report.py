@@ -26,7 +26,7 @@ def estimates(r: dict) -> dict:
     ours = fits["vila_edge_int4"]
     # vila_edge / peer: tokens/s for decode (peer seconds / ours), seconds for a first token (ours / peer).
     ratios = {p: {k: (ours[k]["est_s"] / f["est_s"] if k == "ttft" else f["est_s"] / ours[k]["est_s"])
-                  for k, f in fits[p].items() if k in ours} for p in PEERS}
+                  for k, f in fits[p].items() if f["est_s"] and ours.get(k, {}).get("est_s")} for p in PEERS}
     return {"fits": fits, "ratios": ratios,
             "lever": lever(tuple(d["layers"] for d in r["depths"]), r["target_layers"])}
 
@@ -51,7 +51,8 @@ def _table(r: dict, key, title: str, unit: str) -> list:
     """One table per measure: each system's value at each depth, its fit and its 32-layer estimate,
     then vila_edge / system at each depth and at the estimate."""
     depths, target, e = [d["layers"] for d in r["depths"]], r["target_layers"], r["estimate"]
-    fmt = (lambda s: f"{s:.2f} s") if key == "ttft" else (lambda s: f"{1 / s:.1f}")
+    fmt = (lambda s: "n/a" if s is None else f"{s:.2f} s") if key == "ttft" else (
+        lambda s: "n/a" if s is None else f"{1 / s:.1f}")
     lines = ["", f"### {title}", "",
              "| system | " + " | ".join(f"L{d} {unit}" for d in depths) + " | fixed a | per layer b "
              f"| **estimate L{target}** {unit} | " + " | ".join(f"vila_edge / system, L{d}" for d in depths)
@@ -63,7 +64,8 @@ def _table(r: dict, key, title: str, unit: str) -> list:
             continue
         vals, f = _by_layers(r, system, key), e["fits"][system][key]
         rat = [(o / v if key == "ttft" else v / o) for o, v in zip(ours, vals)]
-        est_ratio = "" if system == "vila_edge_int4" else f"**{e['ratios'][system][key]:.2f}**"
+        est = e["ratios"].get(system, {}).get(key)
+        est_ratio = "" if system == "vila_edge_int4" else "n/a (fit too noisy)" if est is None else f"**{est:.2f}**"
         lines.append(f"| {label} | " + " | ".join(fmt(v) for v in vals) + f" | {f['a_s'] * 1e3:.1f} ms "
                      f"| {f['b_s'] * 1e3:.2f} ms | **{fmt(f['est_s'])}** | "
                      + " | ".join("" if system == "vila_edge_int4" else f"{x:.2f}" for x in rat) + f" | {est_ratio} |")
@@ -82,6 +84,8 @@ def _baseline(r: dict) -> list:
         if not then or key not in e[now_key]:
             continue
         est = e[now_key][key]["est_s"]
+        if est is None:
+            continue
         if key == "ttft" and "ttft_s" in then:
             lines.append(f"| {SYSTEMS[now_key]} | TTFT, 1 image | {then['ttft_s']:.1f} s | {est:.1f} s | {est / then['ttft_s']:.2f} |")
         elif key != "ttft" and key in then["decode_tok_s"]:
@@ -94,16 +98,18 @@ def _baseline(r: dict) -> list:
 
 
 def _memory(r: dict) -> list:
-    lines = ["", "## Peak RSS of each process", "", "| step | wall s | peak RSS GiB |", "|---|---|---|"]
+    lines = ["", "## Wall time and peak RSS of each process", "",
+             "| step | finished (UTC) | wall s | peak RSS GiB |", "|---|---|---|---|"]
     for s in r.get("build_steps", []):
-        lines.append(f"| build: {s['step']} | {s['wall_s']:.0f} | {s['peak_rss_bytes'] / GIB:.2f} |")
+        lines.append(f"| build: {s['step']} | {s.get('finished_utc', 'n/a')} | {s['wall_s']:.0f} | {s['peak_rss_bytes'] / GIB:.2f} |")
     lines.append(f"| measure: transformers vision (L{r['depths'][-1]['layers']} checkpoint) | | "
-                 f"{r['hf_vision']['peak_rss_bytes'] / GIB:.2f} |")
+                 f"{r['hf_vision']['wall_s']:.0f} | {r['hf_vision']['peak_rss_bytes'] / GIB:.2f} |")
     for d in r["depths"]:
         for system, label in SYSTEMS.items():
-            lines.append(f"| measure: {label}, L{d['layers']} | | {d[system]['peak_rss_bytes'] / GIB:.2f} |")
-    if not r.get("build_steps"):
-        lines.append("\nNo build step ran in this invocation (all artefacts were cached).")
+            lines.append(f"| measure: {label}, L{d['layers']} | | {d[system]['wall_s']:.0f} "
+                         f"| {d[system]['peak_rss_bytes'] / GIB:.2f} |")
+    lines.append("\nBuild rows are the latest run of each step (`build/bench-3b/steps.jsonl`); a step whose "
+                 "output was cached keeps its earlier row. Peak RSS: the largest process of the step.")
     return lines
 
 

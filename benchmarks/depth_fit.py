@@ -43,16 +43,18 @@ def lever(layers: tuple, target: float) -> float:
 
 
 def estimate_rows(measured: dict, target: int) -> dict:
-    """measured: {system: {context: {layers: seconds}}} -> {system: {context: {"a_s", "b_s", "est_s",
-    "est_tok_s"}}}: the fit per system and context and its step time and tokens/s at `target` layers."""
+    """measured: {system: {key: {layers: seconds}}} -> {system: {key: {"a_s", "b_s", "est_s", "est_tok_s"}}}:
+    the fit per system and measure and its time and tokens/s at `target` layers. A fit that predicts no
+    time at all (noise made b negative) keeps est_s None and says why in "error": reported, not hidden."""
     out = {}
-    for system, by_ctx in measured.items():
+    for system, by_key in measured.items():
         out[system] = {}
-        for ctx, by_depth in by_ctx.items():
+        for key, by_depth in by_key.items():
             f = fit_depth(sorted(by_depth.items()))
             est = f.at(target)
+            row = {"a_s": f.a, "b_s": f.b, "est_s": est, "est_tok_s": 1 / est if est > 0 else None}
             if est <= 0:
-                raise ValueError(f"{system} @ {ctx}: the fit predicts {est:.4f} s at {target} layers; "
-                                 f"measurements {by_depth} are too noisy to extrapolate")
-            out[system][ctx] = {"a_s": f.a, "b_s": f.b, "est_s": est, "est_tok_s": 1 / est}
+                row.update(est_s=None, error=f"the fit predicts {est:.4f} s at {target} layers: measurements "
+                                             f"{by_depth} too noisy to extrapolate")
+            out[system][key] = row
     return out

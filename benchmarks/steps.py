@@ -2,7 +2,9 @@
 
     python -m benchmarks.steps LOG NAME -- command [args...]
 
-Appends {"step", "wall_s", "peak_rss_bytes", "command", "returncode"} as one JSON line to LOG and prints it.
+Appends {"step", "wall_s", "peak_rss_bytes", "command", "returncode", "finished_utc"} as one JSON line to
+LOG and prints it. A step skipped later because its output exists keeps its row: reports read the last
+row of each step name (latest_steps).
 Peak RSS is the largest resident set of the command or any process it waited for (Linux folds every
 reaped descendant's peak into RUSAGE_CHILDREN's ru_maxrss): the figure that must fit the machine.
 Exits with the command's status.
@@ -13,19 +15,34 @@ import resource
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 
 
 def run_step(log: str, name: str, command: list) -> dict:
     t = time.perf_counter()
     rc = subprocess.run(command).returncode
     row = {"step": name, "wall_s": time.perf_counter() - t, "command": " ".join(command), "returncode": rc,
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}   # KiB on Linux
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,   # KiB on Linux
+           "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")}
     os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
     with open(log, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"[{name}] {row['wall_s']:.0f} s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
           + ("" if rc == 0 else f", exit status {rc}"), file=sys.stderr, flush=True)
     return row
+
+
+def latest_steps(log: str) -> list:
+    """The last row of each step name in LOG, in the order the names first appear ([] if no LOG)."""
+    if not os.path.isfile(log):
+        return []
+    rows = {}
+    with open(log) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows[row["step"]] = row
+    return list(rows.values())
 
 
 def main(argv=None) -> int:
