@@ -136,6 +136,7 @@ bench-quality: $(VENV)/.bench  ## 4-bit quality on SmolLM2: vila_edge AWQ/RTN vs
 # go to build/bench-3b/steps.jsonl and the report.
 BENCH_3B_LAYERS     ?= 8
 BENCH_3B_FIT_LAYERS ?= 4
+BENCH_3B_ARGS       ?=
 B3       = vila1.5-3b-L$${L}V27
 B3_STEP  = $(BIN)/python -m benchmarks.steps build/bench-3b/steps.jsonl
 bench-3b: $(VENV)/.bench  ## VILA1.5-3B widths, int4: vila_edge vs ORT GenAI, llama.cpp Q4_0, transformers eager at 2 LLM depths + a per-layer estimate at 32 (BENCH_3B_LAYERS=8 BENCH_3B_FIT_LAYERS=4)
@@ -145,7 +146,7 @@ bench-3b: $(VENV)/.bench  ## VILA1.5-3B widths, int4: vila_edge vs ORT GenAI, ll
 	  test -f build/$(B3)-q4_0.gguf || $(B3_STEP) "GGUF Q4_0 L$$L" -- $(BIN)/python -m benchmarks.hf_to_gguf build/fixtures/$(B3)/llm build/$(B3)-q4_0.gguf --type q4_0 || exit 1; \
 	  test -f build/genai/$(B3)-int4/genai_config.json || $(B3_STEP) "ORT GenAI int4 L$$L" -- $(BIN)/python -m benchmarks.genai_export build/fixtures/$(B3)/llm build/genai/$(B3)-int4 || exit 1; \
 	done
-	$(BIN)/python -m benchmarks.bench_3b --layers $(BENCH_3B_FIT_LAYERS),$(BENCH_3B_LAYERS) --checkpoint build/fixtures/vila1.5-3b-L{layers}V27 --engine-int4 engines/vila1.5-3b-L{layers}V27-int4 --gguf build/vila1.5-3b-L{layers}V27-q4_0.gguf --genai build/genai/vila1.5-3b-L{layers}V27-int4 --baseline benchmarks/results/vila1.5-3b/peers.json --steps build/bench-3b/steps.jsonl
+	$(BIN)/python -m benchmarks.bench_3b --layers $(BENCH_3B_FIT_LAYERS),$(BENCH_3B_LAYERS) --checkpoint build/fixtures/vila1.5-3b-L{layers}V27 --engine-int4 engines/vila1.5-3b-L{layers}V27-int4 --gguf build/vila1.5-3b-L{layers}V27-q4_0.gguf --genai build/genai/vila1.5-3b-L{layers}V27-int4 --baseline benchmarks/results/vila1.5-3b/peers.json --steps build/bench-3b/steps.jsonl $(BENCH_3B_ARGS)
 
 # NVILA-8B widths (Qwen2 3584 / 28 heads / 4 KV heads, SigLIP-448 x 1152, 3456-channel projector) at a
 # depth that fits RAM: the full 28-layer LLM is 30 GB in fp32. Per-layer costs scale linearly.

@@ -109,7 +109,9 @@ def hf_vision_rows(checkpoint, threads, runs, seed) -> dict:
             feats = ref.encode_images(hf_pixels(spec, image))
         if i:
             times.append(time.perf_counter() - t)
-    return {"vision_s": spread(times), "image_tokens": int(feats.shape[1]), "torch": torch.__version__}
+    import transformers
+    return {"vision_s": spread(times), "image_tokens": int(feats.shape[1]), "torch": torch.__version__,
+            "transformers": transformers.__version__}
 
 
 def hf_llm_rows(checkpoint, engine, threads, contexts, steps, runs, seed, image_tokens) -> dict:

@@ -74,8 +74,10 @@ def _table(r: dict, key, title: str, unit: str) -> list:
 
 def _baseline(r: dict) -> list:
     b, e, target = r["baseline"], r["estimate"]["fits"], r["target_layers"]
+    then_kind = b.get("vila_edge_int4", {}).get("kind", "n/a")
     lines = ["", f"## Estimate against an earlier full-depth measurement ({target} layers, `{b['path']}`, load "
                  f"{b['loadavg_start']:.1f} -> {b['loadavg_end']:.1f})", "",
+             f"The earlier run's vila_edge engine: {then_kind}, exported and run by the code of that day.", "",
              "| system | measure | measured then, L32 | estimated now, L32 | now / then |", "|---|---|---|---|---|"]
     pairs = [("vila_edge_int4", "vila_edge_int4", "ttft"), ("hf", "hf", "ttft")]
     pairs += [(k, k, c) for k in ("llama_cpp", "ort_genai", "hf", "vila_edge_int4") for c in r["contexts"]]
@@ -130,7 +132,7 @@ def markdown(r: dict) -> str:
              f"({r['depths'][-1]['vila_edge_int4']['kind']}), ORT GenAI "
              f"{r['depths'][-1]['ort_genai']['onnxruntime_genai']} builder int4 (RTN, block 32, accuracy 4), "
              f"llama.cpp {r['depths'][-1]['llama_cpp']['llama_cpp_python']} Q4_0, transformers "
-             f"{hf_v['torch']} eager fp32 (torch).",
+             f"{hf_v['transformers']} eager fp32 (torch {hf_v['torch']}).",
              "", "## Measured and estimated", "",
              f"**Bold: estimates at {target} layers, not measurements.** Decode in tokens/s; ratios vila_edge / system "
              "(> 1: vila_edge faster). TTFT in seconds; ratio vila_edge / system (< 1: vila_edge faster)."]
