@@ -40,9 +40,12 @@ FULL_LAYERS = 32          # Efficient-Large-Model/VILA1.5-3b llm/config.json num
 
 
 def with_peak(fn, *args, **kwargs) -> dict:
-    """fn's result plus this process's peak RSS (run inside `isolated`: one system per process)."""
+    """fn's result plus this process's peak RSS and CPU seconds (run inside `isolated`: one system per process)."""
+    import resource
+
     out = fn(*args, **kwargs)
-    out["peak_rss_bytes"] = peak_rss_bytes()
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    out.update(peak_rss_bytes=peak_rss_bytes(), cpu_s=use.ru_utime + use.ru_stime)
     return out
 
 
@@ -164,7 +167,7 @@ def measure_depth(layers, paths, run, seed, hf_vision, log) -> dict:
         t = time.perf_counter()
         r[key] = isolated(with_peak, fn, *args, **kwargs)
         r[key]["wall_s"] = time.perf_counter() - t
-        log(f"  L{layers} {key}: {time.perf_counter() - t:.0f} s, peak RSS {r[key]['peak_rss_bytes'] / 2**30:.2f} GiB")
+        log(f"  L{layers} {key}: {r[key]['wall_s']:.0f} s ({r[key]['cpu_s']:.0f} CPU s), peak RSS {r[key]['peak_rss_bytes'] / 2**30:.2f} GiB")
     hf = r["hf"]
     hf["ttft_1_image"] = {"median_s": hf_vision["vision_s"]["median_s"] + hf["llm_prefill_s"]["median_s"],
                           "prompt_tokens": hf["prompt_tokens"], "parts": "vision + LLM medians, two processes"}

@@ -101,17 +101,18 @@ def _baseline(r: dict) -> list:
 
 def _memory(r: dict) -> list:
     lines = ["", "## Wall time and peak RSS of each process", "",
-             "| step | finished (UTC) | wall s | peak RSS GiB |", "|---|---|---|---|"]
+             "| step | finished (UTC) | wall s | CPU s | peak RSS GiB |", "|---|---|---|---|---|"]
+    cpu = lambda row: f"{row['cpu_s']:.0f}" if "cpu_s" in row else "n/a"   # noqa: E731
     for s in r.get("build_steps", []):
-        lines.append(f"| build: {s['step']} | {s.get('finished_utc', 'n/a')} | {s['wall_s']:.0f} | {s['peak_rss_bytes'] / GIB:.2f} |")
-    lines.append(f"| measure: transformers vision (L{r['depths'][-1]['layers']} checkpoint) | | "
-                 f"{r['hf_vision']['wall_s']:.0f} | {r['hf_vision']['peak_rss_bytes'] / GIB:.2f} |")
-    for d in r["depths"]:
-        for system, label in SYSTEMS.items():
-            lines.append(f"| measure: {label}, L{d['layers']} | | {d[system]['wall_s']:.0f} "
-                         f"| {d[system]['peak_rss_bytes'] / GIB:.2f} |")
+        lines.append(f"| build: {s['step']} | {s.get('finished_utc', 'n/a')} | {s['wall_s']:.0f} | {cpu(s)} "
+                     f"| {s['peak_rss_bytes'] / GIB:.2f} |")
+    rows = [(f"transformers vision (L{r['depths'][-1]['layers']} checkpoint)", r["hf_vision"])]
+    rows += [(f"{label}, L{d['layers']}", d[system]) for d in r["depths"] for system, label in SYSTEMS.items()]
+    for label, row in rows:
+        lines.append(f"| measure: {label} | | {row['wall_s']:.0f} | {cpu(row)} | {row['peak_rss_bytes'] / GIB:.2f} |")
     lines.append("\nBuild rows are the latest run of each step (`build/bench-3b/steps.jsonl`); a step whose "
-                 "output was cached keeps its earlier row. Peak RSS: the largest process of the step.")
+                 "output was cached keeps its earlier row. Peak RSS: the largest process of the step. CPU s: all "
+                 "threads of all its processes; on an idle machine a step's wall time is at least CPU s / cores.")
     return lines
 
 
