@@ -33,8 +33,9 @@ import numpy as np
 
 from benchmarks import bench_3b_report as report
 from benchmarks.bench_peers import decode_row, genai_rows, isolated, llama_cpp_rows, vila_edge_rows
+from benchmarks.common import PROMPT, finish, machine_info, peak_rss_bytes, random_images, save_report, spread
 from benchmarks.steps import latest_steps
-from benchmarks.common import PROMPT, finish, save_report, machine_info, peak_rss_bytes, random_images, spread
+from vila_edge.families import get_family
 
 FULL_LAYERS = 32          # Efficient-Large-Model/VILA1.5-3b llm/config.json num_hidden_layers
 
@@ -85,11 +86,6 @@ def _hf_part(spec, *, llm: bool):
     del state
     ref.llm = model.to(torch.float32).eval()
     return ref
-
-
-def get_family(name):
-    from vila_edge.families import get_family as get
-    return get(name)
 
 
 def hf_vision_rows(checkpoint, threads, runs, seed) -> dict:
