@@ -131,7 +131,7 @@ bench-quality: $(VENV)/.bench  ## 4-bit quality on SmolLM2: vila_edge AWQ/RTN vs
 # VILA1.5-3B widths at two reduced LLM depths, BENCH_3B_FIT_LAYERS and BENCH_3B_LAYERS of its 32 (random
 # weights, the full 27-layer SigLIP tower): each system's seconds = a + b * layers is fitted and reported
 # at 32 layers as an estimate beside the measured depths (benchmarks/depth_fit.py). Defaults fit a shared
-# 2-core, 24 GB machine: every measuring process < 3 GB; the L8 exports peak at ~7 GB (vila-edge export)
+# 2-core, 24 GB machine: measuring processes peak at 2.9 GB (3.7 GB transformers fp32 at L8); the exports at ~7 GB (vila-edge export)
 # and ~5.6 GB (ORT GenAI's builder). Int4 without the int8 down_proj budget (--max-bpw 0) so every layer
 # costs the same. Build steps' wall time, CPU time and peak RSS go to build/bench-3b/steps.jsonl and the report.
 BENCH_3B_LAYERS     ?= 8
