@@ -11,10 +11,7 @@
 #include "onnxruntime_lite_custom_op.h"
 #undef ORT_API_MANUAL_INIT
 
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -29,23 +26,6 @@ struct Rows {
   int64_t rows, width;      // width: I
 };
 
-// exp(x) for x in [-87, 88] (the input is clamped there: sigmoid is 0 or 1 to float precision beyond),
-// branch-free so that the row loop vectorizes (std::exp does not): x = n ln2 + r with |r| <= ln2 / 2,
-// e^r by its degree-6 Taylor polynomial (relative error < 2e-7 there), times 2^n built in the exponent
-// bits. Cephes' expf reduces the same way (Cody-Waite split of ln2).
-inline float exp_clamped(float x) {
-  x = std::min(std::max(x, -87.f), 88.f);
-  // round to nearest by adding and removing 1.5 * 2^23 (|x log2 e| < 2^22): SSE2 has no round
-  // instruction, and a call to floor would keep the loop scalar
-  const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  const float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 void gate_rows(void* data, size_t task) {
   const Rows& r = *static_cast<const Rows*>(data);
   const int64_t lo = static_cast<int64_t>(task) * kRowsPerTask;
@@ -54,7 +34,7 @@ void gate_rows(void* data, size_t task) {
     const float* g = r.in + row * 2 * r.width;
     const float* u = g + r.width;
     float* y = r.out + row * r.width;
-    for (int64_t i = 0; i < r.width; ++i) y[i] = g[i] / (1.f + exp_clamped(-g[i])) * u[i];
+    for (int64_t i = 0; i < r.width; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
   }
 }
 
