@@ -105,7 +105,7 @@ def test_previous_format_is_refused_with_the_rebuild_command(tmp_path, engine):
     shutil.copytree(engine("vila1.5-3b-downsample"), eng)
     path = os.path.join(eng, "manifest.json")
     m = json.load(open(path))
-    m["format_version"] = 4          # format 4: the fused graph's MLP gate in standard ops
+    m["format_version"] = 3          # format 3: the fused graph took one sequence and its past as rows
     json.dump(m, open(path, "w"))
-    with pytest.raises(EngineError, match=r"format 4.*reads format 5.*rebuild it: make engines"):
+    with pytest.raises(EngineError, match=r"format 3.*reads format 4.*rebuild it: make engines"):
         Pipeline(eng)

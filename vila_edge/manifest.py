@@ -18,9 +18,7 @@ from vila_edge.version import __version__
 #    LLM graph variant (fused contrib ops for ORT targets, standard ops for TensorRT's parser)
 # 4: the fused graph (target cpu) runs B sequences' flattened tokens over the pool's blocks with
 #    vila_edge::PagedAttention, which writes new K/V into the pool in place; logits [B, V]
-# 5: float32 fused graphs compute the MLP gate silu(gate) * up in one vila_edge::SiluMul node (the op
-#    library of this runtime), not Split -> Sigmoid -> Mul -> Mul
-FORMAT_VERSION = 5
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 GRAPH_DTYPES = ("float32", "float16")
 IMAGE_MODES = (RESIZE, PAD, DYNAMIC, DYNAMIC_S2)

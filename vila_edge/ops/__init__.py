@@ -1,8 +1,7 @@
 """vila_edge's ONNX Runtime custom ops (csrc/), compiled into the package at install (setup.py).
 
-Domain "vila_edge", ops "PagedAttention" (csrc/paged_attention.cc documents its inputs): the fused
-LLM graph's attention over the paged KV pool, and "SiluMul" (csrc/silu_mul.cc): its MLP gate. A graph
-that uses them loads with `register(options)`.
+Domain "vila_edge", op "PagedAttention" (csrc/paged_attention.cc documents its inputs): the fused
+LLM graph's attention over the paged KV pool. A graph that uses it loads with `register(options)`.
 """
 import glob
 import os

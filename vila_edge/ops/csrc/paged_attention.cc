@@ -370,14 +370,12 @@ struct PagedAttention {
 
 static const char* kDomain = "vila_edge";
 
-Ort::Custom::OrtLiteCustomOp* CreateSiluMulOp();    // silu_mul.cc
-
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
   // One domain and op set for the process: ORT keeps pointers to them for every session.
   static Ort::CustomOpDomain domain{nullptr};
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> ops[3];
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> ops[2];
   static std::once_flag once;
   try {
     std::call_once(once, [] {
@@ -387,8 +385,6 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
                                                                                      "CPUExecutionProvider"));
       domain.Add(ops[0].get());
       domain.Add(ops[1].get());
-      ops[2].reset(CreateSiluMulOp());
-      domain.Add(ops[2].get());
     });
     Ort::UnownedSessionOptions(options).Add(domain);
   } catch (const Ort::Exception& e) {
