@@ -5,7 +5,10 @@ and vLLM's paged-attention metadata; its PagedAttention nodes (vila_edge/ops) wr
 K/V rows into the pool IN PLACE and attend over the pool blocks the block tables name. So the pool
 is bound once, per thread, as OrtValues over the numpy pool (no copy: ORT's CPU provider reads and
 writes the caller's memory), and a step binds only its small inputs: no past views, no staging
-buffer, no scatter after the run.
+buffer, no scatter after the run. A decode step of one sequence (the common case) binds nothing: it
+writes its values into per-thread buffers bound once (_Decode; logits [1, V'] float32, ~200 KB at a
+49k vocabulary, outside the ledger like the general path's per-call outputs), which takes ~0.2 ms of
+Python and binding off each step (benchmarks/profile_decode.py).
 """
 import contextlib
 import os
@@ -50,7 +53,7 @@ class OrtPagedLLMRunner(LLMRunner):
         self._local = threading.local()      # per thread: its IOBinding and last hidden state
         # VILA-U graphs take `logits_rows` (B: logits of every row, 0: hidden state only; hidden_only())
         self._head_switch = "logits_rows" in {i.name for i in self.session.session.get_inputs()}
-        rows = self.session.session.get_outputs()[0].shape[-1]
+        rows = next((o.shape[-1] for o in self.session.session.get_outputs() if o.name == "logits"), None)
         # One sequence, one position, logits only: the decode step's buffers, bound once (_Decode).
         self._decode_rows = rows if isinstance(rows, int) and self._outputs == ["logits"] and not self._head_switch else None
 
