@@ -70,12 +70,16 @@ class OrtPagedLLMRunner(LLMRunner):
         """This thread's IOBinding, the pool's layers bound once (an IOBinding is not thread-safe)."""
         io = getattr(self._local, "io", None)
         if io is None:
-            import onnxruntime as ort
-            io = self.session.session.io_binding()
-            for layer in range(self.layout.num_layers):
-                for name, blocks in zip(("key_cache", "value_cache"), self.pool.layer(layer)):
-                    io.bind_ortvalue_input(f"{name}_{layer}", ort.OrtValue.ortvalue_from_numpy(blocks))
-            self._local.io = io
+            io = self._local.io = self._pool_binding()
+        return io
+
+    def _pool_binding(self):
+        """A new IOBinding with every layer's pool blocks bound as OrtValues over the numpy pool."""
+        import onnxruntime as ort
+        io = self.session.session.io_binding()
+        for layer in range(self.layout.num_layers):
+            for name, blocks in zip(("key_cache", "value_cache"), self.pool.layer(layer)):
+                io.bind_ortvalue_input(f"{name}_{layer}", ort.OrtValue.ortvalue_from_numpy(blocks))
         return io
 
     @contextlib.contextmanager
@@ -139,14 +143,13 @@ class OrtPagedLLMRunner(LLMRunner):
         self._local.hidden = out[1] if len(out) > 1 else None
         return out[0]
 
-
     def _decode_step(self, s: Step) -> np.ndarray:
         """forward_batch of one sequence's one new position: its values written into this thread's
         bound buffers (no per-step OrtValues, no output allocation in ORT); logits [1, V'] copied out."""
         d = getattr(self._local, "decode", None)
         if d is None:
-            d = self._local.decode = _Decode(self.session.session, self.pool, self.layout.num_layers,
-                                             self._max_blocks, self.embeds_dtype, self.embeddings.width, self._decode_rows)
+            d = self._local.decode = _Decode(self._pool_binding(), self._max_blocks, self.embeds_dtype,
+                                             self.embeddings.width, self._decode_rows)
         need = s.start // self.layout.block_size + 1           # <= max_blocks (forward_batch checked)
         if len(s.table) < need:
             raise ValueError(f"step 0: {s.start + 1} positions need {need} blocks, its table has {len(s.table)}")
@@ -167,12 +170,9 @@ class _Decode:
     and the logits written into a buffer of ours. Block table entries past the sequence's length
     are never read (the op reads ceil(seq_len / BS) of them)."""
 
-    def __init__(self, session, pool: KVPool, layers: int, max_blocks: int, dtype, width: int, rows: int):
+    def __init__(self, io, max_blocks: int, dtype, width: int, rows: int):
         import onnxruntime as ort
-        self.io = session.io_binding()
-        for layer in range(layers):
-            for name, blocks in zip(("key_cache", "value_cache"), pool.layer(layer)):
-                self.io.bind_ortvalue_input(f"{name}_{layer}", ort.OrtValue.ortvalue_from_numpy(blocks))
+        self.io = io                          # the pool already bound (OrtPagedLLMRunner._pool_binding)
         self.embeds, self.position = np.zeros((1, width), dtype), np.zeros(1, np.int64)
         self.tables, self.seq_len = np.zeros((1, max_blocks), np.int32), np.zeros(1, np.int32)
         self.slot, self.logits = np.zeros(1, np.int32), np.empty((1, rows), np.float32)
