@@ -5,7 +5,10 @@ and vLLM's paged-attention metadata; its PagedAttention nodes (vila_edge/ops) wr
 K/V rows into the pool IN PLACE and attend over the pool blocks the block tables name. So the pool
 is bound once, per thread, as OrtValues over the numpy pool (no copy: ORT's CPU provider reads and
 writes the caller's memory), and a step binds only its small inputs: no past views, no staging
-buffer, no scatter after the run.
+buffer, no scatter after the run. A decode step of one sequence (the common case) binds nothing: it
+writes its values into per-thread buffers bound once (_Decode; logits [1, V'] float32, ~200 KB at a
+49k vocabulary, outside the ledger like the general path's per-call outputs), which takes ~0.2 ms of
+Python and binding off each step (benchmarks/profile_decode.py).
 """
 import contextlib
 import os
@@ -50,6 +53,9 @@ class OrtPagedLLMRunner(LLMRunner):
         self._local = threading.local()      # per thread: its IOBinding and last hidden state
         # VILA-U graphs take `logits_rows` (B: logits of every row, 0: hidden state only; hidden_only())
         self._head_switch = "logits_rows" in {i.name for i in self.session.session.get_inputs()}
+        rows = next((o.shape[-1] for o in self.session.session.get_outputs() if o.name == "logits"), None)
+        # One sequence, one position, logits only: the decode step's buffers, bound once (_Decode).
+        self._decode_rows = rows if isinstance(rows, int) and self._outputs == ["logits"] and not self._head_switch else None
 
     @property
     def last_hidden(self):
@@ -64,12 +70,16 @@ class OrtPagedLLMRunner(LLMRunner):
         """This thread's IOBinding, the pool's layers bound once (an IOBinding is not thread-safe)."""
         io = getattr(self._local, "io", None)
         if io is None:
-            import onnxruntime as ort
-            io = self.session.session.io_binding()
-            for layer in range(self.layout.num_layers):
-                for name, blocks in zip(("key_cache", "value_cache"), self.pool.layer(layer)):
-                    io.bind_ortvalue_input(f"{name}_{layer}", ort.OrtValue.ortvalue_from_numpy(blocks))
-            self._local.io = io
+            io = self._local.io = self._pool_binding()
+        return io
+
+    def _pool_binding(self):
+        """A new IOBinding with every layer's pool blocks bound as OrtValues over the numpy pool."""
+        import onnxruntime as ort
+        io = self.session.session.io_binding()
+        for layer in range(self.layout.num_layers):
+            for name, blocks in zip(("key_cache", "value_cache"), self.pool.layer(layer)):
+                io.bind_ortvalue_input(f"{name}_{layer}", ort.OrtValue.ortvalue_from_numpy(blocks))
         return io
 
     @contextlib.contextmanager
@@ -91,6 +101,13 @@ class OrtPagedLLMRunner(LLMRunner):
     def forward_batch(self, steps: list) -> np.ndarray:
         if not 1 <= len(steps) <= self.max_batch:
             raise ValueError(f"forward_batch takes 1..{self.max_batch} steps, got {len(steps)}")
+        s = steps[0]
+        if (self._decode_rows and len(steps) == 1 and len(s.tokens) == 1 and len(s.slots) == 1
+                and s.start < self._max_blocks * self.layout.block_size):
+            return self._decode_step(s)
+        return self._batch(steps)
+
+    def _batch(self, steps: list) -> np.ndarray:
         lens = np.array([len(s.tokens) for s in steps], np.int32)
         starts = np.array([s.start for s in steps], np.int32)
         qsl = np.zeros(len(steps) + 1, np.int32)
@@ -125,6 +142,48 @@ class OrtPagedLLMRunner(LLMRunner):
         out = io.copy_outputs_to_cpu()
         self._local.hidden = out[1] if len(out) > 1 else None
         return out[0]
+
+    def _decode_step(self, s: Step) -> np.ndarray:
+        """forward_batch of one sequence's one new position: its values written into this thread's
+        bound buffers (no per-step OrtValues, no output allocation in ORT); logits [1, V'] copied out."""
+        d = getattr(self._local, "decode", None)
+        if d is None:
+            d = self._local.decode = _Decode(self._pool_binding(), self._max_blocks, self.embeds_dtype,
+                                             self.embeddings.width, self._decode_rows)
+        need = s.start // self.layout.block_size + 1           # <= max_blocks (forward_batch checked)
+        if len(s.table) < need:
+            raise ValueError(f"step 0: {s.start + 1} positions need {need} blocks, its table has {len(s.table)}")
+        row = self.embed(s.tokens)
+        if row.shape != d.embeds.shape:       # the general path's binding reports the shape error
+            return self._batch([s])
+        d.embeds[...] = row
+        d.tables[0, :need] = s.table[:need]
+        d.position[0], d.seq_len[0], d.slot[0] = s.start, s.start + 1, s.slots[0]
+        self.session.run_with_iobinding(d.io)
+        self._local.hidden = None
+        return d.logits.copy()
+
+
+class _Decode:
+    """One thread's IOBinding for decode steps of one sequence: the pool and [1]-row input buffers
+    bound once as OrtValues over numpy memory (ORT's CPU provider reads them in place at run time),
+    and the logits written into a buffer of ours. Block table entries past the sequence's length
+    are never read (the op reads ceil(seq_len / BS) of them)."""
+
+    def __init__(self, io, max_blocks: int, dtype, width: int, rows: int):
+        import onnxruntime as ort
+        self.io = io                          # the pool already bound (OrtPagedLLMRunner._pool_binding)
+        self.embeds, self.position = np.zeros((1, width), dtype), np.zeros(1, np.int64)
+        self.tables, self.seq_len = np.zeros((1, max_blocks), np.int32), np.zeros(1, np.int32)
+        self.slot, self.logits = np.zeros(1, np.int32), np.empty((1, rows), np.float32)
+        inputs = {"inputs_embeds": self.embeds, "position_ids": self.position, "block_tables": self.tables,
+                  "seq_lens": self.seq_len, "query_start_loc": np.array([0, 1], np.int32),
+                  "slot_mapping": self.slot, "logits_indices": np.zeros(1, np.int64)}
+        self._values = [ort.OrtValue.ortvalue_from_numpy(v) for v in inputs.values()]   # alive while bound
+        for name, value in zip(inputs, self._values):
+            self.io.bind_ortvalue_input(name, value)
+        self._out = ort.OrtValue.ortvalue_from_numpy(self.logits)
+        self.io.bind_ortvalue_output("logits", self._out)
 
 
 def llm(engine_dir: str, manifest, num_blocks: int, block_size: int, max_context: int, opts: RunnerOptions):
