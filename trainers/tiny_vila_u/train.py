@@ -54,9 +54,11 @@ def make_tokenizer():
     return tok
 
 
-def timed_stage(name, params, lr, budget_s, max_steps, make_batch, loss_fn, log_every=10) -> int:
+def timed_stage(name, params, lr, budget_s, max_steps, make_batch, loss_fn, log_every=10,
+                checkpoint=None, checkpoint_every=100) -> int:
     """AdamW with warmup + cosine over the stage's wall-clock budget (or its step cap, whichever ends
     first): on a shared machine the step rate varies, and the schedule still ends at a low rate.
+    checkpoint(): called every checkpoint_every steps (a run cut short keeps its last weights).
     -> steps run."""
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     t0, avg, step = time.time(), None, 0
@@ -72,8 +74,12 @@ def timed_stage(name, params, lr, budget_s, max_steps, make_batch, loss_fn, log_
         avg = loss.item() if avg is None else 0.9 * avg + 0.1 * loss.item()
         if step % log_every == 0:
             print(f"[stage {name}] step {step} loss {avg:.4f} ({time.time() - t0:.0f}s of {budget_s:.0f}s, "
-                  f"{100 * done:.0f}% of the schedule)", flush=True)
-    print(f"[stage {name}] done: {step} steps in {time.time() - t0:.0f}s, loss {avg:.4f}", flush=True)
+                  f"{100 * done:.0f}% of the schedule, {time.process_time():.0f} s CPU)", flush=True)
+        if checkpoint and step % checkpoint_every == 0:
+            checkpoint()
+    # CPU seconds of this process: about the stage's wall time on an idle machine (one thread each).
+    print(f"[stage {name}] done: {step} steps in {time.time() - t0:.0f}s ({time.process_time():.0f} s CPU), "
+          f"loss {avg:.4f}", flush=True)
     return step
 
 
@@ -130,6 +136,11 @@ def gen_loss(model, ids: list, pixels: torch.Tensor) -> torch.Tensor:
     return loss + (att / n if n else 0.0)
 
 
+def _save(state: dict, path: str) -> None:
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def llm_stage(model, args) -> None:
     stream, rng = Stream(20_000_000), random.Random(GEN_SEED)
     pool = prompts.specs(heldout=False)
@@ -143,7 +154,12 @@ def llm_stage(model, args) -> None:
         return qa_loss(qa) + gen_loss(model, *gen)
 
     params = list(model.projector.parameters()) + list(model.llm.parameters()) + list(model.depth_head.parameters())
-    timed_stage("2 llm", params, args.lr, 60 * args.llm_minutes, args.llm_steps, batch, loss)
+    timed_stage("2 llm", params, args.lr, 60 * args.llm_minutes, args.llm_steps, batch, loss,
+                checkpoint=lambda: _save(llm_state(model), os.path.join(args.work, "llm.pt")))
+
+
+def llm_state(model) -> dict:
+    return {k: v for k, v in model.state_dict().items() if k.startswith(("llm.", "projector.", "depth_head."))}
 
 
 def new_model(args) -> TinyVilaU:
@@ -175,8 +191,11 @@ def part_tower(args) -> None:
     with torch.no_grad():
         scs = [scenes.make_sample(PROBE_SEED, i).scenes[0] for i in range(64)]
         z = model.rq.quantize(model.rq.features(scene_pixels(model, scs)))[1]
-    acc = heads.accuracy(z, *stacked_labels(scs))
-    print("[stage 1 tower] probe on unseen scenes: " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
+    labels = stacked_labels(scs)
+    acc = heads.accuracy(z, *labels)
+    occupied = labels[0] > 0
+    acc["shape of occupied cells"] = (heads.logits(z)[0].argmax(-1)[occupied] == labels[0][occupied]).float().mean().item()
+    print("[stage 1 tower] probe on unseen scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
     torch.save(model.state_dict(), os.path.join(args.work, "tower.pt"))
 
 
@@ -197,12 +216,16 @@ def part_decoder(args) -> None:
     def batch():
         return (scene_pixels(model, [sc for _ in range(args.tower_bs) for sc in stream.next().scenes][:args.tower_bs]),)
 
+    def save():
+        state = {k: v for k, v in model.state_dict().items() if k.startswith(("rq.decoder.", "rq.post_quant_conv."))}
+        _save(state, os.path.join(args.work, "decoder.pt"))
+
     timed_stage("1b decoder", list(model.rq.decoder.parameters()) + list(model.rq.post_quant_conv.parameters()),
-                TOWER_LR, 60 * args.decoder_minutes, args.decoder_steps, batch, decoder_loss(model))
+                TOWER_LR, 60 * args.decoder_minutes, args.decoder_steps, batch, decoder_loss(model, args.decoder_loss == "l1"),
+                checkpoint=save)
     model.eval()
     print(f"[stage 1b decoder] reconstruction PSNR on unseen scenes: {psnr_probe(model):.2f} dB", flush=True)
-    state = {k: v for k, v in model.state_dict().items() if k.startswith(("rq.decoder.", "rq.post_quant_conv."))}
-    torch.save(state, os.path.join(args.work, "decoder.pt"))
+    save()
 
 
 def part_llm(args) -> None:
@@ -212,9 +235,8 @@ def part_llm(args) -> None:
     model.rq.eval()
     llm_stage(model, args)
     model.eval()
+    _save(llm_state(model), os.path.join(args.work, "llm.pt"))
     print(f"[stage 2 llm] answers on unseen scenes: {answer_probe(model, pixel_tokens(model))}", flush=True)
-    state = {k: v for k, v in model.state_dict().items() if k.startswith(("llm.", "projector.", "depth_head."))}
-    torch.save(state, os.path.join(args.work, "llm.pt"))
 
 
 def part_save(args) -> None:
@@ -250,6 +272,7 @@ def main(argv=None):
     ap.add_argument("--gen-bs", type=int, default=12, help="generation samples per step")
     ap.add_argument("--rounds", type=int, default=3, help="extra question rounds per single-image conversation")
     ap.add_argument("--decoder-steps", type=int, default=3000)
+    ap.add_argument("--decoder-loss", choices=["mse", "l1"], default="mse", help="stage 1b's reconstruction loss")
     ap.add_argument("--decoder-minutes", type=float, default=20, help="wall-clock budget of stage 1b")
     ap.add_argument("--llm-steps", type=int, default=1500)
     ap.add_argument("--llm-minutes", type=float, default=20, help="wall-clock budget of stage 2")
