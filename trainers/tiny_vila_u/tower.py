@@ -94,11 +94,19 @@ def tower_batch(model, stream, bs):
     return scene_pixels(model, scs), captions, stacked_labels(scs), geometry_labels(scs)
 
 
-def decoder_loss(model, l1: bool = False):
+def decoder_loss(model, perceptual: float = 0.0):
+    """MSE + perceptual * the frozen tower's feature distance between the
+    reconstruction and the input (relative to the features' power): a perceptual loss as VQGAN's
+    LPIPS, from a network that knows shapes (the tower names 99.5 % of them)."""
     def loss(pixels):
         with torch.no_grad():
-            z = model.rq.quantize(model.rq.features(pixels))[1]
-        return (F.l1_loss if l1 else F.mse_loss)(model.rq.decode(z), pixels)
+            x = model.rq.features(pixels)
+            z = model.rq.quantize(x)[1]
+        out = model.rq.decode(z)
+        total = F.mse_loss(out, pixels)
+        if perceptual:
+            total = total + perceptual * ((model.rq.features(out) - x) ** 2).mean() / (x ** 2).mean()
+        return total
     return loss
 
 

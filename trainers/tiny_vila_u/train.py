@@ -7,9 +7,13 @@ VILA-U (arXiv 2409.04429) trains its tower first, then the LLM with the tower fr
   1 tower   SigLIP + residual quantizer (commitment, EMA codebooks with dead-code restarts) with
             text-image alignment (SigLIP's sigmoid contrastive loss on the quantized features against
             scene captions); standing in for SigLIP's pretraining (the tower starts random here),
-            trainers/tiny_shapes/teachers.VisionHeads reads each cell's shape and colour, and a
-            geometry probe each object's offset, size and tint, off the quantized features.
-  1b decoder  post_quant_conv + the pixel decoder on reconstruction (MSE) from the frozen codes.
+            trainers/tiny_shapes/teachers.VisionHeads reads each cell's shape and colour (the
+            shape of occupied cells weighted up: tower.SHAPE_WEIGHT), and a geometry probe each
+            object's offset, size and tint, off the quantized features.
+  1b decoder  post_quant_conv + the pixel decoder on reconstruction (MSE) from the frozen codes,
+            plus a perceptual loss: the frozen tower's features of the reconstruction against
+            those of the input (VQGAN's LPIPS, with the tower as the network that sees shapes;
+            with MSE alone the decoder drew every shape as a blob).
             VILA-U trains the decoder jointly with the encoder; on a 2-core CPU the decoder's
             convolutions cost 10x the rest of the tower step, so here the encoder learns what
             reconstruction needs from the geometry probe, and 1b runs beside stage 2 (both read
@@ -221,7 +225,7 @@ def part_decoder(args) -> None:
         _save(state, os.path.join(args.work, "decoder.pt"))
 
     timed_stage("1b decoder", list(model.rq.decoder.parameters()) + list(model.rq.post_quant_conv.parameters()),
-                TOWER_LR, 60 * args.decoder_minutes, args.decoder_steps, batch, decoder_loss(model, args.decoder_loss == "l1"),
+                TOWER_LR, 60 * args.decoder_minutes, args.decoder_steps, batch, decoder_loss(model, args.perceptual),
                 checkpoint=save)
     model.eval()
     print(f"[stage 1b decoder] reconstruction PSNR on unseen scenes: {psnr_probe(model):.2f} dB", flush=True)
@@ -266,16 +270,18 @@ def main(argv=None):
     # the two cores are used by running stages 1b and 2 side by side.
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tower-bs", type=int, default=16)
-    ap.add_argument("--tower-steps", type=int, default=500)
+    ap.add_argument("--tower-steps", type=int, default=700)
     ap.add_argument("--tower-minutes", type=float, default=5, help="wall-clock budget of stage 1")
     ap.add_argument("--bs", type=int, default=12, help="understanding conversations per step")
     ap.add_argument("--gen-bs", type=int, default=12, help="generation samples per step")
     ap.add_argument("--rounds", type=int, default=3, help="extra question rounds per single-image conversation")
-    ap.add_argument("--decoder-steps", type=int, default=3000)
-    ap.add_argument("--decoder-loss", choices=["mse", "l1"], default="mse", help="stage 1b's reconstruction loss")
-    ap.add_argument("--decoder-minutes", type=float, default=20, help="wall-clock budget of stage 1b")
-    ap.add_argument("--llm-steps", type=int, default=1500)
-    ap.add_argument("--llm-minutes", type=float, default=20, help="wall-clock budget of stage 2")
+    # Step caps: about 13 and 17 minutes of one idle core (0.2 and 0.45 CPU-s a step, measured);
+    # the minute budgets stop them earlier on a busy machine, so the whole run stays <= 30 min.
+    ap.add_argument("--decoder-steps", type=int, default=4000)
+    ap.add_argument("--perceptual", type=float, default=0.5, help="weight of stage 1b's tower-feature (perceptual) loss")
+    ap.add_argument("--decoder-minutes", type=float, default=24, help="wall-clock budget of stage 1b")
+    ap.add_argument("--llm-steps", type=int, default=2300)
+    ap.add_argument("--llm-minutes", type=float, default=24, help="wall-clock budget of stage 2")
     ap.add_argument("--lr", type=float, default=LLM_LR)
     ap.add_argument("--resume", action="store_true", help="--part llm: continue from the work dir's llm.pt")
     ap.add_argument("--attention", type=float, default=1.0, help="weight of the attention supervision")
