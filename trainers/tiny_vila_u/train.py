@@ -198,7 +198,8 @@ def part_tower(args) -> None:
     labels = stacked_labels(scs)
     acc = heads.accuracy(z, *labels)
     occupied = labels[0] > 0
-    acc["shape of occupied cells"] = (heads.logits(z)[0].argmax(-1)[occupied] == labels[0][occupied]).float().mean().item()
+    named = heads.logits(z)[0].argmax(-1)[occupied] == labels[0][occupied]
+    acc["shape of occupied cells"] = named.float().mean().item()
     print("[stage 1 tower] probe on unseen scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
     torch.save(model.state_dict(), os.path.join(args.work, "tower.pt"))
 
@@ -278,7 +279,8 @@ def main(argv=None):
     # Step caps: about 13 and 17 minutes of one idle core (0.2 and 0.45 CPU-s a step, measured);
     # the minute budgets stop them earlier on a busy machine, so the whole run stays <= 30 min.
     ap.add_argument("--decoder-steps", type=int, default=4000)
-    ap.add_argument("--perceptual", type=float, default=0.5, help="weight of stage 1b's tower-feature (perceptual) loss")
+    ap.add_argument("--perceptual", type=float, default=0.5,
+                    help="weight of stage 1b's tower-feature (perceptual) loss")
     ap.add_argument("--decoder-minutes", type=float, default=24, help="wall-clock budget of stage 1b")
     ap.add_argument("--llm-steps", type=int, default=2300)
     ap.add_argument("--llm-minutes", type=float, default=24, help="wall-clock budget of stage 2")
