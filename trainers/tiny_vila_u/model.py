@@ -29,7 +29,7 @@ SIGLIP = dict(hidden=64, intermediate=256, layers=3, heads=4, patch=16, image_si
 K, D = 128, 4                                   # codebook rows, residual depth
 DECODER = dict(ch=32, ch_mult=[1, 1, 1, 2, 2], num_res_blocks=0, attn_resolutions=[], z_channels=64)
 HEAD = (64, 2, 4)                               # depth transformer: E, layers, heads
-LLM = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=344)
+LLM = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384)
 ROPE_SCALING = {"type": "linear", "factor": 2.0}   # as context_length_extension saves it (vila-u.md §1.4)
 EMA_DECAY = 0.99                                # rqvaesiglip "decay" (RQS/rqvaesiglip/quantizations.py)
 

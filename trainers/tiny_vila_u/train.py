@@ -7,9 +7,13 @@ VILA-U (arXiv 2409.04429) trains its tower first, then the LLM with the tower fr
   1 tower   SigLIP + residual quantizer (commitment, EMA codebooks with dead-code restarts) with
             text-image alignment (SigLIP's sigmoid contrastive loss on the quantized features against
             scene captions); standing in for SigLIP's pretraining (the tower starts random here),
-            trainers/tiny_shapes/teachers.VisionHeads reads each cell's shape and colour, and a
-            geometry probe each object's offset, size and tint, off the quantized features.
-  1b decoder  post_quant_conv + the pixel decoder on reconstruction (MSE) from the frozen codes.
+            trainers/tiny_shapes/teachers.VisionHeads reads each cell's shape and colour (the
+            shape of occupied cells weighted up: tower.SHAPE_WEIGHT), and a geometry probe each
+            object's offset, size and tint, off the quantized features.
+  1b decoder  post_quant_conv + the pixel decoder on reconstruction (MSE) from the frozen codes,
+            plus a perceptual loss: the frozen tower's features of the reconstruction against
+            those of the input (VQGAN's LPIPS, with the tower as the network that sees shapes;
+            with MSE alone the decoder drew every shape as a blob).
             VILA-U trains the decoder jointly with the encoder; on a 2-core CPU the decoder's
             convolutions cost 10x the rest of the tower step, so here the encoder learns what
             reconstruction needs from the geometry probe, and 1b runs beside stage 2 (both read
@@ -54,9 +58,11 @@ def make_tokenizer():
     return tok
 
 
-def timed_stage(name, params, lr, budget_s, max_steps, make_batch, loss_fn, log_every=10) -> int:
+def timed_stage(name, params, lr, budget_s, max_steps, make_batch, loss_fn, log_every=10,
+                checkpoint=None, checkpoint_every=100) -> int:
     """AdamW with warmup + cosine over the stage's wall-clock budget (or its step cap, whichever ends
     first): on a shared machine the step rate varies, and the schedule still ends at a low rate.
+    checkpoint(): called every checkpoint_every steps (a run cut short keeps its last weights).
     -> steps run."""
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     t0, avg, step = time.time(), None, 0
@@ -72,8 +78,12 @@ def timed_stage(name, params, lr, budget_s, max_steps, make_batch, loss_fn, log_
         avg = loss.item() if avg is None else 0.9 * avg + 0.1 * loss.item()
         if step % log_every == 0:
             print(f"[stage {name}] step {step} loss {avg:.4f} ({time.time() - t0:.0f}s of {budget_s:.0f}s, "
-                  f"{100 * done:.0f}% of the schedule)", flush=True)
-    print(f"[stage {name}] done: {step} steps in {time.time() - t0:.0f}s, loss {avg:.4f}", flush=True)
+                  f"{100 * done:.0f}% of the schedule, {time.process_time():.0f} s CPU)", flush=True)
+        if checkpoint and step % checkpoint_every == 0:
+            checkpoint()
+    # CPU seconds of this process: about the stage's wall time on an idle machine (one thread each).
+    print(f"[stage {name}] done: {step} steps in {time.time() - t0:.0f}s ({time.process_time():.0f} s CPU), "
+          f"loss {avg:.4f}", flush=True)
     return step
 
 
@@ -130,6 +140,11 @@ def gen_loss(model, ids: list, pixels: torch.Tensor) -> torch.Tensor:
     return loss + (att / n if n else 0.0)
 
 
+def _save(state: dict, path: str) -> None:
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def llm_stage(model, args) -> None:
     stream, rng = Stream(20_000_000), random.Random(GEN_SEED)
     pool = prompts.specs(heldout=False)
@@ -143,7 +158,12 @@ def llm_stage(model, args) -> None:
         return qa_loss(qa) + gen_loss(model, *gen)
 
     params = list(model.projector.parameters()) + list(model.llm.parameters()) + list(model.depth_head.parameters())
-    timed_stage("2 llm", params, args.lr, 60 * args.llm_minutes, args.llm_steps, batch, loss)
+    timed_stage("2 llm", params, args.lr, 60 * args.llm_minutes, args.llm_steps, batch, loss,
+                checkpoint=lambda: _save(llm_state(model), os.path.join(args.work, "llm.pt")))
+
+
+def llm_state(model) -> dict:
+    return {k: v for k, v in model.state_dict().items() if k.startswith(("llm.", "projector.", "depth_head."))}
 
 
 def new_model(args) -> TinyVilaU:
@@ -175,8 +195,12 @@ def part_tower(args) -> None:
     with torch.no_grad():
         scs = [scenes.make_sample(PROBE_SEED, i).scenes[0] for i in range(64)]
         z = model.rq.quantize(model.rq.features(scene_pixels(model, scs)))[1]
-    acc = heads.accuracy(z, *stacked_labels(scs))
-    print("[stage 1 tower] probe on unseen scenes: " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
+    labels = stacked_labels(scs)
+    acc = heads.accuracy(z, *labels)
+    occupied = labels[0] > 0
+    named = heads.logits(z)[0].argmax(-1)[occupied] == labels[0][occupied]
+    acc["shape of occupied cells"] = named.float().mean().item()
+    print("[stage 1 tower] probe on unseen scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
     torch.save(model.state_dict(), os.path.join(args.work, "tower.pt"))
 
 
@@ -197,12 +221,16 @@ def part_decoder(args) -> None:
     def batch():
         return (scene_pixels(model, [sc for _ in range(args.tower_bs) for sc in stream.next().scenes][:args.tower_bs]),)
 
+    def save():
+        state = {k: v for k, v in model.state_dict().items() if k.startswith(("rq.decoder.", "rq.post_quant_conv."))}
+        _save(state, os.path.join(args.work, "decoder.pt"))
+
     timed_stage("1b decoder", list(model.rq.decoder.parameters()) + list(model.rq.post_quant_conv.parameters()),
-                TOWER_LR, 60 * args.decoder_minutes, args.decoder_steps, batch, decoder_loss(model))
+                TOWER_LR, 60 * args.decoder_minutes, args.decoder_steps, batch, decoder_loss(model, args.perceptual),
+                checkpoint=save)
     model.eval()
     print(f"[stage 1b decoder] reconstruction PSNR on unseen scenes: {psnr_probe(model):.2f} dB", flush=True)
-    state = {k: v for k, v in model.state_dict().items() if k.startswith(("rq.decoder.", "rq.post_quant_conv."))}
-    torch.save(state, os.path.join(args.work, "decoder.pt"))
+    save()
 
 
 def part_llm(args) -> None:
@@ -212,9 +240,8 @@ def part_llm(args) -> None:
     model.rq.eval()
     llm_stage(model, args)
     model.eval()
+    _save(llm_state(model), os.path.join(args.work, "llm.pt"))
     print(f"[stage 2 llm] answers on unseen scenes: {answer_probe(model, pixel_tokens(model))}", flush=True)
-    state = {k: v for k, v in model.state_dict().items() if k.startswith(("llm.", "projector.", "depth_head."))}
-    torch.save(state, os.path.join(args.work, "llm.pt"))
 
 
 def part_save(args) -> None:
@@ -244,15 +271,19 @@ def main(argv=None):
     # the two cores are used by running stages 1b and 2 side by side.
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tower-bs", type=int, default=16)
-    ap.add_argument("--tower-steps", type=int, default=500)
+    ap.add_argument("--tower-steps", type=int, default=700)
     ap.add_argument("--tower-minutes", type=float, default=5, help="wall-clock budget of stage 1")
     ap.add_argument("--bs", type=int, default=12, help="understanding conversations per step")
     ap.add_argument("--gen-bs", type=int, default=12, help="generation samples per step")
     ap.add_argument("--rounds", type=int, default=3, help="extra question rounds per single-image conversation")
-    ap.add_argument("--decoder-steps", type=int, default=3000)
-    ap.add_argument("--decoder-minutes", type=float, default=20, help="wall-clock budget of stage 1b")
-    ap.add_argument("--llm-steps", type=int, default=1500)
-    ap.add_argument("--llm-minutes", type=float, default=20, help="wall-clock budget of stage 2")
+    # Step caps: about 13 and 17 minutes of one idle core (0.2 and 0.45 CPU-s a step, measured);
+    # the minute budgets stop them earlier on a busy machine, so the whole run stays <= 30 min.
+    ap.add_argument("--decoder-steps", type=int, default=4000)
+    ap.add_argument("--perceptual", type=float, default=0.5,
+                    help="weight of stage 1b's tower-feature (perceptual) loss")
+    ap.add_argument("--decoder-minutes", type=float, default=24, help="wall-clock budget of stage 1b")
+    ap.add_argument("--llm-steps", type=int, default=2300)
+    ap.add_argument("--llm-minutes", type=float, default=24, help="wall-clock budget of stage 2")
     ap.add_argument("--lr", type=float, default=LLM_LR)
     ap.add_argument("--resume", action="store_true", help="--part llm: continue from the work dir's llm.pt")
     ap.add_argument("--attention", type=float, default=1.0, help="weight of the attention supervision")
