@@ -93,3 +93,22 @@ def test_gptq_with_fixed_ranges_keeps_them_and_rounds_to_nearest_without_correla
     torch.testing.assert_close(got.zeros, ranges.zeros, rtol=0, atol=0)
     with pytest.raises(ValueError, match="ranges"):
         gptq_quantize(w, torch.eye(32, dtype=torch.float64), 8, 4, False, ranges=ranges)
+
+
+@pytest.mark.parametrize("gptq, search", [(False, True), (True, True), (False, False)])
+def test_calibrated_range_search_beats_rtn_on_a_tiny_decoder(gptq, search):
+    """awq_quantize(ranges=True): every decoder linear's groups searched on its calibration inputs (after
+    AWQ's scales, with GPTQ picking the codes, or alone), int8 where asked (symmetric), and the logits on
+    held-out inputs closer to float than round-to-nearest's."""
+    from test_quantize import GROUP, _logit_error, outlier_embeds, tiny_model
+    from vila_edge_export.awq import awq_quantize
+    from vila_edge_export.quantize import rtn_quantize
+    model = tiny_model("llama")
+    int8 = ("model.layers.1.mlp.down_proj",)
+    q = awq_quantize(model, outlier_embeds(seed=4, n=4), GROUP, progress=False, zero_point=True, int8=int8,
+                     gptq=gptq, search=search, ranges=True)
+    assert {n: (w.bits, w.zeros is None) for n, w in q.linears.items() if n != "lm_head"} == \
+        {n: ((8, True) if n in int8 else (4, False)) for n in q.linears if n != "lm_head"}
+    rtn = rtn_quantize(model, GROUP, zero_point=True, int8=int8)
+    held_out = outlier_embeds(seed=5, n=4)
+    assert _logit_error(model, q, held_out) < _logit_error(model, rtn, held_out)

@@ -175,6 +175,9 @@ def add_export(sub) -> None:
     e.add_argument("--max-bpw", type=_number(float, 0), default=None,
                    help="int8 for the outermost layers' down_proj while the decoder's bits per weight stay "
                         "<= this (default 4.5; 0: every decoder linear int4)")
+    e.add_argument("--range-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="--quant awq/gptq: search each group's scale and zero point on calibration data (default on; "
+                        "off: llm-awq's clip search)")
     e.add_argument("--target", type=_target, default=None,
                    help=f"engine target (choices: {', '.join(TARGETS)}; default cpu); cpu: LLM graph of ONNX Runtime contrib "
                         "ops (fused); orin: standard ops (TensorRT's parser; TensorRT engines are not built yet)")
@@ -215,7 +218,7 @@ def _export(args) -> int:
     given = _given(method=args.quant, group_size=args.group_size, group_plan=args.group_plan,
                    lm_head_bits=args.lm_head_bits,
                    embed_bits=args.embed_bits, calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
-                   zero_point=args.zero_point, max_bpw=args.max_bpw,
+                   zero_point=args.zero_point, max_bpw=args.max_bpw, range_search=args.range_search,
                    max_ppl_increase_pct=args.max_ppl_increase, min_top1_agreement=args.min_top1)
     if args.max_bpw == 0:
         given["max_bpw"] = None      # every decoder linear int4

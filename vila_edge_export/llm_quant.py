@@ -103,7 +103,8 @@ def quantize_model(ref: ReferenceVLM, opts: QuantOptions, template_source: str |
         calib += text_calibration_embeds(model, ref.tokenizer, split_texts("calib"), opts.text_seqlen, opts.n_text)
     return awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True,
                         lm_head_bits=opts.lm_head_bits, zero_point=opts.zero_point, int8=int8,
-                        gptq=opts.method == "gptq", search=opts.method == "awq", plan=plan)
+                        gptq=opts.method == "gptq", search=opts.method == "awq", plan=plan,
+                        ranges=opts.range_search)
 
 
 def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str | None, progress: bool) -> tuple:

@@ -61,6 +61,9 @@ class QuantOptions:
     # int8 for the outermost layers' down_proj while the decoder stays <= this many bits per weight;
     # None: every decoder linear int4
     max_bpw: float | None = DEFAULT_MAX_BPW
+    # awq / gptq: every group's scale (and zero point) searched on the calibration inputs of its linear
+    # (vila_edge_export/range_search.py) in place of llm-awq's symmetric clip search; False: llm-awq's clip
+    range_search: bool = True
     embed_bits: int = 0              # 8 / 4: the token embedding table group-quantized (rtn/awq only); 0: float
     calib_dir: str | None = None     # AWQ calibration images + optional prompts.txt; default: synthetic scenes
     n_images: int = 8
