@@ -78,3 +78,36 @@ def test_unit_loss_is_the_fisher_weighted_output_error_on_the_tokens():
     assert choice.n_bits == w.numel() * (4 + 20 / 32)
     assert [(c.bits, c.group) for c in table[(0, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]] \
         == [(4, 64), (4, 32), (8, 64)]
+
+
+def test_auto_plan_stays_in_budget_and_the_quantizer_follows_it():
+    """An allocated plan on a tiny decoder: within max_bpw, one (bits, G) per fused unit, and
+    awq_quantize stores every linear at its allocated bits and G (int8 symmetric)."""
+    from test_quantize import outlier_embeds
+    from vila_edge_export.awq import awq_quantize
+    from vila_edge_export.bit_alloc import UNITS, auto_plan
+    from vila_edge_export.quality import bits_per_weight
+    model = _tiny()
+    g = torch.Generator().manual_seed(2)
+    ids = [torch.randint(0, 128, (32,), generator=g) for _ in range(2)]
+    embeds = outlier_embeds(seed=4, n=2) + [model.get_input_embeddings()(i.unsqueeze(0)).detach() for i in ids]
+    alloc, bpw = auto_plan(model, embeds, ids, True, 5.0)
+    assert 4.3125 <= bpw <= 5.0
+    for i in range(2):
+        for unit in UNITS:
+            assert len({alloc[f"model.layers.{i}.{u}"] for u in unit}) == 1
+    q = awq_quantize(model, embeds, 32, progress=False, zero_point=True, search=False, ranges=True,
+                     plan={n: gs for n, (b, gs) in alloc.items()},
+                     int8=tuple(n for n, (b, gs) in alloc.items() if b == 8))
+    assert {n: (w.bits, w.group, w.zeros is None) for n, w in q.linears.items() if n != "lm_head"} == \
+        {n: (b, gs, b == 8) for n, (b, gs) in alloc.items()}
+    assert bits_per_weight(q)["decoder"] == pytest.approx(bpw)
+
+
+def test_auto_plan_needs_calibration_and_a_budget():
+    from vila_edge.errors import ExportOptionError
+    from vila_edge_export.options import QuantOptions
+    for bad in (dict(method="rtn"), dict(method="awq", max_bpw=None)):
+        with pytest.raises(ExportOptionError, match="auto"):
+            QuantOptions(group_plan="auto", **bad)
+    assert QuantOptions(method="gptq", group_plan="auto").group_plan == "auto"

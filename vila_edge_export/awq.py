@@ -269,14 +269,37 @@ def awq_quantize(model: nn.Module, calib_embeds: list[Tensor], group: int = DEFA
                             lm_head_bits=lm_head_bits, zero_point=zero_point, int8=int8, rounded=rounded, plan=plan)
 
 
-@torch.no_grad()
-def text_calibration_embeds(model: nn.Module, tokenizer, texts: list[str], seqlen: int,
-                            n_samples: int) -> list[Tensor]:
-    """n_samples blocks of seqlen tokens, cut from the concatenated tokenized texts as llm-awq's
-    get_calib_dataset does, embedded: each [1, seqlen, C]."""
+def text_calibration_ids(tokenizer, texts: list[str], seqlen: int, n_samples: int) -> list[Tensor]:
+    """n_samples blocks of seqlen token ids [T], cut from the concatenated tokenized texts as llm-awq's
+    get_calib_dataset does."""
     ids = [i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
     if len(ids) < seqlen * n_samples:
         raise QuantConfigError(f"calibration texts give {len(ids)} tokens, need {n_samples} x {seqlen}")
-    blocks = torch.tensor(ids[:seqlen * n_samples]).reshape(n_samples, 1, seqlen)  # (n, 1, T)
+    return list(torch.tensor(ids[:seqlen * n_samples]).reshape(n_samples, seqlen))   # n x (T,)
+
+
+@torch.no_grad()
+def text_calibration_embeds(model: nn.Module, tokenizer, texts: list[str], seqlen: int,
+                            n_samples: int) -> list[Tensor]:
+    """text_calibration_ids, embedded: each [1, seqlen, C]."""
     embed = model.get_input_embeddings()
-    return [embed(b).detach() for b in blocks]
+    return [embed(b.unsqueeze(0)).detach() for b in text_calibration_ids(tokenizer, texts, seqlen, n_samples)]
+
+
+@torch.no_grad()
+def input_hessians(model: nn.Module, calib_embeds: list[Tensor]) -> dict[str, Tensor]:
+    """{decoder linear: H = x^T x / T, float32 [K, K]} of its inputs on the calibration samples, each layer
+    fed the float outputs of the one before (as _transform); linears reading one input share one H."""
+    samples, out = _capture_first_inputs(model, calib_embeds), {}
+    for i, layer in enumerate(model.model.layers):
+        feats, outs = _run_layer(layer, samples)
+        shared = {}
+        for name, xs in feats.items():
+            key = xs[0].data_ptr()
+            if key not in shared:
+                x = torch.cat(xs).double()                                   # (sum T, K)
+                shared[key] = (x.T @ x / x.shape[0]).float()
+            out[f"model.layers.{i}.{name}"] = shared[key]
+        for s, o in zip(samples, outs):
+            s.hidden = o
+    return out

@@ -119,3 +119,15 @@ def allocate(table: dict[tuple, list[Choice]], max_bpw: float) -> tuple[dict[str
                                          table[(i, unit)][cur[(i, unit)]].group)
             for (i, unit) in table for name in unit}
     return plan, spent / n_weights
+
+
+def auto_plan(model: nn.Module, calib_embeds: list[Tensor], id_blocks: list[Tensor], zero_point: bool,
+              max_bpw: float) -> tuple[dict[str, tuple[int, int]], float]:
+    """The allocation of the float model on its calibration data: H from every calibration sample
+    (multimodal and text), F from the text blocks (the only ones with next-token labels)
+    -> ({decoder linear: (bits, G)}, bits per weight)."""
+    from vila_edge_export.awq import input_hessians
+    if not id_blocks:
+        raise ValueError("an allocated group plan needs calibration text (n_text > 0) for its Fisher weights")
+    table = unit_table(model, input_hessians(model, calib_embeds), output_fisher(model, id_blocks), zero_point)
+    return allocate(table, max_bpw)

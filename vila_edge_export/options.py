@@ -25,6 +25,9 @@ DEFAULT_ZERO_POINT_GROUP = 64
 DEFAULT_GROUP_PLAN = "q_proj=32,k_proj=32,v_proj=32,o_proj=64,gate_proj=32,up_proj=32,down_proj=128"
 # Linears the LLM graphs run as one MatMulNBits (vila_edge_export/onnx_llm.py _concat_linears): one G each.
 FUSED_KINDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# group_plan "auto": G (and int8) per decoder linear chosen on calibration data under max_bpw
+# (vila_edge_export/bit_alloc.py); awq / gptq only (it needs calibration inputs)
+AUTO_PLAN = "auto"
 ZERO_POINT_TARGETS = ("cpu",)     # engines run by ONNX Runtime (MatMulNBits takes uint4 zero points)
 DEFAULT_MAX_BPW = 4.5             # decoder bits per weight the int8 down_projs may spend (int8_linears)
 # The quality gate of a 4-bit export: perplexity within +15 % of float, top-1 agreement >= 0.80. Issue
@@ -80,8 +83,11 @@ class QuantOptions:
             raise ExportOptionError(f"quant {self.method!r} unknown; expected one of {METHODS}")
         if self.group_size is not None and self.group_size < 1:
             raise ExportOptionError(f"group_size must be >= 1, got {self.group_size}")
-        if self.group_plan is not None:
+        if self.group_plan not in (None, AUTO_PLAN):
             parse_group_plan(self.group_plan)        # raises on a malformed plan
+        if self.group_plan == AUTO_PLAN and (self.method not in ("awq", "gptq") or self.max_bpw is None):
+            raise ExportOptionError(f"group_plan {AUTO_PLAN!r} allocates bits on calibration data under max_bpw: it "
+                                    f"needs quant awq or gptq and a max_bpw (got {self.method!r}, {self.max_bpw})")
         if self.lm_head_bits is None:
             self.lm_head_bits = DEFAULT_LM_HEAD_BITS if self.method != "none" else 0
         if self.lm_head_bits not in LM_HEAD_BITS:
@@ -172,7 +178,7 @@ def quant_options(quant: QuantOptions, target: str = "cpu") -> QuantOptions:
     plan = quant.group_plan
     if plan is None:
         plan = DEFAULT_GROUP_PLAN if zero_point and quant.group_size is None else ""
-    given = parse_group_plan(plan)
+    given = {} if plan == AUTO_PLAN else parse_group_plan(plan)
     for kinds in FUSED_KINDS:
         if len({given.get(k, group) for k in kinds}) > 1:
             raise ExportOptionError(f"group_plan {plan!r}: {', '.join(kinds)} run as one fused linear and need one "

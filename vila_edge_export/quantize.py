@@ -138,11 +138,12 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def linear_groups(model: nn.Module, group: int, auto_group: bool, plan: dict | None = None) -> dict[str, int]:
-    """G of every decoder linear: plan's G for its kind (the last part of its name, "down_proj"), else
-    `group`, resolved against its K (resolve_group). The graphs read G per linear (MatMulNBits
-    block_size per node), so the kinds may differ."""
+    """G of every decoder linear: plan's G for its name ("model.layers.3.mlp.down_proj", an allocated plan,
+    bit_alloc.py) or its kind (the last part of its name, "down_proj"), else `group`, resolved against
+    its K (resolve_group). The graphs read G per linear (MatMulNBits block_size per node), so they may differ."""
     plan = plan or {}
-    return {name: resolve_group(name, lin.in_features, plan.get(name.rsplit(".", 1)[-1], group), auto_group)
+    return {name: resolve_group(name, lin.in_features, plan.get(name, plan.get(name.rsplit(".", 1)[-1], group)),
+                                auto_group)
             for name, lin in decoder_linears(model).items()}
 
 
