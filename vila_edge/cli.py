@@ -165,8 +165,9 @@ def add_export(sub) -> None:
                    help="int4 quantization group size (default 64 with zero points, 32 without); alone, every "
                         "linear at this G")
     e.add_argument("--group-plan", default=None, metavar="KIND=G,...",
-                   help="G per decoder linear kind, e.g. q_proj=32,down_proj=128; '' for none (default with zero "
-                        "points and no --group-size: vila_edge_export/options.py DEFAULT_GROUP_PLAN)")
+                   help="G per decoder linear kind, e.g. q_proj=32,down_proj=128; 'auto': G or int8 per layer's "
+                        "linears allocated on calibration data under --max-bpw (awq/gptq); '' for none (default with "
+                        "zero points and no --group-size: vila_edge_export/options.py DEFAULT_GROUP_PLAN)")
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
                    help="lm_head with --quant rtn/awq/gptq: symmetric int8 (default), int4, or 0 = float")
     e.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
