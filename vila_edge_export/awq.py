@@ -287,13 +287,14 @@ def text_calibration_embeds(model: nn.Module, tokenizer, texts: list[str], seqle
 
 
 @torch.no_grad()
-def input_hessians(model: nn.Module, calib_embeds: list[Tensor]) -> dict[str, Tensor]:
-    """{decoder linear: H = x^T x / T, float32 [K, K]} of its inputs on the calibration samples, each layer
-    fed the float outputs of the one before (as _transform); linears reading one input share one H."""
-    samples, out = _capture_first_inputs(model, calib_embeds), {}
+def layer_hessians(model: nn.Module, calib_embeds: list[Tensor]):
+    """Per decoder layer i, (i, {decoder linear: H = x^T x / T, float32 [K, K]}) of its linears' inputs on
+    the calibration samples, each layer fed the float outputs of the one before (as _transform); linears
+    reading one input share one H. One layer at a time: a 3B model's H of every layer would not fit."""
+    samples = _capture_first_inputs(model, calib_embeds)
     for i, layer in enumerate(model.model.layers):
         feats, outs = _run_layer(layer, samples)
-        shared = {}
+        shared, out = {}, {}
         for name, xs in feats.items():
             key = xs[0].data_ptr()
             if key not in shared:
@@ -302,4 +303,4 @@ def input_hessians(model: nn.Module, calib_embeds: list[Tensor]) -> dict[str, Te
             out[f"model.layers.{i}.{name}"] = shared[key]
         for s, o in zip(samples, outs):
             s.hidden = o
-    return out
+        yield i, out

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from vila_edge_export.quantize import _bits_per_weight, decoder_linears, dequantize, quantize_group
+from vila_edge_export.quantize import _bits_per_weight, decoder_linears, dequantize, quantize_group, resolve_group
 
 # The linears of one layer that share a G (options.FUSED_KINDS: one MatMulNBits each), and the others.
 UNITS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -37,7 +37,7 @@ class Choice:
 
 def unit_choices(k: int, zero_point: bool) -> list[tuple[int, int]]:
     """(bits, G) candidates for a unit with K inputs: int4 at every G of INT4_GROUPS dividing K, and int8."""
-    out = [(4, g) for g in INT4_GROUPS if k % g == 0]
+    out = [(4, g) for g in INT4_GROUPS if k % g == 0] or [(4, resolve_group(f"K={k}", k, INT4_GROUPS[0], True))]
     g8 = next((g for g in (INT8_GROUP, 64, 32) if k % g == 0), None)
     return out + ([(8, g8)] if g8 else [])
 
@@ -74,11 +74,12 @@ def output_fisher(model: nn.Module, id_blocks: list[Tensor]) -> dict[str, Tensor
 
 @torch.no_grad()
 def unit_table(model: nn.Module, hessians: dict[str, Tensor], fisher: dict[str, Tensor],
-               zero_point: bool) -> dict[tuple, list[Choice]]:
-    """{(layer, unit): [Choice], cheapest first}: every candidate of every unit, quantized and scored."""
+               zero_point: bool, layers=None) -> dict[tuple, list[Choice]]:
+    """{(layer, unit): [Choice], cheapest first}: every candidate of every unit of `layers` (None: all),
+    quantized and scored."""
     lins = decoder_linears(model)
     table = {}
-    for i in range(len(model.model.layers)):
+    for i in range(len(model.model.layers)) if layers is None else layers:
         for unit in UNITS:
             names = [f"model.layers.{i}.{u}" for u in unit]
             choices = []
@@ -126,8 +127,10 @@ def auto_plan(model: nn.Module, calib_embeds: list[Tensor], id_blocks: list[Tens
     """The allocation of the float model on its calibration data: H from every calibration sample
     (multimodal and text), F from the text blocks (the only ones with next-token labels)
     -> ({decoder linear: (bits, G)}, bits per weight)."""
-    from vila_edge_export.awq import input_hessians
+    from vila_edge_export.awq import layer_hessians
     if not id_blocks:
         raise ValueError("an allocated group plan needs calibration text (n_text > 0) for its Fisher weights")
-    table = unit_table(model, input_hessians(model, calib_embeds), output_fisher(model, id_blocks), zero_point)
+    fisher, table = output_fisher(model, id_blocks), {}
+    for i, hessians in layer_hessians(model, calib_embeds):
+        table.update(unit_table(model, hessians, fisher, zero_point, layers=[i]))
     return allocate(table, max_bpw)

@@ -28,6 +28,7 @@ FUSED_KINDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # group_plan "auto": G (and int8) per decoder linear chosen on calibration data under max_bpw
 # (vila_edge_export/bit_alloc.py); awq / gptq only (it needs calibration inputs)
 AUTO_PLAN = "auto"
+CALIBRATED = ("awq", "gptq")
 ZERO_POINT_TARGETS = ("cpu",)     # engines run by ONNX Runtime (MatMulNBits takes uint4 zero points)
 DEFAULT_MAX_BPW = 4.5             # decoder bits per weight the int8 down_projs may spend (int8_linears)
 # The quality gate of a 4-bit export: perplexity within +15 % of float, top-1 agreement >= 0.80. Issue
@@ -53,7 +54,8 @@ class QuantOptions:
     # None: DEFAULT_ZERO_POINT_GROUP with zero points, DEFAULT_GROUP without (quant_options)
     group_size: int | None = None
     # G per decoder linear kind ("q_proj=32,down_proj=128"; a kind not named gets group_size; "": every
-    # linear at group_size). None: DEFAULT_GROUP_PLAN with zero points and no group_size given, else "".
+    # linear at group_size; "auto": allocated, bit_alloc.py). None, with zero points and no group_size
+    # given: AUTO_PLAN for awq / gptq, DEFAULT_GROUP_PLAN for rtn; else "".
     group_plan: str | None = None
     # 8 / 4: lm_head quantized like the linears (groups along K); 0: float. None: DEFAULT_LM_HEAD_BITS
     # for rtn/awq, 0 for none.
@@ -177,7 +179,8 @@ def quant_options(quant: QuantOptions, target: str = "cpu") -> QuantOptions:
     zero_point, group = quant_defaults(target, quant.zero_point, quant.group_size)
     plan = quant.group_plan
     if plan is None:
-        plan = DEFAULT_GROUP_PLAN if zero_point and quant.group_size is None else ""
+        plan = "" if not zero_point or quant.group_size is not None else \
+            AUTO_PLAN if quant.method in CALIBRATED and quant.max_bpw is not None else DEFAULT_GROUP_PLAN
     given = {} if plan == AUTO_PLAN else parse_group_plan(plan)
     for kinds in FUSED_KINDS:
         if len({given.get(k, group) for k in kinds}) > 1:
