@@ -264,7 +264,7 @@ def awq_quantize(model: nn.Module, calib_embeds: list[Tensor], group: int = DEFA
     bits = {name: 8 if name in int8 else 4 for name in decoder_linears(model)}
     folded, rounded = _transform(copy.deepcopy(model) if search else model, calib_embeds, group, auto_group, clip,
                                  progress, zero_point, bits, search, plan, gptq, ranges)
-    method = "gptq" if not search else "awq+gptq" if gptq else "awq"
+    method = ("awq+gptq" if gptq else "awq") if search else "gptq" if gptq else "range"
     return quantize_linears(folded, group, auto_group, method=method,
                             lm_head_bits=lm_head_bits, zero_point=zero_point, int8=int8, rounded=rounded, plan=plan)
 

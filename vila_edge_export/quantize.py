@@ -49,7 +49,7 @@ class QuantizedLLM:
     biases, a float lm_head) except the weights of the linears in `linears`."""
     state_dict: dict[str, Tensor]
     linears: dict[str, QuantizedWeight]  # "model.layers.0.self_attn.q_proj" / "lm_head" -> (codes, scales, bits)
-    method: str                          # "rtn" | "awq" | "gptq" | "awq+gptq"
+    method: str                          # "rtn" | "awq" | "gptq" | "awq+gptq" | "range" (range search alone)
     group: int                           # requested G; a linear's own G is linears[name].group
     lm_head_bits: int = DEFAULT_LM_HEAD_BITS
     zero_point: bool = False             # int4 decoder linears with a zero point per group
