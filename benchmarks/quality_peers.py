@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
                     help="vila_edge rows: the export's --lm-head-bits (default: the export's, int8)")
     ap.add_argument("--group-plan", default=None, metavar="KIND=G,...",
-                    help="vila_edge rows: the export's --group-plan (default: options.DEFAULT_GROUP_PLAN)")
+                    help="vila_edge rows: the export's --group-plan (default: the export's, auto for awq/gptq, options.DEFAULT_GROUP_PLAN for rtn)")
     ap.add_argument("--methods", default="awq,gptq,rtn", help="comma list of the export's --quant methods")
     ap.add_argument("--name", default="smollm2-vila")
     args = ap.parse_args(argv)

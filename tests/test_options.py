@@ -100,7 +100,10 @@ def test_group_plan_default_and_overrides(captured):
     """Mixed groups are the default of a zero-point export whose G is not given; an explicit G (or a
     symmetric target) means one G for every linear unless a plan is given too."""
     from vila_edge_export.options import DEFAULT_GROUP_PLAN, parse_group_plan
-    assert ExportOptions(quant=QuantOptions("awq")).quant.group_plan == DEFAULT_GROUP_PLAN
+    assert ExportOptions(quant=QuantOptions("rtn")).quant.group_plan == DEFAULT_GROUP_PLAN
+    for method in ("awq", "gptq"):       # calibrated: the plan allocated on calibration data (bit_alloc.py)
+        assert ExportOptions(quant=QuantOptions(method)).quant.group_plan == "auto"
+    assert ExportOptions(quant=QuantOptions("awq", max_bpw=None)).quant.group_plan == DEFAULT_GROUP_PLAN
     assert parse_group_plan(DEFAULT_GROUP_PLAN) == {"q_proj": 32, "k_proj": 32, "v_proj": 32, "o_proj": 64,
                                                     "gate_proj": 32, "up_proj": 32, "down_proj": 128}
     assert ExportOptions(quant=QuantOptions("awq", group_size=64)).quant.group_plan == ""

@@ -167,8 +167,9 @@ def add_export(sub) -> None:
                    help="int4 quantization group size (default 64 with zero points, 32 without); alone, every "
                         "linear at this G")
     e.add_argument("--group-plan", default=None, metavar="KIND=G,...",
-                   help="G per decoder linear kind, e.g. q_proj=32,down_proj=128; '' for none (default with zero "
-                        "points and no --group-size: vila_edge_export/options.py DEFAULT_GROUP_PLAN)")
+                   help="G per decoder linear kind, e.g. q_proj=32,down_proj=128; 'auto': G or int8 per layer's "
+                        "linears allocated on calibration data under --max-bpw (awq/gptq); '' for none (default with "
+                        "zero points and no --group-size: vila_edge_export/options.py DEFAULT_GROUP_PLAN)")
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
                    help="lm_head with --quant rtn/awq/gptq: symmetric int8 (default), int4, or 0 = float")
     e.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
@@ -177,6 +178,9 @@ def add_export(sub) -> None:
     e.add_argument("--max-bpw", type=_number(float, 0), default=None,
                    help="int8 for the outermost layers' down_proj while the decoder's bits per weight stay "
                         "<= this (default 4.5; 0: every decoder linear int4)")
+    e.add_argument("--range-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="--quant awq/gptq: search each group's scale and zero point on calibration data (default on; "
+                        "off: llm-awq's clip search)")
     e.add_argument("--target", type=_target, default=None,
                    help=f"engine target (choices: {', '.join(TARGETS)}; default cpu); cpu: LLM graph of ONNX Runtime contrib "
                         "ops (fused); orin: standard ops (TensorRT's parser; TensorRT engines are not built yet)")
@@ -217,7 +221,7 @@ def _export(args) -> int:
     given = _given(method=args.quant, group_size=args.group_size, group_plan=args.group_plan,
                    lm_head_bits=args.lm_head_bits,
                    embed_bits=args.embed_bits, calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
-                   zero_point=args.zero_point, max_bpw=args.max_bpw,
+                   zero_point=args.zero_point, max_bpw=args.max_bpw, range_search=args.range_search,
                    max_ppl_increase_pct=args.max_ppl_increase, min_top1_agreement=args.min_top1)
     if args.max_bpw == 0:
         given["max_bpw"] = None      # every decoder linear int4

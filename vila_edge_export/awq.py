@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from vila_edge_export.gptq import gptq_quantize, hessian, inverse_hessian
+from vila_edge_export.range_search import blocks_of_hessian, search_ranges
 from vila_edge_export.quantize import (DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, QuantConfigError, QuantizedLLM,
                              QuantizedWeight, apply_quantized, decoder_linears, linear_groups, pseudo_quantize,
                              quantize_linears, rtn_quantize)
@@ -174,10 +175,12 @@ def _clip(lin: nn.Linear, max_val: Tensor) -> None:
 
 
 def _awq_layer(layer: nn.Module, prefix: str, samples: list[_Sample], gsize: dict[str, int], clip: bool,
-               zp: bool, gptq_bits: dict[str, int] | None, search: bool = True) -> dict[str, QuantizedWeight]:
+               zp: bool, bits: dict[str, int] | None, search: bool = True, gptq: bool = False,
+               ranges: bool = False) -> dict[str, QuantizedWeight]:
     """Search, fold and clip one decoder layer (search False: neither); advance `samples` to the next
-    layer's inputs. With gptq_bits ({name: bits}): its linears rounded by GPTQ on their (scaled)
-    inputs ({name: weight})."""
+    layer's inputs. With bits ({name: bits}) its linears are rounded here, on their (scaled) inputs:
+    each group's range searched on them (ranges, range_search.py, in place of llm-awq's clip) and/or the
+    codes picked by GPTQ (gptq) -> {name: QuantizedWeight}."""
     feats, outs = _run_layer(layer, samples)
     mods = dict(layer.named_modules())
     groups = _scale_groups(layer, samples) if search else []
@@ -190,20 +193,24 @@ def _awq_layer(layer: nn.Module, prefix: str, samples: list[_Sample], gsize: dic
         scaled = [x / s for x in feats[g.feat]]        # every linear of a group reads the same input
         for n in g.names:
             feats[n] = scaled
-    if clip and search:
+    if clip and search and not ranges:
         for name, lin in mods.items():
             if isinstance(lin, nn.Linear) and not name.endswith(CLIP_SKIP):
                 _clip(lin, _search_clip(lin.weight.data, torch.cat(feats[name]), gsize[prefix + name], zp))
     rounded = {}
-    if gptq_bits is not None:
-        inverses = {}         # q/k/v and gate/up read one input: one H^-1 each
+    if bits is not None and (gptq or ranges):
+        hessians = {}         # q/k/v and gate/up read one input: one H each
         for name, lin in mods.items():
-            if isinstance(lin, nn.Linear):
-                key, bits = (feats[name][0].data_ptr(), feats[name][0].shape), gptq_bits[prefix + name]
-                if key not in inverses:
-                    inverses[key] = inverse_hessian(hessian(torch.cat(feats[name])))
-                rounded[prefix + name] = gptq_quantize(lin.weight.data, inverses[key], gsize[prefix + name],
-                                                       bits, zp and bits == 4)
+            if not isinstance(lin, nn.Linear):
+                continue
+            key, b, g = (feats[name][0].data_ptr(), feats[name][0].shape), bits[prefix + name], gsize[prefix + name]
+            if key not in hessians:
+                h = hessian(torch.cat(feats[name]))
+                hessians[key] = (h, inverse_hessian(h) if gptq else None)
+            h, hinv = hessians[key]
+            found = search_ranges(lin.weight.data, blocks_of_hessian(h, g), g, b, zp and b == 4) if ranges else None
+            rounded[prefix + name] = (gptq_quantize(lin.weight.data, hinv, g, b, zp and b == 4, ranges=found)
+                                      if gptq else found)
     # llm-awq (pre_quant.run_awq) computes the next layer's input with this layer before any scale
     # or clip is applied: the float outputs, not those of the scaled+clipped or quantized layer.
     for s, out in zip(samples, outs):
@@ -221,10 +228,11 @@ def awq_transform(model: nn.Module, calib_embeds: list[Tensor], group: int = DEF
 
 @torch.no_grad()
 def _transform(model: nn.Module, calib_embeds: list[Tensor], group: int, auto_group: bool, clip: bool,
-               progress: bool, zero_point: bool, gptq_bits: dict[str, int] | None, search: bool = True,
-               plan: dict | None = None) -> tuple:
-    """awq_transform, and with gptq_bits ({decoder linear: bits}) each linear GPTQ-rounded as its layer
-    is done -> (model, {name: QuantizedWeight}). plan: G per linear kind (quantize.linear_groups)."""
+               progress: bool, zero_point: bool, bits: dict[str, int] | None, search: bool = True,
+               plan: dict | None = None, gptq: bool = False, ranges: bool = False) -> tuple:
+    """awq_transform, and with bits ({decoder linear: bits}) each linear rounded as its layer is done
+    (_awq_layer: gptq, ranges) -> (model, {name: QuantizedWeight}). plan: G per linear kind
+    (quantize.linear_groups)."""
     if type(model).__name__ not in SUPPORTED:
         raise QuantConfigError(f"AWQ supports {SUPPORTED}, got {type(model).__name__}")
     if not calib_embeds:
@@ -233,38 +241,66 @@ def _transform(model: nn.Module, calib_embeds: list[Tensor], group: int, auto_gr
     gsize = linear_groups(model, group, auto_group, plan)
     samples = _capture_first_inputs(model, calib_embeds)
     rounded = {}
-    desc = ("AWQ" if search else "GPTQ") + " layers"
+    desc = ("AWQ" if search else "GPTQ" if gptq else "range search") + " layers"
     for i, layer in enumerate(tqdm(model.model.layers, desc=desc, disable=not progress)):
-        rounded.update(_awq_layer(layer, f"model.layers.{i}.", samples, gsize, clip, zero_point, gptq_bits, search))
+        rounded.update(_awq_layer(layer, f"model.layers.{i}.", samples, gsize, clip, zero_point, bits, search, gptq,
+                                  ranges))
     return model, rounded
 
 
 def awq_quantize(model: nn.Module, calib_embeds: list[Tensor], group: int = DEFAULT_GROUP,
                  progress: bool = True, auto_group: bool = False,
                  lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False, int8: tuple = (),
-                 gptq: bool = False, clip: bool = True, search: bool = True, plan: dict | None = None) -> QuantizedLLM:
+                 gptq: bool = False, clip: bool = True, search: bool = True, plan: dict | None = None,
+                 ranges: bool = False) -> QuantizedLLM:
     """AWQ scale (+ clip) search on a copy of `model` (search False: neither, GPTQ alone), then int4 of
     every decoder linear (int8 for those in `int8`), rounded to nearest or by GPTQ on the (scaled)
     calibration inputs, and round-to-nearest of lm_head (llm-awq searches only inside the decoder
-    blocks). plan: G per decoder linear kind (quantize.linear_groups), searched and stored at that G."""
-    if not (search or gptq):
-        raise QuantConfigError("neither the AWQ search nor GPTQ: that is rtn_quantize")
-    bits = {name: 8 if name in int8 else 4 for name in decoder_linears(model)} if gptq else None
+    blocks). plan: G per decoder linear kind (quantize.linear_groups), searched and stored at that G.
+    ranges: each group's scale / zero point searched on the layer's calibration inputs
+    (range_search.py) instead of llm-awq's clip (and kept by GPTQ)."""
+    if not (search or gptq or ranges):
+        raise QuantConfigError("neither the AWQ search, a range search nor GPTQ: that is rtn_quantize")
+    bits = {name: 8 if name in int8 else 4 for name in decoder_linears(model)}
     folded, rounded = _transform(copy.deepcopy(model) if search else model, calib_embeds, group, auto_group, clip,
-                                 progress, zero_point, bits, search, plan)
-    method = "gptq" if not search else "awq+gptq" if gptq else "awq"
+                                 progress, zero_point, bits, search, plan, gptq, ranges)
+    method = ("awq+gptq" if gptq else "awq") if search else "gptq" if gptq else "range"
     return quantize_linears(folded, group, auto_group, method=method,
                             lm_head_bits=lm_head_bits, zero_point=zero_point, int8=int8, rounded=rounded, plan=plan)
+
+
+def text_calibration_ids(tokenizer, texts: list[str], seqlen: int, n_samples: int) -> list[Tensor]:
+    """n_samples blocks of seqlen token ids [T], cut from the concatenated tokenized texts as llm-awq's
+    get_calib_dataset does."""
+    ids = [i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
+    if len(ids) < seqlen * n_samples:
+        raise QuantConfigError(f"calibration texts give {len(ids)} tokens, need {n_samples} x {seqlen}")
+    return list(torch.tensor(ids[:seqlen * n_samples]).reshape(n_samples, seqlen))   # n x (T,)
 
 
 @torch.no_grad()
 def text_calibration_embeds(model: nn.Module, tokenizer, texts: list[str], seqlen: int,
                             n_samples: int) -> list[Tensor]:
-    """n_samples blocks of seqlen tokens, cut from the concatenated tokenized texts as llm-awq's
-    get_calib_dataset does, embedded: each [1, seqlen, C]."""
-    ids = [i for t in texts for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
-    if len(ids) < seqlen * n_samples:
-        raise QuantConfigError(f"calibration texts give {len(ids)} tokens, need {n_samples} x {seqlen}")
-    blocks = torch.tensor(ids[:seqlen * n_samples]).reshape(n_samples, 1, seqlen)  # (n, 1, T)
+    """text_calibration_ids, embedded: each [1, seqlen, C]."""
     embed = model.get_input_embeddings()
-    return [embed(b).detach() for b in blocks]
+    return [embed(b.unsqueeze(0)).detach() for b in text_calibration_ids(tokenizer, texts, seqlen, n_samples)]
+
+
+@torch.no_grad()
+def layer_hessians(model: nn.Module, calib_embeds: list[Tensor]):
+    """Per decoder layer i, (i, {decoder linear: H = x^T x / T, float32 [K, K]}) of its linears' inputs on
+    the calibration samples, each layer fed the float outputs of the one before (as _transform); linears
+    reading one input share one H. One layer at a time: a 3B model's H of every layer would not fit."""
+    samples = _capture_first_inputs(model, calib_embeds)
+    for i, layer in enumerate(model.model.layers):
+        feats, outs = _run_layer(layer, samples)
+        shared, out = {}, {}
+        for name, xs in feats.items():
+            key = xs[0].data_ptr()
+            if key not in shared:
+                x = torch.cat(xs).double()                                   # (sum T, K)
+                shared[key] = (x.T @ x / x.shape[0]).float()
+            out[f"model.layers.{i}.{name}"] = shared[key]
+        for s, o in zip(samples, outs):
+            s.hidden = o
+        yield i, out

@@ -53,11 +53,13 @@ def _one_thread():
 
 @torch.no_grad()
 def gptq_quantize(w: Tensor, h: Tensor | tuple, group: int, bits: int = 4, zero_point: bool = False,
-                  block: int = BLOCK) -> QuantizedWeight:
+                  block: int = BLOCK, ranges: QuantizedWeight | None = None) -> QuantizedWeight:
     """w [N, K] float, h [K, K] the Hessian of its inputs (or inverse_hessian(h)) -> QuantizedWeight
     (codes [N, K], scales [N, K/G], zeros [N, K/G] or None) in the layout of quantize.quantize_group. Float64 throughout
     (the error feedback sums K updates per weight); `block`: columns per lazy update, rounded to whole
-    groups so that a group's scale sees every update of its own columns."""
+    groups so that a group's scale sees every update of its own columns. ranges: scales (and zeros)
+    chosen beforehand (range_search.search_ranges on the unrounded weights), kept as they are: GPTQ then
+    picks only the codes (AutoGPTQ's static_groups)."""
     n, k = w.shape
     if k % group:
         raise ValueError(f"K={k} is not a multiple of group size G={group}")
@@ -65,23 +67,32 @@ def gptq_quantize(w: Tensor, h: Tensor | tuple, group: int, bits: int = 4, zero_
     codes = torch.zeros(n, k, dtype=torch.int8)
     scales = torch.zeros(n, k // group)
     zeros = torch.zeros(n, k // group, dtype=torch.int8) if zero_point else None
+    if ranges is not None:
+        if ranges.scales.shape != scales.shape or (ranges.zeros is None) == zero_point:
+            raise ValueError(f"ranges: scales {tuple(ranges.scales.shape)} / zeros {ranges.zeros is not None} do not "
+                             f"match w {tuple(w.shape)} at G={group}, zero_point={zero_point}")
+        scales, zeros = ranges.scales.float().clone(), None if ranges.zeros is None else ranges.zeros.clone()
     with _one_thread():
         hinv, dead = inverse_hessian(h) if isinstance(h, Tensor) else h
         w[:, dead] = 0                             # inputs never active: any code will do
-        _columns(w, hinv, codes, scales, zeros, group, bits, group * max(1, block // group))
+        _columns(w, hinv, codes, scales, zeros, group, bits, group * max(1, block // group), ranges is not None)
     return QuantizedWeight(codes, scales, bits, zeros)
 
 
 def _columns(w: Tensor, hinv: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor | None, group: int, bits: int,
-             block: int) -> None:
-    """gptq.py's loop: fills codes / scales / zeros in place, w [N, K] float64 takes the error feedback."""
+             block: int, fixed: bool = False) -> None:
+    """gptq.py's loop: fills codes (and, unless fixed, scales / zeros) in place, w [N, K] float64 takes the
+    error feedback."""
     (n, k), zero_point, (qmin, qmax) = w.shape, zeros is not None, CODE_RANGE[bits]
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         wb, err = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0, dtype=torch.float64)   # (N, block)
         hb = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            if i % group == 0:                      # the group's scale (and zero) from its current weights
+            if i % group == 0 and fixed:
+                g = (b0 + i) // group
+                s, z = scales[:, g].double(), (zeros[:, g].double() if zero_point else 0.0)
+            elif i % group == 0:                    # the group's scale (and zero) from its current weights
                 g = (b0 + i) // group
                 q = quantize_group(wb[:, i:i + group], group, bits, zero_point)
                 s, z = q.scales[:, 0].double(), (q.zeros[:, 0].double() if zero_point else 0.0)

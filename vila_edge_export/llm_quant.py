@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from vila_edge_export.awq import awq_quantize, text_calibration_embeds
+from vila_edge_export.awq import awq_quantize, text_calibration_ids
+from vila_edge_export.bit_alloc import auto_plan
 from vila_edge_export.calib_text import split_texts
 from vila_edge_export.checkpoint import CheckpointSpec
-from vila_edge_export.options import QuantOptions, parse_group_plan, quant_options
+from vila_edge_export.options import AUTO_PLAN, QuantOptions, parse_group_plan, quant_options
 from vila_edge_export.quality import (EVAL_WINDOW, QualityFloor, bits_per_weight, compare, float_size_bytes,
                                       forward_windows, quantized_size_bytes)
 from vila_edge_export.quantize import apply_quantized, int8_linears, rtn_quantize
@@ -88,8 +89,9 @@ def quantize_model(ref: ReferenceVLM, opts: QuantOptions, template_source: str |
     """ref.llm (left as it is) -> QuantizedLLM with opts' method, group size and lm_head bits."""
     model = ref.llm
     opts = quant_options(opts)       # a bare QuantOptions: the CPU target's zero-point choice and group
-    plan = parse_group_plan(opts.group_plan)
-    int8 = tuple(int8_linears(model, opts.group_size, True, opts.zero_point, opts.max_bpw, plan))
+    if opts.group_plan != AUTO_PLAN:
+        plan = parse_group_plan(opts.group_plan)
+        int8 = tuple(int8_linears(model, opts.group_size, True, opts.zero_point, opts.max_bpw, plan))
     if opts.method == "rtn":
         return rtn_quantize(model, opts.group_size, auto_group=True, lm_head_bits=opts.lm_head_bits,
                             zero_point=opts.zero_point, int8=int8, plan=plan)
@@ -99,11 +101,18 @@ def quantize_model(ref: ReferenceVLM, opts: QuantOptions, template_source: str |
         calib = [ref.prompt_embeds(p, [im]) for im, p in zip(images[: opts.n_images], prompts * len(images))]
     else:
         calib = multimodal_embeds(ref, template, images[: opts.n_images], prompts)
-    if opts.n_text:
-        calib += text_calibration_embeds(model, ref.tokenizer, split_texts("calib"), opts.text_seqlen, opts.n_text)
+    text = text_calibration_ids(ref.tokenizer, split_texts("calib"), opts.text_seqlen, opts.n_text) if opts.n_text else []
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        calib += [embed(ids.unsqueeze(0)) for ids in text]                    # each [1, T, C]
+    if opts.group_plan == AUTO_PLAN:
+        alloc, _ = auto_plan(model, calib, text, opts.zero_point, opts.max_bpw)
+        plan = {name: g for name, (bits, g) in alloc.items()}
+        int8 = tuple(name for name, (bits, g) in alloc.items() if bits == 8)
     return awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True,
                         lm_head_bits=opts.lm_head_bits, zero_point=opts.zero_point, int8=int8,
-                        gptq=opts.method == "gptq", search=opts.method == "awq", plan=plan)
+                        gptq=opts.method == "gptq", search=opts.method == "awq", plan=plan,
+                        ranges=opts.range_search)
 
 
 def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str | None, progress: bool) -> tuple:

@@ -18,17 +18,25 @@ DEFAULT_GROUP = 32
 # With a zero point per group (+4/G bits) G = 64: 4.3125 bits per weight, better than symmetric G = 32
 # (4.5) on SmolLM2, leaving room under the 4.5 budget for int8 outer down_projs (int8_linears).
 DEFAULT_ZERO_POINT_GROUP = 64
-# Mixed group sizes, the default of a zero-point export whose G is not given (QuantOptions.group_plan):
+# Mixed group sizes, the default of a zero-point rtn export whose G is not given (QuantOptions.group_plan):
 # G per linear kind, "kind=G,...". G = 32 (4.625 bits per weight) where SmolLM2 gains most from small
 # groups, o_proj at 64 (4.3125) and down_proj at 128 (4.15625): 4.4785 bits per decoder weight at
 # SmolLM2's shapes, so no int8 down_proj fits the budget beside it (benchmarks/results/smollm2-vila-mixed-1k).
 DEFAULT_GROUP_PLAN = "q_proj=32,k_proj=32,v_proj=32,o_proj=64,gate_proj=32,up_proj=32,down_proj=128"
 # Linears the LLM graphs run as one MatMulNBits (vila_edge_export/onnx_llm.py _concat_linears): one G each.
 FUSED_KINDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# group_plan "auto", the default of a zero-point awq / gptq export whose G is not given: G (and int8) per
+# decoder linear chosen on calibration data under max_bpw (vila_edge_export/bit_alloc.py; it needs
+# calibration inputs). With the same rounding (range search, no AWQ scales) on SmolLM2 it measured
+# 0.831 / +9.25 % at 4.499 bits per decoder weight against DEFAULT_GROUP_PLAN's 0.810 / +13.2 % at 4.479
+# over the export's 4,095 held-out positions (benchmarks/results/smollm2-vila-range).
+AUTO_PLAN = "auto"
+CALIBRATED = ("awq", "gptq")
 ZERO_POINT_TARGETS = ("cpu",)     # engines run by ONNX Runtime (MatMulNBits takes uint4 zero points)
-DEFAULT_MAX_BPW = 4.5             # decoder bits per weight the int8 down_projs may spend (int8_linears)
+DEFAULT_MAX_BPW = 4.5             # decoder bits per weight: the allocated plan's budget, or the int8 down_projs'
+                                  # (int8_linears) beside a fixed plan
 # The quality gate of a 4-bit export: perplexity within +15 % of float, top-1 agreement >= 0.80. Issue
-# 14 aims at 0.85: the default export (AWQ with DEFAULT_GROUP_PLAN, 4.479 bits per decoder weight)
+# 14 aims at 0.85: the previous default export (AWQ with DEFAULT_GROUP_PLAN, 4.479 bits per decoder weight)
 # measures 0.859 / +9.0 % on SmolLM2 over 1,024 held-out tokens (benchmarks/results/smollm2-vila-mixed-1k)
 # but 0.833 / +12.2 % over the export's own 4,095 (engines/smollm2-vila-int4's export_report.json), so
 # a 0.85 floor would stop the default export of SmolLM2; vila_edge_export/quality.py DEFAULT_FLOOR.
@@ -50,7 +58,8 @@ class QuantOptions:
     # None: DEFAULT_ZERO_POINT_GROUP with zero points, DEFAULT_GROUP without (quant_options)
     group_size: int | None = None
     # G per decoder linear kind ("q_proj=32,down_proj=128"; a kind not named gets group_size; "": every
-    # linear at group_size). None: DEFAULT_GROUP_PLAN with zero points and no group_size given, else "".
+    # linear at group_size; "auto": allocated, bit_alloc.py). None, with zero points and no group_size
+    # given: AUTO_PLAN for awq / gptq, DEFAULT_GROUP_PLAN for rtn; else "".
     group_plan: str | None = None
     # 8 / 4: lm_head quantized like the linears (groups along K); 0: float. None: DEFAULT_LM_HEAD_BITS
     # for rtn/awq, 0 for none.
@@ -61,6 +70,9 @@ class QuantOptions:
     # int8 for the outermost layers' down_proj while the decoder stays <= this many bits per weight;
     # None: every decoder linear int4
     max_bpw: float | None = DEFAULT_MAX_BPW
+    # awq / gptq: every group's scale (and zero point) searched on the calibration inputs of its linear
+    # (vila_edge_export/range_search.py) in place of llm-awq's symmetric clip search; False: llm-awq's clip
+    range_search: bool = True
     embed_bits: int = 0              # 8 / 4: the token embedding table group-quantized (rtn/awq only); 0: float
     calib_dir: str | None = None     # AWQ calibration images + optional prompts.txt; default: synthetic scenes
     n_images: int = 8
@@ -77,8 +89,11 @@ class QuantOptions:
             raise ExportOptionError(f"quant {self.method!r} unknown; expected one of {METHODS}")
         if self.group_size is not None and self.group_size < 1:
             raise ExportOptionError(f"group_size must be >= 1, got {self.group_size}")
-        if self.group_plan is not None:
+        if self.group_plan not in (None, AUTO_PLAN):
             parse_group_plan(self.group_plan)        # raises on a malformed plan
+        if self.group_plan == AUTO_PLAN and (self.method not in ("awq", "gptq") or self.max_bpw is None):
+            raise ExportOptionError(f"group_plan {AUTO_PLAN!r} allocates bits on calibration data under max_bpw: it "
+                                    f"needs quant awq or gptq and a max_bpw (got {self.method!r}, {self.max_bpw})")
         if self.lm_head_bits is None:
             self.lm_head_bits = DEFAULT_LM_HEAD_BITS if self.method != "none" else 0
         if self.lm_head_bits not in LM_HEAD_BITS:
@@ -179,8 +194,9 @@ def quant_options(quant: QuantOptions, target: str = "cpu") -> QuantOptions:
     zero_point, group = quant_defaults(target, quant.zero_point, quant.group_size)
     plan = quant.group_plan
     if plan is None:
-        plan = DEFAULT_GROUP_PLAN if zero_point and quant.group_size is None else ""
-    given = parse_group_plan(plan)
+        plan = "" if not zero_point or quant.group_size is not None else \
+            AUTO_PLAN if quant.method in CALIBRATED and quant.max_bpw is not None else DEFAULT_GROUP_PLAN
+    given = {} if plan == AUTO_PLAN else parse_group_plan(plan)
     for kinds in FUSED_KINDS:
         if len({given.get(k, group) for k in kinds}) > 1:
             raise ExportOptionError(f"group_plan {plan!r}: {', '.join(kinds)} run as one fused linear and need one "

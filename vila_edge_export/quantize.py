@@ -49,7 +49,7 @@ class QuantizedLLM:
     biases, a float lm_head) except the weights of the linears in `linears`."""
     state_dict: dict[str, Tensor]
     linears: dict[str, QuantizedWeight]  # "model.layers.0.self_attn.q_proj" / "lm_head" -> (codes, scales, bits)
-    method: str                          # "rtn" | "awq" | "gptq" | "awq+gptq"
+    method: str                          # "rtn" | "awq" | "gptq" | "awq+gptq" | "range" (range search alone)
     group: int                           # requested G; a linear's own G is linears[name].group
     lm_head_bits: int = DEFAULT_LM_HEAD_BITS
     zero_point: bool = False             # int4 decoder linears with a zero point per group
@@ -138,11 +138,12 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def linear_groups(model: nn.Module, group: int, auto_group: bool, plan: dict | None = None) -> dict[str, int]:
-    """G of every decoder linear: plan's G for its kind (the last part of its name, "down_proj"), else
-    `group`, resolved against its K (resolve_group). The graphs read G per linear (MatMulNBits
-    block_size per node), so the kinds may differ."""
+    """G of every decoder linear: plan's G for its name ("model.layers.3.mlp.down_proj", an allocated plan,
+    bit_alloc.py) or its kind (the last part of its name, "down_proj"), else `group`, resolved against
+    its K (resolve_group). The graphs read G per linear (MatMulNBits block_size per node), so they may differ."""
     plan = plan or {}
-    return {name: resolve_group(name, lin.in_features, plan.get(name.rsplit(".", 1)[-1], group), auto_group)
+    return {name: resolve_group(name, lin.in_features, plan.get(name, plan.get(name.rsplit(".", 1)[-1], group)),
+                                auto_group)
             for name, lin in decoder_linears(model).items()}
 
 

@@ -21,6 +21,8 @@ from vila_edge.errors import VilaEdgeError
 def _flag_type(field: dataclasses.Field):
     """argparse type of a field from its annotation; "none" gives None where the field allows it."""
     kinds = [a for a in typing.get_args(field.type) if a is not type(None)]
+    if field.type is bool:       # bool("false") is True: parse the word
+        return lambda text: text.lower() in ("1", "true", "yes", "on")
     if not kinds:
         return field.type
     if kinds[0] is bool:         # bool("false") is True: parse the word
