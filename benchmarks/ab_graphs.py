@@ -24,7 +24,7 @@ from unittest import mock
 import numpy as np
 
 
-from benchmarks.common import bench_ttft, kv_config
+from benchmarks.common import bench_ttft, kv_config, save_json
 from vila_edge import ops
 from vila_edge.manifest import Manifest
 from vila_edge.pipeline import Pipeline
@@ -160,8 +160,7 @@ def main(argv=None) -> int:
     r = run(args.engines, [int(c) for c in args.contexts.split(",")], args.steps, args.rounds, args.threads, args.seed)
     print(markdown(r))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+        save_json(r, args.json)
     return 0
 
 

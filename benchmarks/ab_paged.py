@@ -20,6 +20,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from benchmarks.common import save_json
 from vila_edge import ops
 from vila_edge.backend import OrtSession
 from vila_edge.llm import KVConfig, LLMEngine
@@ -163,9 +164,7 @@ def main(argv=None) -> int:
     r["loadavg_end"] = list(os.getloadavg())
     print(markdown(r))
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+        save_json(r, args.json)
     return 0
 
 

@@ -68,6 +68,12 @@ def env_with_root() -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
 
 
+def save_json(r: dict, path: str) -> None:
+    """Write r as JSON to path (its folder created if needed): the `--json PATH` of the A/B scripts."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_text(path, json.dumps(r, indent=2))
+
+
 def save_report(r: dict, out_dir: str, stem: str, md: str) -> dict:
     """Write <stem>.json and <stem>.md under out_dir (created if needed); returns their paths."""
     os.makedirs(out_dir, exist_ok=True)

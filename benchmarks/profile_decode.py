@@ -25,6 +25,7 @@ from collections import defaultdict
 import numpy as np
 
 from benchmarks.ab_paged import _engine, _round, _start
+from benchmarks.common import save_json
 from vila_edge.manifest import Manifest
 
 
@@ -124,9 +125,7 @@ def main(argv=None) -> int:
     for label, v in r["python"].items():
         print(f"  {label:18s} median {v['median_us']:.0f} us (rounds {v['min_us']:.0f}-{v['max_us']:.0f})")
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+        save_json(r, args.json)
     return 0
 
 
