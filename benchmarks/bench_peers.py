@@ -190,7 +190,7 @@ def roofline(r: dict, spec, engine_int4: str | None, ceil: dict) -> dict:
             out["ttft_best_ratio_vs_hf"] = out["ttft_int8_bound_s"] / r["hf"]["ttft_1_image"]["median_s"]
     if engine_int4 and "llama_cpp" in r:
         m = Manifest.load(engine_int4)
-        ours_w, ours_kv = llm_weight_bytes(engine_int4, m), rl.kv_bytes_per_token(spec.llm, m.dtype)
+        ours_w, ours_kv = llm_weight_bytes(engine_int4, m), rl.kv_bytes_per_token(spec.llm, m.kv_dtype)
         peer_w, peer_kv = rl.gguf_step_bytes(r["llama_cpp"]["gguf"]), rl.kv_bytes_per_token(spec.llm, "float16")  # llama.cpp KV
         for o, p in zip(r["vila_edge_int4"]["decode"], r["llama_cpp"]["decode"]):
             ctx = o["context"]
@@ -224,7 +224,7 @@ def roofline_markdown(rf: dict) -> list:
             lines.append(f"\nWith every matmul at the int8 GEMM peak the prompt would take {rf['ttft_int8_bound_s']:.2f} s: "
                          f"at best {1 / rf['ttft_best_ratio_vs_hf']:.1f}x faster than transformers eager on this host.")
     if rf["decode"]:
-        lines += ["", "Decode, bytes read per step (weights + KV: fp32 for vila_edge, f16 for llama.cpp):", "",
+        lines += ["", "Decode, bytes read per step (weights + KV: the engine's kv_dtype for vila_edge, f16 for llama.cpp):", "",
                   "| context | vila_edge MB/step | vila_edge GB/s | llama.cpp MB/step | llama.cpp GB/s "
                   "| vila_edge bound tok/s | best ratio vs llama.cpp |", "|---|---|---|---|---|---|---|"]
         for d in rf["decode"]:

@@ -38,7 +38,7 @@ def test_threads_produce_the_same_text_as_alone(engine):
 
 def test_full_pool_raises_and_leaves_others_intact(engine):
     eng = engine("vila1.5-3b-downsample")
-    block_bytes = 2 * 2 * 16 * 2 * 16 * 4          # layers x (K, V) x BS x Hkv x D x fp32
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 2          # layers x (K, V) x BS x Hkv x D x fp16 (the default pool)
     pipe = Pipeline(eng, max_context=192, kv=KVConfig(block_size=16, budget=13 * block_bytes))
     assert pipe.llm.blocks.num_blocks == 13      # 12 hold one context; the first chat takes 11
     img = data("robot_scene.png")
@@ -55,7 +55,7 @@ def test_full_pool_raises_and_leaves_others_intact(engine):
 def test_budget_string_and_bad_budget(engine):
     eng = engine("vila1.5-3b-downsample")
     pipe = Pipeline(eng, max_context=1024, kv=KVConfig(budget="1MiB"))
-    assert pipe.llm.blocks.num_blocks == (1 << 20) // (2 * 2 * 16 * 2 * 16 * 4)
+    assert pipe.llm.blocks.num_blocks == (1 << 20) // (2 * 2 * 16 * 2 * 16 * 2)      # fp16 rows
     assert pipe.llm.pool.nbytes <= 1 << 20
     with pytest.raises(ValueError, match="budget"):
         Pipeline(eng, kv=KVConfig(budget="12 bananas"))

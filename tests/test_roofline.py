@@ -67,7 +67,9 @@ def test_decode_roofline_counts_the_bytes_each_system_reads(checkpoint, engine, 
     (row,) = rf["decode"]
     assert rf["ttft"] == []                                       # no time to first token measured: none reported
     assert "| 8 |" in "\n".join(roofline_markdown(rf))
-    ours_kv, peer_kv = l.layers * 2 * l.kv_heads * l.head_dim * 4, l.layers * 2 * l.kv_heads * l.head_dim * 2
+    # both KV caches fp16 (the engine's: the fp32 fused graph's default pool, manifest kv_dtype)
+    ours_kv = peer_kv = l.layers * 2 * l.kv_heads * l.head_dim * 2
+    assert Manifest.load(eng).kv_dtype == "float16"
     assert row["vila_edge_bytes"] == ours_w + 8 * ours_kv and row["llama_cpp_bytes"] == peer_w + 8 * peer_kv
     assert row["vila_edge_gbs"] == pytest.approx(row["vila_edge_bytes"] / 0.5 / 1e9)
     best_s = ours_w / 1 + 8 * ours_kv / 2

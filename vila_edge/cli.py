@@ -160,7 +160,8 @@ def add_export(sub) -> None:
     e.add_argument("out", help="engine directory to write (replaced only when the new one is complete)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], default=None, help="activation and weight dtype (default fp32)")
     e.add_argument("--kv-dtype", choices=["fp32", "fp16"], default=None,
-                   help="KV pool rows (default: --dtype); fp16 under an fp32 --target cpu graph halves the KV bytes")
+                   help="KV pool rows (default: fp16 for an fp32 --target cpu graph, half the KV bytes each decode "
+                        "step reads; else --dtype); fp32 there gives the fp32 pool")
     e.add_argument("--quant", choices=["none", "rtn", "awq", "gptq"], default=None,
                    help="4-bit LLM weights: none, round-to-nearest, AWQ or GPTQ (both calibrated)")
     e.add_argument("--group-size", type=_number(int, 1), default=None,

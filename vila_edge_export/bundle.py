@@ -20,10 +20,12 @@ from vila_edge.manifest import MANIFEST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VILA_U_NAME = "vila-u-tiny-shapes"
-# models/vila-u-tiny-shapes (trained by `make train-vila-u`): fp32, as its README's figures.
+# models/vila-u-tiny-shapes (trained by `make train-vila-u`): fp32 with an fp32 KV pool, as its README's figures
+# and the shipped engine (pinned: the fused graph's default KV pool is fp16, options.FUSED_KV_DTYPE, so
+# regenerating it with the defaults would change it).
 VILA_U_CHECKPOINT = os.path.join(ROOT, "models", VILA_U_NAME)
 VILA_U_ENGINE = os.path.join(ROOT, "vila_edge", "bundled", VILA_U_NAME)
-VILA_U_EXPORT = {"dtype": "fp32"}
+VILA_U_EXPORT = {"dtype": "fp32", "kv_dtype": "fp32"}
 
 
 def build_bundled(out: str = BUNDLED_ENGINE, progress: bool = True, checkpoint: str = BUNDLED_CHECKPOINT,

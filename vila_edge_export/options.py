@@ -48,6 +48,12 @@ DEFAULT_LM_HEAD_BITS = 8
 LM_HEAD_BITS = (8, 4, 0)   # 0: float
 EMBED_BITS = (0, 8, 4)     # 0: float table (.npy); 8 / 4: group-quantized codes (.npz, vila_edge/embeddings.py)
 INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)   # MatMulNBits accuracy_level (ONNX Runtime contrib op)
+# KV pool rows of an fp32 fused graph (target cpu) when kv_dtype is not given: fp16 halves the KV bytes every
+# decode step reads, and vila_edge::PagedAttention converts the rows. Measured idle on SmolLM2 int4, 2 threads:
+# 168 / 142 tok/s decode at 128 / 512 context against 157.7 / 125.4 with fp32 rows
+# (benchmarks/results/smollm2-vila-stop25-idle); numerics against the torch reference: tests/test_kv_dtype.py.
+# Standard graphs (orin: TensorRT's parser) keep kv_dtype == dtype; --kv-dtype fp32 gives the fp32 pool back.
+FUSED_KV_DTYPE = "fp16"
 
 
 @dataclass
@@ -118,8 +124,8 @@ class ExportOptions:
     dtype: str = "fp32"
     target: str = "cpu"              # vila_edge/targets.py: which LLM graph (fused contrib ops / standard ops)
     int4_accuracy_level: int = 4     # fused graphs: MatMulNBits activations (4: int8 per block; 0: float)
-    # KV pool rows: None as dtype; "fp16" under an fp32 fused graph halves the KV bytes every decode step
-    # reads (vila_edge::PagedAttention converts them; numerics: tests/test_kv_dtype.py)
+    # KV pool rows; None: FUSED_KV_DTYPE under an fp32 fused graph (half the KV bytes every decode step reads),
+    # else dtype (kv_dtype_default)
     kv_dtype: str | None = None
     template: str | None = None      # chat template; None: from the checkpoint
     token_order: str | None = None   # mlp_downsample token order; None: the checkpoint era's
@@ -135,7 +141,7 @@ class ExportOptions:
             raise ExportOptionError(f"int4_accuracy_level {self.int4_accuracy_level!r} unknown; expected one of "
                                     f"{INT4_ACCURACY_LEVELS}")
         if self.kv_dtype is None:
-            self.kv_dtype = self.dtype
+            self.kv_dtype = kv_dtype_default(self.dtype, self.target)
         if self.kv_dtype not in DTYPES:
             raise ExportOptionError(f"kv_dtype {self.kv_dtype!r} unknown; expected one of {sorted(DTYPES)}")
         if self.kv_dtype != self.dtype and not (self.graph == "fused" and self.dtype == "fp32"):
@@ -167,6 +173,12 @@ class ExportOptions:
         if quant:
             given["quant"] = QuantOptions(**quant)
         return cls(**given)
+
+
+def kv_dtype_default(dtype: str, target: str) -> str:
+    """The KV pool's dtype when none is given: FUSED_KV_DTYPE under an fp32 fused graph (the only graph whose
+    attention op reads another dtype than its activations), dtype elsewhere."""
+    return FUSED_KV_DTYPE if TARGETS[target] == "fused" and dtype == "fp32" else dtype
 
 
 def parse_group_plan(plan: str | None) -> dict[str, int]:
