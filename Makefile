@@ -20,13 +20,18 @@ IMAGE    ?= models/vila-tiny-shapes/examples/color.png
 PROMPT   ?= What color is the square?
 
 .PHONY: help setup runtime bundled-engine demo chat fixture engines plan test test-gpu fuzz soak ops kernels bench-kernels bench bench-peers bench-concurrency bench-quality bench-3b bench-nvila bench-kv train-tiny evaluate train-vila-u evaluate-vila-u demo-imagine bundled-vila-u-engine clean serve device-check bench-serve bench-constrain engines-staged test-fast bench-vila-u bench-attention
-# Succeeds when $(1) is an engine this runtime reads (present, current format): stale engines are rebuilt.
-ENGINE_OK = $(BIN)/python -c "import sys; from vila_edge.manifest import Manifest; Manifest.load(sys.argv[1])" $(1) 2>/dev/null
+# An engine a benchmark reuses must have been built with the options it wants: `$(call RECORDED,ENGINE,JSON)`
+# exits 0 when ENGINE's manifest records them (build.options; every option not named at its default), else
+# 1 with a line naming the stale option, and the target exports it again (vila_edge_export/recorded.py).
+# JSON goes through a variable: make splits $(call) arguments at commas.
+RECORDED = $(BIN)/python -m vila_edge_export.recorded $(1) --options '$(2)'
 # The int4 engine bench-peers times is the default 4-bit export (`--quant $(INT4_DEFAULT)`, every other option
-# at its default; the gate only reports), so speed and `make bench-quality`'s figures describe one engine;
-# an engine of another method (an older rtn build) is exported again.
+# at its default; the gate only reports), so speed and `make bench-quality`'s figures describe one engine.
 INT4_DEFAULT := awq
-INT4_DEFAULT_OK = $(BIN)/python -c "import sys; from vila_edge.manifest import Manifest; sys.exit((Manifest.load(sys.argv[1]).quant or {}).get('method') != sys.argv[2])" $(1) $(INT4_DEFAULT) 2>/dev/null
+DEFAULTS     := {}
+INT4_OPTS    := {"quant": "$(INT4_DEFAULT)"}
+RTN_OPTS     := {"quant": "rtn"}
+RTN_INT4_ALL := {"quant": "rtn", "max_bpw": null}
 
 help:  ## list every command
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -109,8 +114,8 @@ bench-attention: setup  ## vila_edge::PagedAttention alone at SmolLM2's shape, 3
 
 bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager, llama.cpp and ORT GenAI on SmolLM2 (same weights, threads)
 	@test -d build/fixtures/smollm2-vila || $(BIN)/python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila
-	@$(call ENGINE_OK,engines/smollm2-vila-fp32) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-fp32 --quiet
-	@$(call INT4_DEFAULT_OK,engines/smollm2-vila-int4) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant $(INT4_DEFAULT) --no-quality-floor --quiet
+	@$(call RECORDED,engines/smollm2-vila-fp32,$(DEFAULTS)) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-fp32 --quiet
+	@$(call RECORDED,engines/smollm2-vila-int4,$(INT4_OPTS)) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant $(INT4_DEFAULT) --no-quality-floor --quiet
 	$(BIN)/python -m benchmarks.genai_export build/fixtures/smollm2-vila/llm build/genai/smollm2-vila-int4
 	$(BIN)/python -m benchmarks.bench_peers --checkpoint build/fixtures/smollm2-vila --engine engines/smollm2-vila-fp32 --engine-int4 engines/smollm2-vila-int4 --gguf smollm2 --genai build/genai/smollm2-vila-int4
 
@@ -120,10 +125,10 @@ CONC_3B_LAYERS ?= 4
 CONC_3B := vila1.5-3b-L$(CONC_3B_LAYERS)
 bench-concurrency: $(VENV)/.bench  ## aggregate decode tok/s, 1 vs 4 greedy streams through the scheduler vs llama.cpp's batch: SmolLM2 int4 + VILA1.5-3B widths int4 (CONC_3B_LAYERS=4)
 	@test -d build/fixtures/smollm2-vila || $(BIN)/python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila
-	@$(call INT4_DEFAULT_OK,engines/smollm2-vila-int4) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant $(INT4_DEFAULT) --no-quality-floor --quiet
+	@$(call RECORDED,engines/smollm2-vila-int4,$(INT4_OPTS)) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant $(INT4_DEFAULT) --no-quality-floor --quiet
 	$(BIN)/python -m benchmarks.bench_concurrency --engine engines/smollm2-vila-int4 --gguf smollm2
 	@test "$(CONC_3B_LAYERS)" = 0 || test -d build/fixtures/$(CONC_3B) || $(BIN)/python -m vila_edge_export.fixtures build/fixtures/$(CONC_3B) --kind vila1.5 --shape vila1.5-3b --llm-layers $(CONC_3B_LAYERS) --vision-layers 1
-	@test "$(CONC_3B_LAYERS)" = 0 || $(call ENGINE_OK,engines/$(CONC_3B)-int4) || $(BIN)/vila-edge export build/fixtures/$(CONC_3B) engines/$(CONC_3B)-int4 --quant rtn --no-quality-floor --eval-tokens 512 --quiet
+	@test "$(CONC_3B_LAYERS)" = 0 || $(call RECORDED,engines/$(CONC_3B)-int4,$(RTN_OPTS)) || $(BIN)/vila-edge export build/fixtures/$(CONC_3B) engines/$(CONC_3B)-int4 --quant rtn --no-quality-floor --eval-tokens 512 --quiet
 	@test "$(CONC_3B_LAYERS)" = 0 || test -f build/$(CONC_3B)-q4_0.gguf || $(BIN)/python -m benchmarks.hf_to_gguf build/fixtures/$(CONC_3B)/llm build/$(CONC_3B)-q4_0.gguf --type q4_0
 	test "$(CONC_3B_LAYERS)" = 0 || $(BIN)/python -m benchmarks.bench_concurrency --engine engines/$(CONC_3B)-int4 --gguf build/$(CONC_3B)-q4_0.gguf --note "VILA1.5-3B widths, $(CONC_3B_LAYERS) of 32 LLM layers, random weights"
 
@@ -145,7 +150,7 @@ B3_STEP  = $(BIN)/python -m benchmarks.steps build/bench-3b/steps.jsonl
 bench-3b: $(VENV)/.bench  ## VILA1.5-3B widths, int4: vila_edge vs ORT GenAI, llama.cpp Q4_0, transformers eager at 2 LLM depths + a per-layer estimate at 32 (BENCH_3B_LAYERS=8 BENCH_3B_FIT_LAYERS=4)
 	@for L in $(BENCH_3B_FIT_LAYERS) $(BENCH_3B_LAYERS); do \
 	  test -d build/fixtures/$(B3) || $(B3_STEP) "fixture L$$L" -- $(BIN)/python -m vila_edge_export.fixtures build/fixtures/$(B3) --kind vila1.5 --shape vila1.5-3b --llm-layers $$L || exit 1; \
-	  $(call ENGINE_OK,engines/$(B3)-int4) || $(B3_STEP) "vila_edge int4 export L$$L" -- $(BIN)/vila-edge export build/fixtures/$(B3) engines/$(B3)-int4 --quant rtn --no-quality-floor --eval-tokens 128 --max-bpw 0 --quiet || exit 1; \
+	  $(call RECORDED,engines/$(B3)-int4,$(RTN_INT4_ALL)) || $(B3_STEP) "vila_edge int4 export L$$L" -- $(BIN)/vila-edge export build/fixtures/$(B3) engines/$(B3)-int4 --quant rtn --no-quality-floor --eval-tokens 128 --max-bpw 0 --quiet || exit 1; \
 	  test -f build/$(B3)-q4_0.gguf || $(B3_STEP) "GGUF Q4_0 L$$L" -- $(BIN)/python -m benchmarks.hf_to_gguf build/fixtures/$(B3)/llm build/$(B3)-q4_0.gguf --type q4_0 || exit 1; \
 	  test -f build/genai/$(B3)-int4/genai_config.json || $(B3_STEP) "ORT GenAI int4 L$$L" -- $(BIN)/python -m benchmarks.genai_export build/fixtures/$(B3)/llm build/genai/$(B3)-int4 || exit 1; \
 	done
@@ -168,9 +173,9 @@ VILAU_REPEATS     ?= 1
 VILAU := vila-u-7b-256-L$(VILAU_LLM_LAYERS)H$(VILAU_HEAD_LAYERS)
 bench-vila-u: setup  ## VILA-U 7B-256 widths (fewer LLM / SigLIP / depth layers): s per 256-px image, engine vs torch reference
 	@test -d build/fixtures/$(VILAU) || $(BIN)/python -m vila_edge_export.fixtures_vila_u build/fixtures/$(VILAU) --shape vila-u-7b-256 --llm-layers $(VILAU_LLM_LAYERS) --vision-layers 3 --head-layers $(VILAU_HEAD_LAYERS)
-	@$(call ENGINE_OK,engines/$(VILAU)-fp32) || $(BIN)/vila-edge export build/fixtures/$(VILAU) engines/$(VILAU)-fp32 --quiet
+	@$(call RECORDED,engines/$(VILAU)-fp32,$(DEFAULTS)) || $(BIN)/vila-edge export build/fixtures/$(VILAU) engines/$(VILAU)-fp32 --quiet
 	@# random weights: int4's perplexity floor is meaningless here (--no-quality-floor keeps the report)
-	@$(call ENGINE_OK,engines/$(VILAU)-int4) || $(BIN)/vila-edge export build/fixtures/$(VILAU) engines/$(VILAU)-int4 --quant rtn --no-quality-floor --quiet
+	@$(call RECORDED,engines/$(VILAU)-int4,$(RTN_OPTS)) || $(BIN)/vila-edge export build/fixtures/$(VILAU) engines/$(VILAU)-int4 --quant rtn --no-quality-floor --quiet
 	$(BIN)/python -m benchmarks.bench_vila_u --checkpoint build/fixtures/$(VILAU) --engine engines/$(VILAU)-fp32 --engine engines/$(VILAU)-int4 --threads 2 --positions $(VILAU_POSITIONS) --repeats $(VILAU_REPEATS) --note "vila-u-7b-256 widths; $(VILAU_LLM_LAYERS) of 32 LLM layers, 3 of 24 SigLIP layers, $(VILAU_HEAD_LAYERS) of 6 depth layers"
 
 bench-kv: $(VENV)/.bench  ## paged KV: repeated-query TTFT, paged vs contiguous decode at 2k, pool vs budget

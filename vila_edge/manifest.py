@@ -86,7 +86,7 @@ class Manifest:
     vision: VisionInfo
     tokens: TokenInfo
     files: dict            # role -> file name inside the engine directory
-    build: dict = field(default_factory=dict)   # opset, onnx/ORT versions, source checkpoint, target
+    build: dict = field(default_factory=dict)   # opset, onnx/ORT versions, source checkpoint, target, options
     # What the engine can do beyond chat: ["generate_image"] for VILA-U (the server looks for it).
     capabilities: list = field(default_factory=list)
     # VILA-U image generation: depth, codebook_size, grid, image_size (pixels out), im_start_id.

@@ -20,6 +20,7 @@ from vila_edge_export.onnx_graph import OPSET
 from vila_edge_export.onnx_vision import tokens_per_image
 from vila_edge_export.options import DTYPES, TARGETS, ExportOptions, QuantOptions  # noqa: F401 (callers' names)
 from vila_edge_export.output_dir import check_output, make_temp_dir
+from vila_edge_export.recorded import recorded_options
 from vila_edge_export.weights_check import checkpoint_faults
 from vila_edge.atomic import atomic_dir, publish  # noqa: F401 (publish: callers' name)
 from vila_edge.errors import CheckpointError
@@ -240,7 +241,7 @@ def _write_metadata(spec, tmp, sidecar: dict, opts) -> Manifest:
         build={"target": opts.target, "graph": sidecar["graph"], "opset": OPSET, "onnx": onnx.__version__,
                "onnxruntime": onnxruntime.__version__,
                "checkpoint": os.path.abspath(spec.root), "projector": proj.kind,
-               "special_tokens": list(special)})
+               "special_tokens": list(special), "options": recorded_options(opts)})
     if opts.target == "orin":
         manifest.build["tensorrt"] = tensorrt_profile(manifest)
     manifest.write(tmp)

@@ -1,0 +1,108 @@
+"""build.options in the manifest and `python -m vila_edge_export.recorded`: an engine says which export options
+built it, and the check the Makefile's benchmarks run before reusing one exits 0 only when they are the
+ones wanted (every option not named at its default), 1 with one line naming the stale option otherwise.
+Real exports of the tiny fixture (conftest `engine`: a second or two each)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from vila_edge.manifest import Manifest
+from vila_edge_export.options import DEFAULT_GROUP_PLAN, DEFAULT_LM_HEAD_BITS, DEFAULT_ZERO_POINT_GROUP
+from vila_edge_export.recorded import main
+
+NAME = "vila1.5-3b-downsample"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _check(capsys, engine: str, options: dict | None = None) -> tuple[int, str]:
+    rc = main([engine] + (["--options", json.dumps(options)] if options is not None else []))
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def test_default_export_records_its_resolved_options(engine, capsys):
+    eng = engine(NAME)
+    options = Manifest.load(eng).build["options"]
+    # by hand: an fp32 target-cpu export with no option given
+    assert {k: options[k] for k in ("dtype", "kv_dtype", "target", "quant", "lm_head_bits", "embed_bits",
+                                    "int4_accuracy_level")} == \
+        {"dtype": "fp32", "kv_dtype": "fp16", "target": "cpu", "quant": "none", "lm_head_bits": 0, "embed_bits": 0,
+         "int4_accuracy_level": 4}
+    assert not {"progress", "eval_tokens", "max_ppl_increase_pct", "min_top1_agreement"} & options.keys()
+    assert _check(capsys, eng) == (0, "")
+    assert _check(capsys, eng, {"kv_dtype": "fp16", "dtype": "fp32", "quant": "none"}) == (0, "")
+    assert _check(capsys, eng, {"eval_tokens": 64, "max_ppl_increase_pct": None}) == (0, "")   # report only
+    rc, err = _check(capsys, eng, {"kv_dtype": "fp32"})
+    assert rc == 1 and err == f"{eng}: option kv_dtype is 'fp16', wanted 'fp32'\n"
+
+
+def test_an_fp32_kv_engine_is_stale_for_the_defaults(engine, capsys):
+    """The case the Makefile had silently reused: an engine of the previous default (an fp32 KV pool)."""
+    eng = engine(NAME, kv_dtype="fp32")
+    assert _check(capsys, eng, {"kv_dtype": "fp32"}) == (0, "")
+    rc, err = _check(capsys, eng, {})
+    assert rc == 1 and err == f"{eng}: option kv_dtype is 'fp32', wanted 'fp16'\n"
+
+
+def test_int4_engine_records_the_quantizer(engine, capsys):
+    eng = engine(NAME, quant="rtn", eval_tokens=16, max_ppl_increase_pct=None)
+    options = Manifest.load(eng).build["options"]
+    assert (options["quant"], options["group_size"], options["group_plan"], options["zero_point"],
+            options["lm_head_bits"]) == ("rtn", DEFAULT_ZERO_POINT_GROUP, DEFAULT_GROUP_PLAN, True, DEFAULT_LM_HEAD_BITS)
+    assert _check(capsys, eng, {"quant": "rtn"}) == (0, "")
+    rc, err = _check(capsys, eng, {"quant": "awq"})
+    assert rc == 1 and err == f"{eng}: option quant is 'rtn', wanted 'awq'\n"
+    rc, err = _check(capsys, eng, {"quant": "rtn", "max_bpw": None})
+    assert rc == 1 and err == f"{eng}: option max_bpw is 4.5, wanted None\n"
+    rc, err = _check(capsys, eng, {"quant": "rtn", "lm_head_bits": 4})
+    assert rc == 1 and err == f"{eng}: option lm_head_bits is 8, wanted 4\n"
+
+
+def test_no_engine_or_no_record_is_stale(engine, tmp_path, capsys):
+    rc, err = _check(capsys, str(tmp_path / "nowhere"))
+    assert rc == 1 and err == f"{tmp_path / 'nowhere'}: no engine (manifest.json missing)\n"
+
+    old = str(tmp_path / "old")
+    shutil.copytree(engine(NAME), old)
+    raw = json.load(open(os.path.join(old, "manifest.json")))
+    del raw["build"]["options"]
+    json.dump(raw, open(os.path.join(old, "manifest.json"), "w"))
+    rc, err = _check(capsys, old)
+    assert rc == 1 and err == f"{old}: no build.options in its manifest (exported before options were recorded)\n"
+
+    with open(os.path.join(old, "manifest.json"), "w") as f:
+        f.write("{not json")
+    rc, err = _check(capsys, old)
+    assert rc == 1 and err.startswith(f"{old}: unreadable (") and err.count("\n") == 1
+
+
+def test_bad_options_are_a_user_error(engine, capsys):
+    rc, err = _check(capsys, engine(NAME), {"kv_dtype": "bf16"})
+    assert rc == 2 and "kv_dtype 'bf16' unknown" in err
+    assert main([engine(NAME), "--options", "[1]"]) == 2
+    assert "JSON object" in capsys.readouterr().err
+
+
+def test_command_line_as_the_makefile_runs_it(engine):
+    """A process of its own, exit status and one stderr line: what `make bench-peers` tests."""
+    eng = engine(NAME)
+    run = lambda opts: subprocess.run([sys.executable, "-m", "vila_edge_export.recorded", eng, "--options", opts],
+                                      capture_output=True, text=True, cwd=ROOT)
+    same, stale = run('{"kv_dtype": "fp16"}'), run('{"quant": "awq"}')
+    assert (same.returncode, same.stdout, same.stderr) == (0, "", "")
+    assert (stale.returncode, stale.stdout, stale.stderr) == (1, "", f"{eng}: option quant is 'none', wanted 'awq'\n")
+
+
+def test_makefile_checks_the_benchmarked_engines_against_their_options():
+    """Every engine a peer benchmark reuses goes through the recorded-options check, not a bare manifest load
+    or a method-only test (they reused engines of an older default)."""
+    text = open(os.path.join(ROOT, "Makefile")).read()
+    assert "ENGINE_OK" not in text and "INT4_DEFAULT_OK" not in text
+    for target in ("bench-peers:", "bench-concurrency:", "bench-3b:", "bench-vila-u:"):
+        body = text.split(f"\n{target}", 1)[1].split("\n\n", 1)[0]
+        reuses = [line for line in body.splitlines() if "vila-edge export" in line]
+        assert reuses and all("$(call RECORDED," in line for line in reuses), target

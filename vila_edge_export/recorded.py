@@ -1,0 +1,85 @@
+"""Was this engine built with these export options? The manifest's `build.options` answers it.
+
+    python -m vila_edge_export.recorded ENGINE [--options '{"quant": "awq", "kv_dtype": "fp16"}']
+
+Exit status 0: ENGINE was exported with `--options` (a flat JSON object, ExportOptions.flat's names;
+every option not given at its default, so an engine built before a default changed is stale too).
+Exit status 1 and one line on stderr naming the first option that differs, or saying why there is no
+record (no engine, an unreadable or older-format manifest, an engine exported before options were
+recorded). The Makefile's benchmark targets re-export an engine when this says 1, instead of timing
+an engine a previous default built (an fp32 KV pool, another quantizer).
+
+Torch-free: options.py and the manifest reader only.
+"""
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+
+from vila_edge.errors import VilaEdgeError
+
+# Options that decide what the engine holds. Left out: progress, and what only the export's quality report
+# reads or decides (eval_tokens, max_ppl_increase_pct, min_top1_agreement): the same engine either way.
+REPORT_ONLY = ("progress", "eval_tokens", "max_ppl_increase_pct", "min_top1_agreement")
+
+
+def recorded_options(opts) -> dict:
+    """`opts` (ExportOptions, defaults resolved) as the flat dict build.options records: ExportOptions.flat's
+    names ("quant" is the method), JSON values."""
+    out = {f.name: getattr(opts, f.name) for f in fields(opts) if f.name not in ("quant", *REPORT_ONLY)}
+    out["quant"] = opts.quant.method
+    out.update({f.name: getattr(opts.quant, f.name) for f in fields(opts.quant)
+                if f.name not in ("method", *REPORT_ONLY)})
+    return json.loads(json.dumps(out))
+
+
+def stale_option(engine: str, wanted: dict) -> str | None:
+    """None when `engine`'s build.options equal the resolved `wanted` flat options; else one line why not."""
+    from vila_edge.manifest import MANIFEST, Manifest
+    from vila_edge_export.options import ExportOptions
+
+    try:
+        want = recorded_options(ExportOptions.flat(progress=False, **wanted))
+    except TypeError as e:          # a value of the wrong type for a field
+        raise VilaEdgeError(f"--options {sorted(wanted)}: {e}") from None
+    if not os.path.isfile(os.path.join(engine, MANIFEST)):
+        return f"{engine}: no engine ({MANIFEST} missing)"
+    try:
+        build = Manifest.load(engine).build
+    except VilaEdgeError as e:
+        return f"{engine}: unreadable ({' '.join(str(e).split())})"
+    have = build.get("options")
+    if not isinstance(have, dict):
+        return f"{engine}: no build.options in its manifest (exported before options were recorded)"
+    for name, value in want.items():
+        if name not in have:
+            return f"{engine}: option {name} not recorded, wanted {value!r}"
+        if have[name] != value:
+            return f"{engine}: option {name} is {have[name]!r}, wanted {value!r}"
+    return None
+
+
+def main(argv=None) -> int:
+    from vila_edge_export.__main__ import options as parse_options
+
+    ap = argparse.ArgumentParser(prog="python -m vila_edge_export.recorded", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("engine", help="engine directory")
+    ap.add_argument("--options", default="{}", help="the export options wanted, a flat JSON object (default: every "
+                                                    "default)")
+    args = ap.parse_args(argv)
+    try:
+        parse_options(args.options, progress=False)        # the same errors as an export given them
+        why = stale_option(args.engine, json.loads(args.options))
+    except VilaEdgeError as e:
+        print(f"vila_edge_export.recorded: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    if why is not None:
+        print(why, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
