@@ -26,3 +26,43 @@ def test_decode_steps_equal_the_general_path_and_own_their_logits(engine):
     assert fast.llm.blocks.num_tokens("s") == general.llm.blocks.num_tokens("s") == 25
     assert getattr(fast.llm.runner._local, "decode", None) is not None       # the steps took the fast path
     assert getattr(general.llm.runner._local, "decode", None) is None
+
+
+def test_fast_path_alternating_sequences_equals_the_general_path(engine):
+    """One thread's decode buffers serve sequences in turn: the block table input is rewritten only where
+    it changed (_Decode.set_table), the embedding row written in place. Two sequences of different
+    lengths (one table shorter than the other's), stepped alternately, against the general path."""
+    eng = engine("vila1.5-3b-downsample", target="cpu")
+    rng = np.random.default_rng(12)
+    fast, general = Pipeline(eng), Pipeline(eng)
+    general.llm.runner._decode_rows = None
+    vocab = fast.manifest.llm.vocab_size
+    prompts = {"a": rng.integers(0, vocab, 40), "b": rng.integers(0, vocab, 7)}
+    for pipe in (fast, general):
+        for seq, prompt in prompts.items():
+            pipe.llm.prefill(seq, Tokens(prompt), prompt, grow=4)
+    assert fast.llm.blocks.block_table("a")[0] != fast.llm.blocks.block_table("b")[0]
+    for tok in rng.integers(0, vocab, 12).tolist():
+        for seq in ("a", "b", "b"):
+            np.testing.assert_array_equal(fast.llm.step(seq, tok), general.llm.step(seq, tok))
+    assert fast.llm.runner._local.decode._table == fast.llm.blocks.block_table("b")[:2]
+
+
+def test_fast_path_quantized_table_and_bad_id(engine):
+    """A group-quantized embedding table (no float rows to copy) goes through embed, bit-equal to the
+    general path; an id outside the table is the general path's EngineError."""
+    import pytest
+    from vila_edge.errors import EngineError
+
+    eng = engine("vila1.5-3b-downsample", quant="rtn", embed_bits=8, eval_tokens=16, max_ppl_increase_pct=None)
+    fast, general = Pipeline(eng), Pipeline(eng)
+    general.llm.runner._decode_rows = None
+    assert fast.llm.runner.embeddings.table is None and fast.llm.runner._decode_rows
+    prompt = np.arange(5, 25)
+    for pipe in (fast, general):
+        pipe.llm.prefill("s", Tokens(prompt), prompt)
+    for tok in (3, 9, 1):
+        np.testing.assert_array_equal(fast.llm.step("s", tok), general.llm.step("s", tok))
+    fast.llm.prefill("t", Tokens(prompt), prompt)
+    with pytest.raises(EngineError, match="outside the"):
+        fast.llm.step("t", fast.llm.runner.vocab_rows)

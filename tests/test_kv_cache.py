@@ -523,3 +523,28 @@ def test_a_generation_budget_places_the_table_where_it_can_grow():
     bm.append("s", list(range(12)))
     assert bm.block_table("s") == [5, 6, 7, 8, 9]
     assert bm.allocate("t", [1] * 8, grow=100).block_table == [0, 1]   # no room anywhere: as plain
+
+
+@pytest.mark.parametrize("pieces", [[1] * 23, [3, 1, 5, 1, 1, 9, 2, 1], [4, 4, 1, 7, 7]])
+def test_append_in_pieces_equals_one_allocation(pieces):
+    """append hashes only the new keys and the last partial block's (O(new keys)): a sequence grown piece
+    by piece has the keys, chain hashes (the contract's, by hand) and slots of one allocated whole."""
+    rng = random.Random(len(pieces))
+    keys = [rng.randrange(-2**40, 2**40) for _ in range(5 + sum(pieces))]
+    grown, whole = BlockManager(32, 4), BlockManager(32, 4)
+    alloc = grown.allocate("s", keys[:5])
+    slots, at = list(alloc.slots), 5
+    for n in pieces:
+        got = grown.append("s", keys[at: at + n])
+        assert got.dtype == np.int64 and got.tolist() == grown.slots("s", at, n).tolist()
+        slots += got.tolist()
+        at += n
+    one = whole.allocate("s", keys)
+    seq = grown._seqs["s"]
+    assert seq.keys == keys and seq.hashes == chain(keys, 4) == whole._seqs["s"].hashes
+    assert grown.block_table("s") == one.block_table and slots == one.slots.tolist()
+    assert slots == [one.block_table[t // 4] * 4 + t % 4 for t in range(len(keys))]
+    grown.commit("s")
+    grown.free("s")
+    assert grown.allocate("t", keys + [1]).num_cached_tokens == len(keys) // 4 * 4   # its hashes were registered
+    check_invariants(grown)

@@ -70,3 +70,35 @@ def test_stream_equals_chat_and_stop_strings(engine):
     assert cut == full[: full.find(stop)]
     sampled = pipe.chat(img, "What is this?", max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=5)
     assert sampled == pipe.chat(img, "What is this?", max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_without_a_copy_equals_the_masked_argmax(seed):
+    """Plain greedy reads the logits in place (no masked copy): the same id as the argmax of the masked
+    copy, computed here by hand, including a maximum on a never-sampled id, ties, -inf and ids past the
+    vocabulary; the logits are left untouched."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal(50).astype(np.float32)
+    never = rng.choice(40, 5, replace=False).tolist()
+    cases = [logits, logits.copy(), logits.copy(), np.full(50, -np.inf, np.float32), logits.copy()]
+    cases[1][never[0]] = 100.0                      # the maximum is never sampled: the next one wins
+    cases[2][[3, 17]] = 50.0                        # a tie: the first
+    cases[4][45] = 1e9                              # past the 40-id vocabulary
+    for x in cases:
+        before = x.copy()
+        masked = x[:40].astype(np.float64)
+        masked[never] = -np.inf
+        assert Sampler(GenerationConfig(), 40, never)(x, np.array([])) == int(np.argmax(masked))
+        np.testing.assert_array_equal(x, before)
+
+
+def test_nan_logits_raise_on_the_greedy_path_too():
+    from vila_edge.errors import EngineError
+    for where in (0, 7, 39):
+        x = np.arange(50, dtype=np.float32)
+        x[where] = np.nan
+        with pytest.raises(EngineError, match="NaN logits"):
+            Sampler(GenerationConfig(), 40, [])(x, np.array([]))
+    x = np.arange(50, dtype=np.float32)
+    x[45] = np.nan                                  # past the vocabulary: never read, as before
+    assert Sampler(GenerationConfig(), 40, [])(x, np.array([])) == 39

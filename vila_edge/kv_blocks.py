@@ -213,12 +213,15 @@ class BlockManager:
                 if need <= len(self._free) + len(self._lru):
                     break
                 self._wait_or_raise(seq_id, need, self._blocks_for(n_new), "append", deadline, holds=seq_id)
-            all_keys = seq.keys + keys
+            # O(new keys) per call, not O(sequence): only the last partial block's keys and the new
+            # ones are hashed, and the key list grows in place (a decode step appends one key).
+            hashed = len(seq.hashes) * self.block_size
             prev = seq.hashes[-1] if seq.hashes else ROOT_HASH
-            seq.hashes += chain_hashes(all_keys, self.block_size, prev,
-                                       len(seq.hashes) * self.block_size)
-            seq.block_table += self._take_run(need, seq.block_table[-1])
-            seq.keys = all_keys
+            tail = seq.keys[hashed:] + keys
+            seq.hashes += chain_hashes(tail, self.block_size, prev)
+            if need:
+                seq.block_table += self._take_run(need, seq.block_table[-1])
+            seq.keys += keys
             return self._slots(seq.block_table, n_old, n_new - n_old)
 
     def commit(self, seq_id: Hashable, num_tokens: int | None = None) -> None:
@@ -377,6 +380,8 @@ class BlockManager:
         return [self._take_block(b) for b in range(start, start + need)]
 
     def _slots(self, table: list, start: int, count: int) -> np.ndarray:
+        if count == 1:          # a decode step: no conversion of the whole table
+            return np.array([table[start // self.block_size] * self.block_size + start % self.block_size], np.int64)
         pos = np.arange(start, start + count)
         return np.asarray(table, dtype=np.int64)[pos // self.block_size] * self.block_size \
             + pos % self.block_size

@@ -153,15 +153,30 @@ class OrtPagedLLMRunner(LLMRunner):
         need = s.start // self.layout.block_size + 1           # <= max_blocks (forward_batch checked)
         if len(s.table) < need:
             raise ValueError(f"step 0: {s.start + 1} positions need {need} blocks, its table has {len(s.table)}")
-        row = self.embed(s.tokens)
-        if row.shape != d.embeds.shape:       # the general path's binding reports the shape error
+        if not self._embed_into(s.tokens, d.embeds):   # the general path's binding reports the shape error
             return self._batch([s])
-        d.embeds[...] = row
-        d.tables[0, :need] = s.table[:need]
+        d.set_table(s.table, need)
         d.position[0], d.seq_len[0], d.slot[0] = s.start, s.start + 1, s.slots[0]
         self.session.run_with_iobinding(d.io)
         self._local.hidden = None
         return d.logits.copy()
+
+
+    def _embed_into(self, tokens, out: np.ndarray) -> bool:
+        """The one position's input row written into `out` [1, C]: a text id's table row straight from
+        the (float) table, no gather array and no min/max pass (embed's range check, on one int here);
+        anything else through embed. False: rows of another shape."""
+        table = self.embeddings.table
+        if not tokens.spans and table is not None:
+            tok = int(tokens.ids[0])
+            if 0 <= tok < self.vocab_rows:
+                out[0] = table[tok]
+                return True
+        row = self.embed(tokens)          # feature rows, a quantized table, or the out-of-range error
+        if row.shape != out.shape:
+            return False
+        out[...] = row
+        return True
 
 
 class _Decode:
@@ -184,6 +199,21 @@ class _Decode:
             self.io.bind_ortvalue_input(name, value)
         self._out = ort.OrtValue.ortvalue_from_numpy(self.logits)
         self.io.bind_ortvalue_output("logits", self._out)
+        self._table = []                      # the block ids in self.tables[0] now (a prefix is read)
+
+    def set_table(self, table, need: int) -> None:
+        """tables[0, :need] = table[:need], writing only what changed: a decode step of the same
+        sequence adds a block every BS steps, so most steps write nothing (a list compare, not a
+        list -> array conversion of the whole table)."""
+        table = table[:need] if isinstance(table, list) else [int(b) for b in table[:need]]
+        have = self._table
+        n = len(have)
+        if n <= need and table[:n] == have:
+            if n < need:
+                self.tables[0, n:need] = table[n:]
+        else:
+            self.tables[0, :need] = table
+        self._table = table
 
 
 def llm(engine_dir: str, manifest, num_blocks: int, block_size: int, max_context: int, opts: RunnerOptions):

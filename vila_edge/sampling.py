@@ -12,6 +12,10 @@ import numpy as np
 from vila_edge.errors import EngineError, GenerationConfigError, GrammarError
 
 
+NAN_LOGITS = ("the model produced NaN logits: the engine's weights are corrupt (NaN/Inf) or it overflowed its "
+              "dtype; rebuild the engine from a checked checkpoint")
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 256
@@ -117,15 +121,21 @@ class Sampler:
         self.constraint = constraint      # constrain.Constraint: masks each step, follows each choice
         self.vocab_size = vocab_size
         self.never = np.asarray([i for i in never_sample if i < vocab_size], np.int64)
+        self._never = frozenset(self.never.tolist())
         self.rng = np.random.default_rng(cfg.seed)
+        # Plain greedy: the argmax of the logits as given, no masked copy (_greedy)
+        self._greedy = constraint is None and cfg.temperature == 0 and cfg.repetition_penalty == 1.0
 
     def __call__(self, logits: np.ndarray, history) -> int:
         """logits [V'] float32 (V' >= vocab_size); history: ids generated or prompted so far, as an
         array or a SeenIds (the decode loop's: no per-step rebuild)."""
+        if self._greedy:
+            tok = self._greedy_pick(logits)
+            if tok is not None:
+                return tok
         x = np.array(logits[: self.vocab_size], dtype=np.float32)
         if np.isnan(x).any():   # argmax would pick a NaN: an answer of garbage or "" instead of an error
-            raise EngineError("the model produced NaN logits: the engine's weights are corrupt (NaN/Inf) or it "
-                              "overflowed its dtype; rebuild the engine from a checked checkpoint")
+            raise EngineError(NAN_LOGITS)
         x[self.never] = -np.inf
         if self.constraint is None:
             return self._choose(x, history)
@@ -136,6 +146,16 @@ class Sampler:
         tok = self._choose(x, history)
         self.constraint.accept(tok)
         return tok
+
+    def _greedy_pick(self, logits: np.ndarray) -> int | None:
+        """Greedy without copying or masking the logits: numpy's argmax returns the first NaN when there
+        is one (the error below, as the masked path raises), else the first maximum, which is the masked
+        path's answer unless it is a never-sampled id; None then (the masked path decides)."""
+        view = logits[: self.vocab_size]
+        tok = int(view.argmax())
+        if view[tok] != view[tok]:
+            raise EngineError(NAN_LOGITS)
+        return None if tok in self._never else tok
 
     def _choose(self, x: np.ndarray, history: np.ndarray) -> int:
         """x [vocab_size] float32 logits (masked ids at -inf), modified in place."""
