@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _check(capsys, engine: str, options: dict | None = None) -> tuple[int, str]:
+    capsys.readouterr()                 # what the fixture's export printed is not the check's
     rc = main([engine] + (["--options", json.dumps(options)] if options is not None else []))
     err = capsys.readouterr().err
     return rc, err
@@ -83,7 +84,9 @@ def test_no_engine_or_no_record_is_stale(engine, tmp_path, capsys):
 def test_bad_options_are_a_user_error(engine, capsys):
     rc, err = _check(capsys, engine(NAME), {"kv_dtype": "bf16"})
     assert rc == 2 and "kv_dtype 'bf16' unknown" in err
-    assert main([engine(NAME), "--options", "[1]"]) == 2
+    eng = engine(NAME)
+    capsys.readouterr()
+    assert main([eng, "--options", "[1]"]) == 2
     assert "JSON object" in capsys.readouterr().err
 
 
