@@ -224,7 +224,8 @@ def roofline_markdown(rf: dict) -> list:
             lines.append(f"\nWith every matmul at the int8 GEMM peak the prompt would take {rf['ttft_int8_bound_s']:.2f} s: "
                          f"at best {1 / rf['ttft_best_ratio_vs_hf']:.1f}x faster than transformers eager on this host.")
     if rf["decode"]:
-        lines += ["", "Decode, bytes read per step (weights + KV: the engine's kv_dtype for vila_edge, f16 for llama.cpp):", "",
+        lines += ["", "Decode, bytes read per step (weights + KV: the engine's kv_dtype for vila_edge, f16 for "
+                      "llama.cpp):", "",
                   "| context | vila_edge MB/step | vila_edge GB/s | llama.cpp MB/step | llama.cpp GB/s "
                   "| vila_edge bound tok/s | best ratio vs llama.cpp |", "|---|---|---|---|---|---|---|"]
         for d in rf["decode"]:

@@ -103,7 +103,8 @@ def markdown(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", nargs=2, metavar=("ROOT", "ENGINE"), required=True, help="baseline checkout and its engine")
-    ap.add_argument("--b", nargs=2, metavar=("ROOT", "ENGINE"), required=True, help="checkout under test and its engine")
+    ap.add_argument("--b", nargs=2, metavar=("ROOT", "ENGINE"), required=True,
+                    help="checkout under test and its engine")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--runs", type=int, default=5, help="timed requests per process (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2)

@@ -98,7 +98,8 @@ def test_load_refuses_fp16_kv_on_a_standard_graph(engine, tmp_path):
 
 
 def test_load_refuses_a_manifest_kv_dtype_the_graph_does_not_take(engine, tmp_path):
-    """An fp32-KV engine whose manifest says float16 (and the reverse): the graph's pool inputs are checked, one line."""
+    """An fp32-KV engine whose manifest says float16 (and the reverse): the graph's pool inputs are checked,
+    one line."""
     with pytest.raises(EngineError, match="key_cache_0 is float32 but manifest.json kv_dtype says float16"):
         Pipeline(_edited(engine(NAME, kv_dtype="fp32"), tmp_path, "float16"))
     with pytest.raises(EngineError, match="key_cache_0 is float16 but manifest.json kv_dtype says float32"):

@@ -53,7 +53,8 @@ def test_int4_engine_records_the_quantizer(engine, capsys):
     eng = engine(NAME, quant="rtn", eval_tokens=16, max_ppl_increase_pct=None)
     options = Manifest.load(eng).build["options"]
     assert (options["quant"], options["group_size"], options["group_plan"], options["zero_point"],
-            options["lm_head_bits"]) == ("rtn", DEFAULT_ZERO_POINT_GROUP, DEFAULT_GROUP_PLAN, True, DEFAULT_LM_HEAD_BITS)
+            options["lm_head_bits"]) == \
+        ("rtn", DEFAULT_ZERO_POINT_GROUP, DEFAULT_GROUP_PLAN, True, DEFAULT_LM_HEAD_BITS)
     assert _check(capsys, eng, {"quant": "rtn"}) == (0, "")
     rc, err = _check(capsys, eng, {"quant": "awq"})
     assert rc == 1 and err == f"{eng}: option quant is 'rtn', wanted 'awq'\n"
