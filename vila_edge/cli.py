@@ -173,6 +173,9 @@ def add_export(sub) -> None:
                         "zero points and no --group-size: vila_edge_export/options.py DEFAULT_GROUP_PLAN)")
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
                    help="lm_head with --quant rtn/awq/gptq: symmetric int8 (default), int4, or 0 = float")
+    e.add_argument("--lm-head-screen", type=_number(int, 0), default=None, metavar="K",
+                   help="--target cpu, fp32, int8 lm_head: an int4 screen over the vocabulary, then the K best "
+                        "candidates rescored from their int8 rows (logits outside them: the screen's); 0 (default): off")
     e.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
                    help="int4 linears with a zero point per group, +4/G bits per weight (default: on for "
                         "--target cpu; TensorRT takes none)")
@@ -231,7 +234,7 @@ def _export(args) -> int:
         quant.max_ppl_increase_pct = None
     manifest = export_engine(args.checkpoint, args.out, ExportOptions(
         **_given(dtype=args.dtype, kv_dtype=args.kv_dtype, target=args.target, int4_accuracy_level=args.int4_accuracy_level,
-                 template=args.template, token_order=args.token_order),
+                 lm_head_screen=args.lm_head_screen, template=args.template, token_order=args.token_order),
         progress=not args.quiet, quant=quant))
     print(f"{args.out}: {manifest.family} engine, {manifest.dtype}, quant {manifest.quant.get('method')}")
     return 0

@@ -15,6 +15,8 @@ ORT's own fused attention on CPU (GroupQueryAttention, MultiHeadAttention) reads
 [B, Hkv, P, D] tensor, which the paged pool [NB, BS, Hkv, D] only yields by a copy of the whole
 context per layer and step, and its PagedAttention is CUDA-only (ORT 1.32): hence our own op.
 fp16 graphs keep the standard-op RMSNorm and RoPE (HF's fp16 roundings; see _skip_norm).
+An int8 lm_head can be screened (`lm_head_screen` K, see screened_head): an int4 MatMulNBits over the
+vocabulary, TopK K, and the K candidates rescored from their int8 rows, for about half the head's bytes.
 """
 import numpy as np
 
@@ -73,6 +75,40 @@ def linear(g: Graph, x: str, name: str, weight, bias=None, quant=None, accuracy_
         y = g.op("MatMulNBits", inputs, domain=MS, K=k, N=n, bits=bits, block_size=group,
                  accuracy_level=accuracy_level)
     return y if bias is None else g.op("Add", [y, g.weight(name + ".bias", bias)])
+
+
+def _screen_codes(codes: np.ndarray, scales: np.ndarray) -> tuple:
+    """The int8 head (codes [V, K], scales [V, K/G]) requantized symmetric int4 with the same groups: the
+    screen ranks what the int8 head computes, not the float weights it came from."""
+    v, k = codes.shape
+    w = codes.astype(np.float32).reshape(v, scales.shape[1], -1) * scales.astype(np.float32)[..., None]
+    s4 = np.maximum(np.abs(w).max(-1), np.float32(1e-8)) / np.float32(7)                     # (V, K/G)
+    return np.clip(np.round(w / s4[..., None]), -8, 7).astype(np.int8).reshape(v, k), s4
+
+
+def screened_head(g: Graph, x: str, quant: tuple, k: int, level: int) -> str:
+    """x (1, B, C) -> logits (1, B, V) of an int8 head (codes, scales, G, 8) in two stages: an int4
+    MatMulNBits screen over the whole vocabulary (half the int8 head's bytes, the decode step's second
+    largest read), TopK k of the screen, and the k candidates rescored exactly from their int8 rows
+    (GatherBlockQuantized dequantizes them: (code + 128 - 128) * scale, the uint8 rows read against their
+    default zero point 128 as MatMulNBits reads its 8-bit B; the activations stay float, where the unscreened head's MatMulNBits at
+    accuracy_level 4 rounds them to int8 per block). The candidates' exact logits are scattered into
+    the screen row: the graph still outputs a full row, and every logit outside the k candidates is the
+    int4 approximation (samplers, grammar masks and logprobs read it; docs/contracts.md). The greedy
+    pick is the int8 head's whenever its argmax is among the screen's top k."""
+    codes, scales, group, bits = quant[:4]
+    if bits != 8 or len(quant) > 4 and quant[4] is not None:
+        raise ValueError(f"lm_head_screen needs a symmetric int8 lm_head, got {bits} bits")
+    codes, scales = np.asarray(codes), np.asarray(scales)
+    c4, s4 = _screen_codes(codes, scales)
+    screen = linear(g, x, LM_HEAD + "_screen", None, None, (c4, s4, group, 4), level)         # (1, B, V)
+    _, idx = g.op("TopK", [screen, g.const([k])], n_out=2, axis=-1, largest=1, sorted=0)     # (1, B, k)
+    data = g.init(LM_HEAD + ".rows", (codes.astype(np.int16) + 128).astype(np.uint8))       # (V, C) uint8
+    rows = g.op("GatherBlockQuantized", [data, idx, g.weight(LM_HEAD + ".row_scales", scales)], domain=MS,
+                bits=8, block_size=group, gather_axis=0, quantize_axis=1)                   # (1, B, k, C)
+    exact = g.op("ReduceSum", [g.op("Mul", [rows, g.op("Unsqueeze", [x, g.const([2])])]), g.const([-1])],
+                 keepdims=0)                                                                  # (1, B, k)
+    return g.op("ScatterElements", [screen, idx, exact], axis=-1)
 
 
 def _fused_linear(g: Graph, x: str, w: dict, quant: dict, prefix: str, names: list, level: int) -> str:
@@ -148,10 +184,11 @@ def paged_inputs(g: Graph, spec: LLMSpec, dtype: str, kv_dtype: str | None = Non
 
 def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None = None,
                     accuracy_level: int = DEFAULT_ACCURACY_LEVEL, hidden_output: bool = False,
-                    kv_dtype: str | None = None) -> Graph:
+                    kv_dtype: str | None = None, lm_head_screen: int = 0) -> Graph:
     """As onnx_llm.build_llm (same weights and arguments) with the paged, batched I/O of `paged_inputs`:
     logits [B, V] at logits_indices (+ hidden [B, C]); `accuracy_level`: every MatMulNBits' (fixed in
-    the file: ORT has no session option for explicit MatMulNBits nodes)."""
+    the file: ORT has no session option for explicit MatMulNBits nodes); `lm_head_screen` K > 0: the
+    int8 lm_head as screened_head with K candidates."""
     quant = quant or {}
     g = Graph("vila_edge_llm_fused", dtype)
     io = paged_inputs(g, spec, dtype, kv_dtype)
@@ -182,7 +219,10 @@ def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None
     head = None if LM_HEAD in quant else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
     # VILA-U: lm_head skippable, `logits_rows` of the B rows get logits (onnx_vila_u.head_rows: B or 0)
     head_in = head_rows(g, h) if hidden_output else h
-    logits = linear(g, head_in, LM_HEAD, head, None, quant.get(LM_HEAD), accuracy_level)  # (1, B or r, V)
+    if lm_head_screen:
+        logits = screened_head(g, head_in, quant[LM_HEAD], lm_head_screen, accuracy_level)  # (1, B or r, V)
+    else:
+        logits = linear(g, head_in, LM_HEAD, head, None, quant.get(LM_HEAD), accuracy_level)
     g.output(g.to_float32(g.reshape(logits, [-1, lm_head_rows(weights, quant)])), "logits", "float32",
              ["R" if hidden_output else "B", lm_head_rows(weights, quant)])
     if hidden_output:     # VILA-U: the depth transformer reads the final-norm hidden state

@@ -54,6 +54,8 @@ INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)   # MatMulNBits accuracy_level (ONNX Runt
 # (benchmarks/results/smollm2-vila-stop25-idle); numerics against the torch reference: tests/test_kv_dtype.py.
 # Standard graphs (orin: TensorRT's parser) keep kv_dtype == dtype; --kv-dtype fp32 gives the fp32 pool back.
 FUSED_KV_DTYPE = "fp16"
+# Screened int8 lm_head of fused fp32 graphs (onnx_llm_fused.screened_head): candidates rescored exactly
+MAX_LM_HEAD_SCREEN = 1024
 
 
 @dataclass
@@ -127,6 +129,10 @@ class ExportOptions:
     # KV pool rows; None: FUSED_KV_DTYPE under an fp32 fused graph (half the KV bytes every decode step reads),
     # else dtype (kv_dtype_default)
     kv_dtype: str | None = None
+    # K > 0: the int8 lm_head as an int4 screen over the vocabulary + TopK K + the K candidates rescored
+    # from their int8 rows (fused fp32 graphs; logits outside the K candidates are the int4 screen's);
+    # 0: the int8 MatMulNBits over every row. None: 0.
+    lm_head_screen: int | None = None
     template: str | None = None      # chat template; None: from the checkpoint
     token_order: str | None = None   # mlp_downsample token order; None: the checkpoint era's
     progress: bool = True
@@ -152,6 +158,20 @@ class ExportOptions:
             raise TypeError(f"quant must be a QuantOptions, got {type(self.quant).__name__} "
                             f"(e.g. ExportOptions(quant=QuantOptions(method='awq')))")
         self.quant = quant_options(self.quant, self.target)
+        self._check_screen()
+
+    def _check_screen(self) -> None:
+        if self.lm_head_screen is None:
+            self.lm_head_screen = 0
+        if not isinstance(self.lm_head_screen, int) or not 0 <= self.lm_head_screen <= MAX_LM_HEAD_SCREEN:
+            raise ExportOptionError(f"lm_head_screen {self.lm_head_screen!r}: expected 0 (off) or a candidate count "
+                                    f"in 1..{MAX_LM_HEAD_SCREEN}")
+        if self.lm_head_screen and not (self.graph == "fused" and self.dtype == "fp32"
+                                        and self.quant.quantized and self.quant.lm_head_bits == 8):
+            raise ExportOptionError(f"lm_head_screen {self.lm_head_screen} screens an int8 lm_head in a fused fp32 "
+                                    f"graph: it needs --target cpu, --dtype fp32, --quant rtn/awq/gptq and "
+                                    f"--lm-head-bits 8 (got target {self.target}, dtype {self.dtype}, quant "
+                                    f"{self.quant.method}, lm_head_bits {self.quant.lm_head_bits})")
 
     @property
     def graph(self) -> str:

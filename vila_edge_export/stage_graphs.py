@@ -56,12 +56,13 @@ def graphs_stage(checkpoint: str, out_dir: str, opts, quantized: str | None = No
         else:
             weights, quant, info = read_quantized(quantized)
             info["accuracy_level"] = opts.int4_accuracy_level if opts.graph == "fused" else None
+            info["lm_head_screen"] = opts.lm_head_screen
         check_finite(weights, spec.path("llm"))
         with checkpoint_faults(spec.root):
             hidden = spec.generation is not None       # VILA-U's depth head reads the last hidden state
             if opts.graph == "fused":
                 graph = build_llm_fused(spec.llm, weights, dtype, quant, opts.int4_accuracy_level, hidden_output=hidden,
-                                        kv_dtype=DTYPES[opts.kv_dtype])
+                                        kv_dtype=DTYPES[opts.kv_dtype], lm_head_screen=opts.lm_head_screen)
             else:
                 graph = build_llm(spec.llm, weights, dtype, quant, hidden_output=hidden)
             llm_model = graph.model()
