@@ -190,18 +190,35 @@ def part_tower(args) -> None:
     encoder = [p for name, p in model.rq.named_parameters() if not name.startswith(("decoder.", "post_quant_conv."))]
     timed_stage("1 tower", encoder + list(heads.parameters()) + list(probe.parameters()), TOWER_LR,
                 60 * args.tower_minutes, args.tower_steps, lambda: tower_batch(model, stream, args.tower_bs),
-                tower_loss(model, heads, probe, gen))
+                tower_loss(model, heads, probe, gen, args.cluster, args.balance))
     model.eval()
     with torch.no_grad():
-        scs = [scenes.make_sample(PROBE_SEED, i).scenes[0] for i in range(64)]
+        scs = [scenes.make_sample(PROBE_SEED, i).scenes[0] for i in range(256)]
         z = model.rq.quantize(model.rq.features(scene_pixels(model, scs)))[1]
     labels = stacked_labels(scs)
     acc = heads.accuracy(z, *labels)
     occupied = labels[0] > 0
     named = heads.logits(z)[0].argmax(-1)[occupied] == labels[0][occupied]
     acc["shape of occupied cells"] = named.float().mean().item()
+    acc.update(first_level_purity(model, scs, labels))
     print("[stage 1 tower] probe on unseen scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
     torch.save(model.state_dict(), os.path.join(args.work, "tower.pt"))
+
+
+@torch.no_grad()
+def first_level_purity(model, scs: list, labels: tuple) -> dict:
+    """Share of occupied cells whose first-level code's majority colour (shape) is theirs: how much
+    of the cell's content the first code names (what the depth transformer draws first)."""
+    codes = model.encode(scene_pixels(model, scs))[..., 0].flatten()
+    occupied = labels[0].flatten() > 0
+    out = {}
+    for name, lab in (("colour from the first code", labels[1]), ("shape from the first code", labels[0])):
+        pairs = list(zip(codes[occupied].tolist(), lab.flatten()[occupied].tolist()))
+        groups = {}
+        for code, y in pairs:
+            groups.setdefault(code, []).append(y)
+        out[name] = sum(max(v.count(y) for y in set(v)) for v in groups.values()) / max(1, len(pairs))
+    return out
 
 
 def load_stage(args, *parts) -> TinyVilaU:
@@ -273,6 +290,10 @@ def main(argv=None):
     ap.add_argument("--tower-bs", type=int, default=16)
     ap.add_argument("--tower-steps", type=int, default=700)
     ap.add_argument("--tower-minutes", type=float, default=5, help="wall-clock budget of stage 1")
+    ap.add_argument("--cluster", type=float, default=3.0,
+                    help="weight of stage 1's cluster loss (tower.ClusterLoss: the first code names the cell's content)")
+    ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
+                    help="stage 1: the first codebook's k-means weights every cell class alike (tower.class_balance)")
     ap.add_argument("--bs", type=int, default=12, help="understanding conversations per step")
     ap.add_argument("--gen-bs", type=int, default=12, help="generation samples per step")
     ap.add_argument("--rounds", type=int, default=3, help="extra question rounds per single-image conversation")
