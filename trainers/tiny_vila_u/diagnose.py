@@ -80,8 +80,8 @@ def judge_colour_position(pixels: np.ndarray, spec) -> tuple:
 
 @torch.no_grad()
 def depth_levels(ref, n: int) -> list:
-    """Colour and position judged on decodes of the first d levels (the rest of the code: the padding
-    row is zero? no -- levels past d are dropped from the sum)."""
+    """Colour and position judged on decodes of real scenes' codes with only the first d levels
+    summed (levels past d dropped): how much of each the first code level carries."""
     specs = [s for s in prompts.specs(heldout=True) if s.kind == "single"]
     D = ref.spec.depth
     ok = np.zeros((D, 2))
