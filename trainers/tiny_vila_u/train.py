@@ -21,7 +21,12 @@ VILA-U (arXiv 2409.04429) trains its tower first, then the LLM with the tower fr
   2 llm     projector + LLM + depth transformer on a mixture: understanding (the question mixture of
             trainers/tiny_shapes, one and two images, few-shot; answer loss plus its attention
             supervision) and generation (prompt -> the scene's codes, depth-transformer loss),
-            the unconditional prompt for UNCOND_SHARE of generation samples (classifier-free guidance).
+            the unconditional prompt for UNCOND_SHARE of generation samples (classifier-free guidance);
+            then a second pass at a lower rate on new samples (--finish-*: held-out colour 0.36 -> 0.77).
+Stage 1 also makes the first code level name each cell's content (colour, shape, background): a cluster
+loss and a class-balanced first-level k-means (tower.ClusterLoss, tower.class_balance); without them
+the colour lived in the second level, which the depth transformer could not predict
+(trainers/tiny_vila_u/diagnose.py; benchmarks/results/vila-u-tiny-shapes/README.md).
 Each stage logs its loss with an ETA and ends with a probe on unseen scenes.
 """
 import argparse
@@ -317,7 +322,8 @@ def main(argv=None):
     ap.add_argument("--bs", type=int, default=12, help="understanding conversations per step")
     ap.add_argument("--gen-bs", type=int, default=12, help="generation samples per step")
     ap.add_argument("--rounds", type=int, default=3, help="extra question rounds per single-image conversation")
-    # Step caps: about 13 and 17 minutes of one idle core (0.2 and 0.45 CPU-s a step, measured);
+    # Step caps: stage 1b 4000 steps at 0.22 CPU-s, stage 2 2300 + 1000 (second pass) at 0.32 CPU-s
+    # (measured under load: 873 s, 716 s + 319 s CPU): ~18 min of two idle cores with both in parallel;
     # the minute budgets stop them earlier on a busy machine, so the whole run stays <= 30 min.
     ap.add_argument("--decoder-steps", type=int, default=4000)
     ap.add_argument("--perceptual", type=float, default=0.5,
