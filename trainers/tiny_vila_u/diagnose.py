@@ -62,7 +62,8 @@ def sensitivity(ref, n: int) -> dict:
         for name, text in list(variants.items()) + [("unconditional", None)]:
             cond, uncond = generation_prompts(text or "x")
             loss = code_losses(ref, tokenize(ref.tokenizer, uncond if text is None else cond), codes)
-            s = sums.setdefault(name, {"object cell": torch.zeros(ref.spec.depth), "empty cells": torch.zeros(ref.spec.depth)})
+            zeros = torch.zeros(ref.spec.depth)
+            s = sums.setdefault(name, {"object cell": zeros.clone(), "empty cells": zeros.clone()})
             s["object cell"] += loss[cell]
             s["empty cells"] += (loss.sum(0) - loss[cell]) / (loss.shape[0] - 1)
     return {k: {part: (v / n).tolist() for part, v in parts.items()} for k, parts in sums.items()}

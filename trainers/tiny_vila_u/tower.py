@@ -80,7 +80,9 @@ class ClusterLoss(torch.nn.Module):
         with torch.no_grad():
             for k in classes.unique().tolist():
                 mean = x[classes == k].mean(0)
-                self.centres[k] = mean if not self.seen[k] else CENTRE_DECAY * self.centres[k] + (1 - CENTRE_DECAY) * mean
+                if self.seen[k]:
+                    mean = CENTRE_DECAY * self.centres[k] + (1 - CENTRE_DECAY) * mean
+                self.centres[k] = mean
                 self.seen[k] = True
             total = ((x - x.mean(0)) ** 2).sum(1).mean()
         return ((x - self.centres[classes]) ** 2).sum(1).mean() / total

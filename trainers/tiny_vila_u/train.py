@@ -316,7 +316,7 @@ def main(argv=None):
     ap.add_argument("--tower-steps", type=int, default=700)
     ap.add_argument("--tower-minutes", type=float, default=5, help="wall-clock budget of stage 1")
     ap.add_argument("--cluster", type=float, default=3.0,
-                    help="weight of stage 1's cluster loss (tower.ClusterLoss: the first code names the cell's content)")
+                    help="weight of stage 1's cluster loss (tower.ClusterLoss: the first code names a cell's content)")
     ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
                     help="stage 1: the first codebook's k-means weights every cell class alike (tower.class_balance)")
     ap.add_argument("--bs", type=int, default=12, help="understanding conversations per step")
