@@ -75,3 +75,27 @@ def test_generation_slice_stays_above_floors(engine):
     got = evaluate.faithfulness(engine.draw, evaluate.judge_model(threads=2), samples=1, size=48, cfgs=(3.0,),
                                 limit=GEN_SLICE)["cfg 3"]
     assert all(got[a]["accuracy"] >= f for a, f in GEN_FLOORS.items()), got
+
+
+def test_first_code_teachers_by_hand():
+    """Stage 1's cluster loss and class balance (trainers/tiny_vila_u/tower.py), against hand values."""
+    import torch
+    from trainers.tiny_vila_u.model import Codebook
+    from trainers.tiny_vila_u.tower import ClusterLoss, cell_classes, class_balance
+
+    shape, color = torch.tensor([[0, 1, 4]]), torch.tensor([[0, 1, 6]])       # empty, circle red, star orange
+    assert cell_classes((shape, color), torch.tensor([2])).tolist() == [[50, 51, 74]]   # bg 2 * 25 + content
+    w = class_balance(torch.tensor([3, 3, 3, 7]))
+    assert torch.allclose(w, torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0]))               # each class 2 of 4 in total
+    loss = ClusterLoss(2)
+    x = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [0.0, 5.0], [0.0, 5.0]]])
+    classes = torch.tensor([[0, 0, 1, 1]])
+    # centres (2, 0), (0, 5): within = mean(1, 1, 0, 0) = 0.5; total: mean(6.25, 10.25, 7.25, 7.25) = 7.75
+    assert abs(loss(x, classes).item() - 0.5 / 7.75) < 1e-6
+    a, b = Codebook(3, 2), Codebook(3, 2)
+    r, codes = torch.randn(6, 2), torch.tensor([0, 1, 1, 2, 2, 2])
+    for book in (a, b):
+        book.init_from(r, torch.Generator().manual_seed(0))
+    a.ema_update(r, codes, torch.Generator().manual_seed(1))
+    b.ema_update(r, codes, torch.Generator().manual_seed(1), torch.ones(6))
+    assert torch.allclose(a.weight, b.weight) and torch.allclose(a.cluster_size_ema, b.cluster_size_ema)
