@@ -13,11 +13,12 @@ from vila_edge_export.bundle import VILA_U_CHECKPOINT as CHECKPOINT, VILA_U_ENGI
 
 # Floors of the slices below, the trained engine's own slice scores less a margin (measured: see
 # the tests); a random-weight engine answers nothing right, reconstructs at ~7 dB and draws no
-# shape (the judge's guess: 1/4). Colour and position are not floored: the model draws the asked
-# colour at 0.23 only (its README). The generation path is also held to the torch reference code for code.
-FLOORS = {"understanding": 0.8, "psnr_db": 23.0}   # measured on this slice: 1.00, 24.7 dB (fp32 engine)
+# shape (the judge's guess: 1/4) in a palette colour at most by chance (1/6). Position is not floored:
+# the model puts the object in the asked cell at 0.48 only (its README; 4/12 on this slice). The
+# generation path is also held to the torch reference code for code.
+FLOORS = {"understanding": 0.8, "psnr_db": 24.5}   # measured on this slice: 1.00, 26.7 dB (fp32 engine)
 GEN_SLICE = 12                                     # the first held-out prompts, one picture each, cfg 3
-GEN_FLOORS = {"shape": 0.6}                        # measured on this slice: 0.92 (11/12, fp32 engine)
+GEN_FLOORS = {"shape": 0.6, "color": 0.6}          # measured on this slice: 0.92 (11/12), 0.83 (10/12), fp32 engine
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,31 @@ def test_evaluation_slice_stays_above_floors(engine):
 
 
 def test_generation_slice_stays_above_floors(engine):
-    """Seeded pictures of held-out prompts: the asked shape (the judge model)."""
+    """Seeded pictures of held-out prompts: the asked shape (the judge model) and colour (palette masks)."""
     got = evaluate.faithfulness(engine.draw, evaluate.judge_model(threads=2), samples=1, size=48, cfgs=(3.0,),
                                 limit=GEN_SLICE)["cfg 3"]
     assert all(got[a]["accuracy"] >= f for a, f in GEN_FLOORS.items()), got
+
+
+def test_first_code_teachers_by_hand():
+    """Stage 1's cluster loss and class balance (trainers/tiny_vila_u/tower.py), against hand values."""
+    import torch
+    from trainers.tiny_vila_u.model import Codebook
+    from trainers.tiny_vila_u.tower import ClusterLoss, cell_classes, class_balance
+
+    shape, color = torch.tensor([[0, 1, 4]]), torch.tensor([[0, 1, 6]])       # empty, circle red, star orange
+    assert cell_classes((shape, color), torch.tensor([2])).tolist() == [[50, 51, 74]]   # bg 2 * 25 + content
+    w = class_balance(torch.tensor([3, 3, 3, 7]))
+    assert torch.allclose(w, torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0]))               # each class 2 of 4 in total
+    loss = ClusterLoss(2)
+    x = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [0.0, 5.0], [0.0, 5.0]]])
+    classes = torch.tensor([[0, 0, 1, 1]])
+    # centres (2, 0), (0, 5): within = mean(1, 1, 0, 0) = 0.5; total: mean(6.25, 10.25, 7.25, 7.25) = 7.75
+    assert abs(loss(x, classes).item() - 0.5 / 7.75) < 1e-6
+    a, b = Codebook(3, 2), Codebook(3, 2)
+    r, codes = torch.randn(6, 2), torch.tensor([0, 1, 1, 2, 2, 2])
+    for book in (a, b):
+        book.init_from(r, torch.Generator().manual_seed(0))
+    a.ema_update(r, codes, torch.Generator().manual_seed(1))
+    b.ema_update(r, codes, torch.Generator().manual_seed(1), torch.ones(6))
+    assert torch.allclose(a.weight, b.weight) and torch.allclose(a.cluster_size_ema, b.cluster_size_ema)

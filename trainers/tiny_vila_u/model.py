@@ -51,11 +51,15 @@ class Codebook(nn.Module):
         self.register_buffer("embed_ema", torch.zeros(k, c))
 
     @torch.no_grad()
-    def ema_update(self, r: torch.Tensor, codes: torch.Tensor, gen: torch.Generator) -> None:
+    def ema_update(self, r: torch.Tensor, codes: torch.Tensor, gen: torch.Generator,
+                   weight: torch.Tensor | None = None) -> None:
         """RQ-VAE's EMA k-means step on residuals r (N, C); rows unused for long restart at a random
-        residual (restart_unused_codes)."""
+        residual (restart_unused_codes). weight (N,), mean 1: each residual's share of the k-means
+        (training-time balance of what the rows describe; None: all equal, as RQ-VAE)."""
         k = self.embed_ema.shape[0]
         onehot = F.one_hot(codes, k).float()                                   # (N, K)
+        if weight is not None:
+            onehot = onehot * weight[:, None]
         self.cluster_size_ema.mul_(EMA_DECAY).add_(onehot.sum(0), alpha=1 - EMA_DECAY)
         self.embed_ema.mul_(EMA_DECAY).add_(onehot.T @ r, alpha=1 - EMA_DECAY)
         n = self.cluster_size_ema.sum()
@@ -63,7 +67,9 @@ class Codebook(nn.Module):
         self.weight[:k] = self.embed_ema / size[:, None]
         dead = self.cluster_size_ema < 0.03
         if dead.any():
-            pick = torch.randint(len(r), (int(dead.sum()),), generator=gen)
+            n = int(dead.sum())
+            pick = (torch.randint(len(r), (n,), generator=gen) if weight is None
+                    else torch.multinomial(weight, n, replacement=True, generator=gen))
             self.weight[:k][dead] = r[pick]
             self.embed_ema[dead], self.cluster_size_ema[dead] = r[pick], 1.0
 
