@@ -162,12 +162,16 @@ def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None
     g = Graph("vila_edge_llm_fused", dtype)
     io = paged_inputs(g, spec, dtype, kv_dtype)
     x = g.reshape(io["inputs_embeds"], [1, -1, spec.hidden])                     # (1, T, C): the contrib ops' rank
-    positions = g.reshape(io["position_ids"], [1, -1])                          # (1, T)
-    # fp16 graphs keep HF's fp16 roundings in RoPE and RMSNorm (see _skip_norm): standard ops there.
+    # fp16 graphs keep HF's fp16 roundings in RoPE and RMSNorm (see _skip_norm): standard ops there. Float
+    # graphs read no position_ids (PagedAttention takes positions from seq_lens): no Reshape of them left
+    # for ORT to run each step (it does not prune a dead node).
     hf_rounding = dtype == "float16"
-    cos, sin = _rope_tables(g, spec, positions) if hf_rounding else _rope_caches(g, spec)
+    if hf_rounding:
+        cos, sin = _rope_tables(g, spec, g.reshape(io["position_ids"], [1, -1]))            # (1, T) positions
+    else:
+        cos, sin = _rope_caches(g, spec)
     paged = [io[n] for n in ("block_tables", "seq_lens", "query_start_loc", "slot_mapping")]
-    shared = {"cos": cos, "sin": sin, "positions": positions, "paged": paged, "hf_rounding": hf_rounding}
+    shared = {"cos": cos, "sin": sin, "paged": paged, "hf_rounding": hf_rounding}
     norm = lambda l, which: weights[f"model.layers.{l}.{which}.weight"]
     first = "model.layers.0.input_layernorm.weight"
     if hf_rounding:
