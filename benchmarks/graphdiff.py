@@ -100,7 +100,8 @@ class GenAI:
 def run(engine: str, genai: str, threads: int, context: int, steps: int, rounds: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     grow = (rounds + 1) * steps
-    systems = {"vila_edge": Ours(engine, threads, context, grow, rng), "ort-genai": GenAI(genai, threads, context, grow, rng)}
+    systems = {"vila_edge": Ours(engine, threads, context, grow, rng),
+               "ort-genai": GenAI(genai, threads, context, grow, rng)}
     walls = {k: [] for k in systems}
     load = list(os.getloadavg())
     for r in range(rounds + 1):                       # round 0 warms up (and is left out of the trace stats)
@@ -127,11 +128,12 @@ def markdown(r: dict) -> str:
     a, b = r["vila_edge"], r["ort-genai"]
     lines = [f"context {r['context']}, {r['threads']} threads, {r['steps']} profiled steps each, load "
              f"{r['loadavg_start'][0]:.1f} -> {r['loadavg_end'][0]:.1f} (shared machine: under load)", "",
-             "| op type | ours: nodes | ours p50 us (p10) | GenAI: nodes | GenAI p50 us (p10) |", "|---|---|---|---|---|"]
-    for op in sorted(set(a["by_op"]) | set(b["by_op"]),
-                     key=lambda o: -max(a["by_op"].get(o, {}).get("p50_us", 0), b["by_op"].get(o, {}).get("p50_us", 0))):
-        cell = lambda s: (f"{s['by_op'][op]['nodes']} | {s['by_op'][op]['p50_us']:.0f} ({s['by_op'][op]['p10_us']:.0f})"
-                          if op in s["by_op"] else "- | -")
+             "| op type | ours: nodes | ours p50 us (p10) | GenAI: nodes | GenAI p50 us (p10) |",
+             "|---|---|---|---|---|"]
+    p50 = lambda s, o: s["by_op"].get(o, {}).get("p50_us", 0)
+    for op in sorted(set(a["by_op"]) | set(b["by_op"]), key=lambda o: -max(p50(a, o), p50(b, o))):
+        cell = lambda s: (f"{s['by_op'][op]['nodes']} | {s['by_op'][op]['p50_us']:.0f} "
+                          f"({s['by_op'][op]['p10_us']:.0f})" if op in s["by_op"] else "- | -")
         lines.append(f"| {op} | {cell(a)} | {cell(b)} |")
     for label, key in (("sum of node medians", "node_sum_p50_us"), ("session run (model_run)", "model_run_us"),
                        ("step wall time", "step_wall_us"), ("outside the run", "outside_run_us")):

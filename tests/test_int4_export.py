@@ -55,7 +55,8 @@ def test_matmulnbits_per_fused_linear(name, engine, tmp_path):
 @pytest.mark.slow   # its own int4 export (G = 32)
 def test_fused_graph_ops(engine, tmp_path):
     """--target cpu: the file itself holds MatMulNBits (bits and block size of each quantized
-    tensor), Skip/SimplifiedLayerNormalization, our PagedAttention (RoPE inside) and SwiGLU; ORT adds nothing to undo."""
+    tensor), Skip/SimplifiedLayerNormalization, our PagedAttention (RoPE inside) and SwiGLU; ORT adds nothing
+    to undo."""
     eng = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None, group_size=32)
     layers = Pipeline(eng).manifest.llm.layers
     source = onnx.load(os.path.join(eng, "llm.onnx"), load_external_data=False)
