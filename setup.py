@@ -71,7 +71,7 @@ class BuildOrtOps(build_ext):
 setup(
     ext_modules=[Extension(
         "vila_edge.ops._vila_edge_ops", ["vila_edge/ops/csrc/paged_attention.cc"], language="c++",
-        depends=["vila_edge/ops/csrc/attention_kernels.h"],
+        depends=["vila_edge/ops/csrc/attention_kernels.h", "vila_edge/ops/csrc/swiglu.h"],
         # Portable flags: the wheel runs on any x86-64 or aarch64 (Jetson) CPU, no -march=native.
         extra_compile_args=["-std=c++17", "-O3", "-g0", "-fvisibility=hidden"])],
     cmdclass={"build_ext": BuildOrtOps},

@@ -55,7 +55,8 @@ def test_matmulnbits_per_fused_linear(name, engine, tmp_path):
 @pytest.mark.slow   # its own int4 export (G = 32)
 def test_fused_graph_ops(engine, tmp_path):
     """--target cpu: the file itself holds MatMulNBits (bits and block size of each quantized
-    tensor), Skip/SimplifiedLayerNormalization and our PagedAttention (RoPE inside); ORT adds nothing to undo."""
+    tensor), Skip/SimplifiedLayerNormalization, our PagedAttention (RoPE inside) and SwiGLU; ORT adds nothing
+    to undo."""
     eng = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None, group_size=32)
     layers = Pipeline(eng).manifest.llm.layers
     source = onnx.load(os.path.join(eng, "llm.onnx"), load_external_data=False)
@@ -67,7 +68,8 @@ def test_fused_graph_ops(engine, tmp_path):
     assert ops.count("SkipSimplifiedLayerNormalization") == NORMS_PER_LAYER * layers   # + final, - first
     assert ops.count("SimplifiedLayerNormalization") == 1
     assert ops.count("PagedAttention") == layers and "RotaryEmbedding" not in ops   # RoPE, KV write, attention
-    assert ops.count("Split") == layers                            # gate | up only: qkv goes in packed
+    assert ops.count("SwiGLU") == layers                           # on the packed gate | up: no Split
+    assert not {"Split", "Sigmoid", "QuickGelu", "Mul"} & set(ops)   # qkv goes in packed too
     assert "DequantizeLinear" not in ops
 
 

@@ -157,3 +157,19 @@ def portable_lib(tmp_path_factory):
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6]])
 def test_portable_build_equals_numpy_oracle(portable_lib, case, kv_dtype):
     _check(portable_lib, *case, kv_dtype=kv_dtype)
+
+
+def test_portable_build_swiglu_equals_numpy_oracle(portable_lib):
+    """vila_edge::SwiGLU (csrc/swiglu.h, built into the same library) through its portable loop:
+    silu(gate) * up against float64, saturated gates included (tests/test_swiglu_op.py: the AVX2 path)."""
+    x = (np.random.default_rng(0).standard_normal((3, 2 * 21)) * 6).astype(np.float32)
+    x[0, :21] = np.linspace(-200, 200, 21)
+    xi = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("SwiGLU", ["x"], ["y"], domain=ops.DOMAIN)], "swiglu", [xi],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ops.DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(portable_lib)
+    y = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    gate, up = x[:, :21].astype(np.float64), x[:, 21:].astype(np.float64)
+    np.testing.assert_allclose(y, gate / (1.0 + np.exp(-gate)) * up, rtol=2e-6, atol=1e-6)

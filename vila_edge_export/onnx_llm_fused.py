@@ -2,7 +2,7 @@
 attention op, taking B sequences per pass (docs/contracts.md: `paged_inputs`).
 
 The op count per layer bounds decode speed on small models (per-op dispatch, not bandwidth), so a
-layer is 8 nodes (4 MatMulNBits, PagedAttention, 2 SkipSimplifiedLayerNormalization, SiLU-and-Mul):
+layer is 8 nodes (4 MatMulNBits, PagedAttention, 2 SkipSimplifiedLayerNormalization, SwiGLU):
   MatMulNBits                        int4/int8 weights, one per fused linear (q|k|v, gate|up, o, down,
                                      lm_head), block size and bits taken from each quantized tensor;
   SimplifiedLayerNormalization,      RMSNorm, and the residual add folded into the next RMSNorm
@@ -10,7 +10,8 @@ layer is 8 nodes (4 MatMulNBits, PagedAttention, 2 SkipSimplifiedLayerNormalizat
                                      src/python/py/models/builder.py make_layernorm);
   vila_edge::PagedAttention          (vila_edge/ops/csrc/paged_attention.cc) RoPE on q and k from
                                      cos/sin caches of max_positions rows, the new K/V written into
-                                     the layer's pool blocks in place, causal GQA over the blocks.
+                                     the layer's pool blocks in place, causal GQA over the blocks;
+  vila_edge::SwiGLU                  (vila_edge/ops/csrc/swiglu.h) silu(gate) * up of the packed gate|up.
 ORT's own fused attention on CPU (GroupQueryAttention, MultiHeadAttention) reads the past as one
 [B, Hkv, P, D] tensor, which the paged pool [NB, BS, Hkv, D] only yields by a copy of the whole
 context per layer and step, and its PagedAttention is CUDA-only (ORT 1.32): hence our own op.
@@ -143,12 +144,17 @@ def _attention(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, shared: dict, i
 
 
 def _mlp(g: Graph, spec: LLMSpec, h: str, w: dict, l: int, quant, level: int) -> str:
+    """gate|up projection -> silu(gate) * up -> down_proj. Float graphs: one vila_edge::SwiGLU on the packed
+    projection (vila_edge/ops/csrc/swiglu.h) where the standard ops take three nodes (Split, Sigmoid + Mul,
+    Mul; ORT has no CPU kernel for its own SwiGLU); float16 graphs keep those (ORT's fp16 roundings)."""
     p = f"model.layers.{l}.mlp."
-    gate, up = g.op("Split", [_fused_linear(g, h, w, quant, p, ["gate_proj", "up_proj"], level),
-                              g.const([spec.intermediate] * 2)], axis=-1, n_out=2)  # (1, T, I) each
-    act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])                               # SiLU
-    return linear(g, g.op("Mul", [act, up]), p + "down_proj", w.get(p + "down_proj.weight"), None,
-                  quant.get(p + "down_proj"), level)
+    gate_up = _fused_linear(g, h, w, quant, p, ["gate_proj", "up_proj"], level)       # (1, T, 2I)
+    if g.dtype == "float16":
+        gate, up = g.op("Split", [gate_up, g.const([spec.intermediate] * 2)], axis=-1, n_out=2)  # (1, T, I) each
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])            # SiLU(gate) * up
+    else:
+        act = g.op("SwiGLU", [gate_up], domain=OPS_DOMAIN)                               # (1, T, I)
+    return linear(g, act, p + "down_proj", w.get(p + "down_proj.weight"), None, quant.get(p + "down_proj"), level)
 
 
 def _skip_norm(g: Graph, x: str, skip: str, weight: np.ndarray, eps: float, name: str) -> tuple:
@@ -193,12 +199,16 @@ def build_llm_fused(spec: LLMSpec, weights: dict, dtype: str, quant: dict | None
     g = Graph("vila_edge_llm_fused", dtype)
     io = paged_inputs(g, spec, dtype, kv_dtype)
     x = g.reshape(io["inputs_embeds"], [1, -1, spec.hidden])                     # (1, T, C): the contrib ops' rank
-    positions = g.reshape(io["position_ids"], [1, -1])                          # (1, T)
-    # fp16 graphs keep HF's fp16 roundings in RoPE and RMSNorm (see _skip_norm): standard ops there.
+    # fp16 graphs keep HF's fp16 roundings in RoPE and RMSNorm (see _skip_norm): standard ops there. Float
+    # graphs read no position_ids (PagedAttention takes positions from seq_lens): no Reshape of them left
+    # for ORT to run each step (it does not prune a dead node).
     hf_rounding = dtype == "float16"
-    cos, sin = _rope_tables(g, spec, positions) if hf_rounding else _rope_caches(g, spec)
+    if hf_rounding:
+        cos, sin = _rope_tables(g, spec, g.reshape(io["position_ids"], [1, -1]))            # (1, T) positions
+    else:
+        cos, sin = _rope_caches(g, spec)
     paged = [io[n] for n in ("block_tables", "seq_lens", "query_start_loc", "slot_mapping")]
-    shared = {"cos": cos, "sin": sin, "positions": positions, "paged": paged, "hf_rounding": hf_rounding}
+    shared = {"cos": cos, "sin": sin, "paged": paged, "hf_rounding": hf_rounding}
     norm = lambda l, which: weights[f"model.layers.{l}.{which}.weight"]
     first = "model.layers.0.input_layernorm.weight"
     if hf_rounding:

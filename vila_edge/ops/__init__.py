@@ -1,7 +1,8 @@
 """vila_edge's ONNX Runtime custom ops (csrc/), compiled into the package at install (setup.py).
 
 Domain "vila_edge", op "PagedAttention" (csrc/paged_attention.cc documents its inputs): the fused
-LLM graph's attention over the paged KV pool. A graph that uses it loads with `register(options)`.
+LLM graph's attention over the paged KV pool; op "SwiGLU" (csrc/swiglu.h): its float MLP activation.
+A graph that uses them loads with `register(options)`.
 """
 import glob
 import os

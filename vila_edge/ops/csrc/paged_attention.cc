@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "attention_kernels.h"
+#include "swiglu.h"
 
 namespace {
 
@@ -315,7 +316,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
   // One domain and op set for the process: ORT keeps pointers to them for every session.
   static Ort::CustomOpDomain domain{nullptr};
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> ops[3];
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> ops[4];
   static std::once_flag once;
   try {
     std::call_once(once, [] {
@@ -324,6 +325,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       ops[0].reset(Ort::Custom::CreateLiteCustomOp<PagedAttention<float, float>>("PagedAttention", "CPUExecutionProvider"));
       ops[1].reset(Ort::Custom::CreateLiteCustomOp<PagedAttention<float, F16>>("PagedAttention", "CPUExecutionProvider"));
       ops[2].reset(Ort::Custom::CreateLiteCustomOp<PagedAttention<F16, F16>>("PagedAttention", "CPUExecutionProvider"));
+      // float graphs' MLP activation (swiglu.h); float16 graphs keep the standard ops (HF's roundings)
+      ops[3].reset(Ort::Custom::CreateLiteCustomOp<vila_edge_swiglu::SwiGLU>("SwiGLU", "CPUExecutionProvider"));
       for (auto& op : ops) domain.Add(op.get());
     });
     Ort::UnownedSessionOptions(options).Add(domain);
