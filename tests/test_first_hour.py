@@ -43,21 +43,28 @@ def test_default_pipeline_answers_the_bundled_questions(bundled):
         assert bundled.chat(os.path.join(EXAMPLES, image), question) == expected
 
 
-def test_shipped_engine_is_current(bundled, tmp_path):
-    """Format and exporter version match this runtime, and its answers equal a fresh export's.
-    If this fails after an engine format or exporter change: make bundled-engine."""
+def test_shipped_engine_is_current():
+    """Format and exporter version match this runtime (the cheap half; the slow half compares it with a
+    fresh export). If this fails after an engine format or exporter change: make bundled-engine."""
     try:
         shipped = Manifest.load(cache.BUNDLED_ENGINE)
     except EngineError as e:
         pytest.fail(f"the shipped engine is stale ({e}): run `make bundled-engine` and commit vila_edge/bundled/")
     assert (shipped.format_version, shipped.exporter_version) == (FORMAT_VERSION, __version__), \
         "run `make bundled-engine` and commit vila_edge/bundled/"
+    assert shipped.build["checkpoint"] == "models/vila-tiny-shapes"      # no build-machine path in the wheel
+
+
+@pytest.mark.slow   # a full export of the bundled checkpoint
+def test_shipped_engine_equals_a_fresh_export(bundled, tmp_path):
+    """Its manifest and answers equal a fresh export's.
+    If this fails after an engine format or exporter change: make bundled-engine."""
+    shipped = Manifest.load(cache.BUNDLED_ENGINE)
     fresh_dir = build_bundled(str(tmp_path / "fresh"), progress=False)
     fresh = Manifest.load(fresh_dir)
     strip = lambda m: {k: v for k, v in json.loads(json.dumps(m.__dict__, default=vars)).items() if k != "build"}
     assert strip(shipped) == strip(fresh), "run `make bundled-engine` and commit vila_edge/bundled/"
     assert _answers(bundled) == _answers(Pipeline(fresh_dir)), "run `make bundled-engine` and commit vila_edge/bundled/"
-    assert shipped.build["checkpoint"] == "models/vila-tiny-shapes"      # no build-machine path in the wheel
 
 
 def test_one_liner_from_the_issue():
@@ -86,18 +93,31 @@ def own_cache(tmp_path, monkeypatch):
     return str(ckpt)
 
 
+@pytest.mark.slow   # an export in a child process with torch
 def test_checkpoint_is_exported_once_into_the_cache(own_cache, monkeypatch, capsys):
     pipe = Pipeline(own_cache, progress=False, export_options={"dtype": "fp16"})
     assert pipe.engine_dir.startswith(os.path.join(os.environ["XDG_CACHE_HOME"], "vila_edge", "engines"))
     assert pipe.chat(os.path.join(EXAMPLES, "color.png"), "What color is the square?") == "green"
     monkeypatch.setattr(cache, "run_export", lambda *a, **k: pytest.fail("exported twice"))
     assert Pipeline(own_cache, export_options={"dtype": "fp16"}).engine_dir == pipe.engine_dir
-    # Other options, or other content, are another engine.
+
+
+def test_cached_engine_is_reused_and_keyed_by_options_and_content(own_cache, monkeypatch):
+    """The fast half of the cache contract: an engine under the checkpoint's key is used without an export
+    (the slow test above makes that engine by exporting); other options, or other content, are another key."""
     key = cache.cache_key(own_cache, {"dtype": "fp16"})
+    engines = os.path.join(os.environ["XDG_CACHE_HOME"], "vila_edge", "engines")
+    shutil.copytree(cache.BUNDLED_ENGINE, os.path.join(engines, key))
+    monkeypatch.setattr(cache, "run_export", lambda *a, **k: pytest.fail("exported although cached"))
+    pipe = Pipeline(own_cache, progress=False, export_options={"dtype": "fp16"})
+    assert pipe.engine_dir == os.path.join(engines, key)
+    assert pipe.chat(os.path.join(EXAMPLES, "color.png"), "What color is the square?") == "green"
     assert cache.cache_key(own_cache, {"dtype": "fp32"}) != key
     with open(os.path.join(own_cache, "llm", "generation_config.json"), "a") as f:
         f.write("\n")
     assert cache.cache_key(own_cache, {"dtype": "fp16"}) != key
+    with pytest.raises(pytest.fail.Exception, match="exported although cached"):
+        Pipeline(own_cache, progress=False, export_options={"dtype": "fp16"})    # new content: not the cached one
 
 
 def test_checkpoint_without_the_export_extra(own_cache, monkeypatch):
@@ -160,6 +180,13 @@ def test_export_errors_come_back_as_the_same_error(own_cache):
     from vila_edge.errors import CheckpointError, ExportOptionError
     with pytest.raises(ExportOptionError, match="fp8"):
         Pipeline(own_cache, progress=False, export_options={"dtype": "fp8"})
+    _no_engine_left()
+
+
+@pytest.mark.slow   # two more export child processes, each importing torch
+def test_more_export_errors_come_back_as_the_same_error(own_cache):
+    """An unknown option and a bad checkpoint config, reported by the child, raised here as the same error."""
+    from vila_edge.errors import CheckpointError, ExportOptionError
     with pytest.raises(ExportOptionError, match="colour"):
         Pipeline(own_cache, progress=False, export_options={"colour": 1})
     cfg = os.path.join(own_cache, "config.json")
@@ -169,5 +196,10 @@ def test_export_errors_come_back_as_the_same_error(own_cache):
         json.dump(broken, f)
     with pytest.raises(CheckpointError, match=r"config.json: image_aspect_ratio 'stretch' not supported"):
         Pipeline(own_cache, progress=False)
+    _no_engine_left()
+
+
+def _no_engine_left():
+    """A failed export leaves no engine in the cache (a lock file at most)."""
     assert not os.listdir(os.path.join(os.environ["XDG_CACHE_HOME"], "vila_edge", "engines")) or all(
         n.endswith(".lock") for n in os.listdir(os.path.join(os.environ["XDG_CACHE_HOME"], "vila_edge", "engines")))
