@@ -88,8 +88,8 @@ chat: setup  ## chat with an engine: make chat OUT=engines/name IMAGE=x.png PROM
 test: setup  ## run the test suite (CPU; GPU tests skip without a GPU)
 	$(BIN)/python -m pytest -q tests
 
-test-fast: setup  ## the test suite without the tests marked slow, a quarter of the CI fuzz examples (the check before a commit)
-	VILA_FUZZ=fast $(BIN)/python -m pytest -q -m "not slow" tests
+test-fast: setup  ## the test suite without the tests marked slow, a quarter of the CI fuzz examples, on 2 workers (pytest-xdist; the check before a commit)
+	VILA_FUZZ=fast $(BIN)/python -m pytest -q -m "not slow" -n 2 tests
 
 test-gpu: setup  ## run only the GPU tests (needs an NVIDIA GPU and cuda-python)
 	$(BIN)/python -m pytest -q -m gpu tests
