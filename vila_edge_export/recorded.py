@@ -34,15 +34,12 @@ def recorded_options(opts) -> dict:
     return json.loads(json.dumps(out))
 
 
-def stale_option(engine: str, wanted: dict) -> str | None:
-    """None when `engine`'s build.options equal the resolved `wanted` flat options; else one line why not."""
+def stale_option(engine: str, wanted) -> str | None:
+    """None when `engine`'s build.options equal `wanted` (ExportOptions, defaults resolved) as recorded_options
+    writes them; else one line why not."""
     from vila_edge.manifest import MANIFEST, Manifest
-    from vila_edge_export.options import ExportOptions
 
-    try:
-        want = recorded_options(ExportOptions.flat(progress=False, **wanted))
-    except TypeError as e:          # a value of the wrong type for a field
-        raise VilaEdgeError(f"--options {sorted(wanted)}: {e}") from None
+    want = recorded_options(wanted)
     if not os.path.isfile(os.path.join(engine, MANIFEST)):
         return f"{engine}: no engine ({MANIFEST} missing)"
     try:
@@ -70,8 +67,8 @@ def main(argv=None) -> int:
                                                     "default)")
     args = ap.parse_args(argv)
     try:
-        parse_options(args.options, progress=False)        # the same errors as an export given them
-        why = stale_option(args.engine, json.loads(args.options))
+        # the same parsing and errors as an export given them
+        why = stale_option(args.engine, parse_options(args.options, progress=False))
     except VilaEdgeError as e:
         print(f"vila_edge_export.recorded: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
