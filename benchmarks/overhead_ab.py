@@ -20,6 +20,10 @@ import sys
 
 import numpy as np
 
+from benchmarks.common import save_json
+
+# The child's clock is its own copy of profile_decode._run_clock, not an import: both checkouts must time
+# with the same code, and checkouts older than 1e51c2c lack it.
 CHILD = r"""
 import json, sys, time
 import numpy as np
@@ -102,9 +106,8 @@ def main(argv=None) -> int:
         print(f"| {label} | {a['median_us']:.0f} ({a['min_us']:.0f}-{a['max_us']:.0f}) | "
               f"{b['median_us']:.0f} ({b['min_us']:.0f}-{b['max_us']:.0f}) |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"a": args.a, "b": args.b, "engine": args.engine, "context": args.context, "load": load,
-                       "per_process": runs, "summary": table}, f, indent=2)
+        save_json({"a": args.a, "b": args.b, "engine": args.engine, "context": args.context, "load": load,
+                   "per_process": runs, "summary": table}, args.json)
     return 0
 
 

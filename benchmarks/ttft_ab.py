@@ -28,6 +28,8 @@ import sys
 
 import numpy as np
 
+from benchmarks.common import save_json
+
 # Runs inside ROOT's runtime: only what both old and new checkouts have.
 CHILD = r"""
 import json, os, sys, time
@@ -131,8 +133,7 @@ def main(argv=None) -> int:
     text = markdown(r)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+        save_json(r, args.json)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "ttft_ab.md"), "a") as f:
