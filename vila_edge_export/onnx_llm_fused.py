@@ -92,11 +92,11 @@ def screened_head(g: Graph, x: str, quant: tuple, k: int, level: int) -> str:
     MatMulNBits screen over the whole vocabulary (half the int8 head's bytes, the decode step's second
     largest read), TopK k of the screen, and the k candidates rescored exactly from their int8 rows
     (GatherBlockQuantized dequantizes them: (code + 128 - 128) * scale, the uint8 rows read against their
-    default zero point 128 as MatMulNBits reads its 8-bit B; the activations stay float, where the unscreened head's MatMulNBits at
-    accuracy_level 4 rounds them to int8 per block). The candidates' exact logits are scattered into
-    the screen row: the graph still outputs a full row, and every logit outside the k candidates is the
-    int4 approximation (samplers, grammar masks and logprobs read it; docs/contracts.md). The greedy
-    pick is the int8 head's whenever its argmax is among the screen's top k."""
+    default zero point 128 as MatMulNBits reads its 8-bit B; the activations stay float, where the
+    unscreened head's MatMulNBits at accuracy_level 4 rounds them to int8 per block). The candidates'
+    exact logits are scattered into the screen row: the graph still outputs a full row, and every logit
+    outside the k candidates is the int4 approximation (samplers, grammar masks and logprobs read it;
+    docs/contracts.md). The greedy pick is the int8 head's whenever its argmax is among the screen's top k."""
     codes, scales, group, bits = quant[:4]
     if bits != 8 or len(quant) > 4 and quant[4] is not None:
         raise ValueError(f"lm_head_screen needs a symmetric int8 lm_head, got {bits} bits")
