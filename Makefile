@@ -112,12 +112,15 @@ bench: setup  ## engine speed + decode roofline -> benchmarks/results/: make ben
 bench-attention: setup  ## vila_edge::PagedAttention alone at SmolLM2's shape, 30 layers' pools, fp32 vs fp16 KV (OPS_A=old.so adds a build to compare)
 	$(BIN)/python -m benchmarks.bench_attention $(if $(OPS_A),--lib $(OPS_A)) --out benchmarks/results/attention
 
+# 32 decode steps x 3 repeats per system and context, the 4-bit systems in 3 alternating rounds (medians +
+# each round's ratio): one run's figure, not one minute's. BENCH_PEERS_ARGS overrides ("--rounds 1": old behaviour).
+BENCH_PEERS_ARGS ?= --decode-steps 32 --repeats 3 --rounds 3
 bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager, llama.cpp and ORT GenAI on SmolLM2 (same weights, threads)
 	@test -d build/fixtures/smollm2-vila || $(BIN)/python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila
 	@$(call RECORDED,engines/smollm2-vila-fp32,$(DEFAULTS)) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-fp32 --quiet
 	@$(call RECORDED,engines/smollm2-vila-int4,$(INT4_OPTS)) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-int4 --quant $(INT4_DEFAULT) --no-quality-floor --quiet
 	$(BIN)/python -m benchmarks.genai_export build/fixtures/smollm2-vila/llm build/genai/smollm2-vila-int4
-	$(BIN)/python -m benchmarks.bench_peers --checkpoint build/fixtures/smollm2-vila --engine engines/smollm2-vila-fp32 --engine-int4 engines/smollm2-vila-int4 --gguf smollm2 --genai build/genai/smollm2-vila-int4
+	$(BIN)/python -m benchmarks.bench_peers --checkpoint build/fixtures/smollm2-vila --engine engines/smollm2-vila-fp32 --engine-int4 engines/smollm2-vila-int4 --gguf smollm2 --genai build/genai/smollm2-vila-int4 $(BENCH_PEERS_ARGS)
 
 # VILA1.5-3B widths at CONC_3B_LAYERS of its 32 LLM layers (random weights; 0 skips it): a 4-layer
 # int4 engine and GGUF fit a shared 2-core machine, and per-layer decode cost scales linearly.

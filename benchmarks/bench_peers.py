@@ -4,7 +4,8 @@
         --engine engines/smollm2-vila-fp32 [--engine-int4 engines/smollm2-vila-int4] [--gguf smollm2] \
         [--genai build/genai/smollm2-vila-int4]
 
-Same weights, same thread count, one system after the other, each in a fresh process:
+Same weights, same thread count, one system after the other, each in a fresh process (with --rounds N the
+4-bit systems run N times, alternating, and report medians over the rounds and each round's ratio):
   (a) transformers eager (vila_edge_export/reference.py ReferenceVLM, fp32) against the float engine: time to
       first token with one image (HF: SigLIP image processor + vision + projector + prefill to the
       first argmax; vila_edge: Conversation.send with max_new_tokens=1, vision cache bypassed) and
@@ -163,8 +164,35 @@ def isolated(fn, *args, **kwargs):
         return pool.submit(fn, *args, **kwargs).result()
 
 
+def combine_rounds(rounds: list) -> dict:
+    """One system's rows from several rounds (each a fresh process, the systems alternating within a
+    round): every decode row and the time to first token become the median over the rounds' medians,
+    with each round's figure kept (`rounds_tok_s`, `rounds_s`) for the spread."""
+    out = dict(rounds[0])
+    out["rounds"] = len(rounds)
+    out["decode"] = []
+    for rows in zip(*(r["decode"] for r in rounds)):
+        toks = [row["tok_s"] for row in rows]
+        tok_s = float(np.median(toks))
+        out["decode"].append({**rows[0], "tok_s": tok_s, "step_s": 1 / tok_s, "rounds_tok_s": toks,
+                              "steps": sum(row["steps"] for row in rows)})
+    if "ttft_1_image" in out:
+        secs = [r["ttft_1_image"]["median_s"] for r in rounds]
+        out["ttft_1_image"] = {**out["ttft_1_image"], "median_s": float(np.median(secs)), "rounds_s": secs}
+    return out
+
+
+def round_ratios(ours: dict, peer: dict) -> dict:
+    """vila_edge / peer tok/s of each round at each context: the two ran minutes apart in the same round,
+    so the spread of these is the spread of the comparison, not of the machine."""
+    return {o["context"]: [a / b for a, b in zip(o["rounds_tok_s"], p["rounds_tok_s"])]
+            for o, p in zip(ours["decode"], peer["decode"])}
+
+
 def ratios(ours: dict, peer: dict) -> dict:
     out = {"decode_tok_s": {d["context"]: o["tok_s"] / d["tok_s"] for o, d in zip(ours["decode"], peer["decode"])}}
+    if "rounds_tok_s" in ours["decode"][0] and "rounds_tok_s" in peer["decode"][0]:
+        out["decode_tok_s_rounds"] = round_ratios(ours, peer)
     if "ttft_1_image" in ours and "ttft_1_image" in peer:
         out["ttft_1_image_s"] = ours["ttft_1_image"]["median_s"] / peer["ttft_1_image"]["median_s"]
     return out
@@ -254,15 +282,21 @@ def markdown(r: dict) -> str:
             lines.append(f"| {label} | TTFT, 1 image ({ours['ttft_1_image']['prompt_tokens']} tokens) "
                          f"| {ours['ttft_1_image']['median_s'] * 1e3:.0f} ms | {peer['ttft_1_image']['median_s'] * 1e3:.0f} ms "
                          f"| {ratio['ttft_1_image_s']:.2f} |")
+        per_round = ratio.get("decode_tok_s_rounds", {})
         for o, p in zip(ours["decode"], peer["decode"]):
+            rs = per_round.get(o["context"]) or per_round.get(str(o["context"]))
+            span = f" (rounds {min(rs):.2f}-{max(rs):.2f})" if rs and len(rs) > 1 else ""
             lines.append(f"| {label} | decode tok/s @ {o['context']} | {o['tok_s']:.1f} | {p['tok_s']:.1f} "
-                         f"| {o['tok_s'] / p['tok_s']:.2f} |")
+                         f"| {o['tok_s'] / p['tok_s']:.2f}{span} |")
     if "ratio_int4_hf" in r:
         ours, peer = r["vila_edge_int4"]["ttft_1_image"], r["hf"]["ttft_1_image"]
         lines.append(f"| {r['vila_edge_int4'].get('kind', 'int4')} engine vs transformers eager fp32 | TTFT, 1 image "
                      f"({ours['prompt_tokens']} tokens) | {ours['median_s'] * 1e3:.0f} ms | {peer['median_s'] * 1e3:.0f} ms "
                      f"| {r['ratio_int4_hf']['ttft_1_image_s']:.2f} |")
     lines += ["", "Ratios: tokens/s > 1 means vila_edge is faster; seconds < 1 means vila_edge is faster."]
+    if r.get("rounds", 1) > 1:
+        lines.append(f"The 4-bit rows are medians over {r['rounds']} rounds (each round runs every 4-bit system in a "
+                     "fresh process, the order rotated); \"rounds a-b\" is the range of the per-round ratios.")
     if "roofline" in r:
         lines += roofline_markdown(r["roofline"])
     return "\n".join(lines) + "\n"
@@ -280,6 +314,9 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="128,512")
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the 4-bit systems (vila_edge int4, llama.cpp, ORT GenAI) this many times, alternating; "
+                         "report medians over the rounds and each round's ratio")
     ap.add_argument("--genai", default=None,
                     help="ORT GenAI model dir of the same LLM (python -m onnxruntime_genai.models.builder "
                          "-i CHECKPOINT/llm -o DIR -p int4 -e cpu), against the int4 engine")
@@ -291,24 +328,36 @@ def main(argv=None) -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     name = args.name or os.path.basename(os.path.normpath(args.engine))
     r = {"name": name, "note": args.note, "machine": machine_info(threads), "contexts": contexts,
-         "decode_steps": args.decode_steps, "repeats": args.repeats}
+         "decode_steps": args.decode_steps, "repeats": args.repeats, "rounds": args.rounds}
     run = (threads, contexts, args.decode_steps, args.repeats)
     r["vila_edge_fp32"] = isolated(vila_edge_rows, args.engine, *run, images=not args.skip_hf, seed=args.seed)
     if not args.skip_hf:
         r["hf"] = isolated(hf_rows, args.checkpoint, args.engine, *run, args.seed)
         r["ratio_hf"] = ratios(r["vila_edge_fp32"], r["hf"])
+    # The 4-bit systems in rounds: each round runs every one (fresh processes, the order rotated), so a
+    # slow minute on a shared host lands on all of them; medians over rounds, per-round ratios kept.
+    int4 = {}
     if args.engine_int4 and (args.gguf or args.genai):
-        r["vila_edge_int4"] = isolated(vila_edge_rows, args.engine_int4, *run, images=True, seed=args.seed)
+        int4["vila_edge_int4"] = lambda: isolated(vila_edge_rows, args.engine_int4, *run, images=True, seed=args.seed)
     if args.engine_int4 and args.gguf:
         gguf = args.gguf
         if gguf == "smollm2":
             from benchmarks.smollm2_vila import gguf_path
             gguf = gguf_path()
-        r["llama_cpp"] = isolated(llama_cpp_rows, gguf, *run, args.seed)
-        r["ratio_llama_cpp"] = ratios(r["vila_edge_int4"], r["llama_cpp"])
+        int4["llama_cpp"] = lambda: isolated(llama_cpp_rows, gguf, *run, args.seed)
     if args.engine_int4 and args.genai:
-        r["ort_genai"] = isolated(genai_rows, args.genai, *run, args.seed)
-        r["ratio_ort_genai"] = ratios(r["vila_edge_int4"], r["ort_genai"])
+        int4["ort_genai"] = lambda: isolated(genai_rows, args.genai, *run, args.seed)
+    rounds = {key: [] for key in int4}
+    keys = list(int4)
+    for i in range(args.rounds if int4 else 0):
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            print(f"round {i + 1}/{args.rounds}: {key}", file=sys.stderr, flush=True)
+            rounds[key].append(int4[key]())
+    for key, rs in rounds.items():
+        r[key] = combine_rounds(rs)
+    for key in ("llama_cpp", "ort_genai"):
+        if key in r:
+            r[f"ratio_{key}"] = ratios(r["vila_edge_int4"], r[key])
     if "vila_edge_int4" in r and "hf" in r:
         r["ratio_int4_hf"] = {"ttft_1_image_s": r["vila_edge_int4"]["ttft_1_image"]["median_s"]
                               / r["hf"]["ttft_1_image"]["median_s"]}
