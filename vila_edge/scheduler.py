@@ -159,13 +159,13 @@ class Scheduler:
         for req in list(self._running):
             tok = req.gen.ids[-1]
             try:
-                start = self.blocks.num_tokens(req.seq_id)
-                slots = self.blocks.append(req.seq_id, [tok], wait_s=0)
+                start, table, slot = self.blocks.append_token(req.seq_id, tok, wait_s=0)
             except KVCacheFull as e:
                 stalled.append((req, e))
                 continue
-            self._stalled.pop(req.seq_id, None)
-            steps.append(Step(Tokens(np.array([tok], np.int64)), start, self.blocks.block_table(req.seq_id), slots))
+            if self._stalled:
+                self._stalled.pop(req.seq_id, None)
+            steps.append(Step(Tokens(np.array([tok], np.int64)), start, table, np.array([slot], np.int64)))
             reqs.append(req)
         self._stall(stalled, stuck=not steps and not self._prefilling
                     and self.blocks.sequences() <= {r.seq_id for r in self._running})
