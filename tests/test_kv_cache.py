@@ -625,7 +625,8 @@ def test_append_token_equals_the_four_calls_it_replaces():
         else:
             key = rng.randrange(4)
             got, want = [], []
-            for bm, call, out in ((a, lambda: a.append_token(sid, key), got), (b, lambda: _old_step(b, sid, key), want)):
+            for bm, call, out in ((a, lambda: a.append_token(sid, key), got),
+                                  (b, lambda: _old_step(b, sid, key), want)):
                 try:
                     out.append(call())
                     bm.commit(sid)

@@ -12,6 +12,7 @@ Python and binding off each step (benchmarks/profile_decode.py).
 """
 import contextlib
 import os
+import sys
 import threading
 
 import numpy as np
@@ -145,7 +146,8 @@ class OrtPagedLLMRunner(LLMRunner):
 
     def _decode_step(self, s: Step) -> np.ndarray:
         """forward_batch of one sequence's one new position: its values written into this thread's
-        bound buffers (no per-step OrtValues, no output allocation in ORT); logits [1, V'] copied out."""
+        bound buffers (no per-step OrtValues, no output allocation in ORT); logits [1, V'] handed over,
+        not copied (_Decode.new_logits)."""
         d = getattr(self._local, "decode", None)
         if d is None:
             d = self._local.decode = _Decode(self._pool_binding(), self._max_blocks, self.embeds_dtype,
@@ -157,9 +159,11 @@ class OrtPagedLLMRunner(LLMRunner):
             return self._batch([s])
         d.set_table(s.table, need)
         d.position[0], d.seq_len[0], d.slot[0] = s.start, s.start + 1, s.slots[0]
+        if sys.getrefcount(d.logits) > d.own_refs:    # the caller still holds the last step's logits
+            d.new_logits()
         self.session.run_with_iobinding(d.io)
         self._local.hidden = None
-        return d.logits.copy()
+        return d.logits
 
 
     def _embed_into(self, tokens, out: np.ndarray) -> bool:
@@ -197,9 +201,25 @@ class _Decode:
         self._values = [ort.OrtValue.ortvalue_from_numpy(v) for v in inputs.values()]   # alive while bound
         for name, value in zip(inputs, self._values):
             self.io.bind_ortvalue_input(name, value)
-        self._out = ort.OrtValue.ortvalue_from_numpy(self.logits)
-        self.io.bind_ortvalue_output("logits", self._out)
         self._table = []                      # the block ids in self.tables[0] now (a prefix is read)
+        self._ortvalue = ort.OrtValue.ortvalue_from_numpy
+        self.new_logits()
+        # References to self.logits while no caller holds it: ours and the bound OrtValue's (+1: the
+        # argument of sys.getrefcount).
+        self.own_refs = sys.getrefcount(self.logits)
+
+    def new_logits(self) -> None:
+        """Bind a new logits buffer: the previous one belongs to the caller it was returned to.
+
+        The step returns the bound buffer itself, not a copy (a 49k-vocabulary copy read ~200 KB that
+        the run had just written, 13-40 us a step after the weights streamed through the caches). A
+        caller may keep what it was given, so the next step reuses the buffer only while nothing
+        else references it: a held array, or any numpy view of it, adds to its reference count
+        (views keep their base alive), and the step then writes into a new buffer (~5 us), never
+        into the one held. The scheduler drops each step's logits after sampling: it reuses one."""
+        self.logits = np.empty_like(self.logits)
+        self._out = self._ortvalue(self.logits)    # alive while bound (it references self.logits)
+        self.io.bind_ortvalue_output("logits", self._out)
 
     def set_table(self, table, need: int) -> None:
         """tables[0, :need] = table[:need], writing only what changed: a decode step of the same
