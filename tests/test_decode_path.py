@@ -69,7 +69,7 @@ def test_fast_path_quantized_table_and_bad_id(engine):
 
 
 def test_fast_path_hands_over_its_logits_and_reuses_the_buffer_only_when_free(engine):
-    """The fast path returns its bound logits buffer, not a copy (_Decode.new_logits): the next step
+    """The fast path returns its bound logits buffer, not a copy (_Decode): the next step
     writes into the same buffer when the caller dropped what it got, and into a new one while the
     caller holds it or any view of it, which then keeps its values. Every step equals the general path."""
     eng = engine("vila1.5-3b-downsample", target="cpu")
@@ -80,7 +80,7 @@ def test_fast_path_hands_over_its_logits_and_reuses_the_buffer_only_when_free(en
     prompt = rng.integers(0, vocab, 9)
     for pipe in (fast, general):
         pipe.llm.prefill("s", Tokens(prompt), prompt, grow=8)
-    toks = rng.integers(0, vocab, 5).tolist()
+    toks = rng.integers(0, vocab, 8).tolist()
 
     def step(tok):
         out = fast.llm.step("s", tok)
@@ -98,3 +98,10 @@ def test_fast_path_hands_over_its_logits_and_reuses_the_buffer_only_when_free(en
     again = nxt.__array_interface__["data"][0]
     del nxt
     assert step(toks[4]).__array_interface__["data"][0] == again
+    kept = []
+    for tok in toks[5:]:                            # all held: the third writes into a buffer of its own
+        kept.append(step(tok))
+        kept[-1:] = [(kept[-1], kept[-1].copy())]
+    assert not any(np.shares_memory(a, b) for i, (a, _) in enumerate(kept) for b, _ in kept[i + 1:])
+    for logits, when_returned in kept:              # and none was overwritten
+        np.testing.assert_array_equal(logits, when_returned)

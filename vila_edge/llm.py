@@ -75,7 +75,7 @@ class LLMEngine:
         BlockManager calls (append_token, commit) instead of four."""
         try:
             start, table, slot = self.blocks.append_token(seq_id, token)
-            logits = self.runner.forward(Tokens(np.array([token], np.int64)), start, table, np.array([slot], np.int64))
+            logits = self.runner.decode(token, start, table, slot)
             self.blocks.commit(seq_id, start + 1)
             return logits
         except BaseException:
