@@ -84,6 +84,10 @@ class LLMEngine:
 
     def _run_chunks(self, seq_id, tokens: Tokens, start: int, table: list, slots: np.ndarray) -> np.ndarray:
         """Positions start..start+T-1, in chunks of PREFILL_CHUNK."""
+        if 0 < len(tokens) <= PREFILL_CHUNK:      # one chunk (a decode step): no Tokens.slice copy
+            logits = self.runner.forward(tokens, start, table, slots)
+            self.blocks.commit(seq_id, start + len(tokens))
+            return logits
         logits = None
         for lo in range(0, len(tokens), PREFILL_CHUNK):
             hi = min(lo + PREFILL_CHUNK, len(tokens))
