@@ -3,7 +3,8 @@
 nano-vllm's engine/scheduler.py is the model. Requests come from any thread (Pipeline.chat, stream,
 conversations, the HTTP server's workers) and queue here. Each engine step is ONE call to
 `runner.forward_batch`: either the next prefill chunk of one request, or the decode step of every
-running sequence (in groups of `runner.max_batch`; a lone sequence's through `runner.decode`). Prefill chunks and decode steps alternate while
+running sequence (in groups of `runner.max_batch`; a lone sequence's through `runner.decode`).
+Prefill chunks and decode steps alternate while
 both are pending, so a long prompt never stalls the streams already running, and a new request
 joins the decode batch as soon as its prompt is in. Mixed prefill + decode batches are not built:
 with a runner that loops over sequences they cost the same, and the batched graph decides later.
