@@ -6,9 +6,11 @@ K/V rows into the pool IN PLACE and attend over the pool blocks the block tables
 is bound once, per thread, as OrtValues over the numpy pool (no copy: ORT's CPU provider reads and
 writes the caller's memory), and a step binds only its small inputs: no past views, no staging
 buffer, no scatter after the run. A decode step of one sequence (the common case) binds nothing: it
-writes its values into per-thread buffers bound once (_Decode; logits [1, V'] float32, ~200 KB at a
-49k vocabulary, outside the ledger like the general path's per-call outputs), which takes ~0.2 ms of
-Python and binding off each step (benchmarks/profile_decode.py).
+writes its values into per-thread buffers bound once (_Decode; two logits buffers [1, V'] float32,
+~200 KB each at a 49k vocabulary, handed to the caller without a copy, outside the ledger like the
+general path's per-call outputs), which takes ~0.2 ms of Python and binding off each step
+(benchmarks/profile_decode.py). `decode` is that step without forward's argument objects (Tokens,
+Step): ~160 us a step less than copying the logits and building them (benchmarks/results/kvstep).
 """
 import contextlib
 import os
