@@ -66,3 +66,42 @@ def test_fast_path_quantized_table_and_bad_id(engine):
     fast.llm.prefill("t", Tokens(prompt), prompt)
     with pytest.raises(EngineError, match="outside the"):
         fast.llm.step("t", fast.llm.runner.vocab_rows)
+
+
+def test_fast_path_hands_over_its_logits_and_reuses_the_buffer_only_when_free(engine):
+    """The fast path returns its bound logits buffer, not a copy (_Decode): the next step
+    writes into the same buffer when the caller dropped what it got, and into a new one while the
+    caller holds it or any view of it, which then keeps its values. Every step equals the general path."""
+    eng = engine("vila1.5-3b-downsample", target="cpu")
+    rng = np.random.default_rng(13)
+    fast, general = Pipeline(eng), Pipeline(eng)
+    general.llm.runner._decode_rows = None
+    vocab = fast.manifest.llm.vocab_size
+    prompt = rng.integers(0, vocab, 9)
+    for pipe in (fast, general):
+        pipe.llm.prefill("s", Tokens(prompt), prompt, grow=8)
+    toks = rng.integers(0, vocab, 8).tolist()
+
+    def step(tok):
+        out = fast.llm.step("s", tok)
+        np.testing.assert_array_equal(out, general.llm.step("s", tok))
+        return out
+
+    address = step(toks[0]).__array_interface__["data"][0]        # dropped at once
+    assert step(toks[1]).__array_interface__["data"][0] == address  # so the buffer is reused
+    view = step(toks[2])[:7]                                        # a view keeps the buffer the caller's
+    held = view.copy()
+    nxt = step(toks[3])
+    assert not np.shares_memory(nxt, view)
+    np.testing.assert_array_equal(view, held)
+    del view
+    again = nxt.__array_interface__["data"][0]
+    del nxt
+    assert step(toks[4]).__array_interface__["data"][0] == again
+    kept = []
+    for tok in toks[5:]:                            # all held: the third writes into a buffer of its own
+        kept.append(step(tok))
+        kept[-1:] = [(kept[-1], kept[-1].copy())]
+    assert not any(np.shares_memory(a, b) for i, (a, _) in enumerate(kept) for b, _ in kept[i + 1:])
+    for logits, when_returned in kept:              # and none was overwritten
+        np.testing.assert_array_equal(logits, when_returned)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from vila_edge.errors import KVCacheFull
+from vila_edge.errors import KVCacheFull, KVSequenceError, UnknownSequence
 from vila_edge.kv_blocks import BlockManager, block_hash
 from vila_edge.kv_budget import (GiB, MiB, TARGETS, KVBudgetError, blocks_for_budget,
                                  kv_budget_bytes, parse_budget, plan_num_blocks)
@@ -152,6 +152,23 @@ class KVMachine(RuleBasedStateMachine):
         self._reserve(slots, self.bm.block_table(sid), n_old)
         if compute:
             self._compute(sid, n_old + len(extra))
+
+    @rule(data=st.data(), key=st.integers(0, 5), compute=st.booleans())
+    def step(self, data, key, compute):
+        """A decode step: append_token's one call, checked against the queries it replaces."""
+        sid = self._pick(data)
+        if sid is None:
+            return
+        n_old, table_old = self.bm.num_tokens(sid), self.bm.block_table(sid)
+        res = self._try(lambda: self.bm.append_token(sid, key))
+        if res is None:
+            return
+        start, table, slot = res
+        assert (start, table) == (n_old, self.bm.block_table(sid)) and table[:len(table_old)] == table_old
+        assert type(slot) is int and [slot] == self.bm.slots(sid, n_old, 1).tolist()
+        self._reserve([slot], table, n_old)
+        if compute:
+            self._compute(sid, n_old + 1)
 
     @rule(data=st.data())
     def compute(self, data):
@@ -548,3 +565,135 @@ def test_append_in_pieces_equals_one_allocation(pieces):
     grown.free("s")
     assert grown.allocate("t", keys + [1]).num_cached_tokens == len(keys) // 4 * 4   # its hashes were registered
     check_invariants(grown)
+
+
+# -- append_token: one decode step's bookkeeping in one call -----------------------------------
+
+def _twins(num_blocks, block_size, setup):
+    """Two managers brought to the same state by `setup(bm)`."""
+    a, b = BlockManager(num_blocks, block_size), BlockManager(num_blocks, block_size)
+    setup(a)
+    setup(b)
+    assert state_of(a) == state_of(b)
+    return a, b
+
+
+def _old_step(bm, sid, key):
+    """What a decode step did before append_token: four calls (num_tokens, append, block_table)."""
+    start = bm.num_tokens(sid)
+    slots = bm.append(sid, [key])
+    return start, bm.block_table(sid), int(slots[0])
+
+
+def test_append_token_across_a_block_boundary_by_hand():
+    bm = BlockManager(8, 4)
+    alloc = bm.allocate("s", [7, 8, 9])
+    assert alloc.block_table == [0]
+    assert bm.append_token("s", 10) == (3, [0], 3)               # fills block 0: its hash is chained
+    assert bm._seqs["s"].hashes == chain([7, 8, 9, 10], 4)
+    start, table, slot = bm.append_token("s", 11)                 # position 4 opens block 1
+    assert (start, table, slot) == (4, [0, 1], 4)
+    table.append(99)                                               # the caller's copy, not the manager's
+    assert bm.block_table("s") == [0, 1] and bm._ref[:3] == [1, 1, 0]
+    assert bm._hash[0] is None                                     # not computed yet: not reusable
+    bm.commit("s")
+    assert bm._hash[0] == chain([7, 8, 9, 10], 4)[0]
+    assert bm.allocate("t", [7, 8, 9, 10, 1]).num_cached_tokens == 4
+    check_invariants(bm)
+
+
+def test_append_token_equals_the_four_calls_it_replaces():
+    """Random decode steps, turns and frees on twin managers: the same results and the same state
+    after every step, where the next block is free, cached (evicted), or held by another sequence."""
+    rng = random.Random(3)
+    a, b = _twins(12, 4, lambda bm: [bm.allocate(s, list(range(n))) for s, n in (("x", 6), ("y", 3))])
+    for i in range(400):
+        sid = rng.choice(sorted(a.sequences())) if a.sequences() else None
+        op = rng.random()
+        if sid is None or op < 0.06:
+            sid, n = f"s{i}", rng.randrange(1, 9)
+            keys = [rng.randrange(4) for _ in range(n)]
+            for bm in (a, b):
+                try:
+                    bm.allocate(sid, keys)
+                except KVCacheFull:
+                    pass
+        elif op < 0.12:
+            for bm in (a, b):
+                bm.commit(sid)
+                bm.free(sid)
+        else:
+            key = rng.randrange(4)
+            got, want = [], []
+            for bm, call, out in ((a, lambda: a.append_token(sid, key), got),
+                                  (b, lambda: _old_step(b, sid, key), want)):
+                try:
+                    out.append(call())
+                    bm.commit(sid)
+                except KVCacheFull as e:
+                    out.append(str(e))
+            assert got == want
+        assert state_of(a) == state_of(b)
+        check_invariants(a)
+
+
+def test_append_token_on_a_fork_writes_only_blocks_of_its_own():
+    """A forked child shares the parent's full blocks; its partial block is a copy it owns. Decode
+    steps of either sequence write only blocks of their own (ref 1), never a shared one."""
+    bm = BlockManager(8, 4)
+    bm.allocate("p", list(range(6)))
+    bm.commit("p")
+    copies = bm.fork("p", "c")
+    shared, p_tail = bm.block_table("p")
+    c_tail = bm.block_table("c")[1]
+    assert copies == [(p_tail, c_tail)] and bm._ref[shared] == 2
+    assert bm.append_token("c", 50) == (6, [shared, c_tail], c_tail * 4 + 2)
+    assert bm.append_token("p", 60) == (6, [shared, p_tail], p_tail * 4 + 2)
+    for sid in ("p", "c"):
+        bm.append_token(sid, 1)
+        start, table, slot = bm.append_token(sid, 2)                 # position 8: a new block each
+        assert start == 8 and slot == table[2] * 4 and bm._ref[table[2]] == 1
+    assert bm._ref[shared] == 2 and bm.block_table("p")[2] != bm.block_table("c")[2]
+    # a child forked on a block boundary shares every block; its next token opens one of its own
+    for key in (3, 4, 5):                                            # p: 12 positions, 3 full blocks
+        bm.append_token("p", key)
+    bm.commit("p")
+    assert bm.fork("p", "d") == []
+    start, table, slot = bm.append_token("d", 3)
+    assert table[:3] == bm.block_table("p") and table[3] not in bm.block_table("p") and slot == table[3] * 4
+    check_invariants(bm)
+
+
+def test_append_token_on_a_full_pool_raises_and_changes_nothing():
+    bm = BlockManager(3, 4)
+    bm.allocate("a", list(range(8)))
+    bm.allocate("b", list(range(100, 104)))
+    bm.commit("b")
+    bm.free("b")                                   # cached: evictable, so a step can still take it
+    assert bm.append_token("a", 1) == (8, [0, 1, 2], 8)
+    assert bm.stats().evictions == 1
+    for _ in range(3):
+        bm.append_token("a", 1)
+    before = state_of(bm)
+    with pytest.raises(KVCacheFull, match=r"append for sequence 'a' needs 1 more blocks of 4 tokens, 0 are free"):
+        bm.append_token("a", 2)
+    assert state_of(bm) == before
+    with pytest.raises(UnknownSequence, match="'zz'"):
+        bm.append_token("zz", 2)
+    for bad in (1.5, "3", 2**63, None):
+        with pytest.raises(KVSequenceError, match="int64 integers"):
+            bm.append_token("a", bad)
+    assert state_of(bm) == before
+    check_invariants(bm)
+
+
+def test_append_token_waits_for_a_free_like_append():
+    bm = BlockManager(2, 2, wait_s=5.0)
+    bm.allocate("a", [1, 2])
+    bm.allocate("b", [3, 4])
+    threading.Timer(0.2, bm.free, ("b",)).start()
+    t = time.monotonic()
+    assert bm.append_token("a", 5) == (2, [0, 1], 2)
+    assert 0.1 < time.monotonic() - t < 4.0
+    with pytest.raises(KVCacheFull):                 # wait_s=0 overrides the manager's: no wait
+        bm.append_token("a", 6), bm.append_token("a", 7, wait_s=0)

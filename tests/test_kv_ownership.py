@@ -24,16 +24,16 @@ def test_kv_full_during_decode_frees_the_sequence(engine):
     raises, and the failing sequence must not keep its blocks (it did: append ran outside the try)."""
     pipe = _pipe(engine, 16)
     blocks, hog = pipe.llm.blocks, []
-    real_append = blocks.append
+    real_append = blocks.append_token
 
-    def append_after_a_hog(seq, keys, **kw):
+    def append_after_a_hog(seq, key, **kw):
         if not hog:
             free = blocks.num_free_blocks
             blocks.allocate("hog", list(range(free * blocks.block_size)))
             hog.append("hog")
-        return real_append(seq, keys, **kw)
+        return real_append(seq, key, **kw)
 
-    blocks.append = append_after_a_hog     # the scheduler reserves each decode token here
+    blocks.append_token = append_after_a_hog     # the scheduler reserves each decode token here
     conv = pipe.conversation(system="S")
     with pytest.raises(KVCacheFull, match="append"):
         # 16 tokens in: the prompt's last block fills after a few steps and the next append needs one more.

@@ -18,18 +18,28 @@ FIXTURE = "vila1.5-3b-downsample"
 
 
 class Recorder:
-    """Wraps the runner's forward_batch: checks the pool's invariants before every engine step,
-    records each batch's size, can hold the first step until every request is queued (so they
-    batch deterministically) and can make chosen sequences fail."""
+    """Wraps the runner's forward_batch and decode (a lone sequence's step): checks the pool's
+    invariants before every engine step, records each batch's size, can hold the first step until
+    every request is queued (so they batch deterministically) and can make chosen sequences fail."""
 
     def __init__(self, pipe, max_batch: int, hold: threading.Event | None = None, fail=None):
         self.pipe, self.sizes, self.hold, self.fail = pipe, [], hold, fail
         runner = pipe.llm.runner
-        self.inner = runner.forward_batch
+        self.inner, self.inner_decode = runner.forward_batch, runner.decode
         runner.max_batch = max_batch              # the default forward_batch loops: any size is exact
-        runner.forward_batch = self
+        runner.forward_batch, runner.decode = self, self.decode
+        self._depth = 0                           # decode may run through forward_batch: one step, once
 
     def __call__(self, steps):
+        return self._step(steps, lambda: self.inner(steps))
+
+    def decode(self, token, start, table, slot):
+        return self._step([scheduler._step(token, start, table, slot)],
+                          lambda: self.inner_decode(token, start, table, slot))
+
+    def _step(self, steps, run):
+        if self._depth:
+            return run()
         if self.hold is not None:
             assert self.hold.wait(60)
         bm = self.pipe.llm.blocks
@@ -38,7 +48,11 @@ class Recorder:
         self.sizes.append(len(steps))
         if self.fail is not None and any(self.fail(s) for s in steps):
             raise EngineError("injected failure")
-        return self.inner(steps)
+        self._depth += 1
+        try:
+            return run()
+        finally:
+            self._depth -= 1
 
 
 def _images():

@@ -24,7 +24,6 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from contextlib import contextmanager
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -119,6 +118,7 @@ class BlockManager:
         self._cond = threading.Condition()       # an RLock: see _locked
         self._local = threading.local()
         self._orphans = deque()                   # sequences to free at the next call (release_later)
+        self._lock = _Locked(self)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -203,16 +203,15 @@ class BlockManager:
     def append(self, seq_id: Hashable, keys: Sequence[int], wait_s: float | None = None) -> np.ndarray:
         """Reserve len(keys) more positions (decode steps, a next turn); returns their slots.
         `wait_s` overrides the manager's, as in allocate."""
+        return self.reserve(seq_id, keys, wait_s)[2]
+
+    def reserve(self, seq_id: Hashable, keys: Sequence[int], wait_s: float | None = None) -> tuple:
+        """append under the lock once, with what a forward pass of the new positions needs besides:
+        (start, block table (a copy), slots), start being the sequence's length before the call."""
         keys = _checked_keys(keys)
         with self._locked():
-            deadline = time.monotonic() + (self.wait_s if wait_s is None else wait_s)
-            while True:  # re-read the sequence after a wait: another thread may have freed it
-                seq = self._seq(seq_id)
-                n_old, n_new = len(seq.keys), len(seq.keys) + len(keys)
-                need = self._blocks_for(n_new) - len(seq.block_table)
-                if need <= len(self._free) + len(self._lru):
-                    break
-                self._wait_or_raise(seq_id, need, self._blocks_for(n_new), "append", deadline, holds=seq_id)
+            seq, need = self._room(seq_id, len(keys), wait_s)
+            n_old = len(seq.keys)
             # O(new keys) per call, not O(sequence): only the last partial block's keys and the new
             # ones are hashed, and the key list grows in place (a decode step appends one key).
             hashed = len(seq.hashes) * self.block_size
@@ -222,7 +221,46 @@ class BlockManager:
             if need:
                 seq.block_table += self._take_run(need, seq.block_table[-1])
             seq.keys += keys
-            return self._slots(seq.block_table, n_old, n_new - n_old)
+            return n_old, list(seq.block_table), self._slots(seq.block_table, n_old, len(keys))
+
+    def append_token(self, seq_id: Hashable, key: int, wait_s: float | None = None) -> tuple:
+        """One decode step's bookkeeping in one call under one lock entry: reserve position n (the
+        sequence's length) for `key`, taking a block when n starts one. Returns (n, block table (a
+        copy), slot id of position n as an int). The same state change and errors as
+        `reserve(seq_id, [key])` (tests/test_kv_cache.py checks them against each other), so a full
+        pool raises KVCacheFull with the manager unchanged."""
+        if not isinstance(key, (int, np.integer)) or not -2**63 <= key < 2**63:   # as _checked_keys
+            raise KVSequenceError(f"KV block keys must be int64 integers, got {key!r}")
+        key = int(key)
+        BS = self.block_size
+        with self._locked():
+            seq, need = self._room(seq_id, 1, wait_s)
+            keys, table = seq.keys, seq.block_table
+            n = len(keys)
+            keys.append(key)
+            if (n + 1) % BS == 0:    # the key completes a block: chain its hash
+                seq.hashes.append(block_hash(seq.hashes[-1] if seq.hashes else ROOT_HASH, keys[n + 1 - BS:]))
+            if need:
+                last = table[-1]
+                # The next block when it is unreferenced (what _take_run picks first), without its
+                # scan of the whole pool; anything else through it.
+                table.append(self._take_block(last + 1) if last + 1 < self.num_blocks and not self._ref[last + 1]
+                             else self._take_run(1, last)[0])
+            return n, table[:], table[n // BS] * BS + n % BS
+
+    def _room(self, seq_id: Hashable, count: int, wait_s: float | None) -> tuple:
+        """(sequence, blocks it must take) for `count` more positions, once the pool has them: waits
+        up to wait_s (the manager's when None) for a free(), else raises KVCacheFull. Lock held."""
+        deadline = None
+        while True:  # re-read the sequence after a wait: another thread may have freed it
+            seq = self._seq(seq_id)
+            n_new = len(seq.keys) + count
+            need = -(-n_new // self.block_size) - len(seq.block_table)
+            if need <= 0 or need <= len(self._free) + len(self._lru):
+                return seq, max(need, 0)
+            if deadline is None:
+                deadline = time.monotonic() + (self.wait_s if wait_s is None else wait_s)
+            self._wait_or_raise(seq_id, need, self._blocks_for(n_new), "append", deadline, holds=seq_id)
 
     def commit(self, seq_id: Hashable, num_tokens: int | None = None) -> None:
         """Positions 0..num_tokens-1 (default: all reserved) now have their KV in the pool.
@@ -305,21 +343,17 @@ class BlockManager:
 
     # -- internals (called with the lock held) -----------------------------------------------
 
-    @contextmanager
-    def _locked(self):
+    def _locked(self) -> "_Locked":
         """The lock, with this thread's nesting depth; the outermost entry first frees sequences
-        whose owners were garbage-collected (release_later)."""
-        with self._cond:
-            self._local.depth = getattr(self._local, "depth", 0) + 1
-            try:
-                if self._local.depth == 1:
-                    while self._orphans:
-                        seq_id = self._orphans.popleft()
-                        if seq_id in self._seqs:
-                            self._free_now(seq_id)
-                yield
-            finally:
-                self._local.depth -= 1
+        whose owners were garbage-collected (release_later). One object per manager, entered by
+        `with`: no generator and no context object per call (a decode step enters it twice)."""
+        return self._lock
+
+    def _free_orphans(self) -> None:
+        while self._orphans:
+            seq_id = self._orphans.popleft()
+            if seq_id in self._seqs:
+                self._free_now(seq_id)
 
     def _seq(self, seq_id):
         if seq_id not in self._seqs:
@@ -413,6 +447,31 @@ class BlockManager:
                else " while every sequence holding blocks waits for more (none can finish)" if stuck
                else f" after waiting {self.wait_s} s" if self.wait_s > 0 else "")
             + "; raise the KV budget (a larger target or byte count) or free finished sequences")
+
+
+class _Locked:
+    """BlockManager._locked: its Condition (an RLock) with this thread's nesting depth; the outermost
+    entry first frees the sequences release_later queued (their owners were garbage-collected)."""
+    __slots__ = ("_bm", "_cond", "_local")
+
+    def __init__(self, bm: BlockManager):
+        self._bm, self._cond, self._local = bm, bm._cond, bm._local
+
+    def __enter__(self):
+        self._cond.acquire()
+        local = self._local
+        depth = local.depth = getattr(local, "depth", 0) + 1
+        if depth == 1 and self._bm._orphans:
+            try:
+                self._bm._free_orphans()
+            except BaseException:
+                self.__exit__()
+                raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._local.depth -= 1
+        self._cond.release()
 
 
 def _cheapest_run(unused: np.ndarray, cost: np.ndarray, n: int) -> int | None:

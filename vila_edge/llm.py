@@ -62,9 +62,8 @@ class LLMEngine:
         """Append positions to a live sequence (a decode step) and run them."""
         tokens = _tokens(inputs)
         try:
-            start = self.blocks.num_tokens(seq_id)
-            slots = self.blocks.append(seq_id, keys.tolist())
-            return self._run_chunks(seq_id, tokens, start, self.blocks.block_table(seq_id), slots)
+            start, table, slots = self.blocks.reserve(seq_id, keys.tolist())
+            return self._run_chunks(seq_id, tokens, start, table, slots)
         except BaseException:
             # Reserved-but-uncomputed positions would poison the sequence, and a caller that sees an
             # error (KVCacheFull from append included) forgets it: drop it whole, here.
@@ -72,11 +71,23 @@ class LLMEngine:
             raise
 
     def step(self, seq_id, token: int) -> np.ndarray:
-        """One decode step of a text token: its id is its block key."""
-        return self.extend(seq_id, Tokens(np.array([token], np.int64)), np.array([token], np.int64))
+        """One decode step of a text token: its id is its block key. extend's behaviour with two
+        BlockManager calls (append_token, commit) instead of four."""
+        try:
+            start, table, slot = self.blocks.append_token(seq_id, token)
+            logits = self.runner.decode(token, start, table, slot)
+            self.blocks.commit(seq_id, start + 1)
+            return logits
+        except BaseException:
+            self.blocks.free(seq_id)      # as extend
+            raise
 
     def _run_chunks(self, seq_id, tokens: Tokens, start: int, table: list, slots: np.ndarray) -> np.ndarray:
         """Positions start..start+T-1, in chunks of PREFILL_CHUNK."""
+        if 0 < len(tokens) <= PREFILL_CHUNK:      # one chunk (a decode step): no Tokens.slice copy
+            logits = self.runner.forward(tokens, start, table, slots)
+            self.blocks.commit(seq_id, start + len(tokens))
+            return logits
         logits = None
         for lo in range(0, len(tokens), PREFILL_CHUNK):
             hi = min(lo + PREFILL_CHUNK, len(tokens))

@@ -6,12 +6,15 @@ K/V rows into the pool IN PLACE and attend over the pool blocks the block tables
 is bound once, per thread, as OrtValues over the numpy pool (no copy: ORT's CPU provider reads and
 writes the caller's memory), and a step binds only its small inputs: no past views, no staging
 buffer, no scatter after the run. A decode step of one sequence (the common case) binds nothing: it
-writes its values into per-thread buffers bound once (_Decode; logits [1, V'] float32, ~200 KB at a
-49k vocabulary, outside the ledger like the general path's per-call outputs), which takes ~0.2 ms of
-Python and binding off each step (benchmarks/profile_decode.py).
+writes its values into per-thread buffers bound once (_Decode; two logits buffers [1, V'] float32,
+~200 KB each at a 49k vocabulary, handed to the caller without a copy, outside the ledger like the
+general path's per-call outputs), which takes ~0.2 ms of Python and binding off each step
+(benchmarks/profile_decode.py). `decode` is that step without forward's argument objects (Tokens,
+Step): ~160 us a step less than copying the logits and building them (benchmarks/results/kvstep).
 """
 import contextlib
 import os
+import sys
 import threading
 
 import numpy as np
@@ -48,7 +51,7 @@ class OrtPagedLLMRunner(LLMRunner):
             engine_check.check_paged_llm(self.session.session, m, path, REBUILD.format(out=engine_dir))
         self._tables(engine_dir, m, opts, num_blocks, block_size, max_context)
         self.pool = KVPool(self.layout, num_blocks)
-        self._max_blocks = -(-max_context // block_size)
+        self._max_blocks, self._block_size = -(-max_context // block_size), block_size
         self._outputs = ["logits"] + (["hidden"] if "hidden" in self.session.output_names else [])
         self._local = threading.local()      # per thread: its IOBinding and last hidden state
         # VILA-U graphs take `logits_rows` (B: logits of every row, 0: hidden state only; hidden_only())
@@ -98,6 +101,23 @@ class OrtPagedLLMRunner(LLMRunner):
             self._local.hidden = self._local.hidden[0]
         return logits.reshape(-1)
 
+    def decode(self, token: int, start: int, table: list, slot: int) -> np.ndarray:
+        """_decode_step without the objects forward builds (Tokens, Step, arrays, the [V'] view): a
+        text id's float row straight into the bound input. Anything else (the thread's first step, a
+        quantized table, an id out of range, a position past the bound table) goes through forward,
+        which builds the buffers or reports the error."""
+        d, table_rows = getattr(self._local, "decode", None), self.embeddings.table
+        need = start // self._block_size + 1
+        if d is None or not self._decode_rows or table_rows is None or not 0 <= token < self.vocab_rows \
+                or not need <= self._max_blocks or len(table) < need:
+            return super().decode(token, start, table, slot)
+        d.embeds[0] = table_rows[token]
+        d.set_table(table, need)
+        d.position[0], d.seq_len[0], d.slot[0] = start, start + 1, slot
+        o = d.out()
+        self.session.run_with_iobinding(o.io)
+        return o.flat
+
     def forward_batch(self, steps: list) -> np.ndarray:
         if not 1 <= len(steps) <= self.max_batch:
             raise ValueError(f"forward_batch takes 1..{self.max_batch} steps, got {len(steps)}")
@@ -145,11 +165,12 @@ class OrtPagedLLMRunner(LLMRunner):
 
     def _decode_step(self, s: Step) -> np.ndarray:
         """forward_batch of one sequence's one new position: its values written into this thread's
-        bound buffers (no per-step OrtValues, no output allocation in ORT); logits [1, V'] copied out."""
+        bound buffers (no per-step OrtValues, no output allocation in ORT); logits [1, V'] handed over,
+        not copied (_Decode)."""
         d = getattr(self._local, "decode", None)
         if d is None:
-            d = self._local.decode = _Decode(self._pool_binding(), self._max_blocks, self.embeds_dtype,
-                                             self.embeddings.width, self._decode_rows)
+            d = self._local.decode = _Decode([self._pool_binding() for _ in range(2)], self._max_blocks,
+                                             self.embeds_dtype, self.embeddings.width, self._decode_rows)
         need = s.start // self.layout.block_size + 1           # <= max_blocks (forward_batch checked)
         if len(s.table) < need:
             raise ValueError(f"step 0: {s.start + 1} positions need {need} blocks, its table has {len(s.table)}")
@@ -157,9 +178,10 @@ class OrtPagedLLMRunner(LLMRunner):
             return self._batch([s])
         d.set_table(s.table, need)
         d.position[0], d.seq_len[0], d.slot[0] = s.start, s.start + 1, s.slots[0]
-        self.session.run_with_iobinding(d.io)
+        o = d.out()
+        self.session.run_with_iobinding(o.io)
         self._local.hidden = None
-        return d.logits.copy()
+        return o.logits
 
 
     def _embed_into(self, tokens, out: np.ndarray) -> bool:
@@ -180,26 +202,46 @@ class OrtPagedLLMRunner(LLMRunner):
 
 
 class _Decode:
-    """One thread's IOBinding for decode steps of one sequence: the pool and [1]-row input buffers
+    """One thread's IOBindings for decode steps of one sequence: the pool and [1]-row input buffers
     bound once as OrtValues over numpy memory (ORT's CPU provider reads them in place at run time),
     and the logits written into a buffer of ours. Block table entries past the sequence's length
-    are never read (the op reads ceil(seq_len / BS) of them)."""
+    are never read (the op reads ceil(seq_len / BS) of them).
 
-    def __init__(self, io, max_blocks: int, dtype, width: int, rows: int):
+    A step returns its logits buffer itself, not a copy (a 49k-vocabulary copy read ~200 KB that the
+    run had just written: 13-40 us a step once the weights have streamed through the caches). A
+    caller may keep what it was given, so a buffer is written again only while nothing else
+    references it (a held array or any numpy view of it adds to its reference count: views keep
+    their base alive). Two bindings with a logits buffer each, the inputs shared, serve the two
+    usual callers without rebinding: the scheduler drops each step's logits after sampling (one
+    buffer, reused), a loop `logits = step(...)` holds the last while it asks for the next (the two
+    alternate). A caller that holds both gets a new buffer bound (`_Out.renew`)."""
+
+    def __init__(self, bindings: list, max_blocks: int, dtype, width: int, rows: int):
         import onnxruntime as ort
-        self.io = io                          # the pool already bound (OrtPagedLLMRunner._pool_binding)
         self.embeds, self.position = np.zeros((1, width), dtype), np.zeros(1, np.int64)
         self.tables, self.seq_len = np.zeros((1, max_blocks), np.int32), np.zeros(1, np.int32)
-        self.slot, self.logits = np.zeros(1, np.int32), np.empty((1, rows), np.float32)
+        self.slot = np.zeros(1, np.int32)
         inputs = {"inputs_embeds": self.embeds, "position_ids": self.position, "block_tables": self.tables,
                   "seq_lens": self.seq_len, "query_start_loc": np.array([0, 1], np.int32),
                   "slot_mapping": self.slot, "logits_indices": np.zeros(1, np.int64)}
         self._values = [ort.OrtValue.ortvalue_from_numpy(v) for v in inputs.values()]   # alive while bound
-        for name, value in zip(inputs, self._values):
-            self.io.bind_ortvalue_input(name, value)
-        self._out = ort.OrtValue.ortvalue_from_numpy(self.logits)
-        self.io.bind_ortvalue_output("logits", self._out)
+        for io in bindings:                   # the pool already bound (OrtPagedLLMRunner._pool_binding)
+            for name, value in zip(inputs, self._values):
+                io.bind_ortvalue_input(name, value)
+        self._outs = [_Out(io, rows, ort.OrtValue.ortvalue_from_numpy) for io in bindings]
+        self._at = 0
         self._table = []                      # the block ids in self.tables[0] now (a prefix is read)
+
+    def out(self) -> "_Out":
+        """The binding to run next: the last one if its logits are free, else the other, else the
+        last one with a new buffer."""
+        o = self._outs[self._at]
+        if o.held():
+            self._at = (self._at + 1) % len(self._outs)
+            o = self._outs[self._at]
+            if o.held():
+                o.renew()
+        return o
 
     def set_table(self, table, need: int) -> None:
         """tables[0, :need] = table[:need], writing only what changed: a decode step of the same
@@ -214,6 +256,31 @@ class _Decode:
         else:
             self.tables[0, :need] = table
         self._table = table
+
+
+class _Out:
+    """One decode binding's output: logits [1, V'] bound as the graph's `logits`, and `flat`, its
+    [V'] view (what forward returns), made once."""
+    __slots__ = ("io", "logits", "flat", "_value", "_ortvalue", "_refs")
+
+    def __init__(self, io, rows: int, ortvalue):
+        self.io, self._ortvalue = io, ortvalue
+        self.logits = np.empty((1, rows), np.float32)
+        self.renew()
+        # References while no caller holds them: logits' (ours, the OrtValue's, flat's base) and flat's
+        # (ours), each + 1 for sys.getrefcount's argument.
+        self._refs = (sys.getrefcount(self.logits), sys.getrefcount(self.flat))
+
+    def held(self) -> bool:
+        """Whether anything besides this binding references the buffer (a caller kept its logits)."""
+        return (sys.getrefcount(self.logits), sys.getrefcount(self.flat)) != self._refs
+
+    def renew(self) -> None:
+        """Bind a new buffer: the old one belongs to the caller that holds it."""
+        self.logits = np.empty_like(self.logits)
+        self.flat = self.logits.reshape(-1)
+        self._value = self._ortvalue(self.logits)    # alive while bound (it references self.logits)
+        self.io.bind_ortvalue_output("logits", self._value)
 
 
 def llm(engine_dir: str, manifest, num_blocks: int, block_size: int, max_context: int, opts: RunnerOptions):

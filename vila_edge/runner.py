@@ -69,6 +69,11 @@ class LLMRunner(ABC):
         """Positions start..start+T-1 (their KV rows at `slots`, past in `table`'s blocks);
         returns the last position's logits [V'] float32."""
 
+    def decode(self, token: int, start: int, table: list, slot: int) -> np.ndarray:
+        """forward of one text id at position `start`, its KV row at `slot` (a decode step, from
+        BlockManager.append_token). A runner with a faster path for it overrides this."""
+        return self.forward(Tokens(np.array([token], np.int64)), start, table, np.array([slot], np.int64))
+
     # Sequences one forward_batch call runs in one pass of the graph (1: a loop over forward).
     max_batch: int = 1
 

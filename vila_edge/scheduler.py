@@ -3,7 +3,8 @@
 nano-vllm's engine/scheduler.py is the model. Requests come from any thread (Pipeline.chat, stream,
 conversations, the HTTP server's workers) and queue here. Each engine step is ONE call to
 `runner.forward_batch`: either the next prefill chunk of one request, or the decode step of every
-running sequence (in groups of `runner.max_batch`). Prefill chunks and decode steps alternate while
+running sequence (in groups of `runner.max_batch`; a lone sequence's through `runner.decode`).
+Prefill chunks and decode steps alternate while
 both are pending, so a long prompt never stalls the streams already running, and a new request
 joins the decode batch as soon as its prompt is in. Mixed prefill + decode batches are not built:
 with a runner that loops over sequences they cost the same, and the batched graph decides later.
@@ -139,7 +140,10 @@ class Scheduler:
         step = Step(req.tokens.slice(lo, hi), lo, table, slots[lo - req.cached: hi - req.cached])
         self._last_prefill = True
         self.counters["prefill_steps"] += 1
-        out = self._forward([step])[0]
+        try:
+            out = self.runner.forward_batch([step])[0]
+        except Exception as e:
+            out = e
         if isinstance(out, BaseException):
             self._prefilling.popleft()
             return self._end(req, "error", out, free=True)
@@ -159,16 +163,17 @@ class Scheduler:
         for req in list(self._running):
             tok = req.gen.ids[-1]
             try:
-                start = self.blocks.num_tokens(req.seq_id)
-                slots = self.blocks.append(req.seq_id, [tok], wait_s=0)
+                start, table, slot = self.blocks.append_token(req.seq_id, tok, wait_s=0)
             except KVCacheFull as e:
                 stalled.append((req, e))
                 continue
-            self._stalled.pop(req.seq_id, None)
-            steps.append(Step(Tokens(np.array([tok], np.int64)), start, self.blocks.block_table(req.seq_id), slots))
+            if self._stalled:
+                self._stalled.pop(req.seq_id, None)
+            steps.append((tok, start, table, slot))
             reqs.append(req)
-        self._stall(stalled, stuck=not steps and not self._prefilling
-                    and self.blocks.sequences() <= {r.seq_id for r in self._running})
+        if stalled:
+            self._stall(stalled, stuck=not steps and not self._prefilling
+                        and self.blocks.sequences() <= {r.seq_id for r in self._running})
         group = max(1, self.runner.max_batch)
         for lo in range(0, len(steps), group):
             self.counters["decode_steps"] += 1
@@ -196,18 +201,23 @@ class Scheduler:
                 self._end(req, "error", error, free=True)
 
     def _forward(self, steps: list) -> list:
-        """Each step's logits row, or the exception its sequence alone raised: a batch that fails
-        is run again one sequence at a time (rewriting the same slots), so an error stays with
-        the request that caused it."""
-        try:
-            return list(self.runner.forward_batch(steps))
-        except Exception as e:
-            if len(steps) == 1:
+        """Each decode step's (token, start, table, slot) logits row, or the exception its sequence
+        alone raised: a batch that fails is run again one sequence at a time (rewriting the same
+        slots), so an error stays with the request that caused it. A lone sequence takes the
+        runner's decode (no batch arrays)."""
+        if len(steps) == 1:
+            try:
+                return [self.runner.decode(*steps[0])]
+            except Exception as e:
                 return [e]
+        try:
+            return list(self.runner.forward_batch([_step(*s) for s in steps]))
+        except Exception:
+            pass
         out = []
         for s in steps:
             try:
-                out.append(self.runner.forward_batch([s])[0])
+                out.append(self.runner.decode(*s))
             except Exception as e:
                 out.append(e)
         return out
@@ -237,3 +247,8 @@ class Scheduler:
             except UnknownSequence:
                 pass
         req.gen.events.put(("error", error) if outcome == "error" else (outcome, None))
+
+
+def _step(token: int, start: int, table: list, slot: int) -> Step:
+    """A decode step's part of a batched forward pass."""
+    return Step(Tokens(np.array([token], np.int64)), start, table, np.array([slot], np.int64))

@@ -28,6 +28,9 @@ class TextStreamer:
         if self._drop_space:
             self._drop_space = False
             piece = piece[1:] if piece.startswith(" ") else piece
+        if not self.stop:        # nothing to search for or hold back: the piece is shown as it is
+            self._shown.append(piece)
+            return piece
         self._pending += piece
         cut = min((i for i in (self._pending.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
