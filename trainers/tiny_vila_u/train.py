@@ -416,7 +416,8 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="--part llm: continue from the work dir's llm.pt")
     ap.add_argument("--attention", type=float, default=1.0, help="weight of the attention supervision")
     ap.add_argument("--work", default="build/vila-u-stages", help="each stage's weights (tower.pt, decoder.pt, llm.pt)")
-    ap.add_argument("--part", choices=["all", "tower", "decoder", "llm", "finish", "guide", "save", "import"], default="all")
+    ap.add_argument("--part", default="all",
+                    choices=["all", "tower", "decoder", "llm", "finish", "guide", "save", "import"])
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     args.start = time.time()
