@@ -22,7 +22,9 @@ VILA-U (arXiv 2409.04429) trains its tower first, then the LLM with the tower fr
             trainers/tiny_shapes, one and two images, few-shot; answer loss plus its attention
             supervision) and generation (prompt -> the scene's codes, depth-transformer loss),
             the unconditional prompt for UNCOND_SHARE of generation samples (classifier-free guidance);
-            then a second pass at a lower rate on new samples (--finish-*: held-out colour 0.36 -> 0.77).
+            then a second pass at a lower rate on new samples (--finish-*: held-out colour 0.36 -> 0.77),
+            then a guidance pass (--guide-*): the codes' loss under cfg-3 guided logits added
+            (guided_cross_entropy; held-out position at cfg 3 0.50 -> 0.75, fp16 engine).
 Stage 1 also makes the first code level name each cell's content (colour, shape, background): a cluster
 loss and a class-balanced first-level k-means (tower.ClusterLoss, tower.class_balance); without them
 the colour lived in the second level, which the depth transformer could not predict
@@ -116,10 +118,17 @@ def prompt_words(tok, ids: list) -> list:
     return list(range(start, len(ids) - 1 - ids[::-1].index(assistant)))
 
 
-def gen_loss(model, ids: list, pixels: torch.Tensor) -> torch.Tensor:
+def gen_loss(model, ids: list, pixels: torch.Tensor, guided: float = 0.0, cfg: float = 3.0) -> torch.Tensor:
     """Left-padded prompts + the image's first T-1 positions (projector(sum of their codebook rows));
-    the final hidden states at <im_start> and those positions predict every position's D codes."""
+    the final hidden states at <im_start> and those positions predict every position's D codes.
+    guided > 0: plus guided x the cross-entropy of the conditional rows' codes under the logits the
+    sampler draws from at cfg (vila_edge/imagine.py: l_u + cfg (l_c - l_u)), l_u from the same image
+    after the unconditional prompt and held fixed (it stays the plain likelihood of its own rows)."""
     codes = model.encode(pixels)                                              # (B, T, D)
+    cond = [b for b, row in enumerate(ids) if prompt_words(model.tokenizer, row)] if guided else []
+    if cond:
+        ids = ids + [tokenize(model.tokenizer, generation_prompts("x")[1])] * len(cond)
+        codes = torch.cat([codes, codes[cond]])
     B, T, _ = codes.shape
     image = model.projector(model.rq.code_sum(codes[:, :-1]))                 # (B, T-1, H)
     table = model.llm.get_input_embeddings()
@@ -133,8 +142,11 @@ def gen_loss(model, ids: list, pixels: torch.Tensor) -> torch.Tensor:
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     out = model.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, output_attentions=True)
     h = out.last_hidden_state[:, -T:]
-    logits = model.depth_logits(h.reshape(B * T, -1), codes.reshape(B * T, D))
-    loss = F.cross_entropy(logits.reshape(-1, K), codes.reshape(-1))
+    logits = model.depth_logits(h.reshape(B * T, -1), codes.reshape(B * T, D)).reshape(B, T, D, K)
+    n = B - len(cond)                                                         # the batch's own rows
+    loss = F.cross_entropy(logits[:n].reshape(-1, K), codes[:n].reshape(-1))
+    if cond:
+        loss = loss + guided * guided_cross_entropy(logits[cond], logits[n:], codes[cond], cfg)
     # Attention supervision, as for the questions (trainers/tiny_shapes/attention_targets.py): from
     # every image position, KEY_HEAD looks at the prompt's words (a from-scratch LLM otherwise
     # draws unconditionally for hundreds of steps: measured, held-out colour 0.11 after 764 steps).
@@ -145,29 +157,50 @@ def gen_loss(model, ids: list, pixels: torch.Tensor) -> torch.Tensor:
     return loss + (att / n if n else 0.0)
 
 
+def guided_cross_entropy(cond: torch.Tensor, uncond: torch.Tensor, codes: torch.Tensor, cfg: float) -> torch.Tensor:
+    """Mean cross-entropy of codes (...) under the guided logits l_u + cfg (l_c - l_u) of cond and
+    uncond (..., K), with no gradient into l_u: the conditional model learns not to lift a code above
+    the unconditional one where the truth is not (guidance multiplies such a lift by cfg; measured:
+    the codes it picked instead of the asked object had l_c - l_u of 4-7 nats, rare rows)."""
+    u = uncond.detach()
+    return F.cross_entropy((u + cfg * (cond - u)).reshape(-1, cond.shape[-1]), codes.reshape(-1))
+
+
 def _save(state: dict, path: str) -> None:
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def llm_stage(model, args, second: bool = False) -> None:
-    """Stage 2, or (second) its second pass: a fresh warmup + cosine at --finish-lr on new samples
+# Stage 2's passes: (log name, Stream start, args prefix of lr / minutes / steps, guided's arg or None).
+PASSES = {"2": ("2 llm", 20_000_000, "", None),
+          "2b": ("2b llm, second pass", 30_000_000, "finish_", None),
+          "2c": ("2c llm, guidance pass", 50_000_000, "guide_", "guided")}
+
+
+def llm_stage(model, args, which: str = "2") -> None:
+    """Stage 2 (which "2"); its second pass "2b": a fresh warmup + cosine at --finish-lr on new samples
     (the previous checkpoint's resumed pass lifted its first-answer-token probe 0.82 -> 0.94; this
-    tower's richer first code, one row per kind of object, leaves the LLM more to learn)."""
-    stream, rng = Stream(30_000_000 if second else 20_000_000), random.Random(GEN_SEED + second)
+    tower's richer first code, one row per kind of object, leaves the LLM more to learn); the
+    guidance pass "2c": the same at --guide-lr plus the codes' loss under the guided logits
+    (gen_loss's guided; at cfg 3 the previous checkpoint drew the asked object in the wrong cell
+    half the time, the conditional logits of rare rows lifted above the unconditional ones)."""
+    name, start, prefix, weight_arg = PASSES[which]
+    stream, rng = Stream(start), random.Random(GEN_SEED + list(PASSES).index(which))
     pool = prompts.specs(heldout=False)
     cells = list(range(scenes.GRID * scenes.GRID))      # image token t covers scene cell t (row-major)
     qa_loss = qa_stage_loss(model, pixel_features(model), args.attention)
+    guided = getattr(args, weight_arg) if weight_arg else 0.0
 
     def batch():
-        return qa_batch(model, stream, args.bs, args.rounds, cells), gen_batch(model, rng, pool, args.gen_bs)
+        return (qa_batch(model, stream, args.bs, args.rounds, cells),
+                gen_batch(model, rng, pool, args.gen_bs))
 
     def loss(qa, gen):
-        return qa_loss(qa) + gen_loss(model, *gen)
+        return qa_loss(qa) + gen_loss(model, *gen, guided=guided)
 
     params = list(model.projector.parameters()) + list(model.llm.parameters()) + list(model.depth_head.parameters())
-    name, lr, minutes, steps = (("2b llm, second pass", args.finish_lr, args.finish_minutes, args.finish_steps)
-                                if second else ("2 llm", args.lr, args.llm_minutes, args.llm_steps))
+    lr, minutes, steps = (getattr(args, prefix + k) for k in ("lr", "minutes", "steps")) if prefix else \
+        (args.lr, args.llm_minutes, args.llm_steps)
     timed_stage(name, params, lr, 60 * minutes, steps, batch, loss,
                 checkpoint=lambda: _save(llm_state(model), os.path.join(args.work, "llm.pt")))
 
@@ -267,8 +300,11 @@ def part_llm(args) -> None:
     model.rq.eval()
     llm_stage(model, args)
     _save(llm_state(model), os.path.join(args.work, "llm.pt"))
-    if args.finish_steps and not args.resume:
-        llm_stage(model, args, second=True)
+    if not args.resume:
+        for which, steps in (("2b", args.finish_steps), ("2c", args.guide_steps)):
+            if steps:
+                llm_stage(model, args, which)
+                _save(llm_state(model), os.path.join(args.work, "llm.pt"))
     model.eval()
     _save(llm_state(model), os.path.join(args.work, "llm.pt"))
     print(f"[stage 2 llm] answers on unseen scenes: {answer_probe(model, pixel_tokens(model))}", flush=True)
@@ -276,14 +312,49 @@ def part_llm(args) -> None:
 
 def part_finish(args) -> None:
     """Stage 2's second pass alone, from the work dir's llm.pt (what --part llm runs after stage 2)."""
+    _further_pass(args, "2b")
+
+
+def part_guide(args) -> None:
+    """Stage 2's guidance pass alone, from the work dir's llm.pt (what --part llm runs after 2b)."""
+    _further_pass(args, "2c")
+
+
+def _further_pass(args, which: str) -> None:
     model = load_stage(args, "tower", "llm")
     freeze(model.rq)
     model.train()
     model.rq.eval()
-    llm_stage(model, args, second=True)
+    llm_stage(model, args, which)
     model.eval()
     _save(llm_state(model), os.path.join(args.work, "llm.pt"))
-    print(f"[stage 2b llm] answers on unseen scenes: {answer_probe(model, pixel_tokens(model))}", flush=True)
+    print(f"[stage {which} llm] answers on unseen scenes: {answer_probe(model, pixel_tokens(model))}", flush=True)
+
+
+def part_import(args) -> None:
+    """A saved checkpoint (--checkpoint, VILA-U's layout, bf16) -> the work dir's tower.pt, decoder.pt and
+    llm.pt (upcast): to run a later pass (--part guide) on a shipped model without its stage files."""
+    from safetensors.torch import load_file
+
+    model = new_model(args)
+    root = args.checkpoint
+    tower = load_file(os.path.join(root, "vision_tower", "model.safetensors"))
+    state = {"rq." + k[len("rqvaesiglip."):]: v for k, v in tower.items() if k.startswith("rqvaesiglip.")}
+    state.update({"depth_head." + k[len("rqtransformer."):]: v for k, v in tower.items()
+                  if k.startswith("rqtransformer.")})
+    state.update({"projector." + k[len("layers."):]: v
+                  for k, v in load_file(os.path.join(root, "mm_projector", "model.safetensors")).items()})
+    state.update({"llm." + k: v for k, v in load_file(os.path.join(root, "llm", "model.safetensors")).items()})
+    mine = model.state_dict()
+    if set(state) != set(mine):
+        raise SystemExit(f"{root}: not this trainer's layout (missing {sorted(set(mine) - set(state))[:3]}, "
+                         f"unexpected {sorted(set(state) - set(mine))[:3]})")
+    state = {k: v.to(mine[k].dtype) for k, v in state.items()}
+    parts = {"tower": ("rq.",), "decoder": ("rq.decoder.", "rq.post_quant_conv."),
+             "llm": ("llm.", "projector.", "depth_head.")}
+    for name, prefixes in parts.items():
+        _save({k: v for k, v in state.items() if k.startswith(prefixes)}, os.path.join(args.work, name + ".pt"))
+    print(f"imported {root} into {args.work}", flush=True)
 
 
 def part_save(args) -> None:
@@ -323,22 +394,30 @@ def main(argv=None):
     ap.add_argument("--gen-bs", type=int, default=12, help="generation samples per step")
     ap.add_argument("--rounds", type=int, default=3, help="extra question rounds per single-image conversation")
     # Step caps: stage 1b 4000 steps at 0.22 CPU-s, stage 2 2300 + 1000 (second pass) at 0.32 CPU-s
-    # (measured under load: 873 s, 716 s + 319 s CPU): ~18 min of two idle cores with both in parallel;
-    # the minute budgets stop them earlier on a busy machine, so the whole run stays <= 30 min.
+    # + 400 (guidance pass) at 0.47 CPU-s (measured under load: 873 s, 716 s + 319 s + 186 s CPU):
+    # ~22 min of two idle cores with both in parallel; the minute budgets (5 + 15 + 6 + 4) stop them
+    # earlier on a busy machine, so the whole run stays <= 30 min.
     ap.add_argument("--decoder-steps", type=int, default=4000)
     ap.add_argument("--perceptual", type=float, default=0.5,
                     help="weight of stage 1b's tower-feature (perceptual) loss")
     ap.add_argument("--decoder-minutes", type=float, default=24, help="wall-clock budget of stage 1b")
     ap.add_argument("--llm-steps", type=int, default=2300)
-    ap.add_argument("--llm-minutes", type=float, default=17, help="wall-clock budget of stage 2")
+    ap.add_argument("--llm-minutes", type=float, default=15, help="wall-clock budget of stage 2")
     ap.add_argument("--lr", type=float, default=LLM_LR)
     ap.add_argument("--finish-steps", type=int, default=1000, help="stage 2's second pass (0: none)")
-    ap.add_argument("--finish-minutes", type=float, default=7, help="wall-clock budget of the second pass")
+    ap.add_argument("--finish-minutes", type=float, default=6, help="wall-clock budget of the second pass")
     ap.add_argument("--finish-lr", type=float, default=5e-4)
+    ap.add_argument("--guide-steps", type=int, default=400, help="stage 2's guidance pass (0: none)")
+    ap.add_argument("--guide-minutes", type=float, default=4, help="wall-clock budget of the guidance pass")
+    ap.add_argument("--guide-lr", type=float, default=3e-4)
+    ap.add_argument("--guided", type=float, default=1.0,
+                    help="guidance pass: weight of the codes' loss under cfg-3 guided logits (gen_loss)")
+    ap.add_argument("--checkpoint", help="--part import: the saved checkpoint to read")
     ap.add_argument("--resume", action="store_true", help="--part llm: continue from the work dir's llm.pt")
     ap.add_argument("--attention", type=float, default=1.0, help="weight of the attention supervision")
     ap.add_argument("--work", default="build/vila-u-stages", help="each stage's weights (tower.pt, decoder.pt, llm.pt)")
-    ap.add_argument("--part", choices=["all", "tower", "decoder", "llm", "finish", "save"], default="all")
+    ap.add_argument("--part", default="all",
+                    choices=["all", "tower", "decoder", "llm", "finish", "guide", "save", "import"])
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     args.start = time.time()
