@@ -32,6 +32,8 @@ FUSED_KINDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # over the export's 4,095 held-out positions (benchmarks/results/smollm2-vila-range).
 AUTO_PLAN = "auto"
 CALIBRATED = ("awq", "gptq")
+# awq's codes by GPTQ (QuantOptions.gptq_rounding) when not asked otherwise.
+DEFAULT_AWQ_GPTQ = False
 ZERO_POINT_TARGETS = ("cpu",)     # engines run by ONNX Runtime (MatMulNBits takes uint4 zero points)
 DEFAULT_MAX_BPW = 4.5             # decoder bits per weight: the allocated plan's budget, or the int8 down_projs'
                                   # (int8_linears) beside a fixed plan
@@ -61,7 +63,8 @@ MAX_LM_HEAD_SCREEN = 1024
 @dataclass
 class QuantOptions:
     # "none" keeps every weight float; int4 linears: "rtn" rounds to nearest, "awq" searches scales and
-    # clips on calibration data first, "gptq" rounds with error feedback on calibration data (gptq.py)
+    # ranges on calibration data first (then rounds as gptq_rounding says), "gptq" rounds with error feedback
+    # on calibration data (gptq.py)
     method: str = "none"
     # None: DEFAULT_ZERO_POINT_GROUP with zero points, DEFAULT_GROUP without (quant_options)
     group_size: int | None = None
@@ -81,6 +84,10 @@ class QuantOptions:
     # awq / gptq: every group's scale (and zero point) searched on the calibration inputs of its linear
     # (vila_edge_export/range_search.py) in place of llm-awq's symmetric clip search; False: llm-awq's clip
     range_search: bool = True
+    # GPTQ error feedback picks each decoder linear's codes on its calibration inputs (gptq.py): for awq after
+    # the scale search, on the scaled inputs and inside the searched ranges. None: DEFAULT_AWQ_GPTQ for awq,
+    # always on for gptq, off for rtn / none (resolved here, so build.options records it).
+    gptq_rounding: bool | None = None
     embed_bits: int = 0              # 8 / 4: the token embedding table group-quantized (rtn/awq only); 0: float
     calib_dir: str | None = None     # AWQ calibration images + optional prompts.txt; default: synthetic scenes
     n_images: int = 8
@@ -99,9 +106,10 @@ class QuantOptions:
             raise ExportOptionError(f"group_size must be >= 1, got {self.group_size}")
         if self.group_plan not in (None, AUTO_PLAN):
             parse_group_plan(self.group_plan)        # raises on a malformed plan
-        if self.group_plan == AUTO_PLAN and (self.method not in ("awq", "gptq") or self.max_bpw is None):
+        if self.group_plan == AUTO_PLAN and (self.method not in CALIBRATED or self.max_bpw is None):
             raise ExportOptionError(f"group_plan {AUTO_PLAN!r} allocates bits on calibration data under max_bpw: it "
                                     f"needs quant awq or gptq and a max_bpw (got {self.method!r}, {self.max_bpw})")
+        self._check_gptq_rounding()
         if self.lm_head_bits is None:
             self.lm_head_bits = DEFAULT_LM_HEAD_BITS if self.method != "none" else 0
         if self.lm_head_bits not in LM_HEAD_BITS:
@@ -115,6 +123,19 @@ class QuantOptions:
             raise ExportOptionError(f"max_bpw must be > 0 (or None: every decoder linear int4), got {self.max_bpw}")
         if self.eval_tokens < 2:
             raise ExportOptionError(f"eval_tokens must be >= 2, got {self.eval_tokens}")
+
+    def _check_gptq_rounding(self) -> None:
+        if self.gptq_rounding is None:
+            self.gptq_rounding = self.method == "gptq" or (self.method == "awq" and DEFAULT_AWQ_GPTQ)
+        if self.gptq_rounding not in (True, False):
+            raise ExportOptionError(f"gptq_rounding {self.gptq_rounding!r}: expected True, False or None (the "
+                                    f"method's default)")
+        if self.gptq_rounding and self.method not in CALIBRATED:
+            raise ExportOptionError(f"gptq_rounding rounds on calibration inputs: it needs quant awq or gptq (got "
+                                    f"{self.method!r})")
+        if not self.gptq_rounding and self.method == "gptq":
+            raise ExportOptionError("quant gptq is GPTQ rounding: gptq_rounding False contradicts it (quant awq "
+                                    "rounds to nearest with gptq_rounding False)")
 
     @property
     def quantized(self) -> bool:
