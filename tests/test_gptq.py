@@ -152,3 +152,42 @@ def test_gptq_rounding_after_awq_keeps_its_ranges_and_lowers_the_output_error():
     assert err_both < err_awq < err_rtn, (err_both, err_awq, err_rtn)
     held_out = outlier_embeds(seed=5, n=4)
     assert _logit_error(model, both, held_out) < _logit_error(model, rtn, held_out)
+
+
+def _obq_fixed_reference(w: torch.Tensor, h: torch.Tensor, order: list, scales: torch.Tensor, zeros: torch.Tensor,
+                         group: int) -> torch.Tensor:
+    """OBQ with an explicit inverse (as _obs_reference) visiting the columns in `order`, each rounded with its
+    own group's fixed scale and zero point; the inverse downdated over the columns not yet visited."""
+    w, k = w.double().clone(), w.shape[1]
+    hinv = torch.linalg.inv(h.double() + DAMP * h.diagonal().mean() * torch.eye(k, dtype=torch.float64))
+    codes, left = torch.zeros(w.shape, dtype=torch.int8), list(order)
+    for j in order:
+        s, z = scales[:, j // group].double(), zeros[:, j // group].double()
+        c = torch.clamp(torch.round(w[:, j] / s) + z, -8, 7)
+        codes[:, j] = c.to(torch.int8)
+        left.remove(j)
+        w[:, left] -= torch.outer((w[:, j] - (c - z) * s) / hinv[j, j], hinv[j, left])
+        hinv -= torch.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
+    return codes
+
+
+def test_act_order_matches_the_obq_reference_within_fixed_ranges():
+    """ordered_inverse_hessian: columns by descending H_kk (worked out here by hand from a diagonal we set),
+    codes as OBQ visiting them in that order with each group's fixed scale / zero point, which stay as given."""
+    from vila_edge_export.gptq import ordered_inverse_hessian
+    g = torch.Generator().manual_seed(11)
+    w, x = torch.randn(10, 48, generator=g), _inputs(12, 512, 48)
+    x[:, 40] *= 6.0                                 # the largest H_kk: rounded first
+    h = hessian(x)
+    order = sorted(range(48), key=lambda j: -h[j, j].item())
+    assert order[0] == 40
+    ranges = quantize_group(w * 0.9, 16, 4, True)   # any fixed ranges (here: narrower than w's own)
+    got = gptq_quantize(w, ordered_inverse_hessian(h), 16, 4, True, ranges=ranges)
+    assert torch.equal(ordered_inverse_hessian(h)[2], torch.tensor(order))
+    assert torch.equal(got.codes, _obq_fixed_reference(w, h, order, ranges.scales, ranges.zeros, 16))
+    assert torch.equal(got.scales, ranges.scales) and torch.equal(got.zeros, ranges.zeros)
+    in_order = gptq_quantize(w, h, 16, 4, True, ranges=ranges)       # the plain order: the same reference
+    assert torch.equal(in_order.codes, _obq_fixed_reference(w, h, list(range(48)), ranges.scales, ranges.zeros, 16))
+    assert not torch.equal(got.codes, in_order.codes)
+    with pytest.raises(ValueError, match="act-order"):
+        gptq_quantize(w, ordered_inverse_hessian(h), 16, 4, True)
