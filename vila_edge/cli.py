@@ -187,8 +187,8 @@ def add_export(sub) -> None:
                         "off: llm-awq's clip search)")
     e.add_argument("--gptq-rounding", action=argparse.BooleanOptionalAction, default=None,
                    help="--quant awq: each linear's codes picked by GPTQ error feedback on its AWQ-scaled calibration "
-                        "inputs, inside the searched ranges (default: vila_edge_export/options.py DEFAULT_AWQ_GPTQ; "
-                        "off: round to nearest; --quant gptq always on)")
+                        "inputs, inside the searched ranges (default on: vila_edge_export/options.py "
+                        "DEFAULT_AWQ_GPTQ; off: round to nearest; --quant gptq always on)")
     e.add_argument("--target", type=_target, default=None,
                    help=f"engine target (choices: {', '.join(TARGETS)}; default cpu); cpu: LLM graph of ONNX Runtime contrib "
                         "ops (fused); orin: standard ops (TensorRT's parser; TensorRT engines are not built yet)")
@@ -203,7 +203,7 @@ def add_export(sub) -> None:
     e.add_argument("--max-ppl-increase", type=_number(float, 0), default=None,
                    help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text; default 15)")
     e.add_argument("--min-top1", type=_number(float, 0, 1), default=None,
-                   help="... or top-1 agreement falls below this (default 0.80)")
+                   help="... or top-1 agreement falls below this (default 0.85)")
     e.add_argument("--no-quality-floor", action="store_true", help="write the quality report but never stop")
     e.add_argument("--eval-tokens", type=_number(int, 1), default=None,
                    help="held-out text tokens of the 4-bit quality report (a float and a quantized pass over "
