@@ -124,22 +124,26 @@ def test_gptq_rounding_after_awq_keeps_its_ranges_and_lowers_the_output_error():
     """`--quant awq --gptq-rounding` (awq_quantize(search, ranges, gptq)): the same AWQ scales and searched
     ranges as plain AWQ (every group's scale and zero point identical), other codes, and a lower output
     error of layer 0's q/k/v on the calibration inputs than AWQ's round-to-nearest in those ranges and than
-    RTN. Layer 0's q/k/v read the (folded) input norm of the calibration embeddings themselves, so that
-    error is the quantity GPTQ minimises: sum ||W_q x - W x||^2 over the calibration tokens."""
+    RTN; in act-order (the default, `--act-order`) lower still. Layer 0's q/k/v read the (folded) input norm of
+    the calibration embeddings themselves, so that error is the quantity GPTQ minimises: sum ||W_q x - W x||^2
+    over the calibration tokens."""
     from test_quantize import GROUP, _logit_error, outlier_embeds, tiny_model
     from vila_edge_export.awq import awq_quantize
-    from vila_edge_export.quantize import apply_quantized, rtn_quantize
+    from vila_edge_export.quantize import QuantConfigError, apply_quantized, rtn_quantize
     model, calib = tiny_model("llama"), outlier_embeds(seed=4, n=4)
     awq = awq_quantize(model, calib, GROUP, progress=False, zero_point=True, ranges=True)
     both = awq_quantize(model, calib, GROUP, progress=False, zero_point=True, ranges=True, gptq=True)
+    act = awq_quantize(model, calib, GROUP, progress=False, zero_point=True, ranges=True, gptq=True, act_order=True)
     rtn = rtn_quantize(model, GROUP, zero_point=True)
     assert (awq.method, both.method) == ("awq", "awq+gptq")
     assert awq.linears.keys() == both.linears.keys()
     for name, a in awq.linears.items():
-        b = both.linears[name]
-        assert torch.equal(a.scales, b.scales) and (a.zeros is None or torch.equal(a.zeros, b.zeros)), name
-        if name != "lm_head":           # rounded to nearest in both: llm-awq searches only the decoder
-            assert (a.codes != b.codes).float().mean() > 0.05, name
+        for b in (both.linears[name], act.linears[name]):
+            assert torch.equal(a.scales, b.scales) and (a.zeros is None or torch.equal(a.zeros, b.zeros)), name
+            if name != "lm_head":           # rounded to nearest in all: llm-awq searches only the decoder
+                assert (a.codes != b.codes).float().mean() > 0.05, name
+        if name != "lm_head":
+            assert (both.linears[name].codes != act.linears[name].codes).float().mean() > 0.02, name
     assert torch.equal(awq.linears["lm_head"].codes, both.linears["lm_head"].codes)
     names = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
     ref = _outputs(model, names, calib)
@@ -148,10 +152,13 @@ def test_gptq_rounding_after_awq_keeps_its_ranges_and_lowers_the_output_error():
         out = _outputs(apply_quantized(model, q), names, calib)
         return sum((out[n] - ref[n]).pow(2).sum().item() for n in names)
 
-    err_both, err_awq, err_rtn = err(both), err(awq), err(rtn)
-    assert err_both < err_awq < err_rtn, (err_both, err_awq, err_rtn)
+    err_act, err_both, err_awq, err_rtn = err(act), err(both), err(awq), err(rtn)
+    assert err_act < err_both < err_awq < err_rtn, (err_act, err_both, err_awq, err_rtn)
     held_out = outlier_embeds(seed=5, n=4)
-    assert _logit_error(model, both, held_out) < _logit_error(model, rtn, held_out)
+    assert max(_logit_error(model, both, held_out), _logit_error(model, act, held_out)) < \
+        _logit_error(model, rtn, held_out)
+    with pytest.raises(QuantConfigError, match="act_order"):
+        awq_quantize(model, calib, GROUP, progress=False, zero_point=True, ranges=False, gptq=True, act_order=True)
 
 
 def _obq_fixed_reference(w: torch.Tensor, h: torch.Tensor, order: list, scales: torch.Tensor, zeros: torch.Tensor,

@@ -4,7 +4,7 @@ import pytest
 import vila_edge_export.build as build
 from vila_edge import cli
 from vila_edge_export import stages
-from vila_edge_export.options import (DEFAULT_AWQ_GPTQ, DEFAULT_GROUP, DEFAULT_ZERO_POINT_GROUP, ExportOptions,
+from vila_edge_export.options import (DEFAULT_ACT_ORDER, DEFAULT_AWQ_GPTQ, DEFAULT_GROUP, DEFAULT_ZERO_POINT_GROUP, ExportOptions,
                                       QuantOptions)
 from vila_edge.errors import ExportOptionError
 
@@ -81,6 +81,10 @@ def test_stage_flags_default_to_the_dataclasses():
     (lambda: QuantOptions("none", gptq_rounding=True), "it needs quant awq or gptq"),
     (lambda: QuantOptions("gptq", gptq_rounding=False), "quant gptq is GPTQ rounding"),
     (lambda: QuantOptions("awq", gptq_rounding="yes"), "gptq_rounding 'yes'"),
+    (lambda: QuantOptions("awq", gptq_rounding=False, act_order=True), "act_order orders GPTQ's columns"),
+    (lambda: QuantOptions("awq", range_search=False, act_order=True), "it needs gptq_rounding and range_search"),
+    (lambda: QuantOptions("rtn", act_order=True), "act_order orders"),
+    (lambda: QuantOptions("awq", act_order=1.5), "act_order 1.5"),
 ])
 def test_options_refuse_bad_values(make, words):
     with pytest.raises(ExportOptionError, match=words):
@@ -151,3 +155,19 @@ def test_cli_refuses_gptq_rounding_without_calibration(captured, capsys):
     assert cli.main(["export", "ckpt", "out", "--quant", "rtn", "--gptq-rounding"]) == 2 and not captured
     assert capsys.readouterr().err == ("vila-edge: error: gptq_rounding rounds on calibration inputs: it needs quant "
                                        "awq or gptq (got 'rtn')\n")
+
+
+def test_act_order_follows_gptq_rounding_and_range_search(captured):
+    """Act-order needs fixed ranges (the groups stay contiguous): on by DEFAULT_ACT_ORDER for awq with GPTQ codes
+    and searched ranges, off when either is off, off for gptq unless asked; --act-order / --no-act-order."""
+    assert QuantOptions("awq").act_order is (DEFAULT_ACT_ORDER and DEFAULT_AWQ_GPTQ)
+    assert QuantOptions("awq", gptq_rounding=False).act_order is False
+    assert QuantOptions("awq", range_search=False).act_order is False
+    assert [QuantOptions(m).act_order for m in ("none", "rtn", "gptq")] == [False, False, False]
+    assert QuantOptions("gptq", act_order=True).act_order is True
+    for flags, want in (([], DEFAULT_ACT_ORDER), (["--act-order"], True), (["--no-act-order"], False),
+                        (["--no-gptq-rounding"], False)):
+        assert cli.main(["export", "ckpt", "out", "--quant", "awq", *flags]) == 0
+        assert captured[-1].quant.act_order is want
+    assert stages.options(stages.parser().parse_args(["graphs", "ckpt", "out", "--quant", "awq", "--act-order",
+                                                      "false"])).quant.act_order is False

@@ -112,7 +112,7 @@ def quantize_model(ref: ReferenceVLM, opts: QuantOptions, template_source: str |
     return awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True,
                         lm_head_bits=opts.lm_head_bits, zero_point=opts.zero_point, int8=int8,
                         gptq=opts.gptq_rounding, search=opts.method == "awq", plan=plan,
-                        ranges=opts.range_search)
+                        ranges=opts.range_search, act_order=opts.act_order)
 
 
 def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str | None, progress: bool) -> tuple:

@@ -37,13 +37,16 @@ CALIBRATED = ("awq", "gptq")
 # scales, ranges and int8 linears) it measured top-1 0.8571 / +7.11 % perplexity against round-to-nearest's
 # 0.8435 / +10.12 % over the export's 4,095 held-out positions (benchmarks/results/smollm2-vila-quality5).
 DEFAULT_AWQ_GPTQ = True
+# ... in act-order (QuantOptions.act_order): the same export with act-order measured 0.8728 / +6.29 % there
+# (plain column order 0.8571 / +7.11 %).
+DEFAULT_ACT_ORDER = True
 ZERO_POINT_TARGETS = ("cpu",)     # engines run by ONNX Runtime (MatMulNBits takes uint4 zero points)
 DEFAULT_MAX_BPW = 4.5             # decoder bits per weight: the allocated plan's budget, or the int8 down_projs'
                                   # (int8_linears) beside a fixed plan
 # The quality gate of a 4-bit export: perplexity within +15 % of float, top-1 agreement >= 0.85 (issue 14's
-# figures). The default export of SmolLM2 (AWQ + GPTQ rounding, allocated plan) measures 0.857 / +7.1 % over
-# the export's own 4,095 held-out positions (benchmarks/results/smollm2-vila-quality5); the floor was 0.80 while
-# round-to-nearest after AWQ measured 0.8435 / +10.1 % there. vila_edge_export/quality.py DEFAULT_FLOOR.
+# figures). The default export of SmolLM2 (AWQ + GPTQ rounding in act-order, allocated plan) measures 0.873 /
+# +6.3 % over the export's own 4,095 held-out positions (benchmarks/results/smollm2-vila-quality5); the floor was
+# 0.80 while round-to-nearest after AWQ measured 0.8435 / +10.1 % there. vila_edge_export/quality.py DEFAULT_FLOOR.
 DEFAULT_MAX_PPL_INCREASE_PCT = 15.0
 DEFAULT_MIN_TOP1 = 0.85
 # lm_head bits of a quantized export: int8 keeps the vocab projection (the most error-sensitive layer)
@@ -90,6 +93,9 @@ class QuantOptions:
     # the scale search, on the scaled inputs and inside the searched ranges. None: DEFAULT_AWQ_GPTQ for awq,
     # always on for gptq, off for rtn / none (resolved here, so build.options records it).
     gptq_rounding: bool | None = None
+    # GPTQ's columns in act-order (descending H_kk, gptq.ordered_inverse_hessian) within the searched ranges, which
+    # keeps each group contiguous. None: DEFAULT_ACT_ORDER for awq with gptq_rounding and range_search, else off.
+    act_order: bool | None = None
     embed_bits: int = 0              # 8 / 4: the token embedding table group-quantized (rtn/awq only); 0: float
     calib_dir: str | None = None     # AWQ calibration images + optional prompts.txt; default: synthetic scenes
     n_images: int = 8
@@ -138,6 +144,13 @@ class QuantOptions:
         if not self.gptq_rounding and self.method == "gptq":
             raise ExportOptionError("quant gptq is GPTQ rounding: gptq_rounding False contradicts it (quant awq "
                                     "rounds to nearest with gptq_rounding False)")
+        if self.act_order is None:
+            self.act_order = DEFAULT_ACT_ORDER and self.method == "awq" and self.gptq_rounding and self.range_search
+        if self.act_order not in (True, False):
+            raise ExportOptionError(f"act_order {self.act_order!r}: expected True, False or None (the default)")
+        if self.act_order and not (self.gptq_rounding and self.range_search):
+            raise ExportOptionError("act_order orders GPTQ's columns within searched ranges: it needs gptq_rounding "
+                                    "and range_search")
 
     @property
     def quantized(self) -> bool:
