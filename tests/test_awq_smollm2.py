@@ -53,7 +53,8 @@ def test_default_awq_export_passes_the_gate(smollm2_vila):
     opts = ExportOptions(quant=QuantOptions(method="awq", eval_tokens=EVAL_TOKENS)).quant
     assert opts.method == "awq" and opts.zero_point and opts.group_size == 64 and opts.max_bpw == 4.5
     assert opts.group_plan == "auto"
-    assert (opts.max_ppl_increase_pct, opts.min_top1_agreement) == (15.0, 0.85) and opts.gptq_rounding and opts.act_order
+    assert (opts.max_ppl_increase_pct, opts.min_top1_agreement) == (15.0, 0.85)
+    assert opts.gptq_rounding and opts.act_order
     assert (DEFAULT_FLOOR.min_top1_agreement, DEFAULT_FLOOR.max_ppl_increase_pct) == (0.85, 15.0)
     ids = eval_ids(ref.tokenizer, EVAL_TOKENS)
     fp = forward_windows(ref.llm, ids, WINDOW, WINDOW // 2)

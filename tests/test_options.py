@@ -4,8 +4,8 @@ import pytest
 import vila_edge_export.build as build
 from vila_edge import cli
 from vila_edge_export import stages
-from vila_edge_export.options import (DEFAULT_ACT_ORDER, DEFAULT_AWQ_GPTQ, DEFAULT_GROUP, DEFAULT_ZERO_POINT_GROUP, ExportOptions,
-                                      QuantOptions)
+from vila_edge_export.options import (DEFAULT_ACT_ORDER, DEFAULT_AWQ_GPTQ, DEFAULT_GROUP, DEFAULT_ZERO_POINT_GROUP,
+                                      ExportOptions, QuantOptions)
 from vila_edge.errors import ExportOptionError
 
 
