@@ -117,7 +117,7 @@ class QuantOptions:
         if self.group_plan == AUTO_PLAN and (self.method not in CALIBRATED or self.max_bpw is None):
             raise ExportOptionError(f"group_plan {AUTO_PLAN!r} allocates bits on calibration data under max_bpw: it "
                                     f"needs quant awq or gptq and a max_bpw (got {self.method!r}, {self.max_bpw})")
-        self._check_gptq_rounding()
+        self._check_rounding()
         if self.lm_head_bits is None:
             self.lm_head_bits = DEFAULT_LM_HEAD_BITS if self.method != "none" else 0
         if self.lm_head_bits not in LM_HEAD_BITS:
@@ -132,7 +132,9 @@ class QuantOptions:
         if self.eval_tokens < 2:
             raise ExportOptionError(f"eval_tokens must be >= 2, got {self.eval_tokens}")
 
-    def _check_gptq_rounding(self) -> None:
+    def _check_rounding(self) -> None:
+        """gptq_rounding and act_order resolved for the method (so build.options records what ran), and the
+        combinations that cannot run refused."""
         if self.gptq_rounding is None:
             self.gptq_rounding = self.method == "gptq" or (self.method == "awq" and DEFAULT_AWQ_GPTQ)
         if self.gptq_rounding not in (True, False):
