@@ -102,3 +102,99 @@ def test_calibrated_gptq_beats_rtn_on_a_tiny_decoder(search):
     held_out = outlier_embeds(seed=5, n=4)
     err_gptq, err_rtn = _logit_error(model, q, held_out), _logit_error(model, rtn, held_out)
     assert err_gptq < err_rtn, (err_gptq, err_rtn)
+
+
+def _outputs(model, names: list, embeds: list) -> dict:
+    """{linear: its outputs [sum T, N]} over embeds."""
+    got = {}
+    mods = dict(model.named_modules())
+    handles = [mods[n].register_forward_hook(lambda m, args, out, n=n: got.setdefault(n, []).append(out[0]))
+               for n in names]
+    try:
+        with torch.no_grad():
+            for e in embeds:
+                model(inputs_embeds=e)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in got.items()}
+
+
+def test_gptq_rounding_after_awq_keeps_its_ranges_and_lowers_the_output_error():
+    """`--quant awq --gptq-rounding` (awq_quantize(search, ranges, gptq)): the same AWQ scales and searched
+    ranges as plain AWQ (every group's scale and zero point identical), other codes, and a lower output
+    error of layer 0's q/k/v on the calibration inputs than AWQ's round-to-nearest in those ranges and than
+    RTN; in act-order (the default, `--act-order`) lower still. Layer 0's q/k/v read the (folded) input norm of
+    the calibration embeddings themselves, so that error is the quantity GPTQ minimises: sum ||W_q x - W x||^2
+    over the calibration tokens."""
+    from test_quantize import GROUP, _logit_error, outlier_embeds, tiny_model
+    from vila_edge_export.awq import awq_quantize
+    from vila_edge_export.quantize import QuantConfigError, apply_quantized, rtn_quantize
+    model, calib = tiny_model("llama"), outlier_embeds(seed=4, n=4)
+    awq = awq_quantize(model, calib, GROUP, progress=False, zero_point=True, ranges=True)
+    both = awq_quantize(model, calib, GROUP, progress=False, zero_point=True, ranges=True, gptq=True)
+    act = awq_quantize(model, calib, GROUP, progress=False, zero_point=True, ranges=True, gptq=True, act_order=True)
+    rtn = rtn_quantize(model, GROUP, zero_point=True)
+    assert (awq.method, both.method) == ("awq", "awq+gptq")
+    assert awq.linears.keys() == both.linears.keys()
+    for name, a in awq.linears.items():
+        for b in (both.linears[name], act.linears[name]):
+            assert torch.equal(a.scales, b.scales) and (a.zeros is None or torch.equal(a.zeros, b.zeros)), name
+            if name != "lm_head":           # rounded to nearest in all: llm-awq searches only the decoder
+                assert (a.codes != b.codes).float().mean() > 0.05, name
+        if name != "lm_head":
+            assert (both.linears[name].codes != act.linears[name].codes).float().mean() > 0.02, name
+    assert torch.equal(awq.linears["lm_head"].codes, both.linears["lm_head"].codes)
+    names = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    ref = _outputs(model, names, calib)
+
+    def err(q) -> float:
+        out = _outputs(apply_quantized(model, q), names, calib)
+        return sum((out[n] - ref[n]).pow(2).sum().item() for n in names)
+
+    err_act, err_both, err_awq, err_rtn = err(act), err(both), err(awq), err(rtn)
+    assert err_act < err_both < err_awq < err_rtn, (err_act, err_both, err_awq, err_rtn)
+    held_out = outlier_embeds(seed=5, n=4)
+    assert max(_logit_error(model, both, held_out), _logit_error(model, act, held_out)) < \
+        _logit_error(model, rtn, held_out)
+    with pytest.raises(QuantConfigError, match="act_order"):
+        awq_quantize(model, calib, GROUP, progress=False, zero_point=True, ranges=False, gptq=True, act_order=True)
+
+
+def _obq_fixed_reference(w: torch.Tensor, h: torch.Tensor, order: list, scales: torch.Tensor, zeros: torch.Tensor,
+                         group: int) -> torch.Tensor:
+    """OBQ with an explicit inverse (as _obs_reference) visiting the columns in `order`, each rounded with its
+    own group's fixed scale and zero point; the inverse downdated over the columns not yet visited."""
+    w, k = w.double().clone(), w.shape[1]
+    hinv = torch.linalg.inv(h.double() + DAMP * h.diagonal().mean() * torch.eye(k, dtype=torch.float64))
+    codes, left = torch.zeros(w.shape, dtype=torch.int8), list(order)
+    for j in order:
+        s, z = scales[:, j // group].double(), zeros[:, j // group].double()
+        c = torch.clamp(torch.round(w[:, j] / s) + z, -8, 7)
+        codes[:, j] = c.to(torch.int8)
+        left.remove(j)
+        w[:, left] -= torch.outer((w[:, j] - (c - z) * s) / hinv[j, j], hinv[j, left])
+        hinv -= torch.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
+    return codes
+
+
+def test_act_order_matches_the_obq_reference_within_fixed_ranges():
+    """ordered_inverse_hessian: columns by descending H_kk (worked out here by hand from a diagonal we set),
+    codes as OBQ visiting them in that order with each group's fixed scale / zero point, which stay as given."""
+    from vila_edge_export.gptq import ordered_inverse_hessian
+    g = torch.Generator().manual_seed(11)
+    w, x = torch.randn(10, 48, generator=g), _inputs(12, 512, 48)
+    x[:, 40] *= 6.0                                 # the largest H_kk: rounded first
+    h = hessian(x)
+    order = sorted(range(48), key=lambda j: -h[j, j].item())
+    assert order[0] == 40
+    ranges = quantize_group(w * 0.9, 16, 4, True)   # any fixed ranges (here: narrower than w's own)
+    got = gptq_quantize(w, ordered_inverse_hessian(h), 16, 4, True, ranges=ranges)
+    assert torch.equal(ordered_inverse_hessian(h)[2], torch.tensor(order))
+    assert torch.equal(got.codes, _obq_fixed_reference(w, h, order, ranges.scales, ranges.zeros, 16))
+    assert torch.equal(got.scales, ranges.scales) and torch.equal(got.zeros, ranges.zeros)
+    in_order = gptq_quantize(w, h, 16, 4, True, ranges=ranges)       # the plain order: the same reference
+    assert torch.equal(in_order.codes, _obq_fixed_reference(w, h, list(range(48)), ranges.scales, ranges.zeros, 16))
+    assert not torch.equal(got.codes, in_order.codes)
+    with pytest.raises(ValueError, match="act-order"):
+        gptq_quantize(w, ordered_inverse_hessian(h), 16, 4, True)

@@ -231,15 +231,15 @@ def test_int4_report_and_sizes(engine):
 
 
 def test_default_gate_is_issue_14s():
-    """The export (API and CLI) stops below 0.80 top-1 agreement or above +15 % perplexity; CPU engines
+    """The export (API and CLI) stops below 0.85 top-1 agreement or above +15 % perplexity; CPU engines
     default to zero points at G = 64 and the 4.5 bits-per-weight budget, other targets to symmetric G = 32."""
     from vila_edge.cli import parser
     from vila_edge_export.options import ExportOptions, QuantOptions, quant_defaults
     from vila_edge_export.quality import DEFAULT_FLOOR
     cli = parser().parse_args(["export", "ckpt", "out"])
     api = ExportOptions(quant=QuantOptions(method="awq"))
-    assert (DEFAULT_FLOOR.min_top1_agreement, DEFAULT_FLOOR.max_ppl_increase_pct) == (0.80, 15.0)
-    assert (api.quant.min_top1_agreement, api.quant.max_ppl_increase_pct) == (0.80, 15.0)
+    assert (DEFAULT_FLOOR.min_top1_agreement, DEFAULT_FLOOR.max_ppl_increase_pct) == (0.85, 15.0)
+    assert (api.quant.min_top1_agreement, api.quant.max_ppl_increase_pct) == (0.85, 15.0)
     assert cli.group_size is None and cli.zero_point is None and cli.max_bpw is None   # only flags given
     assert (api.quant.zero_point, api.quant.group_size, api.quant.max_bpw) == (True, 64, 4.5)
     orin = ExportOptions(target="orin", quant=QuantOptions(method="awq")).quant

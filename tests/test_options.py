@@ -4,7 +4,8 @@ import pytest
 import vila_edge_export.build as build
 from vila_edge import cli
 from vila_edge_export import stages
-from vila_edge_export.options import DEFAULT_GROUP, DEFAULT_ZERO_POINT_GROUP, ExportOptions, QuantOptions
+from vila_edge_export.options import (DEFAULT_ACT_ORDER, DEFAULT_AWQ_GPTQ, DEFAULT_GROUP, DEFAULT_ZERO_POINT_GROUP,
+                                      ExportOptions, QuantOptions)
 from vila_edge.errors import ExportOptionError
 
 
@@ -30,7 +31,7 @@ def test_cli_export_defaults_are_the_dataclasses(captured):
     # the cpu target: zero points at G = 64, int8 outer down_projs within 4.5 bits, the issue-14 gate
     q = captured[0].quant
     assert (q.zero_point, q.group_size, q.max_bpw) == (True, DEFAULT_ZERO_POINT_GROUP, 4.5) and DEFAULT_GROUP == 32
-    assert (q.max_ppl_increase_pct, q.min_top1_agreement) == (15.0, 0.80)
+    assert (q.max_ppl_increase_pct, q.min_top1_agreement) == (15.0, 0.85)
 
 
 @pytest.mark.parametrize("flags, zero_point, group, max_bpw", [
@@ -76,6 +77,14 @@ def test_stage_flags_default_to_the_dataclasses():
     (lambda: ExportOptions(int4_accuracy_level=5), "int4_accuracy_level 5 unknown"),
     (lambda: QuantOptions("none", embed_bits=8), "embed_bits 8"),
     (lambda: QuantOptions("rtn", embed_bits=2), "embed_bits 2"),
+    (lambda: QuantOptions("rtn", gptq_rounding=True), "gptq_rounding rounds on calibration inputs"),
+    (lambda: QuantOptions("none", gptq_rounding=True), "it needs quant awq or gptq"),
+    (lambda: QuantOptions("gptq", gptq_rounding=False), "quant gptq is GPTQ rounding"),
+    (lambda: QuantOptions("awq", gptq_rounding="yes"), "gptq_rounding 'yes'"),
+    (lambda: QuantOptions("awq", gptq_rounding=False, act_order=True), "act_order orders GPTQ's columns"),
+    (lambda: QuantOptions("awq", range_search=False, act_order=True), "it needs gptq_rounding and range_search"),
+    (lambda: QuantOptions("rtn", act_order=True), "act_order orders"),
+    (lambda: QuantOptions("awq", act_order=1.5), "act_order 1.5"),
 ])
 def test_options_refuse_bad_values(make, words):
     with pytest.raises(ExportOptionError, match=words):
@@ -120,3 +129,45 @@ def test_group_plan_default_and_overrides(captured):
             QuantOptions("rtn", group_plan=bad)
     with pytest.raises(ExportOptionError, match="gate_proj, up_proj run as one fused linear"):
         ExportOptions(quant=QuantOptions("rtn", group_size=64, group_plan="gate_proj=32"))
+
+
+def test_gptq_rounding_follows_the_method(captured):
+    """Resolved in QuantOptions (build.options records the value): awq rounds by DEFAULT_AWQ_GPTQ unless told,
+    gptq always by GPTQ, rtn / none never; `--gptq-rounding` / `--no-gptq-rounding` and the stage flag set it."""
+    assert [QuantOptions(m).gptq_rounding for m in ("none", "rtn", "awq", "gptq")] == \
+        [False, False, DEFAULT_AWQ_GPTQ, True]
+    assert QuantOptions("awq", gptq_rounding=True).gptq_rounding is True
+    assert QuantOptions("awq", gptq_rounding=False).gptq_rounding is False
+    assert ExportOptions(quant=QuantOptions("awq", gptq_rounding=not DEFAULT_AWQ_GPTQ)).quant.gptq_rounding is \
+        (not DEFAULT_AWQ_GPTQ)                       # quant_options keeps it
+    for flags, want in (([], DEFAULT_AWQ_GPTQ), (["--gptq-rounding"], True), (["--no-gptq-rounding"], False)):
+        assert cli.main(["export", "ckpt", "out", "--quant", "awq", *flags]) == 0
+        assert captured[-1].quant.gptq_rounding is want
+    assert cli.main(["export", "ckpt", "out", "--quant", "gptq"]) == 0
+    assert captured[-1].quant.gptq_rounding is True
+    for word, want in (("true", True), ("false", False), ("none", DEFAULT_AWQ_GPTQ)):
+        flags = stages.options(stages.parser().parse_args(["graphs", "ckpt", "out", "--quant", "awq",
+                                                           "--gptq-rounding", word]))
+        assert flags.quant.gptq_rounding is want
+
+
+def test_cli_refuses_gptq_rounding_without_calibration(captured, capsys):
+    assert cli.main(["export", "ckpt", "out", "--quant", "rtn", "--gptq-rounding"]) == 2 and not captured
+    assert capsys.readouterr().err == ("vila-edge: error: gptq_rounding rounds on calibration inputs: it needs quant "
+                                       "awq or gptq (got 'rtn')\n")
+
+
+def test_act_order_follows_gptq_rounding_and_range_search(captured):
+    """Act-order needs fixed ranges (the groups stay contiguous): on by DEFAULT_ACT_ORDER for awq with GPTQ codes
+    and searched ranges, off when either is off, off for gptq unless asked; --act-order / --no-act-order."""
+    assert QuantOptions("awq").act_order is (DEFAULT_ACT_ORDER and DEFAULT_AWQ_GPTQ)
+    assert QuantOptions("awq", gptq_rounding=False).act_order is False
+    assert QuantOptions("awq", range_search=False).act_order is False
+    assert [QuantOptions(m).act_order for m in ("none", "rtn", "gptq")] == [False, False, False]
+    assert QuantOptions("gptq", act_order=True).act_order is True
+    for flags, want in (([], DEFAULT_ACT_ORDER), (["--act-order"], True), (["--no-act-order"], False),
+                        (["--no-gptq-rounding"], False)):
+        assert cli.main(["export", "ckpt", "out", "--quant", "awq", *flags]) == 0
+        assert captured[-1].quant.act_order is want
+    assert stages.options(stages.parser().parse_args(["graphs", "ckpt", "out", "--quant", "awq", "--act-order",
+                                                      "false"])).quant.act_order is False

@@ -62,6 +62,9 @@ def test_int4_engine_records_the_quantizer(engine, capsys):
     assert rc == 1 and err == f"{eng}: option max_bpw is 4.5, wanted None\n"
     rc, err = _check(capsys, eng, {"quant": "rtn", "lm_head_bits": 4})
     assert rc == 1 and err == f"{eng}: option lm_head_bits is 8, wanted 4\n"
+    assert options["gptq_rounding"] is False         # rtn rounds to nearest: resolved, not None
+    rc, err = _check(capsys, eng, {"quant": "rtn", "gptq_rounding": True})
+    assert rc == 2 and "gptq_rounding rounds on calibration inputs" in err
 
 
 def test_no_engine_or_no_record_is_stale(engine, tmp_path, capsys):

@@ -185,6 +185,13 @@ def add_export(sub) -> None:
     e.add_argument("--range-search", action=argparse.BooleanOptionalAction, default=None,
                    help="--quant awq/gptq: search each group's scale and zero point on calibration data (default on; "
                         "off: llm-awq's clip search)")
+    e.add_argument("--gptq-rounding", action=argparse.BooleanOptionalAction, default=None,
+                   help="--quant awq: each linear's codes picked by GPTQ error feedback on its AWQ-scaled calibration "
+                        "inputs, inside the searched ranges (default on: vila_edge_export/options.py "
+                        "DEFAULT_AWQ_GPTQ; off: round to nearest; --quant gptq always on)")
+    e.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="with GPTQ rounding and --range-search: GPTQ's columns in act-order (largest activations "
+                        "first; default on for --quant awq)")
     e.add_argument("--target", type=_target, default=None,
                    help=f"engine target (choices: {', '.join(TARGETS)}; default cpu); cpu: LLM graph of ONNX Runtime contrib "
                         "ops (fused); orin: standard ops (TensorRT's parser; TensorRT engines are not built yet)")
@@ -199,7 +206,7 @@ def add_export(sub) -> None:
     e.add_argument("--max-ppl-increase", type=_number(float, 0), default=None,
                    help="stop the export when 4-bit perplexity rises more than this %% over fp (held-out text; default 15)")
     e.add_argument("--min-top1", type=_number(float, 0, 1), default=None,
-                   help="... or top-1 agreement falls below this (default 0.80)")
+                   help="... or top-1 agreement falls below this (default 0.85)")
     e.add_argument("--no-quality-floor", action="store_true", help="write the quality report but never stop")
     e.add_argument("--eval-tokens", type=_number(int, 1), default=None,
                    help="held-out text tokens of the 4-bit quality report (a float and a quantized pass over "
@@ -226,6 +233,7 @@ def _export(args) -> int:
                    lm_head_bits=args.lm_head_bits,
                    embed_bits=args.embed_bits, calib_dir=args.calib_dir, eval_tokens=args.eval_tokens,
                    zero_point=args.zero_point, max_bpw=args.max_bpw, range_search=args.range_search,
+                   gptq_rounding=args.gptq_rounding, act_order=args.act_order,
                    max_ppl_increase_pct=args.max_ppl_increase, min_top1_agreement=args.min_top1)
     if args.max_bpw == 0:
         given["max_bpw"] = None      # every decoder linear int4

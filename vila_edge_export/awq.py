@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from vila_edge_export.gptq import gptq_quantize, hessian, inverse_hessian
+from vila_edge_export.gptq import gptq_quantize, hessian, inverse_hessian, ordered_inverse_hessian
 from vila_edge_export.range_search import blocks_of_hessian, search_ranges
 from vila_edge_export.quantize import (DEFAULT_GROUP, DEFAULT_LM_HEAD_BITS, QuantConfigError, QuantizedLLM,
                              QuantizedWeight, apply_quantized, decoder_linears, linear_groups, pseudo_quantize,
@@ -176,11 +176,11 @@ def _clip(lin: nn.Linear, max_val: Tensor) -> None:
 
 def _awq_layer(layer: nn.Module, prefix: str, samples: list[_Sample], gsize: dict[str, int], clip: bool,
                zp: bool, bits: dict[str, int] | None, search: bool = True, gptq: bool = False,
-               ranges: bool = False) -> dict[str, QuantizedWeight]:
+               ranges: bool = False, act_order: bool = False) -> dict[str, QuantizedWeight]:
     """Search, fold and clip one decoder layer (search False: neither); advance `samples` to the next
     layer's inputs. With bits ({name: bits}) its linears are rounded here, on their (scaled) inputs:
     each group's range searched on them (ranges, range_search.py, in place of llm-awq's clip) and/or the
-    codes picked by GPTQ (gptq) -> {name: QuantizedWeight}."""
+    codes picked by GPTQ (gptq; act_order: in act-order, gptq.ordered_inverse_hessian) -> {name: QuantizedWeight}."""
     feats, outs = _run_layer(layer, samples)
     mods = dict(layer.named_modules())
     groups = _scale_groups(layer, samples) if search else []
@@ -206,7 +206,7 @@ def _awq_layer(layer: nn.Module, prefix: str, samples: list[_Sample], gsize: dic
             key, b, g = (feats[name][0].data_ptr(), feats[name][0].shape), bits[prefix + name], gsize[prefix + name]
             if key not in hessians:
                 h = hessian(torch.cat(feats[name]))
-                hessians[key] = (h, inverse_hessian(h) if gptq else None)
+                hessians[key] = (h, (ordered_inverse_hessian if act_order else inverse_hessian)(h) if gptq else None)
             h, hinv = hessians[key]
             found = search_ranges(lin.weight.data, blocks_of_hessian(h, g), g, b, zp and b == 4) if ranges else None
             rounded[prefix + name] = (gptq_quantize(lin.weight.data, hinv, g, b, zp and b == 4, ranges=found)
@@ -229,7 +229,7 @@ def awq_transform(model: nn.Module, calib_embeds: list[Tensor], group: int = DEF
 @torch.no_grad()
 def _transform(model: nn.Module, calib_embeds: list[Tensor], group: int, auto_group: bool, clip: bool,
                progress: bool, zero_point: bool, bits: dict[str, int] | None, search: bool = True,
-               plan: dict | None = None, gptq: bool = False, ranges: bool = False) -> tuple:
+               plan: dict | None = None, gptq: bool = False, ranges: bool = False, act_order: bool = False) -> tuple:
     """awq_transform, and with bits ({decoder linear: bits}) each linear rounded as its layer is done
     (_awq_layer: gptq, ranges) -> (model, {name: QuantizedWeight}). plan: G per linear kind
     (quantize.linear_groups)."""
@@ -244,7 +244,7 @@ def _transform(model: nn.Module, calib_embeds: list[Tensor], group: int, auto_gr
     desc = ("AWQ" if search else "GPTQ" if gptq else "range search") + " layers"
     for i, layer in enumerate(tqdm(model.model.layers, desc=desc, disable=not progress)):
         rounded.update(_awq_layer(layer, f"model.layers.{i}.", samples, gsize, clip, zero_point, bits, search, gptq,
-                                  ranges))
+                                  ranges, act_order))
     return model, rounded
 
 
@@ -252,18 +252,21 @@ def awq_quantize(model: nn.Module, calib_embeds: list[Tensor], group: int = DEFA
                  progress: bool = True, auto_group: bool = False,
                  lm_head_bits: int = DEFAULT_LM_HEAD_BITS, zero_point: bool = False, int8: tuple = (),
                  gptq: bool = False, clip: bool = True, search: bool = True, plan: dict | None = None,
-                 ranges: bool = False) -> QuantizedLLM:
+                 ranges: bool = False, act_order: bool = False) -> QuantizedLLM:
     """AWQ scale (+ clip) search on a copy of `model` (search False: neither, GPTQ alone), then int4 of
     every decoder linear (int8 for those in `int8`), rounded to nearest or by GPTQ on the (scaled)
     calibration inputs, and round-to-nearest of lm_head (llm-awq searches only inside the decoder
     blocks). plan: G per decoder linear kind (quantize.linear_groups), searched and stored at that G.
     ranges: each group's scale / zero point searched on the layer's calibration inputs
-    (range_search.py) instead of llm-awq's clip (and kept by GPTQ)."""
+    (range_search.py) instead of llm-awq's clip (and kept by GPTQ). act_order: GPTQ rounds each linear's
+    columns in act-order (needs gptq and ranges: the groups' ranges fixed first)."""
     if not (search or gptq or ranges):
         raise QuantConfigError("neither the AWQ search, a range search nor GPTQ: that is rtn_quantize")
+    if act_order and not (gptq and ranges):
+        raise QuantConfigError("act_order is an order of GPTQ's columns within fixed ranges: it needs gptq and ranges")
     bits = {name: 8 if name in int8 else 4 for name in decoder_linears(model)}
     folded, rounded = _transform(copy.deepcopy(model) if search else model, calib_embeds, group, auto_group, clip,
-                                 progress, zero_point, bits, search, plan, gptq, ranges)
+                                 progress, zero_point, bits, search, plan, gptq, ranges, act_order)
     method = ("awq+gptq" if gptq else "awq") if search else "gptq" if gptq else "range"
     return quantize_linears(folded, group, auto_group, method=method,
                             lm_head_bits=lm_head_bits, zero_point=zero_point, int8=int8, rounded=rounded, plan=plan)

@@ -39,6 +39,15 @@ def inverse_hessian(h: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.cholesky(hinv, upper=True), dead
 
 
+def ordered_inverse_hessian(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """H [K, K] -> (inverse_hessian of H with rows and columns in `order`, dead inputs bool [K] (input order),
+    order [K]): act-order (gptq.py `actorder`), the inputs of largest H_kk (most activation energy) rounded first,
+    while the most columns are still left to absorb their error."""
+    order = torch.argsort(h.diagonal(), descending=True, stable=True)
+    hinv, _ = inverse_hessian(h[order][:, order])
+    return hinv, h.diagonal() == 0, order
+
+
 @contextmanager
 def _one_thread():
     """The column loop is thousands of small ops, where OpenMP's fork/join costs more than it saves:
@@ -73,10 +82,31 @@ def gptq_quantize(w: Tensor, h: Tensor | tuple, group: int, bits: int = 4, zero_
                              f"match w {tuple(w.shape)} at G={group}, zero_point={zero_point}")
         scales, zeros = ranges.scales.float().clone(), None if ranges.zeros is None else ranges.zeros.clone()
     with _one_thread():
-        hinv, dead = inverse_hessian(h) if isinstance(h, Tensor) else h
+        hinv, dead, *order = inverse_hessian(h) if isinstance(h, Tensor) else h
         w[:, dead] = 0                             # inputs never active: any code will do
-        _columns(w, hinv, codes, scales, zeros, group, bits, group * max(1, block // group), ranges is not None)
+        if order:
+            _ordered_columns(w, hinv, order[0], codes, scales, zeros, group, bits, ranges)
+        else:
+            _columns(w, hinv, codes, scales, zeros, group, bits, group * max(1, block // group), ranges is not None)
     return QuantizedWeight(codes, scales, bits, zeros)
+
+
+def _ordered_columns(w: Tensor, hinv: Tensor, order: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor | None,
+                     group: int, bits: int, ranges: QuantizedWeight | None) -> None:
+    """Act-order: the columns in `order` (hinv: ordered_inverse_hessian's, in that order). Groups stay the
+    contiguous input channels the graphs read, so their scales / zeros must be fixed first (ranges; AutoGPTQ's
+    static_groups): each column rounds with its own group's. No lazy blocks: at K <= a few thousand the plain
+    update costs little more."""
+    if ranges is None:
+        raise ValueError("act-order rounds columns out of group order: it needs the groups' ranges fixed first")
+    (qmin, qmax), wp = CODE_RANGE[bits], w[:, order].clone()
+    s = scales.double()[:, order // group]                          # (N, K): each column's group scale
+    z = zeros.double()[:, order // group] if zeros is not None else torch.zeros_like(s)
+    for i in range(w.shape[1]):
+        c = torch.clamp(torch.round(wp[:, i] / s[:, i]) + z[:, i], qmin, qmax)
+        codes[:, order[i]] = c.to(torch.int8)
+        e = (wp[:, i] - (c - z[:, i]) * s[:, i]) / hinv[i, i]
+        wp[:, i:] -= e.unsqueeze(1) * hinv[i, i:].unsqueeze(0)
 
 
 def _columns(w: Tensor, hinv: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor | None, group: int, bits: int,

@@ -1,4 +1,4 @@
-"""Export stage: the checkpoint's LLM -> symmetric int4 linears (RTN or AWQ) + a quality report.
+"""Export stage: the checkpoint's LLM -> int4 linears (RTN, AWQ, GPTQ or AWQ + GPTQ) + a quality report.
 
 AWQ is calibrated on multimodal samples run through the vision tower, projector and splicer (the
 activations the LLM will see), plus real English text; quality is measured on held-out text the
@@ -111,8 +111,8 @@ def quantize_model(ref: ReferenceVLM, opts: QuantOptions, template_source: str |
         int8 = tuple(name for name, (bits, g) in alloc.items() if bits == 8)
     return awq_quantize(model, calib, opts.group_size, progress=progress, auto_group=True,
                         lm_head_bits=opts.lm_head_bits, zero_point=opts.zero_point, int8=int8,
-                        gptq=opts.method == "gptq", search=opts.method == "awq", plan=plan,
-                        ranges=opts.range_search)
+                        gptq=opts.gptq_rounding, search=opts.method == "awq", plan=plan,
+                        ranges=opts.range_search, act_order=opts.act_order)
 
 
 def quantize_llm(spec: CheckpointSpec, opts: QuantOptions, template_source: str | None, progress: bool) -> tuple:

@@ -80,7 +80,8 @@ def quantize_stage(checkpoint: str, out_dir: str, opts) -> str:
     # int8_linears: decoder linears stored as symmetric int8 (mixed precision, QuantOptions.max_bpw)
     # group_plan: G per linear kind over group_size (options.py); each linear's own G is in linears
     info = {"method": qopts.method, "group_size": qopts.group_size, "group_plan": qopts.group_plan, "bits": 4,
-            "symmetric": not qopts.zero_point,
+            "symmetric": not qopts.zero_point, "gptq_rounding": qopts.gptq_rounding,
+            "act_order": qopts.act_order,
             "lm_head_bits": qopts.lm_head_bits, "int8_linears": report["int8_linears"], "report": report}
     with atomic_dir(out_dir, prefix=".quantize-") as tmp:
         write_quantized(tmp, weights, quant, info)
