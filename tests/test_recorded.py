@@ -113,3 +113,36 @@ def test_makefile_checks_the_benchmarked_engines_against_their_options():
         body = text.split(f"\n{target}", 1)[1].split("\n\n", 1)[0]
         reuses = [line for line in body.splitlines() if "vila-edge export" in line]
         assert reuses and all("$(call RECORDED," in line for line in reuses), target
+
+
+def _without(tmp_path, eng: str, name: str, *keys, **set_options) -> str:
+    """A copy of eng whose manifest records the options as an export before `keys` existed did."""
+    old = str(tmp_path / name)
+    shutil.copytree(eng, old)
+    raw = json.load(open(os.path.join(old, "manifest.json")))
+    for k in keys:
+        del raw["build"]["options"][k]
+    raw["build"]["options"].update(set_options)
+    json.dump(raw, open(os.path.join(old, "manifest.json"), "w"))
+    return old
+
+
+def test_options_added_later_read_as_what_older_exports_did(engine, tmp_path, capsys):
+    """An engine from before gptq_rounding / act_order existed was built without them (awq rounded to nearest):
+    still the wanted engine where that is what is wanted, stale where the default moved past it."""
+    rtn = _without(tmp_path, engine(NAME, quant="rtn", eval_tokens=16, max_ppl_increase_pct=None), "rtn",
+                   "gptq_rounding", "act_order")
+    assert _check(capsys, rtn, {"quant": "rtn"}) == (0, "")
+    plain = _without(tmp_path, engine(NAME), "plain", "gptq_rounding", "act_order")
+    assert _check(capsys, plain, {}) == (0, "")
+    # an awq engine of the previous default: the same recorded options, but rounded to nearest
+    awq = _without(tmp_path, engine(NAME, quant="rtn", eval_tokens=16, max_ppl_increase_pct=None), "awq",
+                   "gptq_rounding", "act_order", quant="awq", group_plan="auto")
+    rc, err = _check(capsys, awq, {"quant": "awq"})
+    assert rc == 1 and err == f"{awq}: option gptq_rounding not recorded (built before it existed: False), wanted True\n"
+    rc, err = _check(capsys, awq, {"quant": "awq", "gptq_rounding": False})
+    assert rc == 0, err
+    # an option without a legacy reading stays stale when unrecorded
+    kv = _without(tmp_path, engine(NAME), "kv", "kv_dtype")
+    rc, err = _check(capsys, kv, {})
+    assert rc == 1 and err == f"{kv}: option kv_dtype not recorded, wanted 'fp16'\n"

@@ -22,6 +22,14 @@ from vila_edge.errors import VilaEdgeError
 # Options that decide what the engine holds. Left out: progress, and what only the export's quality report
 # reads or decides (eval_tokens, max_ppl_increase_pct, min_top1_agreement): the same engine either way.
 REPORT_ONLY = ("progress", "eval_tokens", "max_ppl_increase_pct", "min_top1_agreement")
+# Options added after engines began recording theirs, with what an engine that does not record one was built
+# with (the export's behaviour before the option existed), from its other recorded options. Such an engine is
+# stale only where that differs from what is wanted: an rtn engine from before GPTQ rounding was an option is
+# still an rtn engine; an awq one rounded to nearest, which the default no longer does.
+LEGACY = {
+    "gptq_rounding": lambda have: have.get("quant") == "gptq",      # llm_quant: gptq=method == "gptq"
+    "act_order": lambda have: False,
+}
 
 
 def recorded_options(opts) -> dict:
@@ -50,6 +58,11 @@ def stale_option(engine: str, wanted) -> str | None:
     if not isinstance(have, dict):
         return f"{engine}: no build.options in its manifest (exported before options were recorded)"
     for name, value in want.items():
+        if name not in have and name in LEGACY:
+            if LEGACY[name](have) != value:
+                return f"{engine}: option {name} not recorded (built before it existed: {LEGACY[name](have)!r}), " \
+                       f"wanted {value!r}"
+            continue
         if name not in have:
             return f"{engine}: option {name} not recorded, wanted {value!r}"
         if have[name] != value:
