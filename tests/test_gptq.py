@@ -193,6 +193,9 @@ def test_act_order_matches_the_obq_reference_within_fixed_ranges():
     assert torch.equal(ordered_inverse_hessian(h)[2], torch.tensor(order))
     assert torch.equal(got.codes, _obq_fixed_reference(w, h, order, ranges.scales, ranges.zeros, 16))
     assert torch.equal(got.scales, ranges.scales) and torch.equal(got.zeros, ranges.zeros)
+    # lazy blocks of 16 ordered columns (the error of a block reaching later blocks in one product): the same codes
+    lazy = gptq_quantize(w, ordered_inverse_hessian(h), 16, 4, True, block=16, ranges=ranges)
+    assert torch.equal(lazy.codes, got.codes)
     in_order = gptq_quantize(w, h, 16, 4, True, ranges=ranges)       # the plain order: the same reference
     assert torch.equal(in_order.codes, _obq_fixed_reference(w, h, list(range(48)), ranges.scales, ranges.zeros, 16))
     assert not torch.equal(got.codes, in_order.codes)

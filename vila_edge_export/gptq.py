@@ -85,28 +85,35 @@ def gptq_quantize(w: Tensor, h: Tensor | tuple, group: int, bits: int = 4, zero_
         hinv, dead, *order = inverse_hessian(h) if isinstance(h, Tensor) else h
         w[:, dead] = 0                             # inputs never active: any code will do
         if order:
-            _ordered_columns(w, hinv, order[0], codes, scales, zeros, group, bits, ranges)
+            _ordered_columns(w, hinv, order[0], codes, scales, zeros, group, bits, ranges, block)
         else:
             _columns(w, hinv, codes, scales, zeros, group, bits, group * max(1, block // group), ranges is not None)
     return QuantizedWeight(codes, scales, bits, zeros)
 
 
 def _ordered_columns(w: Tensor, hinv: Tensor, order: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor | None,
-                     group: int, bits: int, ranges: QuantizedWeight | None) -> None:
+                     group: int, bits: int, ranges: QuantizedWeight | None, block: int = BLOCK) -> None:
     """Act-order: the columns in `order` (hinv: ordered_inverse_hessian's, in that order). Groups stay the
     contiguous input channels the graphs read, so their scales / zeros must be fixed first (ranges; AutoGPTQ's
-    static_groups): each column rounds with its own group's. No lazy blocks: at K <= a few thousand the plain
-    update costs little more."""
+    static_groups): each column rounds with its own group's. In lazy blocks of `block` ordered columns as gptq.py
+    does (the error of a block reaches the later columns in one product): a rank-1 update of every later column
+    per column cost O(N K^2) memory passes, minutes per model."""
     if ranges is None:
         raise ValueError("act-order rounds columns out of group order: it needs the groups' ranges fixed first")
-    (qmin, qmax), wp = CODE_RANGE[bits], w[:, order].clone()
+    (n, k), (qmin, qmax), wp = w.shape, CODE_RANGE[bits], w[:, order].clone()
     s = scales.double()[:, order // group]                          # (N, K): each column's group scale
     z = zeros.double()[:, order // group] if zeros is not None else torch.zeros_like(s)
-    for i in range(w.shape[1]):
-        c = torch.clamp(torch.round(wp[:, i] / s[:, i]) + z[:, i], qmin, qmax)
-        codes[:, order[i]] = c.to(torch.int8)
-        e = (wp[:, i] - (c - z[:, i]) * s[:, i]) / hinv[i, i]
-        wp[:, i:] -= e.unsqueeze(1) * hinv[i, i:].unsqueeze(0)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        wb, err, hb = wp[:, b0:b1].clone(), torch.zeros(n, b1 - b0, dtype=torch.float64), hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            j = b0 + i
+            c = torch.clamp(torch.round(wb[:, i] / s[:, j]) + z[:, j], qmin, qmax)
+            codes[:, order[j]] = c.to(torch.int8)
+            e = (wb[:, i] - (c - z[:, j]) * s[:, j]) / hb[i, i]
+            wb[:, i:] -= e.unsqueeze(1) * hb[i, i:].unsqueeze(0)
+            err[:, i] = e
+        wp[:, b1:] -= err @ hinv[b0:b1, b1:]
 
 
 def _columns(w: Tensor, hinv: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor | None, group: int, bits: int,
