@@ -112,6 +112,9 @@ CASES = [  # hq, hkv, d, bs, past, new
     (6, 2, 20, 5, [37], [1]),                        # D 20 (not 8 lanes: the plain loops), blocks of 5
     (9, 3, 64, 16, [0], [45]),                       # a prefill ending mid-block and mid-lane
     (7, 7, 64, 16, [250, 0, 13, 129], [1, 19, 1, 3]),   # varlen: decodes, a prefill, an extend
+    (8, 4, 64, 16, [300], [1]),                      # 2 query heads per KV head: one pass of 2
+    (8, 2, 80, 16, [77], [1]),                       # 4 per KV head: two passes of 2, D 80
+    (14, 2, 64, 16, [0], [37]),                      # 7 per KV head: 3 + 3 + 1 (the lone-head loops)
 ]
 
 

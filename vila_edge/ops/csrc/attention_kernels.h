@@ -88,9 +88,8 @@ VE_AVX2 inline float hsum(__m256 a) {
 // Eight rows at a time: eight independent FMA chains, then one transposing reduction to 8 scores
 // (a horizontal sum per score costs more than its dot product at D = 64).
 template <typename C>
-VE_AVX2 void qk_avx2(const float* q, int64_t rep, int64_t d, const C* k, int64_t stride, int64_t count,
-                     float* scores, int64_t n) {
-  if (d % 8) return qk_plain(q, rep, d, k, stride, count, scores, n);
+VE_AVX2 void qk_rows8(const float* q, int64_t rep, int64_t d, const C* k, int64_t stride, int64_t count,
+                      float* scores, int64_t n) {
   for (int64_t r = 0; r < rep; ++r, q += d, scores += n) {
     int64_t j = 0;
     for (; j + 8 <= count; j += 8) {
@@ -117,9 +116,8 @@ VE_AVX2 void qk_avx2(const float* q, int64_t rep, int64_t d, const C* k, int64_t
 // Per query head, four 8-wide column chunks at once (four independent FMA chains over the rows;
 // the block's rows stay in L1 for the next head).
 template <typename C>
-VE_AVX2 void pv_avx2(const float* scores, int64_t n, int64_t rep, int64_t d, const C* v, int64_t stride,
-                     int64_t count, float* acc) {
-  if (d % 8) return pv_plain(scores, n, rep, d, v, stride, count, acc);
+VE_AVX2 void pv_cols32(const float* scores, int64_t n, int64_t rep, int64_t d, const C* v, int64_t stride,
+                       int64_t count, float* acc) {
   for (int64_t r = 0; r < rep; ++r, scores += n, acc += d) {
     int64_t i = 0;
     for (; i + 32 <= d; i += 32) {
@@ -141,6 +139,107 @@ VE_AVX2 void pv_avx2(const float* scores, int64_t n, int64_t rep, int64_t d, con
       for (int64_t j = 0; j < count; ++j) a = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), load8(v + j * stride + i), a);
       _mm256_storeu_ps(acc + i, a);
     }
+  }
+}
+
+// GQA: R (2 or 3) query heads at once over the rows of their shared KV head, so each K and V chunk is
+// loaded (and, from a float16 pool, converted) once for the R heads instead of R times: at SmolLM2's
+// rep 3 the conversions were one per FMA and bounded the loops. 4 rows (qk) or 4 column chunks (pv)
+// x R heads of accumulators + R query / score registers + 1 loaded chunk = 16 ymm registers at R 3.
+// Every FMA chain runs in the one-head loops' order: the same bits, except a score in a block's last
+// part-group of 8 rows (the one-head loops reduce it with hsum, these by 4 rows: float32 rounding).
+VE_AVX2 inline __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
+template <typename C, int R>
+VE_AVX2 void qk_heads(const float* q, int64_t d, const C* k, int64_t stride, int64_t count, float* scores,
+                      int64_t n) {
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    __m256 a[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < 4; ++m) a[r][m] = _mm256_setzero_ps();
+    const C* kj = k + j * stride;
+    for (int64_t i = 0; i < d; i += 8) {
+      __m256 qv[R];
+      for (int r = 0; r < R; ++r) qv[r] = _mm256_loadu_ps(q + r * d + i);
+      for (int m = 0; m < 4; ++m) {
+        const __m256 kv = load8(kj + m * stride + i);
+        for (int r = 0; r < R; ++r) a[r][m] = _mm256_fmadd_ps(qv[r], kv, a[r][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm_storeu_ps(scores + r * n + j, reduce4(a[r][0], a[r][1], a[r][2], a[r][3]));
+  }
+  for (; j < count; ++j) {
+    __m256 a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 8) {
+      const __m256 kv = load8(k + j * stride + i);
+      for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * d + i), kv, a[r]);
+    }
+    for (int r = 0; r < R; ++r) scores[r * n + j] = hsum(a[r]);
+  }
+}
+
+template <typename C, int R>
+VE_AVX2 void pv_heads(const float* scores, int64_t n, int64_t d, const C* v, int64_t stride, int64_t count,
+                      float* acc) {
+  int64_t i = 0;
+  for (; i + 32 <= d; i += 32) {
+    __m256 a[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) a[r][c] = _mm256_loadu_ps(acc + r * d + i + 8 * c);
+    for (int64_t j = 0; j < count; ++j) {
+      __m256 p[R];
+      for (int r = 0; r < R; ++r) p[r] = _mm256_set1_ps(scores[r * n + j]);
+      const C* vj = v + j * stride + i;
+      for (int c = 0; c < 4; ++c) {
+        const __m256 x = load8(vj + 8 * c);
+        for (int r = 0; r < R; ++r) a[r][c] = _mm256_fmadd_ps(p[r], x, a[r][c]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(acc + r * d + i + 8 * c, a[r][c]);
+  }
+  for (; i < d; i += 8) {
+    __m256 a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_loadu_ps(acc + r * d + i);
+    for (int64_t j = 0; j < count; ++j) {
+      const __m256 x = load8(v + j * stride + i);
+      for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_set1_ps(scores[r * n + j]), x, a[r]);
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + r * d + i, a[r]);
+  }
+}
+
+// Heads in groups of 3 (a group of 4 left: 2 + 2), a lone head through the one-head loops.
+inline int take_heads(int64_t left) { return left == 4 ? 2 : static_cast<int>(std::min<int64_t>(left, 3)); }
+
+template <typename C>
+VE_AVX2 void qk_avx2(const float* q, int64_t rep, int64_t d, const C* k, int64_t stride, int64_t count,
+                     float* scores, int64_t n) {
+  if (d % 8) return qk_plain(q, rep, d, k, stride, count, scores, n);
+  for (int64_t r = 0; r < rep;) {
+    const int g = take_heads(rep - r);
+    if (g == 3) qk_heads<C, 3>(q + r * d, d, k, stride, count, scores + r * n, n);
+    else if (g == 2) qk_heads<C, 2>(q + r * d, d, k, stride, count, scores + r * n, n);
+    else qk_rows8(q + r * d, 1, d, k, stride, count, scores + r * n, n);
+    r += g;
+  }
+}
+
+template <typename C>
+VE_AVX2 void pv_avx2(const float* scores, int64_t n, int64_t rep, int64_t d, const C* v, int64_t stride,
+                     int64_t count, float* acc) {
+  if (d % 8) return pv_plain(scores, n, rep, d, v, stride, count, acc);
+  for (int64_t r = 0; r < rep;) {
+    const int g = take_heads(rep - r);
+    if (g == 3) pv_heads<C, 3>(scores + r * n, n, d, v, stride, count, acc + r * d);
+    else if (g == 2) pv_heads<C, 2>(scores + r * n, n, d, v, stride, count, acc + r * d);
+    else pv_cols32(scores + r * n, n, 1, d, v, stride, count, acc + r * d);
+    r += g;
   }
 }
 
