@@ -85,69 +85,64 @@ VE_AVX2 inline float hsum(__m256 a) {
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
 }
 
-// Eight rows at a time: eight independent FMA chains, then one transposing reduction to 8 scores
-// (a horizontal sum per score costs more than its dot product at D = 64).
+// One query head: eight rows at a time, eight independent FMA chains, then one transposing reduction to
+// 8 scores (a horizontal sum per score costs more than its dot product at D = 64).
 template <typename C>
-VE_AVX2 void qk_rows8(const float* q, int64_t rep, int64_t d, const C* k, int64_t stride, int64_t count,
-                      float* scores, int64_t n) {
-  for (int64_t r = 0; r < rep; ++r, q += d, scores += n) {
-    int64_t j = 0;
-    for (; j + 8 <= count; j += 8) {
-      __m256 a[8];
-      for (int m = 0; m < 8; ++m) a[m] = _mm256_setzero_ps();
-      const C* kj = k + j * stride;
-      for (int64_t i = 0; i < d; i += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + i);
-        for (int m = 0; m < 8; ++m) a[m] = _mm256_fmadd_ps(qv, load8(kj + m * stride + i), a[m]);
-      }
-      const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-      const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-      _mm256_storeu_ps(scores + j, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                                                 _mm256_permute2f128_ps(u0, u1, 0x31)));
+VE_AVX2 void qk_rows8(const float* q, int64_t d, const C* k, int64_t stride, int64_t count, float* scores) {
+  int64_t j = 0;
+  for (; j + 8 <= count; j += 8) {
+    __m256 a[8];
+    for (int m = 0; m < 8; ++m) a[m] = _mm256_setzero_ps();
+    const C* kj = k + j * stride;
+    for (int64_t i = 0; i < d; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + i);
+      for (int m = 0; m < 8; ++m) a[m] = _mm256_fmadd_ps(qv, load8(kj + m * stride + i), a[m]);
     }
-    for (; j < count; ++j) {
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t i = 0; i < d; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + j * stride + i), a);
-      scores[j] = hsum(a);
-    }
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    _mm256_storeu_ps(scores + j, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                               _mm256_permute2f128_ps(u0, u1, 0x31)));
+  }
+  for (; j < count; ++j) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + j * stride + i), a);
+    scores[j] = hsum(a);
   }
 }
 
-// Per query head, four 8-wide column chunks at once (four independent FMA chains over the rows;
-// the block's rows stay in L1 for the next head).
+// One query head: four 8-wide column chunks at once (four independent FMA chains over the rows).
 template <typename C>
-VE_AVX2 void pv_cols32(const float* scores, int64_t n, int64_t rep, int64_t d, const C* v, int64_t stride,
-                       int64_t count, float* acc) {
-  for (int64_t r = 0; r < rep; ++r, scores += n, acc += d) {
-    int64_t i = 0;
-    for (; i + 32 <= d; i += 32) {
-      __m256 a0 = _mm256_loadu_ps(acc + i), a1 = _mm256_loadu_ps(acc + i + 8);
-      __m256 a2 = _mm256_loadu_ps(acc + i + 16), a3 = _mm256_loadu_ps(acc + i + 24);
-      for (int64_t j = 0; j < count; ++j) {
-        const __m256 p = _mm256_set1_ps(scores[j]);
-        const C* vj = v + j * stride + i;
-        a0 = _mm256_fmadd_ps(p, load8(vj), a0);
-        a1 = _mm256_fmadd_ps(p, load8(vj + 8), a1);
-        a2 = _mm256_fmadd_ps(p, load8(vj + 16), a2);
-        a3 = _mm256_fmadd_ps(p, load8(vj + 24), a3);
-      }
-      _mm256_storeu_ps(acc + i, a0), _mm256_storeu_ps(acc + i + 8, a1);
-      _mm256_storeu_ps(acc + i + 16, a2), _mm256_storeu_ps(acc + i + 24, a3);
+VE_AVX2 void pv_cols32(const float* scores, int64_t d, const C* v, int64_t stride, int64_t count, float* acc) {
+  int64_t i = 0;
+  for (; i + 32 <= d; i += 32) {
+    __m256 a0 = _mm256_loadu_ps(acc + i), a1 = _mm256_loadu_ps(acc + i + 8);
+    __m256 a2 = _mm256_loadu_ps(acc + i + 16), a3 = _mm256_loadu_ps(acc + i + 24);
+    for (int64_t j = 0; j < count; ++j) {
+      const __m256 p = _mm256_set1_ps(scores[j]);
+      const C* vj = v + j * stride + i;
+      a0 = _mm256_fmadd_ps(p, load8(vj), a0);
+      a1 = _mm256_fmadd_ps(p, load8(vj + 8), a1);
+      a2 = _mm256_fmadd_ps(p, load8(vj + 16), a2);
+      a3 = _mm256_fmadd_ps(p, load8(vj + 24), a3);
     }
-    for (; i < d; i += 8) {
-      __m256 a = _mm256_loadu_ps(acc + i);
-      for (int64_t j = 0; j < count; ++j) a = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), load8(v + j * stride + i), a);
-      _mm256_storeu_ps(acc + i, a);
-    }
+    _mm256_storeu_ps(acc + i, a0), _mm256_storeu_ps(acc + i + 8, a1);
+    _mm256_storeu_ps(acc + i + 16, a2), _mm256_storeu_ps(acc + i + 24, a3);
+  }
+  for (; i < d; i += 8) {
+    __m256 a = _mm256_loadu_ps(acc + i);
+    for (int64_t j = 0; j < count; ++j) a = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), load8(v + j * stride + i), a);
+    _mm256_storeu_ps(acc + i, a);
   }
 }
 
 // GQA: R (2 or 3) query heads at once over the rows of their shared KV head, so each K and V chunk is
 // loaded (and, from a float16 pool, converted) once for the R heads instead of R times: at SmolLM2's
-// rep 3 the conversions were one per FMA and bounded the loops. 4 rows (qk) or 4 column chunks (pv)
-// x R heads of accumulators + R query / score registers + 1 loaded chunk = 16 ymm registers at R 3.
-// Every FMA chain runs in the one-head loops' order: the same bits, except a score in a block's last
-// part-group of 8 rows (the one-head loops reduce it with hsum, these by 4 rows: float32 rounding).
+// rep 3 the conversions were one per FMA (cache-resident decode 1.08-1.13x, prefill 1.1-1.4x; a decode
+// step's pass over the pool is bound by its cache misses: benchmarks/results/gqa-kernel). 4 rows (qk)
+// or 4 column chunks (pv) x R heads of accumulators + R query / score registers + 1 loaded chunk
+// = 16 ymm registers at R 3.
+// Every FMA chain runs in the one-head loops' order: the same bits, except the scores of a block's last
+// rows short of a group of 8 (the one-head loop sums each with hsum, these 4 rows at a time).
 VE_AVX2 inline __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
   return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
@@ -225,7 +220,7 @@ VE_AVX2 void qk_avx2(const float* q, int64_t rep, int64_t d, const C* k, int64_t
     const int g = take_heads(rep - r);
     if (g == 3) qk_heads<C, 3>(q + r * d, d, k, stride, count, scores + r * n, n);
     else if (g == 2) qk_heads<C, 2>(q + r * d, d, k, stride, count, scores + r * n, n);
-    else qk_rows8(q + r * d, 1, d, k, stride, count, scores + r * n, n);
+    else qk_rows8(q + r * d, d, k, stride, count, scores + r * n);
     r += g;
   }
 }
@@ -238,7 +233,7 @@ VE_AVX2 void pv_avx2(const float* scores, int64_t n, int64_t rep, int64_t d, con
     const int g = take_heads(rep - r);
     if (g == 3) pv_heads<C, 3>(scores + r * n, n, d, v, stride, count, acc + r * d);
     else if (g == 2) pv_heads<C, 2>(scores + r * n, n, d, v, stride, count, acc + r * d);
-    else pv_cols32(scores + r * n, n, 1, d, v, stride, count, acc + r * d);
+    else pv_cols32(scores + r * n, d, v, stride, count, acc + r * d);
     r += g;
   }
 }
