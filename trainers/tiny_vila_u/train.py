@@ -195,8 +195,9 @@ def llm_stage(model, args, which: str = "2") -> None:
     qa_loss = qa_stage_loss(model, pixel_features(model), args.attention)
     guided = getattr(args, weight_arg) if weight_arg else 0.0
 
-    bs, gen_bs = {"2b": (args.finish_bs, args.finish_gen_bs), "2c": (args.guide_bs, args.guide_gen_bs)}.get(
-        which, (args.bs, args.gen_bs))
+    per_pass = ("lr", "minutes", "steps", "bs", "gen_bs")           # --finish-*, --guide-*; stage 2's own names
+    lr, minutes, steps, bs, gen_bs = (getattr(args, prefix + k) for k in per_pass) if prefix else \
+        (args.lr, args.llm_minutes, args.llm_steps, args.bs, args.gen_bs)
 
     def batch():
         return (qa_batch(model, stream, bs, args.rounds, cells),
@@ -206,8 +207,6 @@ def llm_stage(model, args, which: str = "2") -> None:
         return qa_loss(qa) + gen_loss(model, *gen, guided=guided)
 
     params = list(model.projector.parameters()) + list(model.llm.parameters()) + list(model.depth_head.parameters())
-    lr, minutes, steps = (getattr(args, prefix + k) for k in ("lr", "minutes", "steps")) if prefix else \
-        (args.lr, args.llm_minutes, args.llm_steps)
     timed_stage(name, params, lr, 60 * minutes, steps, batch, loss,
                 checkpoint=lambda: _save(llm_state(model), os.path.join(args.work, "llm.pt")))
 
