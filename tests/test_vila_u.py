@@ -3,6 +3,7 @@
 Fixtures: vila_edge_export/fixtures_vila_u.py at the tiny (256-structure) and tiny-384 shapes.
 """
 import json
+import os
 import re
 import shutil
 
@@ -280,8 +281,17 @@ def test_int4_engine_codes_agree_with_the_reference(pipe, ref_codes):
     import numpy as np
     from vila_edge.imagine import forced_argmax, generate_codes
 
+    import onnx
+    from onnx import TensorProto
+    from vila_edge_export.onnx_vila_u import DEPTH_EDGE
+
     p = pipe("tiny", "int4")
     assert p.manifest.quant["method"] == "rtn" and p.manifest.generation["depth_bits"] == 4
+    assert p.manifest.generation["depth_edge_bits"] == 8
+    depth = onnx.load(os.path.join(p.engine_dir, p.manifest.files["depth"]))
+    codes = {t.name[: -len(".qweight")]: t.data_type for t in depth.graph.initializer if t.name.endswith(".qweight")}
+    assert {n for n, t in codes.items() if t == TensorProto.INT8} == set(DEPTH_EDGE)      # int8: in / out projections
+    assert len([t for t in codes.values() if t == TensorProto.INT4]) == 12              # int4: 2 blocks x 6 linears
     agree = []
     for prompt in PROMPTS:
         want = ref_codes(prompt)[0]

@@ -172,7 +172,8 @@ def add_export(sub) -> None:
                         "linears allocated on calibration data under --max-bpw (awq/gptq); '' for none (default with "
                         "zero points and no --group-size: vila_edge_export/options.py DEFAULT_GROUP_PLAN)")
     e.add_argument("--lm-head-bits", type=int, choices=[8, 4, 0], default=None,
-                   help="lm_head with --quant rtn/awq/gptq: symmetric int8 (default), int4, or 0 = float")
+                   help="lm_head (and VILA-U's depth transformer input / output projections) with --quant "
+                        "rtn/awq/gptq: symmetric int8 (default), int4, or 0 = float")
     e.add_argument("--lm-head-screen", type=_number(int, 0), default=None, metavar="K",
                    help="--target cpu, fp32, int8 lm_head: an int4 screen over the vocabulary, then the K best "
                         "candidates rescored from their int8 rows (logits outside them: the screen's); 0 (default): off")
