@@ -77,6 +77,8 @@ def test_stage_flags_default_to_the_dataclasses():
     (lambda: ExportOptions(int4_accuracy_level=5), "int4_accuracy_level 5 unknown"),
     (lambda: QuantOptions("none", embed_bits=8), "embed_bits 8"),
     (lambda: QuantOptions("rtn", embed_bits=2), "embed_bits 2"),
+    (lambda: QuantOptions("none", depth_bits=4), "depth_bits 4"),
+    (lambda: QuantOptions("rtn", depth_bits=3), "depth_bits 3"),
     (lambda: QuantOptions("rtn", gptq_rounding=True), "gptq_rounding rounds on calibration inputs"),
     (lambda: QuantOptions("none", gptq_rounding=True), "it needs quant awq or gptq"),
     (lambda: QuantOptions("gptq", gptq_rounding=False), "quant gptq is GPTQ rounding"),
@@ -103,6 +105,12 @@ def test_lm_head_bits_follow_the_method():
     assert QuantOptions("none").lm_head_bits == 0
     assert QuantOptions("rtn").lm_head_bits == 8
     assert QuantOptions("awq", lm_head_bits=0).lm_head_bits == 0
+
+
+def test_depth_bits_follow_the_method():
+    assert QuantOptions("none").depth_bits == 0
+    assert QuantOptions("awq").depth_bits == 8
+    assert QuantOptions("rtn", depth_bits=4).depth_bits == 4
 
 
 def test_group_plan_default_and_overrides(captured):

@@ -131,10 +131,17 @@ def test_options_added_later_read_as_what_older_exports_did(engine, tmp_path, ca
     """An engine from before gptq_rounding / act_order existed was built without them (awq rounded to nearest):
     still the wanted engine where that is what is wanted, stale where the default moved past it."""
     rtn = _without(tmp_path, engine(NAME, quant="rtn", eval_tokens=16, max_ppl_increase_pct=None), "rtn",
-                   "gptq_rounding", "act_order")
-    assert _check(capsys, rtn, {"quant": "rtn"}) == (0, "")
-    plain = _without(tmp_path, engine(NAME), "plain", "gptq_rounding", "act_order")
+                   "gptq_rounding", "act_order", "depth_bits")
+    assert _check(capsys, rtn, {"quant": "rtn"}) == (0, "")      # a Llama: depth_bits changes nothing in it
+    plain = _without(tmp_path, engine(NAME), "plain", "gptq_rounding", "act_order", "depth_bits")
     assert _check(capsys, plain, {}) == (0, "")
+    # a quantized VILA-U engine from before depth_bits: its depth transformer int4 throughout, which no
+    # depth_bits builds now
+    raw = json.load(open(os.path.join(rtn, "manifest.json")))
+    raw["family"] = "vila-u"
+    json.dump(raw, open(os.path.join(rtn, "manifest.json"), "w"))
+    rc, err = _check(capsys, rtn, {"quant": "rtn", "depth_bits": 4})
+    assert rc == 1 and err == f"{rtn}: option depth_bits not recorded (built before it existed: 'int4 throughout'), wanted 4\n"
     # an awq engine of the previous default: the same recorded options, but rounded to nearest
     awq = _without(tmp_path, engine(NAME, quant="rtn", eval_tokens=16, max_ppl_increase_pct=None), "awq",
                    "gptq_rounding", "act_order", quant="awq", group_plan="auto")

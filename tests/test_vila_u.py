@@ -132,13 +132,14 @@ def test_reference_cfg_and_seed(ref):
 @pytest.fixture(scope="module")
 def pipe(vila_u, tmp_path_factory):
     """pipe(shape, kind) -> Pipeline on an engine of that fixture: kind "fp32" / "fp16" (make engines
-    ... TARGET=cpu DTYPE=fp32|fp16) or "int4" (QUANT=rtn: int4 LLM and depth transformer)."""
+    ... TARGET=cpu DTYPE=fp32|fp16) or "int4" (QUANT=rtn, --depth-bits 4: int4 LLM and depth blocks, int8 depth
+    projections)."""
     from vila_edge_export.build import ExportOptions, QuantOptions, export_engine
     from vila_edge.pipeline import Pipeline
     root, made = tmp_path_factory.mktemp("vila_u_engines"), {}
     kinds = {"fp32": dict(dtype="fp32"), "fp16": dict(dtype="fp16"),
              # random weights: the perplexity floor of the quality report would refuse any int4 export
-             "int4": dict(dtype="fp32", quant=QuantOptions(method="rtn", max_ppl_increase_pct=None))}
+             "int4": dict(dtype="fp32", quant=QuantOptions(method="rtn", depth_bits=4, max_ppl_increase_pct=None))}
 
     def get(shape="tiny", kind="fp32"):
         if (shape, kind) not in made:

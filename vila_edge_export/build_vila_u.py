@@ -18,7 +18,7 @@ CAPABILITIES = ["generate_image"]      # vila_edge/server/app.py IMAGE_CAPABILIT
 def save_graphs(spec, tmp: str, dtype: str, vision_file: str, progress: bool = True, depth_quant=None) -> None:
     """vision.onnx (tower + quantizer + projector) and the three generation graphs, each loaded in
     ONNX Runtime once written (a graph ORT cannot load never reaches a published engine).
-    depth_quant: None, or an onnx_vila_u.DepthQuant for an int4 depth transformer (quantized engines)."""
+    depth_quant: None, or an onnx_vila_u.DepthQuant for a quantized depth transformer (quantized engines)."""
     import numpy as np
     import onnxruntime as ort
     from tqdm import tqdm
@@ -49,8 +49,8 @@ def manifest_fields(spec, depth_quant=None) -> dict:
             "generation": {"depth": vu.depth, "codebook_size": vu.codebook_size, "grid": vu.siglip.grid,
                            "image_size": side, "im_start_id": vu.special_ids["<im_start>"],
                            "vi_start_id": vu.special_ids["<vi_start>"],
-                           # the depth transformer's linears: 4 (int4 RTN, group <= depth_group) or float;
+                           # the depth transformer's blocks: 8 / 4 (RTN, group <= depth_group) or 0 = float;
                            # its input / output projections (onnx_vila_u.DEPTH_EDGE): 8, 4 or float
-                           "depth_bits": 4 if depth_quant else 0,
+                           "depth_bits": depth_quant.bits if depth_quant else 0,
                            "depth_group": depth_quant.group if depth_quant else 0,
                            "depth_edge_bits": depth_quant.edge_bits if depth_quant else 0}}

@@ -112,26 +112,28 @@ def build_code_embed(vu, tower: dict, projector: dict, dtype: str) -> Graph:
 
 # The depth transformer's input and output projections: the LLM's hidden state and the code sums in,
 # the codebook logits out. Their bits follow the LLM's lm_head (DepthQuant.edge_bits, int8 by default), as
-# the LLM keeps its vocabulary projection int8; the blocks between them are int4. Measured on
-# models/vila-u-tiny-shapes (int4 AWQ LLM, 330 held-out pictures at cfg 3, colour / position):
-# float depth 0.824 / 0.874, every linear int4 0.770 / 0.804, these three int8 0.806 / 0.863 (fp16
-# engine: 0.809 / 0.863); only the classifier int8 0.791 / 0.852, groups of 16 everywhere 0.773 / 0.841.
+# the LLM keeps its vocabulary projection int8; the blocks between them take DepthQuant.bits (int8 by
+# default, --depth-bits). Measured on the bundled tiny VILA-U with an int4 AWQ LLM (1,320 held-out
+# pictures at cfg 3; benchmarks/results/vila-u-tiny-shapes/README.md): with every depth linear int4,
+# colour / position 1.4 / 2.5 points under fp16 (first checkpoint); with these three int8 and int4
+# blocks, at fp16 there but shape 3.4 points under (retrained checkpoint); all int8, within 1 point.
 DEPTH_EDGE = ("in_mlp_1", "in_mlp_2", "classifier_mlp.linear")
 
 
 class DepthQuant(NamedTuple):
-    group: int               # int4 (and int8) group size, resolved per linear against its K
+    group: int               # group size, resolved per linear against its K
     zero_point: bool         # int4 with a zero point per group (int8 stays symmetric)
-    edge_bits: int = 8       # DEPTH_EDGE's linears: 8, 4, or 0 = float
+    bits: int = 8            # the blocks' linears: 8, 4, or 0 = float (options.DEFAULT_DEPTH_BITS)
+    edge_bits: int = 8       # DEPTH_EDGE's linears: 8, 4, or 0 = float (the lm_head's)
 
 
 def _lin(g, x, w, name, quant: DepthQuant | None = None):
-    """nn.Linear `name` of w; with quant: int4 (int8 or float for DEPTH_EDGE, quant.edge_bits) by
+    """nn.Linear `name` of w; with quant: quant.bits (quant.edge_bits for DEPTH_EDGE; 0 = float) by
     round-to-nearest in groups of K (the largest power of two <= quant.group dividing K),
     DequantizeLinear -> MatMul, which ORT runs as MatMulNBits. The depth transformer has no
     calibration data of its own: RTN, as its linears are small next to the LLM's and the tests
     measure the code agreement it costs."""
-    bits = 4 if quant is None or name not in DEPTH_EDGE else quant.edge_bits
+    bits = None if quant is None else quant.edge_bits if name in DEPTH_EDGE else quant.bits
     if quant is None or not bits:
         return g.linear(x, name, w[name + ".weight"], w[name + ".bias"])
     import torch
@@ -164,7 +166,7 @@ def _block(g: Graph, x: str, w: dict, p: str, E: int, heads: int, past: tuple, p
 
 
 def build_depth(vu, tower: dict, dtype: str, quant: DepthQuant | None = None) -> Graph:
-    """quant: None (float), or the int4 blocks and DEPTH_EDGE's bits (_lin)."""
+    """quant: None (float), or the blocks' and DEPTH_EDGE's bits (_lin)."""
     g = Graph("vila_u_depth", dtype)
     E, n_layer, heads = vu.head
     w = {k[len("rqtransformer."):]: v for k, v in tower.items() if k.startswith("rqtransformer.")}

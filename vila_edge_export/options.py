@@ -53,6 +53,13 @@ DEFAULT_MIN_TOP1 = 0.85
 # close to float at half its fp16 size, and ORT runs it as MatMulNBits(bits=8) instead of an fp32 MatMul.
 DEFAULT_LM_HEAD_BITS = 8
 LM_HEAD_BITS = (8, 4, 0)   # 0: float
+# VILA-U's depth transformer blocks in quantized engines (onnx_vila_u.DepthQuant; its input / output
+# projections follow lm_head_bits). int8 by default: on the bundled tiny VILA-U, int4 blocks cost the
+# int4 engine 3.4 points of held-out shape faithfulness against fp16 (int8: +0.9), 1,320 pictures
+# (benchmarks/results/vila-u-tiny-shapes/README.md). At the 7B-256 widths int8 blocks hold ~470 M
+# weights, ~230 MB more than int4: --depth-bits 4 for the smallest modules, at that measured cost.
+DEFAULT_DEPTH_BITS = 8
+DEPTH_BITS = (8, 4, 0)     # 0: float
 EMBED_BITS = (0, 8, 4)     # 0: float table (.npy); 8 / 4: group-quantized codes (.npz, vila_edge/embeddings.py)
 INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)   # MatMulNBits accuracy_level (ONNX Runtime contrib op)
 # KV pool rows of an fp32 fused graph (target cpu) when kv_dtype is not given: fp16 halves the KV bytes every
@@ -97,6 +104,9 @@ class QuantOptions:
     # keeps each group contiguous. None: DEFAULT_ACT_ORDER for awq with gptq_rounding and range_search, else off.
     act_order: bool | None = None
     embed_bits: int = 0              # 8 / 4: the token embedding table group-quantized (rtn/awq only); 0: float
+    # VILA-U: the depth transformer's blocks, 8 / 4 / 0 (float); None: DEFAULT_DEPTH_BITS with quant, 0 without.
+    # Other families have no depth transformer and ignore it.
+    depth_bits: int | None = None
     calib_dir: str | None = None     # AWQ calibration images + optional prompts.txt; default: synthetic scenes
     n_images: int = 8
     n_text: int = 8                  # text calibration blocks of text_seqlen tokens
@@ -125,6 +135,10 @@ class QuantOptions:
         if self.lm_head_bits and self.method == "none":
             raise ExportOptionError(f"lm_head_bits {self.lm_head_bits} needs quant rtn or awq (quant none keeps every "
                              f"weight float)")
+        if self.depth_bits is None:
+            self.depth_bits = DEFAULT_DEPTH_BITS if self.method != "none" else 0
+        if self.depth_bits not in DEPTH_BITS or (self.depth_bits and self.method == "none"):
+            raise ExportOptionError(f"depth_bits {self.depth_bits!r}: expected 0 (float), or 8 / 4 with quant rtn or awq")
         if self.embed_bits not in EMBED_BITS or (self.embed_bits and self.method == "none"):
             raise ExportOptionError(f"embed_bits {self.embed_bits!r}: expected 0 (float), or 8 / 4 with quant rtn or awq")
         if self.max_bpw is not None and self.max_bpw <= 0:

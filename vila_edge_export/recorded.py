@@ -18,6 +18,7 @@ import sys
 from dataclasses import fields
 
 from vila_edge.errors import VilaEdgeError
+from vila_edge_export.options import DEFAULT_DEPTH_BITS
 
 # Options that decide what the engine holds. Left out: progress, and what only the export's quality report
 # reads or decides (eval_tokens, max_ppl_increase_pct, min_top1_agreement): the same engine either way.
@@ -26,9 +27,14 @@ REPORT_ONLY = ("progress", "eval_tokens", "max_ppl_increase_pct", "min_top1_agre
 # with (the export's behaviour before the option existed), from its other recorded options. Such an engine is
 # stale only where that differs from what is wanted: an rtn engine from before GPTQ rounding was an option is
 # still an rtn engine; an awq one rounded to nearest, which the default no longer does.
+# Each is called with (build.options, the manifest's family).
 LEGACY = {
-    "gptq_rounding": lambda have: have.get("quant") == "gptq",      # llm_quant: gptq=method == "gptq"
-    "act_order": lambda have: False,
+    "gptq_rounding": lambda have, family: have.get("quant") == "gptq",      # llm_quant: gptq=method == "gptq"
+    "act_order": lambda have, family: False,
+    # VILA-U's quantized depth transformer was int4 throughout (no value of depth_bits builds that now);
+    # other families have none, and their engines do not change with it.
+    "depth_bits": lambda have, family: (0 if have.get("quant") in (None, "none") else
+                                        "int4 throughout" if family == "vila-u" else DEFAULT_DEPTH_BITS),
 }
 
 
@@ -51,16 +57,16 @@ def stale_option(engine: str, wanted) -> str | None:
     if not os.path.isfile(os.path.join(engine, MANIFEST)):
         return f"{engine}: no engine ({MANIFEST} missing)"
     try:
-        build = Manifest.load(engine).build
+        manifest = Manifest.load(engine)
     except VilaEdgeError as e:
         return f"{engine}: unreadable ({' '.join(str(e).split())})"
-    have = build.get("options")
+    have, family = manifest.build.get("options"), manifest.family
     if not isinstance(have, dict):
         return f"{engine}: no build.options in its manifest (exported before options were recorded)"
     for name, value in want.items():
         if name not in have and name in LEGACY:
-            if LEGACY[name](have) != value:
-                return f"{engine}: option {name} not recorded (built before it existed: {LEGACY[name](have)!r}), " \
+            if LEGACY[name](have, family) != value:
+                return f"{engine}: option {name} not recorded (built before it existed: {LEGACY[name](have, family)!r}), " \
                        f"wanted {value!r}"
             continue
         if name not in have:

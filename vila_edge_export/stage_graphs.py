@@ -83,14 +83,14 @@ def graphs_stage(checkpoint: str, out_dir: str, opts, quantized: str | None = No
 
 
 def _depth_quant(opts):
-    """VILA-U's depth transformer follows the LLM: int4 blocks (group, zero point) when the LLM is
-    quantized, its input and output projections at the lm_head's bits (onnx_vila_u.DEPTH_EDGE)."""
+    """VILA-U's depth transformer when the LLM is quantized: its blocks at depth_bits, its input and output
+    projections at the lm_head's bits (onnx_vila_u.DEPTH_EDGE), the LLM's group and zero point."""
     if not opts.quant.quantized:
         return None
     from vila_edge_export.onnx_vila_u import DepthQuant
     from vila_edge_export.options import quant_options
     q = quant_options(opts.quant, opts.target)
-    return DepthQuant(q.group_size, bool(q.zero_point), q.lm_head_bits)
+    return DepthQuant(q.group_size, bool(q.zero_point), q.depth_bits, q.lm_head_bits)
 
 
 def _save_vision(spec: CheckpointSpec, tmp: str, dtype: str) -> None:

@@ -1,6 +1,6 @@
 """Held-out evaluation of a VILA-U model: a checkpoint (through the torch reference) or any engine.
 
-    python -m trainers.tiny_vila_u.evaluate ENGINE_OR_CHECKPOINT [-n 300] [--samples 10] [--out r.json]
+    python -m trainers.tiny_vila_u.evaluate ENGINE_OR_CHECKPOINT [-n 300] [--samples 40] [--out r.json]
     make evaluate-vila-u OUT=ENGINE_OR_CHECKPOINT
 
 - understanding: trainers/tiny_shapes/evaluate.py's held-out questions (seed 1000: one and two
@@ -175,7 +175,7 @@ def judge_model(threads: int | None):
     return lambda images, prompt: pipe.chat(images, prompt, max_new_tokens=8, temperature=0).strip()
 
 
-def run(target: str, n: int = 300, recon_n: int = 100, samples: int = 10, threads: int | None = 2,
+def run(target: str, n: int = 300, recon_n: int = 100, samples: int = 40, threads: int | None = 2,
         parts=("understanding", "reconstruction", "generation")) -> dict:
     backend = (EngineBackend(target, threads) if os.path.isfile(os.path.join(target, "manifest.json"))
                else ReferenceBackend(target))
@@ -220,8 +220,9 @@ def main(argv=None):
     ap.add_argument("target", help="a VILA-U engine directory (any dtype) or checkpoint (torch reference)")
     ap.add_argument("-n", type=int, default=300, help="held-out understanding questions")
     ap.add_argument("--recon-n", type=int, default=100, help="held-out scenes for PSNR")
-    ap.add_argument("--samples", type=int, default=10,
-                    help="pictures per held-out prompt and cfg (10: 330 pictures per cfg, a standard error of ~2 points at 0.8)")
+    ap.add_argument("--samples", type=int, default=40,
+                    help="pictures per held-out prompt and cfg (40: 1,320 pictures per cfg, a standard error of ~1.1 "
+                         "points at 0.8; 10 gave ~2, too wide for a floor: two engines 1 point apart swapped order)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["understanding", "reconstruction", "generation"], action="append")
     ap.add_argument("--out", help="write the JSON report here (default: stdout)")
