@@ -123,8 +123,8 @@ DEPTH_EDGE = ("in_mlp_1", "in_mlp_2", "classifier_mlp.linear")
 class DepthQuant(NamedTuple):
     group: int               # group size, resolved per linear against its K
     zero_point: bool         # int4 with a zero point per group (int8 stays symmetric)
-    bits: int = 8            # the blocks' linears: 8, 4, or 0 = float (options.DEFAULT_DEPTH_BITS)
-    edge_bits: int = 8       # DEPTH_EDGE's linears: 8, 4, or 0 = float (the lm_head's)
+    bits: int                # the blocks' linears: 8, 4, or 0 = float (QuantOptions.depth_bits)
+    edge_bits: int           # DEPTH_EDGE's linears: 8, 4, or 0 = float (QuantOptions.lm_head_bits)
 
 
 def _lin(g, x, w, name, quant: DepthQuant | None = None):
@@ -133,8 +133,8 @@ def _lin(g, x, w, name, quant: DepthQuant | None = None):
     DequantizeLinear -> MatMul, which ORT runs as MatMulNBits. The depth transformer has no
     calibration data of its own: RTN, as its linears are small next to the LLM's and the tests
     measure the code agreement it costs."""
-    bits = None if quant is None else quant.edge_bits if name in DEPTH_EDGE else quant.bits
-    if quant is None or not bits:
+    bits = 0 if quant is None else quant.edge_bits if name in DEPTH_EDGE else quant.bits
+    if not bits:
         return g.linear(x, name, w[name + ".weight"], w[name + ".bias"])
     import torch
     from vila_edge_export.quantize import quantize_group, resolve_group

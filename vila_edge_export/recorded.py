@@ -65,9 +65,9 @@ def stale_option(engine: str, wanted) -> str | None:
         return f"{engine}: no build.options in its manifest (exported before options were recorded)"
     for name, value in want.items():
         if name not in have and name in LEGACY:
-            if LEGACY[name](have, family) != value:
-                return f"{engine}: option {name} not recorded (built before it existed: {LEGACY[name](have, family)!r}), " \
-                       f"wanted {value!r}"
+            built = LEGACY[name](have, family)
+            if built != value:
+                return f"{engine}: option {name} not recorded (built before it existed: {built!r}), wanted {value!r}"
             continue
         if name not in have:
             return f"{engine}: option {name} not recorded, wanted {value!r}"

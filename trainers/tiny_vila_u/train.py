@@ -181,6 +181,14 @@ PASSES = {"2": ("2 llm", 20_000_000, "", None),
           "2b": ("2b llm, second pass", 30_000_000, "finish_", None),
           "2c": ("2c llm, guidance pass", 50_000_000, "guide_", "guided"),
           "2d": ("2d llm, second guidance pass", 60_000_000, "reguide_", "guided")}
+# Defaults of the passes after stage 2, by PASSES' prefix: (what, step cap, minutes, lr, questions and
+# pictures a step). The second guidance pass ("reguide_") is a fresh warmup + cosine over new samples;
+# measured on the checkpoint that the recipe without it saved (1,320 held-out pictures, cfg 3, fp32
+# engine): 800 more guidance steps lifted colour 0.798 -> 0.823 and position 0.844 -> 0.858; stretching
+# the one guidance pass to ~2100 steps by trimming stage 2 and the second pass did not (colour 0.792).
+PASS_DEFAULTS = {"finish_": ("the second pass", 2800, 7, 5e-4, 4, 12),
+                 "guide_": ("the guidance pass", 1500, 6.5, 3e-4, 4, 12),
+                 "reguide_": ("the second guidance pass", 800, 3.5, 3e-4, 4, 12)}
 
 
 def llm_stage(model, args, which: str = "2") -> None:
@@ -309,8 +317,8 @@ def part_llm(args) -> None:
     llm_stage(model, args)
     _save(llm_state(model), os.path.join(args.work, "llm.pt"))
     if not args.resume:
-        for which, steps in (("2b", args.finish_steps), ("2c", args.guide_steps), ("2d", args.reguide_steps)):
-            if steps:
+        for which, (_, _, prefix, _) in PASSES.items():
+            if prefix and getattr(args, prefix + "steps"):
                 llm_stage(model, args, which)
                 _save(llm_state(model), os.path.join(args.work, "llm.pt"))
     model.eval()
@@ -415,25 +423,13 @@ def main(argv=None):
     ap.add_argument("--llm-steps", type=int, default=2300)
     ap.add_argument("--llm-minutes", type=float, default=11.5, help="wall-clock budget of stage 2")
     ap.add_argument("--lr", type=float, default=LLM_LR)
-    ap.add_argument("--finish-steps", type=int, default=2800, help="stage 2's second pass (0: none)")
-    ap.add_argument("--finish-minutes", type=float, default=7, help="wall-clock budget of the second pass")
-    ap.add_argument("--finish-lr", type=float, default=5e-4)
-    ap.add_argument("--finish-bs", type=int, default=4, help="second pass: understanding conversations per step")
-    ap.add_argument("--finish-gen-bs", type=int, default=12, help="second pass: generation samples per step")
-    ap.add_argument("--guide-steps", type=int, default=1500, help="stage 2's guidance pass (0: none)")
-    ap.add_argument("--guide-minutes", type=float, default=6.5, help="wall-clock budget of the guidance pass")
-    ap.add_argument("--guide-lr", type=float, default=3e-4)
-    ap.add_argument("--guide-bs", type=int, default=4, help="guidance pass: understanding conversations per step")
-    ap.add_argument("--guide-gen-bs", type=int, default=12, help="guidance pass: generation samples per step")
-    # A second guidance pass: a fresh warmup + cosine over new samples. Measured on the checkpoint that
-    # the recipe without it saved (1,320 held-out pictures, cfg 3, fp32 engine): 800 more guidance steps
-    # lifted colour 0.798 -> 0.823 and position 0.844 -> 0.858; stretching the one guidance pass to
-    # ~2100 steps by trimming stage 2 and the second pass did not (colour 0.792).
-    ap.add_argument("--reguide-steps", type=int, default=800, help="second guidance pass (0: none)")
-    ap.add_argument("--reguide-minutes", type=float, default=3.5, help="wall-clock budget of the second guidance pass")
-    ap.add_argument("--reguide-lr", type=float, default=3e-4)
-    ap.add_argument("--reguide-bs", type=int, default=4, help="second guidance pass: understanding conversations per step")
-    ap.add_argument("--reguide-gen-bs", type=int, default=12, help="second guidance pass: generation samples per step")
+    for prefix, (what, steps, minutes, lr, bs, gen_bs) in PASS_DEFAULTS.items():    # --finish-*, --guide-*, ...
+        flag = "--" + prefix.replace("_", "-")
+        ap.add_argument(flag + "steps", type=int, default=steps, help=f"{what} (0: none)")
+        ap.add_argument(flag + "minutes", type=float, default=minutes, help=f"wall-clock budget of {what}")
+        ap.add_argument(flag + "lr", type=float, default=lr)
+        ap.add_argument(flag + "bs", type=int, default=bs, help=f"{what}: understanding conversations per step")
+        ap.add_argument(flag + "gen-bs", type=int, default=gen_bs, help=f"{what}: generation samples per step")
     ap.add_argument("--guided", type=float, default=1.0,
                     help="guidance pass: weight of the codes' loss under cfg-3 guided logits (gen_loss)")
     ap.add_argument("--checkpoint", help="--part import: the saved checkpoint to read")
