@@ -112,9 +112,11 @@ bench: setup  ## engine speed + decode roofline -> benchmarks/results/: make ben
 bench-attention: setup  ## vila_edge::PagedAttention alone at SmolLM2's shape, 30 layers' pools, fp32 vs fp16 KV (OPS_A=old.so adds a build to compare)
 	$(BIN)/python -m benchmarks.bench_attention $(if $(OPS_A),--lib $(OPS_A)) --out benchmarks/results/attention
 
-# 32 decode steps x 3 repeats per system and context, the 4-bit systems in 3 alternating rounds (medians +
-# each round's ratio): one run's figure, not one minute's. BENCH_PEERS_ARGS overrides ("--rounds 1": old behaviour).
-BENCH_PEERS_ARGS ?= --decode-steps 32 --repeats 3 --rounds 3
+# 32 decode steps x 3 repeats per system and context, the 4-bit systems in 5 alternating rounds (medians +
+# each round's ratio): one run's figure, not one minute's (3 rounds let one slow round move a median: the
+# per-round ratios of four 3-round runs spread 0.91-1.21, benchmarks/results/stop31-idle). BENCH_PEERS_ARGS
+# overrides ("--rounds 1": old behaviour).
+BENCH_PEERS_ARGS ?= --decode-steps 32 --repeats 3 --rounds 5
 bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager, llama.cpp and ORT GenAI on SmolLM2 (same weights, threads)
 	@test -d build/fixtures/smollm2-vila || $(BIN)/python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila
 	@$(call RECORDED,engines/smollm2-vila-fp32,$(DEFAULTS)) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-fp32 --quiet

@@ -51,12 +51,13 @@ def vila_edge_rows(engine, threads, contexts, steps, runs, images: bool, seed) -
     pipe = _pipe(engine, threads, max(contexts) + 2 * (runs + 1) * steps)
     m = pipe.manifest
     method = (m.quant or {}).get("method", "none")
-    head_bits = (m.quant or {}).get("lm_head_bits") or 0
+    head_bits, screen = (m.quant or {}).get("lm_head_bits") or 0, (m.quant or {}).get("lm_head_screen") or 0
+    head = f"int{head_bits}" if head_bits else "float"
     out = {"engine": os.path.abspath(engine), "kind": m.dtype if method == "none" else
-           f"int4 ({method}, lm_head {f'int{head_bits}' if head_bits else 'float'})"}
+           f"int4 ({method}, lm_head {head}{f', int4 screen K {screen}' if screen else ''})"}
     if images:
         out["ttft_1_image"] = bench_ttft(pipe, rng, 1, runs, 1)
-    out["decode"] = [bench_decode(pipe.llm, rng, pipe.manifest.llm.hidden, c, steps, runs, 1, synthetic=False)
+    out["decode"] = [bench_decode(pipe.llm, rng, m.llm.hidden, c, steps, runs, 1, synthetic=False, vocab=m.llm.vocab_size)
                      for c in contexts]
     return out
 

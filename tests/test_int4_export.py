@@ -56,20 +56,24 @@ def test_matmulnbits_per_fused_linear(name, engine, tmp_path):
 def test_fused_graph_ops(engine, tmp_path):
     """--target cpu: the file itself holds MatMulNBits (bits and block size of each quantized
     tensor), Skip/SimplifiedLayerNormalization, our PagedAttention (RoPE inside) and SwiGLU; ORT adds nothing
-    to undo."""
+    to undo. The int8 lm_head is read through its default screen: a 4-bit MatMulNBits over the vocabulary,
+    TopK, the candidates' int8 rows (GatherBlockQuantized) times the hidden state, scattered back."""
     eng = engine("vila1.5-3b-downsample", quant="rtn", max_ppl_increase_pct=None, group_size=32)
     layers = Pipeline(eng).manifest.llm.layers
+    assert Pipeline(eng).manifest.quant["lm_head_screen"] == 64
     source = onnx.load(os.path.join(eng, "llm.onnx"), load_external_data=False)
     nbits = [n for n in source.graph.node if n.op_type == "MatMulNBits"]
     attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
-    assert [a["bits"] for a in attrs].count(4) == MATMULS_PER_LAYER * layers and attrs[-1]["bits"] == 8
+    assert [a["bits"] for a in attrs] == [4] * (MATMULS_PER_LAYER * layers + 1)      # + the screen
     assert {a["block_size"] for a in attrs} == {32} and {a["accuracy_level"] for a in attrs} == {4}
+    assert nbits[-1].output[0] in {i for n in source.graph.node if n.op_type == "TopK" for i in n.input}
     ops = [n.op_type for n in _optimized_ops(eng, tmp_path)]
     assert ops.count("SkipSimplifiedLayerNormalization") == NORMS_PER_LAYER * layers   # + final, - first
     assert ops.count("SimplifiedLayerNormalization") == 1
     assert ops.count("PagedAttention") == layers and "RotaryEmbedding" not in ops   # RoPE, KV write, attention
     assert ops.count("SwiGLU") == layers                           # on the packed gate | up: no Split
-    assert not {"Split", "Sigmoid", "QuickGelu", "Mul"} & set(ops)   # qkv goes in packed too
+    assert not {"Split", "Sigmoid", "QuickGelu"} & set(ops)          # qkv goes in packed too
+    assert [ops.count(op) for op in ("TopK", "GatherBlockQuantized", "Mul", "ScatterElements")] == [1] * 4
     assert "DequantizeLinear" not in ops
 
 
@@ -112,9 +116,10 @@ REFERENCE_CASES = [pytest.param("vila1.5-3b-downsample", "cpu", False, marks=SLO
 def test_int4_engine_matches_quantized_reference(name, target, zero_point, checkpoint, engine):
     """Greedy tokens equal, first-step logits within 1e-4 (activations kept float: accuracy level 0), on
     the fused (cpu: MatMulNBits with zero_points) and standard (orin: DequantizeLinear with an int4
-    zero point) graphs."""
+    zero point) graphs. The cpu engine without its default lm_head screen, so every logit is the int8
+    head's (tests/test_lm_head_screen.py holds the screened one to this one)."""
     eng = engine(name, quant="rtn", max_ppl_increase_pct=None, target=target, int4_accuracy_level=0,
-                 zero_point=zero_point, max_bpw=None)
+                 zero_point=zero_point, max_bpw=None, lm_head_screen=0)      # every logit from the int8 head
     spec = read_checkpoint(checkpoint(name))
     ref = ReferenceVLM(spec, torch.float32)
     manifest = json.load(open(os.path.join(eng, "manifest.json")))
@@ -163,7 +168,7 @@ def test_zero_points_and_int8_linears_match_reference(target, checkpoint, engine
     fuses into MatMulNBits. Both compute what the quantized reference built from the manifest computes."""
     name = "vila1.5-3b-downsample"
     eng = engine(name, quant="rtn", max_ppl_increase_pct=None, target=target, zero_point=True, max_bpw=5.0,
-                 int4_accuracy_level=0)
+                 int4_accuracy_level=0, lm_head_screen=0)
     layers = Pipeline(eng).manifest.llm.layers
     q = json.load(open(os.path.join(eng, "manifest.json")))["quant"]
     assert (q["symmetric"], q["group_size"], q["int8_linears"]) == (False, 64, ["model.layers.0.mlp.down_proj"])

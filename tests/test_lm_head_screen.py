@@ -81,10 +81,15 @@ def test_screen_needs_a_symmetric_int8_head():
 
 def test_option_checks_and_cli_round_trip():
     """--lm-head-screen K reaches ExportOptions (CLI, flat dict); it needs the fused fp32 graph and a
-    quantized int8 head, and K in 1..MAX_LM_HEAD_SCREEN (0: off, the default)."""
+    quantized int8 head, and K in 1..MAX_LM_HEAD_SCREEN (0: off). Left out, it is 64 exactly where a screen
+    applies (a quantized fused fp32 graph with an int8 head) and 0 everywhere else."""
     from vila_edge.cli import parser
     from vila_edge_export.options import MAX_LM_HEAD_SCREEN, ExportOptions, QuantOptions
-    assert ExportOptions(quant=QuantOptions(method="awq")).lm_head_screen == 0
+    assert ExportOptions(quant=QuantOptions(method="awq")).lm_head_screen == 64
+    assert ExportOptions.flat(quant="rtn", lm_head_screen=0).lm_head_screen == 0
+    for plain in (dict(), dict(quant="rtn", target="orin"), dict(quant="rtn", dtype="fp16"),
+                  dict(quant="rtn", lm_head_bits=4), dict(quant="rtn", lm_head_bits=0)):
+        assert ExportOptions.flat(**plain).lm_head_screen == 0, plain
     assert ExportOptions.flat(quant="rtn", lm_head_screen=32).lm_head_screen == 32
     assert parser().parse_args(["export", "ckpt", "out", "--lm-head-screen", "48"]).lm_head_screen == 48
     bad = [dict(quant="rtn", lm_head_screen=32, target="orin"), dict(quant="rtn", lm_head_screen=32, dtype="fp16"),

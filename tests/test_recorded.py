@@ -60,8 +60,11 @@ def test_int4_engine_records_the_quantizer(engine, capsys):
     assert rc == 1 and err == f"{eng}: option quant is 'rtn', wanted 'awq'\n"
     rc, err = _check(capsys, eng, {"quant": "rtn", "max_bpw": None})
     assert rc == 1 and err == f"{eng}: option max_bpw is 4.5, wanted None\n"
+    # an int4 head has no screen: the default engine's (K 64 over its int8 head) is the first difference
     rc, err = _check(capsys, eng, {"quant": "rtn", "lm_head_bits": 4})
-    assert rc == 1 and err == f"{eng}: option lm_head_bits is 8, wanted 4\n"
+    assert rc == 1 and err == f"{eng}: option lm_head_screen is 64, wanted 0\n"
+    rc, err = _check(capsys, eng, {"quant": "rtn", "lm_head_screen": 32})
+    assert rc == 1 and err == f"{eng}: option lm_head_screen is 64, wanted 32\n"
     assert options["gptq_rounding"] is False         # rtn rounds to nearest: resolved, not None
     rc, err = _check(capsys, eng, {"quant": "rtn", "gptq_rounding": True})
     assert rc == 2 and "gptq_rounding rounds on calibration inputs" in err

@@ -176,7 +176,8 @@ def add_export(sub) -> None:
                         "rtn/awq/gptq: symmetric int8 (default), int4, or 0 = float")
     e.add_argument("--lm-head-screen", type=_number(int, 0), default=None, metavar="K",
                    help="--target cpu, fp32, int8 lm_head: an int4 screen over the vocabulary, then the K best "
-                        "candidates rescored from their int8 rows (logits outside them: the screen's); 0 (default): off")
+                        "candidates rescored from their int8 rows (logits outside them: the screen's); default 64 where it "
+                        "applies, 0: off (the int8 head over every row)")
     e.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
                    help="int4 linears with a zero point per group, +4/G bits per weight (default: on for "
                         "--target cpu; TensorRT takes none)")

@@ -137,16 +137,21 @@ def fill_context(llm, rng, seq, n: int, hidden: int, synthetic: bool, grow: int 
     llm.blocks.commit(seq, n)
 
 
-def bench_decode(llm, rng, hidden: int, ctx: int, steps: int, runs: int, warmup: int, synthetic: bool) -> dict:
-    """Median seconds per decode step (LLMEngine.extend of one position) at context ctx."""
+def bench_decode(llm, rng, hidden: int, ctx: int, steps: int, runs: int, warmup: int, synthetic: bool,
+                 vocab: int) -> dict:
+    """Median seconds per decode step at context ctx: what generation runs per new token, LLMEngine.step
+    of a text id (random, in 0..vocab-1; the scheduler's one-sequence path, runner.decode) and the greedy
+    pick of its logits. (Through stop 32 this timed LLMEngine.extend of a float embedding row: the
+    general forward path, ~0.3 ms of Python and binding a step more than a token step takes,
+    benchmarks/profile_decode.py; peers are fed token ids too.)"""
     seq = ("decode", ctx)
     fill_context(llm, rng, seq, ctx, hidden, synthetic, grow=warmup + runs * steps)
-    step_embeds = rng.standard_normal((1, hidden), dtype=np.float32)
+    tokens = rng.integers(0, vocab, warmup + runs * steps).tolist()
     try:
         times, cpu = [], 0.0
-        for i in range(warmup + runs * steps):
+        for i, token in enumerate(tokens):
             t, c = time.perf_counter(), time.process_time()
-            llm.extend(seq, step_embeds, _keys(rng, 1))
+            int(np.argmax(llm.step(seq, token)))
             if i >= warmup:
                 times.append(time.perf_counter() - t)
                 cpu += time.process_time() - c
@@ -210,7 +215,8 @@ def run(args) -> dict:
         if ctx + decode_tokens >= max_context:
             continue
         synthetic = args.fill == "synthetic" or (args.fill == "auto" and ctx / out["prefill"]["tok_s"] > args.max_fill_s)
-        row = bench_decode(pipe.llm, rng, m.llm.hidden, ctx, args.decode_steps, args.repeats, args.warmup, synthetic)
+        row = bench_decode(pipe.llm, rng, m.llm.hidden, ctx, args.decode_steps, args.repeats, args.warmup, synthetic,
+                           m.llm.vocab_size)
         # Reads per step: the weights + the KV of the context (writes, and a fragmented pool's
         # gathered copy of the past, are not counted: a lower bound on traffic).
         row["bytes_per_step"] = weights + per_token * ctx

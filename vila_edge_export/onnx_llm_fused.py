@@ -101,6 +101,7 @@ def screened_head(g: Graph, x: str, quant: tuple, k: int, level: int) -> str:
     if bits != 8 or len(quant) > 4 and quant[4] is not None:
         raise ValueError(f"lm_head_screen needs a symmetric int8 lm_head, got {bits} bits")
     codes, scales = np.asarray(codes), np.asarray(scales)
+    k = min(k, codes.shape[0])           # a vocabulary smaller than K: every row a candidate
     c4, s4 = _screen_codes(codes, scales)
     screen = linear(g, x, LM_HEAD + "_screen", None, None, (c4, s4, group, 4), level)         # (1, B, V)
     _, idx = g.op("TopK", [screen, g.const([k])], n_out=2, axis=-1, largest=1, sorted=0)     # (1, B, k)

@@ -70,6 +70,14 @@ INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)   # MatMulNBits accuracy_level (ONNX Runt
 FUSED_KV_DTYPE = "fp16"
 # Screened int8 lm_head of fused fp32 graphs (onnx_llm_fused.screened_head): candidates rescored exactly
 MAX_LM_HEAD_SCREEN = 1024
+# The default where a screen applies (fused fp32 graph, int8 lm_head): the head is the decode step's second
+# largest read (28 MB at SmolLM2's 49k x 576) and the screen reads half of it. Measured idle on SmolLM2 int4
+# (benchmarks/results/stop33-idle): decode 1.06x / 1.09x at 128 / 512 context against the plain int8 head;
+# greedy = the int8 head's argmax with float activations, and logits outside the K candidates are int4
+# (perplexity of the engine's own logits +8.3 % -> +11.2 % at K 64, benchmarks/results/lmhead). 64 rather
+# than 32: the same speed within the runs' spread, and a sampler's or grammar's choice more often among
+# exact logits. --lm-head-screen 0 restores the plain head.
+DEFAULT_LM_HEAD_SCREEN = 64
 
 
 @dataclass
@@ -183,7 +191,7 @@ class ExportOptions:
     kv_dtype: str | None = None
     # K > 0: the int8 lm_head as an int4 screen over the vocabulary + TopK K + the K candidates rescored
     # from their int8 rows (fused fp32 graphs; logits outside the K candidates are the int4 screen's);
-    # 0: the int8 MatMulNBits over every row. None: 0.
+    # 0: the int8 MatMulNBits over every row. None: DEFAULT_LM_HEAD_SCREEN where a screen applies, else 0.
     lm_head_screen: int | None = None
     template: str | None = None      # chat template; None: from the checkpoint
     token_order: str | None = None   # mlp_downsample token order; None: the checkpoint era's
@@ -214,16 +222,19 @@ class ExportOptions:
 
     def _check_screen(self) -> None:
         if self.lm_head_screen is None:
-            self.lm_head_screen = 0
+            self.lm_head_screen = DEFAULT_LM_HEAD_SCREEN if self._screens() else 0
         if not isinstance(self.lm_head_screen, int) or not 0 <= self.lm_head_screen <= MAX_LM_HEAD_SCREEN:
             raise ExportOptionError(f"lm_head_screen {self.lm_head_screen!r}: expected 0 (off) or a candidate count "
                                     f"in 1..{MAX_LM_HEAD_SCREEN}")
-        if self.lm_head_screen and not (self.graph == "fused" and self.dtype == "fp32"
-                                        and self.quant.quantized and self.quant.lm_head_bits == 8):
+        if self.lm_head_screen and not self._screens():
             raise ExportOptionError(f"lm_head_screen {self.lm_head_screen} screens an int8 lm_head in a fused fp32 "
                                     f"graph: it needs --target cpu, --dtype fp32, --quant rtn/awq/gptq and "
                                     f"--lm-head-bits 8 (got target {self.target}, dtype {self.dtype}, quant "
                                     f"{self.quant.method}, lm_head_bits {self.quant.lm_head_bits})")
+
+    def _screens(self) -> bool:
+        """Whether the LLM graph can screen its lm_head: fused fp32, an int8 head."""
+        return self.graph == "fused" and self.dtype == "fp32" and self.quant.quantized and self.quant.lm_head_bits == 8
 
     @property
     def graph(self) -> str:

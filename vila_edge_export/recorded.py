@@ -63,7 +63,8 @@ def stale_option(engine: str, wanted) -> str | None:
     have, family = manifest.build.get("options"), manifest.family
     if not isinstance(have, dict):
         return f"{engine}: no build.options in its manifest (exported before options were recorded)"
-    for name, value in want.items():
+    for name in sorted(want, key=lambda n: n != "quant"):     # the method first: the difference that says most
+        value = want[name]
         if name not in have and name in LEGACY:
             built = LEGACY[name](have, family)
             if built != value:
