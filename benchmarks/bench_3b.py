@@ -12,7 +12,7 @@ weights); only the LLM depth differs, and the vision tower keeps its full depth 
 vision share is measured, not estimated. At each depth, each system in a fresh process
 (bench_peers.py's measures, same threads, contexts, steps):
   vila_edge int4 engine: time to first token with one image (Conversation.send, max_new_tokens=1) and
-      decode tokens/s (LLMEngine.extend) at each context;
+      decode tokens/s (LLMEngine.step of a token id + its argmax, as generation runs) at each context;
   ORT GenAI (its builder's int4 export of the same llm/) and llama.cpp (Q4_0 GGUF of the same llm/):
       decode tokens/s at each context;
   transformers eager fp32: decode, and the first token in two processes that together hold what one

