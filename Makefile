@@ -114,9 +114,11 @@ bench-attention: setup  ## vila_edge::PagedAttention alone at SmolLM2's shape, 3
 
 # 32 decode steps x 3 repeats per system and context, the 4-bit systems in 5 alternating rounds (medians +
 # each round's ratio): one run's figure, not one minute's (3 rounds let one slow round move a median: the
-# per-round ratios of four 3-round runs spread 0.91-1.21, benchmarks/results/stop31-idle). BENCH_PEERS_ARGS
-# overrides ("--rounds 1": old behaviour).
-BENCH_PEERS_ARGS ?= --decode-steps 32 --repeats 3 --rounds 5
+# per-round ratios of four 3-round runs spread 0.91-1.21, benchmarks/results/stop31-idle). Then the same
+# 4-bit systems side by side, 15 blocks of 32 steps each per context (benchmarks/paired.py): ratios from
+# blocks a few hundred ms apart, which the host's drift between fresh processes does not reach.
+# BENCH_PEERS_ARGS overrides ("--rounds 1 --paired 0": old behaviour).
+BENCH_PEERS_ARGS ?= --decode-steps 32 --repeats 3 --rounds 5 --paired 15
 bench-peers: $(VENV)/.bench  ## vila_edge vs transformers eager, llama.cpp and ORT GenAI on SmolLM2 (same weights, threads)
 	@test -d build/fixtures/smollm2-vila || $(BIN)/python -m benchmarks.smollm2_vila build/fixtures/smollm2-vila
 	@$(call RECORDED,engines/smollm2-vila-fp32,$(DEFAULTS)) || $(BIN)/vila-edge export build/fixtures/smollm2-vila engines/smollm2-vila-fp32 --quiet

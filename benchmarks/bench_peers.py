@@ -19,6 +19,9 @@ Same weights, same thread count, one system after the other, each in a fresh pro
   (c) ONNX Runtime GenAI (--genai: its model builder's int4 export of the checkpoint's llm/, block 32,
       accuracy level 4, the same ORT underneath) against the int4 engine: decode tokens/s at each
       context; its step also picks the greedy token (an argmax over the vocabulary, ~0.1 ms).
+  (d) with --paired BLOCKS, (b) and (c) again side by side (benchmarks/paired.py): every 4-bit system in
+      one long-lived process, blocks of --decode-steps steps in rotation; per-block ratios, which the
+      host's drift between the fresh processes of (b) and (c) does not reach.
 Contexts are built from random embeddings (random token ids for llama.cpp). Ratios are
 vila_edge / peer: for tokens/s > 1 means vila_edge is faster, for seconds < 1 does.
 Then the roofline (benchmarks/roofline.py): this host's ceilings measured at the same thread count,
@@ -34,6 +37,7 @@ import time
 import numpy as np
 
 
+from benchmarks import paired
 from benchmarks import roofline as rl
 from benchmarks.common import (PROMPT, bench_decode, bench_ttft, finish, kv_config, llm_weight_bytes, machine_info,
                                random_images, spread, timed)
@@ -299,6 +303,11 @@ def markdown(r: dict) -> str:
     if r.get("rounds", 1) > 1:
         lines.append(f"The 4-bit rows are medians over {r['rounds']} rounds (each round runs every 4-bit system in a "
                      "fresh process, the order rotated); \"rounds a-b\" is the range of the per-round ratios.")
+    if "paired" in r:
+        labels = {"vila_edge_int4": f"vila_edge {r['vila_edge_int4'].get('kind', 'int4')}",
+                  "llama_cpp": f"llama.cpp {os.path.basename(r['llama_cpp']['gguf'])}" if "llama_cpp" in r else "",
+                  "ort_genai": "ORT GenAI int4" if "ort_genai" in r else ""}
+        lines += ["", "## 4-bit decode side by side", ""] + paired.markdown(r["paired"], labels)
     if "roofline" in r:
         lines += roofline_markdown(r["roofline"])
     return "\n".join(lines) + "\n"
@@ -322,6 +331,10 @@ def main(argv=None) -> int:
     ap.add_argument("--genai", default=None,
                     help="ORT GenAI model dir of the same LLM (python -m onnxruntime_genai.models.builder "
                          "-i CHECKPOINT/llm -o DIR -p int4 -e cpu), against the int4 engine")
+    ap.add_argument("--paired", type=int, default=0, metavar="BLOCKS",
+                    help="also measure the 4-bit systems side by side (benchmarks/paired.py): each in one long-lived "
+                         "process, BLOCKS blocks of --decode-steps steps per context, the order rotated; ratios "
+                         "per block (0: off)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="")
@@ -360,6 +373,11 @@ def main(argv=None) -> int:
     for key in ("llama_cpp", "ort_genai"):
         if key in r:
             r[f"ratio_{key}"] = ratios(r["vila_edge_int4"], r[key])
+    if args.paired and len(int4) > 1:      # the same systems again, side by side (benchmarks/paired.py)
+        peers = {"llama_cpp": ("llama_cpp", args.gguf), "ort_genai": ("ort_genai", args.genai)}
+        r["paired"] = paired.paired_decode({"vila_edge_int4": ("vila_edge_int4", args.engine_int4),
+                                            **{k: v for k, v in peers.items() if k in int4}},
+                                           threads, contexts, args.decode_steps, args.paired, args.seed)
     if "vila_edge_int4" in r and "hf" in r:
         r["ratio_int4_hf"] = {"ttft_1_image_s": r["vila_edge_int4"]["ttft_1_image"]["median_s"]
                               / r["hf"]["ttft_1_image"]["median_s"]}
