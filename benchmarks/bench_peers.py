@@ -118,19 +118,14 @@ def hf_rows(checkpoint, engine, threads, contexts, steps, runs, seed) -> dict:
 
 
 def llama_cpp_rows(gguf, threads, contexts, steps, runs, seed) -> dict:
+    """llama.cpp's decode step (Llama.eval of one token id) at each context of random ids."""
     import llama_cpp
-    from llama_cpp import Llama
 
-    rng = np.random.default_rng(seed)
-    llm = Llama(model_path=gguf, n_ctx=max(contexts) + (runs + 1) * steps + 8, n_threads=threads,
-                n_threads_batch=threads, n_batch=512, seed=seed, verbose=False)
-    vocab = llm.n_vocab()
-    out = {"gguf": gguf, "llama_cpp_python": llama_cpp.__version__, "decode": []}
+    system = paired.LlamaCpp(gguf, threads, max(contexts) + (runs + 1) * steps + 8, seed)
+    out = {"gguf": system.gguf, "llama_cpp_python": llama_cpp.__version__, "decode": []}
     for ctx in contexts:
-        llm.reset()
-        llm.eval(rng.integers(10, vocab, ctx).tolist())
-        tokens = iter(rng.integers(10, vocab, 1 + runs * steps).tolist())
-        out["decode"].append(decode_row(ctx, lambda: llm.eval([next(tokens)]), runs * steps))
+        system.context(ctx, 1 + runs * steps)
+        out["decode"].append(decode_row(ctx, system.step, runs * steps))
     return out
 
 
@@ -138,24 +133,11 @@ def genai_rows(model_dir, threads, contexts, steps, runs, seed) -> dict:
     """ONNX Runtime GenAI on its own export of the checkpoint's llm/ (its builder's graph: MatMulNBits,
     GroupQueryAttention over a [B, Hkv, max_length, D] past/present shared buffer). Decode step =
     Generator.generate_next_token (one forward + greedy pick) after append_tokens of a random context."""
-    import json
-
-    import onnxruntime_genai as og
-
-    rng = np.random.default_rng(seed)
-    config = og.Config(model_dir)
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
-                                                                          "inter_op_num_threads": 1}}}}))
-    model = og.Model(config)
-    with open(os.path.join(model_dir, "genai_config.json")) as f:
-        vocab = json.load(f)["model"]["vocab_size"]
-    out = {"model_dir": os.path.abspath(model_dir), "onnxruntime_genai": og.__version__, "decode": []}
+    system = paired.Genai(model_dir, threads, 0, seed)
+    out = {"model_dir": os.path.abspath(model_dir), "onnxruntime_genai": system.og.__version__, "decode": []}
     for ctx in contexts:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=ctx + (runs + 1) * steps + 8, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(rng.integers(10, vocab, ctx).astype(np.int32))
-        out["decode"].append(decode_row(ctx, gen.generate_next_token, runs * steps))
+        system.context(ctx, (runs + 1) * steps)
+        out["decode"].append(decode_row(ctx, system.step, runs * steps))
     return out
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks.common import machine_info, save_json
 
 
-class _VilaEdge:
+class VilaEdge:
     def __init__(self, engine: str, threads: int, max_context: int, seed: int):
         from benchmarks.bench_peers import _pipe
         self.pipe, self.rng, self.seq = _pipe(engine, threads, max_context), np.random.default_rng(seed), None
@@ -47,12 +47,13 @@ class _VilaEdge:
         int(np.argmax(self.pipe.llm.step(self.seq, next(self.tokens))))
 
 
-class _LlamaCpp:
+class LlamaCpp:
     def __init__(self, gguf: str, threads: int, max_context: int, seed: int):
         from llama_cpp import Llama
         if gguf == "smollm2":
             from benchmarks.smollm2_vila import gguf_path
             gguf = gguf_path()
+        self.gguf = gguf
         self.llm = Llama(model_path=gguf, n_ctx=max_context, n_threads=threads, n_threads_batch=threads,
                          n_batch=512, seed=seed, verbose=False)
         self.rng, self.vocab = np.random.default_rng(seed), self.llm.n_vocab()
@@ -66,7 +67,7 @@ class _LlamaCpp:
         self.llm.eval([next(self.tokens)])
 
 
-class _Genai:
+class Genai:
     def __init__(self, model_dir: str, threads: int, max_context: int, seed: int):
         import onnxruntime_genai as og
         config = og.Config(model_dir)
@@ -88,7 +89,7 @@ class _Genai:
         self.gen.generate_next_token()
 
 
-class _Sleep:
+class Sleep:
     """A step of a known length (`path` seconds): the harness's own check (tests/test_paired.py)."""
 
     def __init__(self, path: str, threads: int, max_context: int, seed: int):
@@ -101,7 +102,10 @@ class _Sleep:
         time.sleep(self.seconds)
 
 
-SYSTEMS = {"vila_edge_int4": _VilaEdge, "llama_cpp": _LlamaCpp, "ort_genai": _Genai, "sleep": _Sleep}
+# What each system's generation runs per token, behind one interface: context(ctx, steps) fills a fresh
+# context of ctx positions with room for `steps` more, step() is one decode step. bench_peers.py's fresh-
+# process rows use the peers' classes too.
+SYSTEMS = {"vila_edge_int4": VilaEdge, "llama_cpp": LlamaCpp, "ort_genai": Genai, "sleep": Sleep}
 
 
 def _serve(kind: str, path: str, threads: int, max_context: int, seed: int, conn) -> None:
