@@ -336,12 +336,8 @@ def main(argv=None) -> int:
     int4 = {}
     if args.engine_int4 and (args.gguf or args.genai):
         int4["vila_edge_int4"] = lambda: isolated(vila_edge_rows, args.engine_int4, *run, images=True, seed=args.seed)
-    if args.engine_int4 and args.gguf:
-        gguf = args.gguf
-        if gguf == "smollm2":
-            from benchmarks.smollm2_vila import gguf_path
-            gguf = gguf_path()
-        int4["llama_cpp"] = lambda: isolated(llama_cpp_rows, gguf, *run, args.seed)
+    if args.engine_int4 and args.gguf:            # "smollm2" resolves in paired.LlamaCpp
+        int4["llama_cpp"] = lambda: isolated(llama_cpp_rows, args.gguf, *run, args.seed)
     if args.engine_int4 and args.genai:
         int4["ort_genai"] = lambda: isolated(genai_rows, args.genai, *run, args.seed)
     rounds = {key: [] for key in int4}
@@ -356,9 +352,7 @@ def main(argv=None) -> int:
         if key in r:
             r[f"ratio_{key}"] = ratios(r["vila_edge_int4"], r[key])
     if args.paired and len(int4) > 1:      # the same systems again, side by side (benchmarks/paired.py)
-        peers = {"llama_cpp": ("llama_cpp", args.gguf), "ort_genai": ("ort_genai", args.genai)}
-        r["paired"] = paired.paired_decode({"vila_edge_int4": ("vila_edge_int4", args.engine_int4),
-                                            **{k: v for k, v in peers.items() if k in int4}},
+        r["paired"] = paired.paired_decode(paired.int4_systems(args.engine_int4, args.gguf, args.genai),
                                            threads, contexts, args.decode_steps, args.paired, args.seed)
     if "vila_edge_int4" in r and "hf" in r:
         r["ratio_int4_hf"] = {"ttft_1_image_s": r["vila_edge_int4"]["ttft_1_image"]["median_s"]

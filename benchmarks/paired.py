@@ -133,6 +133,16 @@ def _serve(kind: str, path: str, threads: int, max_context: int, seed: int, conn
         conn.send(("error", f"{kind} ({path}): {type(e).__name__}: {' '.join(str(e).split())}"))
 
 
+def int4_systems(engine: str, gguf: str | None = None, genai: str | None = None) -> dict:
+    """paired_decode's systems for an int4 engine and the peers given (a GGUF path or "smollm2", a GenAI dir)."""
+    systems = {"vila_edge_int4": ("vila_edge_int4", engine)}
+    if gguf:
+        systems["llama_cpp"] = ("llama_cpp", gguf)
+    if genai:
+        systems["ort_genai"] = ("ort_genai", genai)
+    return systems
+
+
 def paired_decode(systems: dict, threads: int, contexts: list, steps: int, blocks: int, seed: int = 0) -> dict:
     """systems: name -> (kind, path), kind one of SYSTEMS; the first is "ours". Per context: each system's
     median step per block, tokens/s from the median over blocks, and each other system's ratio to the
@@ -228,12 +238,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
-    systems = {"vila_edge_int4": ("vila_edge_int4", args.engine_int4)}
-    if args.gguf:
-        systems["llama_cpp"] = ("llama_cpp", args.gguf)
-    if args.genai:
-        systems["ort_genai"] = ("ort_genai", args.genai)
-    r = paired_decode(systems, threads, [int(c) for c in args.contexts.split(",")], args.steps, args.blocks, args.seed)
+    r = paired_decode(int4_systems(args.engine_int4, args.gguf, args.genai), threads, [int(c) for c in args.contexts.split(",")], args.steps, args.blocks, args.seed)
     r["machine"] = machine_info(threads)
     print("\n".join(markdown(r, {})))
     if args.json:
